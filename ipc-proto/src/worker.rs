@@ -1,0 +1,97 @@
+//! Messages between the daemon and a worker (pipes on fd 3 and fd 4).
+//!
+//! The worker speaks first with [`FromWorker::Ready`]; the daemon then sends
+//! [`ToWorker::Job`]s (several may be in flight: `prefetch`), the worker
+//! answers each with [`FromWorker::Done`] or [`FromWorker::Failed`] in any
+//! order. See `docs/PROTOCOL.md` for the byte-level description.
+
+use crate::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Identifier of a job, unique for the life of the store.
+pub type JobId = u64;
+
+/// A payload: inline bytes, or a reference into the worker's shared-memory
+/// arena (fd 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The bytes themselves.
+    Inline(Bytes),
+    /// `len` bytes at `offset` in the arena.
+    Shm {
+        /// Byte offset into the arena.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl Payload {
+    /// Length in bytes of the payload's content.
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Inline(b) => b.len() as u64,
+            Payload::Shm { len, .. } => *len,
+        }
+    }
+
+    /// True when the payload holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One job handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The job's id.
+    pub id: JobId,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Wall-clock deadline, milliseconds since the Unix epoch, if any. The
+    /// daemon enforces it; the worker may use it to give up early.
+    pub deadline_ms: Option<u64>,
+    /// The input.
+    pub input: Payload,
+}
+
+/// Daemon → worker (fd 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Run this job.
+    Job(Job),
+    /// Stop working on this job if possible; answer `Failed` for it.
+    Cancel {
+        /// The job to cancel.
+        id: JobId,
+    },
+    /// Finish the jobs in hand, then exit 0.
+    Shutdown,
+}
+
+/// Worker → daemon (fd 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// First message: the worker is initialised and can take jobs.
+    Ready {
+        /// Must equal [`crate::PROTOCOL_VERSION`].
+        protocol_version: u32,
+        /// The worker's own pid (for a wrapper that execs, the final one).
+        pid: u32,
+    },
+    /// The job succeeded with this output.
+    Done {
+        /// The job.
+        id: JobId,
+        /// Its output.
+        output: Payload,
+    },
+    /// The job failed.
+    Failed {
+        /// The job.
+        id: JobId,
+        /// Why, for humans.
+        #[serde(deserialize_with = "crate::borrowed_string::deserialize")]
+        error: String,
+    },
+}
