@@ -1,0 +1,855 @@
+//! The event loop: one epoll instance (mio) that owns every descriptor and
+//! executes what the [`Supervisor`] core decides.
+//!
+//! Sources: signals (signal-hook's self-pipe: SIGCHLD, SIGTERM, SIGINT,
+//! SIGHUP), the control listener and its clients, and per worker the result
+//! pipe, the job pipe (writable interest only while output is pending) and
+//! stdout/stderr. The poll timeout is the core's next deadline, so an idle
+//! daemon sleeps in `epoll_wait` with no timer at all.
+//!
+//! # Reaping
+//! Signals are coalesced: one SIGCHLD may stand for many deaths, so each
+//! SIGCHLD runs [`Reactor::reap`], which collects children until none is
+//! left. A death can also be noticed first as EOF on the result pipe; that
+//! only flags the worker, the exit itself is always taken from `waitid`.
+//!
+//! Every exited worker's process group is SIGKILLed *before* the worker is
+//! reaped (`waitid(WNOWAIT)` peeks without reaping): while the leader is a
+//! zombie its pid — the group id — cannot be reused, so the kill can never
+//! hit an unrelated group. This is what leaves no grandchild behind.
+//!
+//! The daemon is also a child subreaper, so orphaned grandchildren are
+//! re-parented to it and reaped here rather than left as zombies under an
+//! init that may not reap (containers).
+
+use crate::config::{self, Config};
+use crate::control::{self, Client, ReadOutcome};
+use crate::notify::Notifier;
+use crate::spawn;
+use crate::supervisor::{Action, CtlError, ExitInfo, Level, ProcId, Supervisor};
+use ipc_proto::control::{ErrorKind, Request, Response};
+use ipc_proto::worker::{FromWorker, ToWorker};
+use ipc_proto::{decode, encode_frame, FrameDecoder};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const TOKEN_SIGNALS: Token = Token(0);
+const TOKEN_LISTENER: Token = Token(1);
+
+/// What a token refers to: the low 3 bits say the kind, the rest the id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Special = 0,
+    Client = 1,
+    Results = 2,
+    Jobs = 3,
+    Stdout = 4,
+    Stderr = 5,
+}
+
+fn token(kind: Kind, id: u64) -> Token {
+    Token(((id as usize) << 3) | kind as usize)
+}
+
+fn untoken(t: Token) -> (Kind, u64) {
+    let kind = match t.0 & 7 {
+        1 => Kind::Client,
+        2 => Kind::Results,
+        3 => Kind::Jobs,
+        4 => Kind::Stdout,
+        5 => Kind::Stderr,
+        _ => Kind::Special,
+    };
+    (kind, (t.0 >> 3) as u64)
+}
+
+/// Longest worker output line logged as is; longer ones are cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// The daemon's ends of one worker's channels.
+struct WorkerIo {
+    pid: u32,
+    pool: String,
+    slot: u32,
+    jobs: Option<OwnedFd>,
+    jobs_out: Vec<u8>,
+    jobs_written: usize,
+    jobs_writable_armed: bool,
+    results: Option<OwnedFd>,
+    decoder: FrameDecoder,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    stdout_line: Vec<u8>,
+    stderr_line: Vec<u8>,
+    /// The shared-memory arena; kept open for the worker's lifetime.
+    _arena: OwnedFd,
+}
+
+/// The daemon: event loop plus the core it drives.
+pub struct Reactor {
+    poll: Poll,
+    signals: Signals,
+    listener: mio::net::UnixListener,
+    socket_path: PathBuf,
+    clients: HashMap<u64, Client>,
+    next_client: u64,
+    procs: HashMap<ProcId, WorkerIo>,
+    pids: HashMap<u32, ProcId>,
+    core: Supervisor,
+    config: Config,
+    notifier: Notifier,
+    ready_sent: bool,
+    exiting: bool,
+    terms: u32,
+}
+
+impl Reactor {
+    /// Sets everything up (binds the socket); does not spawn yet.
+    pub fn new(config: Config) -> anyhow::Result<Reactor> {
+        use anyhow::Context;
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if rc != 0 {
+            crate::warn!(
+                "cannot become a child subreaper: {}",
+                io::Error::last_os_error()
+            );
+        }
+        let poll = Poll::new().context("epoll_create")?;
+        let mut signals =
+            Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+        poll.registry()
+            .register(&mut signals, TOKEN_SIGNALS, Interest::READABLE)?;
+        let socket_path = config.daemon.control_socket.clone();
+        let mut listener = control::bind(&socket_path, config.daemon.socket_mode)?;
+        poll.registry()
+            .register(&mut listener, TOKEN_LISTENER, Interest::READABLE)?;
+        let seed = std::process::id() as u64 ^ now_nanos();
+        Ok(Reactor {
+            poll,
+            signals,
+            listener,
+            socket_path,
+            clients: HashMap::new(),
+            next_client: 1,
+            procs: HashMap::new(),
+            pids: HashMap::new(),
+            core: Supervisor::new(&config, seed),
+            config,
+            notifier: Notifier::from_env(),
+            ready_sent: false,
+            exiting: false,
+            terms: 0,
+        })
+    }
+
+    /// Runs until shutdown completes.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        crate::info!(
+            "jobvisord {} started (pid {}), control socket {}, {} pools",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            self.socket_path.display(),
+            self.config.pools.len()
+        );
+        self.core.start(Instant::now());
+        self.run_actions();
+        let mut events = Events::with_capacity(256);
+        while !self.exiting {
+            let timeout = self
+                .core
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token(), ev.is_readable() || ev.is_read_closed() || ev.is_error(), ev.is_writable());
+            }
+            self.core.on_timer(Instant::now());
+            self.run_actions();
+            self.after_turn();
+        }
+        // Best effort: deliver the last responses (e.g. to `shutdown`).
+        for c in self.clients.values_mut() {
+            let _ = c.flush();
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        self.notifier.notify("STOPPING=1");
+        crate::info!("jobvisord stopped");
+        Ok(())
+    }
+
+    fn after_turn(&mut self) {
+        if !self.ready_sent && self.core.startup_settled() {
+            self.ready_sent = true;
+            if self.notifier.active() {
+                self.notifier.notify(&format!(
+                    "READY=1\nMAINPID={}\nSTATUS=workers started",
+                    std::process::id()
+                ));
+            }
+        }
+    }
+
+    fn dispatch(&mut self, tok: Token, readable: bool, writable: bool) {
+        match tok {
+            TOKEN_SIGNALS => self.on_signals(),
+            TOKEN_LISTENER => self.accept(),
+            _ => {
+                let (kind, id) = untoken(tok);
+                match kind {
+                    Kind::Client => self.on_client(id, readable, writable),
+                    Kind::Results => self.on_results(id),
+                    Kind::Jobs => self.flush_jobs(id),
+                    Kind::Stdout => self.on_output(id, false),
+                    Kind::Stderr => self.on_output(id, true),
+                    Kind::Special => {}
+                }
+            }
+        }
+    }
+
+    // ---- signals and reaping ----
+
+    fn on_signals(&mut self) {
+        // Drain the self-pipe first, then act: a signal arriving while we
+        // act re-arms the pipe and is seen on the next turn.
+        let pending: Vec<i32> = self.signals.pending().collect();
+        let mut chld = false;
+        for sig in pending {
+            match sig {
+                SIGCHLD => chld = true,
+                SIGTERM | SIGINT => {
+                    self.terms += 1;
+                    let now = self.terms > 1;
+                    crate::info!(
+                        "received {}, {}",
+                        if sig == SIGTERM { "SIGTERM" } else { "SIGINT" },
+                        if now {
+                            "stopping at once"
+                        } else {
+                            "shutting down (send it again to stop at once)"
+                        }
+                    );
+                    self.begin_shutdown(now);
+                }
+                SIGHUP => {
+                    let msg = match self.reload() {
+                        Ok(m) => m,
+                        Err((_, m)) => m,
+                    };
+                    crate::info!("SIGHUP: {msg}");
+                }
+                _ => {}
+            }
+        }
+        if chld {
+            self.reap();
+        }
+    }
+
+    fn begin_shutdown(&mut self, immediate: bool) {
+        self.notifier.notify("STOPPING=1");
+        self.core.shutdown(immediate, Instant::now());
+    }
+
+    /// Collects every exited child. See the module docs for the ordering.
+    fn reap(&mut self) {
+        loop {
+            let peek = waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            );
+            let pid = match peek {
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(st) => match st.pid() {
+                    Some(p) => p,
+                    None => return,
+                },
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECHILD) => return,
+                Err(e) => {
+                    crate::error!("waitid failed: {e}");
+                    return;
+                }
+            };
+            let known = self.pids.get(&(pid.as_raw() as u32)).copied();
+            if known.is_some() {
+                // The leader is a zombie, so its pgid is still reserved.
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            let Some(proc) = known else {
+                continue; // an adopted orphan: reaped, nothing else to do
+            };
+            let description = match status {
+                Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    format!("killed by {sig}{}", if core { " (core dumped)" } else { "" })
+                }
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            self.worker_gone(proc, ExitInfo { description });
+        }
+    }
+
+    /// A worker process is gone: read what it left in its pipes, drop its
+    /// descriptors, tell the core.
+    fn worker_gone(&mut self, proc: ProcId, exit: ExitInfo) {
+        self.on_results(proc);
+        self.on_output(proc, false);
+        self.on_output(proc, true);
+        if let Some(mut w) = self.procs.remove(&proc) {
+            self.pids.remove(&w.pid);
+            for line in [&mut w.stdout_line, &mut w.stderr_line] {
+                if !line.is_empty() {
+                    let text = String::from_utf8_lossy(line).into_owned();
+                    crate::log::log(Level::Info, &format!("[{}/{}] {}", w.pool, w.slot, text));
+                    line.clear();
+                }
+            }
+            for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr].into_iter().flatten() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+        }
+        self.core.on_exit(proc, exit, Instant::now());
+    }
+
+    // ---- actions ----
+
+    fn run_actions(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Spawn {
+                    proc,
+                    pool,
+                    slot,
+                    config,
+                } => match spawn::spawn_worker(&pool, slot, &config) {
+                    Ok(sp) => {
+                        self.register_worker(proc, &pool, slot, sp);
+                    }
+                    Err(e) => self.core.on_spawn_failed(proc, e, Instant::now()),
+                },
+                Action::Signal { proc, signal } => {
+                    if let Some(w) = self.procs.get(&proc) {
+                        if let Err(e) = killpg(Pid::from_raw(w.pid as i32), signal) {
+                            if e != nix::errno::Errno::ESRCH {
+                                crate::warn!("kill -{signal} -{}: {e}", w.pid);
+                            }
+                        }
+                    }
+                }
+                Action::Send { proc, msg } => self.send(proc, &msg),
+                Action::Log { level, msg } => crate::log::log(level, &msg),
+                Action::Exit => self.exiting = true,
+            }
+        }
+    }
+
+    fn register_worker(&mut self, proc: ProcId, pool: &str, slot: u32, sp: spawn::Spawned) {
+        let reg = self.poll.registry();
+        let mut ok = true;
+        for (fd, kind) in [
+            (&sp.results, Kind::Results),
+            (&sp.stdout, Kind::Stdout),
+            (&sp.stderr, Kind::Stderr),
+        ] {
+            if let Err(e) = reg.register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                token(kind, proc),
+                Interest::READABLE,
+            ) {
+                crate::error!("epoll register: {e}");
+                ok = false;
+            }
+        }
+        let pid = sp.pid;
+        self.pids.insert(pid, proc);
+        self.procs.insert(
+            proc,
+            WorkerIo {
+                pid,
+                pool: pool.to_string(),
+                slot,
+                jobs: Some(sp.jobs),
+                jobs_out: Vec::new(),
+                jobs_written: 0,
+                jobs_writable_armed: false,
+                results: Some(sp.results),
+                decoder: FrameDecoder::new(ipc_proto::MAX_FRAME_LEN),
+                stdout: Some(sp.stdout),
+                stderr: Some(sp.stderr),
+                stdout_line: Vec::new(),
+                stderr_line: Vec::new(),
+                _arena: sp.arena,
+            },
+        );
+        self.core.on_spawned(proc, pid);
+        crate::log::log(
+            Level::Debug,
+            &format!("pool {pool} worker {slot} spawned (pid {pid})"),
+        );
+        if !ok {
+            self.core
+                .on_protocol_error(proc, "cannot watch its pipes".into(), Instant::now());
+        }
+    }
+
+    fn send(&mut self, proc: ProcId, msg: &ToWorker) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        if w.jobs.is_none() {
+            return;
+        }
+        if let Err(e) = encode_frame(msg, &mut w.jobs_out) {
+            crate::error!("cannot encode a message for worker {}: {e}", w.pid);
+            return;
+        }
+        self.flush_jobs(proc);
+    }
+
+    /// Writes pending frames to a worker without ever blocking: what the
+    /// pipe does not take waits for a writable event.
+    fn flush_jobs(&mut self, proc: ProcId) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let Some(fd) = &w.jobs else { return };
+        while w.jobs_written < w.jobs_out.len() {
+            match nix::unistd::write(fd, &w.jobs_out[w.jobs_written..]) {
+                Ok(n) => w.jobs_written += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if !w.jobs_writable_armed {
+                        w.jobs_writable_armed = true;
+                        let _ = self.poll.registry().register(
+                            &mut SourceFd(&fd.as_raw_fd()),
+                            token(Kind::Jobs, proc),
+                            Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(_) => {
+                    // EPIPE: the worker closed its end or died; its exit
+                    // (or EOF on results) is handled on its own path.
+                    w.jobs_out.clear();
+                    w.jobs_written = 0;
+                    return;
+                }
+            }
+        }
+        w.jobs_out.clear();
+        w.jobs_written = 0;
+        if w.jobs_writable_armed {
+            w.jobs_writable_armed = false;
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
+    }
+
+    // ---- worker input ----
+
+    fn on_results(&mut self, proc: ProcId) {
+        let now = Instant::now();
+        let mut msgs = Vec::new();
+        let mut problem: Option<String> = None;
+        let mut eof = false;
+        {
+            let Some(w) = self.procs.get_mut(&proc) else {
+                return;
+            };
+            let Some(fd) = &w.results else { return };
+            loop {
+                match nix::unistd::read(fd, w.decoder.unfilled()) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        w.decoder.filled(n);
+                        loop {
+                            match w.decoder.next_frame() {
+                                Ok(Some(f)) => match decode::<FromWorker>(f) {
+                                    Ok(m) => msgs.push(m),
+                                    Err(e) => {
+                                        problem = Some(e.to_string());
+                                        break;
+                                    }
+                                },
+                                Ok(None) => break,
+                                Err(e) => {
+                                    problem = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        if problem.is_some() {
+                            break;
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => {
+                        problem = Some(format!("reading its result pipe: {e}"));
+                        break;
+                    }
+                }
+            }
+            if eof || problem.is_some() {
+                if let Some(fd) = w.results.take() {
+                    let _ = self
+                        .poll
+                        .registry()
+                        .deregister(&mut SourceFd(&fd.as_raw_fd()));
+                }
+                if eof && problem.is_none() {
+                    if let Err(e) = w.decoder.finish() {
+                        problem = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        for m in msgs {
+            match m {
+                FromWorker::Ready {
+                    protocol_version, ..
+                } => self.core.on_ready(proc, protocol_version, now),
+                FromWorker::Done { id, .. } | FromWorker::Failed { id, .. } => {
+                    // No job was ever sent: any result is for an unknown id.
+                    self.core.on_protocol_error(
+                        proc,
+                        format!("result for unknown job id {id}"),
+                        now,
+                    );
+                }
+            }
+        }
+        if let Some(p) = problem {
+            self.core.on_protocol_error(proc, p, now);
+        } else if eof {
+            self.core.on_channel_closed(proc, now);
+        }
+    }
+
+    fn on_output(&mut self, proc: ProcId, is_err: bool) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let (fd_slot, line) = if is_err {
+            (&mut w.stderr, &mut w.stderr_line)
+        } else {
+            (&mut w.stdout, &mut w.stdout_line)
+        };
+        let Some(fd) = fd_slot.as_ref() else { return };
+        let mut buf = [0u8; 16 * 1024];
+        let mut close = false;
+        loop {
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => {
+                    close = true;
+                    break;
+                }
+                Ok(n) => {
+                    for &b in &buf[..n] {
+                        if b == b'\n' || line.len() >= MAX_LOG_LINE {
+                            let text = String::from_utf8_lossy(line);
+                            crate::log::log(
+                                Level::Info,
+                                &format!("[{}/{}] {}", w.pool, w.slot, text.trim_end_matches('\r')),
+                            );
+                            line.clear();
+                            if b == b'\n' {
+                                continue;
+                            }
+                        }
+                        line.push(b);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if close {
+            if let Some(fd) = fd_slot.take() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+        }
+    }
+
+    // ---- control clients ----
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let id = self.next_client;
+                    self.next_client += 1;
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        token(Kind::Client, id),
+                        Interest::READABLE,
+                    ) {
+                        crate::warn!("cannot watch a control client: {e}");
+                        continue;
+                    }
+                    self.clients.insert(id, Client::new(stream));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: log and carry on; the listener
+                    // stays registered and we retry on the next event.
+                    crate::warn!("accept on the control socket: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_client(&mut self, id: u64, readable: bool, writable: bool) {
+        let mut drop_it = false;
+        if readable {
+            let outcome = match self.clients.get_mut(&id) {
+                Some(c) => c.read(),
+                None => return,
+            };
+            let (reqs, closed) = match outcome {
+                ReadOutcome::Requests(r) => (r, false),
+                ReadOutcome::Closed(r) => (r, true),
+                ReadOutcome::Broken(e) => {
+                    crate::log::log(
+                        Level::Debug,
+                        &format!("control client {id}: protocol error ({e}); closing"),
+                    );
+                    (Vec::new(), true)
+                }
+            };
+            for r in reqs {
+                self.handle_request(id, r);
+            }
+            drop_it = closed;
+        }
+        let _ = writable;
+        if let Some(c) = self.clients.get_mut(&id) {
+            match c.flush() {
+                Ok(done) => {
+                    if done && (c.closing || drop_it) {
+                        drop_it = true;
+                    } else if !done && !c.want_write {
+                        c.want_write = true;
+                        let _ = self.poll.registry().reregister(
+                            &mut c.stream,
+                            token(Kind::Client, id),
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    } else if done && c.want_write {
+                        c.want_write = false;
+                        let _ = self.poll.registry().reregister(
+                            &mut c.stream,
+                            token(Kind::Client, id),
+                            Interest::READABLE,
+                        );
+                    }
+                }
+                Err(_) => drop_it = true,
+            }
+        }
+        if drop_it {
+            if let Some(mut c) = self.clients.remove(&id) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+            }
+        }
+    }
+
+    fn handle_request(&mut self, id: u64, req: Request) {
+        let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
+        let resp = if !greeted {
+            match req {
+                Request::Hello { protocol_version } if protocol_version == ipc_proto::PROTOCOL_VERSION => {
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        c.greeted = true;
+                    }
+                    Response::Hello {
+                        protocol_version: ipc_proto::PROTOCOL_VERSION,
+                        pid: std::process::id(),
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                    }
+                }
+                Request::Hello { protocol_version } => {
+                    self.close_after(id);
+                    Response::Error {
+                        kind: ErrorKind::Invalid,
+                        message: format!(
+                            "protocol version mismatch: client {protocol_version}, daemon {}; use the jobvisorctl that matches this jobvisord",
+                            ipc_proto::PROTOCOL_VERSION
+                        ),
+                    }
+                }
+                _ => {
+                    self.close_after(id);
+                    Response::Error {
+                        kind: ErrorKind::Invalid,
+                        message: "the first request must be Hello".into(),
+                    }
+                }
+            }
+        } else {
+            let now = Instant::now();
+            match req {
+                Request::Hello { .. } => Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: "Hello sent twice".into(),
+                },
+                Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
+                    Ok(mut report) => {
+                        for p in &mut report.pools {
+                            for w in &mut p.workers {
+                                if let Some(pid) = w.pid {
+                                    w.rss_bytes = rss_bytes(pid);
+                                }
+                            }
+                        }
+                        Response::Status(report)
+                    }
+                    Err(e) => ctl_error(e),
+                },
+                Request::Scale { pool, workers } => {
+                    ok_or_error(self.core.scale(&pool, workers, now))
+                }
+                Request::Restart { pool } => ok_or_error(self.core.restart(&pool, now)),
+                Request::Reload => match self.reload() {
+                    Ok(message) => Response::Ok { message },
+                    Err((kind, message)) => Response::Error { kind, message },
+                },
+                Request::Shutdown { now: immediate } => {
+                    self.begin_shutdown(immediate);
+                    Response::Ok {
+                        message: if immediate {
+                            "stopping at once".into()
+                        } else {
+                            "shutting down".into()
+                        },
+                    }
+                }
+            }
+        };
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.send(&resp);
+        }
+        // Spawns for scale/restart/reload happen now, in this loop turn.
+        self.run_actions();
+    }
+
+    fn close_after(&mut self, id: u64) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.closing = true;
+        }
+    }
+
+    /// Re-reads the config file and applies it; a bad file changes nothing.
+    fn reload(&mut self) -> Result<String, (ErrorKind, String)> {
+        let path = self.config.path.clone();
+        let new = config::load(&path).map_err(|e| {
+            (
+                ErrorKind::Invalid,
+                format!("reload rejected, old configuration kept: {e}"),
+            )
+        })?;
+        self.notifier.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            monotonic_usec()
+        ));
+        let mut msg = self
+            .core
+            .reload(&new, Instant::now())
+            .map_err(|e| match e {
+                CtlError::Invalid(m) => (ErrorKind::Invalid, m),
+                CtlError::NotFound(m) => (ErrorKind::NotFound, m),
+                CtlError::Rejected(m) => (ErrorKind::Rejected, m),
+            })?;
+        if new.daemon.control_socket != self.config.daemon.control_socket
+            || new.daemon.state_dir != self.config.daemon.state_dir
+        {
+            msg.push_str("; daemon.control_socket/state_dir changes take effect after a restart of jobvisord");
+        }
+        self.config = new;
+        self.notifier.notify("READY=1");
+        crate::info!("{msg}");
+        Ok(msg)
+    }
+}
+
+fn ctl_error(e: CtlError) -> Response {
+    let (kind, message) = match e {
+        CtlError::Invalid(m) => (ErrorKind::Invalid, m),
+        CtlError::NotFound(m) => (ErrorKind::NotFound, m),
+        CtlError::Rejected(m) => (ErrorKind::Rejected, m),
+    };
+    Response::Error { kind, message }
+}
+
+fn ok_or_error(r: Result<String, CtlError>) -> Response {
+    match r {
+        Ok(message) => Response::Ok { message },
+        Err(e) => ctl_error(e),
+    }
+}
+
+/// Resident set size of `pid` from `/proc/PID/statm` (0 if unreadable).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(4096) as u64
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1057 @@
+//! The supervision core: pools, worker slots, restarts, backoff, crash-loop
+//! detection, stop ladders, reload and shutdown — as a plain state machine.
+//!
+//! It contains no I/O and reads no clock (sans-IO, in the manner of
+//! quinn-proto): the reactor feeds it events (`on_*` methods) with the
+//! current `Instant`, drains the [`Action`]s it queues (spawn, signal, send
+//! a frame, log, exit) and sleeps until [`Supervisor::next_deadline`]. Unit
+//! tests drive it with a fake clock, so backoff and crash-loop rules are
+//! tested in microseconds.
+//!
+//! Architecture invariant: only the event loop calls into this module, so it
+//! needs no locks; every state change happens here and nowhere else.
+//!
+//! Every spawned process gets a fresh [`ProcId`], never reused. Events about
+//! a `ProcId` the core no longer knows (a late pipe EOF after the exit was
+//! handled, say) are ignored, which closes the race between the several
+//! ways a death is noticed.
+
+use crate::config::{Config, PoolConfig};
+use ipc_proto::control::{PoolState, PoolStatus, StatusReport, WorkerState, WorkerStatus};
+use ipc_proto::worker::ToWorker;
+use nix::sys::signal::Signal;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Identity of one spawned worker process (not a pid: never reused).
+pub type ProcId = u64;
+
+/// Log severity of an [`Action::Log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Something is broken.
+    Error,
+    /// Something is wrong but handled.
+    Warn,
+    /// Normal life events.
+    Info,
+    /// Detail.
+    Debug,
+}
+
+/// What the core asks the reactor to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Fork+exec a worker for `pool`/`slot`; answer with
+    /// [`Supervisor::on_spawned`] or [`Supervisor::on_spawn_failed`].
+    Spawn {
+        /// The new process's identity.
+        proc: ProcId,
+        /// Pool name.
+        pool: String,
+        /// Slot id (`JOBVISOR_WORKER_ID`).
+        slot: u32,
+        /// The pool's configuration to spawn with.
+        config: Arc<PoolConfig>,
+    },
+    /// Send `signal` to the process group of `proc`.
+    Signal {
+        /// Target.
+        proc: ProcId,
+        /// Signal.
+        signal: Signal,
+    },
+    /// Send a frame to the worker.
+    Send {
+        /// Target.
+        proc: ProcId,
+        /// Message.
+        msg: ToWorker,
+    },
+    /// Write a log line.
+    Log {
+        /// Severity.
+        level: Level,
+        /// Text.
+        msg: String,
+    },
+    /// Shutdown is complete: every worker is gone.
+    Exit,
+}
+
+/// How a worker process ended, as far as the core cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Human description: "exit status 1", "killed by SIGKILL".
+    pub description: String,
+}
+
+/// Why a worker is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Scale down: the slot goes away.
+    Remove,
+    /// Replaced by a worker with a new spec (reload), one at a time.
+    Replace,
+    /// `restart POOL`.
+    Restart,
+    /// Daemon shutdown or pool removal.
+    Shutdown,
+    /// Did not send `Ready` in time: counts as a crash.
+    StartTimeout,
+    /// Broke the protocol: counts as a crash.
+    ProtocolError,
+}
+
+impl StopReason {
+    fn is_crash(self) -> bool {
+        matches!(self, StopReason::StartTimeout | StopReason::ProtocolError)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Starting { deadline: Instant },
+    Ready,
+    Stopping {
+        reason: StopReason,
+        /// When to escalate to SIGKILL; `None` once SIGKILL was sent.
+        kill_at: Option<Instant>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Proc {
+    id: ProcId,
+    pid: Option<u32>,
+    spawned_at: Instant,
+    /// The pool spec generation this process was started with.
+    spec_gen: u64,
+    phase: Phase,
+}
+
+#[derive(Debug, Clone)]
+enum SlotState {
+    /// No process and none scheduled (pool failed or stopping).
+    Idle,
+    /// Waiting out a restart delay.
+    Backoff { until: Instant },
+    /// A process exists.
+    Running(Proc),
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    id: u32,
+    restarts: u32,
+    jobs_done: u64,
+    /// Delay before the next restart after a quick death.
+    backoff: Duration,
+    state: SlotState,
+}
+
+#[derive(Debug)]
+struct Pool {
+    name: String,
+    config: Arc<PoolConfig>,
+    /// Bumped when the worker spec changes on reload.
+    spec_gen: u64,
+    state: PoolState,
+    desired: u32,
+    slots: Vec<Slot>,
+    /// Crash times within `restart_window`.
+    crashes: VecDeque<Instant>,
+    last_error: Option<String>,
+    /// Slot currently being replaced by a rolling reload.
+    rolling: Option<u32>,
+    /// Removed by reload: delete once every process is gone.
+    removing: bool,
+}
+
+/// The supervision state machine. See the module docs.
+pub struct Supervisor {
+    pools: BTreeMap<String, Pool>,
+    semaphores: BTreeMap<String, u32>,
+    next_proc: ProcId,
+    actions: VecDeque<Action>,
+    shutting_down: bool,
+    exit_sent: bool,
+    rng: fastrand::Rng,
+}
+
+impl Supervisor {
+    /// A supervisor for `config`; call [`Supervisor::start`] to spawn.
+    pub fn new(config: &Config, seed: u64) -> Self {
+        let mut s = Supervisor {
+            pools: BTreeMap::new(),
+            semaphores: config.semaphores.clone(),
+            next_proc: 1,
+            actions: VecDeque::new(),
+            shutting_down: false,
+            exit_sent: false,
+            rng: fastrand::Rng::with_seed(seed),
+        };
+        for (name, pc) in &config.pools {
+            s.pools.insert(name.clone(), Pool::new(name, pc.clone()));
+        }
+        s
+    }
+
+    /// Spawns the initial workers of every pool.
+    pub fn start(&mut self, now: Instant) {
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            self.fill(&name, now);
+        }
+    }
+
+    /// The next queued action, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest instant at which [`Supervisor::on_timer`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut best: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            best = Some(best.map_or(t, |b| b.min(t)));
+        };
+        for pool in self.pools.values() {
+            for slot in &pool.slots {
+                match &slot.state {
+                    SlotState::Backoff { until } => consider(*until),
+                    SlotState::Running(p) => match p.phase {
+                        Phase::Starting { deadline } => consider(deadline),
+                        Phase::Stopping {
+                            kill_at: Some(t), ..
+                        } => consider(t),
+                        _ => {}
+                    },
+                    SlotState::Idle => {}
+                }
+            }
+        }
+        best
+    }
+
+    /// Handles every deadline that has passed.
+    pub fn on_timer(&mut self, now: Instant) {
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let Some(pool) = self.pools.get_mut(&name) else {
+                continue;
+            };
+            let mut to_spawn = Vec::new();
+            for (idx, slot) in pool.slots.iter_mut().enumerate() {
+                match &mut slot.state {
+                    SlotState::Backoff { until } if *until <= now => {
+                        to_spawn.push(idx);
+                    }
+                    SlotState::Running(p) => match &mut p.phase {
+                        Phase::Starting { deadline } if *deadline <= now => {
+                            self.actions.push_back(Action::Log {
+                                level: Level::Warn,
+                                msg: format!(
+                                    "pool {} worker {}: no Ready within start_timeout ({}); killing it",
+                                    pool.name,
+                                    slot.id,
+                                    humantime::format_duration(pool.config.start_timeout)
+                                ),
+                            });
+                            self.actions.push_back(Action::Signal {
+                                proc: p.id,
+                                signal: Signal::SIGKILL,
+                            });
+                            p.phase = Phase::Stopping {
+                                reason: StopReason::StartTimeout,
+                                kill_at: None,
+                            };
+                        }
+                        Phase::Stopping {
+                            kill_at: Some(t), ..
+                        } if *t <= now => {
+                            self.actions.push_back(Action::Log {
+                                level: Level::Warn,
+                                msg: format!(
+                                    "pool {} worker {}: still running {} after {}; sending SIGKILL to its process group",
+                                    pool.name,
+                                    slot.id,
+                                    humantime::format_duration(pool.config.stop_timeout),
+                                    pool.config.stop_signal
+                                ),
+                            });
+                            self.actions.push_back(Action::Signal {
+                                proc: p.id,
+                                signal: Signal::SIGKILL,
+                            });
+                            if let Phase::Stopping { kill_at, .. } = &mut p.phase {
+                                *kill_at = None;
+                            }
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+            for idx in to_spawn {
+                self.spawn_slot(&name, idx, now);
+            }
+        }
+    }
+
+    /// The reactor started `proc` as `pid`.
+    pub fn on_spawned(&mut self, proc: ProcId, pid: u32) {
+        if let Some((pool, idx)) = self.find_proc(proc) {
+            let pool = self.pools.get_mut(&pool).expect("found above");
+            if let SlotState::Running(p) = &mut pool.slots[idx].state {
+                p.pid = Some(pid);
+            }
+        }
+    }
+
+    /// Fork or exec of `proc` failed (no process exists).
+    pub fn on_spawn_failed(&mut self, proc: ProcId, error: String, now: Instant) {
+        if let Some((pool, idx)) = self.find_proc(proc) {
+            if let Some(p) = self.pools.get_mut(&pool) {
+                p.last_error = Some(error.clone());
+            }
+            self.actions.push_back(Action::Log {
+                level: Level::Error,
+                msg: format!("pool {pool}: cannot start worker: {error}"),
+            });
+            self.handle_death(&pool, idx, now, true, error);
+        }
+    }
+
+    /// The worker sent `Ready`.
+    pub fn on_ready(&mut self, proc: ProcId, protocol_version: u32, now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        if protocol_version != ipc_proto::PROTOCOL_VERSION {
+            self.on_protocol_error(
+                proc,
+                format!(
+                    "worker speaks protocol version {protocol_version}, daemon speaks {}",
+                    ipc_proto::PROTOCOL_VERSION
+                ),
+                now,
+            );
+            return;
+        }
+        let pool = self.pools.get_mut(&name).expect("found above");
+        let slot = &mut pool.slots[idx];
+        let SlotState::Running(p) = &mut slot.state else {
+            return;
+        };
+        if let Phase::Starting { .. } = p.phase {
+            p.phase = Phase::Ready;
+            self.actions.push_back(Action::Log {
+                level: Level::Info,
+                msg: format!(
+                    "pool {name} worker {} ready (pid {})",
+                    slot.id,
+                    p.pid.unwrap_or(0)
+                ),
+            });
+            if pool.rolling == Some(slot.id) {
+                pool.rolling = None;
+                self.advance_rollout(&name, now);
+            }
+        }
+    }
+
+    /// The worker broke the protocol (garbage, oversized frame, wrong
+    /// handshake): kill it; it counts as a crash.
+    pub fn on_protocol_error(&mut self, proc: ProcId, error: String, _now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        let pool = self.pools.get_mut(&name).expect("found above");
+        let slot = &mut pool.slots[idx];
+        let SlotState::Running(p) = &mut slot.state else {
+            return;
+        };
+        if let Phase::Stopping {
+            reason: StopReason::ProtocolError,
+            ..
+        } = p.phase
+        {
+            return;
+        }
+        self.actions.push_back(Action::Log {
+            level: Level::Warn,
+            msg: format!(
+                "pool {name} worker {} (pid {}): protocol error: {error}; killing it",
+                slot.id,
+                p.pid.unwrap_or(0)
+            ),
+        });
+        pool.last_error = Some(format!("protocol error: {error}"));
+        self.actions.push_back(Action::Signal {
+            proc: p.id,
+            signal: Signal::SIGKILL,
+        });
+        p.phase = Phase::Stopping {
+            reason: StopReason::ProtocolError,
+            kill_at: None,
+        };
+    }
+
+    /// The worker closed its result channel while the core still counts on
+    /// it. A live process without a channel is useless: stop it.
+    pub fn on_channel_closed(&mut self, proc: ProcId, now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        let pool = self.pools.get_mut(&name).expect("found above");
+        if let SlotState::Running(p) = &pool.slots[idx].state {
+            if matches!(p.phase, Phase::Stopping { .. }) {
+                return;
+            }
+        }
+        // Usually the exit follows within microseconds; if it does not, the
+        // stop ladder ends it. A crash either way.
+        self.stop_slot(&name, idx, StopReason::ProtocolError, now);
+    }
+
+    /// The process `proc` has exited and was reaped.
+    pub fn on_exit(&mut self, proc: ProcId, exit: ExitInfo, now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        let pool = self.pools.get_mut(&name).expect("found above");
+        let slot = &pool.slots[idx];
+        let SlotState::Running(p) = &slot.state else {
+            return;
+        };
+        let reason = match p.phase {
+            Phase::Stopping { reason, .. } => Some(reason),
+            _ => None,
+        };
+        let level = if reason.is_some_and(|r| !r.is_crash()) {
+            Level::Info
+        } else {
+            Level::Warn
+        };
+        self.actions.push_back(Action::Log {
+            level,
+            msg: format!(
+                "pool {name} worker {} (pid {}) exited: {} after {}",
+                slot.id,
+                p.pid.unwrap_or(0),
+                exit.description,
+                fmt_ms(now.saturating_duration_since(p.spawned_at))
+            ),
+        });
+        match reason {
+            Some(StopReason::Remove) => {
+                pool.slots.remove(idx);
+                self.check_exit();
+            }
+            Some(StopReason::Replace) | Some(StopReason::Restart) => {
+                pool.slots[idx].state = SlotState::Idle;
+                if pool.state == PoolState::Running && !pool.removing && !self.shutting_down {
+                    self.spawn_slot(&name, idx, now);
+                } else {
+                    self.check_exit();
+                }
+            }
+            Some(StopReason::Shutdown) => {
+                pool.slots[idx].state = SlotState::Idle;
+                self.check_exit();
+            }
+            Some(StopReason::StartTimeout) | Some(StopReason::ProtocolError) | None => {
+                let what = if reason == Some(StopReason::StartTimeout) {
+                    format!("no Ready within start_timeout ({})", exit.description)
+                } else {
+                    exit.description
+                };
+                self.handle_death(&name, idx, now, true, what);
+            }
+        }
+    }
+
+    /// `scale POOL N`.
+    pub fn scale(&mut self, name: &str, workers: u32, now: Instant) -> Result<String, CtlError> {
+        if workers == 0 {
+            return Err(CtlError::Invalid(
+                "cannot scale to 0 workers; use at least 1 (or remove the pool from the config and reload)".into(),
+            ));
+        }
+        if workers > 4096 {
+            return Err(CtlError::Invalid(format!(
+                "cannot scale to {workers} workers; the maximum is 4096"
+            )));
+        }
+        let pool = self.pool_mut(name)?;
+        if pool.removing || pool.state == PoolState::Stopping {
+            return Err(CtlError::Rejected(format!("pool {name} is stopping")));
+        }
+        let before = pool.desired;
+        pool.desired = workers;
+        self.fill(name, now);
+        self.shrink(name, now);
+        Ok(format!("pool {name}: {before} -> {workers} workers"))
+    }
+
+    /// `restart POOL`: replaces every worker and clears `failed`.
+    pub fn restart(&mut self, name: &str, now: Instant) -> Result<String, CtlError> {
+        if self.shutting_down {
+            return Err(CtlError::Rejected("the daemon is shutting down".into()));
+        }
+        let pool = self.pool_mut(name)?;
+        if pool.removing {
+            return Err(CtlError::Rejected(format!(
+                "pool {name} is being removed"
+            )));
+        }
+        let was_failed = pool.state == PoolState::Failed;
+        pool.state = PoolState::Running;
+        pool.crashes.clear();
+        pool.last_error = None;
+        pool.rolling = None;
+        let initial = pool.config.backoff_initial;
+        let mut n = 0;
+        for idx in 0..pool.slots.len() {
+            let pool = self.pools.get_mut(name).expect("exists");
+            pool.slots[idx].backoff = initial;
+            match pool.slots[idx].state {
+                SlotState::Running(_) => {
+                    n += 1;
+                    self.stop_slot(name, idx, StopReason::Restart, now);
+                }
+                SlotState::Idle | SlotState::Backoff { .. } => {
+                    n += 1;
+                    self.spawn_slot(name, idx, now);
+                }
+            }
+        }
+        self.fill(name, now);
+        Ok(if was_failed {
+            format!("pool {name}: cleared failed state, restarting {n} workers")
+        } else {
+            format!("pool {name}: restarting {n} workers")
+        })
+    }
+
+    /// Applies a new, already validated configuration (reload).
+    pub fn reload(&mut self, config: &Config, now: Instant) -> Result<String, CtlError> {
+        if self.shutting_down {
+            return Err(CtlError::Rejected("the daemon is shutting down".into()));
+        }
+        self.semaphores = config.semaphores.clone();
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        let mut replaced = Vec::new();
+        let mut updated = Vec::new();
+        let mut unchanged = 0;
+        let old: Vec<String> = self.pools.keys().cloned().collect();
+        for name in &old {
+            if !config.pools.contains_key(name) && !self.pools[name].removing {
+                removed.push(name.clone());
+                let pool = self.pools.get_mut(name).expect("exists");
+                pool.removing = true;
+                pool.state = PoolState::Stopping;
+                for idx in 0..pool.slots.len() {
+                    self.stop_slot(name, idx, StopReason::Shutdown, now);
+                }
+            }
+        }
+        for (name, pc) in &config.pools {
+            match self.pools.get_mut(name) {
+                None => {
+                    added.push(name.clone());
+                    self.pools.insert(name.clone(), Pool::new(name, pc.clone()));
+                    self.fill(name, now);
+                }
+                Some(pool) if pool.removing => {
+                    // Re-added while its old incarnation is still draining:
+                    // let the old one finish, then it is recreated on the
+                    // next reload. Say so rather than guess.
+                    return Err(CtlError::Rejected(format!(
+                        "pool {name} is still stopping from an earlier reload; retry in a moment"
+                    )));
+                }
+                Some(pool) => {
+                    if *pool.config == *pc {
+                        unchanged += 1;
+                        continue;
+                    }
+                    let same_spec = pool.config.same_worker_spec(pc);
+                    pool.config = Arc::new(pc.clone());
+                    pool.desired = pc.workers;
+                    if same_spec {
+                        updated.push(name.clone());
+                    } else {
+                        pool.spec_gen += 1;
+                        pool.rolling = None;
+                        replaced.push(name.clone());
+                    }
+                    self.fill(name, now);
+                    self.shrink(name, now);
+                    if !same_spec {
+                        self.advance_rollout(name, now);
+                    }
+                }
+            }
+        }
+        self.check_exit();
+        let list = |v: &Vec<String>| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        Ok(format!(
+            "reloaded: added {}; removed {}; replacing {}; updated {}; {} unchanged",
+            list(&added),
+            list(&removed),
+            list(&replaced),
+            list(&updated),
+            unchanged
+        ))
+    }
+
+    /// Daemon shutdown: stop every worker (at once with `immediate`).
+    pub fn shutdown(&mut self, immediate: bool, now: Instant) {
+        self.shutting_down = true;
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let pool = self.pools.get_mut(&name).expect("exists");
+            pool.state = PoolState::Stopping;
+            for idx in 0..pool.slots.len() {
+                self.stop_slot(&name, idx, StopReason::Shutdown, now);
+                if immediate {
+                    let pool = self.pools.get_mut(&name).expect("exists");
+                    if let SlotState::Running(p) = &mut pool.slots[idx].state {
+                        if let Phase::Stopping { kill_at, .. } = &mut p.phase {
+                            if kill_at.is_some() {
+                                *kill_at = None;
+                                self.actions.push_back(Action::Signal {
+                                    proc: p.id,
+                                    signal: Signal::SIGKILL,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.check_exit();
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// True when every pool has all its workers ready, or has failed
+    /// (the moment to tell systemd `READY=1`).
+    pub fn startup_settled(&self) -> bool {
+        self.pools.values().all(|p| {
+            p.state != PoolState::Running
+                || p.slots.iter().all(|s| {
+                    matches!(
+                        &s.state,
+                        SlotState::Running(Proc {
+                            phase: Phase::Ready,
+                            ..
+                        })
+                    )
+                })
+        })
+    }
+
+    /// The pid of `proc`, if it is known and alive.
+    pub fn pid_of(&self, proc: ProcId) -> Option<u32> {
+        let (name, idx) = self.find_proc(proc)?;
+        match &self.pools[&name].slots[idx].state {
+            SlotState::Running(p) => p.pid,
+            _ => None,
+        }
+    }
+
+    /// Pools and workers, for `status`. RSS is filled in by the caller.
+    pub fn status(&self, only: Option<&str>, now: Instant) -> Result<StatusReport, CtlError> {
+        if let Some(name) = only {
+            if !self.pools.contains_key(name) {
+                return Err(self.unknown_pool(name));
+            }
+        }
+        let pools = self
+            .pools
+            .values()
+            .filter(|p| only.is_none_or(|n| n == p.name))
+            .map(|p| PoolStatus {
+                name: p.name.clone(),
+                state: p.state,
+                desired_workers: p.desired,
+                queued: 0,
+                running: 0,
+                succeeded: 0,
+                failed: 0,
+                last_error: p.last_error.clone(),
+                workers: p
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        let (pid, state, uptime) = match &s.state {
+                            SlotState::Idle | SlotState::Backoff { .. } => {
+                                (None, WorkerState::Backoff, Duration::ZERO)
+                            }
+                            SlotState::Running(pr) => (
+                                pr.pid,
+                                match pr.phase {
+                                    Phase::Starting { .. } => WorkerState::Starting,
+                                    Phase::Ready => WorkerState::Ready,
+                                    Phase::Stopping { .. } => WorkerState::Stopping,
+                                },
+                                now.saturating_duration_since(pr.spawned_at),
+                            ),
+                        };
+                        WorkerStatus {
+                            id: s.id,
+                            pid,
+                            state,
+                            uptime_ms: uptime.as_millis() as u64,
+                            restarts: s.restarts,
+                            jobs_done: s.jobs_done,
+                            rss_bytes: 0,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(StatusReport { pools })
+    }
+
+    // ---- internals ----
+
+    fn unknown_pool(&self, name: &str) -> CtlError {
+        let known: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+        CtlError::NotFound(format!(
+            "no pool named {name:?}; configured pools: {}",
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    }
+
+    fn pool_mut(&mut self, name: &str) -> Result<&mut Pool, CtlError> {
+        if !self.pools.contains_key(name) {
+            return Err(self.unknown_pool(name));
+        }
+        Ok(self.pools.get_mut(name).expect("checked"))
+    }
+
+    fn find_proc(&self, proc: ProcId) -> Option<(String, usize)> {
+        for pool in self.pools.values() {
+            for (idx, slot) in pool.slots.iter().enumerate() {
+                if let SlotState::Running(p) = &slot.state {
+                    if p.id == proc {
+                        return Some((pool.name.clone(), idx));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Adds slots up to `desired` and spawns them.
+    fn fill(&mut self, name: &str, now: Instant) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        if pool.removing || self.shutting_down {
+            return;
+        }
+        while (pool.slots.len() as u32) < pool.desired {
+            let id = (0..)
+                .find(|id| !pool.slots.iter().any(|s| s.id == *id))
+                .expect("a free id exists");
+            pool.slots.push(Slot {
+                id,
+                restarts: 0,
+                jobs_done: 0,
+                backoff: pool.config.backoff_initial,
+                state: SlotState::Idle,
+            });
+        }
+        pool.slots.sort_by_key(|s| s.id);
+        if pool.state != PoolState::Running {
+            return;
+        }
+        for idx in 0..pool.slots.len() {
+            let pool = self.pools.get_mut(name).expect("exists");
+            if matches!(pool.slots[idx].state, SlotState::Idle) {
+                self.spawn_slot(name, idx, now);
+            }
+        }
+    }
+
+    /// Stops the highest-numbered slots beyond `desired`.
+    fn shrink(&mut self, name: &str, now: Instant) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        let desired = pool.desired as usize;
+        // Slots already on their way out do not count.
+        let mut live: Vec<usize> = (0..pool.slots.len())
+            .filter(|&i| {
+                !matches!(
+                    &pool.slots[i].state,
+                    SlotState::Running(Proc {
+                        phase: Phase::Stopping {
+                            reason: StopReason::Remove,
+                            ..
+                        },
+                        ..
+                    })
+                )
+            })
+            .collect();
+        let mut removed_idle = Vec::new();
+        let mut to_stop = Vec::new();
+        while live.len() > desired {
+            let idx = live.pop().expect("non-empty");
+            match pool.slots[idx].state {
+                SlotState::Running(_) => to_stop.push(idx),
+                _ => removed_idle.push(idx),
+            }
+        }
+        for idx in to_stop {
+            self.stop_slot(name, idx, StopReason::Remove, now);
+        }
+        let pool = self.pools.get_mut(name).expect("exists");
+        // Highest index first, so earlier indices stay valid.
+        removed_idle.sort_unstable();
+        for idx in removed_idle.into_iter().rev() {
+            pool.slots.remove(idx);
+        }
+    }
+
+    fn spawn_slot(&mut self, name: &str, idx: usize, now: Instant) {
+        let proc = self.next_proc;
+        self.next_proc += 1;
+        let pool = self.pools.get_mut(name).expect("exists");
+        let slot = &mut pool.slots[idx];
+        slot.state = SlotState::Running(Proc {
+            id: proc,
+            pid: None,
+            spawned_at: now,
+            spec_gen: pool.spec_gen,
+            phase: Phase::Starting {
+                deadline: now + pool.config.start_timeout,
+            },
+        });
+        self.actions.push_back(Action::Spawn {
+            proc,
+            pool: name.to_string(),
+            slot: slot.id,
+            config: pool.config.clone(),
+        });
+    }
+
+    /// Begins the stop ladder: `Shutdown` frame and `stop_signal` now,
+    /// SIGKILL of the process group after `stop_timeout`.
+    fn stop_slot(&mut self, name: &str, idx: usize, reason: StopReason, now: Instant) {
+        let pool = self.pools.get_mut(name).expect("exists");
+        let stop_signal = pool.config.stop_signal;
+        let stop_timeout = pool.config.stop_timeout;
+        let slot = &mut pool.slots[idx];
+        match &mut slot.state {
+            SlotState::Idle => {}
+            SlotState::Backoff { .. } => slot.state = SlotState::Idle,
+            SlotState::Running(p) => match &mut p.phase {
+                Phase::Stopping { reason: r, .. } => {
+                    // Already going; a stronger intent wins (e.g. shutdown
+                    // over replace) so the exit is handled accordingly.
+                    if !r.is_crash() {
+                        *r = reason;
+                    }
+                }
+                phase => {
+                    self.actions.push_back(Action::Send {
+                        proc: p.id,
+                        msg: ToWorker::Shutdown,
+                    });
+                    self.actions.push_back(Action::Signal {
+                        proc: p.id,
+                        signal: stop_signal,
+                    });
+                    *phase = Phase::Stopping {
+                        reason,
+                        kill_at: Some(now + stop_timeout),
+                    };
+                }
+            },
+        }
+    }
+
+    /// Crash accounting and restart decision for a slot whose process died
+    /// (or could not be spawned).
+    fn handle_death(&mut self, name: &str, idx: usize, now: Instant, crash: bool, what: String) {
+        let shutting_down = self.shutting_down;
+        let pool = self.pools.get_mut(name).expect("exists");
+        let cfg = pool.config.clone();
+        let (uptime, spawned_gen) = match &pool.slots[idx].state {
+            SlotState::Running(p) => (now.saturating_duration_since(p.spawned_at), p.spec_gen),
+            _ => (Duration::ZERO, pool.spec_gen),
+        };
+        let _ = spawned_gen;
+        pool.slots[idx].state = SlotState::Idle;
+        if pool.rolling == Some(pool.slots[idx].id) {
+            pool.rolling = None;
+        }
+        if shutting_down || pool.removing || pool.state != PoolState::Running {
+            self.check_exit();
+            return;
+        }
+        if (pool.slots.len() as u32) > pool.desired {
+            // Scaled down meanwhile: the slot is not replaced.
+            pool.slots.remove(idx);
+            return;
+        }
+        if crash {
+            pool.slots[idx].restarts += 1;
+            while pool
+                .crashes
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > cfg.restart_window)
+            {
+                pool.crashes.pop_front();
+            }
+            pool.crashes.push_back(now);
+            if pool.crashes.len() as u32 > cfg.max_restarts {
+                pool.state = PoolState::Failed;
+                let msg = format!(
+                    "pool {name} failed: {} crashes within restart_window ({}), last: {what}; fix the cause, then run `jobvisorctl restart {name}`",
+                    pool.crashes.len(),
+                    humantime::format_duration(cfg.restart_window)
+                );
+                pool.last_error = Some(msg.clone());
+                for s in &mut pool.slots {
+                    if matches!(s.state, SlotState::Backoff { .. }) {
+                        s.state = SlotState::Idle;
+                    }
+                }
+                self.actions.push_back(Action::Log {
+                    level: Level::Error,
+                    msg,
+                });
+                return;
+            }
+        }
+        let slot = &mut pool.slots[idx];
+        if uptime >= cfg.healthy_after {
+            // It had been healthy: replace at once, backoff starts afresh.
+            slot.backoff = cfg.backoff_initial;
+            self.spawn_slot(name, idx, now);
+        } else {
+            let base = slot.backoff;
+            // Jitter of ±20% spreads the restarts of slots that died
+            // together (a bad deploy) so they do not stampede.
+            let factor = 0.8 + 0.4 * self.rng.f64();
+            let delay = base.mul_f64(factor).min(cfg.backoff_max);
+            slot.backoff = (base * 2).clamp(cfg.backoff_initial, cfg.backoff_max);
+            if delay.is_zero() {
+                self.spawn_slot(name, idx, now);
+            } else {
+                slot.state = SlotState::Backoff { until: now + delay };
+            }
+        }
+        self.advance_rollout(name, now);
+    }
+
+    /// Rolling replacement after a spec change: one slot at a time is
+    /// stopped and respawned with the new spec; the next waits for its Ready.
+    fn advance_rollout(&mut self, name: &str, now: Instant) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        if pool.rolling.is_some() || pool.state != PoolState::Running || pool.removing {
+            return;
+        }
+        let gen = pool.spec_gen;
+        let next = pool.slots.iter().position(|s| {
+            matches!(&s.state, SlotState::Running(p)
+                if p.spec_gen != gen && !matches!(p.phase, Phase::Stopping { .. }))
+        });
+        if let Some(idx) = next {
+            pool.rolling = Some(pool.slots[idx].id);
+            self.stop_slot(name, idx, StopReason::Replace, now);
+        }
+    }
+
+    fn check_exit(&mut self) {
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let pool = &self.pools[&name];
+            if pool.removing && pool.slots.iter().all(|s| !matches!(s.state, SlotState::Running(_))) {
+                self.pools.remove(&name);
+                self.actions.push_back(Action::Log {
+                    level: Level::Info,
+                    msg: format!("pool {name} removed"),
+                });
+            }
+        }
+        if self.shutting_down && !self.exit_sent {
+            let idle = self.pools.values().all(|p| {
+                p.slots
+                    .iter()
+                    .all(|s| !matches!(s.state, SlotState::Running(_)))
+            });
+            if idle {
+                self.exit_sent = true;
+                self.actions.push_back(Action::Exit);
+            }
+        }
+    }
+}
+
+impl Pool {
+    fn new(name: &str, config: PoolConfig) -> Pool {
+        Pool {
+            name: name.to_string(),
+            desired: config.workers,
+            config: Arc::new(config),
+            spec_gen: 0,
+            state: PoolState::Running,
+            slots: Vec::new(),
+            crashes: VecDeque::new(),
+            last_error: None,
+            rolling: None,
+            removing: false,
+        }
+    }
+}
+
+/// A control request the core refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CtlError {
+    /// Bad argument (exit 2).
+    #[error("{0}")]
+    Invalid(String),
+    /// Unknown pool or job (exit 4).
+    #[error("{0}")]
+    NotFound(String),
+    /// Not now (exit 5).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+fn fmt_ms(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests;

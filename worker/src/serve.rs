@@ -1,0 +1,457 @@
+//! The worker's protocol core: Ready, then jobs in, results out, until
+//! `Shutdown` or end of stream. It works on any pair of byte streams (fd 3
+//! and fd 4 in production, socket pairs in tests).
+//!
+//! Two threads, because a job must be cancellable while its handler runs:
+//!
+//! - the *reader* thread owns the job stream. It reads in big chunks straight
+//!   into the [`FrameDecoder`], decodes every whole frame, and sends each
+//!   chunk's messages as one batch over a channel. For a `Cancel` it also
+//!   flags the running job (see [`crate::context`] for the race this closes).
+//!   End of stream, a read error or a protocol violation is its last message.
+//! - the *calling* thread runs the handler and writes results. It keeps a
+//!   local queue of received jobs, drains the channel without blocking before
+//!   each job (so a `Cancel` for a queued job is seen before that job starts),
+//!   and encodes results into one buffer.
+//!
+//! Batching: results are written with one `write` when the queue of received
+//! jobs is empty (before blocking for more), and earlier when holding them
+//! back would delay them noticeably: after a slow job (the next may be slow
+//! too), once the oldest buffered result is a millisecond old, or once the
+//! buffer is large. Tiny jobs thus cost a fraction of a system call each.
+//!
+//! The reader thread is detached: after [`serve`] returns it stays blocked in
+//! `read` until the job stream ends. A process that returns from `main`
+//! right after (as [`crate::run`] does) does not wait for it.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
+use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
+
+use crate::context::{CancelState, JobContext};
+
+/// Flush buffered results once they take this many bytes.
+const FLUSH_BYTES: usize = 1 << 20;
+/// Flush right after a job whose handler took at least this long: the next
+/// job is likely slow too, and a write costs a few microseconds at most.
+const SLOW_JOB: Duration = Duration::from_micros(50);
+/// Flush once the oldest buffered result has waited this long.
+const MAX_RESULT_AGE: Duration = Duration::from_millis(1);
+
+/// The error text of a job cancelled before it started.
+pub const CANCELLED: &str = "cancelled";
+
+/// Why [`serve`] stopped serving normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The daemon sent `Shutdown`; every job received before it was answered.
+    Shutdown,
+    /// The job stream ended without `Shutdown` (the daemon is gone): the
+    /// running job was cancelled and queued jobs were dropped.
+    Eof,
+}
+
+/// Why [`serve`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The daemon sent something this worker cannot accept: a frame that
+    /// does not decode, an oversized frame, or a shared-memory input.
+    #[error("protocol error from the daemon: {0}")]
+    Protocol(String),
+    /// Writing results failed (the daemon closed the result pipe: EPIPE).
+    #[error("cannot write results to the daemon: {0}")]
+    Write(#[source] io::Error),
+    /// Reading jobs failed with something other than end of stream.
+    #[error("cannot read jobs from the daemon: {0}")]
+    Read(#[source] io::Error),
+    /// The worker could not set itself up (eventfd, thread).
+    #[error("cannot set up the worker: {0}")]
+    Setup(#[source] io::Error),
+}
+
+impl ServeError {
+    /// The process exit status that reports this error to the daemon: 2 for
+    /// a protocol error, 1 for an I/O failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::Protocol(_) => 2,
+            ServeError::Write(_) | ServeError::Read(_) | ServeError::Setup(_) => 1,
+        }
+    }
+}
+
+/// Serves jobs read from `jobs` with `handler`, writing frames to `results`.
+///
+/// Sends `Ready` at once, then answers every job with `Done` or `Failed`,
+/// until `Shutdown` (after answering every job received before it) or the
+/// end of `jobs`. `jobs` moves to a reader thread that outlives this call
+/// until the stream ends (see the module docs).
+pub fn serve<R, W, F>(jobs: R, results: W, mut handler: F) -> Result<Stop, ServeError>
+where
+    R: Read + Send + 'static,
+    W: Write,
+    F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
+{
+    let cancel = Arc::new(CancelState::new().map_err(ServeError::Setup)?);
+    let mut out = Output::new(results);
+    out.push(&FromWorker::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+    });
+    out.flush()?;
+
+    let (tx, rx) = mpsc::channel();
+    let reader_cancel = Arc::clone(&cancel);
+    thread::Builder::new()
+        .name("jobvisor-reader".into())
+        .spawn(move || read_jobs(jobs, &tx, &reader_cancel))
+        .map_err(ServeError::Setup)?;
+
+    let mut inbox = Inbox::new(rx);
+    let mut ctx = JobContext::new(Arc::clone(&cancel));
+    loop {
+        if let Some(end) = inbox.take_abort() {
+            return out.abort(end);
+        }
+        let Some(job) = inbox.next_job(&mut out) else {
+            out.flush()?;
+            if inbox.shutdown {
+                return Ok(Stop::Shutdown);
+            }
+            inbox.wait(&mut out);
+            continue;
+        };
+
+        cancel.start(job.id);
+        inbox.current = Some(job.id);
+        inbox.current_cancelled = false;
+        // A Cancel sent before the job was marked running is in the channel.
+        inbox.drain(&mut out);
+        if inbox.aborting() {
+            cancel.finish();
+            continue;
+        }
+        let started = Instant::now();
+        let result = if inbox.current_cancelled || cancel.is_cancelled() {
+            Err(CANCELLED.to_owned())
+        } else {
+            match &job.input {
+                Payload::Inline(input) => {
+                    ctx.set_job(&job);
+                    handler(&ctx, input)
+                }
+                // The reader refuses these before they get here.
+                Payload::Shm { .. } => Err("shared-memory input is not supported".to_owned()),
+            }
+        };
+        cancel.finish();
+        inbox.current = None;
+        let now = Instant::now();
+        out.push_result(job.id, result, now);
+        out.flush_if_due(now, now - started >= SLOW_JOB)?;
+    }
+}
+
+/// One message from the reader thread.
+enum Incoming {
+    Job(Job),
+    Cancel(JobId),
+    Shutdown,
+    /// Always the last message.
+    End(End),
+}
+
+/// How the job stream ended.
+enum End {
+    /// End of stream after `Shutdown`: expected, finish the jobs in hand.
+    Closed,
+    /// End of stream without `Shutdown`: the daemon is gone.
+    Eof,
+    /// A protocol violation, described.
+    Fatal(String),
+    /// A read error.
+    Read(io::Error),
+}
+
+impl End {
+    fn aborts(&self) -> bool {
+        !matches!(self, End::Closed)
+    }
+}
+
+/// The reader thread's body: frames in, batches of messages out.
+fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelState) {
+    let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut shutdown = false;
+    loop {
+        let n = match jobs.read(decoder.unfilled()) {
+            // A partial frame left at end of stream means the daemon died
+            // mid-write: the daemon is gone either way.
+            Ok(0) => {
+                let end = if shutdown { End::Closed } else { End::Eof };
+                return send_end(tx, cancel, Vec::new(), end);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return send_end(tx, cancel, Vec::new(), End::Read(e)),
+        };
+        decoder.filled(n);
+
+        let mut batch = Vec::new();
+        let mut cancels = Vec::new();
+        let fatal = loop {
+            let payload = match decoder.next_frame() {
+                Ok(Some(payload)) => payload,
+                Ok(None) => break None,
+                Err(e) => break Some(format!("bad frame: {e}")),
+            };
+            match decode::<ToWorker>(payload) {
+                Ok(ToWorker::Job(job)) => {
+                    if let Payload::Shm { .. } = job.input {
+                        break Some(format!(
+                            "job {} has a shared-memory input, which this worker does not support",
+                            job.id
+                        ));
+                    }
+                    batch.push(Incoming::Job(job));
+                }
+                Ok(ToWorker::Cancel { id }) => {
+                    batch.push(Incoming::Cancel(id));
+                    cancels.push(id);
+                }
+                Ok(ToWorker::Shutdown) => {
+                    shutdown = true;
+                    batch.push(Incoming::Shutdown);
+                }
+                Err(e) => break Some(format!("undecodable message: {e}")),
+            }
+        };
+        if let Some(why) = fatal {
+            return send_end(tx, cancel, batch, End::Fatal(why));
+        }
+        if !batch.is_empty() && tx.send(batch).is_err() {
+            return; // serve() has returned
+        }
+        // Only after the Cancel is in the channel: see `crate::context`.
+        for id in cancels {
+            cancel.cancel(id);
+        }
+    }
+}
+
+fn send_end(tx: &Sender<Vec<Incoming>>, cancel: &CancelState, mut batch: Vec<Incoming>, end: End) {
+    let aborts = end.aborts();
+    batch.push(Incoming::End(end));
+    let _ = tx.send(batch);
+    if aborts {
+        cancel.cancel_running();
+    }
+}
+
+/// Jobs received and not yet run, and what the reader has told so far.
+struct Inbox {
+    rx: Receiver<Vec<Incoming>>,
+    queue: VecDeque<Job>,
+    /// The job being run, for a `Cancel` drained while it is marked running.
+    current: Option<JobId>,
+    current_cancelled: bool,
+    shutdown: bool,
+    ignored_after_shutdown: bool,
+    end: Option<End>,
+}
+
+impl Inbox {
+    fn new(rx: Receiver<Vec<Incoming>>) -> Self {
+        Inbox {
+            rx,
+            queue: VecDeque::new(),
+            current: None,
+            current_cancelled: false,
+            shutdown: false,
+            ignored_after_shutdown: false,
+            end: None,
+        }
+    }
+
+    fn aborting(&self) -> bool {
+        self.end.as_ref().is_some_and(End::aborts)
+    }
+
+    fn take_abort(&mut self) -> Option<End> {
+        if self.aborting() {
+            self.end.take()
+        } else {
+            None
+        }
+    }
+
+    /// The next job to run: from the local queue, else from the channel
+    /// without blocking.
+    fn next_job<W: Write>(&mut self, out: &mut Output<W>) -> Option<Job> {
+        if self.queue.is_empty() {
+            self.drain(out);
+        }
+        if self.aborting() {
+            return None;
+        }
+        self.queue.pop_front()
+    }
+
+    /// Applies everything already in the channel.
+    fn drain<W: Write>(&mut self, out: &mut Output<W>) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(batch) => self.apply(batch, out),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.disconnected();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Blocks until the reader sends something (the caller has flushed).
+    fn wait<W: Write>(&mut self, out: &mut Output<W>) {
+        match self.rx.recv() {
+            Ok(batch) => self.apply(batch, out),
+            Err(_) => self.disconnected(),
+        }
+    }
+
+    fn disconnected(&mut self) {
+        // The reader always ends with `End`; without it, it panicked.
+        if self.end.is_none() {
+            self.end = Some(End::Read(io::Error::other("the reader thread died")));
+        }
+    }
+
+    fn apply<W: Write>(&mut self, batch: Vec<Incoming>, out: &mut Output<W>) {
+        for msg in batch {
+            if let Some(id) = self.apply_one(msg) {
+                out.push_result(id, Err(CANCELLED.to_owned()), Instant::now());
+            }
+        }
+    }
+
+    /// Applies one message; returns the id of a queued job it cancelled
+    /// (removed from the queue, to be answered `Failed` by the caller).
+    fn apply_one(&mut self, msg: Incoming) -> Option<JobId> {
+        match msg {
+            Incoming::Job(job) => {
+                if self.shutdown || self.end.is_some() {
+                    if !self.ignored_after_shutdown {
+                        self.ignored_after_shutdown = true;
+                        eprintln!("jobvisor worker: ignoring job {} sent after Shutdown", job.id);
+                    }
+                } else {
+                    self.queue.push_back(job);
+                }
+                None
+            }
+            Incoming::Cancel(id) => {
+                if self.current == Some(id) {
+                    self.current_cancelled = true;
+                    None
+                } else if let Some(at) = self.queue.iter().position(|j| j.id == id) {
+                    self.queue.remove(at);
+                    Some(id)
+                } else {
+                    None // already answered, or never sent: nothing to do
+                }
+            }
+            Incoming::Shutdown => {
+                self.shutdown = true;
+                None
+            }
+            Incoming::End(end) => {
+                self.end = Some(end);
+                None
+            }
+        }
+    }
+}
+
+/// Encoded frames waiting to be written with one `write`.
+struct Output<W> {
+    writer: W,
+    buf: Vec<u8>,
+    /// When the oldest buffered result was produced.
+    oldest: Option<Instant>,
+}
+
+impl<W: Write> Output<W> {
+    fn new(writer: W) -> Self {
+        Output {
+            writer,
+            buf: Vec::with_capacity(64 << 10),
+            oldest: None,
+        }
+    }
+
+    fn push(&mut self, msg: &FromWorker) {
+        if let Err(e) = encode_frame(msg, &mut self.buf) {
+            // Only an output over the frame limit can fail; say so instead.
+            if let FromWorker::Done { id, .. } = msg {
+                let failed = FromWorker::Failed {
+                    id: *id,
+                    error: format!("output cannot be sent: {e}"),
+                };
+                // A short message always encodes.
+                let _ = encode_frame(&failed, &mut self.buf);
+            }
+        }
+    }
+
+    fn push_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
+        let msg = match result {
+            Ok(output) => FromWorker::Done {
+                id,
+                output: Payload::Inline(output.into()),
+            },
+            Err(error) => FromWorker::Failed { id, error },
+        };
+        self.push(&msg);
+        self.oldest.get_or_insert(now);
+    }
+
+    fn flush_if_due(&mut self, now: Instant, slow_job: bool) -> Result<(), ServeError> {
+        let old = self
+            .oldest
+            .is_some_and(|t| now.duration_since(t) >= MAX_RESULT_AGE);
+        if slow_job || old || self.buf.len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ServeError> {
+        self.oldest = None;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.writer.write_all(&self.buf);
+        self.buf.clear();
+        if self.buf.capacity() > 4 * FLUSH_BYTES {
+            self.buf = Vec::with_capacity(64 << 10);
+        }
+        result.map_err(ServeError::Write)
+    }
+
+    /// Ends serving after the job stream ended abnormally: results already
+    /// produced are still sent if the daemon reads them (best effort).
+    fn abort(mut self, end: End) -> Result<Stop, ServeError> {
+        let _ = self.flush();
+        match end {
+            End::Closed | End::Eof => Ok(Stop::Eof),
+            End::Fatal(why) => Err(ServeError::Protocol(why)),
+            End::Read(e) => Err(ServeError::Read(e)),
+        }
+    }
+}
