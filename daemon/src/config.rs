@@ -368,7 +368,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         path,
         dir: &dir,
     };
-    walker.document(doc.get_ref(), abs.clone())
+    walker.document(doc.get_ref(), abs)
 }
 
 /// Parses a duration such as `"250ms"`, `"30s"`, `"5m"`, `"1h30m"`, `"0s"`.
@@ -1154,7 +1154,7 @@ fn show_size(n: u64) -> String {
         (1 << 10, "KiB"),
     ];
     for &(m, unit) in UNITS {
-        if n >= m && n % m == 0 {
+        if n >= m && n & (m - 1) == 0 {
             return format!("{}{unit}", n / m);
         }
     }

@@ -1,1 +1,375 @@
-//! Helpers for the black-box tests.
+//! Harness for the black-box tests in `tests/`: starts the real `jobvisord`
+//! on a temporary directory, drives it with the real `jobvisorctl`, and
+//! waits on conditions with deadlines (never bare sleeps).
+//!
+//! The binaries are found next to the test executable's `deps/` directory
+//! (`target/<profile>/`); `cargo test --workspace` builds them because the
+//! `daemon` and `worker` crates have integration tests of their own.
+
+use serde_json::Value;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Default deadline for conditions in tests. Generous: CI machines are slow
+/// and shared; a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a built binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run the suite with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            // State is the field after the parenthesised command name.
+            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Parent pid of `pid`, if it exists.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// State letter of `pid` from /proc (R, S, Z, …).
+pub fn proc_state(pid: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(s.rsplit(')').next()?.split_whitespace().next()?.to_string())
+}
+
+/// Every pid whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let fields: Vec<&str> = s
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                // fields[0]=state, [1]=ppid, [2]=pgrp
+                if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+                    && fields.first() != Some(&"Z")
+                {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Children of `pid` (from /proc), zombies included.
+pub fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(c) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if ppid(c) == Some(pid) {
+                out.push((c, proc_state(c).unwrap_or_default()));
+            }
+        }
+    }
+    out
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!(
+            "jobvisor-test-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Result of one `jobvisorctl` run.
+#[derive(Debug)]
+pub struct Ctl {
+    /// Exit code (-1 if killed).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Ctl {
+    fn from_output(o: Output) -> Ctl {
+        Ctl {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Parses stdout as one JSON document.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!("not JSON ({e}): {:?} (stderr {:?})", self.stdout, self.stderr)
+        })
+    }
+}
+
+/// A running `jobvisord` on a temp dir.
+pub struct Daemon {
+    /// The scratch directory (config, socket, state).
+    pub dir: TempDir,
+    /// The daemon process.
+    pub child: Option<Child>,
+    /// Everything the daemon wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+}
+
+/// The `[daemon]` section every test config starts with.
+pub fn daemon_section() -> String {
+    "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\n".to_string()
+}
+
+impl Daemon {
+    /// Writes `config` (a whole TOML document) and starts the daemon on it;
+    /// waits until the control socket answers.
+    pub fn start(tag: &str, config: &str) -> Daemon {
+        let dir = TempDir::new(tag);
+        std::fs::write(dir.path().join("jobvisor.toml"), config).expect("write config");
+        let mut d = Daemon {
+            dir,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Path of the config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("jobvisor.toml")
+    }
+
+    /// Path of the control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("ctl.sock")
+    }
+
+    /// Starts (or restarts) the daemon process and waits for its socket.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(bin("jobvisord"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("JOBVISOR_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn jobvisord");
+        let mut err = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                match err.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => log
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        self.child = Some(child);
+        let sock = self.socket();
+        let pid = self.pid();
+        wait_for("the control socket to answer", DEADLINE, || {
+            if !alive(pid) {
+                panic!("jobvisord exited early; log:\n{}", self.log_text());
+            }
+            let r = self.ctl(&["status"]);
+            (r.code == 0 && sock.exists()).then_some(())
+        });
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Runs `jobvisorctl --socket … ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        self.ctl_stdin(args, None)
+    }
+
+    /// Runs `jobvisorctl` with `stdin` as its standard input.
+    pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Ctl {
+        let mut cmd = Command::new(bin("jobvisorctl"));
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        run_with_stdin(cmd, stdin)
+    }
+
+    /// `status --json` as JSON.
+    pub fn status(&self) -> Value {
+        let r = self.ctl(&["--json", "status"]);
+        assert_eq!(r.code, 0, "status failed: {r:?}");
+        r.json()
+    }
+
+    /// The pool named `name` from `status --json`.
+    pub fn pool(&self, name: &str) -> Value {
+        self.status()["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no pool {name} in status"))
+    }
+
+    /// Waits until every worker of `pool` is `ready`; returns their pids
+    /// in slot order.
+    pub fn wait_ready(&self, pool: &str, n: usize) -> Vec<u32> {
+        wait_for(&format!("{n} ready workers in pool {pool}"), DEADLINE, || {
+            let p = self.pool(pool);
+            let ws = p["workers"].as_array()?.clone();
+            (ws.len() == n && ws.iter().all(|w| w["state"] == "ready"))
+                .then(|| ws.iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect())
+        })
+    }
+
+    /// Rewrites the config file.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(self.config_path(), config).expect("write config");
+    }
+
+    /// Waits for the daemon to exit and returns its status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let st = wait_for("jobvisord to exit", deadline, || child.try_wait().ok().flatten());
+        st
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- jobvisord log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Runs a command with optional stdin bytes, returning its output.
+pub fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Ctl {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(data) = stdin {
+        let mut w = child.stdin.take().expect("stdin");
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = w.write_all(&data);
+        });
+    }
+    Ctl::from_output(child.wait_with_output().expect("wait"))
+}
+
+/// Writes an executable shell script `name` into `dir`; returns its path.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p
+}
+
+/// The `jobvisor-worker` binary as a TOML string literal.
+pub fn worker_bin() -> String {
+    format!("{:?}", bin("jobvisor-worker").display().to_string())
+}

@@ -1,0 +1,464 @@
+//! Fake-clock tests of the supervision rules: no processes, no sleeping.
+
+use super::*;
+use std::path::Path;
+
+fn cfg(pools: &str) -> Config {
+    let text = format!("[daemon]\ncontrol_socket = \"s.sock\"\nstate_dir = \"st\"\n{pools}");
+    crate::config::parse(&text, Path::new("/tmp/jobvisor-test.toml")).expect("valid config")
+}
+
+fn pool(name: &str, workers: u32, extra: &str) -> String {
+    format!("[pools.{name}]\ncommand = [\"w\"]\nworkers = {workers}\n{extra}\n")
+}
+
+/// Drives a supervisor and plays the reactor: assigns pids, records actions.
+struct Sim {
+    sup: Supervisor,
+    now: Instant,
+    next_pid: u32,
+    log: Vec<Action>,
+}
+
+impl Sim {
+    fn new(config: &Config) -> Sim {
+        let mut s = Sim {
+            sup: Supervisor::new(config, 7),
+            now: Instant::now(),
+            next_pid: 1000,
+            log: Vec::new(),
+        };
+        s.sup.start(s.now);
+        s.pump();
+        s
+    }
+
+    /// Executes queued actions: spawns succeed and get pids.
+    fn pump(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = self.sup.poll_action() {
+            if let Action::Spawn { proc, .. } = &a {
+                self.next_pid += 1;
+                self.sup.on_spawned(*proc, self.next_pid);
+            }
+            if !matches!(a, Action::Log { .. }) {
+                out.push(a.clone());
+            }
+            self.log.push(a);
+        }
+        out
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        self.now += d;
+        self.sup.on_timer(self.now);
+        self.pump()
+    }
+
+    fn procs(&self, pool: &str) -> Vec<Option<ProcId>> {
+        self.sup.pools[pool]
+            .slots
+            .iter()
+            .map(|s| match &s.state {
+                SlotState::Running(p) => Some(p.id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ready_all(&mut self, pool: &str) {
+        for p in self.procs(pool).into_iter().flatten() {
+            self.sup.on_ready(p, ipc_proto::PROTOCOL_VERSION, self.now);
+        }
+        self.pump();
+    }
+
+    fn kill(&mut self, proc: ProcId) -> Vec<Action> {
+        self.sup.on_exit(
+            proc,
+            ExitInfo {
+                description: "killed by SIGKILL".into(),
+            },
+            self.now,
+        );
+        self.pump()
+    }
+
+    fn states(&self, pool: &str) -> Vec<WorkerState> {
+        self.sup.status(Some(pool), self.now).unwrap().pools[0]
+            .workers
+            .iter()
+            .map(|w| w.state)
+            .collect()
+    }
+}
+
+fn spawns(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Spawn { .. }))
+        .count()
+}
+
+#[test]
+fn start_spawns_every_worker_and_settles_on_ready() {
+    let mut s = Sim::new(&cfg(&format!("{}{}", pool("a", 3, ""), pool("b", 1, ""))));
+    assert_eq!(spawns(&s.log), 4);
+    assert!(!s.sup.startup_settled());
+    s.ready_all("a");
+    assert!(!s.sup.startup_settled());
+    s.ready_all("b");
+    assert!(s.sup.startup_settled());
+    assert_eq!(s.states("a"), vec![WorkerState::Ready; 3]);
+    // Nothing armed while everything is healthy: the daemon sleeps.
+    assert_eq!(s.sup.next_deadline(), None);
+}
+
+#[test]
+fn quick_deaths_back_off_exponentially_with_jitter_up_to_the_max() {
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        1,
+        "backoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nhealthy_after = \"10s\"\nmax_restarts = 100",
+    )));
+    s.ready_all("a");
+    let mut expected = Duration::from_millis(100);
+    for _ in 0..8 {
+        let proc = s.procs("a")[0].unwrap();
+        s.advance(Duration::from_millis(50));
+        let acts = s.kill(proc);
+        assert_eq!(spawns(&acts), 0, "a quick death waits");
+        assert_eq!(s.states("a"), vec![WorkerState::Backoff]);
+        let delay = s.sup.next_deadline().unwrap() - s.now;
+        assert!(
+            delay >= expected.mul_f64(0.8) && delay <= expected.mul_f64(1.2).min(Duration::from_secs(1)),
+            "delay {delay:?}, expected about {expected:?}"
+        );
+        // Nothing happens before the deadline…
+        assert_eq!(spawns(&s.advance(delay - Duration::from_millis(1))), 0);
+        // …and the respawn happens at it.
+        assert_eq!(spawns(&s.advance(Duration::from_millis(1))), 1);
+        s.ready_all("a");
+        expected = (expected * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn healthy_death_respawns_at_once_and_resets_the_backoff() {
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        1,
+        "backoff_initial = \"100ms\"\nbackoff_max = \"30s\"\nhealthy_after = \"5s\"\nmax_restarts = 100",
+    )));
+    s.ready_all("a");
+    // Three quick deaths push the backoff to 800 ms.
+    for _ in 0..3 {
+        let p = s.procs("a")[0].unwrap();
+        s.kill(p);
+        let d = s.sup.next_deadline().unwrap() - s.now;
+        s.advance(d);
+        s.ready_all("a");
+    }
+    assert_eq!(
+        s.sup.pools["a"].slots[0].backoff,
+        Duration::from_millis(800)
+    );
+    // It stays up past healthy_after, then dies: replaced in the same turn.
+    s.advance(Duration::from_secs(6));
+    let p = s.procs("a")[0].unwrap();
+    let acts = s.kill(p);
+    assert_eq!(spawns(&acts), 1, "replacement spawned in the same turn");
+    assert_eq!(s.states("a"), vec![WorkerState::Starting]);
+    // The next quick death starts again from backoff_initial.
+    s.ready_all("a");
+    let p = s.procs("a")[0].unwrap();
+    s.kill(p);
+    let d = s.sup.next_deadline().unwrap() - s.now;
+    assert!(d <= Duration::from_millis(120), "{d:?}");
+    assert_eq!(s.sup.pools["a"].slots[0].restarts, 5);
+}
+
+#[test]
+fn crash_loop_fails_the_pool_only_and_restart_clears_it() {
+    let mut s = Sim::new(&cfg(&format!(
+        "{}{}",
+        pool(
+            "bad",
+            2,
+            "backoff_initial = \"0s\"\nmax_restarts = 4\nrestart_window = \"10s\""
+        ),
+        pool("good", 1, "")
+    )));
+    s.ready_all("good");
+    let good = s.procs("good");
+    let mut deaths = 0;
+    while s.sup.pools["bad"].state == PoolState::Running {
+        let p = s.procs("bad").into_iter().flatten().next().unwrap();
+        s.advance(Duration::from_millis(10));
+        s.kill(p);
+        deaths += 1;
+        assert!(deaths < 20);
+    }
+    assert_eq!(deaths, 5, "max_restarts = 4 tolerates 4, fails on the 5th");
+    let status = s.sup.status(Some("bad"), s.now).unwrap();
+    assert!(status.pools[0].last_error.as_ref().unwrap().contains("jobvisorctl restart bad"));
+    // No more spawns for the failed pool, ever.
+    let remaining: Vec<_> = s.procs("bad").into_iter().flatten().collect();
+    for p in remaining {
+        assert_eq!(spawns(&s.kill(p)), 0);
+    }
+    assert_eq!(spawns(&s.advance(Duration::from_secs(60))), 0);
+    assert_eq!(s.sup.next_deadline(), None);
+    // The other pool is untouched.
+    assert_eq!(s.procs("good"), good);
+    assert_eq!(s.sup.pools["good"].state, PoolState::Running);
+    // restart clears the state and spawns again.
+    let msg = s.sup.restart("bad", s.now).unwrap();
+    assert!(msg.contains("cleared failed"));
+    assert_eq!(spawns(&s.pump()), 2);
+    assert_eq!(s.sup.pools["bad"].state, PoolState::Running);
+    assert!(s.sup.pools["bad"].crashes.is_empty());
+}
+
+#[test]
+fn crashes_outside_the_window_do_not_count() {
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        1,
+        "backoff_initial = \"0s\"\nmax_restarts = 2\nrestart_window = \"1s\"",
+    )));
+    for _ in 0..10 {
+        s.ready_all("a");
+        s.advance(Duration::from_millis(600));
+        let p = s.procs("a")[0].unwrap();
+        s.kill(p);
+    }
+    assert_eq!(s.sup.pools["a"].state, PoolState::Running);
+}
+
+#[test]
+fn start_timeout_kills_and_counts_as_a_crash() {
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        1,
+        "start_timeout = \"2s\"\nbackoff_initial = \"0s\"",
+    )));
+    let p = s.procs("a")[0].unwrap();
+    assert_eq!(s.sup.next_deadline(), Some(s.now + Duration::from_secs(2)));
+    let acts = s.advance(Duration::from_secs(2));
+    assert!(acts.contains(&Action::Signal {
+        proc: p,
+        signal: Signal::SIGKILL
+    }));
+    assert_eq!(spawns(&s.kill(p)), 1);
+    assert_eq!(s.sup.pools["a"].slots[0].restarts, 1);
+    assert_eq!(s.sup.pools["a"].crashes.len(), 1);
+}
+
+#[test]
+fn shutdown_runs_the_stop_ladder_then_exits() {
+    let mut s = Sim::new(&cfg(&pool("a", 2, "stop_timeout = \"3s\"\nstop_signal = \"INT\"")));
+    s.ready_all("a");
+    let procs: Vec<ProcId> = s.procs("a").into_iter().flatten().collect();
+    s.sup.shutdown(false, s.now);
+    let acts = s.pump();
+    for p in &procs {
+        assert!(acts.contains(&Action::Send {
+            proc: *p,
+            msg: ToWorker::Shutdown
+        }));
+        assert!(acts.contains(&Action::Signal {
+            proc: *p,
+            signal: Signal::SIGINT
+        }));
+    }
+    assert_eq!(s.states("a"), vec![WorkerState::Stopping; 2]);
+    // One exits by itself; the other ignores the signal.
+    let acts = s.kill(procs[0]);
+    assert!(!acts.contains(&Action::Exit));
+    assert_eq!(spawns(&acts), 0, "nothing respawns during shutdown");
+    let acts = s.advance(Duration::from_secs(3));
+    assert_eq!(
+        acts,
+        vec![Action::Signal {
+            proc: procs[1],
+            signal: Signal::SIGKILL
+        }]
+    );
+    assert_eq!(s.sup.next_deadline(), None);
+    let acts = s.kill(procs[1]);
+    assert_eq!(acts, vec![Action::Exit]);
+}
+
+#[test]
+fn immediate_shutdown_kills_at_once() {
+    let mut s = Sim::new(&cfg(&pool("a", 1, "stop_timeout = \"60s\"")));
+    s.ready_all("a");
+    let p = s.procs("a")[0].unwrap();
+    s.sup.shutdown(false, s.now);
+    s.pump();
+    s.sup.shutdown(true, s.now);
+    let acts = s.pump();
+    assert!(acts.contains(&Action::Signal {
+        proc: p,
+        signal: Signal::SIGKILL
+    }));
+    assert_eq!(s.kill(p), vec![Action::Exit]);
+}
+
+#[test]
+fn scale_down_stops_the_highest_slots_and_up_adds() {
+    let mut s = Sim::new(&cfg(&pool("a", 4, "")));
+    s.ready_all("a");
+    let procs: Vec<ProcId> = s.procs("a").into_iter().flatten().collect();
+    s.sup.scale("a", 2, s.now).unwrap();
+    let acts = s.pump();
+    assert!(acts.contains(&Action::Send {
+        proc: procs[3],
+        msg: ToWorker::Shutdown
+    }));
+    assert!(acts.contains(&Action::Send {
+        proc: procs[2],
+        msg: ToWorker::Shutdown
+    }));
+    s.kill(procs[3]);
+    s.kill(procs[2]);
+    assert_eq!(s.procs("a"), vec![Some(procs[0]), Some(procs[1])]);
+    s.sup.scale("a", 3, s.now).unwrap();
+    assert_eq!(spawns(&s.pump()), 1);
+    assert_eq!(s.sup.pools["a"].slots[2].id, 2);
+    assert!(matches!(s.sup.scale("a", 0, s.now), Err(CtlError::Invalid(_))));
+    assert!(matches!(s.sup.scale("zz", 1, s.now), Err(CtlError::NotFound(_))));
+}
+
+#[test]
+fn reload_replaces_changed_pools_one_worker_at_a_time() {
+    let old = cfg(&format!(
+        "{}{}{}",
+        pool("same", 2, ""),
+        pool("changed", 3, ""),
+        pool("gone", 1, "")
+    ));
+    let mut s = Sim::new(&old);
+    for p in ["same", "changed", "gone"] {
+        s.ready_all(p);
+    }
+    let same = s.procs("same");
+    let changed: Vec<ProcId> = s.procs("changed").into_iter().flatten().collect();
+    let gone = s.procs("gone")[0].unwrap();
+    let new = cfg(&format!(
+        "{}{}{}",
+        pool("same", 2, ""),
+        pool("changed", 3, "env = { V = \"2\" }"),
+        pool("added", 1, "")
+    ));
+    let msg = s.sup.reload(&new, s.now).unwrap();
+    assert!(msg.contains("added added"), "{msg}");
+    let acts = s.pump();
+    // Added pool spawns; removed pool is stopped; only the first changed
+    // worker is being replaced.
+    assert_eq!(spawns(&acts), 1);
+    assert!(acts.contains(&Action::Signal {
+        proc: gone,
+        signal: Signal::SIGTERM
+    }));
+    let stopping: Vec<_> = changed
+        .iter()
+        .filter(|p| {
+            acts.contains(&Action::Signal {
+                proc: **p,
+                signal: Signal::SIGTERM,
+            })
+        })
+        .collect();
+    assert_eq!(stopping, vec![&changed[0]]);
+    assert_eq!(s.procs("same"), same, "unchanged pool untouched");
+    // Rolling: exit → respawn → ready → next one.
+    for (i, old_proc) in changed.iter().enumerate() {
+        let acts = s.kill(*old_proc);
+        assert_eq!(spawns(&acts), 1, "replacement {i}");
+        let fresh = s.procs("changed")[i].unwrap();
+        s.sup.on_ready(fresh, ipc_proto::PROTOCOL_VERSION, s.now);
+        let acts = s.pump();
+        if let Some(next) = changed.get(i + 1) {
+            assert!(acts.contains(&Action::Signal {
+                proc: *next,
+                signal: Signal::SIGTERM
+            }));
+        }
+    }
+    s.kill(gone);
+    assert!(!s.sup.pools.contains_key("gone"));
+    assert_eq!(s.procs("same"), same);
+}
+
+#[test]
+fn reload_of_worker_count_only_keeps_processes() {
+    let mut s = Sim::new(&cfg(&pool("a", 2, "")));
+    s.ready_all("a");
+    let before = s.procs("a");
+    s.sup
+        .reload(&cfg(&pool("a", 3, "timeout = \"5s\"")), s.now)
+        .unwrap();
+    assert_eq!(spawns(&s.pump()), 1);
+    assert_eq!(&s.procs("a")[..2], &before[..]);
+}
+
+#[test]
+fn events_about_unknown_processes_are_ignored() {
+    let mut s = Sim::new(&cfg(&pool("a", 1, "")));
+    s.ready_all("a");
+    let p = s.procs("a")[0].unwrap();
+    s.kill(p);
+    let after = s.pump();
+    // A late EOF / protocol error / exit for the dead process: no effect.
+    s.sup.on_channel_closed(p, s.now);
+    s.sup.on_protocol_error(p, "late".into(), s.now);
+    s.sup.on_exit(
+        p,
+        ExitInfo {
+            description: "again".into(),
+        },
+        s.now,
+    );
+    s.sup.on_ready(p, 1, s.now);
+    assert!(s.pump().is_empty());
+    assert!(after.is_empty());
+}
+
+#[test]
+fn protocol_error_kills_and_counts_as_crash() {
+    let mut s = Sim::new(&cfg(&pool("a", 1, "backoff_initial = \"0s\"")));
+    s.ready_all("a");
+    let p = s.procs("a")[0].unwrap();
+    s.sup.on_protocol_error(p, "garbage".into(), s.now);
+    let acts = s.pump();
+    assert_eq!(
+        acts,
+        vec![Action::Signal {
+            proc: p,
+            signal: Signal::SIGKILL
+        }]
+    );
+    assert_eq!(spawns(&s.kill(p)), 1);
+    assert_eq!(s.sup.pools["a"].slots[0].restarts, 1);
+}
+
+#[test]
+fn spawn_failure_is_a_crash_with_a_reason() {
+    let config = cfg(&pool("a", 1, "backoff_initial = \"0s\"\nmax_restarts = 2"));
+    let mut sup = Supervisor::new(&config, 1);
+    let now = Instant::now();
+    sup.start(now);
+    let mut failures = 0;
+    while let Some(a) = sup.poll_action() {
+        if let Action::Spawn { proc, .. } = a {
+            failures += 1;
+            sup.on_spawn_failed(proc, "command not found: \"w\"".into(), now);
+        }
+    }
+    assert_eq!(failures, 3);
+    let st = sup.status(None, now).unwrap();
+    assert_eq!(st.pools[0].state, PoolState::Failed);
+    assert!(st.pools[0].last_error.as_ref().unwrap().contains("command not found"));
+}

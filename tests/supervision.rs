@@ -1,0 +1,598 @@
+//! Black-box supervision tests: real jobvisord, real workers, real signals.
+
+use jobvisor::*;
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant};
+
+fn echo_pool(name: &str, workers: u32, extra: &str) -> String {
+    format!(
+        "[pools.{name}]\ncommand = [{}, \"echo\"]\nworkers = {workers}\n{extra}\n",
+        worker_bin()
+    )
+}
+
+fn worker_pids(d: &Daemon, pool: &str) -> Vec<Option<u32>> {
+    d.pool(pool)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
+#[test]
+fn example_config_runs_with_every_worker_ready() {
+    let dir = TempDir::new("example");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let cfg = dir.path().join("config.example.toml");
+    std::fs::copy(&example, &cfg).unwrap();
+    let mut child = std::process::Command::new(bin("jobvisord"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("jobvisorctl"));
+        c.arg("--config").arg(&cfg).args(args);
+        run_with_stdin(c, None)
+    };
+    let report = wait_for("every example worker ready", DEADLINE, || {
+        let r = ctl(&["--json", "status"]);
+        if r.code != 0 {
+            return None;
+        }
+        let v = r.json();
+        let pools = v["pools"].as_array()?.clone();
+        let all_ready = !pools.is_empty()
+            && pools.iter().all(|p| {
+                let ws = p["workers"].as_array().unwrap();
+                ws.len() as u64 == p["desired_workers"].as_u64().unwrap()
+                    && ws
+                        .iter()
+                        .all(|w| w["state"] == "ready" && w["pid"].as_u64().is_some())
+            });
+        all_ready.then_some(v)
+    });
+    for p in report["pools"].as_array().unwrap() {
+        for w in p["workers"].as_array().unwrap() {
+            assert!(alive(w["pid"].as_u64().unwrap() as u32));
+        }
+    }
+    // The human form names every worker's pid too.
+    let human = ctl(&["status"]);
+    assert_eq!(human.code, 0);
+    for p in report["pools"].as_array().unwrap() {
+        for w in p["workers"].as_array().unwrap() {
+            assert!(human.stdout.contains(&w["pid"].to_string()), "{}", human.stdout);
+        }
+    }
+    assert_eq!(ctl(&["shutdown"]).code, 0);
+    let st = wait_for("example daemon exit", DEADLINE, || child.try_wait().unwrap());
+    assert!(st.success());
+}
+
+#[test]
+fn killed_worker_is_replaced_and_others_keep_their_pids() {
+    let d = Daemon::start(
+        "kill9",
+        &format!("{}{}", daemon_section(), echo_pool("echo", 3, "")),
+    );
+    let pids = d.wait_ready("echo", 3);
+    kill(pids[1], Signal::SIGKILL);
+    let new = wait_for("a replacement for worker 1", DEADLINE, || {
+        let p = d.pool("echo");
+        let w = &p["workers"][1];
+        (w["state"] == "ready" && w["pid"].as_u64() != Some(pids[1] as u64)).then(|| p)
+    });
+    let ws = new["workers"].as_array().unwrap();
+    assert_eq!(ws[1]["restarts"], 1);
+    assert_eq!(ws[0]["pid"].as_u64(), Some(pids[0] as u64));
+    assert_eq!(ws[2]["pid"].as_u64(), Some(pids[2] as u64));
+    assert_eq!(ws[0]["restarts"], 0);
+    assert!(!alive(pids[1]));
+}
+
+#[test]
+fn crash_looping_pool_fails_alone_and_restart_brings_it_back() {
+    let dir_marker = TempDir::new("crashloop-bin");
+    let wrapper = script(
+        dir_marker.path(),
+        "flaky.sh",
+        &format!(
+            "if [ -e {0}/fixed ]; then exec {1} echo; fi\necho 'cannot start: not fixed yet' >&2\nexit 3",
+            dir_marker.path().display(),
+            bin("jobvisor-worker").display()
+        ),
+    );
+    let cfg = format!(
+        "{}{}[pools.bad]\ncommand = [{:?}]\nworkers = 2\nbackoff_initial = \"0s\"\nbackoff_max = \"10ms\"\nmax_restarts = 5\nrestart_window = \"60s\"\n",
+        daemon_section(),
+        echo_pool("good", 2, ""),
+        wrapper.display().to_string()
+    );
+    let d = Daemon::start("crashloop", &cfg);
+    let good = d.wait_ready("good", 2);
+    let bad = wait_for("pool bad to fail", DEADLINE, || {
+        let p = d.pool("bad");
+        (p["state"] == "failed").then_some(p)
+    });
+    assert!(
+        bad["last_error"].as_str().unwrap().contains("restart bad"),
+        "{bad}"
+    );
+    // No more spawns once failed: the restart counters stay put.
+    let before: u64 = bad["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["restarts"].as_u64().unwrap())
+        .sum();
+    assert!(before >= 5, "{bad}");
+    // The daemon and the other pool are untouched.
+    assert!(alive(d.pid()));
+    assert_eq!(d.wait_ready("good", 2), good);
+    let again = d.pool("bad");
+    let after: u64 = again["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["restarts"].as_u64().unwrap())
+        .sum();
+    assert_eq!(before, after);
+    assert_eq!(again["state"], "failed");
+    // `restart` without a fix fails again; with the fix it comes back.
+    std::fs::write(dir_marker.path().join("fixed"), "").unwrap();
+    let r = d.ctl(&["restart", "bad"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    d.wait_ready("bad", 2);
+    assert_eq!(d.pool("bad")["state"], "running");
+    assert!(d.log_text().contains("cannot start: not fixed yet"));
+}
+
+#[test]
+fn missing_command_is_a_clear_error_not_a_crash() {
+    let cfg = format!(
+        "{}{}[pools.ghost]\ncommand = [\"no-such-binary-jobvisor-test\"]\nworkers = 1\nbackoff_initial = \"0s\"\nmax_restarts = 2\n",
+        daemon_section(),
+        echo_pool("good", 1, "")
+    );
+    let d = Daemon::start("missing", &cfg);
+    let p = wait_for("pool ghost to fail", DEADLINE, || {
+        let p = d.pool("ghost");
+        (p["state"] == "failed").then_some(p)
+    });
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("command not found"),
+        "{p}"
+    );
+    d.wait_ready("good", 1);
+    let human = d.ctl(&["status", "ghost"]);
+    assert!(human.stdout.contains("command not found"), "{}", human.stdout);
+}
+
+#[test]
+fn workers_have_exactly_fds_0_to_5_and_the_env() {
+    let d = Daemon::start(
+        "fds",
+        &format!(
+            "{}{}",
+            daemon_section(),
+            echo_pool("echo", 2, "env = { EXTRA = \"x y\" }")
+        ),
+    );
+    for (slot, pid) in d.wait_ready("echo", 2).into_iter().enumerate() {
+        let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, vec![0, 1, 2, 3, 4, 5], "worker {pid}");
+        let stdin = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+        assert_eq!(stdin, std::path::Path::new("/dev/null"));
+        let arena = std::fs::read_link(format!("/proc/{pid}/fd/5")).unwrap();
+        assert!(arena.to_string_lossy().contains("memfd:"), "{arena:?}");
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let env: Vec<String> = env
+            .split(|b| *b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        assert!(env.contains(&"JOBVISOR_FDS=3,4,5".to_string()));
+        assert!(env.contains(&"JOBVISOR_POOL=echo".to_string()));
+        assert!(env.contains(&format!("JOBVISOR_WORKER_ID={slot}")));
+        assert!(env.contains(&"EXTRA=x y".to_string()));
+        // Its own process group.
+        let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).unwrap();
+        assert_eq!(pgid.as_raw() as u32, pid);
+    }
+}
+
+#[test]
+fn no_zombies_after_50_crashes() {
+    let d = Daemon::start(
+        "zombies",
+        &format!(
+            "{}{}",
+            daemon_section(),
+            echo_pool(
+                "echo",
+                2,
+                "backoff_initial = \"0s\"\nbackoff_max = \"1ms\"\nmax_restarts = 1000"
+            )
+        ),
+    );
+    let mut pids = d.wait_ready("echo", 2);
+    for i in 0..50 {
+        let victim = pids[i % 2];
+        kill(victim, Signal::SIGKILL);
+        pids = wait_for("replacement", DEADLINE, || {
+            let ps = worker_pids(&d, "echo");
+            let ready = d.pool("echo")["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["state"] == "ready");
+            (ready && ps.iter().all(|p| p.is_some() && *p != Some(victim)))
+                .then(|| ps.into_iter().map(|p| p.unwrap()).collect())
+        });
+    }
+    let kids = children(d.pid());
+    let zombies: Vec<_> = kids.iter().filter(|(_, s)| s == "Z").collect();
+    assert!(zombies.is_empty(), "zombies: {zombies:?}");
+    assert_eq!(kids.len(), 2, "children: {kids:?}");
+    let restarts: u64 = d.pool("echo")["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["restarts"].as_u64().unwrap())
+        .sum();
+    assert_eq!(restarts, 50);
+}
+
+#[test]
+fn workers_die_with_a_kill9ed_daemon() {
+    let mut d = Daemon::start(
+        "pdeath",
+        &format!("{}{}", daemon_section(), echo_pool("echo", 3, "")),
+    );
+    let pids = d.wait_ready("echo", 3);
+    kill(d.pid(), Signal::SIGKILL);
+    d.wait_exit(DEADLINE);
+    wait_for("workers to die with the daemon", DEADLINE, || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+#[test]
+fn shutdown_and_sigterm_stop_everything_even_a_worker_ignoring_term() {
+    for how in ["shutdown", "sigterm"] {
+        let stubborn_dir = TempDir::new("stubborn");
+        let stubborn = script(
+            stubborn_dir.path(),
+            "stubborn.sh",
+            &format!("trap '' TERM\nexec {} echo", bin("jobvisor-worker").display()),
+        );
+        let cfg = format!(
+            "{}{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"300ms\"\n",
+            daemon_section(),
+            echo_pool("echo", 2, ""),
+            stubborn.display().to_string()
+        );
+        let mut d = Daemon::start(how, &cfg);
+        let mut pids = d.wait_ready("echo", 2);
+        pids.extend(d.wait_ready("stubborn", 1));
+        let t0 = Instant::now();
+        if how == "shutdown" {
+            let r = d.ctl(&["shutdown"]);
+            assert_eq!(r.code, 0, "{r:?}");
+        } else {
+            kill(d.pid(), Signal::SIGTERM);
+        }
+        let st = d.wait_exit(DEADLINE);
+        assert_eq!(st.code(), Some(0), "{how}: {st:?}");
+        // The stubborn worker forced the SIGKILL step.
+        assert!(t0.elapsed() >= Duration::from_millis(300), "{how}");
+        for p in &pids {
+            assert!(!alive(*p), "{how}: worker {p} survived");
+        }
+        assert!(d.log_text().contains("SIGKILL"), "{how}");
+        assert!(!d.socket().exists(), "{how}: socket left behind");
+    }
+}
+
+#[test]
+fn second_sigterm_stops_at_once() {
+    let stubborn_dir = TempDir::new("stubborn2");
+    let stubborn = script(
+        stubborn_dir.path(),
+        "stubborn.sh",
+        &format!("trap '' TERM\nexec {} echo", bin("jobvisor-worker").display()),
+    );
+    let cfg = format!(
+        "{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"60s\"\n",
+        daemon_section(),
+        stubborn.display().to_string()
+    );
+    let mut d = Daemon::start("twoterms", &cfg);
+    let pid = d.wait_ready("stubborn", 1)[0];
+    kill(d.pid(), Signal::SIGTERM);
+    wait_for("the worker to be stopping", DEADLINE, || {
+        (d.pool("stubborn")["workers"][0]["state"] == "stopping").then_some(())
+    });
+    kill(d.pid(), Signal::SIGTERM);
+    let st = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(0));
+    assert!(!alive(pid));
+}
+
+#[test]
+fn grandchildren_never_survive_kill_stop_or_shutdown() {
+    let gdir = TempDir::new("grand");
+    let wrapper = script(
+        gdir.path(),
+        "forks.sh",
+        &format!("sleep 1000 &\nexec {} echo", bin("jobvisor-worker").display()),
+    );
+    let cfg = format!(
+        "{}[pools.forks]\ncommand = [{:?}]\nworkers = 2\n",
+        daemon_section(),
+        wrapper.display().to_string()
+    );
+    let mut d = Daemon::start("grandchild", &cfg);
+    let pids = d.wait_ready("forks", 2);
+    let group_of = |pid: u32| {
+        wait_for("the grandchild to exist", DEADLINE, || {
+            let m = group_members(pid);
+            (m.len() >= 2).then_some(m)
+        })
+    };
+    // 1. The worker is killed: its whole group goes.
+    let members = group_of(pids[0]);
+    kill(pids[0], Signal::SIGKILL);
+    wait_for("worker 0's group to be gone", DEADLINE, || {
+        members.iter().all(|p| !alive(*p)).then_some(())
+    });
+    // 2. The worker is stopped (scale down): its whole group goes.
+    let members = group_of(pids[1]);
+    assert_eq!(d.ctl(&["scale", "forks", "1"]).code, 0);
+    wait_for("worker 1's group to be gone", DEADLINE, || {
+        members.iter().all(|p| !alive(*p)).then_some(())
+    });
+    // 3. The daemon shuts down: the remaining group goes.
+    let left = d.wait_ready("forks", 1)[0];
+    let members = group_of(left);
+    assert_eq!(d.ctl(&["shutdown"]).code, 0);
+    d.wait_exit(DEADLINE);
+    wait_for("the last group to be gone", DEADLINE, || {
+        members.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+#[test]
+fn healthy_worker_is_replaced_at_once_and_backoff_resets() {
+    // A long backoff makes "at once" observable: a replacement within a
+    // second cannot have waited out a 4 s backoff.
+    let cfg = format!(
+        "{}{}",
+        daemon_section(),
+        echo_pool(
+            "echo",
+            1,
+            "healthy_after = \"1500ms\"\nbackoff_initial = \"4s\"\nbackoff_max = \"60s\"\nmax_restarts = 100"
+        )
+    );
+    let d = Daemon::start("healthy", &cfg);
+    let first = d.wait_ready("echo", 1)[0];
+    let wait_healthy = |pid: u32| {
+        wait_for("the worker to be up past healthy_after", DEADLINE, || {
+            let w = d.pool("echo")["workers"][0].clone();
+            (w["pid"].as_u64() == Some(pid as u64) && w["uptime_ms"].as_u64()? > 1700)
+                .then_some(())
+        })
+    };
+    wait_healthy(first);
+    // Healthy death: replaced at once.
+    let t0 = Instant::now();
+    kill(first, Signal::SIGKILL);
+    let second = wait_for("an immediate replacement", DEADLINE, || {
+        let w = d.pool("echo")["workers"][0].clone();
+        assert_ne!(w["state"], "backoff", "a healthy worker's death must not back off");
+        (w["state"] == "ready" && w["pid"].as_u64() != Some(first as u64))
+            .then(|| w["pid"].as_u64().unwrap() as u32)
+    });
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // A quick death: backoff (about 4 s).
+    kill(second, Signal::SIGKILL);
+    wait_for("the slot to back off", DEADLINE, || {
+        (d.pool("echo")["workers"][0]["state"] == "backoff").then_some(())
+    });
+    let third = wait_for("the post-backoff replacement", Duration::from_secs(30), || {
+        let w = d.pool("echo")["workers"][0].clone();
+        (w["state"] == "ready").then(|| w["pid"].as_u64().unwrap() as u32)
+    });
+    // Healthy again, then dies: at once again, and not after the doubled
+    // (8 s) backoff: the backoff started over.
+    wait_healthy(third);
+    let t0 = Instant::now();
+    kill(third, Signal::SIGKILL);
+    wait_for("an immediate replacement again", DEADLINE, || {
+        let w = d.pool("echo")["workers"][0].clone();
+        assert_ne!(w["state"], "backoff");
+        (w["state"] == "ready" && w["pid"].as_u64() != Some(third as u64)).then_some(())
+    });
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(d.pool("echo")["workers"][0]["restarts"], 3);
+}
+
+#[test]
+fn scale_up_and_down() {
+    let d = Daemon::start(
+        "scale",
+        &format!("{}{}", daemon_section(), echo_pool("echo", 2, "")),
+    );
+    let pids = d.wait_ready("echo", 2);
+    let r = d.ctl(&["scale", "echo", "4"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let up = d.wait_ready("echo", 4);
+    assert_eq!(&up[..2], &pids[..]);
+    let r = d.ctl(&["scale", "echo", "1"]);
+    assert_eq!(r.code, 0);
+    let down = d.wait_ready("echo", 1);
+    assert_eq!(down[0], pids[0]);
+    wait_for("scaled-down workers to exit", DEADLINE, || {
+        up[1..].iter().all(|p| !alive(*p)).then_some(())
+    });
+    assert_eq!(d.ctl(&["scale", "echo", "0"]).code, 2);
+    assert_eq!(d.ctl(&["scale", "nope", "2"]).code, 4);
+    assert_eq!(d.ctl(&["restart", "nope"]).code, 4);
+    assert_eq!(d.ctl(&["status", "nope"]).code, 4);
+    assert!(d.ctl(&["status", "nope"]).stderr.contains("no pool named"));
+}
+
+#[test]
+fn reload_adds_removes_replaces_and_keeps_unchanged() {
+    let base = format!(
+        "{}{}{}{}",
+        daemon_section(),
+        echo_pool("same", 2, ""),
+        echo_pool("changed", 2, ""),
+        echo_pool("removed", 1, "")
+    );
+    let d = Daemon::start("reload", &base);
+    let same = d.wait_ready("same", 2);
+    let changed = d.wait_ready("changed", 2);
+    let removed = d.wait_ready("removed", 1);
+    let new = format!(
+        "{}{}{}{}",
+        daemon_section(),
+        echo_pool("same", 2, ""),
+        echo_pool("changed", 2, "env = { VERSION = \"2\" }"),
+        echo_pool("added", 1, "")
+    );
+    d.write_config(&new);
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    d.wait_ready("added", 1);
+    let now_changed = wait_for("pool changed to be replaced", DEADLINE, || {
+        let ps = d.wait_ready("changed", 2);
+        ps.iter().all(|p| !changed.contains(p)).then_some(ps)
+    });
+    for p in &now_changed {
+        let env = std::fs::read(format!("/proc/{p}/environ")).unwrap();
+        assert!(String::from_utf8_lossy(&env).contains("VERSION=2"));
+    }
+    wait_for("pool removed to disappear", DEADLINE, || {
+        d.status()["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "removed")
+            .then_some(())
+    });
+    assert!(!alive(removed[0]));
+    assert_eq!(d.wait_ready("same", 2), same);
+    // SIGHUP reloads too: scaling `same` up keeps its first two workers.
+    d.write_config(&format!(
+        "{}{}{}{}",
+        daemon_section(),
+        echo_pool("same", 3, ""),
+        echo_pool("changed", 2, "env = { VERSION = \"2\" }"),
+        echo_pool("added", 1, "")
+    ));
+    kill(d.pid(), Signal::SIGHUP);
+    let three = d.wait_ready("same", 3);
+    assert_eq!(&three[..2], &same[..]);
+}
+
+#[test]
+fn bad_reload_keeps_the_old_config_running() {
+    let d = Daemon::start(
+        "badreload",
+        &format!("{}{}", daemon_section(), echo_pool("echo", 2, "")),
+    );
+    let pids = d.wait_ready("echo", 2);
+    d.write_config(&format!(
+        "{}{}",
+        daemon_section(),
+        echo_pool("echo", 0, "")
+    ));
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("jobvisor.toml:"), "{}", r.stderr);
+    assert!(r.stderr.contains("pools.echo.workers"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert_eq!(d.wait_ready("echo", 2), pids);
+}
+
+#[test]
+fn garbage_on_the_control_socket_only_closes_that_connection() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(
+        "garbage",
+        &format!("{}{}", daemon_section(), echo_pool("echo", 1, "")),
+    );
+    let pids = d.wait_ready("echo", 1);
+    for junk in [
+        b"\xff\xff\xff\xff garbage".to_vec(),
+        b"\x03\x00\x00\x00\xfa\xfb\xfc".to_vec(),
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(&junk).unwrap();
+        let mut buf = Vec::new();
+        // The daemon closes the connection (read returns EOF, possibly
+        // after an error response).
+        let _ = s.read_to_end(&mut buf);
+    }
+    // A client that connects and says nothing does not block others.
+    let _idle = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    assert_eq!(d.wait_ready("echo", 1), pids);
+    assert!(alive(d.pid()));
+}
+
+#[test]
+fn stale_socket_is_replaced_live_one_is_not_stolen() {
+    let cfg = format!("{}{}", daemon_section(), echo_pool("echo", 1, ""));
+    let mut d = Daemon::start("stale", &cfg);
+    d.wait_ready("echo", 1);
+    // A second daemon on the same socket refuses to start.
+    let second = run_with_stdin(
+        {
+            let mut c = std::process::Command::new(bin("jobvisord"));
+            c.arg("--config").arg(d.config_path());
+            c
+        },
+        None,
+    );
+    assert_eq!(second.code, 1, "{second:?}");
+    assert!(second.stderr.contains("in use by a running daemon"), "{}", second.stderr);
+    assert_eq!(second.stderr.trim().lines().count(), 1, "{}", second.stderr);
+    assert_eq!(d.ctl(&["status"]).code, 0);
+    // kill -9 leaves a stale socket file; a new daemon replaces it.
+    kill(d.pid(), Signal::SIGKILL);
+    d.wait_exit(DEADLINE);
+    assert!(d.socket().exists());
+    d.spawn();
+    d.wait_ready("echo", 1);
+    // Socket mode is the configured one (0660 by default).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+}
+
+#[test]
+fn ctl_exit_code_3_when_the_daemon_is_unreachable() {
+    let dir = TempDir::new("unreachable");
+    let mut c = std::process::Command::new(bin("jobvisorctl"));
+    c.arg("--socket").arg(dir.path().join("none.sock")).arg("status");
+    let r = run_with_stdin(c, None);
+    assert_eq!(r.code, 3);
+    assert_eq!(r.stderr.trim().lines().count(), 1);
+    assert!(r.stderr.starts_with("jobvisorctl: "), "{}", r.stderr);
+    assert!(r.stderr.contains("is jobvisord running"), "{}", r.stderr);
+}
