@@ -274,7 +274,12 @@ fn shutdown_and_sigterm_stop_everything_even_a_worker_ignoring_term() {
         let stubborn = script(
             stubborn_dir.path(),
             "stubborn.sh",
-            &format!("trap '' TERM\nexec {} echo", bin("jobvisor-worker").display()),
+            // Ignores TERM, and outlives the worker's own clean exit on
+            // the Shutdown frame: only SIGKILL ends it.
+            &format!(
+                "trap '' TERM\n{} echo\nexec sleep 1000",
+                bin("jobvisor-worker").display()
+            ),
         );
         let cfg = format!(
             "{}{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"300ms\"\n",
@@ -310,7 +315,12 @@ fn second_sigterm_stops_at_once() {
     let stubborn = script(
         stubborn_dir.path(),
         "stubborn.sh",
-        &format!("trap '' TERM\nexec {} echo", bin("jobvisor-worker").display()),
+        // Ignores TERM, and outlives the worker's own clean exit on
+            // the Shutdown frame: only SIGKILL ends it.
+            &format!(
+                "trap '' TERM\n{} echo\nexec sleep 1000",
+                bin("jobvisor-worker").display()
+            ),
     );
     let cfg = format!(
         "{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"60s\"\n",
