@@ -111,6 +111,9 @@ pub struct Reactor {
     ready_sent: bool,
     exiting: bool,
     terms: u32,
+    /// Period of `WATCHDOG=1` pings (half of `WATCHDOG_USEC`), if asked for.
+    watchdog: Option<std::time::Duration>,
+    next_ping: Option<Instant>,
 }
 
 impl Reactor {
@@ -150,6 +153,8 @@ impl Reactor {
             ready_sent: false,
             exiting: false,
             terms: 0,
+            watchdog: watchdog_period(),
+            next_ping: None,
         })
     }
 
@@ -165,11 +170,13 @@ impl Reactor {
         self.core.start(Instant::now());
         self.run_actions();
         let mut events = Events::with_capacity(256);
+        self.next_ping = self.watchdog.map(|p| Instant::now() + p);
         while !self.exiting {
-            let timeout = self
-                .core
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
+            let deadline = match (self.core.next_deadline(), self.next_ping) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -194,6 +201,15 @@ impl Reactor {
     }
 
     fn after_turn(&mut self) {
+        // The watchdog is fed from the loop itself, so a stuck loop stops
+        // the pings and systemd notices.
+        if let (Some(period), Some(at)) = (self.watchdog, self.next_ping) {
+            let now = Instant::now();
+            if now >= at {
+                self.notifier.notify("WATCHDOG=1");
+                self.next_ping = Some(now + period);
+            }
+        }
         if !self.ready_sent && self.core.startup_settled() {
             self.ready_sent = true;
             if self.notifier.active() {
@@ -808,6 +824,18 @@ impl Reactor {
         crate::info!("{msg}");
         Ok(msg)
     }
+}
+
+/// Half of `$WATCHDOG_USEC` when the watchdog is meant for this process
+/// (`$WATCHDOG_PID` absent or ours).
+fn watchdog_period() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
 }
 
 fn ctl_error(e: CtlError) -> Response {

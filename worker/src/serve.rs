@@ -348,7 +348,10 @@ impl Inbox {
                 if self.shutdown || self.end.is_some() {
                     if !self.ignored_after_shutdown {
                         self.ignored_after_shutdown = true;
-                        eprintln!("jobvisor worker: ignoring job {} sent after Shutdown", job.id);
+                        eprintln!(
+                            "jobvisor worker: ignoring job {} sent after Shutdown",
+                            job.id
+                        );
                     }
                 } else {
                     self.queue.push_back(job);
@@ -453,5 +456,335 @@ impl<W: Write> Output<W> {
             End::Fatal(why) => Err(ServeError::Protocol(why)),
             End::Read(e) => Err(ServeError::Read(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipc_proto::worker::FromWorker::{Done, Failed, Ready};
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::unix::net::UnixStream;
+    use std::sync::Mutex;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// The daemon's side of a worker served on a thread.
+    struct Daemon {
+        jobs: Option<UnixStream>,
+        results: UnixStream,
+        decoder: FrameDecoder,
+        done: Receiver<Result<Stop, ServeError>>,
+    }
+
+    impl Daemon {
+        fn start<F>(handler: F) -> Daemon
+        where
+            F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String> + Send + 'static,
+        {
+            let (jobs, worker_jobs) = UnixStream::pair().unwrap();
+            let (worker_results, results) = UnixStream::pair().unwrap();
+            results.set_read_timeout(Some(DEADLINE)).unwrap();
+            let (tx, done) = mpsc::channel();
+            thread::spawn(move || {
+                let _ = tx.send(serve(worker_jobs, worker_results, handler));
+            });
+            let mut daemon = Daemon {
+                jobs: Some(jobs),
+                results,
+                decoder: FrameDecoder::new(MAX_FRAME_LEN),
+                done,
+            };
+            match daemon.recv() {
+                Ready {
+                    protocol_version,
+                    pid,
+                } => {
+                    assert_eq!(protocol_version, PROTOCOL_VERSION);
+                    assert_eq!(pid, std::process::id());
+                }
+                other => panic!("expected Ready first, got {other:?}"),
+            }
+            daemon
+        }
+
+        fn send_raw(&mut self, bytes: &[u8]) {
+            self.jobs.as_ref().unwrap().write_all(bytes).unwrap();
+        }
+
+        fn send(&mut self, msgs: &[ToWorker]) {
+            let mut buf = Vec::new();
+            for m in msgs {
+                encode_frame(m, &mut buf).unwrap();
+            }
+            self.send_raw(&buf);
+        }
+
+        fn close_jobs(&mut self) {
+            self.jobs = None;
+        }
+
+        /// The next message from the worker (panics after `DEADLINE`).
+        fn recv(&mut self) -> FromWorker {
+            loop {
+                if let Some(frame) = self.decoder.next_frame().unwrap() {
+                    return decode(frame).unwrap();
+                }
+                let n = self.results.read(self.decoder.unfilled()).unwrap();
+                assert!(n > 0, "worker closed its result stream");
+                self.decoder.filled(n);
+            }
+        }
+
+        /// How `serve` ended (panics after `DEADLINE`).
+        fn outcome(&self) -> Result<Stop, ServeError> {
+            self.done
+                .recv_timeout(DEADLINE)
+                .expect("serve did not return")
+        }
+    }
+
+    fn job(id: JobId, input: &[u8]) -> ToWorker {
+        ToWorker::Job(Job {
+            id,
+            attempt: 1,
+            deadline_ms: None,
+            input: Payload::Inline(input.into()),
+        })
+    }
+
+    fn done(id: JobId, output: &[u8]) -> FromWorker {
+        Done {
+            id,
+            output: Payload::Inline(output.into()),
+        }
+    }
+
+    fn failed(id: JobId, error: &str) -> FromWorker {
+        Failed {
+            id,
+            error: error.to_owned(),
+        }
+    }
+
+    fn echo(_: &JobContext, input: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(input.to_vec())
+    }
+
+    /// Blocks on the cancel descriptor until the running job is cancelled.
+    fn wait_cancelled(ctx: &JobContext) {
+        let mut fds = [PollFd::new(ctx.cancel_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(DEADLINE).unwrap();
+        assert_eq!(
+            nix::poll::poll(&mut fds, timeout).unwrap(),
+            1,
+            "never cancelled"
+        );
+        assert!(ctx.is_cancelled());
+    }
+
+    #[test]
+    fn echoes_ten_thousand_jobs_written_at_once() {
+        const N: u64 = 10_000;
+        let mut d = Daemon::start(echo);
+        let mut buf = Vec::new();
+        for id in 1..=N {
+            encode_frame(&job(id, &id.to_le_bytes()), &mut buf).unwrap();
+        }
+        encode_frame(&ToWorker::Shutdown, &mut buf).unwrap();
+        // Written from another thread: the worker blocks on its results
+        // while nobody reads them.
+        let mut writer = d.jobs.as_ref().unwrap().try_clone().unwrap();
+        let feeder = thread::spawn(move || writer.write_all(&buf).unwrap());
+        let mut seen = vec![false; N as usize + 1];
+        for _ in 0..N {
+            match d.recv() {
+                Done {
+                    id,
+                    output: Payload::Inline(out),
+                } => {
+                    assert_eq!(&out[..], &id.to_le_bytes());
+                    assert!(
+                        !std::mem::replace(&mut seen[id as usize], true),
+                        "{id} twice"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        feeder.join().unwrap();
+        assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
+    }
+
+    #[test]
+    fn handler_error_fails_the_job_and_context_has_the_job() {
+        let mut d = Daemon::start(|ctx: &JobContext, input: &[u8]| {
+            assert_eq!(ctx.attempt(), 3);
+            assert_eq!(
+                ctx.deadline(),
+                Some(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(5_000))
+            );
+            match input {
+                b"bad" => Err(format!("job {} refused", ctx.id())),
+                _ => Ok(b"fine".to_vec()),
+            }
+        });
+        let with_attempt = |id, input: &[u8]| {
+            ToWorker::Job(Job {
+                id,
+                attempt: 3,
+                deadline_ms: Some(5_000),
+                input: Payload::Inline(input.into()),
+            })
+        };
+        d.send(&[with_attempt(7, b"bad"), with_attempt(8, b"ok")]);
+        assert_eq!(d.recv(), failed(7, "job 7 refused"));
+        assert_eq!(d.recv(), done(8, b"fine"));
+        d.close_jobs();
+        assert!(matches!(d.outcome(), Ok(Stop::Eof)));
+    }
+
+    fn sorted(mut msgs: Vec<FromWorker>) -> Vec<FromWorker> {
+        msgs.sort_by_key(|m| match m {
+            Done { id, .. } | Failed { id, .. } => *id,
+            Ready { .. } => 0,
+        });
+        msgs
+    }
+
+    #[test]
+    fn cancel_of_a_queued_job_answers_without_running_it() {
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let ran2 = Arc::clone(&ran);
+        let (started_tx, started) = mpsc::channel();
+        let mut d = Daemon::start(move |ctx: &JobContext, _: &[u8]| {
+            ran2.lock().unwrap().push(ctx.id());
+            if ctx.id() == 1 {
+                started_tx.send(()).unwrap();
+                // Cancel{2} precedes Cancel{1} in the stream, so it is in
+                // the worker's channel once this job sees its own cancel.
+                wait_cancelled(ctx);
+                return Ok(b"finished anyway".to_vec());
+            }
+            Ok(Vec::new())
+        });
+        d.send(&[job(1, b"")]);
+        started.recv_timeout(DEADLINE).unwrap();
+        d.send(&[
+            job(2, b""),
+            job(3, b""),
+            ToWorker::Cancel { id: 2 },
+            ToWorker::Cancel { id: 1 },
+            ToWorker::Cancel { id: 99 }, // unknown: ignored
+        ]);
+        let got = sorted(vec![d.recv(), d.recv(), d.recv()]);
+        assert_eq!(
+            got,
+            vec![
+                done(1, b"finished anyway"),
+                failed(2, CANCELLED),
+                done(3, b"")
+            ]
+        );
+        assert_eq!(*ran.lock().unwrap(), vec![1, 3]);
+
+        // Cancelled before it could start, in the same read as the job.
+        d.send(&[job(4, b""), job(5, b""), ToWorker::Cancel { id: 4 }]);
+        let got = sorted(vec![d.recv(), d.recv()]);
+        assert_eq!(got, vec![failed(4, CANCELLED), done(5, b"")]);
+        assert_eq!(*ran.lock().unwrap(), vec![1, 3, 5]);
+        d.send(&[ToWorker::Shutdown]);
+        assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
+    }
+
+    #[test]
+    fn shutdown_finishes_jobs_in_hand_even_if_the_pipe_closes() {
+        for close_after in [false, true] {
+            let mut d = Daemon::start(echo);
+            d.send(&[
+                job(1, b"a"),
+                job(2, b"b"),
+                job(3, b"c"),
+                ToWorker::Shutdown,
+                job(4, b"late"),
+            ]);
+            if close_after {
+                d.close_jobs();
+            }
+            assert_eq!(d.recv(), done(1, b"a"));
+            assert_eq!(d.recv(), done(2, b"b"));
+            assert_eq!(d.recv(), done(3, b"c"));
+            assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
+            // Nothing more (job 4 came after Shutdown): the stream ends.
+            let n = d.results.read(d.decoder.unfilled()).unwrap();
+            assert_eq!(n, 0);
+        }
+    }
+
+    #[test]
+    fn end_of_stream_returns_and_cancels_the_running_job() {
+        let mut d = Daemon::start(echo);
+        d.close_jobs();
+        assert!(matches!(d.outcome(), Ok(Stop::Eof)));
+
+        let (started_tx, started) = mpsc::channel();
+        let mut d = Daemon::start(move |ctx: &JobContext, _: &[u8]| {
+            started_tx.send(()).unwrap();
+            wait_cancelled(ctx);
+            Err("stopped".to_owned())
+        });
+        d.send(&[job(1, b""), job(2, b"")]);
+        started.recv_timeout(DEADLINE).unwrap();
+        d.close_jobs();
+        assert!(matches!(d.outcome(), Ok(Stop::Eof)));
+        // Job 2 was dropped, never started.
+        assert!(started.try_recv().is_err());
+    }
+
+    #[test]
+    fn garbage_and_oversized_frames_are_protocol_errors() {
+        let mut d = Daemon::start(echo);
+        d.send(&[job(1, b"x")]);
+        assert_eq!(d.recv(), done(1, b"x"));
+        d.send_raw(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        match d.outcome() {
+            Err(e @ ServeError::Protocol(_)) => {
+                assert_eq!(e.exit_code(), 2);
+                assert!(e.to_string().contains("undecodable"), "{e}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let mut d = Daemon::start(echo);
+        d.send_raw(&u32::MAX.to_le_bytes());
+        match d.outcome() {
+            Err(ServeError::Protocol(why)) => assert!(why.contains("exceeds"), "{why}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shared_memory_input_is_a_protocol_error() {
+        let mut d = Daemon::start(echo);
+        d.send(&[ToWorker::Job(Job {
+            id: 5,
+            attempt: 1,
+            deadline_ms: None,
+            input: Payload::Shm { offset: 0, len: 10 },
+        })]);
+        match d.outcome() {
+            Err(ServeError::Protocol(why)) => assert!(why.contains("shared-memory"), "{why}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_result_stream_is_a_write_error() {
+        let (_jobs, worker_jobs) = UnixStream::pair().unwrap();
+        let (worker_results, results) = UnixStream::pair().unwrap();
+        drop(results);
+        let err = serve(worker_jobs, worker_results, echo).unwrap_err();
+        assert!(matches!(err, ServeError::Write(_)), "{err:?}");
+        assert_eq!(err.exit_code(), 1);
     }
 }
