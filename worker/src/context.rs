@@ -13,7 +13,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use ipc_proto::worker::{Job, JobId};
@@ -26,7 +26,9 @@ pub(crate) struct CancelState {
     /// plain load, cheap enough for a handler to call in a tight loop.
     flag: AtomicBool,
     /// Readable (counter > 0) exactly while the running job is cancelled.
-    event: EventFd,
+    /// Created on first use only, so a worker whose handler never asks for
+    /// it holds no descriptor beyond the daemon's fds 0-5.
+    event: OnceLock<EventFd>,
 }
 
 #[derive(Default)]
@@ -37,12 +39,29 @@ struct Running {
 
 impl CancelState {
     pub(crate) fn new() -> std::io::Result<Self> {
-        let event = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         Ok(CancelState {
             running: Mutex::new(Running::default()),
             flag: AtomicBool::new(false),
-            event,
+            event: OnceLock::new(),
         })
+    }
+
+    /// The eventfd, created on first call (under the lock, so a cancel
+    /// racing with the creation is reflected in its counter).
+    fn event(&self) -> std::io::Result<&EventFd> {
+        if let Some(ev) = self.event.get() {
+            return Ok(ev);
+        }
+        let r = self.lock();
+        if self.event.get().is_none() {
+            let ev = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+            if r.cancelled {
+                let _ = ev.write(1);
+            }
+            let _ = self.event.set(ev);
+        }
+        drop(r);
+        Ok(self.event.get().expect("set above"))
     }
 
     fn lock(&self) -> MutexGuard<'_, Running> {
@@ -66,7 +85,9 @@ impl CancelState {
             r.cancelled = false;
             self.flag.store(false, Ordering::Release);
             // Reset the eventfd counter; EAGAIN (already zero) is fine.
-            let _ = self.event.read();
+            if let Some(ev) = self.event.get() {
+                let _ = ev.read();
+            }
         }
     }
 
@@ -92,7 +113,9 @@ impl CancelState {
             r.cancelled = true;
             self.flag.store(true, Ordering::Release);
             // Can only fail on counter overflow, impossible with one write.
-            let _ = self.event.write(1);
+            if let Some(ev) = self.event.get() {
+                let _ = ev.write(1);
+            }
         }
     }
 
@@ -157,9 +180,10 @@ impl JobContext {
     /// A descriptor that becomes readable when this job is cancelled, for
     /// handlers that wait in `poll(2)` on their own descriptors (a child's
     /// pipes, a socket) and want to wake up on cancellation too. Only poll
-    /// it; never read it or close it.
-    pub fn cancel_fd(&self) -> BorrowedFd<'_> {
-        self.cancel.event.as_fd()
+    /// it; never read it or close it. The eventfd is created on the first
+    /// call, hence the `Result` (it fails only when out of descriptors).
+    pub fn cancel_fd(&self) -> std::io::Result<BorrowedFd<'_>> {
+        Ok(self.cancel.event()?.as_fd())
     }
 }
 
@@ -191,15 +215,15 @@ mod tests {
         state.cancel(7); // nothing running: ignored
         state.start(7);
         assert!(!ctx.is_cancelled());
-        assert!(!readable(ctx.cancel_fd()));
+        assert!(!readable(ctx.cancel_fd().unwrap()));
         state.cancel(8); // not the running job
         assert!(!ctx.is_cancelled());
         state.cancel(7);
         assert!(ctx.is_cancelled());
-        assert!(readable(ctx.cancel_fd()));
+        assert!(readable(ctx.cancel_fd().unwrap()));
         state.finish();
         assert!(!ctx.is_cancelled());
-        assert!(!readable(ctx.cancel_fd()));
+        assert!(!readable(ctx.cancel_fd().unwrap()));
         state.start(8);
         assert!(!ctx.is_cancelled());
         state.cancel_running();

@@ -183,6 +183,9 @@ fn communicate(child: &mut Child, ctx: &JobContext, input: &[u8]) -> Result<Capt
     // Without a pidfd (old kernel) the loop ends when both pipes close and
     // the caller's wait() blocks; with one, cancellation works to the end.
     let pidfd = pidfd_open(child.id());
+    // Without a cancel descriptor (out of fds) the job still runs; it just
+    // cannot be interrupted by a Cancel.
+    let cancel_fd = ctx.cancel_fd().ok();
     let mut exited = false;
     let mut written = 0;
     let mut out = Vec::new();
@@ -195,7 +198,7 @@ fn communicate(child: &mut Child, ctx: &JobContext, input: &[u8]) -> Result<Capt
         }
         let mut fds = Vec::with_capacity(5);
         let slots = [
-            add(&mut fds, Some(ctx.cancel_fd()), PollFlags::POLLIN),
+            add(&mut fds, cancel_fd, PollFlags::POLLIN),
             add(
                 &mut fds,
                 stdin.as_ref().map(AsFd::as_fd),

@@ -573,7 +573,7 @@ mod tests {
 
     /// Blocks on the cancel descriptor until the running job is cancelled.
     fn wait_cancelled(ctx: &JobContext) {
-        let mut fds = [PollFd::new(ctx.cancel_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(ctx.cancel_fd().unwrap(), PollFlags::POLLIN)];
         let timeout = PollTimeout::try_from(DEADLINE).unwrap();
         assert_eq!(
             nix::poll::poll(&mut fds, timeout).unwrap(),

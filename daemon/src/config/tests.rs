@@ -370,7 +370,11 @@ fn toml_syntax_errors_are_one_line_with_position() {
         ),
         ("[pools.echo\n", "1:", "invalid TOML"),
         ("x = [1,\n2\n", "2:2: invalid TOML: ", "unclosed array"),
-        ("[a]\nb = 1\n[a]\n", "3:2: invalid TOML: ", "duplicate key `a`"),
+        (
+            "[a]\nb = 1\n[a]\n",
+            "3:2: invalid TOML: ",
+            "duplicate key `a`",
+        ),
         ("s = 'a\nb'\n", "2:3: invalid TOML: ", "key with no value"),
     ];
     for (text, prefix, fragment) in cases {
