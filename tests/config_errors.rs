@@ -7,7 +7,9 @@ use jobvisor::*;
 /// (name, config text, expected line, expected key path in the message)
 fn cases() -> Vec<(&'static str, String, u32, &'static str)> {
     let head = "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\n";
-    let pool = |body: &str| format!("{head}[pools.echo]\ncommand = [\"jobvisor-worker\", \"echo\"]\n{body}\n");
+    let pool = |body: &str| {
+        format!("{head}[pools.echo]\ncommand = [\"jobvisor-worker\", \"echo\"]\n{body}\n")
+    };
     vec![
         ("unknown top-level key", format!("{head}colour = \"blue\"\n"), 4, "colour"),
         ("unknown daemon key", "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\nsocket_mod = \"0600\"\n".into(), 4, "daemon.socket_mod"),
@@ -22,7 +24,7 @@ fn cases() -> Vec<(&'static str, String, u32, &'static str)> {
         ("empty command", format!("{head}[pools.echo]\ncommand = []\n"), 5, "pools.echo.command"),
         ("command with empty program", format!("{head}[pools.echo]\ncommand = [\"\"]\n"), 5, "pools.echo.command"),
         ("command as string", format!("{head}[pools.echo]\ncommand = \"jobvisor-worker echo\"\n"), 5, "pools.echo.command"),
-        ("missing command", format!("{head}[pools.echo]\nworkers = 2\n"), 4, "pools.echo.command"),
+        ("missing command", format!("{head}[pools.echo]\nworkers = 2\n"), 4, "pools.echo: missing required key `command`"),
         ("unknown semaphore", pool("semaphores = [\"gpu\"]"), 6, "pools.echo.semaphores"),
         ("duplicate semaphore in a pool", format!("{head}[semaphores]\ngpu = 2\n[pools.echo]\ncommand = [\"w\"]\nsemaphores = [\"gpu\", \"gpu\"]\n"), 8, "pools.echo.semaphores"),
         ("semaphore of zero", format!("{head}[semaphores]\ngpu = 0\n"), 5, "semaphores.gpu"),
@@ -59,7 +61,10 @@ fn check_refuses_every_bad_config_with_location_and_key() {
         // line:col:, both numbers.
         let after = &err[err.find(&loc).unwrap() + loc.len()..];
         let col: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
-        assert!(!col.is_empty() && after[col.len()..].starts_with(':'), "{name}: no column in {err}");
+        assert!(
+            !col.is_empty() && after[col.len()..].starts_with(':'),
+            "{name}: no column in {err}"
+        );
         assert!(err.contains(key), "{name}: expected key {key} in: {err}");
     }
 }
@@ -79,7 +84,10 @@ fn reload_refuses_every_bad_config_and_keeps_running() {
         assert_eq!(r.code, 2, "{name}: {r:?}");
         let err = r.stderr.trim();
         assert_eq!(err.lines().count(), 1, "{name}: {err}");
-        assert!(err.contains(&format!("jobvisor.toml:{line}:")), "{name}: {err}");
+        assert!(
+            err.contains(&format!("jobvisor.toml:{line}:")),
+            "{name}: {err}"
+        );
         assert!(err.contains(key), "{name}: {err}");
         assert!(err.contains("old configuration kept"), "{name}: {err}");
     }

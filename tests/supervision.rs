@@ -64,11 +64,17 @@ fn example_config_runs_with_every_worker_ready() {
     assert_eq!(human.code, 0);
     for p in report["pools"].as_array().unwrap() {
         for w in p["workers"].as_array().unwrap() {
-            assert!(human.stdout.contains(&w["pid"].to_string()), "{}", human.stdout);
+            assert!(
+                human.stdout.contains(&w["pid"].to_string()),
+                "{}",
+                human.stdout
+            );
         }
     }
     assert_eq!(ctl(&["shutdown"]).code, 0);
-    let st = wait_for("example daemon exit", DEADLINE, || child.try_wait().unwrap());
+    let st = wait_for("example daemon exit", DEADLINE, || {
+        child.try_wait().unwrap()
+    });
     assert!(st.success());
 }
 
@@ -83,7 +89,7 @@ fn killed_worker_is_replaced_and_others_keep_their_pids() {
     let new = wait_for("a replacement for worker 1", DEADLINE, || {
         let p = d.pool("echo");
         let w = &p["workers"][1];
-        (w["state"] == "ready" && w["pid"].as_u64() != Some(pids[1] as u64)).then(|| p)
+        (w["state"] == "ready" && w["pid"].as_u64() != Some(pids[1] as u64)).then_some(p)
     });
     let ws = new["workers"].as_array().unwrap();
     assert_eq!(ws[1]["restarts"], 1);
@@ -171,7 +177,11 @@ fn missing_command_is_a_clear_error_not_a_crash() {
     );
     d.wait_ready("good", 1);
     let human = d.ctl(&["status", "ghost"]);
-    assert!(human.stdout.contains("command not found"), "{}", human.stdout);
+    assert!(
+        human.stdout.contains("command not found"),
+        "{}",
+        human.stdout
+    );
 }
 
 #[test]
@@ -316,11 +326,11 @@ fn second_sigterm_stops_at_once() {
         stubborn_dir.path(),
         "stubborn.sh",
         // Ignores TERM, and outlives the worker's own clean exit on
-            // the Shutdown frame: only SIGKILL ends it.
-            &format!(
-                "trap '' TERM\n{} echo\nexec sleep 1000",
-                bin("jobvisor-worker").display()
-            ),
+        // the Shutdown frame: only SIGKILL ends it.
+        &format!(
+            "trap '' TERM\n{} echo\nexec sleep 1000",
+            bin("jobvisor-worker").display()
+        ),
     );
     let cfg = format!(
         "{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"60s\"\n",
@@ -345,7 +355,10 @@ fn grandchildren_never_survive_kill_stop_or_shutdown() {
     let wrapper = script(
         gdir.path(),
         "forks.sh",
-        &format!("sleep 1000 &\nexec {} echo", bin("jobvisor-worker").display()),
+        &format!(
+            "sleep 1000 &\nexec {} echo",
+            bin("jobvisor-worker").display()
+        ),
     );
     let cfg = format!(
         "{}[pools.forks]\ncommand = [{:?}]\nworkers = 2\n",
@@ -400,8 +413,7 @@ fn healthy_worker_is_replaced_at_once_and_backoff_resets() {
     let wait_healthy = |pid: u32| {
         wait_for("the worker to be up past healthy_after", DEADLINE, || {
             let w = d.pool("echo")["workers"][0].clone();
-            (w["pid"].as_u64() == Some(pid as u64) && w["uptime_ms"].as_u64()? > 1700)
-                .then_some(())
+            (w["pid"].as_u64() == Some(pid as u64) && w["uptime_ms"].as_u64()? > 1700).then_some(())
         })
     };
     wait_healthy(first);
@@ -410,7 +422,10 @@ fn healthy_worker_is_replaced_at_once_and_backoff_resets() {
     kill(first, Signal::SIGKILL);
     let second = wait_for("an immediate replacement", DEADLINE, || {
         let w = d.pool("echo")["workers"][0].clone();
-        assert_ne!(w["state"], "backoff", "a healthy worker's death must not back off");
+        assert_ne!(
+            w["state"], "backoff",
+            "a healthy worker's death must not back off"
+        );
         (w["state"] == "ready" && w["pid"].as_u64() != Some(first as u64))
             .then(|| w["pid"].as_u64().unwrap() as u32)
     });
@@ -420,10 +435,14 @@ fn healthy_worker_is_replaced_at_once_and_backoff_resets() {
     wait_for("the slot to back off", DEADLINE, || {
         (d.pool("echo")["workers"][0]["state"] == "backoff").then_some(())
     });
-    let third = wait_for("the post-backoff replacement", Duration::from_secs(30), || {
-        let w = d.pool("echo")["workers"][0].clone();
-        (w["state"] == "ready").then(|| w["pid"].as_u64().unwrap() as u32)
-    });
+    let third = wait_for(
+        "the post-backoff replacement",
+        Duration::from_secs(30),
+        || {
+            let w = d.pool("echo")["workers"][0].clone();
+            (w["state"] == "ready").then(|| w["pid"].as_u64().unwrap() as u32)
+        },
+    );
     // Healthy again, then dies: at once again, and not after the doubled
     // (8 s) backoff: the backoff started over.
     wait_healthy(third);
@@ -525,11 +544,7 @@ fn bad_reload_keeps_the_old_config_running() {
         &format!("{}{}", daemon_section(), echo_pool("echo", 2, "")),
     );
     let pids = d.wait_ready("echo", 2);
-    d.write_config(&format!(
-        "{}{}",
-        daemon_section(),
-        echo_pool("echo", 0, "")
-    ));
+    d.write_config(&format!("{}{}", daemon_section(), echo_pool("echo", 0, "")));
     let r = d.ctl(&["reload"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("jobvisor.toml:"), "{}", r.stderr);
@@ -580,7 +595,11 @@ fn stale_socket_is_replaced_live_one_is_not_stolen() {
         None,
     );
     assert_eq!(second.code, 1, "{second:?}");
-    assert!(second.stderr.contains("in use by a running daemon"), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("in use by a running daemon"),
+        "{}",
+        second.stderr
+    );
     assert_eq!(second.stderr.trim().lines().count(), 1, "{}", second.stderr);
     assert_eq!(d.ctl(&["status"]).code, 0);
     // kill -9 leaves a stale socket file; a new daemon replaces it.
@@ -599,7 +618,9 @@ fn stale_socket_is_replaced_live_one_is_not_stolen() {
 fn ctl_exit_code_3_when_the_daemon_is_unreachable() {
     let dir = TempDir::new("unreachable");
     let mut c = std::process::Command::new(bin("jobvisorctl"));
-    c.arg("--socket").arg(dir.path().join("none.sock")).arg("status");
+    c.arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("status");
     let r = run_with_stdin(c, None);
     assert_eq!(r.code, 3);
     assert_eq!(r.stderr.trim().lines().count(), 1);

@@ -23,7 +23,10 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<mio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir).with_context(|| {
-                format!("cannot create the control socket's directory {}", dir.display())
+                format!(
+                    "cannot create the control socket's directory {}",
+                    dir.display()
+                )
             })?;
         }
     }
@@ -62,8 +65,7 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<mio::net::UnixListener> {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let res = mio::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener =
-        res.with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    let listener = res.with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot chmod control socket {}", path.display()))?;
     Ok(listener)

@@ -129,8 +129,8 @@ impl Reactor {
             );
         }
         let poll = Poll::new().context("epoll_create")?;
-        let mut signals =
-            Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+        let mut signals = Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP])
+            .context("installing signal handlers")?;
         poll.registry()
             .register(&mut signals, TOKEN_SIGNALS, Interest::READABLE)?;
         let socket_path = config.daemon.control_socket.clone();
@@ -184,7 +184,11 @@ impl Reactor {
                 return Err(e.into());
             }
             for ev in events.iter() {
-                self.dispatch(ev.token(), ev.is_readable() || ev.is_read_closed() || ev.is_error(), ev.is_writable());
+                self.dispatch(
+                    ev.token(),
+                    ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                    ev.is_writable(),
+                );
             }
             self.core.on_timer(Instant::now());
             self.run_actions();
@@ -320,7 +324,10 @@ impl Reactor {
             let description = match status {
                 Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
                 Ok(WaitStatus::Signaled(_, sig, core)) => {
-                    format!("killed by {sig}{}", if core { " (core dumped)" } else { "" })
+                    format!(
+                        "killed by {sig}{}",
+                        if core { " (core dumped)" } else { "" }
+                    )
                 }
                 Ok(other) => format!("{other:?}"),
                 Err(e) => format!("unknown status ({e})"),
@@ -344,7 +351,10 @@ impl Reactor {
                     line.clear();
                 }
             }
-            for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr].into_iter().flatten() {
+            for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr]
+                .into_iter()
+                .flatten()
+            {
                 let _ = self
                     .poll
                     .registry()
@@ -712,7 +722,9 @@ impl Reactor {
         let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
         let resp = if !greeted {
             match req {
-                Request::Hello { protocol_version } if protocol_version == ipc_proto::PROTOCOL_VERSION => {
+                Request::Hello { protocol_version }
+                    if protocol_version == ipc_proto::PROTOCOL_VERSION =>
+                {
                     if let Some(c) = self.clients.get_mut(&id) {
                         c.greeted = true;
                     }
@@ -799,13 +811,11 @@ impl Reactor {
         let new = config::load(&path).map_err(|e| {
             (
                 ErrorKind::Invalid,
-                format!("reload rejected, old configuration kept: {e}"),
+                format!("new configuration rejected, old configuration kept: {e}"),
             )
         })?;
-        self.notifier.notify(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}",
-            monotonic_usec()
-        ));
+        self.notifier
+            .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
         let mut msg = self
             .core
             .reload(&new, Instant::now())

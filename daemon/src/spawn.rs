@@ -115,8 +115,12 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
     let (res_r, res_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let arena = memfd_create(c"jobvisor-arena", MFdFlags::MFD_CLOEXEC)
         .map_err(|e| format!("memfd_create: {e}"))?;
-    nix::unistd::ftruncate(&arena, cfg.shm_size as i64)
-        .map_err(|e| format!("sizing the shared-memory arena to {} bytes: {e}", cfg.shm_size))?;
+    nix::unistd::ftruncate(&arena, cfg.shm_size as i64).map_err(|e| {
+        format!(
+            "sizing the shared-memory arena to {} bytes: {e}",
+            cfg.shm_size
+        )
+    })?;
 
     let mut cmd = Command::new(&program);
     cmd.arg0(&cfg.command[0]).args(&cfg.command[1..]);
@@ -230,7 +234,10 @@ fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, String> {
         return Ok(None);
     }
     if !nix::unistd::geteuid().is_root() {
-        return Err("`user`/`group` need the daemon to run as root; remove them or run jobvisord as root".into());
+        return Err(
+            "`user`/`group` need the daemon to run as root; remove them or run jobvisord as root"
+                .into(),
+        );
     }
     let (mut uid, mut gid) = (0u32, 0u32);
     if let Some(u) = &cfg.user {

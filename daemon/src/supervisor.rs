@@ -112,7 +112,9 @@ impl StopReason {
 
 #[derive(Debug, Clone)]
 enum Phase {
-    Starting { deadline: Instant },
+    Starting {
+        deadline: Instant,
+    },
     Ready,
     Stopping {
         reason: StopReason,
@@ -503,9 +505,7 @@ impl Supervisor {
         }
         let pool = self.pool_mut(name)?;
         if pool.removing {
-            return Err(CtlError::Rejected(format!(
-                "pool {name} is being removed"
-            )));
+            return Err(CtlError::Rejected(format!("pool {name} is being removed")));
         }
         let was_failed = pool.state == PoolState::Failed;
         pool.state = PoolState::Running;
@@ -992,7 +992,12 @@ impl Supervisor {
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let pool = &self.pools[&name];
-            if pool.removing && pool.slots.iter().all(|s| !matches!(s.state, SlotState::Running(_))) {
+            if pool.removing
+                && pool
+                    .slots
+                    .iter()
+                    .all(|s| !matches!(s.state, SlotState::Running(_)))
+            {
                 self.pools.remove(&name);
                 self.actions.push_back(Action::Log {
                     level: Level::Info,

@@ -23,7 +23,10 @@ fn scratch(name: &str) -> std::path::PathBuf {
 #[test]
 fn check_accepts_the_example_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");
-    let (code, out, err) = run(env!("CARGO_BIN_EXE_jobvisord"), &["--check", "--config", example]);
+    let (code, out, err) = run(
+        env!("CARGO_BIN_EXE_jobvisord"),
+        &["--check", "--config", example],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok"), "{out}");
 }
@@ -60,7 +63,10 @@ fn usage_errors_exit_2() {
     assert_eq!(code, 2);
     let (code, _, _) = run(env!("CARGO_BIN_EXE_jobvisorctl"), &["frobnicate"]);
     assert_eq!(code, 2);
-    let (code, _, _) = run(env!("CARGO_BIN_EXE_jobvisorctl"), &["scale", "echo", "many"]);
+    let (code, _, _) = run(
+        env!("CARGO_BIN_EXE_jobvisorctl"),
+        &["scale", "echo", "many"],
+    );
     assert_eq!(code, 2);
     let (code, out, _) = run(env!("CARGO_BIN_EXE_jobvisorctl"), &["--help"]);
     assert_eq!(code, 0);

@@ -60,7 +60,10 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // State is the field after the parenthesised command name.
-            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
             !matches!(state, Some("Z") | Some("X") | None)
         }
         Err(_) => false,
@@ -70,7 +73,12 @@ pub fn alive(pid: u32) -> bool {
 /// Parent pid of `pid`, if it exists.
 pub fn ppid(pid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// State letter of `pid` from /proc (R, S, Z, …).
@@ -135,10 +143,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!(
-            "jobvisor-test-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let p =
+            std::env::temp_dir().join(format!("jobvisor-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
@@ -179,7 +185,10 @@ impl Ctl {
     /// Parses stdout as one JSON document.
     pub fn json(&self) -> Value {
         serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
-            panic!("not JSON ({e}): {:?} (stderr {:?})", self.stdout, self.stderr)
+            panic!(
+                "not JSON ({e}): {:?} (stderr {:?})",
+                self.stdout, self.stderr
+            )
         })
     }
 }
@@ -305,12 +314,19 @@ impl Daemon {
     /// Waits until every worker of `pool` is `ready`; returns their pids
     /// in slot order.
     pub fn wait_ready(&self, pool: &str, n: usize) -> Vec<u32> {
-        wait_for(&format!("{n} ready workers in pool {pool}"), DEADLINE, || {
-            let p = self.pool(pool);
-            let ws = p["workers"].as_array()?.clone();
-            (ws.len() == n && ws.iter().all(|w| w["state"] == "ready"))
-                .then(|| ws.iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect())
-        })
+        wait_for(
+            &format!("{n} ready workers in pool {pool}"),
+            DEADLINE,
+            || {
+                let p = self.pool(pool);
+                let ws = p["workers"].as_array()?.clone();
+                (ws.len() == n && ws.iter().all(|w| w["state"] == "ready")).then(|| {
+                    ws.iter()
+                        .map(|w| w["pid"].as_u64().unwrap() as u32)
+                        .collect()
+                })
+            },
+        )
     }
 
     /// Rewrites the config file.
@@ -321,8 +337,9 @@ impl Daemon {
     /// Waits for the daemon to exit and returns its status.
     pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("running");
-        let st = wait_for("jobvisord to exit", deadline, || child.try_wait().ok().flatten());
-        st
+        wait_for("jobvisord to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        })
     }
 }
 

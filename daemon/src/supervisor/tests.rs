@@ -131,7 +131,8 @@ fn quick_deaths_back_off_exponentially_with_jitter_up_to_the_max() {
         assert_eq!(s.states("a"), vec![WorkerState::Backoff]);
         let delay = s.sup.next_deadline().unwrap() - s.now;
         assert!(
-            delay >= expected.mul_f64(0.8) && delay <= expected.mul_f64(1.2).min(Duration::from_secs(1)),
+            delay >= expected.mul_f64(0.8)
+                && delay <= expected.mul_f64(1.2).min(Duration::from_secs(1)),
             "delay {delay:?}, expected about {expected:?}"
         );
         // Nothing happens before the deadline…
@@ -201,7 +202,11 @@ fn crash_loop_fails_the_pool_only_and_restart_clears_it() {
     }
     assert_eq!(deaths, 5, "max_restarts = 4 tolerates 4, fails on the 5th");
     let status = s.sup.status(Some("bad"), s.now).unwrap();
-    assert!(status.pools[0].last_error.as_ref().unwrap().contains("jobvisorctl restart bad"));
+    assert!(status.pools[0]
+        .last_error
+        .as_ref()
+        .unwrap()
+        .contains("jobvisorctl restart bad"));
     // No more spawns for the failed pool, ever.
     let remaining: Vec<_> = s.procs("bad").into_iter().flatten().collect();
     for p in remaining {
@@ -257,7 +262,11 @@ fn start_timeout_kills_and_counts_as_a_crash() {
 
 #[test]
 fn shutdown_runs_the_stop_ladder_then_exits() {
-    let mut s = Sim::new(&cfg(&pool("a", 2, "stop_timeout = \"3s\"\nstop_signal = \"INT\"")));
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        2,
+        "stop_timeout = \"3s\"\nstop_signal = \"INT\"",
+    )));
     s.ready_all("a");
     let procs: Vec<ProcId> = s.procs("a").into_iter().flatten().collect();
     s.sup.shutdown(false, s.now);
@@ -327,8 +336,14 @@ fn scale_down_stops_the_highest_slots_and_up_adds() {
     s.sup.scale("a", 3, s.now).unwrap();
     assert_eq!(spawns(&s.pump()), 1);
     assert_eq!(s.sup.pools["a"].slots[2].id, 2);
-    assert!(matches!(s.sup.scale("a", 0, s.now), Err(CtlError::Invalid(_))));
-    assert!(matches!(s.sup.scale("zz", 1, s.now), Err(CtlError::NotFound(_))));
+    assert!(matches!(
+        s.sup.scale("a", 0, s.now),
+        Err(CtlError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.sup.scale("zz", 1, s.now),
+        Err(CtlError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -460,5 +475,9 @@ fn spawn_failure_is_a_crash_with_a_reason() {
     assert_eq!(failures, 3);
     let st = sup.status(None, now).unwrap();
     assert_eq!(st.pools[0].state, PoolState::Failed);
-    assert!(st.pools[0].last_error.as_ref().unwrap().contains("command not found"));
+    assert!(st.pools[0]
+        .last_error
+        .as_ref()
+        .unwrap()
+        .contains("command not found"));
 }
