@@ -780,6 +780,15 @@ impl Reactor {
                     Ok(message) => Response::Ok { message },
                     Err((kind, message)) => Response::Error { kind, message },
                 },
+                Request::Submit { .. }
+                | Request::Wait { .. }
+                | Request::Result { .. }
+                | Request::Cancel { .. }
+                | Request::Jobs { .. }
+                | Request::Events => Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: "jobs are not wired into this daemon yet".into(),
+                },
                 Request::Shutdown { now: immediate } => {
                     self.begin_shutdown(immediate);
                     Response::Ok {

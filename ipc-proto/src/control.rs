@@ -3,6 +3,7 @@
 //! request gets exactly one [`Response`] (streams send several, ending with
 //! [`Response::End`]).
 
+use crate::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Client → daemon.
@@ -37,6 +38,209 @@ pub enum Request {
         /// Skip draining.
         now: bool,
     },
+    /// Queue a job. Answered with [`Response::Submitted`] once the job is
+    /// durable; with `wait`, later also with [`Response::Job`] when it has
+    /// finished (several submits may be pipelined on one connection).
+    Submit {
+        /// Target pool.
+        pool: String,
+        /// Input bytes.
+        input: Bytes,
+        /// Per-job options.
+        options: JobOptions,
+        /// Also send the finished job document.
+        wait: bool,
+    },
+    /// Wait for jobs: one [`Response::Job`] per id as each finishes (or an
+    /// [`Response::Error`] for an unknown id), then [`Response::End`].
+    Wait {
+        /// The jobs.
+        ids: Vec<u64>,
+    },
+    /// The current document of one job, output included.
+    Result {
+        /// The job.
+        id: u64,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// The job.
+        id: u64,
+    },
+    /// List jobs (newest first): [`Response::Job`]s without output, then
+    /// [`Response::End`].
+    Jobs {
+        /// Only this pool.
+        pool: Option<String>,
+        /// Only this state.
+        state: Option<JobState>,
+        /// At most this many.
+        limit: Option<u32>,
+    },
+    /// Stream live events: [`Response::Event`]s until the client hangs up.
+    Events,
+}
+
+/// Per-job options of a submit; `None` takes the pool's setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOptions {
+    /// Hard timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Attempts before the job is `dead`.
+    pub max_attempts: Option<u32>,
+    /// Higher runs first; FIFO within a priority.
+    pub priority: i32,
+    /// At most one running job per key, daemon-wide.
+    pub key: Option<String>,
+}
+
+/// State of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Handed to a worker.
+    Running,
+    /// Finished with an output.
+    Succeeded,
+    /// The worker reported a failure.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+    /// Exceeded its timeout on its last attempt.
+    TimedOut,
+    /// Every attempt was lost (worker died mid-job).
+    Dead,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+        JobState::Dead,
+    ];
+
+    /// Name used in human and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Dead => "dead",
+        }
+    }
+
+    /// Parses [`JobState::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// True for states a job never leaves.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The worker returned an output.
+    Succeeded,
+    /// The worker returned an error.
+    Failed,
+    /// The worker died (or was lost with the daemon) mid-job.
+    Lost,
+    /// The attempt exceeded the timeout.
+    TimedOut,
+    /// Cancelled while running.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Name used in human and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Lost => "lost",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Attempt number, from 1.
+    pub n: u32,
+    /// Worker slot id.
+    pub worker: u32,
+    /// Worker pid.
+    pub pid: u32,
+    /// Start, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// End, ms since the Unix epoch (`None` while running).
+    pub ended_ms: Option<u64>,
+    /// How it ended (`None` while running).
+    pub outcome: Option<Outcome>,
+    /// Error text of a failed, lost or timed-out attempt.
+    pub error: Option<String>,
+}
+
+/// Everything known about a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDoc {
+    /// Id.
+    pub id: u64,
+    /// Pool.
+    pub pool: String,
+    /// State.
+    pub state: JobState,
+    /// Priority.
+    pub priority: i32,
+    /// Mutex key.
+    pub key: Option<String>,
+    /// Submission time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// End time, ms since the Unix epoch, once terminal.
+    pub finished_ms: Option<u64>,
+    /// Attempts so far.
+    pub attempts: Vec<Attempt>,
+    /// Output, when succeeded and requested.
+    pub output: Option<Bytes>,
+    /// Error of the last attempt, when not succeeded.
+    pub error: Option<String>,
+}
+
+/// One live event (see DESIGN.md section 7 for the names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// `worker_started`, `worker_ready`, `worker_exited`, `pool_failed`,
+    /// `job_queued`, `job_started`, `job_finished`, `reloaded`.
+    pub event: String,
+    /// Pool concerned.
+    pub pool: Option<String>,
+    /// Worker slot concerned.
+    pub worker: Option<u32>,
+    /// Worker pid concerned.
+    pub pid: Option<u32>,
+    /// Job concerned.
+    pub job: Option<u64>,
+    /// Job state after the event (`job_*`).
+    pub state: Option<JobState>,
+    /// Human detail (exit status, error).
+    pub detail: Option<String>,
 }
 
 /// Why a request was refused; maps onto `jobvisorctl`'s exit codes.
@@ -92,6 +296,15 @@ pub enum Response {
     },
     /// End of a stream.
     End,
+    /// A job was accepted and is durable.
+    Submitted {
+        /// Its id.
+        id: u64,
+    },
+    /// A job document.
+    Job(JobDoc),
+    /// A live event.
+    Event(Event),
 }
 
 /// State of a pool.
