@@ -21,7 +21,9 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -441,6 +443,60 @@ class Daemon:
                 "examples": [f"{n}x {line}" for n, line in top]}
 
 
+def _frame(payload):
+    return struct.pack("<I", len(payload)) + payload
+
+
+def _read_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise SectionError("the daemon closed the control connection")
+        buf += chunk
+    return buf
+
+
+def _read_frame(sock):
+    (n,) = struct.unpack("<I", _read_exact(sock, 4))
+    return _read_exact(sock, n)
+
+
+# bincode 2 standard config (varint): Request::Hello{protocol_version: 1} and
+# Request::Status{pool: None}; Response::Hello is variant 0, Response::Status 1.
+RAW_HELLO = _frame(b"\x00\x01")
+RAW_STATUS = _frame(b"\x01\x00")
+
+
+def raw_status_rtt(sock_path, expect=b""):
+    """In-process control client: connect + Hello + Status, no process spawn.
+    Returns seconds; raises SectionError if the answer is not as expected."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
+    try:
+        t0 = now()
+        s.connect(str(sock_path))
+        s.sendall(RAW_HELLO)
+        h = _read_frame(s)
+        s.sendall(RAW_STATUS)
+        r = _read_frame(s)
+        t1 = now()
+    except socket.timeout:
+        raise SectionError("raw control client: no answer within 10 s")
+    finally:
+        s.close()
+    if not h or h[0] != 0 or not r or r[0] != 1 or expect not in r:
+        raise SectionError(f"raw control client: unexpected answer (protocol changed?) {h[:8]!r} {r[:8]!r}")
+    return t1 - t0
+
+
+def spawn_floor(bins, argv_tail=("--socket", "/nonexistent/jvbench.sock", "--json", "status")):
+    """A jobvisorctl run that fails at connect (exit 3): process start cost."""
+    a = now()
+    subprocess.run([bins["jobvisorctl"], *argv_tail], capture_output=True, timeout=10)
+    return now() - a
+
+
 def zombies_of(pid):
     return [c for c, state in children_of(pid) if state == "Z"]
 
@@ -722,6 +778,11 @@ def sec_idle(ctx, res):
         if r.returncode != 0:
             raise SectionError(f"jobvisorctl status exited {r.returncode}: {r.stderr.decode().strip()}")
     m["ctl_status_ms_idle"] = summary_ms(lat)
+    m["ctl_spawn_floor_ms_idle"] = summary_ms([spawn_floor(bins) for _ in range(200)])
+    try:
+        m["raw_status_ms_idle"] = summary_ms([raw_status_rtt(d.socket, b"echo") for _ in range(200)])
+    except (SectionError, OSError) as e:
+        m["raw_status_ms_idle"] = f"n/a: {e}"
     d.stop()
     m["daemon_exit_code"] = d.exit_code
     m["log"] = d.log_problems()
@@ -736,6 +797,12 @@ def sec_idle(ctx, res):
     L = m["ctl_status_ms_idle"]
     rows.append(("jobvisorctl status, idle daemon p50 / p99",
                  f"{L['median']:.2f} / {L['p99']:.2f} ms", "", None))
+    F = m["ctl_spawn_floor_ms_idle"]
+    rows.append(("  jobvisorctl start-up floor (no daemon) p50 / p99",
+                 f"{F['median']:.2f} / {F['p99']:.2f} ms", "", None))
+    R = m["raw_status_ms_idle"]
+    rows.append(("  in-process status round trip p50 / p99",
+                 f"{R['median']:.3f} / {R['p99']:.3f} ms" if isinstance(R, dict) else R, "", None))
 
 
 def sec_crash(ctx, res):
@@ -762,6 +829,7 @@ def sec_crash(ctx, res):
     r0 = sum(w["restarts"] for w in pools["crash"]["workers"])
     cpu0, ts0 = proc_schedstat_ns(d.pid), now()
     lat, changed, crash_states = [], [], set()
+    floor, raw, raw_err = [], [], None
     interval = duration / n_calls
     for i in range(n_calls):
         slot_t = ts0 + i * interval
@@ -781,6 +849,12 @@ def sec_crash(ctx, res):
         if pids != echo_pids:
             changed.append(pids)
         crash_states.add(st["crash"]["state"])
+        floor.append(spawn_floor(bins))
+        if raw_err is None:
+            try:
+                raw.append(raw_status_rtt(d.socket, b"crash"))
+            except (SectionError, OSError) as e:
+                raw_err = f"n/a: {e}"
     pools = d.status()
     ts1, cpu1 = now(), proc_schedstat_ns(d.pid)
     r1 = sum(w["restarts"] for w in pools["crash"]["workers"])
@@ -791,6 +865,8 @@ def sec_crash(ctx, res):
     m["deaths_per_s"] = (r1 - r0) / el
     m["daemon_cpu_percent"] = (cpu1 - cpu0) / 1e9 / el * 100
     m["ctl_status_ms"] = summary_ms(lat)
+    m["ctl_spawn_floor_ms"] = summary_ms(floor)
+    m["raw_status_ms"] = raw_err or summary_ms(raw)
     m["echo_pids"] = echo_pids
     m["echo_pid_changes"] = len(changed)
     m["crash_pool_states_seen"] = sorted(crash_states)
@@ -809,6 +885,12 @@ def sec_crash(ctx, res):
     rows.append(("crash loop: daemon CPU", f"{m['daemon_cpu_percent']:.0f} %", "", None))
     rows.append(("crash loop: jobvisorctl status p50 / p99",
                  f"{L['median']:.2f} / {L['p99']:.2f} ms", "p99 < 10 ms", L["p99"] < 10))
+    F = m["ctl_spawn_floor_ms"]
+    rows.append(("  jobvisorctl start-up floor (no daemon) p50 / p99",
+                 f"{F['median']:.2f} / {F['p99']:.2f} ms", "", None))
+    R = m["raw_status_ms"]
+    rows.append(("  in-process status round trip p50 / p99",
+                 f"{R['median']:.3f} / {R['p99']:.3f} ms" if isinstance(R, dict) else R, "", None))
     rows.append(("crash loop: echo pool pids unchanged",
                  "yes" if not changed else f"NO ({len(changed)} of {n_calls} samples)", "yes", not changed))
     rows.append(("crash loop: crash pool state(s)", ",".join(sorted(crash_states)), "running",
@@ -1045,6 +1127,9 @@ def main():
         interrupted = True
         print("\ninterrupted: cleaning up", file=sys.stderr)
     finally:
+        # a second Ctrl-C / SIGTERM must not cut the teardown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         run_cleanups()
     cmd = "python3 bench/supervision.py" + (" --quick" if args.quick else "") + \
         (f" --only {args.only}" if args.only else "")
