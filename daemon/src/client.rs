@@ -4,6 +4,7 @@
 use ipc_proto::control::{Request, Response};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -94,5 +95,117 @@ impl Connection {
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         self.send(req)?;
         self.recv()
+    }
+
+    /// Splits the connection into a writing and a reading half, for
+    /// pipelining requests from one thread while another reads responses.
+    /// Both halves share the socket; responses already buffered stay with
+    /// the reading half.
+    pub fn split(self) -> Result<(RequestWriter, ResponseReader), ClientError> {
+        let write = self
+            .stream
+            .try_clone()
+            .map_err(|e| ClientError::Broken(format!("cannot clone the control socket: {e}")))?;
+        Ok((
+            RequestWriter {
+                stream: write,
+                buf: Vec::new(),
+            },
+            ResponseReader {
+                stream: self.stream,
+                decoder: self.decoder,
+            },
+        ))
+    }
+}
+
+/// The writing half of a [`Connection`]: requests are encoded into a buffer
+/// and written with one system call per [`RequestWriter::flush`], so a
+/// client can pipeline thousands of small requests cheaply.
+pub struct RequestWriter {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RequestWriter {
+    /// Encodes one request into the buffer (nothing is sent yet).
+    pub fn queue(&mut self, req: &Request) -> Result<(), ClientError> {
+        encode_frame(req, &mut self.buf).map_err(|e| ClientError::Broken(e.to_string()))
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued (blocking while the daemon does not read).
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let res = self.stream.write_all(&self.buf);
+        self.buf.clear();
+        res.map_err(|e| ClientError::Broken(e.to_string()))
+    }
+}
+
+/// The reading half of a [`Connection`]. Besides the blocking
+/// [`ResponseReader::recv`], it offers [`ResponseReader::try_next`] (only
+/// what is already buffered) and [`ResponseReader::fill`] (one read), so a
+/// caller can act on "nothing more pending right now", e.g. flush its output
+/// or `poll` the socket together with other descriptors.
+pub struct ResponseReader {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+impl ResponseReader {
+    /// The next response if a whole one is already buffered; never blocks.
+    pub fn try_next(&mut self) -> Result<Option<Response>, ClientError> {
+        match self
+            .decoder
+            .next_frame()
+            .map_err(|e| ClientError::Broken(e.to_string()))?
+        {
+            Some(f) => decode(f)
+                .map(Some)
+                .map_err(|e| ClientError::Broken(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// One `read` from the socket into the buffer (blocks until data or end
+    /// of stream arrives). The end of the stream is an error.
+    pub fn fill(&mut self) -> Result<(), ClientError> {
+        let n = loop {
+            match self.stream.read(self.decoder.unfilled()) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ClientError::Broken(e.to_string())),
+            }
+        };
+        if n == 0 {
+            return Err(ClientError::Broken(
+                "the daemon closed the connection".into(),
+            ));
+        }
+        self.decoder.filled(n);
+        Ok(())
+    }
+
+    /// Reads one response, blocking as needed.
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        loop {
+            if let Some(r) = self.try_next()? {
+                return Ok(r);
+            }
+            self.fill()?;
+        }
+    }
+}
+
+impl AsFd for ResponseReader {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }

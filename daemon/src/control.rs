@@ -85,6 +85,8 @@ pub struct Client {
     pub closing: bool,
     /// Currently registered for writable events.
     pub want_write: bool,
+    /// Not read from until its output drains (backpressure).
+    pub paused: bool,
 }
 
 /// Result of reading from a client.
@@ -108,6 +110,7 @@ impl Client {
             greeted: false,
             closing: false,
             want_write: false,
+            paused: false,
         }
     }
 

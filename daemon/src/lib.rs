@@ -12,10 +12,12 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod log;
 pub mod notify;
 pub mod reactor;
 pub mod spawn;
+pub mod store;
 pub mod supervisor;
 
 use std::path::PathBuf;

@@ -26,6 +26,7 @@ use crate::config::{self, Config};
 use crate::control::{self, Client, ReadOutcome};
 use crate::notify::Notifier;
 use crate::spawn;
+use crate::store::{Completion, Store};
 use crate::supervisor::{Action, CtlError, ExitInfo, Level, ProcId, Supervisor};
 use ipc_proto::control::{ErrorKind, Request, Response};
 use ipc_proto::worker::{FromWorker, ToWorker};
@@ -38,13 +39,22 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 const TOKEN_SIGNALS: Token = Token(0);
 const TOKEN_LISTENER: Token = Token(1);
+const TOKEN_STORE: Token = Token(2);
+
+/// A client whose unread output exceeds this is not read from until it
+/// catches up (backpressure instead of unbounded buffering).
+const CLIENT_OUTPUT_HIGH_WATER: usize = 32 << 20;
+/// An `events` subscriber this far behind is disconnected.
+const EVENTS_BACKLOG_LIMIT: usize = 8 << 20;
 
 /// What a token refers to: the low 3 bits say the kind, the rest the id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +121,13 @@ pub struct Reactor {
     ready_sent: bool,
     exiting: bool,
     terms: u32,
+    store: Option<Store>,
+    /// Clients with output queued this turn.
+    dirty_clients: HashSet<u64>,
+    /// Workers with frames queued this turn.
+    dirty_workers: HashSet<ProcId>,
+    /// Clients streaming `events`.
+    subscribers: HashSet<u64>,
     /// Period of `WATCHDOG=1` pings (half of `WATCHDOG_USEC`), if asked for.
     watchdog: Option<std::time::Duration>,
     next_ping: Option<Instant>,
@@ -137,7 +154,15 @@ impl Reactor {
         let mut listener = control::bind(&socket_path, config.daemon.socket_mode)?;
         poll.registry()
             .register(&mut listener, TOKEN_LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(
+            mio::Waker::new(poll.registry(), TOKEN_STORE).context("creating the store waker")?,
+        );
+        let (store, recovered) =
+            Store::open(&config.daemon.state_dir, waker).map_err(|e| anyhow::anyhow!("{e}"))?;
         let seed = std::process::id() as u64 ^ now_nanos();
+        let now = Instant::now();
+        let mut core = Supervisor::new(&config, seed, now, now_nanos() / 1_000_000);
+        core.recover(recovered);
         Ok(Reactor {
             poll,
             signals,
@@ -147,7 +172,11 @@ impl Reactor {
             next_client: 1,
             procs: HashMap::new(),
             pids: HashMap::new(),
-            core: Supervisor::new(&config, seed),
+            core,
+            store: Some(store),
+            dirty_clients: HashSet::new(),
+            dirty_workers: HashSet::new(),
+            subscribers: HashSet::new(),
             config,
             notifier: Notifier::from_env(),
             ready_sent: false,
@@ -190,11 +219,27 @@ impl Reactor {
                     ev.is_writable(),
                 );
             }
-            self.core.on_timer(Instant::now());
+            let now = Instant::now();
+            self.core.on_timer(now);
             self.run_actions();
+            self.core.pump(now);
+            self.run_actions();
+            self.flush_dirty();
             self.after_turn();
         }
+        // Commit what is queued, then answer the clients waiting on it.
+        if let Some(store) = self.store.take() {
+            let pending: Vec<Completion> = std::iter::from_fn(|| store.try_completion()).collect();
+            if let Err(e) = store.close() {
+                crate::error!("closing the job store: {e}");
+            }
+            for c in pending {
+                self.on_completion(c);
+            }
+            self.run_actions();
+        }
         // Best effort: deliver the last responses (e.g. to `shutdown`).
+        self.flush_dirty();
         for c in self.clients.values_mut() {
             let _ = c.flush();
         }
@@ -229,6 +274,7 @@ impl Reactor {
         match tok {
             TOKEN_SIGNALS => self.on_signals(),
             TOKEN_LISTENER => self.accept(),
+            TOKEN_STORE => self.on_store(),
             _ => {
                 let (kind, id) = untoken(tok);
                 match kind {
@@ -392,7 +438,85 @@ impl Reactor {
                 Action::Send { proc, msg } => self.send(proc, &msg),
                 Action::Log { level, msg } => crate::log::log(level, &msg),
                 Action::Exit => self.exiting = true,
+                Action::Store(op) => {
+                    if let Some(store) = &mut self.store {
+                        store.submit(op);
+                    }
+                }
+                Action::Reply { client, resp } => self.reply(client, &resp),
+                Action::Event(ev) => {
+                    let resp = Response::Event(ev);
+                    let subs: Vec<u64> = self.subscribers.iter().copied().collect();
+                    for id in subs {
+                        let behind = self
+                            .clients
+                            .get(&id)
+                            .is_some_and(|c| c.pending_output() > EVENTS_BACKLOG_LIMIT);
+                        if behind {
+                            crate::warn!("events client {id} is too far behind; disconnecting it");
+                            self.drop_client(id);
+                            continue;
+                        }
+                        self.reply(id, &resp);
+                    }
+                }
+                Action::MeasureRss { proc } => {
+                    if let Some(w) = self.procs.get(&proc) {
+                        let rss = rss_bytes(w.pid);
+                        self.core.on_rss(proc, rss, Instant::now());
+                    }
+                }
             }
+        }
+    }
+
+    fn reply(&mut self, client: u64, resp: &Response) {
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.send(resp);
+            self.dirty_clients.insert(client);
+        }
+    }
+
+    /// Writes everything queued this turn: one write per worker and per
+    /// client, however many frames each got.
+    fn flush_dirty(&mut self) {
+        let workers: Vec<ProcId> = self.dirty_workers.drain().collect();
+        for proc in workers {
+            self.flush_jobs(proc);
+        }
+        let clients: Vec<u64> = self.dirty_clients.drain().collect();
+        for id in clients {
+            self.on_client(id, false, true);
+        }
+    }
+
+    fn on_store(&mut self) {
+        while let Some(c) = self.store.as_ref().and_then(|s| s.try_completion()) {
+            self.on_completion(c);
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let now = Instant::now();
+        match c {
+            Completion::Durable { upto } => self.core.on_durable(upto, now),
+            Completion::Failed {
+                upto,
+                lost_inserts,
+                error,
+            } => self.core.on_store_failed(upto, &lost_inserts, &error, now),
+            Completion::Query { token, result } => self.core.on_query_result(token, result),
+        }
+    }
+
+    fn drop_client(&mut self, id: u64) {
+        if let Some(mut c) = self.clients.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+        self.dirty_clients.remove(&id);
+        self.core.on_client_gone(id);
+        if self.subscribers.remove(&id) && self.subscribers.is_empty() {
+            self.core.set_events_wanted(false);
         }
     }
 
@@ -434,7 +558,7 @@ impl Reactor {
                 _arena: sp.arena,
             },
         );
-        self.core.on_spawned(proc, pid);
+        self.core.on_spawned(proc, pid, Instant::now());
         crate::log::log(
             Level::Debug,
             &format!("pool {pool} worker {slot} spawned (pid {pid})"),
@@ -456,7 +580,7 @@ impl Reactor {
             crate::error!("cannot encode a message for worker {}: {e}", w.pid);
             return;
         }
-        self.flush_jobs(proc);
+        self.dirty_workers.insert(proc);
     }
 
     /// Writes pending frames to a worker without ever blocking: what the
@@ -568,14 +692,17 @@ impl Reactor {
                 FromWorker::Ready {
                     protocol_version, ..
                 } => self.core.on_ready(proc, protocol_version, now),
-                FromWorker::Done { id, .. } | FromWorker::Failed { id, .. } => {
-                    // No job was ever sent: any result is for an unknown id.
-                    self.core.on_protocol_error(
+                FromWorker::Done { id, output } => match output {
+                    ipc_proto::worker::Payload::Inline(bytes) => {
+                        self.core.on_job_done(proc, id, bytes.0, now)
+                    }
+                    ipc_proto::worker::Payload::Shm { .. } => self.core.on_protocol_error(
                         proc,
-                        format!("result for unknown job id {id}"),
+                        format!("job {id}: shared-memory output, but no arena slot was handed out"),
                         now,
-                    );
-                }
+                    ),
+                },
+                FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
             }
         }
         if let Some(p) = problem {
@@ -663,9 +790,10 @@ impl Reactor {
         }
     }
 
-    fn on_client(&mut self, id: u64, readable: bool, writable: bool) {
+    fn on_client(&mut self, id: u64, readable: bool, _writable: bool) {
         let mut drop_it = false;
-        if readable {
+        let paused = self.clients.get(&id).is_some_and(|c| c.paused);
+        if readable && !paused {
             let outcome = match self.clients.get_mut(&id) {
                 Some(c) => c.read(),
                 None => return,
@@ -684,44 +812,56 @@ impl Reactor {
             for r in reqs {
                 self.handle_request(id, r);
             }
+            // The end of the client's stream ends its session (jobvisorctl
+            // never half-closes): what it still waited for is forgotten.
             drop_it = closed;
         }
-        let _ = writable;
+        let mut resume = false;
         if let Some(c) = self.clients.get_mut(&id) {
             match c.flush() {
                 Ok(done) => {
                     if done && (c.closing || drop_it) {
                         drop_it = true;
-                    } else if !done && !c.want_write {
-                        c.want_write = true;
-                        let _ = self.poll.registry().reregister(
-                            &mut c.stream,
-                            token(Kind::Client, id),
-                            Interest::READABLE | Interest::WRITABLE,
-                        );
-                    } else if done && c.want_write {
-                        c.want_write = false;
-                        let _ = self.poll.registry().reregister(
-                            &mut c.stream,
-                            token(Kind::Client, id),
-                            Interest::READABLE,
-                        );
+                    } else {
+                        // Backpressure: stop reading requests from a client
+                        // that does not read its answers.
+                        let over = c.pending_output() > CLIENT_OUTPUT_HIGH_WATER;
+                        if over != c.paused {
+                            c.paused = over;
+                            resume = !over;
+                        }
+                        let want_write = !done;
+                        let interest = match (c.paused, want_write) {
+                            (true, _) => Interest::WRITABLE,
+                            (false, true) => Interest::READABLE | Interest::WRITABLE,
+                            (false, false) => Interest::READABLE,
+                        };
+                        if want_write != c.want_write || resume || c.paused {
+                            c.want_write = want_write;
+                            let _ = self.poll.registry().reregister(
+                                &mut c.stream,
+                                token(Kind::Client, id),
+                                interest,
+                            );
+                        }
                     }
                 }
                 Err(_) => drop_it = true,
             }
         }
         if drop_it {
-            if let Some(mut c) = self.clients.remove(&id) {
-                let _ = self.poll.registry().deregister(&mut c.stream);
-            }
+            self.drop_client(id);
+        } else if resume {
+            // Edge-triggered: requests that arrived while paused raised no
+            // new event, so read them now.
+            self.on_client(id, true, false);
         }
     }
 
     fn handle_request(&mut self, id: u64, req: Request) {
         let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
         let resp = if !greeted {
-            match req {
+            Some(match req {
                 Request::Hello { protocol_version }
                     if protocol_version == ipc_proto::PROTOCOL_VERSION =>
                 {
@@ -751,14 +891,56 @@ impl Reactor {
                         message: "the first request must be Hello".into(),
                     }
                 }
-            }
+            })
         } else {
             let now = Instant::now();
+            // Job requests are answered by the core (in order with the
+            // durability of what they depend on); the rest right here.
             match req {
-                Request::Hello { .. } => Response::Error {
-                    kind: ErrorKind::Invalid,
-                    message: "Hello sent twice".into(),
-                },
+                Request::Submit {
+                    pool,
+                    input,
+                    options,
+                    wait,
+                } => {
+                    self.core.submit(id, &pool, input.0, options, wait, now);
+                    None
+                }
+                Request::Wait { ids } => {
+                    self.core.wait_jobs(id, ids);
+                    None
+                }
+                Request::Result { id: job } => {
+                    self.core.result(id, job, now);
+                    None
+                }
+                Request::Cancel { id: job } => {
+                    self.core.cancel(id, job, now);
+                    None
+                }
+                Request::Jobs { pool, state, limit } => {
+                    self.core
+                        .list_jobs(id, pool, state, limit.unwrap_or(1000).max(1));
+                    None
+                }
+                Request::Events => {
+                    self.subscribers.insert(id);
+                    self.core.set_events_wanted(true);
+                    None
+                }
+                other => Some(self.handle_admin(other, now)),
+            }
+        };
+        if let Some(resp) = resp {
+            self.reply(id, &resp);
+        }
+        // Spawns for scale/restart/reload happen now, in this loop turn.
+        self.run_actions();
+    }
+
+    fn handle_admin(&mut self, req: Request, now: Instant) -> Response {
+        {
+            match req {
                 Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
                     Ok(mut report) => {
                         for p in &mut report.pools {
@@ -780,15 +962,6 @@ impl Reactor {
                     Ok(message) => Response::Ok { message },
                     Err((kind, message)) => Response::Error { kind, message },
                 },
-                Request::Submit { .. }
-                | Request::Wait { .. }
-                | Request::Result { .. }
-                | Request::Cancel { .. }
-                | Request::Jobs { .. }
-                | Request::Events => Response::Error {
-                    kind: ErrorKind::Invalid,
-                    message: "jobs are not wired into this daemon yet".into(),
-                },
                 Request::Shutdown { now: immediate } => {
                     self.begin_shutdown(immediate);
                     Response::Ok {
@@ -799,13 +972,16 @@ impl Reactor {
                         },
                     }
                 }
+                Request::Hello { .. } => Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: "Hello sent twice".into(),
+                },
+                _ => Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: "unexpected request".into(),
+                },
             }
-        };
-        if let Some(c) = self.clients.get_mut(&id) {
-            c.send(&resp);
         }
-        // Spawns for scale/restart/reload happen now, in this loop turn.
-        self.run_actions();
     }
 
     fn close_after(&mut self, id: u64) {

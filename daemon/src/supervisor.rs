@@ -17,8 +17,12 @@
 //! ways a death is noticed.
 
 use crate::config::{Config, PoolConfig};
-use ipc_proto::control::{PoolState, PoolStatus, StatusReport, WorkerState, WorkerStatus};
+use crate::store::Op;
+use ipc_proto::control::{
+    Event, JobState, PoolState, PoolStatus, Response, StatusReport, WorkerState, WorkerStatus,
+};
 use ipc_proto::worker::ToWorker;
+use jobs::{JobTable, PoolJobs};
 use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -78,7 +82,29 @@ pub enum Action {
     },
     /// Shutdown is complete: every worker is gone.
     Exit,
+    /// Hand an operation to the durable store. Store operations are numbered
+    /// 1, 2, 3… in the order of these actions; the reactor must submit them
+    /// in that order (the store reports durability by that number).
+    Store(Op),
+    /// Send a response to a control client.
+    Reply {
+        /// The client (the reactor's connection id).
+        client: ClientId,
+        /// The response.
+        resp: Response,
+    },
+    /// Broadcast an event to `events` subscribers.
+    Event(Event),
+    /// Measure the resident set size of `proc` and report it with
+    /// [`Supervisor::on_rss`] (for `max_memory`).
+    MeasureRss {
+        /// The worker.
+        proc: ProcId,
+    },
 }
+
+/// A control connection, as named by the reactor.
+pub type ClientId = u64;
 
 /// How a worker process ended, as far as the core cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +128,41 @@ enum StopReason {
     StartTimeout,
     /// Broke the protocol: counts as a crash.
     ProtocolError,
+    /// Reached `max_jobs_per_worker` or `max_memory`: replaced, not a crash.
+    Recycle,
+    /// Its running job exceeded its timeout: replaced, not a crash.
+    JobTimeout,
+    /// Did not give up a cancelled job within `stop_timeout`.
+    Cancel,
 }
 
 impl StopReason {
     fn is_crash(self) -> bool {
         matches!(self, StopReason::StartTimeout | StopReason::ProtocolError)
+    }
+
+    /// Graceful stops let the jobs in hand finish first (drain).
+    fn drains(self) -> bool {
+        matches!(
+            self,
+            StopReason::Remove
+                | StopReason::Replace
+                | StopReason::Restart
+                | StopReason::Shutdown
+                | StopReason::Recycle
+        )
+    }
+
+    /// Stops after which the slot gets a new process at once.
+    fn respawns(self) -> bool {
+        matches!(
+            self,
+            StopReason::Replace
+                | StopReason::Restart
+                | StopReason::Recycle
+                | StopReason::JobTimeout
+                | StopReason::Cancel
+        )
     }
 }
 
@@ -116,6 +172,11 @@ enum Phase {
         deadline: Instant,
     },
     Ready,
+    /// No new jobs; stops once the jobs in hand are done (or at `until`).
+    Draining {
+        reason: StopReason,
+        until: Option<Instant>,
+    },
     Stopping {
         reason: StopReason,
         /// When to escalate to SIGKILL; `None` once SIGKILL was sent.
@@ -131,6 +192,16 @@ struct Proc {
     /// The pool spec generation this process was started with.
     spec_gen: u64,
     phase: Phase,
+    /// Jobs handed to it, in the order sent; the front one is running.
+    inflight: VecDeque<u64>,
+    /// Deadline of the front job (its timeout), if any.
+    head_deadline: Option<Instant>,
+    /// Jobs this process has finished (for `max_jobs_per_worker`).
+    jobs_handled: u64,
+    /// Last RSS measurement request (for `max_memory`).
+    last_rss_check: Option<Instant>,
+    /// Runs a suspect job alone: takes no other job until it is done.
+    solo: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +240,8 @@ struct Pool {
     rolling: Option<u32>,
     /// Removed by reload: delete once every process is gone.
     removing: bool,
+    /// Queue and counters of its jobs.
+    jobs: PoolJobs,
 }
 
 /// The supervision state machine. See the module docs.
@@ -180,11 +253,23 @@ pub struct Supervisor {
     shutting_down: bool,
     exit_sent: bool,
     rng: fastrand::Rng,
+    /// Active jobs, durability tracking, waiters, keys, semaphores.
+    jt: JobTable,
+    /// Wall-clock milliseconds at `instant_base` (the core reads no clock).
+    wall_base_ms: u64,
+    instant_base: Instant,
+    /// When set, emit [`Action::Event`]s.
+    events_wanted: bool,
+    /// When the shutdown drain ends (`drain_timeout`).
+    drain_deadline: Option<Instant>,
+    drain_timeout: Duration,
 }
 
 impl Supervisor {
     /// A supervisor for `config`; call [`Supervisor::start`] to spawn.
-    pub fn new(config: &Config, seed: u64) -> Self {
+    /// `now` and `wall_ms` are the same moment on the monotonic and the
+    /// wall clock (job timestamps are wall-clock milliseconds).
+    pub fn new(config: &Config, seed: u64, now: Instant, wall_ms: u64) -> Self {
         let mut s = Supervisor {
             pools: BTreeMap::new(),
             semaphores: config.semaphores.clone(),
@@ -193,6 +278,12 @@ impl Supervisor {
             shutting_down: false,
             exit_sent: false,
             rng: fastrand::Rng::with_seed(seed),
+            jt: JobTable::default(),
+            wall_base_ms: wall_ms,
+            instant_base: now,
+            events_wanted: false,
+            drain_deadline: None,
+            drain_timeout: config.daemon.drain_timeout,
         };
         for (name, pc) in &config.pools {
             s.pools.insert(name.clone(), Pool::new(name, pc.clone()));
@@ -223,22 +314,55 @@ impl Supervisor {
             for slot in &pool.slots {
                 match &slot.state {
                     SlotState::Backoff { until } => consider(*until),
-                    SlotState::Running(p) => match p.phase {
-                        Phase::Starting { deadline } => consider(deadline),
-                        Phase::Stopping {
-                            kill_at: Some(t), ..
-                        } => consider(t),
-                        _ => {}
-                    },
+                    SlotState::Running(p) => {
+                        match p.phase {
+                            Phase::Starting { deadline } => consider(deadline),
+                            Phase::Stopping {
+                                kill_at: Some(t), ..
+                            } => consider(t),
+                            Phase::Draining { until: Some(t), .. } => consider(t),
+                            _ => {}
+                        }
+                        if let Some(t) = p.head_deadline {
+                            consider(t);
+                        }
+                    }
                     SlotState::Idle => {}
                 }
             }
+        }
+        if let Some(t) = self.job_deadline() {
+            consider(t);
         }
         best
     }
 
     /// Handles every deadline that has passed.
     pub fn on_timer(&mut self, now: Instant) {
+        self.job_timers(now);
+        // Job timeouts and drain limits first: they may stop workers.
+        let mut timed_out = Vec::new();
+        let mut drain_over = Vec::new();
+        for (name, pool) in &self.pools {
+            for (idx, slot) in pool.slots.iter().enumerate() {
+                if let SlotState::Running(p) = &slot.state {
+                    if p.head_deadline.is_some_and(|t| t <= now) {
+                        timed_out.push((name.clone(), idx));
+                    } else if let Phase::Draining { until: Some(t), .. } = p.phase {
+                        if t <= now {
+                            drain_over.push((name.clone(), idx));
+                        }
+                    }
+                }
+            }
+        }
+        for (name, idx) in timed_out {
+            self.job_timed_out(&name, idx, now);
+        }
+        for (name, idx) in drain_over {
+            self.log_drain_over(&name, idx);
+            self.drained(&name, idx, now);
+        }
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let Some(pool) = self.pools.get_mut(&name) else {
@@ -303,12 +427,21 @@ impl Supervisor {
     }
 
     /// The reactor started `proc` as `pid`.
-    pub fn on_spawned(&mut self, proc: ProcId, pid: u32) {
-        if let Some((pool, idx)) = self.find_proc(proc) {
-            let pool = self.pools.get_mut(&pool).expect("found above");
+    pub fn on_spawned(&mut self, proc: ProcId, pid: u32, now: Instant) {
+        if let Some((name, idx)) = self.find_proc(proc) {
+            let pool = self.pools.get_mut(&name).expect("found above");
+            let slot_id = pool.slots[idx].id;
             if let SlotState::Running(p) = &mut pool.slots[idx].state {
                 p.pid = Some(pid);
             }
+            self.event(
+                now,
+                "worker_started",
+                Some(&name),
+                Some((slot_id, Some(pid))),
+                None,
+                None,
+            );
         }
     }
 
@@ -349,18 +482,27 @@ impl Supervisor {
         };
         if let Phase::Starting { .. } = p.phase {
             p.phase = Phase::Ready;
+            pool.jobs.dirty = true;
+            let (slot_id, pid) = (slot.id, p.pid);
             self.actions.push_back(Action::Log {
                 level: Level::Info,
                 msg: format!(
-                    "pool {name} worker {} ready (pid {})",
-                    slot.id,
-                    p.pid.unwrap_or(0)
+                    "pool {name} worker {slot_id} ready (pid {})",
+                    pid.unwrap_or(0)
                 ),
             });
-            if pool.rolling == Some(slot.id) {
+            if pool.rolling == Some(slot_id) {
                 pool.rolling = None;
                 self.advance_rollout(&name, now);
             }
+            self.event(
+                now,
+                "worker_ready",
+                Some(&name),
+                Some((slot_id, pid)),
+                None,
+                None,
+            );
         }
     }
 
@@ -447,12 +589,25 @@ impl Supervisor {
                 fmt_ms(now.saturating_duration_since(p.spawned_at))
             ),
         });
+        let (slot_id, pid) = (slot.id, p.pid);
+        self.event(
+            now,
+            "worker_exited",
+            Some(&name),
+            Some((slot_id, pid)),
+            None,
+            Some(exit.description.clone()),
+        );
+        if self.has_inflight(&name, idx) {
+            self.jobs_lost(&name, idx, &format!("exited: {}", exit.description), now);
+        }
+        let pool = self.pools.get_mut(&name).expect("found above");
         match reason {
             Some(StopReason::Remove) => {
                 pool.slots.remove(idx);
                 self.check_exit();
             }
-            Some(StopReason::Replace) | Some(StopReason::Restart) => {
+            Some(r) if r.respawns() => {
                 pool.slots[idx].state = SlotState::Idle;
                 if pool.state == PoolState::Running && !pool.removing && !self.shutting_down {
                     self.spawn_slot(&name, idx, now);
@@ -464,7 +619,7 @@ impl Supervisor {
                 pool.slots[idx].state = SlotState::Idle;
                 self.check_exit();
             }
-            Some(StopReason::StartTimeout) | Some(StopReason::ProtocolError) | None => {
+            Some(_) | None => {
                 let what = if reason == Some(StopReason::StartTimeout) {
                     format!("no Ready within start_timeout ({})", exit.description)
                 } else {
@@ -564,6 +719,7 @@ impl Supervisor {
                 None => {
                     added.push(name.clone());
                     self.pools.insert(name.clone(), Pool::new(name, pc.clone()));
+                    self.adopt_orphans(name);
                     self.fill(name, now);
                 }
                 Some(pool) if pool.removing => {
@@ -598,6 +754,8 @@ impl Supervisor {
             }
         }
         self.check_exit();
+        self.push_retention();
+        self.event(now, "reloaded", None, None, None, None);
         let list = |v: &Vec<String>| {
             if v.is_empty() {
                 "none".to_string()
@@ -618,6 +776,9 @@ impl Supervisor {
     /// Daemon shutdown: stop every worker (at once with `immediate`).
     pub fn shutdown(&mut self, immediate: bool, now: Instant) {
         self.shutting_down = true;
+        if self.drain_deadline.is_none() {
+            self.drain_deadline = Some(now + self.drain_timeout);
+        }
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let pool = self.pools.get_mut(&name).expect("exists");
@@ -625,6 +786,7 @@ impl Supervisor {
             for idx in 0..pool.slots.len() {
                 self.stop_slot(&name, idx, StopReason::Shutdown, now);
                 if immediate {
+                    self.drained(&name, idx, now);
                     let pool = self.pools.get_mut(&name).expect("exists");
                     if let SlotState::Running(p) = &mut pool.slots[idx].state {
                         if let Phase::Stopping { kill_at, .. } = &mut p.phase {
@@ -689,10 +851,10 @@ impl Supervisor {
                 name: p.name.clone(),
                 state: p.state,
                 desired_workers: p.desired,
-                queued: 0,
-                running: 0,
-                succeeded: 0,
-                failed: 0,
+                queued: p.jobs.queued + p.jobs.pending,
+                running: p.jobs.running,
+                succeeded: p.jobs.succeeded,
+                failed: p.jobs.failed,
                 last_error: p.last_error.clone(),
                 workers: p
                     .slots
@@ -706,8 +868,11 @@ impl Supervisor {
                                 pr.pid,
                                 match pr.phase {
                                     Phase::Starting { .. } => WorkerState::Starting,
-                                    Phase::Ready => WorkerState::Ready,
-                                    Phase::Stopping { .. } => WorkerState::Stopping,
+                                    Phase::Ready if pr.inflight.is_empty() => WorkerState::Ready,
+                                    Phase::Ready => WorkerState::Busy,
+                                    Phase::Draining { .. } | Phase::Stopping { .. } => {
+                                        WorkerState::Stopping
+                                    }
                                 },
                                 now.saturating_duration_since(pr.spawned_at),
                             ),
@@ -848,6 +1013,11 @@ impl Supervisor {
             phase: Phase::Starting {
                 deadline: now + pool.config.start_timeout,
             },
+            inflight: VecDeque::new(),
+            head_deadline: None,
+            jobs_handled: 0,
+            last_rss_check: None,
+            solo: false,
         });
         self.actions.push_back(Action::Spawn {
             proc,
@@ -868,28 +1038,57 @@ impl Supervisor {
             SlotState::Idle => {}
             SlotState::Backoff { .. } => slot.state = SlotState::Idle,
             SlotState::Running(p) => match &mut p.phase {
-                Phase::Stopping { reason: r, .. } => {
+                Phase::Stopping { reason: r, .. } | Phase::Draining { reason: r, .. } => {
                     // Already going; a stronger intent wins (e.g. shutdown
                     // over replace) so the exit is handled accordingly.
                     if !r.is_crash() {
                         *r = reason;
                     }
+                    if !reason.drains() {
+                        if let Phase::Draining { .. } = p.phase {
+                            self.drained(name, idx, now);
+                        }
+                    }
                 }
-                phase => {
-                    self.actions.push_back(Action::Send {
-                        proc: p.id,
-                        msg: ToWorker::Shutdown,
-                    });
-                    self.actions.push_back(Action::Signal {
-                        proc: p.id,
-                        signal: stop_signal,
-                    });
-                    *phase = Phase::Stopping {
+                phase if reason.drains() && !p.inflight.is_empty() => {
+                    // Let the jobs in hand finish; no new ones.
+                    *phase = Phase::Draining {
                         reason,
-                        kill_at: Some(now + stop_timeout),
+                        until: self.drain_deadline,
                     };
                 }
+                _ => {
+                    let kill_at = now + stop_timeout;
+                    begin_stop_ladder(&mut self.actions, p, reason, stop_signal, kill_at);
+                }
             },
+        }
+    }
+
+    /// A draining worker has no job left (or its drain time is over):
+    /// begin the stop ladder.
+    pub(super) fn drained(&mut self, name: &str, idx: usize, now: Instant) {
+        let pool = self.pools.get_mut(name).expect("exists");
+        let (stop_signal, stop_timeout) = (pool.config.stop_signal, pool.config.stop_timeout);
+        if let SlotState::Running(p) = &mut pool.slots[idx].state {
+            if let Phase::Draining { reason, .. } = p.phase {
+                let kill_at = now + stop_timeout;
+                begin_stop_ladder(&mut self.actions, p, reason, stop_signal, kill_at);
+            }
+        }
+    }
+
+    fn log_drain_over(&mut self, name: &str, idx: usize) {
+        let slot = &self.pools[name].slots[idx];
+        if let SlotState::Running(p) = &slot.state {
+            self.actions.push_back(Action::Log {
+                level: Level::Warn,
+                msg: format!(
+                    "pool {name} worker {}: drain_timeout over with {} jobs in hand; stopping it (they will be retried)",
+                    slot.id,
+                    p.inflight.len()
+                ),
+            });
         }
     }
 
@@ -942,8 +1141,9 @@ impl Supervisor {
                 }
                 self.actions.push_back(Action::Log {
                     level: Level::Error,
-                    msg,
+                    msg: msg.clone(),
                 });
+                self.event(now, "pool_failed", Some(name), None, None, Some(msg));
                 return;
             }
         }
@@ -998,10 +1198,16 @@ impl Supervisor {
                     .iter()
                     .all(|s| !matches!(s.state, SlotState::Running(_)))
             {
-                self.pools.remove(&name);
+                let mut pool = self.pools.remove(&name).expect("exists");
+                let queued = pool.jobs.queued;
+                self.orphan_queue(&mut pool);
                 self.actions.push_back(Action::Log {
                     level: Level::Info,
-                    msg: format!("pool {name} removed"),
+                    msg: if queued > 0 {
+                        format!("pool {name} removed; its {queued} queued jobs stay in the store and run if the pool is added back")
+                    } else {
+                        format!("pool {name} removed")
+                    },
                 });
             }
         }
@@ -1032,6 +1238,7 @@ impl Pool {
             last_error: None,
             rolling: None,
             removing: false,
+            jobs: PoolJobs::default(),
         }
     }
 }
@@ -1050,6 +1257,29 @@ pub enum CtlError {
     Rejected(String),
 }
 
+/// First rungs of the stop ladder: the `Shutdown` frame and `stop_signal`
+/// now; SIGKILL of the process group at `kill_at` (see `on_timer`).
+fn begin_stop_ladder(
+    actions: &mut VecDeque<Action>,
+    p: &mut Proc,
+    reason: StopReason,
+    stop_signal: Signal,
+    kill_at: Instant,
+) {
+    actions.push_back(Action::Send {
+        proc: p.id,
+        msg: ToWorker::Shutdown,
+    });
+    actions.push_back(Action::Signal {
+        proc: p.id,
+        signal: stop_signal,
+    });
+    p.phase = Phase::Stopping {
+        reason,
+        kill_at: Some(kill_at),
+    };
+}
+
 fn fmt_ms(d: Duration) -> String {
     if d >= Duration::from_secs(1) {
         format!("{:.1}s", d.as_secs_f64())
@@ -1057,6 +1287,8 @@ fn fmt_ms(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     }
 }
+
+mod jobs;
 
 #[cfg(test)]
 mod tests;

@@ -23,7 +23,7 @@ struct Sim {
 impl Sim {
     fn new(config: &Config) -> Sim {
         let mut s = Sim {
-            sup: Supervisor::new(config, 7),
+            sup: Supervisor::new(config, 7, Instant::now(), 1_700_000_000_000),
             now: Instant::now(),
             next_pid: 1000,
             log: Vec::new(),
@@ -39,7 +39,7 @@ impl Sim {
         while let Some(a) = self.sup.poll_action() {
             if let Action::Spawn { proc, .. } = &a {
                 self.next_pid += 1;
-                self.sup.on_spawned(*proc, self.next_pid);
+                self.sup.on_spawned(*proc, self.next_pid, self.now);
             }
             if !matches!(a, Action::Log { .. }) {
                 out.push(a.clone());
@@ -462,7 +462,7 @@ fn protocol_error_kills_and_counts_as_crash() {
 #[test]
 fn spawn_failure_is_a_crash_with_a_reason() {
     let config = cfg(&pool("a", 1, "backoff_initial = \"0s\"\nmax_restarts = 2"));
-    let mut sup = Supervisor::new(&config, 1);
+    let mut sup = Supervisor::new(&config, 1, Instant::now(), 1_700_000_000_000);
     let now = Instant::now();
     sup.start(now);
     let mut failures = 0;

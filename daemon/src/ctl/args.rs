@@ -1,0 +1,314 @@
+//! The command line (clap) and the parsing of values clap cannot check with
+//! a message of ours: durations, job states, job options.
+
+use super::Failure;
+use clap::{ArgGroup, Parser, Subcommand};
+use ipc_proto::control::{JobOptions, JobState};
+use std::path::PathBuf;
+
+/// Jobs listed by `jobs` unless `--limit` says otherwise.
+pub const DEFAULT_JOBS_LIMIT: u32 = 1000;
+
+/// Control a running jobvisord.
+#[derive(Parser, Debug)]
+#[command(name = "jobvisorctl", version)]
+pub struct Args {
+    /// Control socket [default: $JOBVISOR_SOCKET, else the config's
+    /// daemon.control_socket, else the default runtime path]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Read the control socket path from this configuration file.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print one JSON document per answer (one per line for streams).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// `jobvisorctl`'s commands (DESIGN.md section 7).
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Pools and workers.
+    Status {
+        /// Only this pool.
+        pool: Option<String>,
+    },
+    /// Set a pool's number of workers (until the next reload).
+    Scale {
+        /// The pool.
+        pool: String,
+        /// Number of workers (at least 1).
+        workers: u32,
+    },
+    /// Replace every worker of a pool; clears the `failed` state.
+    Restart {
+        /// The pool.
+        pool: String,
+    },
+    /// Re-read the daemon's configuration file.
+    Reload,
+    /// Stop the daemon: let running jobs finish, then stop workers.
+    Shutdown {
+        /// Stop at once.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Queue one job and print its id (with --wait: its output).
+    Submit(SubmitArgs),
+    /// Run one job per line of stdin; print one output line per job.
+    Map(MapArgs),
+    /// Wait for jobs to finish; exit 0 only if every one succeeded.
+    Wait {
+        /// Job ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<u64>,
+    },
+    /// Print a finished job's output (raw bytes; the document with --json).
+    Result {
+        /// Job id.
+        id: u64,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// Job id.
+        id: u64,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs of this pool.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// Only jobs in this state (queued, running, succeeded, failed,
+        /// cancelled, timed_out, dead).
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_JOBS_LIMIT)]
+        limit: u32,
+    },
+    /// Stream worker and job events, one line each, until interrupted.
+    Events,
+}
+
+/// Options every submitted job may carry.
+#[derive(clap::Args, Debug, Default)]
+pub struct JobOpts {
+    /// Hard timeout per attempt, e.g. 30s, 250ms [default: the pool's].
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Attempts before the job is dead [default: the pool's].
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Higher runs first; FIFO within a priority.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub priority: i32,
+}
+
+/// `submit`'s arguments.
+#[derive(clap::Args, Debug)]
+#[command(group(ArgGroup::new("source").args(["stdin", "input", "input_file"])))]
+pub struct SubmitArgs {
+    /// Target pool.
+    pub pool: String,
+    /// `-` reads the input from stdin (binary safe). Without any input
+    /// option the input is empty.
+    #[arg(value_name = "-")]
+    pub stdin: Option<String>,
+    /// The input, as given.
+    #[arg(long, value_name = "TEXT")]
+    pub input: Option<String>,
+    /// Read the input from this file.
+    #[arg(long, value_name = "FILE")]
+    pub input_file: Option<PathBuf>,
+    /// Job options.
+    #[command(flatten)]
+    pub opts: JobOpts,
+    /// At most one running job per key, daemon-wide.
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Wait for the job and print its output; exit 1 if it did not succeed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `map`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    /// Target pool.
+    pub pool: String,
+    /// Print outputs in input order rather than as jobs finish.
+    #[arg(long)]
+    pub ordered: bool,
+    /// Job options (the same for every line).
+    #[command(flatten)]
+    pub opts: JobOpts,
+}
+
+/// Parses a `--timeout`-style duration (`30s`, `250ms`, `1m 30s`) into whole
+/// milliseconds, rounding up so that `500us` does not become "no time".
+pub fn parse_duration_ms(flag: &str, s: &str) -> Result<u64, String> {
+    use humantime::DurationError as E;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| match e {
+        E::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("invalid {flag} '{s}': a unit is needed, e.g. 30s or 250ms")
+        }
+        // Its message lists the units.
+        E::UnknownUnit { .. } => format!("invalid {flag} '{s}': {e}"),
+        _ => format!("invalid {flag} '{s}': {e}; write e.g. 30s, 250ms or 1m30s"),
+    })?;
+    if d.is_zero() {
+        return Err(format!("invalid {flag} '{s}': must be greater than zero"));
+    }
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).map_err(|_| format!("invalid {flag} '{s}': too long"))
+}
+
+/// Parses a job state name (`JobState::as_str`); the error lists the valid
+/// ones.
+pub fn parse_state(s: &str) -> Result<JobState, String> {
+    JobState::parse(s).ok_or_else(|| {
+        let valid: Vec<&str> = JobState::ALL.iter().map(|st| st.as_str()).collect();
+        format!(
+            "unknown job state '{s}'; valid states: {}",
+            valid.join(", ")
+        )
+    })
+}
+
+/// The protocol's options from the command line's.
+pub fn job_options(opts: &JobOpts, key: Option<String>) -> Result<JobOptions, Failure> {
+    let timeout_ms = match &opts.timeout {
+        Some(t) => Some(parse_duration_ms("--timeout", t).map_err(Failure::usage)?),
+        None => None,
+    };
+    if opts.max_attempts == Some(0) {
+        return Err(Failure::usage(
+            "invalid --max-attempts 0: a job needs at least one attempt".into(),
+        ));
+    }
+    Ok(JobOptions {
+        timeout_ms,
+        max_attempts: opts.max_attempts,
+        priority: opts.priority,
+        key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_to_milliseconds() {
+        assert_eq!(parse_duration_ms("--timeout", "30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("--timeout", "250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("--timeout", "1m 30s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("--timeout", "2h"), Ok(7_200_000));
+        // Below a millisecond rounds up rather than to zero.
+        assert_eq!(parse_duration_ms("--timeout", "500us"), Ok(1));
+    }
+
+    #[test]
+    fn bad_durations_say_what_to_write() {
+        let e = parse_duration_ms("--timeout", "30").unwrap_err();
+        assert!(e.starts_with("invalid --timeout '30': "), "{e}");
+        assert!(e.ends_with("a unit is needed, e.g. 30s or 250ms"), "{e}");
+        let e = parse_duration_ms("--timeout", "3 parsecs").unwrap_err();
+        assert!(e.contains("supported units"), "{e}");
+        assert!(parse_duration_ms("--timeout", "soon").is_err());
+        assert!(parse_duration_ms("--timeout", "").is_err());
+        let e = parse_duration_ms("--timeout", "0s").unwrap_err();
+        assert!(e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn states_parse_by_name_and_errors_list_them() {
+        for st in JobState::ALL {
+            assert_eq!(parse_state(st.as_str()), Ok(st));
+        }
+        assert_eq!(parse_state("timed_out"), Ok(JobState::TimedOut));
+        let e = parse_state("done").unwrap_err();
+        assert_eq!(
+            e,
+            "unknown job state 'done'; valid states: queued, running, succeeded, failed, \
+             cancelled, timed_out, dead"
+        );
+        assert!(parse_state("Succeeded").is_err());
+    }
+
+    #[test]
+    fn job_options_carry_the_flags() {
+        let o = JobOpts {
+            timeout: Some("2s".into()),
+            max_attempts: Some(5),
+            priority: -3,
+        };
+        let j = job_options(&o, Some("k".into())).unwrap();
+        assert_eq!(
+            j,
+            JobOptions {
+                timeout_ms: Some(2000),
+                max_attempts: Some(5),
+                priority: -3,
+                key: Some("k".into()),
+            }
+        );
+        assert_eq!(
+            job_options(&JobOpts::default(), None).unwrap(),
+            JobOptions::default()
+        );
+        let bad = JobOpts {
+            max_attempts: Some(0),
+            ..JobOpts::default()
+        };
+        assert_eq!(job_options(&bad, None).unwrap_err().code, 2);
+    }
+
+    #[test]
+    fn command_line_shapes() {
+        let a = Args::try_parse_from(["jobvisorctl", "submit", "echo", "--priority", "-5", "-"])
+            .unwrap();
+        match a.cmd {
+            Cmd::Submit(s) => {
+                assert_eq!(s.opts.priority, -5);
+                assert_eq!(s.stdin.as_deref(), Some("-"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Input sources are exclusive.
+        assert!(Args::try_parse_from([
+            "jobvisorctl",
+            "submit",
+            "echo",
+            "--input",
+            "a",
+            "--input-file",
+            "f"
+        ])
+        .is_err());
+        assert!(Args::try_parse_from(["jobvisorctl", "wait"]).is_err());
+        let a = Args::try_parse_from(["jobvisorctl", "--json", "wait", "1", "2"]).unwrap();
+        assert!(a.json);
+        assert!(matches!(a.cmd, Cmd::Wait { ids } if ids == [1, 2]));
+        let a = Args::try_parse_from(["jobvisorctl", "jobs"]).unwrap();
+        assert!(matches!(
+            a.cmd,
+            Cmd::Jobs {
+                limit: DEFAULT_JOBS_LIMIT,
+                ..
+            }
+        ));
+        let a =
+            Args::try_parse_from(["jobvisorctl", "map", "echo", "--ordered", "--json"]).unwrap();
+        assert!(a.json);
+        assert!(matches!(a.cmd, Cmd::Map(MapArgs { ordered: true, .. })));
+    }
+}

@@ -1,0 +1,375 @@
+//! Job commands with one request each: `submit`, `wait`, `result`,
+//! `cancel`, `jobs`.
+
+use super::args::{job_options, parse_state, SubmitArgs};
+use super::render::{job_json, jobs_table, state_and_error, state_exit_code};
+use super::{warn, Ctx, Failure, Out};
+use ipc_proto::control::{ErrorKind, JobDoc, JobState, Request, Response};
+use ipc_proto::Bytes;
+use serde_json::json;
+use std::io::Read;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Room left in a frame for everything of a `Submit` but the input: enum
+/// tags, varint lengths and the options take a few dozen bytes; the pool
+/// name and key are counted separately.
+const SUBMIT_HEADROOM: usize = 1024;
+
+/// The largest input a submit to `pool` with `key` can carry in one frame.
+pub fn max_input_len(pool: &str, key: Option<&str>) -> usize {
+    ipc_proto::MAX_FRAME_LEN - SUBMIT_HEADROOM - pool.len() - key.map_or(0, str::len)
+}
+
+/// The error for an input over [`max_input_len`] (exit 2); `len` when
+/// known (stdin is read only one byte past the limit).
+pub fn too_large(what: &str, len: Option<u64>, max: usize) -> Failure {
+    let size = match len {
+        Some(n) => format!("is {n} bytes, over"),
+        None => "exceeds".to_owned(),
+    };
+    Failure::usage(format!(
+        "{what} {size} the limit of {max} bytes a job's input may have; \
+         pass a path to the data instead of the data"
+    ))
+}
+
+/// Reads `submit`'s input: `--input`, `--input-file`, `-` (stdin) or none.
+fn read_input(a: &SubmitArgs, max: usize) -> Result<Vec<u8>, Failure> {
+    if let Some(s) = &a.stdin {
+        if s != "-" {
+            return Err(Failure::usage(format!(
+                "submit: unexpected argument '{s}'; pass '-' to read the input from stdin, \
+                 --input-file {s} to read it from a file"
+            )));
+        }
+        let mut buf = Vec::new();
+        // One byte over the limit is enough to know it is too large.
+        std::io::stdin()
+            .lock()
+            .take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| Failure::usage(format!("submit: cannot read stdin: {e}")))?;
+        if buf.len() > max {
+            return Err(too_large("submit: the input on stdin", None, max));
+        }
+        return Ok(buf);
+    }
+    if let Some(p) = &a.input_file {
+        let cannot =
+            |e: std::io::Error| Failure::usage(format!("submit: cannot read {}: {e}", p.display()));
+        let mut f = std::fs::File::open(p).map_err(cannot)?;
+        let len = f.metadata().map_err(cannot)?.len();
+        if len > max as u64 {
+            return Err(too_large(
+                &format!("submit: {}", p.display()),
+                Some(len),
+                max,
+            ));
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        f.by_ref()
+            .take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(cannot)?;
+        if buf.len() > max {
+            return Err(too_large(&format!("submit: {}", p.display()), None, max));
+        }
+        return Ok(buf);
+    }
+    let buf = a.input.clone().unwrap_or_default().into_bytes();
+    if buf.len() > max {
+        return Err(too_large("submit: --input", Some(buf.len() as u64), max));
+    }
+    Ok(buf)
+}
+
+/// `submit POOL …`: prints the id, or with `--wait` the result.
+pub fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8, Failure> {
+    let options = job_options(&a.opts, a.key.clone())?;
+    let input = read_input(&a, max_input_len(&a.pool, a.key.as_deref()))?;
+    let mut conn = ctx.connect("submit")?;
+    let req = Request::Submit {
+        pool: a.pool,
+        input: Bytes(input),
+        options,
+        wait: a.wait,
+    };
+    let id = match conn.call(&req).map_err(|e| Failure::client("submit", e))? {
+        Response::Submitted { id } => id,
+        Response::Error { kind, message } => return Err(Failure::daemon("submit", kind, &message)),
+        other => return Err(Failure::unexpected("submit", &other)),
+    };
+    let mut out = Out::new();
+    if !a.wait {
+        if ctx.json {
+            out.line(&json!({ "id": id }).to_string())?;
+        } else {
+            out.line(&id.to_string())?;
+        }
+        out.flush()?;
+        return Ok(0);
+    }
+    let lost = |e| {
+        let mut f = Failure::client("submit", e);
+        if let Some(m) = &mut f.msg {
+            m.push_str(&format!(
+                "; job {id} was accepted: see 'jobvisorctl result {id}' later"
+            ));
+        }
+        f
+    };
+    match conn.recv().map_err(lost)? {
+        Response::Job(doc) => finished_job(ctx, &doc, &mut out),
+        Response::Error { kind, message } => Err(Failure::daemon("submit", kind, &message)),
+        other => Err(Failure::unexpected("submit", &other)),
+    }
+}
+
+/// Prints a finished job as `submit --wait` and `result` do: the raw output
+/// (or the document with `--json`); a job that did not succeed exits 1 with
+/// one line on stderr.
+fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
+    if ctx.json {
+        out.line(&job_json(doc, true).to_string())?;
+        out.flush()?;
+        return Ok(state_exit_code(doc.state));
+    }
+    if doc.state == JobState::Succeeded {
+        out.bytes(doc.output.as_deref().unwrap_or_default())?;
+        out.flush()?;
+        return Ok(0);
+    }
+    Err(Failure::new(
+        1,
+        format!("job {} {}", doc.id, state_and_error(doc)),
+    ))
+}
+
+/// `result ID`.
+pub fn result(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("result")?;
+    match conn
+        .call(&Request::Result { id })
+        .map_err(|e| Failure::client("result", e))?
+    {
+        Response::Job(doc) => {
+            if !ctx.json && !doc.state.is_terminal() {
+                return Err(Failure::new(
+                    1,
+                    format!(
+                        "job {id} is still {}; use 'jobvisorctl wait {id}'",
+                        doc.state.as_str()
+                    ),
+                ));
+            }
+            finished_job(ctx, &doc, &mut Out::new())
+        }
+        Response::Error { kind, message } => Err(Failure::daemon("result", kind, &message)),
+        other => Err(Failure::unexpected("result", &other)),
+    }
+}
+
+/// `cancel ID`: the daemon's message.
+pub fn cancel(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("cancel")?;
+    let mut out = Out::new();
+    match conn
+        .call(&Request::Cancel { id })
+        .map_err(|e| Failure::client("cancel", e))?
+    {
+        Response::Ok { message } => {
+            if ctx.json {
+                out.line(&json!({ "ok": true, "message": message }).to_string())?;
+            } else {
+                out.line(&message)?;
+            }
+        }
+        // A daemon may answer with the job as it now is.
+        Response::Job(doc) => {
+            if ctx.json {
+                out.line(&job_json(&doc, false).to_string())?;
+            } else {
+                out.line(&format!("job {} {}", doc.id, doc.state.as_str()))?;
+            }
+        }
+        Response::Error { kind, message } => return Err(Failure::daemon("cancel", kind, &message)),
+        other => return Err(Failure::unexpected("cancel", &other)),
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// What `wait` exits with: 0 only if every job succeeded; 4 if an id was
+/// unknown; another refusal's code; else 1 if a job did not succeed.
+#[derive(Debug, Default)]
+pub struct WaitTally {
+    not_found: bool,
+    other_error: Option<u8>,
+    not_succeeded: bool,
+}
+
+impl WaitTally {
+    /// Counts a finished job.
+    pub fn job(&mut self, state: JobState) {
+        if state != JobState::Succeeded {
+            self.not_succeeded = true;
+        }
+    }
+
+    /// Counts a refusal (for one id, or the whole request).
+    pub fn error(&mut self, kind: ErrorKind) {
+        if kind == ErrorKind::NotFound {
+            self.not_found = true;
+        } else {
+            self.other_error.get_or_insert(kind.exit_code());
+        }
+    }
+
+    /// The exit code.
+    pub fn code(&self) -> u8 {
+        if self.not_found {
+            4
+        } else if let Some(c) = self.other_error {
+            c
+        } else if self.not_succeeded {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// `wait ID…`: one line per job as it finishes.
+pub fn wait(ctx: &Ctx, ids: Vec<u64>) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("wait")?;
+    conn.send(&Request::Wait { ids })
+        .map_err(|e| Failure::client("wait", e))?;
+    let mut out = Out::new();
+    let mut tally = WaitTally::default();
+    loop {
+        match conn.recv().map_err(|e| Failure::client("wait", e))? {
+            Response::Job(doc) => {
+                tally.job(doc.state);
+                if ctx.json {
+                    out.line(&job_json(&doc, false).to_string())?;
+                } else {
+                    out.line(&format!("{} {}", doc.id, state_and_error(&doc)))?;
+                }
+                out.flush()?;
+            }
+            Response::Error { kind, message } => {
+                tally.error(kind);
+                warn(&format!("wait: {message}"));
+            }
+            Response::End => break,
+            other => return Err(Failure::unexpected("wait", &other)),
+        }
+    }
+    Ok(tally.code())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `jobs [--pool P] [--state S] [--limit N]`.
+pub fn list(
+    ctx: &Ctx,
+    pool: Option<String>,
+    state: Option<String>,
+    limit: u32,
+) -> Result<u8, Failure> {
+    let state = match state {
+        Some(s) => Some(parse_state(&s).map_err(|e| Failure::usage(format!("jobs: {e}")))?),
+        None => None,
+    };
+    let mut conn = ctx.connect("jobs")?;
+    conn.send(&Request::Jobs {
+        pool,
+        state,
+        limit: Some(limit),
+    })
+    .map_err(|e| Failure::client("jobs", e))?;
+    let mut out = Out::new();
+    let mut docs = Vec::new();
+    loop {
+        match conn.recv().map_err(|e| Failure::client("jobs", e))? {
+            Response::Job(doc) if ctx.json => out.line(&job_json(&doc, false).to_string())?,
+            Response::Job(doc) => docs.push(doc),
+            Response::End => break,
+            Response::Error { kind, message } => {
+                return Err(Failure::daemon("jobs", kind, &message))
+            }
+            other => return Err(Failure::unexpected("jobs", &other)),
+        }
+    }
+    if !ctx.json {
+        if docs.is_empty() {
+            out.line("no jobs")?;
+        } else {
+            out.bytes(jobs_table(&docs, now_ms()).as_bytes())?;
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_exit_codes() {
+        let mut t = WaitTally::default();
+        assert_eq!(t.code(), 0);
+        t.job(JobState::Succeeded);
+        assert_eq!(t.code(), 0);
+        t.job(JobState::Failed);
+        assert_eq!(t.code(), 1);
+        t.error(ErrorKind::NotFound);
+        assert_eq!(t.code(), 4);
+        let mut t = WaitTally::default();
+        t.error(ErrorKind::Rejected);
+        t.job(JobState::Cancelled);
+        assert_eq!(t.code(), 5);
+        t.error(ErrorKind::NotFound);
+        assert_eq!(t.code(), 4);
+    }
+
+    #[test]
+    fn the_largest_input_fits_in_a_frame() {
+        let pool = "p".repeat(100);
+        let key = "k".repeat(300);
+        let max = max_input_len(&pool, Some(&key));
+        let req = Request::Submit {
+            pool,
+            input: Bytes(vec![7; max]),
+            options: ipc_proto::control::JobOptions {
+                timeout_ms: Some(u64::MAX),
+                max_attempts: Some(u32::MAX),
+                priority: i32::MIN,
+                key: Some(key),
+            },
+            wait: true,
+        };
+        let len = ipc_proto::codec::encoded_len(&req).unwrap();
+        assert!(len <= ipc_proto::MAX_FRAME_LEN, "{len}");
+    }
+
+    #[test]
+    fn too_large_is_a_usage_error() {
+        let f = too_large("submit: --input", Some(10), 5);
+        assert_eq!(f.code, 2);
+        assert!(f
+            .msg
+            .unwrap()
+            .starts_with("submit: --input is 10 bytes, over the limit of 5 bytes"));
+        let f = too_large("submit: the input on stdin", None, 5);
+        assert!(f
+            .msg
+            .unwrap()
+            .starts_with("submit: the input on stdin exceeds the limit of 5 bytes"));
+    }
+}

@@ -1,0 +1,320 @@
+//! `jobvisorctl`: drives a running `jobvisord` over its control socket.
+//!
+//! - [`args`]: the command line, and parsing of durations and states.
+//! - `supervise`: `status`, `scale`, `restart`, `reload`, `shutdown`.
+//! - `jobs`: `submit`, `wait`, `result`, `cancel`, `jobs`.
+//! - `map`: one job per stdin line, pipelined on one connection.
+//! - `events`: the live event stream.
+//! - [`render`]: JSON documents and human lines (pure).
+//!
+//! Every error is one line on stderr, `jobvisorctl: <what>: <why>`, and the
+//! exit code follows DESIGN.md section 7: 0 ok, 1 job failed, 2 usage or
+//! invalid input, 3 daemon unreachable, 4 not found, 5 rejected for now.
+//!
+//! Rust ignores SIGPIPE, so a closed stdout (`jobvisorctl map … | head -1`)
+//! shows up as `EPIPE` on a write. Every write to stdout goes through
+//! [`Out`] (or [`Failure::stdout`]), which turns that into a quiet exit with
+//! status 141, what a shell reports for a process killed by SIGPIPE — the
+//! reader went away, so there is no one to tell and nothing left to do.
+//! `println!` is not used: it would panic instead.
+
+pub mod args;
+mod events;
+mod jobs;
+mod map;
+pub mod render;
+mod supervise;
+
+use crate::client::{ClientError, Connection};
+use args::{Args, Cmd};
+use clap::Parser;
+use ipc_proto::control::{ErrorKind, Response};
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status after stdout was closed by its reader (128 + SIGPIPE).
+pub const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// Why a command ended unsuccessfully: an exit code and the one line to
+/// print on stderr (`None`: exit quietly).
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code (DESIGN.md section 7).
+    pub code: u8,
+    /// The line after `jobvisorctl: `.
+    pub msg: Option<String>,
+}
+
+impl Failure {
+    /// A failure with its message.
+    pub fn new(code: u8, msg: String) -> Failure {
+        Failure {
+            code,
+            msg: Some(msg),
+        }
+    }
+
+    /// Usage or invalid input (exit 2).
+    pub fn usage(msg: String) -> Failure {
+        Failure::new(2, msg)
+    }
+
+    /// The daemon refused `what`: exit code by kind.
+    pub fn daemon(what: &str, kind: ErrorKind, message: &str) -> Failure {
+        Failure::new(kind.exit_code(), format!("{what}: {message}"))
+    }
+
+    /// A connection failure during `what` (exit 3).
+    pub fn client(what: &str, e: ClientError) -> Failure {
+        match e {
+            // Already says what and why.
+            ClientError::Unreachable { .. } => Failure::new(client_exit_code(&e), e.to_string()),
+            ClientError::Broken(_) => Failure::new(client_exit_code(&e), format!("{what}: {e}")),
+        }
+    }
+
+    /// An answer that does not fit the request: the daemon does not speak
+    /// our protocol (exit 3).
+    pub fn unexpected(what: &str, r: &Response) -> Failure {
+        Failure::new(
+            3,
+            format!(
+                "{what}: unexpected answer from jobvisord ({}); is jobvisorctl the same version as the daemon?",
+                response_name(r)
+            ),
+        )
+    }
+
+    /// A failed write to stdout: quiet when the reader went away.
+    pub fn stdout(e: io::Error) -> Failure {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            Failure {
+                code: EXIT_BROKEN_PIPE,
+                msg: None,
+            }
+        } else {
+            Failure::new(1, format!("cannot write to stdout: {e}"))
+        }
+    }
+}
+
+/// Exit code of a connection failure: the daemon is unreachable or went
+/// away, both 3.
+pub fn client_exit_code(e: &ClientError) -> u8 {
+    match e {
+        ClientError::Unreachable { .. } | ClientError::Broken(_) => 3,
+    }
+}
+
+fn response_name(r: &Response) -> &'static str {
+    match r {
+        Response::Hello { .. } => "Hello",
+        Response::Status(_) => "Status",
+        Response::Ok { .. } => "Ok",
+        Response::Error { .. } => "Error",
+        Response::End => "End",
+        Response::Submitted { .. } => "Submitted",
+        Response::Job(_) => "Job",
+        Response::Event(_) => "Event",
+    }
+}
+
+/// Buffered stdout whose errors are [`Failure`]s (see the module docs on
+/// `EPIPE`).
+pub struct Out {
+    w: BufWriter<io::StdoutLock<'static>>,
+}
+
+impl Out {
+    /// Locks stdout for the life of the command.
+    pub fn new() -> Out {
+        Out {
+            w: BufWriter::with_capacity(64 << 10, io::stdout().lock()),
+        }
+    }
+
+    /// Writes raw bytes.
+    pub fn bytes(&mut self, b: &[u8]) -> Result<(), Failure> {
+        self.w.write_all(b).map_err(Failure::stdout)
+    }
+
+    /// Writes `s` and a newline.
+    pub fn line(&mut self, s: &str) -> Result<(), Failure> {
+        self.w.write_all(s.as_bytes()).map_err(Failure::stdout)?;
+        self.w.write_all(b"\n").map_err(Failure::stdout)
+    }
+
+    /// Writes everything buffered.
+    pub fn flush(&mut self) -> Result<(), Failure> {
+        self.w.flush().map_err(Failure::stdout)
+    }
+}
+
+impl Default for Out {
+    fn default() -> Self {
+        Out::new()
+    }
+}
+
+/// One line on stderr, prefixed with the program name. A failing stderr is
+/// ignored: there is nowhere else to report it.
+pub fn warn(msg: &str) {
+    let _ = writeln!(io::stderr().lock(), "jobvisorctl: {msg}");
+}
+
+/// What every command needs: where the daemon is and how to print.
+pub struct Ctx {
+    /// The control socket.
+    pub socket: PathBuf,
+    /// `--json`.
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Connects and greets the daemon.
+    pub fn connect(&self, what: &str) -> Result<Connection, Failure> {
+        Connection::connect(&self.socket).map_err(|e| Failure::client(what, e))
+    }
+}
+
+/// Entry point of the `jobvisorctl` binary.
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
+    let code = match run(args) {
+        Ok(code) => code,
+        Err(f) => {
+            if let Some(msg) = &f.msg {
+                warn(msg);
+            }
+            f.code
+        }
+    };
+    ExitCode::from(code)
+}
+
+/// Help and version go to stdout (exit 0); a usage error becomes one line
+/// (exit 2), except a bare `jobvisorctl`, which shows the help.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == K::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return ExitCode::from(2);
+    }
+    warn(&clap_one_line(&e.to_string()));
+    ExitCode::from(2)
+}
+
+/// clap's first line without its `error: ` prefix, plus where to look.
+fn clap_one_line(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("usage: {first}; see 'jobvisorctl --help'")
+}
+
+fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
+    if let Some(p) = &args.socket {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("JOBVISOR_SOCKET") {
+        return Ok(PathBuf::from(p));
+    }
+    let cfg_path = args.config.clone().or_else(|| {
+        let p = crate::default_config_path();
+        p.exists().then_some(p)
+    });
+    if let Some(p) = cfg_path {
+        return match crate::config::load(&p) {
+            Ok(c) => Ok(c.daemon.control_socket),
+            Err(e) => Err(Failure::usage(e.to_string())),
+        };
+    }
+    Ok(crate::config::default_runtime_dir().join("jobvisor.sock"))
+}
+
+fn run(args: Args) -> Result<u8, Failure> {
+    let ctx = Ctx {
+        socket: socket_path(&args)?,
+        json: args.json,
+    };
+    match args.cmd {
+        Cmd::Status { pool } => supervise::status(&ctx, pool),
+        Cmd::Scale { pool, workers } => supervise::simple(
+            &ctx,
+            "scale",
+            ipc_proto::control::Request::Scale { pool, workers },
+        ),
+        Cmd::Restart { pool } => supervise::simple(
+            &ctx,
+            "restart",
+            ipc_proto::control::Request::Restart { pool },
+        ),
+        Cmd::Reload => supervise::simple(&ctx, "reload", ipc_proto::control::Request::Reload),
+        Cmd::Shutdown { now } => supervise::simple(
+            &ctx,
+            "shutdown",
+            ipc_proto::control::Request::Shutdown { now },
+        ),
+        Cmd::Submit(a) => jobs::submit(&ctx, a),
+        Cmd::Map(a) => map::run(&ctx, a),
+        Cmd::Wait { ids } => jobs::wait(&ctx, ids),
+        Cmd::Result { id } => jobs::result(&ctx, id),
+        Cmd::Cancel { id } => jobs::cancel(&ctx, id),
+        Cmd::Jobs { pool, state, limit } => jobs::list(&ctx, pool, state, limit),
+        Cmd::Events => events::run(&ctx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        assert_eq!(Failure::daemon("x", ErrorKind::Invalid, "m").code, 2);
+        assert_eq!(Failure::daemon("x", ErrorKind::NotFound, "m").code, 4);
+        assert_eq!(Failure::daemon("x", ErrorKind::Rejected, "m").code, 5);
+        assert_eq!(Failure::daemon("x", ErrorKind::Failed, "m").code, 1);
+        let unreachable = ClientError::Unreachable {
+            path: "/nowhere".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        let f = Failure::client("submit", unreachable);
+        assert_eq!(f.code, 3);
+        assert!(f.msg.unwrap().starts_with("cannot connect to /nowhere"));
+        let f = Failure::client("submit", ClientError::Broken("gone".into()));
+        assert_eq!(f.code, 3);
+        assert_eq!(
+            f.msg.unwrap(),
+            "submit: lost the connection to jobvisord: gone"
+        );
+        assert_eq!(Failure::unexpected("wait", &Response::End).code, 3);
+    }
+
+    #[test]
+    fn broken_pipe_is_quiet() {
+        let f = Failure::stdout(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(f.code, EXIT_BROKEN_PIPE);
+        assert!(f.msg.is_none());
+        let f = Failure::stdout(io::Error::other("disk full"));
+        assert_eq!(f.code, 1);
+        assert!(f.msg.is_some());
+    }
+
+    #[test]
+    fn clap_errors_fit_one_line() {
+        let e =
+            Args::try_parse_from(["jobvisorctl", "submit", "p", "--input", "a", "-"]).unwrap_err();
+        let line = clap_one_line(&e.to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("usage: the argument"), "{line}");
+        assert!(line.ends_with("see 'jobvisorctl --help'"), "{line}");
+    }
+}

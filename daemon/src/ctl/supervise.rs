@@ -1,0 +1,129 @@
+//! Supervision commands: `status`, and the one-answer commands `scale`,
+//! `restart`, `reload`, `shutdown`.
+
+use super::render::{human_duration, human_size};
+use super::{Ctx, Failure, Out};
+use ipc_proto::control::{PoolStatus, Request, Response, StatusReport, WorkerState};
+use serde_json::json;
+use std::fmt::Write as _;
+
+/// `status [POOL]`.
+pub fn status(ctx: &Ctx, pool: Option<String>) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("status")?;
+    match conn
+        .call(&Request::Status { pool })
+        .map_err(|e| Failure::client("status", e))?
+    {
+        Response::Status(report) => {
+            let mut out = Out::new();
+            if ctx.json {
+                out.line(&status_json(&report).to_string())?;
+            } else {
+                out.bytes(status_text(&report).as_bytes())?;
+            }
+            out.flush()?;
+            Ok(0)
+        }
+        Response::Error { kind, message } => Err(Failure::daemon("status", kind, &message)),
+        other => Err(Failure::unexpected("status", &other)),
+    }
+}
+
+/// A request answered by `Ok { message }` or an error.
+pub fn simple(ctx: &Ctx, what: &str, req: Request) -> Result<u8, Failure> {
+    let mut conn = ctx.connect(what)?;
+    match conn.call(&req).map_err(|e| Failure::client(what, e))? {
+        Response::Ok { message } => {
+            let mut out = Out::new();
+            if ctx.json {
+                out.line(&json!({ "ok": true, "message": message }).to_string())?;
+            } else {
+                out.line(&message)?;
+            }
+            out.flush()?;
+            Ok(0)
+        }
+        Response::Error { kind, message } => Err(Failure::daemon(what, kind, &message)),
+        other => Err(Failure::unexpected(what, &other)),
+    }
+}
+
+fn status_json(r: &StatusReport) -> serde_json::Value {
+    json!({
+        "pools": r.pools.iter().map(|p| json!({
+            "name": p.name,
+            "state": p.state.as_str(),
+            "desired_workers": p.desired_workers,
+            "queued": p.queued,
+            "running": p.running,
+            "succeeded": p.succeeded,
+            "failed": p.failed,
+            "last_error": p.last_error,
+            "workers": p.workers.iter().map(|w| json!({
+                "id": w.id,
+                "pid": w.pid,
+                "state": w.state.as_str(),
+                "uptime_ms": w.uptime_ms,
+                "restarts": w.restarts,
+                "jobs_done": w.jobs_done,
+                "rss_bytes": w.rss_bytes,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()
+    })
+}
+
+fn pool_text(s: &mut String, p: &PoolStatus) {
+    let ready = p
+        .workers
+        .iter()
+        .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy))
+        .count();
+    let _ = writeln!(
+        s,
+        "pool {}: {}, {}/{} workers ready, queued {}, running {}, succeeded {}, failed {}",
+        p.name,
+        p.state.as_str(),
+        ready,
+        p.desired_workers,
+        p.queued,
+        p.running,
+        p.succeeded,
+        p.failed
+    );
+    if let Some(e) = &p.last_error {
+        let _ = writeln!(s, "  last error: {e}");
+    }
+    let _ = writeln!(
+        s,
+        "  {:>4}  {:>8}  {:<9} {:>9}  {:>8}  {:>9}  {:>9}",
+        "ID", "PID", "STATE", "UPTIME", "RESTARTS", "JOBS", "RSS"
+    );
+    for w in &p.workers {
+        let _ = writeln!(
+            s,
+            "  {:>4}  {:>8}  {:<9} {:>9}  {:>8}  {:>9}  {:>9}",
+            w.id,
+            w.pid.map_or("-".to_string(), |p| p.to_string()),
+            w.state.as_str(),
+            if w.pid.is_some() {
+                human_duration(w.uptime_ms)
+            } else {
+                "-".into()
+            },
+            w.restarts,
+            w.jobs_done,
+            human_size(w.rss_bytes)
+        );
+    }
+}
+
+fn status_text(r: &StatusReport) -> String {
+    let mut s = String::new();
+    if r.pools.is_empty() {
+        s.push_str("no pools configured\n");
+    }
+    for p in &r.pools {
+        pool_text(&mut s, p);
+    }
+    s
+}

@@ -1,0 +1,492 @@
+//! The durable job store: one SQLite database (`state_dir/jobs.db`, WAL mode,
+//! `synchronous=FULL`) written by a dedicated thread, so that the event loop
+//! never waits on an fsync.
+//!
+//! # Group commit
+//!
+//! The event loop [`Store::submit`]s [`Op`]s over a channel and gets a
+//! sequence number back at once. The store thread blocks for the first op,
+//! then drains whatever else is already queued (up to
+//! [`MAX_BATCH_OPS`] ops or [`MAX_BATCH_BLOB_BYTES`] of payload), applies the
+//! whole batch in one `BEGIN IMMEDIATE` transaction and commits it: one fsync
+//! for the batch, however large. It then reports
+//! [`Completion::Durable`]` { upto }` and wakes the event loop through its
+//! [`mio::Waker`]; the loop collects completions with
+//! [`Store::try_completion`]. Under load, batches grow by themselves: the
+//! longer a commit takes, the more ops queue up for the next one, so the
+//! fsync rate stays bounded while throughput follows the offered load.
+//!
+//! Within a batch, ops are coalesced: of several [`Op::Update`]s of one job
+//! only the last is executed (each is a full replacement of the mutable
+//! columns), and an [`Op::Insert`] followed by updates of the same job is
+//! inserted with its final values directly.
+//!
+//! Architecture invariant: **an op is reported durable only after the
+//! transaction holding it has committed.** This is what lets the daemon
+//! answer `submit` only on [`Completion::Durable`]: an acknowledged job
+//! survives `kill -9` of the daemon and power loss. When a commit fails (disk
+//! full, I/O error, read-only file system), the batch's inserts are reported
+//! lost in [`Completion::Failed`] and never stored later behind the client's
+//! back; its updates are kept and retried, with backoff, until a commit
+//! succeeds.
+//!
+//! Other invariants:
+//! - Only the store thread touches the database after [`Store::open`]; the
+//!   connection is exclusive to it, so there are no locks and no
+//!   `SQLITE_BUSY` in normal operation.
+//! - [`Query`]s are answered after the batch that carries them has committed,
+//!   in submission order, so a query sees every op submitted before it.
+//! - Pruning (retention and the `max_finished` cap) runs in the store thread
+//!   between batches, in chunks of at most [`PRUNE_CHUNK`] rows, and yields
+//!   to queued ops after each chunk, so it never stalls acknowledgements.
+//!   It only ever deletes terminal jobs.
+//! - Job ids are never reused: the store keeps the high-water mark of every
+//!   id it has stored (a `meta` row), even after those jobs are pruned.
+//! - If the store thread dies (a panic), [`Store::try_completion`] reports
+//!   every op still pending as failed instead of leaving clients hanging.
+//!
+//! The on-disk format is versioned (`PRAGMA user_version`, with an
+//! `application_id` marking the file as ours); a store written by a newer
+//! schema, or a file that is not a jobvisor store, is refused with a clear
+//! error, never replaced or migrated away.
+
+mod committer;
+mod db;
+#[cfg(test)]
+mod tests;
+
+use committer::{Committer, Msg, Tuning};
+use ipc_proto::control::{Attempt, JobDoc, JobState};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A batch stops growing at this many ops…
+pub const MAX_BATCH_OPS: usize = 20_000;
+/// …or once its inputs and outputs add up to this many bytes.
+pub const MAX_BATCH_BLOB_BYTES: usize = 16 << 20;
+/// Pruning deletes at most this many rows per statement (and transaction).
+pub const PRUNE_CHUNK: u32 = 10_000;
+/// Retention of finished jobs before the first [`Op::Retention`].
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// A job to store, as submitted (state `queued`, no attempts yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// Id, allocated by the daemon from [`Recovered::next_id`] upwards.
+    pub id: u64,
+    /// Pool name.
+    pub pool: String,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Mutex key.
+    pub key: Option<String>,
+    /// Attempts before the job is `dead`.
+    pub max_attempts: u32,
+    /// Hard timeout per attempt.
+    pub timeout_ms: Option<u64>,
+    /// Input bytes.
+    pub input: Vec<u8>,
+    /// Submission time, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// New values of a job's mutable columns: a full replacement, so applying
+/// an update twice, or only the last of several, gives the same row.
+///
+/// `finished_ms` is stored for terminal states only: a terminal update
+/// without one gets the commit time, a non-terminal one is stored without.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobUpdate {
+    /// The job.
+    pub id: u64,
+    /// New state.
+    pub state: JobState,
+    /// Every attempt so far.
+    pub attempts: Vec<Attempt>,
+    /// Output (usually only once succeeded).
+    pub output: Option<Vec<u8>>,
+    /// Error of the last attempt.
+    pub error: Option<String>,
+    /// End time, ms since the Unix epoch, once terminal.
+    pub finished_ms: Option<u64>,
+}
+
+/// One request to the store thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Store a new job.
+    Insert(NewJob),
+    /// Replace a stored job's mutable columns.
+    Update(JobUpdate),
+    /// Read; answered with [`Completion::Query`] carrying `token`.
+    Query {
+        /// Echoed in the answer.
+        token: u64,
+        /// What to read.
+        query: Query,
+    },
+    /// Retention settings for pruning; the latest one wins.
+    Retention {
+        /// Retention of finished jobs per pool.
+        per_pool: BTreeMap<String, Duration>,
+        /// Retention of finished jobs of every other pool.
+        default: Duration,
+        /// At most this many finished jobs are kept overall (oldest go first).
+        max_finished: u64,
+    },
+}
+
+/// A read of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// One job, with its output.
+    Job {
+        /// The job.
+        id: u64,
+    },
+    /// Jobs, newest first, without output.
+    List {
+        /// Only this pool.
+        pool: Option<String>,
+        /// Only this state.
+        state: Option<JobState>,
+        /// At most this many (`u32::MAX` for all).
+        limit: u32,
+    },
+}
+
+/// Answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryResult {
+    /// [`Query::Job`]: the job with its output, or `None` if unknown.
+    Job(Option<JobDoc>),
+    /// [`Query::List`]: newest first, `output` always `None`.
+    List(Vec<JobDoc>),
+}
+
+/// What the store thread reports back, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Every op with a sequence number `<= upto` is committed (except the
+    /// inserts an earlier [`Completion::Failed`] reported lost: those stay
+    /// lost). `upto` never decreases.
+    Durable {
+        /// Highest sequence number covered.
+        upto: u64,
+    },
+    /// The batch ending at `upto` could not be committed. Its inserts were
+    /// not stored (ids in `lost_inserts`: tell those clients); its updates
+    /// are kept and retried with the next batch, or after a backoff (100 ms
+    /// doubling to 5 s) if no op arrives, and a later
+    /// [`Completion::Durable`] says when they made it.
+    Failed {
+        /// Highest sequence number of the failed batch.
+        upto: u64,
+        /// Ids of the jobs whose inserts were lost, in submission order.
+        lost_inserts: Vec<u64>,
+        /// Why, one line.
+        error: String,
+    },
+    /// Answer to an [`Op::Query`].
+    Query {
+        /// The op's token.
+        token: u64,
+        /// The answer, or why there is none.
+        result: Result<QueryResult, String>,
+    },
+}
+
+/// The store's contents the daemon needs at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Every non-terminal job (all `queued` after recovery), ascending id.
+    pub jobs: Vec<RecoveredJob>,
+    /// Larger than every id ever stored, even of jobs since pruned.
+    pub next_id: u64,
+    /// Number of jobs per pool per state, over the whole store (after
+    /// recovery). States without jobs are absent.
+    pub counts: BTreeMap<String, HashMap<JobState, u64>>,
+}
+
+/// A job to queue again at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredJob {
+    /// The job as submitted.
+    pub job: NewJob,
+    /// Its attempts so far (a `running` one's last attempt closed as lost).
+    pub attempts: Vec<Attempt>,
+}
+
+/// Why the store cannot be opened or closed. Displays as one line naming the
+/// file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory or a file cannot be created or opened.
+    #[error("cannot open store {}: {}; {}", .path.display(), db::os_reason(.source), db::access_hint(.source))]
+    Access {
+        /// The directory or file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file exists but is no jobvisor store (corrupt, or another
+    /// program's file).
+    #[error("{} is not a valid jobvisor store ({detail}); move it away to start with an empty store (its jobs will be lost)", .path.display())]
+    NotAStore {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Written by a newer jobvisord.
+    #[error("{} has schema version {found}, newer than this jobvisord supports ({supported}); upgrade jobvisord or set daemon.state_dir to another directory", .path.display())]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its schema version.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// An SQLite operation failed.
+    #[error("store {}: {what}: {source}; check the disk (space, permissions, health), then restart jobvisord", .path.display())]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The store thread could not be started, or died.
+    #[error("store {}: the store thread {reason}; restart jobvisord (acknowledged jobs are safe)", .path.display())]
+    Thread {
+        /// The database file.
+        path: PathBuf,
+        /// What happened to it.
+        reason: String,
+    },
+}
+
+/// Handle to the store thread, owned by the event loop.
+pub struct Store {
+    path: PathBuf,
+    ops: mpsc::Sender<Msg>,
+    completions: mpsc::Receiver<Completion>,
+    thread: RefCell<Option<JoinHandle<Result<(), StoreError>>>>,
+    next_seq: u64,
+    pending: RefCell<Pending>,
+    /// Keeps the waker's eventfd open as long as the handle lives: if the
+    /// store thread held the last reference, its final wake (after a panic)
+    /// would be followed by the close, and closing an fd drops its pending
+    /// epoll event before the loop sees it.
+    _waker: Arc<mio::Waker>,
+}
+
+/// What the handle remembers of unsettled ops, so that it can fail them
+/// itself if the store thread dies.
+#[derive(Default)]
+struct Pending {
+    /// Every op with a sequence number `<= settled` got its Durable/Failed.
+    settled: u64,
+    /// `(seq, job id)` of inserts not yet settled.
+    inserts: VecDeque<(u64, u64)>,
+    /// Tokens of queries not yet answered, in order.
+    queries: VecDeque<u64>,
+    /// Completions made up by the handle after the thread died.
+    synthesized: VecDeque<Completion>,
+    /// Why the thread died, once known.
+    death: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating the directory and database if needed)
+    /// `state_dir/jobs.db`, runs recovery synchronously (jobs that were
+    /// running are requeued or declared dead, see [`Recovered`]) and starts
+    /// the store thread.
+    pub fn open(
+        state_dir: &Path,
+        waker: Arc<mio::Waker>,
+    ) -> Result<(Store, Recovered), StoreError> {
+        Store::open_tuned(state_dir, waker, Tuning::default())
+    }
+
+    fn open_tuned(
+        state_dir: &Path,
+        waker: Arc<mio::Waker>,
+        tuning: Tuning,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let mut db = db::Db::open(state_dir)?;
+        let recovered = db.recover(db::now_ms())?;
+        let path = db.path().to_path_buf();
+        let (ops_tx, ops_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let wake_on_exit = WakeOnDrop(Arc::clone(&waker));
+        let committer = Committer::new(db, ops_rx, done_tx, Arc::clone(&waker), tuning);
+        let thread = std::thread::Builder::new()
+            .name("jobvisor-store".into())
+            .spawn(move || {
+                // Declared first, dropped last: after a panic has dropped the
+                // committer (and its completion sender), the loop is woken
+                // to find the channel disconnected.
+                let _wake_on_exit = wake_on_exit;
+                committer.run()
+            })
+            .map_err(|e| StoreError::Thread {
+                path: path.clone(),
+                reason: format!("could not be started ({e})"),
+            })?;
+        let store = Store {
+            path,
+            ops: ops_tx,
+            completions: done_rx,
+            thread: RefCell::new(Some(thread)),
+            next_seq: 1,
+            pending: RefCell::default(),
+            _waker: waker,
+        };
+        Ok((store, recovered))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues an op and returns its sequence number (1, 2, 3…). Never blocks.
+    pub fn submit(&mut self, op: Op) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let pending = self.pending.get_mut();
+        match &op {
+            Op::Insert(job) => pending.inserts.push_back((seq, job.id)),
+            Op::Query { token, .. } => pending.queries.push_back(*token),
+            Op::Update(_) | Op::Retention { .. } => {}
+        }
+        // A send fails only if the thread is gone; `try_completion` then
+        // fails this op along with every other pending one.
+        let _ = self.ops.send(Msg::Op { seq, op });
+        seq
+    }
+
+    /// The next completion, if any. Never blocks (except to collect a dead
+    /// store thread's panic message, which takes no time).
+    pub fn try_completion(&self) -> Option<Completion> {
+        let mut pending = self.pending.borrow_mut();
+        if let Some(c) = pending.synthesized.pop_front() {
+            return Some(c);
+        }
+        match self.completions.try_recv() {
+            Ok(c) => {
+                match &c {
+                    Completion::Durable { upto } | Completion::Failed { upto, .. } => {
+                        pending.settled = pending.settled.max(*upto);
+                        while pending.inserts.front().is_some_and(|&(s, _)| s <= *upto) {
+                            pending.inserts.pop_front();
+                        }
+                    }
+                    Completion::Query { .. } => {
+                        pending.queries.pop_front();
+                    }
+                }
+                Some(c)
+            }
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                // The thread only drops its sender when it ends, and it only
+                // ends on `close` (which consumes `self`) or by panicking.
+                let reason = match &pending.death {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = self.death_reason();
+                        pending.death = Some(r.clone());
+                        r
+                    }
+                };
+                let last = self.next_seq - 1;
+                if last > pending.settled {
+                    let lost_inserts = pending.inserts.drain(..).map(|(_, id)| id).collect();
+                    pending.settled = last;
+                    let error = format!(
+                        "job store {}: the store thread {reason}; these ops were not stored",
+                        self.path.display()
+                    );
+                    pending.synthesized.push_back(Completion::Failed {
+                        upto: last,
+                        lost_inserts,
+                        error,
+                    });
+                }
+                while let Some(token) = pending.queries.pop_front() {
+                    let result = Err(format!("job store unavailable: the store thread {reason}"));
+                    pending
+                        .synthesized
+                        .push_back(Completion::Query { token, result });
+                }
+                pending.synthesized.pop_front()
+            }
+        }
+    }
+
+    fn death_reason(&self) -> String {
+        match self.thread.borrow_mut().take().map(JoinHandle::join) {
+            Some(Err(payload)) => format!("panicked: {}", panic_message(&*payload)),
+            Some(Ok(Err(e))) => format!("failed: {e}"),
+            Some(Ok(Ok(()))) | None => "exited".to_string(),
+        }
+    }
+
+    /// Applies everything queued, commits, and stops the thread (for
+    /// shutdown; blocks until done). Fails if the final commit failed (the
+    /// updates it held are then lost; acknowledged inserts are not).
+    pub fn close(self) -> Result<(), StoreError> {
+        let _ = self.ops.send(Msg::Close);
+        let thread = self.thread.borrow_mut().take();
+        match thread.map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(payload)) => Err(StoreError::Thread {
+                path: self.path.clone(),
+                reason: format!("panicked: {}", panic_message(&*payload)),
+            }),
+            None => Err(StoreError::Thread {
+                path: self.path.clone(),
+                reason: self
+                    .pending
+                    .borrow()
+                    .death
+                    .clone()
+                    .unwrap_or_else(|| "exited".to_string()),
+            }),
+        }
+    }
+
+    /// Runs a test hook in the store thread.
+    #[cfg(test)]
+    fn test_hook(&self, hook: committer::TestHook) {
+        let _ = self.ops.send(Msg::Test(hook));
+    }
+}
+
+/// Wakes the event loop when the store thread ends, however it ends.
+struct WakeOnDrop(Arc<mio::Waker>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.wake();
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}

@@ -1,0 +1,556 @@
+//! The store thread: collects ops into batches, coalesces them, commits each
+//! batch in one transaction, reports completions, retries failed updates
+//! and prunes between batches.
+//!
+//! The thread sleeps in `recv` (or `recv_timeout` when a retry or a pruning
+//! pass is due): an idle store costs no wakeups.
+
+use super::db::{self, Db, PendingInsert};
+use super::{
+    Completion, JobUpdate, NewJob, Op, Query, StoreError, DEFAULT_RETENTION, MAX_BATCH_BLOB_BYTES,
+    MAX_BATCH_OPS, PRUNE_CHUNK,
+};
+use mio::Waker;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the handle sends to the thread.
+pub(super) enum Msg {
+    /// An op and its sequence number.
+    Op { seq: u64, op: Op },
+    /// Commit what is queued, then stop.
+    Close,
+    /// Test instrumentation.
+    #[cfg(test)]
+    Test(TestHook),
+}
+
+/// A message that ends a batch early.
+enum Control {
+    Close,
+    #[cfg(test)]
+    Test(TestHook),
+}
+
+/// Test instrumentation, run by the thread between batches.
+#[cfg(test)]
+pub(super) enum TestHook {
+    /// Run SQL on the store's connection.
+    Exec(String, std::sync::mpsc::Sender<Result<(), String>>),
+    /// Block until the receiver yields (or its sender is dropped), so that
+    /// the ops submitted meanwhile form one batch.
+    Pause(std::sync::mpsc::Receiver<()>),
+    /// Panic the thread.
+    Panic,
+    /// Run a whole pruning pass now, then report.
+    PruneNow(std::sync::mpsc::Sender<()>),
+    /// Report the counters.
+    Stats(std::sync::mpsc::Sender<Stats>),
+}
+
+/// Counters for tests.
+#[cfg(test)]
+#[derive(Debug, Clone, Default)]
+pub(super) struct Stats {
+    /// Transactions that committed a batch.
+    pub commits: u64,
+    /// INSERT statements executed.
+    pub inserts: u64,
+    /// UPDATE statements executed.
+    pub updates: u64,
+    /// Time spent writing and committing batches.
+    pub busy: Duration,
+}
+
+/// Timings, shortened by tests.
+#[derive(Debug, Clone)]
+pub(super) struct Tuning {
+    /// Minimum time between two pruning passes.
+    pub prune_every: Duration,
+    /// First retry of a failed commit; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            prune_every: Duration::from_secs(10),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a job id sits in the current batch.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Insert(usize),
+    Update(usize),
+}
+
+/// The ops collected for one transaction, coalesced per job.
+#[derive(Default)]
+struct Batch {
+    /// Highest sequence number in the batch.
+    upto: u64,
+    /// Ops received for this batch (carried updates not counted).
+    ops: usize,
+    /// Input and output bytes so far.
+    blob_bytes: usize,
+    inserts: Vec<PendingInsert>,
+    updates: Vec<JobUpdate>,
+    queries: Vec<(u64, Query)>,
+    slots: HashMap<u64, Slot>,
+}
+
+impl Batch {
+    fn is_full(&self) -> bool {
+        self.ops >= MAX_BATCH_OPS || self.blob_bytes >= MAX_BATCH_BLOB_BYTES
+    }
+
+    fn has_writes(&self) -> bool {
+        !self.inserts.is_empty() || !self.updates.is_empty()
+    }
+
+    fn add_insert(&mut self, job: NewJob) {
+        self.blob_bytes += job.input.len();
+        self.slots.insert(job.id, Slot::Insert(self.inserts.len()));
+        self.inserts.push(PendingInsert { job, update: None });
+    }
+
+    /// Keeps only the last update of a job, folded into its insert if the
+    /// insert is in this batch too.
+    fn add_update(&mut self, update: JobUpdate) {
+        self.blob_bytes += update.output.as_ref().map_or(0, Vec::len);
+        match self.slots.get(&update.id) {
+            Some(&Slot::Insert(i)) => self.inserts[i].update = Some(update),
+            Some(&Slot::Update(i)) => self.updates[i] = update,
+            None => {
+                self.slots
+                    .insert(update.id, Slot::Update(self.updates.len()));
+                self.updates.push(update);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ops = 0;
+        self.blob_bytes = 0;
+        self.inserts.clear();
+        self.updates.clear();
+        self.queries.clear();
+        self.slots.clear();
+    }
+}
+
+/// The latest [`Op::Retention`].
+struct Retention {
+    per_pool: BTreeMap<String, Duration>,
+    default: Duration,
+    max_finished: u64,
+}
+
+impl Retention {
+    fn of(&self, pool: &str) -> Duration {
+        self.per_pool.get(pool).copied().unwrap_or(self.default)
+    }
+}
+
+/// Pruning schedule and the pass in progress.
+struct Pruner {
+    /// Start of the last pass (or of the thread).
+    last_pass: Instant,
+    /// Something was written (or the retention changed) since that pass.
+    dirty: bool,
+    /// When the oldest finished job left by the last pass expires.
+    next_expiry_ms: Option<u64>,
+    work: Option<PruneWork>,
+}
+
+/// A pass in progress: pools to visit, then the `max_finished` cap.
+struct PruneWork {
+    pools: Vec<String>,
+    next_pool: usize,
+    /// Finished jobs over the cap still to delete; `None` until counted.
+    over_cap: Option<u64>,
+    next_expiry_ms: Option<u64>,
+}
+
+/// Pending retry of carried updates.
+#[derive(Clone, Copy)]
+struct Retry {
+    at: Instant,
+    backoff: Duration,
+}
+
+pub(super) struct Committer {
+    db: Db,
+    ops: Receiver<Msg>,
+    done: Sender<Completion>,
+    waker: Arc<Waker>,
+    tuning: Tuning,
+    batch: Batch,
+    /// Updates of failed batches, applied again with the next one.
+    carry: Vec<JobUpdate>,
+    /// Set while `carry` waits for a commit that succeeds.
+    retry: Option<Retry>,
+    last_seq: u64,
+    retention: Retention,
+    pruner: Pruner,
+    #[cfg(test)]
+    stats: Stats,
+}
+
+impl Committer {
+    pub fn new(
+        db: Db,
+        ops: Receiver<Msg>,
+        done: Sender<Completion>,
+        waker: Arc<Waker>,
+        tuning: Tuning,
+    ) -> Committer {
+        Committer {
+            db,
+            ops,
+            done,
+            waker,
+            tuning,
+            batch: Batch::default(),
+            carry: Vec::new(),
+            retry: None,
+            last_seq: 0,
+            retention: Retention {
+                per_pool: BTreeMap::new(),
+                default: DEFAULT_RETENTION,
+                max_finished: u64::MAX,
+            },
+            pruner: Pruner {
+                // The first pass waits one interval, which gives the daemon
+                // time to send its retention settings.
+                last_pass: Instant::now(),
+                dirty: true,
+                next_expiry_ms: None,
+                work: None,
+            },
+            #[cfg(test)]
+            stats: Stats::default(),
+        }
+    }
+
+    /// The thread's body; returns when the handle closes (or is dropped).
+    pub fn run(mut self) -> Result<(), StoreError> {
+        loop {
+            let control = match self.next_msg() {
+                None => Control::Close,
+                Some(Msg::Op { seq, op }) => {
+                    self.start_batch();
+                    self.add(seq, op);
+                    let control = self.drain();
+                    self.commit_batch();
+                    match control {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                }
+                Some(Msg::Close) => Control::Close,
+                #[cfg(test)]
+                Some(Msg::Test(hook)) => Control::Test(hook),
+            };
+            match control {
+                Control::Close => return self.shutdown(),
+                #[cfg(test)]
+                Control::Test(hook) => self.test_hook(hook),
+            }
+        }
+    }
+
+    /// Waits for the next message, running retries and pruning steps while
+    /// none comes. `None` once the handle is gone.
+    fn next_msg(&mut self) -> Option<Msg> {
+        loop {
+            if self.pruner.work.is_some() {
+                // Mid-pass: ops go first, a chunk only when none is waiting.
+                match self.ops.try_recv() {
+                    Ok(msg) => return Some(msg),
+                    Err(TryRecvError::Empty) => self.prune_step(),
+                    Err(TryRecvError::Disconnected) => return None,
+                }
+                continue;
+            }
+            let now = Instant::now();
+            let retry = self.retry.map(|r| r.at);
+            let prune = match self.retry {
+                Some(_) => None, // no pruning while commits fail
+                None => self.prune_due(now),
+            };
+            let deadline = match (retry, prune) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let msg = match deadline {
+                None => self.ops.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => self.ops.recv_timeout(at.saturating_duration_since(now)),
+            };
+            match msg {
+                Ok(msg) => return Some(msg),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    let now = Instant::now();
+                    if self.retry.is_some_and(|r| now >= r.at) {
+                        self.start_batch();
+                        self.commit_batch();
+                    } else if prune.is_some_and(|at| now >= at) {
+                        self.prune_begin();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a batch with the updates carried over from failed ones.
+    fn start_batch(&mut self) {
+        self.batch.clear();
+        self.batch.upto = self.last_seq;
+        for update in std::mem::take(&mut self.carry) {
+            self.batch.add_update(update);
+        }
+    }
+
+    fn add(&mut self, seq: u64, op: Op) {
+        self.last_seq = seq;
+        self.batch.upto = seq;
+        self.batch.ops += 1;
+        match op {
+            Op::Insert(job) => self.batch.add_insert(job),
+            Op::Update(update) => self.batch.add_update(update),
+            Op::Query { token, query } => self.batch.queries.push((token, query)),
+            Op::Retention {
+                per_pool,
+                default,
+                max_finished,
+            } => {
+                self.retention = Retention {
+                    per_pool,
+                    default,
+                    max_finished,
+                };
+                self.pruner.dirty = true;
+            }
+        }
+    }
+
+    /// Adds every op already queued, up to the batch limits; stops early at
+    /// a control message, which is returned.
+    fn drain(&mut self) -> Option<Control> {
+        while !self.batch.is_full() {
+            match self.ops.try_recv() {
+                Ok(Msg::Op { seq, op }) => self.add(seq, op),
+                Ok(Msg::Close) | Err(TryRecvError::Disconnected) => return Some(Control::Close),
+                #[cfg(test)]
+                Ok(Msg::Test(hook)) => return Some(Control::Test(hook)),
+                Err(TryRecvError::Empty) => return None,
+            }
+        }
+        None
+    }
+
+    /// Commits the batch, reports it, answers its queries, wakes the loop.
+    /// Returns the commit's error, if it failed.
+    fn commit_batch(&mut self) -> Option<rusqlite::Error> {
+        let upto = self.batch.upto;
+        let fresh = self.batch.ops > 0; // not just a retry of carried updates
+        let mut notify = fresh;
+        let mut failure = None;
+        if self.batch.has_writes() {
+            #[cfg(test)]
+            let start = Instant::now();
+            let written = self
+                .db
+                .write(&self.batch.inserts, &self.batch.updates, db::now_ms());
+            #[cfg(test)]
+            {
+                self.stats.busy += start.elapsed();
+            }
+            match written {
+                Ok(()) => {
+                    #[cfg(test)]
+                    {
+                        self.stats.commits += 1;
+                        self.stats.inserts += self.batch.inserts.len() as u64;
+                        self.stats.updates += self.batch.updates.len() as u64;
+                    }
+                    self.retry = None;
+                    self.pruner.dirty = true;
+                    // A successful retry reports the healing too.
+                    notify = true;
+                    let _ = self.done.send(Completion::Durable { upto });
+                }
+                Err(e) => {
+                    self.carry = std::mem::take(&mut self.batch.updates);
+                    self.retry = (!self.carry.is_empty()).then(|| {
+                        let backoff = match self.retry {
+                            Some(r) => (r.backoff * 2).min(self.tuning.retry_max),
+                            None => self.tuning.retry_initial,
+                        };
+                        Retry {
+                            at: Instant::now() + backoff,
+                            backoff,
+                        }
+                    });
+                    // A retry that fails again has nothing new to report.
+                    if fresh {
+                        let lost_inserts = self.batch.inserts.iter().map(|p| p.job.id).collect();
+                        let error =
+                            format!("job store {}: commit failed: {e}", self.db.path().display());
+                        let _ = self.done.send(Completion::Failed {
+                            upto,
+                            lost_inserts,
+                            error,
+                        });
+                    }
+                    failure = Some(e);
+                }
+            }
+        } else if fresh {
+            let _ = self.done.send(Completion::Durable { upto });
+        }
+        // Answered after the commit, so a query sees every op before it.
+        for (token, query) in self.batch.queries.drain(..) {
+            let result = self.db.query(&query);
+            let _ = self.done.send(Completion::Query { token, result });
+        }
+        if notify {
+            // Fails only if the poll is gone, i.e. the daemon is exiting.
+            let _ = self.waker.wake();
+        }
+        self.batch.clear();
+        failure
+    }
+
+    /// Commits what is left (carried updates) before the thread ends.
+    fn shutdown(mut self) -> Result<(), StoreError> {
+        if self.carry.is_empty() {
+            return Ok(());
+        }
+        self.start_batch();
+        match self.commit_batch() {
+            None => Ok(()),
+            Some(source) => Err(StoreError::Sqlite {
+                path: self.db.path().to_path_buf(),
+                what: "the last job updates could not be committed",
+                source,
+            }),
+        }
+    }
+
+    /// When the next pruning pass is due, if one will be.
+    fn prune_due(&self, now: Instant) -> Option<Instant> {
+        let earliest = self.pruner.last_pass + self.tuning.prune_every;
+        if self.pruner.dirty {
+            return Some(earliest);
+        }
+        // Nothing written since the last pass: only time can make a job
+        // expire, and the last pass noted when the first one will.
+        let expiry = self.pruner.next_expiry_ms?;
+        let wait = Duration::from_millis(expiry.saturating_sub(db::now_ms()));
+        Some(earliest.max(now + wait))
+    }
+
+    fn prune_begin(&mut self) {
+        self.pruner.last_pass = Instant::now();
+        self.pruner.dirty = false;
+        match self.db.finished_pools() {
+            Ok(pools) => {
+                self.pruner.work = Some(PruneWork {
+                    pools,
+                    next_pool: 0,
+                    over_cap: None,
+                    next_expiry_ms: None,
+                })
+            }
+            // Pruning is housekeeping: try again next interval.
+            Err(_) => self.pruner.dirty = true,
+        }
+    }
+
+    /// One statement of the pass in progress (at most [`PRUNE_CHUNK`] rows).
+    fn prune_step(&mut self) {
+        let Some(work) = self.pruner.work.as_mut() else {
+            return;
+        };
+        let step = if let Some(pool) = work.pools.get(work.next_pool).cloned() {
+            let retention = self.retention.of(&pool);
+            let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+            let cutoff = db::now_ms().saturating_sub(retention_ms);
+            self.db
+                .delete_expired(&pool, cutoff, PRUNE_CHUNK)
+                .and_then(|deleted| {
+                    if deleted < PRUNE_CHUNK as usize {
+                        // This pool is done; its oldest survivor says when
+                        // the next pass has something to do.
+                        if let Some(oldest) = self.db.oldest_finished(&pool)? {
+                            let expiry = oldest.saturating_add(retention_ms);
+                            work.next_expiry_ms =
+                                Some(work.next_expiry_ms.map_or(expiry, |e| e.min(expiry)));
+                        }
+                        work.next_pool += 1;
+                    }
+                    Ok(true)
+                })
+        } else {
+            let over = match work.over_cap {
+                Some(n) => Ok(n),
+                None => self
+                    .db
+                    .count_finished()
+                    .map(|n| n.saturating_sub(self.retention.max_finished)),
+            };
+            over.and_then(|over| {
+                if over == 0 {
+                    return Ok(false);
+                }
+                let chunk = over.min(u64::from(PRUNE_CHUNK)) as u32;
+                let deleted = self.db.delete_oldest_finished(chunk)? as u64;
+                work.over_cap = Some(over.saturating_sub(deleted));
+                Ok(deleted > 0)
+            })
+        };
+        match step {
+            Ok(true) => {}
+            Ok(false) => {
+                self.pruner.next_expiry_ms = work.next_expiry_ms;
+                self.pruner.work = None;
+            }
+            Err(_) => {
+                self.pruner.work = None;
+                self.pruner.dirty = true;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn test_hook(&mut self, hook: TestHook) {
+        match hook {
+            TestHook::Exec(sql, reply) => {
+                let _ = reply.send(self.db.execute_batch(&sql).map_err(|e| e.to_string()));
+            }
+            TestHook::Pause(until) => {
+                let _ = until.recv();
+            }
+            TestHook::Panic => panic!("test hook asked for a panic"),
+            TestHook::PruneNow(reply) => {
+                self.prune_begin();
+                while self.pruner.work.is_some() {
+                    self.prune_step();
+                }
+                let _ = reply.send(());
+            }
+            TestHook::Stats(reply) => {
+                let _ = reply.send(self.stats.clone());
+            }
+        }
+    }
+}

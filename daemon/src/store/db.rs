@@ -1,0 +1,780 @@
+//! Everything that speaks SQL: opening and validating `jobs.db`, the schema,
+//! recovery, batch writes, queries and the pruning statements.
+//!
+//! Layout choices, all for the write path:
+//! - `id` is the rowid (`INTEGER PRIMARY KEY`), so inserts append.
+//! - Blobs are the last columns, so reading a job's metadata never walks a
+//!   large payload's overflow pages.
+//! - Inputs over [`INLINE_INPUT_MAX`] bytes live in `job_inputs`: SQLite
+//!   rewrites a whole row on every update, and a job is updated several
+//!   times, so a large input stored inline would be written again each time.
+//! - Three indexes, each serving a reader: `(state, id)` for recovery and
+//!   listing by state, `(pool, id)` for listing by pool, and a partial
+//!   `(pool, finished_ms)` over finished jobs only (inserts never touch it)
+//!   for pruning.
+
+use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
+use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
+use ipc_proto::Bytes;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The schema this build reads and writes (`PRAGMA user_version`).
+pub(super) const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA application_id` of a jobvisor store: "JVST".
+pub(super) const APPLICATION_ID: i64 = 0x4A56_5354;
+/// Inputs up to this size are stored in the `jobs` row itself.
+pub(super) const INLINE_INPUT_MAX: usize = 1024;
+/// Error of an attempt cut short by a daemon restart.
+pub(super) const LOST_ON_RESTART: &str = "daemon restarted while the job was running";
+
+const SCHEMA: &str = "
+CREATE TABLE jobs (
+    id           INTEGER PRIMARY KEY,
+    pool         TEXT    NOT NULL,
+    state        INTEGER NOT NULL,
+    priority     INTEGER NOT NULL,
+    key          TEXT,
+    max_attempts INTEGER NOT NULL,
+    timeout_ms   INTEGER,
+    created_ms   INTEGER NOT NULL,
+    finished_ms  INTEGER,
+    error        TEXT,
+    attempts     TEXT    NOT NULL,
+    output       BLOB,
+    input        BLOB
+);
+CREATE INDEX jobs_state ON jobs(state, id);
+CREATE INDEX jobs_pool ON jobs(pool, id);
+CREATE INDEX jobs_finished ON jobs(pool, finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE TABLE job_inputs (id INTEGER PRIMARY KEY, input BLOB NOT NULL);
+CREATE TRIGGER jobs_delete_input AFTER DELETE ON jobs WHEN old.input IS NULL
+BEGIN
+    DELETE FROM job_inputs WHERE id = old.id;
+END;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO meta VALUES ('max_id', 0);
+";
+
+/// Proves the tables have the columns this build uses.
+const CHECK_COLUMNS: &str = "
+SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
+       finished_ms, error, attempts, output, input FROM jobs LIMIT 0;
+SELECT id, input FROM job_inputs LIMIT 0;
+SELECT value FROM meta WHERE key = 'max_id';
+";
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
+     timeout_ms, created_ms, finished_ms, error, attempts, output, input) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
+const UPDATE_JOB: &str = "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
+     finished_ms = ?6 WHERE id = ?1";
+const UPDATE_MAX_ID: &str = "UPDATE meta SET value = ?1 WHERE key = 'max_id'";
+
+/// Columns of a [`JobDoc`], in [`doc_from_row`]'s order.
+macro_rules! select_doc {
+    ($($rest:literal),*) => {
+        concat!(
+            "SELECT id, pool, state, priority, key, created_ms, finished_ms, error, attempts",
+            $($rest),*
+        )
+    };
+}
+const SELECT_JOB: &str = select_doc!(", output FROM jobs WHERE id = ?1");
+const LIST_ALL: &str = select_doc!(" FROM jobs ORDER BY id DESC LIMIT ?1");
+const LIST_POOL: &str = select_doc!(" FROM jobs WHERE pool = ?2 ORDER BY id DESC LIMIT ?1");
+const LIST_STATE: &str = select_doc!(" FROM jobs WHERE state = ?3 ORDER BY id DESC LIMIT ?1");
+const LIST_POOL_STATE: &str =
+    select_doc!(" FROM jobs WHERE pool = ?2 AND state = ?3 ORDER BY id DESC LIMIT ?1");
+
+/// Pools that have finished jobs: a loose index scan over `jobs_finished`
+/// (one index seek per pool, however many jobs).
+const FINISHED_POOLS: &str = "
+WITH RECURSIVE p(pool) AS (
+    SELECT (SELECT MIN(pool) FROM jobs WHERE finished_ms IS NOT NULL)
+    UNION ALL
+    SELECT (SELECT MIN(pool) FROM jobs WHERE finished_ms IS NOT NULL AND pool > p.pool)
+    FROM p WHERE p.pool IS NOT NULL
+)
+SELECT pool FROM p WHERE pool IS NOT NULL";
+const OLDEST_FINISHED: &str =
+    "SELECT MIN(finished_ms) FROM jobs WHERE pool = ?1 AND finished_ms IS NOT NULL";
+const DELETE_EXPIRED: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+     WHERE pool = ?1 AND finished_ms IS NOT NULL AND finished_ms < ?2 AND state >= 2 LIMIT ?3)";
+const COUNT_FINISHED: &str = "SELECT COUNT(*) FROM jobs WHERE finished_ms IS NOT NULL";
+// `NOT INDEXED`: walking the table in rowid order finds the oldest finished
+// jobs at once; going through `jobs_state` would sort every finished job.
+const DELETE_OLDEST: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs NOT INDEXED \
+     WHERE finished_ms IS NOT NULL AND state >= 2 ORDER BY id LIMIT ?1)";
+
+/// A job to insert, with the last update of the same batch folded in.
+#[derive(Debug)]
+pub(super) struct PendingInsert {
+    pub job: NewJob,
+    pub update: Option<JobUpdate>,
+}
+
+/// The connection and what the store thread keeps next to it.
+pub(super) struct Db {
+    conn: Connection,
+    path: PathBuf,
+    /// Largest id ever committed (mirrors the `meta` row).
+    max_id: u64,
+    /// Scratch buffer for encoding attempts, reused across ops.
+    json: Vec<u8>,
+}
+
+impl Db {
+    /// Opens `state_dir/jobs.db`, creating it (and the directory) if needed,
+    /// and checks that it is a jobvisor store this build can use.
+    pub fn open(state_dir: &Path) -> Result<Db, StoreError> {
+        let path = state_dir.join("jobs.db");
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Access {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        check_access(state_dir, &path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags)
+            .map_err(|e| sqlite_error(&path, "cannot open the database", e))?;
+        let mut db = Db {
+            conn,
+            path,
+            max_id: 0,
+            json: Vec::with_capacity(1024),
+        };
+        db.init()?;
+        Ok(db)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |e| sqlite_error(&self.path, what, e)
+    }
+
+    fn not_a_store(&self, detail: impl Into<String>) -> StoreError {
+        StoreError::NotAStore {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Validates the file, then configures the connection and creates the
+    /// schema if the file is new. Nothing is written to a file that fails
+    /// validation (not even the journal mode).
+    fn init(&mut self) -> Result<(), StoreError> {
+        // The first statement reads the header: a file that is not SQLite
+        // fails here with "file is not a database".
+        let app_id: i64 = self
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(self.err("cannot read the database header"))?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(self.err("cannot read the schema version"))?;
+        let objects: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0))
+            .map_err(self.err("cannot read the schema"))?;
+        let fresh = version == 0 && objects == 0;
+        if !fresh {
+            if app_id != APPLICATION_ID {
+                return Err(self.not_a_store("an SQLite database of another program"));
+            }
+            if version > SCHEMA_VERSION {
+                return Err(StoreError::TooNew {
+                    path: self.path.clone(),
+                    found: version,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            if version < 1 {
+                return Err(self.not_a_store(format!("unknown schema version {version}")));
+            }
+            // Migrations from older versions go here, once there are any.
+        }
+
+        let mode: String = self
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(self.err("cannot enable WAL mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Sqlite {
+                path: self.path.clone(),
+                what: "cannot enable WAL mode",
+                source: rusqlite::Error::InvalidQuery,
+            });
+        }
+        // FULL: a commit is on disk (WAL fsynced) before it returns, which is
+        // what "durable" promises. NORMAL could lose the last commits on
+        // power loss.
+        self.conn
+            .execute_batch(
+                "PRAGMA synchronous = FULL;
+                 PRAGMA cache_size = -32768;
+                 PRAGMA temp_store = MEMORY;
+                 PRAGMA journal_size_limit = 67108864;",
+            )
+            .map_err(self.err("cannot configure the connection"))?;
+        // Only another process (an operator's `sqlite3`) can hold a lock.
+        self.conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(self.err("cannot configure the connection"))?;
+        self.conn.set_prepared_statement_cache_capacity(32);
+        if let Ok(v) = std::env::var("CACHE") {
+            self.conn
+                .execute_batch(&format!("PRAGMA cache_size = {v};"))
+                .unwrap();
+        }
+        if let Ok(v) = std::env::var("WAL_AUTO") {
+            self.conn
+                .execute_batch(&format!("PRAGMA wal_autocheckpoint = {v};"))
+                .unwrap();
+        }
+
+        if fresh {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| sqlite_error(&self.path, "cannot create the schema", e))?;
+            let mut schema = SCHEMA.to_string();
+            if let Ok(extra) = std::env::var("EXTRA_SQL") {
+                schema.push_str(&extra);
+            }
+            for ix in std::env::var("DROP_IX")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+            {
+                schema.push_str(&format!("DROP INDEX {ix};"));
+            }
+            tx.execute_batch(&schema)
+                .and_then(|()| tx.pragma_update(None, "application_id", APPLICATION_ID))
+                .and_then(|()| tx.pragma_update(None, "user_version", SCHEMA_VERSION))
+                .and_then(|()| tx.commit())
+                .map_err(|e| sqlite_error(&self.path, "cannot create the schema", e))?;
+        } else if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS) {
+            return Err(self.not_a_store(format!("schema version {version} but {e}")));
+        }
+
+        let meta: i64 = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'max_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err("cannot read the id high-water mark"))?
+            .unwrap_or(0);
+        let max_row: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(id) FROM jobs", [], |r| r.get(0))
+            .map_err(self.err("cannot read the largest job id"))?;
+        self.max_id = from_sql_u64(meta.max(max_row.unwrap_or(0)));
+        Ok(())
+    }
+
+    /// Requeues (or declares dead) the jobs that were running when the
+    /// daemon died, in one transaction, and returns what the daemon needs.
+    pub fn recover(&mut self, now_ms: u64) -> Result<Recovered, StoreError> {
+        let path = self.path.clone();
+        let fail = |e| sqlite_error(&path, "recovery failed", e);
+        let not_a_store = |detail: String| StoreError::NotAStore {
+            path: path.clone(),
+            detail,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let mut jobs = Vec::new();
+        // (id, state, attempts, finished_ms) of the rows recovery changes.
+        let mut changed: Vec<(u64, JobState, Vec<Attempt>, Option<u64>)> = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
+                     attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)) \
+                     FROM jobs WHERE state IN (0, 1) ORDER BY id",
+                )
+                .map_err(fail)?;
+            let mut rows = stmt.query([]).map_err(fail)?;
+            while let Some(row) = rows.next().map_err(fail)? {
+                let id = from_sql_u64(row.get(0).map_err(fail)?);
+                let state = state_from_code(row.get(2).map_err(fail)?)
+                    .ok_or_else(|| not_a_store(format!("job {id} has an unknown state")))?;
+                let attempts = parse_attempts(row.get_ref(8).map_err(fail)?)
+                    .map_err(|e| not_a_store(format!("job {id}: {e}")))?;
+                let input: Option<Vec<u8>> = row.get(9).map_err(fail)?;
+                let input = input.ok_or_else(|| not_a_store(format!("job {id} has no input")))?;
+                let job = NewJob {
+                    id,
+                    pool: row.get(1).map_err(fail)?,
+                    priority: row.get(3).map_err(fail)?,
+                    key: row.get(4).map_err(fail)?,
+                    max_attempts: row.get(5).map_err(fail)?,
+                    timeout_ms: row
+                        .get::<_, Option<i64>>(6)
+                        .map_err(fail)?
+                        .map(from_sql_u64),
+                    input,
+                    created_ms: from_sql_u64(row.get(7).map_err(fail)?),
+                };
+                let mut attempts = attempts;
+                if state == JobState::Running {
+                    if let Some(last) = attempts.last_mut().filter(|a| a.outcome.is_none()) {
+                        last.ended_ms = Some(now_ms);
+                        last.outcome = Some(Outcome::Lost);
+                        last.error = Some(LOST_ON_RESTART.to_string());
+                    }
+                    if attempts.len() >= job.max_attempts.max(1) as usize {
+                        changed.push((id, JobState::Dead, attempts, Some(now_ms)));
+                        continue;
+                    }
+                    changed.push((id, JobState::Queued, attempts.clone(), None));
+                }
+                jobs.push(RecoveredJob { job, attempts });
+            }
+        }
+        {
+            let mut dead = tx
+                .prepare(
+                    "UPDATE jobs SET state = ?2, attempts = ?3, finished_ms = ?4, error = ?5 \
+                     WHERE id = ?1",
+                )
+                .map_err(fail)?;
+            let mut requeue = tx
+                .prepare("UPDATE jobs SET state = ?2, attempts = ?3 WHERE id = ?1")
+                .map_err(fail)?;
+            for (id, state, attempts, finished) in &changed {
+                let json = serde_json::to_string(attempts)
+                    .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+                let (id, code) = (to_sql_u64(*id), state_code(*state));
+                if let Some(finished) = finished {
+                    dead.execute(params![
+                        id,
+                        code,
+                        json,
+                        to_sql_u64(*finished),
+                        LOST_ON_RESTART
+                    ])
+                } else {
+                    requeue.execute(params![id, code, json])
+                }
+                .map_err(fail)?;
+            }
+        }
+        let mut counts: BTreeMap<String, HashMap<JobState, u64>> = BTreeMap::new();
+        {
+            let mut stmt = tx
+                .prepare("SELECT pool, state, COUNT(*) FROM jobs GROUP BY pool, state")
+                .map_err(fail)?;
+            let mut rows = stmt.query([]).map_err(fail)?;
+            while let Some(row) = rows.next().map_err(fail)? {
+                let pool: String = row.get(0).map_err(fail)?;
+                let code: i64 = row.get(1).map_err(fail)?;
+                let state = state_from_code(code)
+                    .ok_or_else(|| not_a_store(format!("unknown state code {code}")))?;
+                let n = from_sql_u64(row.get(2).map_err(fail)?);
+                counts.entry(pool).or_default().insert(state, n);
+            }
+        }
+        tx.commit().map_err(fail)?;
+        Ok(Recovered {
+            jobs,
+            next_id: self.max_id + 1,
+            counts,
+        })
+    }
+
+    /// Applies one batch in one transaction and commits it. On error the
+    /// transaction is rolled back: nothing of the batch is stored.
+    pub fn write(
+        &mut self,
+        inserts: &[PendingInsert],
+        updates: &[JobUpdate],
+        now_ms: u64,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let t0 = std::time::Instant::now();
+        let result = self.write_rows(inserts, updates, now_ms);
+        let t1 = std::time::Instant::now();
+        let result = result.and_then(|max_id| self.conn.execute_batch("COMMIT").map(|()| max_id));
+        if std::env::var_os("TIMING").is_some() {
+            eprintln!(
+                "rows {} ins {} upd {:?} commit {:?}",
+                inserts.len(),
+                updates.len(),
+                t1 - t0,
+                t1.elapsed()
+            );
+        }
+        match result {
+            Ok(max_id) => {
+                self.max_id = max_id;
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a failed transaction, if SQLite has not already done so.
+    fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            // If even ROLLBACK fails, SQLite rolls back when the next BEGIN
+            // finds a hot journal; nothing more to do here.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Executes the batch's statements; returns the new id high-water mark.
+    fn write_rows(
+        &mut self,
+        inserts: &[PendingInsert],
+        updates: &[JobUpdate],
+        now_ms: u64,
+    ) -> rusqlite::Result<u64> {
+        let Db {
+            conn, json, max_id, ..
+        } = self;
+        let mut new_max = *max_id;
+        if !inserts.is_empty() {
+            let mut insert = conn.prepare_cached(INSERT_JOB)?;
+            let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
+            for p in inserts {
+                let job = &p.job;
+                let (state, attempts, output, error, finished) = match &p.update {
+                    Some(u) => {
+                        encode_attempts(json, &u.attempts)?;
+                        (
+                            u.state,
+                            json.as_slice(),
+                            u.output.as_deref(),
+                            u.error.as_deref(),
+                            finished_ms(u.state, u.finished_ms, now_ms),
+                        )
+                    }
+                    None => (JobState::Queued, &b"[]"[..], None, None, None),
+                };
+                let inline = job.input.len() <= INLINE_INPUT_MAX;
+                insert.execute(params![
+                    to_sql_u64(job.id),
+                    job.pool,
+                    state_code(state),
+                    job.priority,
+                    job.key,
+                    job.max_attempts,
+                    job.timeout_ms.map(to_sql_u64),
+                    to_sql_u64(job.created_ms),
+                    finished,
+                    error,
+                    text(attempts),
+                    output,
+                    inline.then_some(job.input.as_slice()),
+                ])?;
+                if !inline {
+                    insert_input.execute(params![to_sql_u64(job.id), job.input])?;
+                }
+                new_max = new_max.max(job.id);
+            }
+        }
+        if !updates.is_empty() {
+            let mut update = conn.prepare_cached(UPDATE_JOB)?;
+            for u in updates {
+                encode_attempts(json, &u.attempts)?;
+                update.execute(params![
+                    to_sql_u64(u.id),
+                    state_code(u.state),
+                    text(json),
+                    u.output,
+                    u.error,
+                    finished_ms(u.state, u.finished_ms, now_ms),
+                ])?;
+            }
+        }
+        if new_max > *max_id {
+            conn.prepare_cached(UPDATE_MAX_ID)?
+                .execute([to_sql_u64(new_max)])?;
+        }
+        Ok(new_max)
+    }
+
+    /// Answers a query from committed data.
+    pub fn query(&self, query: &Query) -> Result<QueryResult, String> {
+        let run = || -> rusqlite::Result<Result<QueryResult, String>> {
+            match query {
+                Query::Job { id } => {
+                    let mut stmt = self.conn.prepare_cached(SELECT_JOB)?;
+                    let doc = stmt
+                        .query_row([to_sql_u64(*id)], |row| Ok(doc_from_row(row, true)))
+                        .optional()?;
+                    Ok(doc.transpose().map(QueryResult::Job))
+                }
+                Query::List { pool, state, limit } => {
+                    let sql = match (pool, state) {
+                        (None, None) => LIST_ALL,
+                        (Some(_), None) => LIST_POOL,
+                        (None, Some(_)) => LIST_STATE,
+                        (Some(_), Some(_)) => LIST_POOL_STATE,
+                    };
+                    let mut stmt = self.conn.prepare_cached(sql)?;
+                    stmt.raw_bind_parameter(1, i64::from(*limit))?;
+                    if let Some(pool) = pool {
+                        stmt.raw_bind_parameter(2, pool)?;
+                    }
+                    if let Some(state) = state {
+                        stmt.raw_bind_parameter(3, state_code(*state))?;
+                    }
+                    let mut rows = stmt.raw_query();
+                    let mut docs = Vec::new();
+                    while let Some(row) = rows.next()? {
+                        match doc_from_row(row, false) {
+                            Ok(doc) => docs.push(doc),
+                            Err(e) => return Ok(Err(e)),
+                        }
+                    }
+                    Ok(Ok(QueryResult::List(docs)))
+                }
+            }
+        };
+        run().unwrap_or_else(|e| Err(format!("cannot read the job store: {e}")))
+    }
+
+    /// Runs `f` in its own `BEGIN IMMEDIATE` transaction and commits.
+    fn in_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(&self.conn).and_then(|t| self.conn.execute_batch("COMMIT").map(|()| t)) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Pools that have finished jobs.
+    pub fn finished_pools(&self) -> rusqlite::Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(FINISHED_POOLS)?;
+        let pools = stmt.query_map([], |r| r.get(0))?;
+        pools.collect()
+    }
+
+    /// When the oldest finished job of `pool` finished, if it has any.
+    pub fn oldest_finished(&self, pool: &str) -> rusqlite::Result<Option<u64>> {
+        let mut stmt = self.conn.prepare_cached(OLDEST_FINISHED)?;
+        let ms: Option<i64> = stmt.query_row([pool], |r| r.get(0))?;
+        Ok(ms.map(from_sql_u64))
+    }
+
+    /// Deletes up to `limit` finished jobs of `pool` that finished before
+    /// `cutoff_ms`, in one transaction; returns how many.
+    pub fn delete_expired(
+        &self,
+        pool: &str,
+        cutoff_ms: u64,
+        limit: u32,
+    ) -> rusqlite::Result<usize> {
+        self.in_tx(|conn| {
+            conn.prepare_cached(DELETE_EXPIRED)?.execute(params![
+                pool,
+                to_sql_u64(cutoff_ms),
+                limit
+            ])
+        })
+    }
+
+    /// Number of finished jobs in the store.
+    pub fn count_finished(&self) -> rusqlite::Result<u64> {
+        let n: i64 = self
+            .conn
+            .prepare_cached(COUNT_FINISHED)?
+            .query_row([], |r| r.get(0))?;
+        Ok(from_sql_u64(n))
+    }
+
+    /// Deletes the `limit` oldest (by id) finished jobs, in one transaction.
+    pub fn delete_oldest_finished(&self, limit: u32) -> rusqlite::Result<usize> {
+        self.in_tx(|conn| conn.prepare_cached(DELETE_OLDEST)?.execute([limit]))
+    }
+
+    /// For tests: runs arbitrary SQL on the store's own connection.
+    #[cfg(test)]
+    pub fn execute_batch(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.execute_batch(sql)
+    }
+}
+
+/// Checks access ourselves first: SQLite would only say "unable to open
+/// database file", where the user needs to hear "Permission denied".
+fn check_access(dir: &Path, file: &Path) -> Result<(), StoreError> {
+    use nix::unistd::{access, AccessFlags};
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|errno| StoreError::Access {
+        path: dir.to_path_buf(),
+        source: io::Error::from(errno),
+    })?;
+    let mut wal = file.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut shm = file.as_os_str().to_owned();
+    shm.push("-shm");
+    for f in [file, Path::new(&wal), Path::new(&shm)] {
+        if f.symlink_metadata().is_ok() {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(f)
+                .map_err(|source| StoreError::Access {
+                    path: f.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+fn sqlite_error(path: &Path, what: &'static str, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::NotAStore {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            what,
+            source: e,
+        },
+    }
+}
+
+/// The OS's text for an error, without Rust's " (os error N)" suffix.
+pub(super) fn os_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// What to do about an [`StoreError::Access`].
+pub(super) fn access_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => {
+            "make state_dir writable by this user or set daemon.state_dir"
+        }
+        Some(libc::ENOSPC | libc::EDQUOT) => "free some disk space or set daemon.state_dir",
+        _ => "check state_dir or set daemon.state_dir",
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Stable on-disk codes of [`JobState`]; terminal states are `>= 2`.
+pub(super) fn state_code(state: JobState) -> i64 {
+    match state {
+        JobState::Queued => 0,
+        JobState::Running => 1,
+        JobState::Succeeded => 2,
+        JobState::Failed => 3,
+        JobState::Cancelled => 4,
+        JobState::TimedOut => 5,
+        JobState::Dead => 6,
+    }
+}
+
+fn state_from_code(code: i64) -> Option<JobState> {
+    Some(match code {
+        0 => JobState::Queued,
+        1 => JobState::Running,
+        2 => JobState::Succeeded,
+        3 => JobState::Failed,
+        4 => JobState::Cancelled,
+        5 => JobState::TimedOut,
+        6 => JobState::Dead,
+        _ => return None,
+    })
+}
+
+/// `finished_ms` is kept for terminal states only, so that "has a
+/// `finished_ms`" (the partial index) means "is finished".
+fn finished_ms(state: JobState, finished: Option<u64>, now_ms: u64) -> Option<i64> {
+    state
+        .is_terminal()
+        .then(|| to_sql_u64(finished.unwrap_or(now_ms)))
+}
+
+/// SQLite integers are `i64`; ids and times never come near the limit, and
+/// clamping beats failing a whole batch over one absurd timeout.
+pub(super) fn to_sql_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn text(bytes: &[u8]) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(ValueRef::Text(bytes))
+}
+
+fn encode_attempts(buf: &mut Vec<u8>, attempts: &[Attempt]) -> rusqlite::Result<()> {
+    buf.clear();
+    serde_json::to_writer(&mut *buf, attempts)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn parse_attempts(value: ValueRef<'_>) -> Result<Vec<Attempt>, String> {
+    match value {
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            serde_json::from_slice(t).map_err(|e| format!("unreadable attempts ({e})"))
+        }
+        ValueRef::Null => Ok(Vec::new()),
+        _ => Err("attempts of the wrong type".to_string()),
+    }
+}
+
+/// A [`JobDoc`] from a row of the `select_doc!` columns (plus `output` as
+/// column 9 when `with_output`).
+fn doc_from_row(row: &Row<'_>, with_output: bool) -> Result<JobDoc, String> {
+    let get = |e: rusqlite::Error| format!("unreadable job row ({e})");
+    let id = from_sql_u64(row.get(0).map_err(get)?);
+    let code: i64 = row.get(2).map_err(get)?;
+    let state = state_from_code(code).ok_or_else(|| format!("job {id}: unknown state {code}"))?;
+    let attempts =
+        parse_attempts(row.get_ref(8).map_err(get)?).map_err(|e| format!("job {id}: {e}"))?;
+    let output = if with_output {
+        row.get::<_, Option<Vec<u8>>>(9).map_err(get)?.map(Bytes)
+    } else {
+        None
+    };
+    Ok(JobDoc {
+        id,
+        pool: row.get(1).map_err(get)?,
+        state,
+        priority: row.get(3).map_err(get)?,
+        key: row.get(4).map_err(get)?,
+        created_ms: from_sql_u64(row.get(5).map_err(get)?),
+        finished_ms: row.get::<_, Option<i64>>(6).map_err(get)?.map(from_sql_u64),
+        attempts,
+        output,
+        error: row.get(7).map_err(get)?,
+    })
+}

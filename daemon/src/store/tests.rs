@@ -1,0 +1,1010 @@
+//! Store tests on real files in a temporary directory.
+
+use super::committer::{Stats, TestHook, Tuning};
+use super::db::{LOST_ON_RESTART, SCHEMA_VERSION};
+use super::*;
+use ipc_proto::control::{Attempt, JobState, Outcome};
+use ipc_proto::Bytes;
+use mio::{Events, Poll, Token, Waker};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const HOUR_MS: u64 = 3_600_000;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("jobvisor-store-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("jobs.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store plus the poll its waker belongs to, as the event loop has them.
+struct Harness {
+    store: Store,
+    poll: Poll,
+    events: Events,
+    next_token: u64,
+}
+
+impl Harness {
+    fn open(dir: &Path) -> (Harness, Recovered) {
+        Harness::open_tuned(dir, Tuning::default())
+    }
+
+    fn open_tuned(dir: &Path, tuning: Tuning) -> (Harness, Recovered) {
+        let poll = Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
+        let (store, recovered) = match Store::open_tuned(dir, waker, tuning) {
+            Ok(x) => x,
+            Err(e) => panic!("open {}: {e}", dir.display()),
+        };
+        let h = Harness {
+            store,
+            poll,
+            events: Events::with_capacity(8),
+            next_token: 1_000_000,
+        };
+        (h, recovered)
+    }
+
+    fn submit(&mut self, op: Op) -> u64 {
+        self.store.submit(op)
+    }
+
+    /// The next completion, sleeping on the waker like the event loop.
+    fn next(&mut self) -> Completion {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(c) = self.store.try_completion() {
+                return c;
+            }
+            let now = Instant::now();
+            assert!(now < deadline, "no completion within {DEADLINE:?}");
+            self.poll
+                .poll(&mut self.events, Some(deadline - now))
+                .expect("poll");
+        }
+    }
+
+    /// Consumes completions until every op up to `seq` is durable.
+    fn wait_durable(&mut self, seq: u64) {
+        loop {
+            match self.next() {
+                Completion::Durable { upto } if upto >= seq => return,
+                Completion::Durable { .. } | Completion::Query { .. } => {}
+                c @ Completion::Failed { .. } => panic!("unexpected {c:?}"),
+            }
+        }
+    }
+
+    fn query(&mut self, query: Query) -> QueryResult {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.submit(Op::Query { token, query });
+        loop {
+            match self.next() {
+                Completion::Query { token: t, result } if t == token => {
+                    return result.expect("query failed")
+                }
+                // Durable or Failed of the batch carrying the query.
+                _ => {}
+            }
+        }
+    }
+
+    fn job(&mut self, id: u64) -> Option<JobDoc> {
+        match self.query(Query::Job { id }) {
+            QueryResult::Job(doc) => doc,
+            r => panic!("unexpected {r:?}"),
+        }
+    }
+
+    fn list(&mut self, pool: Option<&str>, state: Option<JobState>, limit: u32) -> Vec<u64> {
+        let query = Query::List {
+            pool: pool.map(str::to_string),
+            state,
+            limit,
+        };
+        match self.query(query) {
+            QueryResult::List(docs) => {
+                assert!(docs.iter().all(|d| d.output.is_none()));
+                docs.iter().map(|d| d.id).collect()
+            }
+            r => panic!("unexpected {r:?}"),
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let (tx, rx) = mpsc::channel();
+        self.store.test_hook(TestHook::Stats(tx));
+        rx.recv().expect("stats")
+    }
+
+    fn exec(&self, sql: &str) {
+        let (tx, rx) = mpsc::channel();
+        self.store.test_hook(TestHook::Exec(sql.to_string(), tx));
+        rx.recv().expect("exec reply").expect("exec");
+    }
+
+    fn prune_now(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.store.test_hook(TestHook::PruneNow(tx));
+        rx.recv().expect("prune reply");
+    }
+
+    /// Blocks the store thread until the returned sender is dropped, so
+    /// that everything submitted meanwhile lands in one batch.
+    fn pause(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        self.store.test_hook(TestHook::Pause(rx));
+        tx
+    }
+
+    fn close(self) {
+        self.store.close().expect("close");
+    }
+}
+
+fn new_job(id: u64, pool: &str) -> NewJob {
+    NewJob {
+        id,
+        pool: pool.to_string(),
+        priority: 0,
+        key: None,
+        max_attempts: 3,
+        timeout_ms: None,
+        input: format!("input {id}").into_bytes(),
+        created_ms: 1_700_000_000_000 + id,
+    }
+}
+
+fn attempt(n: u32, outcome: Option<Outcome>) -> Attempt {
+    Attempt {
+        n,
+        worker: 1,
+        pid: 4242,
+        started_ms: 1_700_000_001_000,
+        ended_ms: outcome.map(|_| 1_700_000_002_000),
+        outcome,
+        error: None,
+    }
+}
+
+fn running(id: u64, attempts: Vec<Attempt>) -> Op {
+    Op::Update(JobUpdate {
+        id,
+        state: JobState::Running,
+        attempts,
+        output: None,
+        error: None,
+        finished_ms: None,
+    })
+}
+
+fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
+    Op::Update(JobUpdate {
+        id,
+        state,
+        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+        output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes()),
+        error: (state != JobState::Succeeded).then(|| "boom".to_string()),
+        finished_ms: Some(finished_ms),
+    })
+}
+
+fn ids(recovered: &Recovered) -> Vec<u64> {
+    recovered.jobs.iter().map(|j| j.job.id).collect()
+}
+
+fn count(recovered: &Recovered, pool: &str, state: JobState) -> u64 {
+    recovered
+        .counts
+        .get(pool)
+        .and_then(|m| m.get(&state))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn open_err(dir: &Path) -> StoreError {
+    let poll = Poll::new().expect("poll");
+    let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
+    match Store::open(dir, waker) {
+        Ok(_) => panic!("opening {} should fail", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn store_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+}
+
+#[test]
+fn round_trip_insert_update_query() {
+    let dir = TempDir::new("roundtrip");
+    let (mut h, rec) = Harness::open(dir.path());
+    assert!(rec.jobs.is_empty());
+    assert_eq!(rec.next_id, 1);
+    assert!(rec.counts.is_empty());
+
+    let mut job = new_job(1, "a");
+    job.priority = 5;
+    job.key = Some("k".into());
+    job.timeout_ms = Some(1500);
+    let seq = h.submit(Op::Insert(job));
+    assert_eq!(seq, 1);
+    h.wait_durable(seq);
+    let doc = h.job(1).expect("job 1");
+    assert_eq!(doc.pool, "a");
+    assert_eq!(doc.state, JobState::Queued);
+    assert_eq!(doc.priority, 5);
+    assert_eq!(doc.key.as_deref(), Some("k"));
+    assert_eq!(doc.created_ms, 1_700_000_000_001);
+    assert!(doc.attempts.is_empty() && doc.output.is_none() && doc.finished_ms.is_none());
+
+    h.submit(running(1, vec![attempt(1, None)]));
+    let seq = h.submit(finished(1, JobState::Succeeded, 1_700_000_003_000));
+    h.wait_durable(seq);
+    let doc = h.job(1).expect("job 1");
+    assert_eq!(doc.state, JobState::Succeeded);
+    assert_eq!(doc.output, Some(Bytes(b"output 1".to_vec())));
+    assert_eq!(doc.finished_ms, Some(1_700_000_003_000));
+    assert_eq!(doc.attempts, vec![attempt(1, Some(Outcome::Succeeded))]);
+    assert_eq!(h.job(99), None);
+
+    // A large input goes to `job_inputs`; it must come back intact.
+    let big: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    h.submit(Op::Insert(new_job(2, "b")));
+    let mut job3 = new_job(3, "a");
+    job3.input = big.clone();
+    let seq = h.submit(Op::Insert(job3));
+    h.wait_durable(seq);
+
+    assert_eq!(h.list(None, None, u32::MAX), vec![3, 2, 1]);
+    assert_eq!(h.list(None, None, 1), vec![3]);
+    assert_eq!(h.list(Some("a"), None, 10), vec![3, 1]);
+    assert_eq!(h.list(None, Some(JobState::Succeeded), 10), vec![1]);
+    assert_eq!(h.list(Some("a"), Some(JobState::Queued), 10), vec![3]);
+    assert_eq!(h.list(Some("nope"), None, 10), Vec::<u64>::new());
+    h.close();
+
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![2, 3]);
+    assert_eq!(rec.jobs[1].job.input, big);
+    assert_eq!(rec.jobs[0].job, new_job(2, "b"));
+    assert_eq!(rec.next_id, 4);
+    assert_eq!(count(&rec, "a", JobState::Succeeded), 1);
+    assert_eq!(count(&rec, "a", JobState::Queued), 1);
+    assert_eq!(count(&rec, "b", JobState::Queued), 1);
+    h.close();
+}
+
+#[test]
+fn group_commit_acks_in_order() {
+    let dir = TempDir::new("group");
+    let (mut h, _) = Harness::open(dir.path());
+
+    // Everything queued while the thread is busy becomes one transaction.
+    let release = h.pause();
+    for id in 1..=100 {
+        h.submit(Op::Insert(new_job(id, "p")));
+    }
+    drop(release);
+    assert_eq!(h.next(), Completion::Durable { upto: 100 });
+    assert_eq!(h.stats().commits, 1);
+
+    // A stream of ops: acks strictly increase and end with the last op.
+    let mut last = 0;
+    for id in 101..=5_000 {
+        last = h.submit(Op::Insert(new_job(id, "p")));
+    }
+    let mut uptos = Vec::new();
+    while uptos.last() != Some(&last) {
+        match h.next() {
+            Completion::Durable { upto } => uptos.push(upto),
+            c => panic!("unexpected {c:?}"),
+        }
+    }
+    assert!(uptos.windows(2).all(|w| w[0] < w[1]), "{uptos:?}");
+    eprintln!("4900 inserts acked in {} commits", uptos.len());
+    h.close();
+}
+
+#[test]
+fn coalescing_keeps_only_the_final_values() {
+    let dir = TempDir::new("coalesce");
+    let (mut h, _) = Harness::open(dir.path());
+    let seq = h.submit(Op::Insert(new_job(3, "p")));
+    h.wait_durable(seq);
+    let before = h.stats();
+
+    let release = h.pause();
+    h.submit(Op::Insert(new_job(1, "p")));
+    h.submit(running(1, vec![attempt(1, None)]));
+    h.submit(finished(1, JobState::Succeeded, 1_700_000_009_000));
+    h.submit(Op::Insert(new_job(2, "p")));
+    h.submit(running(2, vec![attempt(1, None)]));
+    h.submit(running(3, vec![attempt(1, None)]));
+    let last = h.submit(finished(3, JobState::Failed, 1_700_000_009_500));
+    drop(release);
+    assert_eq!(h.next(), Completion::Durable { upto: last });
+
+    let after = h.stats();
+    assert_eq!(after.commits - before.commits, 1);
+    assert_eq!(after.inserts - before.inserts, 2, "one insert per new job");
+    assert_eq!(after.updates - before.updates, 1, "one update for job 3");
+
+    let one = h.job(1).expect("job 1");
+    assert_eq!(one.state, JobState::Succeeded);
+    assert_eq!(one.output, Some(Bytes(b"output 1".to_vec())));
+    assert_eq!(one.finished_ms, Some(1_700_000_009_000));
+    let two = h.job(2).expect("job 2");
+    assert_eq!(two.state, JobState::Running);
+    assert_eq!(two.attempts, vec![attempt(1, None)]);
+    let three = h.job(3).expect("job 3");
+    assert_eq!(three.state, JobState::Failed);
+    assert_eq!(three.error.as_deref(), Some("boom"));
+    h.close();
+}
+
+#[test]
+fn queries_see_every_earlier_op() {
+    let dir = TempDir::new("queries");
+    let (mut h, _) = Harness::open(dir.path());
+    let release = h.pause();
+    h.submit(Op::Insert(new_job(1, "p")));
+    h.submit(Op::Query {
+        token: 7,
+        query: Query::Job { id: 1 },
+    });
+    h.submit(Op::Insert(new_job(2, "p")));
+    h.submit(Op::Query {
+        token: 8,
+        query: Query::List {
+            pool: None,
+            state: None,
+            limit: 10,
+        },
+    });
+    drop(release);
+    assert_eq!(h.next(), Completion::Durable { upto: 4 });
+    match h.next() {
+        Completion::Query {
+            token: 7,
+            result: Ok(QueryResult::Job(Some(doc))),
+        } => assert_eq!(doc.id, 1),
+        c => panic!("unexpected {c:?}"),
+    }
+    match h.next() {
+        Completion::Query {
+            token: 8,
+            result: Ok(QueryResult::List(docs)),
+        } => assert_eq!(docs.iter().map(|d| d.id).collect::<Vec<_>>(), vec![2, 1]),
+        c => panic!("unexpected {c:?}"),
+    }
+    h.close();
+}
+
+#[test]
+fn recovery_requeues_running_jobs_or_declares_them_dead() {
+    let dir = TempDir::new("recovery");
+    let (mut h, _) = Harness::open(dir.path());
+    h.submit(Op::Insert(new_job(1, "p")));
+    let mut two = new_job(2, "p");
+    two.max_attempts = 2;
+    h.submit(Op::Insert(two));
+    h.submit(Op::Insert(new_job(3, "q")));
+    h.submit(Op::Insert(new_job(4, "q")));
+    h.submit(running(1, vec![attempt(1, None)]));
+    h.submit(running(
+        2,
+        vec![attempt(1, Some(Outcome::Lost)), attempt(2, None)],
+    ));
+    let seq = h.submit(finished(4, JobState::Succeeded, 1_700_000_005_000));
+    h.wait_durable(seq);
+    // Simulate a crash: the store is not told anything about the running jobs.
+    h.close();
+
+    let before = db::now_ms();
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1, 3]);
+    assert_eq!(rec.next_id, 5);
+    let lost = &rec.jobs[0].attempts[0];
+    assert_eq!(lost.outcome, Some(Outcome::Lost));
+    assert!(lost.ended_ms.is_some_and(|t| t >= before));
+    assert_eq!(lost.error.as_deref(), Some(LOST_ON_RESTART));
+    assert!(rec.jobs[1].attempts.is_empty());
+    assert_eq!(count(&rec, "p", JobState::Queued), 1);
+    assert_eq!(count(&rec, "p", JobState::Dead), 1);
+    assert_eq!(count(&rec, "p", JobState::Running), 0);
+    assert_eq!(count(&rec, "q", JobState::Queued), 1);
+    assert_eq!(count(&rec, "q", JobState::Succeeded), 1);
+
+    // The changes were written, not just reported.
+    let one = h.job(1).expect("job 1");
+    assert_eq!(one.state, JobState::Queued);
+    assert_eq!(one.attempts, rec.jobs[0].attempts);
+    let two = h.job(2).expect("job 2");
+    assert_eq!(two.state, JobState::Dead);
+    assert!(two.finished_ms.is_some_and(|t| t >= before));
+    assert_eq!(two.error.as_deref(), Some(LOST_ON_RESTART));
+    assert_eq!(two.attempts[1].outcome, Some(Outcome::Lost));
+    h.close();
+
+    // A second recovery finds nothing more to do.
+    let (h, again) = Harness::open(dir.path());
+    assert_eq!(again.jobs, rec.jobs);
+    assert_eq!(again.counts, rec.counts);
+    h.close();
+}
+
+#[test]
+fn next_id_survives_pruning_of_the_newest_job() {
+    let dir = TempDir::new("nextid");
+    let (mut h, _) = Harness::open(dir.path());
+    let old = db::now_ms() - 48 * HOUR_MS;
+    for id in 1..=3 {
+        h.submit(Op::Insert(new_job(id, "p")));
+    }
+    let seq = h.submit(finished(3, JobState::Succeeded, old));
+    h.wait_durable(seq);
+    h.prune_now();
+    assert_eq!(h.job(3), None, "pruned after the default 24h");
+    assert!(h.job(2).is_some());
+    h.close();
+
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1, 2]);
+    assert_eq!(rec.next_id, 4);
+    // Even when the newest job goes while the store is open.
+    h.submit(Op::Insert(new_job(4, "p")));
+    let seq = h.submit(finished(4, JobState::Failed, old));
+    h.wait_durable(seq);
+    h.prune_now();
+    assert_eq!(h.job(4), None);
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(rec.next_id, 5);
+    h.close();
+}
+
+#[test]
+fn retention_and_max_finished_cap() {
+    let dir = TempDir::new("retention");
+    let (mut h, _) = Harness::open(dir.path());
+    let now = db::now_ms();
+    for id in 1..=10 {
+        let pool = if id <= 2 { "short" } else { "long" };
+        h.submit(Op::Insert(new_job(id, pool)));
+    }
+    h.submit(finished(1, JobState::Succeeded, now - 2 * HOUR_MS)); // expired (1h)
+    h.submit(finished(2, JobState::Cancelled, now - HOUR_MS / 6)); // kept, then capped
+    h.submit(finished(3, JobState::TimedOut, now - 2 * HOUR_MS)); // kept (24h), then capped
+    h.submit(finished(4, JobState::Dead, now - 30 * HOUR_MS)); // expired (24h)
+                                                               // Non-terminal jobs are never pruned, even with an old finished_ms.
+    h.submit(Op::Update(JobUpdate {
+        id: 5,
+        state: JobState::Queued,
+        attempts: vec![attempt(1, Some(Outcome::Lost))],
+        output: None,
+        error: None,
+        finished_ms: Some(now - 100 * HOUR_MS),
+    }));
+    h.submit(running(6, vec![attempt(1, None)]));
+    for id in 7..=10 {
+        h.submit(finished(id, JobState::Succeeded, now));
+    }
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::from([("short".to_string(), Duration::from_secs(3600))]),
+        default: Duration::from_secs(24 * 3600),
+        max_finished: 4,
+    });
+    h.wait_durable(seq);
+    assert_eq!(h.job(5).expect("job 5").finished_ms, None);
+
+    h.prune_now();
+    assert_eq!(h.list(None, None, 100), vec![10, 9, 8, 7, 6, 5]);
+    // Nothing left to do: a second pass deletes nothing.
+    h.prune_now();
+    assert_eq!(h.list(None, None, 100), vec![10, 9, 8, 7, 6, 5]);
+    h.close();
+}
+
+#[test]
+fn pruning_runs_by_itself() {
+    let dir = TempDir::new("autoprune");
+    let tuning = Tuning {
+        prune_every: Duration::from_millis(50),
+        ..Tuning::default()
+    };
+    let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
+    let now = db::now_ms();
+    h.submit(Op::Insert(new_job(1, "p")));
+    h.submit(Op::Insert(new_job(2, "p")));
+    h.submit(finished(1, JobState::Succeeded, now - 2 * HOUR_MS));
+    // Job 2 expires 300 ms from now: the pass after that must find it
+    // without any op arriving.
+    h.submit(finished(2, JobState::Succeeded, now - HOUR_MS + 300));
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: Duration::from_secs(3600),
+        max_finished: 1000,
+    });
+    h.wait_durable(seq);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.list(None, None, 10).is_empty() {
+        assert!(Instant::now() < deadline, "jobs were not pruned");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.close();
+}
+
+#[test]
+fn failed_commit_loses_inserts_and_retries_updates() {
+    let dir = TempDir::new("diskfull");
+    let tuning = Tuning {
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+
+    // The database may not grow any more: as good as a full disk.
+    h.exec("PRAGMA max_page_count = 1");
+    let big = vec![7u8; 300_000];
+    let release = h.pause();
+    h.submit(Op::Update(JobUpdate {
+        id: 1,
+        state: JobState::Succeeded,
+        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+        output: Some(big.clone()),
+        error: None,
+        finished_ms: Some(1_700_000_100_000),
+    }));
+    let mut two = new_job(2, "p");
+    two.input = big.clone();
+    let failed_upto = h.submit(Op::Insert(two));
+    drop(release);
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!(upto, failed_upto);
+            assert_eq!(lost_inserts, vec![2]);
+            assert!(
+                error.contains("jobs.db") && error.contains("full"),
+                "{error}"
+            );
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert_eq!(h.job(1).expect("job 1").state, JobState::Queued);
+
+    // Space comes back: the kept update is committed without any new op.
+    h.exec("PRAGMA max_page_count = 1073741823");
+    // (The query above went with a batch that failed too, hence `>`.)
+    assert!(matches!(h.next(), Completion::Durable { upto } if upto > failed_upto));
+    let one = h.job(1).expect("job 1");
+    assert_eq!(one.state, JobState::Succeeded);
+    assert_eq!(one.output, Some(Bytes(big)));
+    assert_eq!(h.job(2), None, "a lost insert is never stored later");
+    h.close();
+}
+
+#[test]
+fn a_dead_store_thread_fails_every_pending_op() {
+    let dir = TempDir::new("panic");
+    let (mut h, _) = Harness::open(dir.path());
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+
+    h.store.test_hook(TestHook::Panic);
+    h.submit(Op::Insert(new_job(2, "p")));
+    h.submit(Op::Query {
+        token: 9,
+        query: Query::Job { id: 1 },
+    });
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!((upto, lost_inserts), (3, vec![2]));
+            assert!(
+                error.contains("panicked: test hook asked for a panic"),
+                "{error}"
+            );
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert!(matches!(
+        h.next(),
+        Completion::Query {
+            token: 9,
+            result: Err(_)
+        }
+    ));
+    // Ops submitted afterwards fail too.
+    h.submit(Op::Insert(new_job(3, "p")));
+    assert!(matches!(
+        h.next(),
+        Completion::Failed { upto: 4, lost_inserts, .. } if lost_inserts == vec![3]
+    ));
+    assert_eq!(h.store.try_completion(), None);
+    let err = h.store.close().expect_err("close after a panic");
+    assert!(err.to_string().contains("panicked"), "{err}");
+}
+
+#[test]
+fn close_then_reopen_keeps_everything_acknowledged() {
+    let dir = TempDir::new("reopen");
+    let (mut h, _) = Harness::open(dir.path());
+    let mut acked = 0;
+    for id in 1..=10_000u64 {
+        h.submit(Op::Insert(new_job(
+            id,
+            if id % 2 == 0 { "even" } else { "odd" },
+        )));
+        if id % 3 == 0 {
+            h.submit(finished(id, JobState::Succeeded, db::now_ms()));
+        }
+        while let Some(c) = h.store.try_completion() {
+            if let Completion::Durable { upto } = c {
+                acked = upto;
+            }
+        }
+    }
+    // Whatever was acknowledged, and what close() committed, is there.
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    eprintln!("{acked} ops acknowledged before close");
+    assert_eq!(rec.next_id, 10_001);
+    assert_eq!(rec.jobs.len(), 10_000 - 3_333);
+    assert!(rec.jobs.iter().all(|j| j.job.id % 3 != 0));
+    let done = count(&rec, "even", JobState::Succeeded) + count(&rec, "odd", JobState::Succeeded);
+    assert_eq!(done, 3_333);
+    h.close();
+}
+
+/// Runs a test of this binary in a child process; returns its output, or
+/// `None` if the child could not be started (e.g. the binary is not
+/// executable by `uid`).
+fn run_child(test: &str, dir: &Path, uid: Option<u32>) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("JOBVISOR_STORE_TEST_DIR", dir);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    match cmd.output() {
+        Ok(out) => Some(out),
+        Err(e) => {
+            eprintln!("skipping: cannot run {test} as a child: {e}");
+            None
+        }
+    }
+}
+
+fn child_dir() -> Option<PathBuf> {
+    std::env::var_os("JOBVISOR_STORE_TEST_DIR").map(PathBuf::from)
+}
+
+#[test]
+fn permission_denied_is_explained() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("perm");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    if nix::unistd::geteuid().is_root() {
+        // Root ignores permissions: ask the question as "nobody".
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        let Some(out) = run_child("store::tests::permission_denied_child", &state, Some(65534))
+        else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    } else {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        check_permission_denied(&state);
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+}
+
+#[test]
+#[ignore = "run by permission_denied_is_explained in a child process"]
+fn permission_denied_child() {
+    let state = child_dir().expect("JOBVISOR_STORE_TEST_DIR");
+    check_permission_denied(&state);
+}
+
+fn check_permission_denied(state: &Path) {
+    let err = open_err(state);
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::Access { .. }), "{err:?}");
+    assert_eq!(
+        msg,
+        format!(
+            "cannot open store {}: Permission denied; make state_dir writable by this user or \
+             set daemon.state_dir",
+            state.display()
+        )
+    );
+    // Not creatable either.
+    let err = open_err(&state.join("sub"));
+    assert!(err.to_string().contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn newer_schema_is_refused_untouched() {
+    let dir = TempDir::new("newer");
+    let (h, _) = Harness::open(dir.path());
+    h.close();
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        conn.pragma_update(None, "user_version", 99)
+            .expect("set version");
+    }
+    let err = open_err(dir.path());
+    assert!(
+        matches!(err, StoreError::TooNew { found: 99, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} has schema version 99, newer than this jobvisord supports ({SCHEMA_VERSION}); \
+             upgrade jobvisord or set daemon.state_dir to another directory",
+            dir.db().display()
+        )
+    );
+    let conn = rusqlite::Connection::open(dir.db()).expect("open");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 99);
+}
+
+#[test]
+fn garbage_file_is_refused_untouched() {
+    let dir = TempDir::new("garbage");
+    let garbage: Vec<u8> = b"this is not a database, it is a shopping list\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(8192)
+        .collect();
+    std::fs::write(dir.db(), &garbage).expect("write");
+    let err = open_err(dir.path());
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert_eq!(
+        msg,
+        format!(
+            "{} is not a valid jobvisor store (file is not a database); move it away to start \
+             with an empty store (its jobs will be lost)",
+            dir.db().display()
+        )
+    );
+    assert_eq!(std::fs::read(dir.db()).expect("read"), garbage);
+}
+
+#[test]
+fn another_programs_database_is_refused_untouched() {
+    let dir = TempDir::new("foreign");
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        conn.execute_batch("CREATE TABLE recipes (name TEXT); INSERT INTO recipes VALUES ('x');")
+            .expect("create");
+    }
+    let err = open_err(dir.path());
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err:?}");
+    assert!(err.to_string().contains("another program"), "{err}");
+    let conn = rusqlite::Connection::open(dir.db()).expect("open");
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, "delete", "the journal mode was not changed");
+}
+
+#[test]
+fn errors_display_on_one_line() {
+    let dir = TempDir::new("oneline");
+    std::fs::write(dir.path().join("file"), b"x").expect("write");
+    // state_dir is a file.
+    let err = open_err(&dir.path().join("file"));
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(msg.contains("set daemon.state_dir"), "{msg}");
+}
+
+/// Kills a process that is writing to the store with SIGKILL and checks that
+/// every job it had seen acknowledged is there.
+#[test]
+fn kill_9_loses_nothing_acknowledged() {
+    let dir = TempDir::new("kill9");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "store::tests::kill_9_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("JOBVISOR_STORE_TEST_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut acked = 0u64;
+    let deadline = Instant::now() + DEADLINE;
+    for line in lines.by_ref() {
+        let line = line.expect("read");
+        if let Some(n) = line.strip_prefix("acked ") {
+            acked = n.parse().expect("number");
+            if acked >= 20_000 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "child too slow");
+    }
+    child.kill().expect("kill -9");
+    // Acks printed before the kill still count.
+    for line in lines {
+        if let Some(n) = line.expect("read").strip_prefix("acked ") {
+            acked = acked.max(n.parse().expect("number"));
+        }
+    }
+    child.wait().expect("wait");
+    assert!(acked >= 20_000, "the child stopped early");
+
+    let (h, rec) = Harness::open(dir.path());
+    eprintln!(
+        "{acked} jobs acknowledged before SIGKILL, {} found",
+        rec.jobs.len()
+    );
+    assert!(rec.next_id > acked);
+    let found = ids(&rec);
+    assert!(found.len() as u64 >= acked);
+    assert!(found.iter().take(acked as usize).copied().eq(1..=acked));
+    h.close();
+}
+
+#[test]
+#[ignore = "run by kill_9_loses_nothing_acknowledged in a child process"]
+fn kill_9_child() {
+    use std::io::Write;
+    let dir = child_dir().expect("JOBVISOR_STORE_TEST_DIR");
+    let (mut h, _) = Harness::open(&dir);
+    let mut stdout = std::io::stdout().lock();
+    let mut next = 1u64;
+    let mut acked = 0u64;
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        // Keep ops in flight: submit ahead of the acks, up to a bound.
+        if next - acked < 50_000 {
+            for _ in 0..500 {
+                h.submit(Op::Insert(new_job(next, "p")));
+                next += 1;
+            }
+        }
+        let c = if next - acked >= 50_000 {
+            Some(h.next())
+        } else {
+            h.store.try_completion()
+        };
+        if let Some(Completion::Durable { upto }) = c {
+            acked = upto;
+            writeln!(stdout, "acked {upto}").expect("stdout");
+            stdout.flush().expect("flush");
+        }
+    }
+}
+
+#[test]
+fn throughput() {
+    const JOBS: u64 = 200_000;
+    let dir = TempDir::new("throughput");
+    let (mut h, _) = Harness::open(dir.path());
+    let before = h.stats();
+
+    // One insert and one update per job, in separate batches (all inserts,
+    // then all updates), as when jobs run between submission and result.
+    let start = Instant::now();
+    for id in 1..=JOBS {
+        h.submit(Op::Insert(new_job(id, "bench")));
+    }
+    let mut last = 0;
+    for id in 1..=JOBS {
+        last = h.submit(Op::Update(JobUpdate {
+            id,
+            state: JobState::Succeeded,
+            attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+            output: Some(b"done!!!".to_vec()),
+            error: None,
+            finished_ms: Some(1_700_000_100_000),
+        }));
+    }
+    h.wait_durable(last);
+    let elapsed = start.elapsed();
+    let stats = h.stats();
+    assert_eq!(stats.inserts - before.inserts, JOBS);
+    assert_eq!(stats.updates - before.updates, JOBS);
+    let busy = stats.busy - before.busy;
+    eprintln!(
+        "throughput: {} ops in {:.2?} = {:.0} ops/s ({:.0} jobs/s), {} commits; \
+         writing and committing took {busy:.2?} = {:.0} ops/s",
+        2 * JOBS,
+        elapsed,
+        (2 * JOBS) as f64 / elapsed.as_secs_f64(),
+        JOBS as f64 / elapsed.as_secs_f64(),
+        stats.commits - before.commits,
+        (2 * JOBS) as f64 / busy.as_secs_f64(),
+    );
+
+    // Insert and update of each job back to back: coalesced when they land
+    // in the same batch.
+    let start = Instant::now();
+    for id in JOBS + 1..=2 * JOBS {
+        h.submit(Op::Insert(new_job(id, "bench")));
+        last = h.submit(finished(id, JobState::Succeeded, 1_700_000_100_000));
+    }
+    h.wait_durable(last);
+    let elapsed = start.elapsed();
+    let busy = h.stats().busy - stats.busy;
+    eprintln!(
+        "throughput, interleaved: {} ops in {:.2?} = {:.0} ops/s; writing and committing \
+         took {busy:.2?}",
+        2 * JOBS,
+        elapsed,
+        (2 * JOBS) as f64 / elapsed.as_secs_f64(),
+    );
+    assert_eq!(
+        h.job(2 * JOBS).expect("last job").state,
+        JobState::Succeeded
+    );
+    h.close();
+}

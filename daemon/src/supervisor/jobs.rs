@@ -1,0 +1,1409 @@
+//! Jobs, the other half of the core: admission, durable acknowledgement,
+//! dispatch, completion, retries, timeouts, cancellation, keys and
+//! semaphores. Still sans-IO: the store and the clients are reached through
+//! [`Action::Store`] and [`Action::Reply`].
+//!
+//! Invariants:
+//! - **A job is acknowledged only once durable.** `submit` queues an insert
+//!   and remembers its store sequence number; the `Submitted` reply and the
+//!   job's eligibility for dispatch wait for [`Supervisor::on_durable`]
+//!   covering that number. Likewise a finished job's waiters hear of it only
+//!   once its final row is durable.
+//! - **Store sequence numbers are predicted, not returned**: every
+//!   `Action::Store` is op number `store_seq + 1`, and the reactor submits
+//!   them in action order.
+//! - **A worker runs its in-flight jobs in the order sent**, so the front of
+//!   `Proc::inflight` is the one running; the others were prefetched and, if
+//!   the worker dies, go back to the queue without costing an attempt.
+//! - A job holds its key and its pool's semaphores from dispatch until it
+//!   leaves the worker (finished or requeued).
+
+use super::*;
+use crate::store::{JobUpdate, NewJob, Query, QueryResult, Recovered};
+use ipc_proto::control::{Attempt, JobDoc, JobOptions, Outcome};
+use ipc_proto::worker::{Job as WireJob, Payload};
+use ipc_proto::Bytes;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+/// Terminal jobs kept in the store at most (oldest pruned first).
+pub const MAX_FINISHED_JOBS: u64 = 1_000_000;
+
+/// A queue entry: higher priority first, then lower `order` (FIFO; jobs
+/// put back after a lost attempt get a negative order: the head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct QEntry {
+    priority: i32,
+    order: Reverse<i64>,
+    id: u64,
+}
+
+/// Per-pool queue and counters.
+#[derive(Debug, Default)]
+pub(super) struct PoolJobs {
+    queue: BinaryHeap<QEntry>,
+    /// Jobs in the `Queued` phase.
+    pub(super) queued: u64,
+    /// Accepted, insert not yet durable.
+    pub(super) pending: u64,
+    /// Handed to a worker.
+    pub(super) running: u64,
+    /// Terminal counts (store history plus this run).
+    pub(super) succeeded: u64,
+    pub(super) failed: u64,
+    /// Needs a dispatch pass.
+    pub(super) dirty: bool,
+}
+
+#[derive(Debug)]
+enum JobPhase {
+    /// Insert submitted to the store, not yet durable.
+    Pending,
+    Queued,
+    Running {
+        proc: ProcId,
+    },
+    /// Final state decided; waiting for its row to be durable.
+    Finishing(Box<Final>),
+}
+
+#[derive(Debug)]
+struct Final {
+    state: JobState,
+    output: Option<Vec<u8>>,
+    error: Option<String>,
+    finished_ms: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    pool: String,
+    priority: i32,
+    key: Option<String>,
+    max_attempts: u32,
+    timeout: Option<Duration>,
+    input: Vec<u8>,
+    attempts: Vec<Attempt>,
+    created_ms: u64,
+    phase: JobPhase,
+    /// A client asked to cancel it.
+    cancel_requested: bool,
+    /// Holds its key and semaphores (between dispatch and leaving the worker).
+    holds: bool,
+    /// Was in a worker, among several jobs in flight, when it died: it may be
+    /// the one that killed it. It runs alone from now on, so that a further
+    /// death is attributed exactly.
+    suspect: bool,
+}
+
+/// What the queue offers a worker.
+enum Next {
+    Job(u64),
+    /// Nothing runnable now.
+    None,
+    /// The next job must run alone; this worker already has jobs.
+    NeedsEmptyWorker,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Insert {
+        id: u64,
+        client: ClientId,
+        wait: bool,
+    },
+    Final {
+        id: u64,
+    },
+    /// A reply that must not overtake earlier replies to the same client
+    /// (a refused submit after pipelined accepted ones).
+    Reply {
+        client: ClientId,
+        resp: Box<Response>,
+    },
+}
+
+#[derive(Debug)]
+enum QueryPurpose {
+    Wait {
+        client: ClientId,
+        group: u64,
+        id: u64,
+    },
+    Result {
+        client: ClientId,
+    },
+    Cancel {
+        client: ClientId,
+        id: u64,
+    },
+    Jobs {
+        client: ClientId,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    client: ClientId,
+    with_output: bool,
+    group: Option<u64>,
+}
+
+/// Everything about jobs that is not per pool.
+#[derive(Debug, Default)]
+pub(super) struct JobTable {
+    jobs: HashMap<u64, Job>,
+    next_id: u64,
+    tail_order: i64,
+    head_order: i64,
+    store_seq: u64,
+    pending: VecDeque<(u64, Pending)>,
+    queries: HashMap<u64, QueryPurpose>,
+    waiters: HashMap<u64, Vec<Waiter>>,
+    wait_groups: HashMap<u64, (ClientId, usize)>,
+    next_group: u64,
+    running_keys: HashMap<String, u64>,
+    /// Entries popped while their key was busy, per key, with their pool.
+    parked: HashMap<String, VecDeque<(String, QEntry)>>,
+    sem_used: HashMap<String, u32>,
+    /// Queued jobs of pools that are not configured (removed by reload, or
+    /// recovered from the store): they wait until the pool comes back.
+    orphans: HashMap<String, Vec<QEntry>>,
+    /// Running jobs a client cancelled, by when the worker must let go.
+    cancel_deadlines: BTreeSet<(Instant, u64)>,
+}
+
+impl Supervisor {
+    /// Loads what the store recovered at start-up (call before `start`).
+    pub fn recover(&mut self, rec: Recovered) {
+        self.jt.next_id = rec.next_id.max(1);
+        for (pool, counts) in &rec.counts {
+            if let Some(p) = self.pools.get_mut(pool) {
+                for (state, n) in counts {
+                    match state {
+                        JobState::Succeeded => p.jobs.succeeded += n,
+                        s if s.is_terminal() => p.jobs.failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for r in rec.jobs {
+            let j = r.job;
+            self.jt.tail_order += 1;
+            let entry = QEntry {
+                priority: j.priority,
+                order: Reverse(self.jt.tail_order),
+                id: j.id,
+            };
+            let job = Job {
+                id: j.id,
+                pool: j.pool.clone(),
+                priority: j.priority,
+                key: j.key,
+                max_attempts: j.max_attempts,
+                timeout: j.timeout_ms.map(Duration::from_millis),
+                input: j.input,
+                attempts: r.attempts,
+                created_ms: j.created_ms,
+                phase: JobPhase::Queued,
+                cancel_requested: false,
+                holds: false,
+                suspect: false,
+            };
+            self.enqueue_entry(&j.pool, entry);
+            self.jt.jobs.insert(job.id, job);
+            n += 1;
+        }
+        if n > 0 {
+            self.log(
+                Level::Info,
+                format!("recovered {n} unfinished jobs from the store"),
+            );
+        }
+        for (pool, entries) in &self.jt.orphans {
+            self.actions.push_back(Action::Log {
+                level: Level::Warn,
+                msg: format!(
+                    "{} queued jobs belong to pool {pool:?}, which is not configured; they wait until it is added back",
+                    entries.len()
+                ),
+            });
+        }
+        self.push_retention();
+    }
+
+    /// Turns `events` broadcasting on or off (off: no event is built).
+    pub fn set_events_wanted(&mut self, on: bool) {
+        self.events_wanted = on;
+    }
+
+    /// A client submits a job. On success the `Submitted` reply follows
+    /// once the job is durable.
+    pub fn submit(
+        &mut self,
+        client: ClientId,
+        pool_name: &str,
+        input: Vec<u8>,
+        options: JobOptions,
+        wait: bool,
+        now: Instant,
+    ) {
+        if let Err(e) = self.try_submit(client, pool_name, input, options, wait, now) {
+            let resp = ctl_error_response(e);
+            if self.jt.pending.is_empty() {
+                self.reply(client, resp);
+            } else {
+                let seq = self.jt.store_seq;
+                self.jt.pending.push_back((
+                    seq,
+                    Pending::Reply {
+                        client,
+                        resp: Box::new(resp),
+                    },
+                ));
+            }
+        }
+    }
+
+    fn try_submit(
+        &mut self,
+        client: ClientId,
+        pool_name: &str,
+        input: Vec<u8>,
+        options: JobOptions,
+        wait: bool,
+        now: Instant,
+    ) -> Result<(), CtlError> {
+        if self.shutting_down {
+            return Err(CtlError::Rejected(
+                "the daemon is shutting down; submit again once it is back".into(),
+            ));
+        }
+        if !self.pools.contains_key(pool_name) {
+            return Err(self.unknown_pool(pool_name));
+        }
+        let pool = self.pools.get_mut(pool_name).expect("checked");
+        if pool.removing {
+            return Err(CtlError::Rejected(format!(
+                "pool {pool_name} is being removed"
+            )));
+        }
+        if pool.state == PoolState::Failed {
+            return Err(CtlError::Rejected(format!(
+                "pool {pool_name} has failed ({}); fix it and run `jobvisorctl restart {pool_name}`, then retry",
+                pool.last_error.as_deref().unwrap_or("crash loop")
+            )));
+        }
+        let cap = pool.config.queue_capacity;
+        if pool.jobs.queued + pool.jobs.pending >= cap {
+            return Err(CtlError::Rejected(format!(
+                "pool {pool_name} queue is full ({cap} jobs waiting, queue_capacity = {cap}); retry later or raise queue_capacity"
+            )));
+        }
+        if options.max_attempts == Some(0) {
+            return Err(CtlError::Invalid(
+                "--max-attempts must be at least 1".into(),
+            ));
+        }
+        if options.timeout_ms == Some(0) {
+            return Err(CtlError::Invalid("--timeout must be above 0".into()));
+        }
+        let max_attempts = options.max_attempts.unwrap_or(pool.config.max_attempts);
+        let timeout = options
+            .timeout_ms
+            .map(Duration::from_millis)
+            .or(pool.config.timeout);
+        pool.jobs.pending += 1;
+        let id = self.jt.next_id.max(1);
+        self.jt.next_id = id + 1;
+        let created_ms = self.wall(now);
+        let op = Op::Insert(NewJob {
+            id,
+            pool: pool_name.to_string(),
+            priority: options.priority,
+            key: options.key.clone(),
+            max_attempts,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            input: input.clone(),
+            created_ms,
+        });
+        let seq = self.store(op);
+        self.jt
+            .pending
+            .push_back((seq, Pending::Insert { id, client, wait }));
+        self.jt.jobs.insert(
+            id,
+            Job {
+                id,
+                pool: pool_name.to_string(),
+                priority: options.priority,
+                key: options.key,
+                max_attempts,
+                timeout,
+                input,
+                attempts: Vec::new(),
+                created_ms,
+                phase: JobPhase::Pending,
+                cancel_requested: false,
+                holds: false,
+                suspect: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Every store op numbered `<= upto` is durable.
+    pub fn on_durable(&mut self, upto: u64, now: Instant) {
+        while self.jt.pending.front().is_some_and(|(s, _)| *s <= upto) {
+            let (_, p) = self.jt.pending.pop_front().expect("checked");
+            match p {
+                Pending::Insert { id, client, wait } => self.insert_durable(id, client, wait, now),
+                Pending::Final { id } => self.final_durable(id),
+                Pending::Reply { client, resp } => self.reply(client, *resp),
+            }
+        }
+    }
+
+    /// A store batch ending at `upto` failed: its inserts were not stored.
+    /// Final rows are retried by the store and acknowledged later.
+    pub fn on_store_failed(&mut self, upto: u64, lost: &[u64], error: &str, _now: Instant) {
+        let lost: std::collections::HashSet<u64> = lost.iter().copied().collect();
+        let mut keep = VecDeque::new();
+        while let Some((seq, p)) = self.jt.pending.pop_front() {
+            match p {
+                Pending::Insert { id, client, .. } if seq <= upto && lost.contains(&id) => {
+                    if let Some(job) = self.jt.jobs.remove(&id) {
+                        if let Some(pool) = self.pools.get_mut(&job.pool) {
+                            pool.jobs.pending = pool.jobs.pending.saturating_sub(1);
+                        }
+                    }
+                    self.reply(
+                        client,
+                        Response::Error {
+                            kind: ipc_proto::control::ErrorKind::Rejected,
+                            message: format!(
+                                "the job could not be stored ({error}); nothing was queued, submit it again once the store is writable"
+                            ),
+                        },
+                    );
+                }
+                Pending::Reply { client, resp } if seq <= upto => self.reply(client, *resp),
+                other => keep.push_back((seq, other)),
+            }
+        }
+        self.jt.pending = keep;
+        self.log(Level::Error, format!("job store: {error}"));
+    }
+
+    /// The answer to a store query.
+    pub fn on_query_result(&mut self, token: u64, result: Result<QueryResult, String>) {
+        let Some(purpose) = self.jt.queries.remove(&token) else {
+            return;
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let client = match purpose {
+                    QueryPurpose::Wait { client, .. }
+                    | QueryPurpose::Result { client }
+                    | QueryPurpose::Cancel { client, .. }
+                    | QueryPurpose::Jobs { client } => client,
+                };
+                self.reply(
+                    client,
+                    Response::Error {
+                        kind: ipc_proto::control::ErrorKind::Failed,
+                        message: format!("reading the job store failed: {e}"),
+                    },
+                );
+                return;
+            }
+        };
+        match (purpose, result) {
+            (QueryPurpose::Wait { client, group, id }, QueryResult::Job(doc)) => {
+                match doc {
+                    Some(mut d) => {
+                        d.output = None;
+                        self.reply(client, Response::Job(d));
+                    }
+                    None => self.reply(client, not_found_job(Some(id))),
+                }
+                self.group_done(group);
+            }
+            (QueryPurpose::Result { client }, QueryResult::Job(doc)) => match doc {
+                Some(d) => self.reply(client, Response::Job(d)),
+                None => self.reply(client, not_found_job(None)),
+            },
+            (QueryPurpose::Cancel { client, id }, QueryResult::Job(doc)) => match doc {
+                Some(d) => self.reply(
+                    client,
+                    Response::Error {
+                        kind: ipc_proto::control::ErrorKind::Failed,
+                        message: format!(
+                            "job {id} already {}; nothing to cancel",
+                            d.state.as_str()
+                        ),
+                    },
+                ),
+                None => self.reply(client, not_found_job(Some(id))),
+            },
+            (QueryPurpose::Jobs { client }, QueryResult::List(docs)) => {
+                for d in docs {
+                    self.reply(client, Response::Job(d));
+                }
+                self.reply(client, Response::End);
+            }
+            (p, _) => self.log(
+                Level::Error,
+                format!("store answered a query of the wrong kind for {p:?}"),
+            ),
+        }
+    }
+
+    /// `wait ID…`: a `Job` per id as each finishes, then `End`.
+    pub fn wait_jobs(&mut self, client: ClientId, ids: Vec<u64>) {
+        if ids.is_empty() {
+            self.reply(client, Response::End);
+            return;
+        }
+        self.jt.next_group += 1;
+        let group = self.jt.next_group;
+        self.jt.wait_groups.insert(group, (client, ids.len()));
+        for id in ids {
+            if self.jt.jobs.contains_key(&id) {
+                self.jt.waiters.entry(id).or_default().push(Waiter {
+                    client,
+                    with_output: false,
+                    group: Some(group),
+                });
+            } else {
+                self.query(Query::Job { id }, QueryPurpose::Wait { client, group, id });
+            }
+        }
+    }
+
+    /// `result ID`: the job's current document, output included.
+    pub fn result(&mut self, client: ClientId, id: u64, now: Instant) {
+        if let Some(job) = self.jt.jobs.get(&id) {
+            let doc = self.doc(job, true, now);
+            self.reply(client, Response::Job(doc));
+            return;
+        }
+        self.query(Query::Job { id }, QueryPurpose::Result { client });
+    }
+
+    /// `jobs`: newest first, from the store (which has seen every earlier op).
+    pub fn list_jobs(
+        &mut self,
+        client: ClientId,
+        pool: Option<String>,
+        state: Option<JobState>,
+        limit: u32,
+    ) {
+        self.query(
+            Query::List { pool, state, limit },
+            QueryPurpose::Jobs { client },
+        );
+    }
+
+    /// `cancel ID`.
+    pub fn cancel(&mut self, client: ClientId, id: u64, now: Instant) {
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            self.query(Query::Job { id }, QueryPurpose::Cancel { client, id });
+            return;
+        };
+        let msg = match &job.phase {
+            JobPhase::Pending => {
+                job.cancel_requested = true;
+                Ok(format!("job {id} cancelled"))
+            }
+            JobPhase::Queued => {
+                let pool = job.pool.clone();
+                if let Some(p) = self.pools.get_mut(&pool) {
+                    p.jobs.queued = p.jobs.queued.saturating_sub(1);
+                }
+                self.finish(
+                    id,
+                    JobState::Cancelled,
+                    None,
+                    Some("cancelled before it started".into()),
+                    now,
+                );
+                Ok(format!("job {id} cancelled"))
+            }
+            JobPhase::Running { proc } => {
+                let proc = *proc;
+                if job.cancel_requested {
+                    Ok(format!("job {id} is already being cancelled"))
+                } else {
+                    job.cancel_requested = true;
+                    let stop_timeout = self
+                        .pools
+                        .get(&job.pool)
+                        .map_or(Duration::from_secs(10), |p| p.config.stop_timeout);
+                    self.jt.cancel_deadlines.insert((now + stop_timeout, id));
+                    self.actions.push_back(Action::Send {
+                        proc,
+                        msg: ToWorker::Cancel { id },
+                    });
+                    Ok(format!(
+                        "cancelling job {id}: its worker was asked to stop it (stopped by force after {})",
+                        humantime::format_duration(stop_timeout)
+                    ))
+                }
+            }
+            JobPhase::Finishing(f) => Err(format!(
+                "job {id} already {}; nothing to cancel",
+                f.state.as_str()
+            )),
+        };
+        let resp = match msg {
+            Ok(message) => Response::Ok { message },
+            Err(message) => Response::Error {
+                kind: ipc_proto::control::ErrorKind::Failed,
+                message,
+            },
+        };
+        self.reply(client, resp);
+    }
+
+    /// A client disconnected: forget its waiters.
+    pub fn on_client_gone(&mut self, client: ClientId) {
+        self.jt.waiters.retain(|_, ws| {
+            ws.retain(|w| w.client != client);
+            !ws.is_empty()
+        });
+        self.jt.wait_groups.retain(|_, (c, _)| *c != client);
+    }
+
+    /// The worker finished job `id` with `output`.
+    pub fn on_job_done(&mut self, proc: ProcId, id: u64, output: Vec<u8>, now: Instant) {
+        self.job_result(proc, id, Ok(output), now);
+    }
+
+    /// The worker reported job `id` failed.
+    pub fn on_job_failed(&mut self, proc: ProcId, id: u64, error: String, now: Instant) {
+        self.job_result(proc, id, Err(error), now);
+    }
+
+    /// The RSS of `proc` measured after a job (for `max_memory`).
+    pub fn on_rss(&mut self, proc: ProcId, bytes: u64, now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        let pool = &self.pools[&name];
+        let Some(limit) = pool.config.max_memory else {
+            return;
+        };
+        if bytes > limit {
+            let slot = pool.slots[idx].id;
+            self.log(
+                Level::Info,
+                format!(
+                    "pool {name} worker {slot}: RSS {} MiB above max_memory {} MiB; recycling it",
+                    bytes >> 20,
+                    limit >> 20
+                ),
+            );
+            self.stop_slot(&name, idx, StopReason::Recycle, now);
+        }
+    }
+
+    /// Runs the dispatch passes that events of this turn made necessary.
+    /// The reactor calls it once per loop turn, so a batch of results is
+    /// followed by one batch of dispatches (one write per worker).
+    pub fn pump(&mut self, now: Instant) {
+        let dirty: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.jobs.dirty)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in dirty {
+            if let Some(p) = self.pools.get_mut(&name) {
+                p.jobs.dirty = false;
+            }
+            self.dispatch(&name, now);
+        }
+    }
+
+    /// Earliest job-related deadline (cancel grace periods).
+    pub(super) fn job_deadline(&self) -> Option<Instant> {
+        self.jt.cancel_deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// Handles expired cancel grace periods.
+    pub(super) fn job_timers(&mut self, now: Instant) {
+        while let Some(&(t, id)) = self.jt.cancel_deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.jt.cancel_deadlines.remove(&(t, id));
+            let Some(job) = self.jt.jobs.get(&id) else {
+                continue;
+            };
+            let JobPhase::Running { proc } = job.phase else {
+                continue;
+            };
+            let Some((name, idx)) = self.find_proc(proc) else {
+                continue;
+            };
+            self.log(
+                Level::Warn,
+                format!("job {id}: worker did not give up the cancelled job in time; stopping it"),
+            );
+            self.take_inflight(&name, idx);
+            self.end_attempt(id, Outcome::Cancelled, Some("cancelled".into()), now);
+            self.leave_worker(id);
+            self.finish(id, JobState::Cancelled, None, Some("cancelled".into()), now);
+            self.stop_slot(&name, idx, StopReason::Cancel, now);
+        }
+    }
+
+    /// The front job of a worker exceeded its timeout.
+    pub(super) fn job_timed_out(&mut self, name: &str, idx: usize, now: Instant) {
+        let inflight = self.take_inflight(name, idx);
+        let mut it = inflight.into_iter();
+        if let Some(id) = it.next() {
+            let t = self
+                .jt
+                .jobs
+                .get(&id)
+                .and_then(|j| j.timeout)
+                .unwrap_or_default();
+            let err = format!("timed out after {}", humantime::format_duration(t));
+            self.log(Level::Warn, format!("job {id} {err}; stopping its worker"));
+            self.end_attempt(id, Outcome::TimedOut, Some(err.clone()), now);
+            self.leave_worker(id);
+            self.retry_or_finish(id, JobState::TimedOut, err, now);
+        }
+        for id in it {
+            self.requeue_unstarted(id);
+        }
+        self.stop_slot(name, idx, StopReason::JobTimeout, now);
+    }
+
+    /// A worker process ended (or is being abandoned) with jobs in hand.
+    ///
+    /// With one job in hand, that job's attempt is lost. With several
+    /// (prefetch), the daemon cannot know which one was running: the worker
+    /// may have finished some whose results died unsent with it. Charging
+    /// the front one could blame an innocent job and spare the culprit, so
+    /// none is charged: all go back to the head of the queue as *suspects*,
+    /// which run alone until they finish, where a death is unambiguous.
+    pub(super) fn jobs_lost(&mut self, name: &str, idx: usize, why: &str, now: Instant) {
+        let inflight = self.take_inflight(name, idx);
+        if let [id] = inflight[..] {
+            let err = format!("worker {why}");
+            self.end_attempt(id, Outcome::Lost, Some(err.clone()), now);
+            self.leave_worker(id);
+            if let Some(j) = self.jt.jobs.get_mut(&id) {
+                j.suspect = true;
+            }
+            self.retry_or_finish(id, JobState::Dead, err, now);
+            return;
+        }
+        // Requeue in reverse so they keep their order at the head.
+        for &id in inflight.iter().rev() {
+            if let Some(j) = self.jt.jobs.get_mut(&id) {
+                j.suspect = true;
+            }
+            self.requeue_unstarted(id);
+        }
+    }
+
+    /// True when the process has jobs in hand.
+    pub(super) fn has_inflight(&self, name: &str, idx: usize) -> bool {
+        matches!(&self.pools[name].slots[idx].state, SlotState::Running(p) if !p.inflight.is_empty())
+    }
+
+    /// Sends the retention settings to the store (start and reload).
+    pub(super) fn push_retention(&mut self) {
+        let per_pool = self
+            .pools
+            .iter()
+            .map(|(n, p)| (n.clone(), p.config.result_retention))
+            .collect();
+        self.store(Op::Retention {
+            per_pool,
+            default: Duration::from_secs(24 * 3600),
+            max_finished: MAX_FINISHED_JOBS,
+        });
+    }
+
+    /// Moves queued jobs of a pool that went away into the orphan list, and
+    /// back when a pool of that name appears.
+    pub(super) fn adopt_orphans(&mut self, name: &str) {
+        if let Some(entries) = self.jt.orphans.remove(name) {
+            if let Some(p) = self.pools.get_mut(name) {
+                p.jobs.queued += entries.len() as u64;
+                p.jobs.queue.extend(entries);
+                p.jobs.dirty = true;
+            }
+        }
+    }
+
+    pub(super) fn orphan_queue(&mut self, pool: &mut Pool) {
+        let entries: Vec<QEntry> = pool.jobs.queue.drain().collect();
+        if !entries.is_empty() {
+            self.jt
+                .orphans
+                .entry(pool.name.clone())
+                .or_default()
+                .extend(entries);
+        }
+    }
+
+    // ---- internals ----
+
+    pub(super) fn wall(&self, now: Instant) -> u64 {
+        self.wall_base_ms + now.saturating_duration_since(self.instant_base).as_millis() as u64
+    }
+
+    fn store(&mut self, op: Op) -> u64 {
+        self.jt.store_seq += 1;
+        self.actions.push_back(Action::Store(op));
+        self.jt.store_seq
+    }
+
+    /// Asks the store; the answer comes back to `on_query_result` with the
+    /// query op's own sequence number as token.
+    fn query(&mut self, query: Query, purpose: QueryPurpose) {
+        let token = self.jt.store_seq + 1;
+        self.store(Op::Query { token, query });
+        self.jt.queries.insert(token, purpose);
+    }
+
+    fn reply(&mut self, client: ClientId, resp: Response) {
+        self.actions.push_back(Action::Reply { client, resp });
+    }
+
+    fn log(&mut self, level: Level, msg: String) {
+        self.actions.push_back(Action::Log { level, msg });
+    }
+
+    pub(super) fn event(
+        &mut self,
+        now: Instant,
+        event: &str,
+        pool: Option<&str>,
+        worker: Option<(u32, Option<u32>)>,
+        job: Option<(u64, JobState)>,
+        detail: Option<String>,
+    ) {
+        if !self.events_wanted {
+            return;
+        }
+        let ev = Event {
+            ts_ms: self.wall(now),
+            event: event.to_string(),
+            pool: pool.map(str::to_string),
+            worker: worker.map(|w| w.0),
+            pid: worker.and_then(|w| w.1),
+            job: job.map(|j| j.0),
+            state: job.map(|j| j.1),
+            detail,
+        };
+        self.actions.push_back(Action::Event(ev));
+    }
+
+    fn enqueue_entry(&mut self, pool: &str, entry: QEntry) {
+        match self.pools.get_mut(pool) {
+            Some(p) if !p.removing => {
+                p.jobs.queue.push(entry);
+                p.jobs.queued += 1;
+                p.jobs.dirty = true;
+            }
+            _ => self
+                .jt
+                .orphans
+                .entry(pool.to_string())
+                .or_default()
+                .push(entry),
+        }
+    }
+
+    fn insert_durable(&mut self, id: u64, client: ClientId, wait: bool, now: Instant) {
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return;
+        };
+        let pool = job.pool.clone();
+        let cancel = job.cancel_requested;
+        job.phase = JobPhase::Queued;
+        self.jt.tail_order += 1;
+        let entry = QEntry {
+            priority: job.priority,
+            order: Reverse(self.jt.tail_order),
+            id,
+        };
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.jobs.pending = p.jobs.pending.saturating_sub(1);
+        }
+        self.reply(client, Response::Submitted { id });
+        if wait {
+            self.jt.waiters.entry(id).or_default().push(Waiter {
+                client,
+                with_output: true,
+                group: None,
+            });
+        }
+        if cancel {
+            self.finish(
+                id,
+                JobState::Cancelled,
+                None,
+                Some("cancelled before it started".into()),
+                now,
+            );
+            return;
+        }
+        self.enqueue_entry(&pool, entry);
+        self.event(
+            now,
+            "job_queued",
+            Some(&pool),
+            None,
+            Some((id, JobState::Queued)),
+            None,
+        );
+    }
+
+    fn final_durable(&mut self, id: u64) {
+        let Some(job) = self.jt.jobs.remove(&id) else {
+            return;
+        };
+        let Some(waiters) = self.jt.waiters.remove(&id) else {
+            return;
+        };
+        let needs_plain = waiters.iter().any(|w| !w.with_output);
+        let plain = needs_plain.then(|| self.doc_final(&job, false));
+        let with_output = waiters
+            .iter()
+            .any(|w| w.with_output)
+            .then(|| self.doc_final(&job, true));
+        for w in waiters {
+            let doc = if w.with_output {
+                with_output.clone()
+            } else {
+                plain.clone()
+            };
+            if let Some(doc) = doc {
+                self.reply(w.client, Response::Job(doc));
+            }
+            if let Some(g) = w.group {
+                self.group_done(g);
+            }
+        }
+    }
+
+    fn group_done(&mut self, group: u64) {
+        let done = match self.jt.wait_groups.get_mut(&group) {
+            Some((client, left)) => {
+                *left = left.saturating_sub(1);
+                (*left == 0).then_some(*client)
+            }
+            None => None,
+        };
+        if let Some(client) = done {
+            self.jt.wait_groups.remove(&group);
+            self.reply(client, Response::End);
+        }
+    }
+
+    fn doc_final(&self, job: &Job, with_output: bool) -> JobDoc {
+        let (state, output, error, finished) = match &job.phase {
+            JobPhase::Finishing(f) => (
+                f.state,
+                f.output.clone(),
+                f.error.clone(),
+                Some(f.finished_ms),
+            ),
+            _ => (JobState::Queued, None, None, None),
+        };
+        JobDoc {
+            id: job.id,
+            pool: job.pool.clone(),
+            state,
+            priority: job.priority,
+            key: job.key.clone(),
+            created_ms: job.created_ms,
+            finished_ms: finished,
+            attempts: job.attempts.clone(),
+            output: if with_output { output.map(Bytes) } else { None },
+            error,
+        }
+    }
+
+    fn doc(&self, job: &Job, with_output: bool, _now: Instant) -> JobDoc {
+        let state = match &job.phase {
+            JobPhase::Pending | JobPhase::Queued => JobState::Queued,
+            JobPhase::Running { .. } => JobState::Running,
+            JobPhase::Finishing(_) => return self.doc_final(job, with_output),
+        };
+        JobDoc {
+            id: job.id,
+            pool: job.pool.clone(),
+            state,
+            priority: job.priority,
+            key: job.key.clone(),
+            created_ms: job.created_ms,
+            finished_ms: None,
+            attempts: job.attempts.clone(),
+            output: None,
+            error: None,
+        }
+    }
+
+    /// Hands queued jobs of `name` to its ready workers, round-robin, up to
+    /// `prefetch` in flight each.
+    fn dispatch(&mut self, name: &str, now: Instant) {
+        self.dispatch_rounds(name, now);
+    }
+
+    fn dispatch_rounds(&mut self, name: &str, now: Instant) {
+        let Some(pool) = self.pools.get(name) else {
+            return;
+        };
+        if pool.removing || pool.jobs.queue.is_empty() {
+            return;
+        }
+        let prefetch = pool.config.prefetch as usize;
+        let candidates: Vec<usize> = pool
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(&s.state, SlotState::Running(p) if matches!(p.phase, Phase::Ready)))
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        loop {
+            let mut progress = false;
+            for &idx in &candidates {
+                let (full, empty) = match &self.pools[name].slots[idx].state {
+                    SlotState::Running(p) => (
+                        !matches!(p.phase, Phase::Ready) || p.solo || p.inflight.len() >= prefetch,
+                        p.inflight.is_empty(),
+                    ),
+                    _ => (true, false),
+                };
+                if full {
+                    continue;
+                }
+                match self.next_runnable(name, empty) {
+                    Next::None => return,
+                    Next::NeedsEmptyWorker => continue,
+                    Next::Job(id) => {
+                        self.assign(name, idx, id, now);
+                        progress = true;
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    /// Pops the next job that may run now: skips stale entries, parks jobs
+    /// whose key is busy, and stops when a semaphore of the pool is full.
+    fn next_runnable(&mut self, name: &str, worker_empty: bool) -> Next {
+        let sems = self.pools[name].config.semaphores.clone();
+        for s in &sems {
+            let limit = self.semaphores.get(s).copied().unwrap_or(u32::MAX);
+            if self.jt.sem_used.get(s).copied().unwrap_or(0) >= limit {
+                return Next::None;
+            }
+        }
+        loop {
+            let Some(queue) = self.pools.get_mut(name).map(|p| &mut p.jobs.queue) else {
+                return Next::None;
+            };
+            let Some(&entry) = queue.peek() else {
+                return Next::None;
+            };
+            let live = self
+                .jt
+                .jobs
+                .get(&entry.id)
+                .filter(|j| matches!(j.phase, JobPhase::Queued) && j.pool == name);
+            match live {
+                None => {
+                    queue.pop();
+                    continue;
+                }
+                Some(j) if j.suspect && !worker_empty => return Next::NeedsEmptyWorker,
+                Some(_) => {
+                    queue.pop();
+                }
+            }
+            let job = &self.jt.jobs[&entry.id];
+            if let Some(k) = &job.key {
+                if self.jt.running_keys.contains_key(k) {
+                    self.jt
+                        .parked
+                        .entry(k.clone())
+                        .or_default()
+                        .push_back((name.to_string(), entry));
+                    continue;
+                }
+            }
+            return Next::Job(entry.id);
+        }
+    }
+
+    fn assign(&mut self, name: &str, idx: usize, id: u64, now: Instant) {
+        let wall = self.wall(now);
+        let sems = self.pools[name].config.semaphores.clone();
+        for s in &sems {
+            *self.jt.sem_used.entry(s.clone()).or_default() += 1;
+        }
+        let pool = self.pools.get_mut(name).expect("exists");
+        pool.jobs.queued = pool.jobs.queued.saturating_sub(1);
+        pool.jobs.running += 1;
+        let slot = &mut pool.slots[idx];
+        let slot_id = slot.id;
+        let SlotState::Running(proc) = &mut slot.state else {
+            return;
+        };
+        let job = self.jt.jobs.get_mut(&id).expect("queued job exists");
+        if let Some(k) = &job.key {
+            self.jt.running_keys.insert(k.clone(), id);
+        }
+        job.holds = true;
+        job.phase = JobPhase::Running { proc: proc.id };
+        let n = job.attempts.len() as u32 + 1;
+        job.attempts.push(Attempt {
+            n,
+            worker: slot_id,
+            pid: proc.pid.unwrap_or(0),
+            started_ms: wall,
+            ended_ms: None,
+            outcome: None,
+            error: None,
+        });
+        if proc.inflight.is_empty() {
+            proc.head_deadline = job.timeout.map(|t| now + t);
+        }
+        proc.inflight.push_back(id);
+        if job.suspect {
+            proc.solo = true;
+        }
+        let msg = ToWorker::Job(WireJob {
+            id,
+            attempt: n,
+            deadline_ms: job.timeout.map(|t| wall + t.as_millis() as u64),
+            input: Payload::Inline(Bytes(job.input.clone())),
+        });
+        let update = JobUpdate {
+            id,
+            state: JobState::Running,
+            attempts: job.attempts.clone(),
+            output: None,
+            error: None,
+            finished_ms: None,
+        };
+        let pid = proc.pid;
+        let proc_id = proc.id;
+        self.actions.push_back(Action::Send { proc: proc_id, msg });
+        self.store(Op::Update(update));
+        self.event(
+            now,
+            "job_started",
+            Some(name),
+            Some((slot_id, pid)),
+            Some((id, JobState::Running)),
+            None,
+        );
+    }
+
+    /// Removes and returns a worker's in-flight jobs.
+    fn take_inflight(&mut self, name: &str, idx: usize) -> Vec<u64> {
+        match &mut self.pools.get_mut(name).expect("exists").slots[idx].state {
+            SlotState::Running(p) => {
+                p.head_deadline = None;
+                p.solo = false;
+                p.inflight.drain(..).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn end_attempt(&mut self, id: u64, outcome: Outcome, error: Option<String>, now: Instant) {
+        let wall = self.wall(now);
+        if let Some(a) = self
+            .jt
+            .jobs
+            .get_mut(&id)
+            .and_then(|j| j.attempts.last_mut())
+        {
+            a.ended_ms = Some(wall);
+            a.outcome = Some(outcome);
+            a.error = error;
+        }
+    }
+
+    /// The job leaves its worker: release key and semaphores, fix counters.
+    fn leave_worker(&mut self, id: u64) {
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return;
+        };
+        if !job.holds {
+            return;
+        }
+        job.holds = false;
+        let pool_name = job.pool.clone();
+        let key = job.key.clone();
+        if let Some(p) = self.pools.get_mut(&pool_name) {
+            p.jobs.running = p.jobs.running.saturating_sub(1);
+            p.jobs.dirty = true;
+        }
+        if let Some(k) = key {
+            if self.jt.running_keys.get(&k) == Some(&id) {
+                self.jt.running_keys.remove(&k);
+                if let Some(parked) = self.jt.parked.remove(&k) {
+                    for (pool, entry) in parked {
+                        if let Some(p) = self.pools.get_mut(&pool) {
+                            p.jobs.queue.push(entry);
+                            p.jobs.dirty = true;
+                        } else {
+                            self.jt.orphans.entry(pool).or_default().push(entry);
+                        }
+                    }
+                }
+            }
+        }
+        let sems = self
+            .pools
+            .get(&pool_name)
+            .map(|p| p.config.semaphores.clone())
+            .unwrap_or_default();
+        for s in &sems {
+            if let Some(u) = self.jt.sem_used.get_mut(s) {
+                *u = u.saturating_sub(1);
+            }
+            // Every pool sharing the semaphore may now proceed.
+            for p in self.pools.values_mut() {
+                if p.config.semaphores.contains(s) {
+                    p.jobs.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Back to the head of the queue if attempts remain, else `final_state`.
+    fn retry_or_finish(&mut self, id: u64, final_state: JobState, error: String, now: Instant) {
+        let Some(job) = self.jt.jobs.get(&id) else {
+            return;
+        };
+        if job.cancel_requested {
+            self.finish(id, JobState::Cancelled, None, Some("cancelled".into()), now);
+            return;
+        }
+        if (job.attempts.len() as u32) < job.max_attempts {
+            self.requeue_head(id);
+        } else {
+            let error = if final_state == JobState::Dead {
+                format!("lost on all {} attempts; last: {error}", job.attempts.len())
+            } else {
+                error
+            };
+            self.finish(id, final_state, None, Some(error), now);
+        }
+    }
+
+    fn requeue_head(&mut self, id: u64) {
+        self.jt.head_order -= 1;
+        let order = self.jt.head_order;
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return;
+        };
+        job.phase = JobPhase::Queued;
+        let entry = QEntry {
+            priority: job.priority,
+            order: Reverse(order),
+            id,
+        };
+        let pool = job.pool.clone();
+        let update = JobUpdate {
+            id,
+            state: JobState::Queued,
+            attempts: job.attempts.clone(),
+            output: None,
+            error: None,
+            finished_ms: None,
+        };
+        self.store(Op::Update(update));
+        self.enqueue_entry(&pool, entry);
+    }
+
+    /// A prefetched job that never started goes back without an attempt.
+    fn requeue_unstarted(&mut self, id: u64) {
+        if let Some(job) = self.jt.jobs.get_mut(&id) {
+            job.attempts.pop();
+        }
+        self.leave_worker(id);
+        self.requeue_head(id);
+    }
+
+    /// Decides a job's final state; waiters hear once it is durable.
+    fn finish(
+        &mut self,
+        id: u64,
+        state: JobState,
+        output: Option<Vec<u8>>,
+        error: Option<String>,
+        now: Instant,
+    ) {
+        self.leave_worker(id);
+        let finished_ms = self.wall(now);
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return;
+        };
+        job.input = Vec::new();
+        let pool = job.pool.clone();
+        let update = JobUpdate {
+            id,
+            state,
+            attempts: job.attempts.clone(),
+            output: output.clone(),
+            error: error.clone(),
+            finished_ms: Some(finished_ms),
+        };
+        job.phase = JobPhase::Finishing(Box::new(Final {
+            state,
+            output,
+            error: error.clone(),
+            finished_ms,
+        }));
+        if let Some(p) = self.pools.get_mut(&pool) {
+            if state == JobState::Succeeded {
+                p.jobs.succeeded += 1;
+            } else {
+                p.jobs.failed += 1;
+            }
+        }
+        let seq = self.store(Op::Update(update));
+        self.jt.pending.push_back((seq, Pending::Final { id }));
+        self.event(
+            now,
+            "job_finished",
+            Some(&pool),
+            None,
+            Some((id, state)),
+            error,
+        );
+    }
+
+    fn job_result(&mut self, proc: ProcId, id: u64, result: Result<Vec<u8>, String>, now: Instant) {
+        let Some((name, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        let (found, phase_ok) = match &self.pools[&name].slots[idx].state {
+            SlotState::Running(p) => (
+                p.inflight.iter().position(|j| *j == id),
+                matches!(p.phase, Phase::Ready | Phase::Draining { .. }),
+            ),
+            _ => (None, false),
+        };
+        let Some(pos) = found else {
+            if phase_ok {
+                self.on_protocol_error(
+                    proc,
+                    format!("result for job {id}, which it was not given"),
+                    now,
+                );
+            }
+            // A stopping worker's late answer for a job already dealt with.
+            return;
+        };
+        let pool = self.pools.get_mut(&name).expect("exists");
+        let max_jobs = pool.config.max_jobs_per_worker;
+        let wants_rss = pool.config.max_memory.is_some();
+        let slot = &mut pool.slots[idx];
+        slot.jobs_done += 1;
+        let SlotState::Running(p) = &mut slot.state else {
+            return;
+        };
+        p.inflight.remove(pos);
+        p.jobs_handled += 1;
+        if p.inflight.is_empty() {
+            p.solo = false;
+        }
+        if pos == 0 {
+            p.head_deadline = p
+                .inflight
+                .front()
+                .and_then(|next| self.jt.jobs.get(next))
+                .and_then(|j| j.timeout)
+                .map(|t| now + t);
+        }
+        let recycle = max_jobs > 0 && p.jobs_handled >= max_jobs;
+        let measure = wants_rss
+            && p.last_rss_check
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(50));
+        if measure {
+            p.last_rss_check = Some(now);
+        }
+        let drained = matches!(p.phase, Phase::Draining { .. }) && p.inflight.is_empty();
+        let cancelled = self.jt.jobs.get(&id).is_some_and(|j| j.cancel_requested);
+        match result {
+            Ok(output) => {
+                self.end_attempt(id, Outcome::Succeeded, None, now);
+                self.finish(id, JobState::Succeeded, Some(output), None, now);
+            }
+            Err(error) if cancelled => {
+                self.end_attempt(id, Outcome::Cancelled, Some(error.clone()), now);
+                self.finish(id, JobState::Cancelled, None, Some(error), now);
+            }
+            Err(error) => {
+                self.end_attempt(id, Outcome::Failed, Some(error.clone()), now);
+                self.finish(id, JobState::Failed, None, Some(error), now);
+            }
+        }
+        if measure {
+            self.actions.push_back(Action::MeasureRss { proc });
+        }
+        if recycle {
+            self.log(
+                Level::Info,
+                format!(
+                    "pool {name} worker {}: reached max_jobs_per_worker ({max_jobs}); recycling it",
+                    self.pools[&name].slots[idx].id
+                ),
+            );
+            self.stop_slot(&name, idx, StopReason::Recycle, now);
+        } else if drained {
+            self.drained(&name, idx, now);
+        }
+    }
+}
+
+fn ctl_error_response(e: CtlError) -> Response {
+    use ipc_proto::control::ErrorKind;
+    let (kind, message) = match e {
+        CtlError::Invalid(m) => (ErrorKind::Invalid, m),
+        CtlError::NotFound(m) => (ErrorKind::NotFound, m),
+        CtlError::Rejected(m) => (ErrorKind::Rejected, m),
+    };
+    Response::Error { kind, message }
+}
+
+fn not_found_job(id: Option<u64>) -> Response {
+    Response::Error {
+        kind: ipc_proto::control::ErrorKind::NotFound,
+        message: match id {
+            Some(id) => format!(
+                "no job {id} (never submitted, or its result was pruned after result_retention)"
+            ),
+            None => {
+                "no such job (never submitted, or its result was pruned after result_retention)"
+                    .into()
+            }
+        },
+    }
+}

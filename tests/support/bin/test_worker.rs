@@ -1,0 +1,156 @@
+//! `jobvisor-test-worker MODE [ARGS…]`: a worker with misbehaviours on
+//! demand, for the black-box tests. Built with the real `worker` library.
+//!
+//! Modes:
+//! - `echo`: output = input.
+//! - `chaos PCT`: aborts (SIGABRT) on the first attempt of about PCT % of
+//!   inputs (chosen by a hash of the input), echoes otherwise.
+//! - `sleep`: input = milliseconds; sleeps that long, giving up early when
+//!   cancelled. `sleep-stubborn`: never looks at cancellation.
+//! - `garbage`: on the first attempt, input `garbage` makes it write garbage
+//!   on its result pipe and input `oversized` a frame header announcing
+//!   4 GiB; otherwise echo.
+//! - `memhog`: input = MiB to allocate and keep; output `ok`.
+//! - `mutex DIR`: input = `key:ms`; holds `DIR/key` (mkdir) while sleeping;
+//!   a failed mkdir means two jobs with one key ran at once: it is recorded
+//!   in `DIR/violations`.
+//! - `sem DIR LIMIT`: input = ms; holds a token file in `DIR/tokens` while
+//!   sleeping; more than LIMIT tokens at once is recorded in
+//!   `DIR/violations`.
+//! - `pid`: output = the worker's pid.
+//! - `fail`: the job fails with the input as error text.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn record_violation(dir: &std::path::Path, what: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("violations"))
+    {
+        let _ = writeln!(f, "{what}");
+    }
+}
+
+fn sleep_ms(ctx: &worker::JobContext, ms: u64, stubborn: bool) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        if !stubborn && ctx.is_cancelled() {
+            return Err("cancelled".into());
+        }
+        std::thread::sleep(Duration::from_millis(2).min(end - Instant::now()));
+    }
+    Ok(())
+}
+
+fn text(input: &[u8]) -> String {
+    String::from_utf8_lossy(input).trim().to_string()
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().cloned().unwrap_or_default();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match mode.as_str() {
+        "echo" => worker::run(|input| Ok(input.to_vec())),
+        "chaos" => {
+            let pct: u64 = arg(1).parse().unwrap_or(1);
+            worker::run_with(move |ctx, input| {
+                if ctx.attempt() == 1 && fnv(input) % 10_000 < pct * 100 {
+                    std::process::abort();
+                }
+                Ok(input.to_vec())
+            })
+        }
+        "sleep" | "sleep-stubborn" => {
+            let stubborn = mode == "sleep-stubborn";
+            worker::run_with(move |ctx, input| {
+                let ms: u64 = text(input).parse().map_err(|e| format!("bad ms: {e}"))?;
+                sleep_ms(ctx, ms, stubborn)?;
+                Ok(format!("slept {ms}").into_bytes())
+            })
+        }
+        "garbage" => worker::run_with(|ctx, input| {
+            if ctx.attempt() == 1 && (input == b"garbage" || input == b"oversized") {
+                let bytes: &[u8] = if input == b"garbage" {
+                    b"\x05\x00\x00\x00\xff\xfe\xfd\xfc\xfb"
+                } else {
+                    b"\xff\xff\xff\xff"
+                };
+                // SAFETY: writes a byte slice to fd 4, which the daemon gave
+                // us; the library has nothing buffered at this point.
+                unsafe {
+                    libc::write(4, bytes.as_ptr().cast(), bytes.len());
+                }
+                std::thread::sleep(Duration::from_secs(30));
+            }
+            Ok(input.to_vec())
+        }),
+        "memhog" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            worker::run(move |input| {
+                let mib: usize = text(input).parse().map_err(|e| format!("bad MiB: {e}"))?;
+                let mut v = vec![0u8; mib << 20];
+                for i in (0..v.len()).step_by(4096) {
+                    v[i] = 1;
+                }
+                hoard.push(v);
+                Ok(b"ok".to_vec())
+            })
+        }
+        "mutex" => {
+            let dir = PathBuf::from(arg(1));
+            worker::run_with(move |ctx, input| {
+                let t = text(input);
+                let (key, ms) = t.split_once(':').ok_or("want key:ms")?;
+                let ms: u64 = ms.parse().map_err(|e| format!("bad ms: {e}"))?;
+                let lock = dir.join(format!("key-{key}"));
+                let held = std::fs::create_dir(&lock).is_ok();
+                if !held {
+                    record_violation(&dir, &format!("key {key} held twice (job {})", ctx.id()));
+                }
+                let r = sleep_ms(ctx, ms, false);
+                if held {
+                    let _ = std::fs::remove_dir(&lock);
+                }
+                r.map(|_| b"ok".to_vec())
+            })
+        }
+        "sem" => {
+            let dir = PathBuf::from(arg(1));
+            let limit: usize = arg(2).parse().unwrap_or(1);
+            let tokens = dir.join("tokens");
+            let _ = std::fs::create_dir_all(&tokens);
+            worker::run_with(move |ctx, input| {
+                let ms: u64 = text(input).parse().map_err(|e| format!("bad ms: {e}"))?;
+                let me = tokens.join(format!("{}-{}", std::process::id(), ctx.id()));
+                std::fs::write(&me, b"").map_err(|e| e.to_string())?;
+                let n = std::fs::read_dir(&tokens).map(|d| d.count()).unwrap_or(0);
+                if n > limit {
+                    record_violation(&dir, &format!("{n} holders at once (limit {limit})"));
+                }
+                let r = sleep_ms(ctx, ms, false);
+                let _ = std::fs::remove_file(&me);
+                r.map(|_| b"ok".to_vec())
+            })
+        }
+        "pid" => worker::run(|_| Ok(std::process::id().to_string().into_bytes())),
+        "fail" => worker::run(|input| Err(text(input))),
+        other => {
+            eprintln!("jobvisor-test-worker: unknown mode {other:?}");
+            ExitCode::from(2)
+        }
+    }
+}
