@@ -781,7 +781,13 @@ fn queued_jobs_survive_a_restart_and_running_ones_are_retried() {
     d.wait_ready("slow", 1);
     let running = submit(&d, &["slow", "--input", "60000"]);
     let queued = submit(&d, &["slow", "--input", "5"]);
-    wait_state(&d, running, "running");
+    // Wait until the store (not just the daemon's memory) has it running.
+    wait_for("the running state to be stored", DEADLINE, || {
+        let r = d.ctl(&["--json", "jobs", "--state", "running"]);
+        r.stdout
+            .contains(&format!("\"id\":{running},"))
+            .then_some(())
+    });
     kill(d.pid(), Signal::SIGKILL);
     d.wait_exit(DEADLINE);
     // Make the retried job quick: rewrite nothing, just restart; the

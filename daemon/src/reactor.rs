@@ -36,10 +36,9 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use std::collections::HashMap;
-use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -168,15 +167,15 @@ impl Reactor {
             signals,
             listener,
             socket_path,
-            clients: HashMap::new(),
+            clients: HashMap::default(),
             next_client: 1,
-            procs: HashMap::new(),
-            pids: HashMap::new(),
+            procs: HashMap::default(),
+            pids: HashMap::default(),
             core,
             store: Some(store),
-            dirty_clients: HashSet::new(),
-            dirty_workers: HashSet::new(),
-            subscribers: HashSet::new(),
+            dirty_clients: HashSet::default(),
+            dirty_workers: HashSet::default(),
+            subscribers: HashSet::default(),
             config,
             notifier: Notifier::from_env(),
             ready_sent: false,

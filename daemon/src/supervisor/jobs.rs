@@ -23,11 +23,19 @@ use crate::store::{JobUpdate, NewJob, Query, QueryResult, Recovered};
 use ipc_proto::control::{Attempt, JobDoc, JobOptions, Outcome};
 use ipc_proto::worker::{Job as WireJob, Payload};
 use ipc_proto::Bytes;
+use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap};
 
 /// Terminal jobs kept in the store at most (oldest pruned first).
 pub const MAX_FINISHED_JOBS: u64 = 1_000_000;
+
+/// A dispatched job's `running` state is persisted only once it has run
+/// this long. Tiny jobs thus cost one insert and one final update, not
+/// three writes. The price: if the daemon dies within this window of a
+/// dispatch, the job is requeued (nothing is lost) but that attempt is not
+/// recorded as `lost`.
+pub const RUNNING_PERSIST_DELAY: Duration = Duration::from_millis(20);
 
 /// A queue entry: higher priority first, then lower `order` (FIFO; jobs
 /// put back after a lost attempt get a negative order: the head).
@@ -172,6 +180,9 @@ pub(super) struct JobTable {
     orphans: HashMap<String, Vec<QEntry>>,
     /// Running jobs a client cancelled, by when the worker must let go.
     cancel_deadlines: BTreeSet<(Instant, u64)>,
+    /// Dispatched jobs whose `running` row is not written yet: (when to
+    /// write it, job, attempt number), in dispatch order.
+    unpersisted: VecDeque<(Instant, u64, u32)>,
 }
 
 impl Supervisor {
@@ -632,11 +643,42 @@ impl Supervisor {
 
     /// Earliest job-related deadline (cancel grace periods).
     pub(super) fn job_deadline(&self) -> Option<Instant> {
-        self.jt.cancel_deadlines.first().map(|(t, _)| *t)
+        let cancel = self.jt.cancel_deadlines.first().map(|(t, _)| *t);
+        let persist = self.jt.unpersisted.front().map(|(t, _, _)| *t);
+        match (cancel, persist) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Writes the `running` row of jobs still running past the delay.
+    fn persist_running(&mut self, now: Instant) {
+        while let Some(&(t, id, n)) = self.jt.unpersisted.front() {
+            if t > now {
+                break;
+            }
+            self.jt.unpersisted.pop_front();
+            let Some(job) = self.jt.jobs.get(&id) else {
+                continue;
+            };
+            if !matches!(job.phase, JobPhase::Running { .. }) || job.attempts.len() as u32 != n {
+                continue;
+            }
+            let update = JobUpdate {
+                id,
+                state: JobState::Running,
+                attempts: job.attempts.clone(),
+                output: None,
+                error: None,
+                finished_ms: None,
+            };
+            self.store(Op::Update(update));
+        }
     }
 
     /// Handles expired cancel grace periods.
     pub(super) fn job_timers(&mut self, now: Instant) {
+        self.persist_running(now);
         while let Some(&(t, id)) = self.jt.cancel_deadlines.first() {
             if t > now {
                 break;
@@ -1099,18 +1141,15 @@ impl Supervisor {
             deadline_ms: job.timeout.map(|t| wall + t.as_millis() as u64),
             input: Payload::Inline(Bytes(job.input.clone())),
         });
-        let update = JobUpdate {
-            id,
-            state: JobState::Running,
-            attempts: job.attempts.clone(),
-            output: None,
-            error: None,
-            finished_ms: None,
-        };
         let pid = proc.pid;
         let proc_id = proc.id;
         self.actions.push_back(Action::Send { proc: proc_id, msg });
-        self.store(Op::Update(update));
+        // The `running` row is written only if the job is still running a
+        // moment later: most jobs finish first, and their final row is then
+        // the only write (see RUNNING_PERSIST_DELAY).
+        self.jt
+            .unpersisted
+            .push_back((now + RUNNING_PERSIST_DELAY, id, n));
         self.event(
             now,
             "job_started",
