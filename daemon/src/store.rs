@@ -10,8 +10,8 @@
 //! [`MAX_BATCH_OPS`] ops or [`MAX_BATCH_BLOB_BYTES`] of payload), applies the
 //! whole batch in one `BEGIN IMMEDIATE` transaction and commits it: one fsync
 //! for the batch, however large. It then reports
-//! [`Completion::Durable`]` { upto }` and wakes the event loop through its
-//! [`mio::Waker`]; the loop collects completions with
+//! [`Completion::Durable`] with the batch's last sequence number and wakes
+//! the event loop through its [`mio::Waker`]; the loop collects completions with
 //! [`Store::try_completion`]. Under load, batches grow by themselves: the
 //! longer a commit takes, the more ops queue up for the next one, so the
 //! fsync rate stays bounded while throughput follows the offered load.
@@ -31,11 +31,12 @@
 //! succeeds.
 //!
 //! Other invariants:
-//! - Only the store thread touches the database after [`Store::open`]; the
-//!   connection is exclusive to it, so there are no locks and no
-//!   `SQLITE_BUSY` in normal operation.
+//! - Only the store thread touches the database after [`Store::open`], and
+//!   only one process opens a store (`jobs.lock`, an `flock`, refuses a
+//!   second daemon), so there is no lock contention and no `SQLITE_BUSY`.
 //! - [`Query`]s are answered after the batch that carries them has committed,
-//!   in submission order, so a query sees every op submitted before it.
+//!   in submission order, so a query sees every op submitted before it (and
+//!   maybe later ops of the same batch, which is harmless: they are newer).
 //! - Pruning (retention and the `max_finished` cap) runs in the store thread
 //!   between batches, in chunks of at most [`PRUNE_CHUNK`] rows, and yields
 //!   to queued ops after each chunk, so it never stalls acknowledgements.
@@ -242,6 +243,12 @@ pub enum StoreError {
         path: PathBuf,
         /// What is wrong with it.
         detail: String,
+    },
+    /// Another process (another jobvisord) has the store open.
+    #[error("{} is in use by another process (another jobvisord?); stop it or set daemon.state_dir to another directory", .path.display())]
+    InUse {
+        /// The database file.
+        path: PathBuf,
     },
     /// Written by a newer jobvisord.
     #[error("{} has schema version {found}, newer than this jobvisord supports ({supported}); upgrade jobvisord or set daemon.state_dir to another directory", .path.display())]

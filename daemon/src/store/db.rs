@@ -8,19 +8,27 @@
 //! - Inputs over [`INLINE_INPUT_MAX`] bytes live in `job_inputs`: SQLite
 //!   rewrites a whole row on every update, and a job is updated several
 //!   times, so a large input stored inline would be written again each time.
-//! - Three indexes, each serving a reader: `(state, id)` for recovery and
-//!   listing by state, `(pool, id)` for listing by pool, and a partial
-//!   `(pool, finished_ms)` over finished jobs only (inserts never touch it)
-//!   for pruning.
+//! - Two partial indexes, each as small as its reader allows, because every
+//!   index entry costs the write path (plain indexes on `state` and `pool`
+//!   cost about a quarter of the write throughput): `jobs_active (state, id)` over queued and
+//!   running jobs only, for recovery and for listing those states, and
+//!   `jobs_finished (pool, finished_ms)` over finished jobs only, for
+//!   pruning. A new job enters the first, leaves it when it finishes and
+//!   enters the second. Listing by pool or by a terminal state walks the
+//!   table newest first and stops at the limit; that is slow only for a
+//!   rare pool or state in a large store, and only for `jobvisorctl jobs`.
 
 use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
 use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
 use ipc_proto::Bytes;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
 };
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,6 +37,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(super) const SCHEMA_VERSION: i64 = 1;
 /// `PRAGMA application_id` of a jobvisor store: "JVST".
 pub(super) const APPLICATION_ID: i64 = 0x4A56_5354;
+/// Page size of a new store.
+const PAGE_SIZE: i64 = 16384;
 /// Inputs up to this size are stored in the `jobs` row itself.
 pub(super) const INLINE_INPUT_MAX: usize = 1024;
 /// Error of an attempt cut short by a daemon restart.
@@ -50,8 +60,7 @@ CREATE TABLE jobs (
     output       BLOB,
     input        BLOB
 );
-CREATE INDEX jobs_state ON jobs(state, id);
-CREATE INDEX jobs_pool ON jobs(pool, id);
+CREATE INDEX jobs_active ON jobs(state, id) WHERE state < 2;
 CREATE INDEX jobs_finished ON jobs(pool, finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE TABLE job_inputs (id INTEGER PRIMARY KEY, input BLOB NOT NULL);
 CREATE TRIGGER jobs_delete_input AFTER DELETE ON jobs WHEN old.input IS NULL
@@ -70,11 +79,13 @@ SELECT id, input FROM job_inputs LIMIT 0;
 SELECT value FROM meta WHERE key = 'max_id';
 ";
 
-const INSERT_JOB: &str = "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
+pub(super) const INSERT_JOB: &str =
+    "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
      timeout_ms, created_ms, finished_ms, error, attempts, output, input) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
-const UPDATE_JOB: &str = "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
+pub(super) const UPDATE_JOB: &str =
+    "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
      finished_ms = ?6 WHERE id = ?1";
 const UPDATE_MAX_ID: &str = "UPDATE meta SET value = ?1 WHERE key = 'max_id'";
 
@@ -87,16 +98,33 @@ macro_rules! select_doc {
         )
     };
 }
-const SELECT_JOB: &str = select_doc!(", output FROM jobs WHERE id = ?1");
-const LIST_ALL: &str = select_doc!(" FROM jobs ORDER BY id DESC LIMIT ?1");
-const LIST_POOL: &str = select_doc!(" FROM jobs WHERE pool = ?2 ORDER BY id DESC LIMIT ?1");
-const LIST_STATE: &str = select_doc!(" FROM jobs WHERE state = ?3 ORDER BY id DESC LIMIT ?1");
-const LIST_POOL_STATE: &str =
+pub(super) const SELECT_JOB: &str = select_doc!(", output FROM jobs WHERE id = ?1");
+pub(super) const LIST_ALL: &str = select_doc!(" FROM jobs ORDER BY id DESC LIMIT ?1");
+pub(super) const LIST_POOL: &str =
+    select_doc!(" FROM jobs WHERE pool = ?2 ORDER BY id DESC LIMIT ?1");
+// `state < 2` is what lets SQLite use the partial index `jobs_active`;
+// `INDEXED BY` makes it use it (or fail at prepare time, caught by a test),
+// rather than walk the whole table to avoid a sort.
+pub(super) const LIST_ACTIVE: &str = select_doc!(
+    " FROM jobs INDEXED BY jobs_active WHERE state = ?3 AND state < 2 ORDER BY id DESC LIMIT ?1"
+);
+pub(super) const LIST_POOL_ACTIVE: &str = select_doc!(
+    " FROM jobs INDEXED BY jobs_active WHERE pool = ?2 AND state = ?3 AND state < 2 \
+     ORDER BY id DESC LIMIT ?1"
+);
+pub(super) const LIST_FINISHED: &str =
+    select_doc!(" FROM jobs WHERE state = ?3 ORDER BY id DESC LIMIT ?1");
+pub(super) const LIST_POOL_FINISHED: &str =
     select_doc!(" FROM jobs WHERE pool = ?2 AND state = ?3 ORDER BY id DESC LIMIT ?1");
+/// Jobs to requeue at startup.
+pub(super) const SELECT_ACTIVE: &str =
+    "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, \
+     created_ms, attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)) \
+     FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
 
 /// Pools that have finished jobs: a loose index scan over `jobs_finished`
 /// (one index seek per pool, however many jobs).
-const FINISHED_POOLS: &str = "
+pub(super) const FINISHED_POOLS: &str = "
 WITH RECURSIVE p(pool) AS (
     SELECT (SELECT MIN(pool) FROM jobs WHERE finished_ms IS NOT NULL)
     UNION ALL
@@ -104,14 +132,15 @@ WITH RECURSIVE p(pool) AS (
     FROM p WHERE p.pool IS NOT NULL
 )
 SELECT pool FROM p WHERE pool IS NOT NULL";
-const OLDEST_FINISHED: &str =
+pub(super) const OLDEST_FINISHED: &str =
     "SELECT MIN(finished_ms) FROM jobs WHERE pool = ?1 AND finished_ms IS NOT NULL";
-const DELETE_EXPIRED: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+pub(super) const DELETE_EXPIRED: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
      WHERE pool = ?1 AND finished_ms IS NOT NULL AND finished_ms < ?2 AND state >= 2 LIMIT ?3)";
-const COUNT_FINISHED: &str = "SELECT COUNT(*) FROM jobs WHERE finished_ms IS NOT NULL";
+pub(super) const COUNT_FINISHED: &str = "SELECT COUNT(*) FROM jobs WHERE finished_ms IS NOT NULL";
 // `NOT INDEXED`: walking the table in rowid order finds the oldest finished
-// jobs at once; going through `jobs_state` would sort every finished job.
-const DELETE_OLDEST: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs NOT INDEXED \
+// jobs at once; going through an index would sort every finished job.
+pub(super) const DELETE_OLDEST: &str =
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs NOT INDEXED \
      WHERE finished_ms IS NOT NULL AND state >= 2 ORDER BY id LIMIT ?1)";
 
 /// A job to insert, with the last update of the same batch folded in.
@@ -129,6 +158,8 @@ pub(super) struct Db {
     max_id: u64,
     /// Scratch buffer for encoding attempts, reused across ops.
     json: Vec<u8>,
+    /// Held while the store is open (see [`lock_store`]).
+    _lock: Flock<File>,
 }
 
 impl Db {
@@ -141,6 +172,7 @@ impl Db {
             source,
         })?;
         check_access(state_dir, &path)?;
+        let lock = lock_store(state_dir, &path)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -151,8 +183,18 @@ impl Db {
             path,
             max_id: 0,
             json: Vec::with_capacity(1024),
+            _lock: lock,
         };
         db.init()?;
+        // SQLite syncs the directory when it creates the WAL; syncing it (and
+        // its parent, which `create_dir_all` may have just changed) here too
+        // makes the files' directory entries durable before the first ack.
+        // Best effort: some file systems refuse to fsync a directory.
+        for dir in [Some(state_dir), state_dir.parent()].into_iter().flatten() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         Ok(db)
     }
 
@@ -207,6 +249,14 @@ impl Db {
             // Migrations from older versions go here, once there are any.
         }
 
+        if fresh {
+            // Only possible before the first write. Larger pages than the
+            // default 4 KiB mean fewer B-tree splits and levels: about 10%
+            // less CPU per op in the throughput test.
+            self.conn
+                .pragma_update(None, "page_size", PAGE_SIZE)
+                .map_err(self.err("cannot set the page size"))?;
+        }
         let mode: String = self
             .conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -234,34 +284,13 @@ impl Db {
             .busy_timeout(Duration::from_secs(5))
             .map_err(self.err("cannot configure the connection"))?;
         self.conn.set_prepared_statement_cache_capacity(32);
-        if let Ok(v) = std::env::var("CACHE") {
-            self.conn
-                .execute_batch(&format!("PRAGMA cache_size = {v};"))
-                .unwrap();
-        }
-        if let Ok(v) = std::env::var("WAL_AUTO") {
-            self.conn
-                .execute_batch(&format!("PRAGMA wal_autocheckpoint = {v};"))
-                .unwrap();
-        }
 
         if fresh {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| sqlite_error(&self.path, "cannot create the schema", e))?;
-            let mut schema = SCHEMA.to_string();
-            if let Ok(extra) = std::env::var("EXTRA_SQL") {
-                schema.push_str(&extra);
-            }
-            for ix in std::env::var("DROP_IX")
-                .unwrap_or_default()
-                .split(',')
-                .filter(|s| !s.is_empty())
-            {
-                schema.push_str(&format!("DROP INDEX {ix};"));
-            }
-            tx.execute_batch(&schema)
+            tx.execute_batch(SCHEMA)
                 .and_then(|()| tx.pragma_update(None, "application_id", APPLICATION_ID))
                 .and_then(|()| tx.pragma_update(None, "user_version", SCHEMA_VERSION))
                 .and_then(|()| tx.commit())
@@ -303,13 +332,7 @@ impl Db {
         // (id, state, attempts, finished_ms) of the rows recovery changes.
         let mut changed: Vec<(u64, JobState, Vec<Attempt>, Option<u64>)> = Vec::new();
         {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
-                     attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)) \
-                     FROM jobs WHERE state IN (0, 1) ORDER BY id",
-                )
-                .map_err(fail)?;
+            let mut stmt = tx.prepare(SELECT_ACTIVE).map_err(fail)?;
             let mut rows = stmt.query([]).map_err(fail)?;
             while let Some(row) = rows.next().map_err(fail)? {
                 let id = from_sql_u64(row.get(0).map_err(fail)?);
@@ -408,19 +431,9 @@ impl Db {
         now_ms: u64,
     ) -> rusqlite::Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let t0 = std::time::Instant::now();
-        let result = self.write_rows(inserts, updates, now_ms);
-        let t1 = std::time::Instant::now();
-        let result = result.and_then(|max_id| self.conn.execute_batch("COMMIT").map(|()| max_id));
-        if std::env::var_os("TIMING").is_some() {
-            eprintln!(
-                "rows {} ins {} upd {:?} commit {:?}",
-                inserts.len(),
-                updates.len(),
-                t1 - t0,
-                t1.elapsed()
-            );
-        }
+        let result = self
+            .write_rows(inserts, updates, now_ms)
+            .and_then(|max_id| self.conn.execute_batch("COMMIT").map(|()| max_id));
         match result {
             Ok(max_id) => {
                 self.max_id = max_id;
@@ -526,11 +539,13 @@ impl Db {
                     Ok(doc.transpose().map(QueryResult::Job))
                 }
                 Query::List { pool, state, limit } => {
-                    let sql = match (pool, state) {
+                    let sql = match (pool, state.map(JobState::is_terminal)) {
                         (None, None) => LIST_ALL,
                         (Some(_), None) => LIST_POOL,
-                        (None, Some(_)) => LIST_STATE,
-                        (Some(_), Some(_)) => LIST_POOL_STATE,
+                        (None, Some(false)) => LIST_ACTIVE,
+                        (Some(_), Some(false)) => LIST_POOL_ACTIVE,
+                        (None, Some(true)) => LIST_FINISHED,
+                        (Some(_), Some(true)) => LIST_POOL_FINISHED,
                     };
                     let mut stmt = self.conn.prepare_cached(sql)?;
                     stmt.raw_bind_parameter(1, i64::from(*limit))?;
@@ -612,6 +627,18 @@ impl Db {
         self.in_tx(|conn| conn.prepare_cached(DELETE_OLDEST)?.execute([limit]))
     }
 
+    /// For tests: SQLite's query plan for `sql`, one step per line.
+    #[cfg(test)]
+    pub fn plan(&self, sql: &str) -> rusqlite::Result<String> {
+        let mut stmt = self.conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let mut rows = stmt.raw_query();
+        let mut steps = Vec::new();
+        while let Some(row) = rows.next()? {
+            steps.push(row.get::<_, String>(3)?);
+        }
+        Ok(steps.join("\n"))
+    }
+
     /// For tests: runs arbitrary SQL on the store's own connection.
     #[cfg(test)]
     pub fn execute_batch(&self, sql: &str) -> rusqlite::Result<()> {
@@ -646,6 +673,35 @@ fn check_access(dir: &Path, file: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Takes `jobs.lock` (`flock`, released by the kernel when the process
+/// dies, even by `kill -9`). Two daemons on one store would hand out the
+/// same job ids; SQLite's own locks only serialize their transactions.
+fn lock_store(state_dir: &Path, db: &Path) -> Result<Flock<File>, StoreError> {
+    let path = state_dir.join("jobs.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| StoreError::Access {
+            path: path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == Errno::EWOULDBLOCK {
+            StoreError::InUse {
+                path: db.to_path_buf(),
+            }
+        } else {
+            StoreError::Access {
+                path,
+                source: io::Error::from(errno),
+            }
+        }
+    })
+}
+
 fn sqlite_error(path: &Path, what: &'static str, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::NotAStore {
@@ -663,7 +719,7 @@ fn sqlite_error(path: &Path, what: &'static str, e: rusqlite::Error) -> StoreErr
 /// The OS's text for an error, without Rust's " (os error N)" suffix.
 pub(super) fn os_reason(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        Some(code) => Errno::from_raw(code).desc().to_string(),
         None => e.to_string(),
     }
 }

@@ -848,6 +848,22 @@ fn another_programs_database_is_refused_untouched() {
 }
 
 #[test]
+fn a_store_in_use_is_refused() {
+    let dir = TempDir::new("inuse");
+    let (h, _) = Harness::open(dir.path());
+    let err = open_err(dir.path());
+    assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    h.close();
+    // Released on close.
+    let (h, _) = Harness::open(dir.path());
+    h.close();
+}
+
+#[test]
 fn errors_display_on_one_line() {
     let dir = TempDir::new("oneline");
     std::fs::write(dir.path().join("file"), b"x").expect("write");
@@ -974,15 +990,18 @@ fn throughput() {
     assert_eq!(stats.inserts - before.inserts, JOBS);
     assert_eq!(stats.updates - before.updates, JOBS);
     let busy = stats.busy - before.busy;
+    let cpu = stats.cpu - before.cpu;
     eprintln!(
         "throughput: {} ops in {:.2?} = {:.0} ops/s ({:.0} jobs/s), {} commits; \
-         writing and committing took {busy:.2?} = {:.0} ops/s",
+         writing and committing took {busy:.2?} = {:.0} ops/s; store thread CPU {cpu:.2?} \
+         = {:.0} ops/s",
         2 * JOBS,
         elapsed,
         (2 * JOBS) as f64 / elapsed.as_secs_f64(),
         JOBS as f64 / elapsed.as_secs_f64(),
         stats.commits - before.commits,
         (2 * JOBS) as f64 / busy.as_secs_f64(),
+        (2 * JOBS) as f64 / cpu.as_secs_f64(),
     );
 
     // Insert and update of each job back to back: coalesced when they land
@@ -1007,4 +1026,41 @@ fn throughput() {
         JobState::Succeeded
     );
     h.close();
+}
+
+#[test]
+fn query_plans_use_the_intended_indexes() {
+    use super::db::*;
+    let dir = TempDir::new("plans");
+    let db = Db::open(dir.path()).expect("open");
+    let uses = |sql: &str, what: &str| {
+        let plan = db.plan(sql).expect("plan");
+        assert!(
+            plan.contains(what),
+            "expected {what} in the plan of {sql}:\n{plan}"
+        );
+        assert!(
+            !plan.contains("TEMP B-TREE") || sql == SELECT_ACTIVE,
+            "{sql}:\n{plan}"
+        );
+    };
+    uses(SELECT_ACTIVE, "jobs_active");
+    uses(LIST_ACTIVE, "jobs_active");
+    uses(LIST_POOL_ACTIVE, "jobs_active");
+    uses(FINISHED_POOLS, "jobs_finished");
+    uses(OLDEST_FINISHED, "jobs_finished");
+    uses(DELETE_EXPIRED, "jobs_finished");
+    uses(COUNT_FINISHED, "jobs_finished");
+    uses(SELECT_JOB, "INTEGER PRIMARY KEY");
+    uses(UPDATE_JOB, "INTEGER PRIMARY KEY");
+    // Newest first along the rowid, stopping at the limit: no sort.
+    for sql in [
+        LIST_ALL,
+        LIST_POOL,
+        LIST_FINISHED,
+        LIST_POOL_FINISHED,
+        DELETE_OLDEST,
+    ] {
+        uses(sql, "SCAN jobs");
+    }
 }
