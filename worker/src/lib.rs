@@ -30,7 +30,8 @@
 //!
 //! Architecture invariant: the handler always runs on the thread that called
 //! [`run`], so it need not be `Send` and may hold thread-bound state; the
-//! only other thread reads the job pipe (see [`serve()`]).
+//! two other threads only read the job pipe and flush buffered results
+//! (see [`serve()`]).
 #![deny(missing_docs)]
 
 mod channel;

@@ -2,7 +2,8 @@
 //! `Shutdown` or end of stream. It works on any pair of byte streams (fd 3
 //! and fd 4 in production, socket pairs in tests).
 //!
-//! Two threads, because a job must be cancellable while its handler runs:
+//! Three threads, because a job must be cancellable while its handler runs,
+//! and its results must not wait for it:
 //!
 //! - the *reader* thread owns the job stream. It reads in big chunks straight
 //!   into the [`FrameDecoder`], decodes every whole frame, and sends each
@@ -12,13 +13,25 @@
 //! - the *calling* thread runs the handler and writes results. It keeps a
 //!   local queue of received jobs, drains the channel without blocking before
 //!   each job (so a `Cancel` for a queued job is seen before that job starts),
-//!   and encodes results into one buffer.
+//!   and encodes results into one buffer, shared with the flusher.
+//! - the *flusher* thread writes buffered results that have waited too long
+//!   (see below). It never runs the handler.
 //!
 //! Batching: results are written with one `write` when the queue of received
-//! jobs is empty (before blocking for more), and earlier when holding them
-//! back would delay them noticeably: after a slow job (the next may be slow
-//! too), once the oldest buffered result is a millisecond old, or once the
-//! buffer is large. Tiny jobs thus cost a fraction of a system call each.
+//! jobs is empty (before blocking for more), after a slow job (the next may
+//! be slow too), once the buffer is large, and in any case once the oldest
+//! buffered result has waited [`MAX_RESULT_AGE`] (200 µs), even while the
+//! handler is busy with a later job: the calling thread checks between jobs,
+//! the flusher thread watches while a job runs. Tiny jobs thus still cost a
+//! fraction of a system call each, while no result is held hostage by the
+//! job after it. With prefetch, a result held back for a whole long job
+//! would (1) take that job's runtime as its latency, (2) be lost if the
+//! worker crashed during that job, the daemon then wrongly believing the
+//! finished job was the one running, and (3) likewise have a job timeout
+//! blamed on the wrong job. Writes happen under the buffer's lock, a whole
+//! buffer at a time, so frames from the two writers never interleave; a
+//! write error met by the flusher is returned by the calling thread at its
+//! next flush. Whatever is buffered is written before [`serve`] returns.
 //!
 //! The reader thread is detached: after [`serve`] returns it stays blocked in
 //! `read` until the job stream ends. A process that returns from `main`
@@ -26,9 +39,10 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
-use std::thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
@@ -41,8 +55,12 @@ const FLUSH_BYTES: usize = 1 << 20;
 /// Flush right after a job whose handler took at least this long: the next
 /// job is likely slow too, and a write costs a few microseconds at most.
 const SLOW_JOB: Duration = Duration::from_micros(50);
-/// Flush once the oldest buffered result has waited this long.
-const MAX_RESULT_AGE: Duration = Duration::from_millis(1);
+/// No result waits in the buffer longer than this (plus scheduling delay),
+/// whatever the handler does meanwhile: the flusher thread sees to it.
+const MAX_RESULT_AGE: Duration = Duration::from_micros(200);
+/// How long the flusher keeps watching after it last saw a buffered result,
+/// before it goes idle (see [`flush_aged`]).
+const LINGER: Duration = Duration::from_millis(2);
 
 /// The error text of a job cancelled before it started.
 pub const CANCELLED: &str = "cancelled";
@@ -95,11 +113,11 @@ impl ServeError {
 pub fn serve<R, W, F>(jobs: R, results: W, mut handler: F) -> Result<Stop, ServeError>
 where
     R: Read + Send + 'static,
-    W: Write,
+    W: Write + Send + 'static,
     F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
 {
     let cancel = Arc::new(CancelState::new().map_err(ServeError::Setup)?);
-    let mut out = Output::new(results);
+    let mut out = Output::start(results)?;
     out.push(&FromWorker::Ready {
         protocol_version: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -137,6 +155,7 @@ where
             cancel.finish();
             continue;
         }
+        out.watch();
         let started = Instant::now();
         let result = if inbox.current_cancelled || cancel.is_cancelled() {
             Err(CANCELLED.to_owned())
@@ -153,8 +172,7 @@ where
         cancel.finish();
         inbox.current = None;
         let now = Instant::now();
-        out.push_result(job.id, result, now);
-        out.flush_if_due(now, now - started >= SLOW_JOB)?;
+        out.push_result_and_flush_if_due(job.id, result, now, now - started >= SLOW_JOB)?;
     }
 }
 
@@ -293,7 +311,7 @@ impl Inbox {
 
     /// The next job to run: from the local queue, else from the channel
     /// without blocking.
-    fn next_job<W: Write>(&mut self, out: &mut Output<W>) -> Option<Job> {
+    fn next_job<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) -> Option<Job> {
         if self.queue.is_empty() {
             self.drain(out);
         }
@@ -304,7 +322,7 @@ impl Inbox {
     }
 
     /// Applies everything already in the channel.
-    fn drain<W: Write>(&mut self, out: &mut Output<W>) {
+    fn drain<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) {
         loop {
             match self.rx.try_recv() {
                 Ok(batch) => self.apply(batch, out),
@@ -318,7 +336,7 @@ impl Inbox {
     }
 
     /// Blocks until the reader sends something (the caller has flushed).
-    fn wait<W: Write>(&mut self, out: &mut Output<W>) {
+    fn wait<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) {
         match self.rx.recv() {
             Ok(batch) => self.apply(batch, out),
             Err(_) => self.disconnected(),
@@ -332,7 +350,7 @@ impl Inbox {
         }
     }
 
-    fn apply<W: Write>(&mut self, batch: Vec<Incoming>, out: &mut Output<W>) {
+    fn apply<W: Write + Send + 'static>(&mut self, batch: Vec<Incoming>, out: &mut Output<W>) {
         for msg in batch {
             if let Some(id) = self.apply_one(msg) {
                 out.push_result(id, Err(CANCELLED.to_owned()), Instant::now());
@@ -381,24 +399,56 @@ impl Inbox {
     }
 }
 
-/// Encoded frames waiting to be written with one `write`.
-struct Output<W> {
+/// Encoded frames waiting to be written with one `write`, shared by the
+/// calling thread (which encodes and flushes) and the flusher thread (which
+/// writes results that have waited [`MAX_RESULT_AGE`]).
+struct Output<W: Write + Send + 'static> {
+    shared: Arc<Shared<W>>,
+    /// The flusher thread; `None` once it has been joined.
+    flusher: Option<JoinHandle<()>>,
+}
+
+struct Shared<W> {
+    state: Mutex<Buffered<W>>,
+    /// Wakes the flusher: a job starts while a result is buffered and the
+    /// flusher is idle, or serving ended.
+    wake: Condvar,
+    /// The flusher is waiting for [`Self::wake`] with nothing buffered, so a
+    /// job starting with results buffered must wake it. Changed only with
+    /// the lock held; read without it first so that the usual case (the
+    /// flusher is already watching, or nothing is buffered) takes no lock.
+    flusher_idle: AtomicBool,
+}
+
+/// Everything behind the lock. Writes happen only with the lock held, one
+/// whole buffer at a time, so frames never interleave.
+struct Buffered<W> {
     writer: W,
     buf: Vec<u8>,
     /// When the oldest buffered result was produced.
     oldest: Option<Instant>,
+    /// The first write error, until the calling thread returns it.
+    error: Option<io::Error>,
+    /// A write failed: results are discarded from then on, not written.
+    broken: bool,
+    /// Serving has ended: the flusher must exit.
+    closed: bool,
 }
 
-impl<W: Write> Output<W> {
-    fn new(writer: W) -> Self {
-        Output {
-            writer,
-            buf: Vec::with_capacity(64 << 10),
-            oldest: None,
-        }
+impl<W: Write> Buffered<W> {
+    fn encode_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
+        let msg = match result {
+            Ok(output) => FromWorker::Done {
+                id,
+                output: Payload::Inline(output.into()),
+            },
+            Err(error) => FromWorker::Failed { id, error },
+        };
+        self.encode(&msg);
+        self.oldest.get_or_insert(now);
     }
 
-    fn push(&mut self, msg: &FromWorker) {
+    fn encode(&mut self, msg: &FromWorker) {
         if let Err(e) = encode_frame(msg, &mut self.buf) {
             // Only an output over the frame limit can fail; say so instead.
             if let FromWorker::Done { id, .. } = msg {
@@ -412,39 +462,114 @@ impl<W: Write> Output<W> {
         }
     }
 
-    fn push_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
-        let msg = match result {
-            Ok(output) => FromWorker::Done {
-                id,
-                output: Payload::Inline(output.into()),
-            },
-            Err(error) => FromWorker::Failed { id, error },
-        };
-        self.push(&msg);
-        self.oldest.get_or_insert(now);
-    }
-
-    fn flush_if_due(&mut self, now: Instant, slow_job: bool) -> Result<(), ServeError> {
-        let old = self
-            .oldest
-            .is_some_and(|t| now.duration_since(t) >= MAX_RESULT_AGE);
-        if slow_job || old || self.buf.len() >= FLUSH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), ServeError> {
+    /// Writes everything buffered (or drops it after an earlier error).
+    fn write_out(&mut self) {
         self.oldest = None;
         if self.buf.is_empty() {
-            return Ok(());
+            return;
         }
-        let result = self.writer.write_all(&self.buf);
+        if !self.broken {
+            if let Err(e) = self.writer.write_all(&self.buf) {
+                self.broken = true;
+                self.error = Some(e);
+            }
+        }
         self.buf.clear();
         if self.buf.capacity() > 4 * FLUSH_BYTES {
             self.buf = Vec::with_capacity(64 << 10);
         }
-        result.map_err(ServeError::Write)
+    }
+
+    fn take_error(&mut self) -> Result<(), ServeError> {
+        self.error
+            .take()
+            .map_or(Ok(()), |e| Err(ServeError::Write(e)))
+    }
+}
+
+impl<W> Shared<W> {
+    /// The state, even if a thread panicked holding the lock: the buffer is
+    /// only ever appended to or written whole, so it stays consistent.
+    fn lock(&self) -> MutexGuard<'_, Buffered<W>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<W: Write + Send + 'static> Output<W> {
+    /// Wraps `writer` and starts the flusher thread.
+    fn start(writer: W) -> Result<Self, ServeError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Buffered {
+                writer,
+                buf: Vec::with_capacity(64 << 10),
+                oldest: None,
+                error: None,
+                broken: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            flusher_idle: AtomicBool::new(false),
+        });
+        let flusher_shared = Arc::clone(&shared);
+        let flusher = thread::Builder::new()
+            .name("jobvisor-flusher".into())
+            .spawn(move || flush_aged(&flusher_shared))
+            .map_err(ServeError::Setup)?;
+        Ok(Output {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+
+    fn push(&mut self, msg: &FromWorker) {
+        self.shared.lock().encode(msg);
+    }
+
+    fn push_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
+        self.shared.lock().encode_result(id, result, now);
+    }
+
+    /// Buffers a job's result, then flushes if it is worth it now; returns a
+    /// write error, including one the flusher ran into.
+    fn push_result_and_flush_if_due(
+        &mut self,
+        id: JobId,
+        result: Result<Vec<u8>, String>,
+        now: Instant,
+        slow_job: bool,
+    ) -> Result<(), ServeError> {
+        let mut state = self.shared.lock();
+        state.encode_result(id, result, now);
+        let old = state
+            .oldest
+            .is_some_and(|t| now.duration_since(t) >= MAX_RESULT_AGE);
+        if slow_job || old || state.buf.len() >= FLUSH_BYTES {
+            state.write_out();
+        }
+        state.take_error()
+    }
+
+    /// Called before running a job: if results are buffered, makes sure the
+    /// flusher is timing them, since the job may run for long. (Not on every
+    /// push: a push followed by a flush, as when the queue runs dry, needs
+    /// no flusher, and waking it costs more than a tiny job.)
+    fn watch(&self) {
+        // The flusher sets the flag and waits under the lock, and the result
+        // was buffered under the lock too: if the flusher went idle before
+        // that, this load sees it.
+        if !self.shared.flusher_idle.load(Ordering::Relaxed) {
+            return;
+        }
+        let state = self.shared.lock();
+        if state.oldest.is_some() && self.shared.flusher_idle.swap(false, Ordering::Relaxed) {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ServeError> {
+        let mut state = self.shared.lock();
+        state.write_out();
+        state.take_error()
     }
 
     /// Ends serving after the job stream ended abnormally: results already
@@ -459,13 +584,72 @@ impl<W: Write> Output<W> {
     }
 }
 
+impl<W: Write + Send + 'static> Drop for Output<W> {
+    /// Stops the flusher, after a last flush for the paths that did not
+    /// (a panicking handler): results produced are never left behind.
+    /// Joining it means the writer is dropped (the stream closed) by the
+    /// time [`serve`] returns.
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.lock();
+            state.write_out();
+            state.closed = true;
+        }
+        self.shared.wake.notify_one();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+/// The flusher thread's body: writes the buffer once its oldest result has
+/// waited [`MAX_RESULT_AGE`], unless the calling thread flushed it first.
+///
+/// After finding results it stays on watch for [`LINGER`], waking every
+/// [`MAX_RESULT_AGE`] (a wait that starts while the buffer is empty ends no
+/// later than a result buffered meanwhile comes due), so that a steady
+/// stream of batches costs one timed wake-up per period and no notify.
+/// Then it goes idle until [`Output::watch`] wakes it.
+fn flush_aged<W: Write>(shared: &Shared<W>) {
+    let mut state = shared.lock();
+    let mut watch_until = Instant::now();
+    while !state.closed {
+        let now = Instant::now();
+        let timeout = match state.oldest {
+            Some(oldest) => {
+                watch_until = now + LINGER;
+                let due = oldest + MAX_RESULT_AGE;
+                if now >= due {
+                    state.write_out();
+                    continue;
+                }
+                due - now
+            }
+            None if now < watch_until => MAX_RESULT_AGE,
+            None => {
+                shared.flusher_idle.store(true, Ordering::Relaxed);
+                state = shared
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                shared.flusher_idle.store(false, Ordering::Relaxed);
+                continue;
+            }
+        };
+        state = shared
+            .wake
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use ipc_proto::worker::FromWorker::{Done, Failed, Ready};
     use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::os::unix::net::UnixStream;
-    use std::sync::Mutex;
 
     const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -776,6 +960,39 @@ mod tests {
             Err(ServeError::Protocol(why)) => assert!(why.contains("shared-memory"), "{why}"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fast_result_is_sent_while_the_next_job_runs() {
+        let (started_tx, started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let mut d = Daemon::start(move |ctx: &JobContext, _: &[u8]| {
+            if ctx.id() == 2 {
+                started_tx.send(()).unwrap();
+                release_rx.recv_timeout(DEADLINE).unwrap();
+            }
+            Ok(Vec::new())
+        });
+        // One write: job 2 is already queued when job 1 finishes.
+        d.send(&[job(1, b""), job(2, b"")]);
+        let sent = Instant::now();
+        started.recv_timeout(DEADLINE).unwrap();
+        // Typically well under a millisecond; the bound is loose for slow CI.
+        d.results
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(d.recv(), done(1, b""));
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            sent.elapsed()
+        );
+        d.results.set_read_timeout(Some(DEADLINE)).unwrap();
+
+        release.send(()).unwrap();
+        assert_eq!(d.recv(), done(2, b""));
+        d.send(&[ToWorker::Shutdown]);
+        assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
     }
 
     #[test]
