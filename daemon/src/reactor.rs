@@ -498,7 +498,7 @@ impl Reactor {
     fn on_completion(&mut self, c: Completion) {
         let now = Instant::now();
         match c {
-            Completion::Durable { upto } => self.core.on_durable(upto, now),
+            Completion::Durable { upto } => self.core.on_durable(upto),
             Completion::Failed {
                 upto,
                 lost_inserts,

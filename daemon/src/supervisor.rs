@@ -851,7 +851,7 @@ impl Supervisor {
                 name: p.name.clone(),
                 state: p.state,
                 desired_workers: p.desired,
-                queued: p.jobs.queued + p.jobs.pending,
+                queued: p.jobs.queued,
                 running: p.jobs.running,
                 succeeded: p.jobs.succeeded,
                 failed: p.jobs.failed,

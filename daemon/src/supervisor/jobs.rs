@@ -52,8 +52,6 @@ pub(super) struct PoolJobs {
     queue: BinaryHeap<QEntry>,
     /// Jobs in the `Queued` phase.
     pub(super) queued: u64,
-    /// Accepted, insert not yet durable.
-    pub(super) pending: u64,
     /// Handed to a worker.
     pub(super) running: u64,
     /// Terminal counts (store history plus this run).
@@ -65,8 +63,7 @@ pub(super) struct PoolJobs {
 
 #[derive(Debug)]
 enum JobPhase {
-    /// Insert submitted to the store, not yet durable.
-    Pending,
+    /// Waiting for a worker (possibly before its insert is durable).
     Queued,
     Running {
         proc: ProcId,
@@ -99,6 +96,8 @@ struct Job {
     cancel_requested: bool,
     /// Holds its key and semaphores (between dispatch and leaving the worker).
     holds: bool,
+    /// Its insert failed: it was never acknowledged; drop it when done.
+    unstored: bool,
     /// Was in a worker, among several jobs in flight, when it died: it may be
     /// the one that killed it. It runs alone from now on, so that a further
     /// death is attributed exactly.
@@ -223,6 +222,7 @@ impl Supervisor {
                 cancel_requested: false,
                 holds: false,
                 suspect: false,
+                unstored: false,
             };
             self.enqueue_entry(&j.pool, entry);
             self.jt.jobs.insert(job.id, job);
@@ -309,7 +309,7 @@ impl Supervisor {
             )));
         }
         let cap = pool.config.queue_capacity;
-        if pool.jobs.queued + pool.jobs.pending >= cap {
+        if pool.jobs.queued >= cap {
             return Err(CtlError::Rejected(format!(
                 "pool {pool_name} queue is full ({cap} jobs waiting, queue_capacity = {cap}); retry later or raise queue_capacity"
             )));
@@ -327,7 +327,6 @@ impl Supervisor {
             .timeout_ms
             .map(Duration::from_millis)
             .or(pool.config.timeout);
-        pool.jobs.pending += 1;
         let id = self.jt.next_id.max(1);
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
@@ -357,21 +356,44 @@ impl Supervisor {
                 input,
                 attempts: Vec::new(),
                 created_ms,
-                phase: JobPhase::Pending,
+                phase: JobPhase::Queued,
                 cancel_requested: false,
                 holds: false,
                 suspect: false,
+                unstored: false,
             },
+        );
+        // Dispatched at once, before the insert is durable: the client is
+        // acknowledged (and hears of the result) only after it is, but the
+        // work need not wait for the fsync, and a job that finishes within
+        // one commit window costs a single row write (the store merges the
+        // insert with the final update). If the daemon dies before the
+        // commit, the client never got an id: nothing accepted is lost, the
+        // job may merely have run once unacknowledged (at-least-once).
+        self.jt.tail_order += 1;
+        let entry = QEntry {
+            priority: options.priority,
+            order: Reverse(self.jt.tail_order),
+            id,
+        };
+        self.enqueue_entry(pool_name, entry);
+        self.event(
+            now,
+            "job_queued",
+            Some(pool_name),
+            None,
+            Some((id, JobState::Queued)),
+            None,
         );
         Ok(())
     }
 
     /// Every store op numbered `<= upto` is durable.
-    pub fn on_durable(&mut self, upto: u64, now: Instant) {
+    pub fn on_durable(&mut self, upto: u64) {
         while self.jt.pending.front().is_some_and(|(s, _)| *s <= upto) {
             let (_, p) = self.jt.pending.pop_front().expect("checked");
             match p {
-                Pending::Insert { id, client, wait } => self.insert_durable(id, client, wait, now),
+                Pending::Insert { id, client, wait } => self.insert_durable(id, client, wait),
                 Pending::Final { id } => self.final_durable(id),
                 Pending::Reply { client, resp } => self.reply(client, *resp),
             }
@@ -386,11 +408,7 @@ impl Supervisor {
         while let Some((seq, p)) = self.jt.pending.pop_front() {
             match p {
                 Pending::Insert { id, client, .. } if seq <= upto && lost.contains(&id) => {
-                    if let Some(job) = self.jt.jobs.remove(&id) {
-                        if let Some(pool) = self.pools.get_mut(&job.pool) {
-                            pool.jobs.pending = pool.jobs.pending.saturating_sub(1);
-                        }
-                    }
+                    self.forget_unstored(id);
                     self.reply(
                         client,
                         Response::Error {
@@ -407,6 +425,25 @@ impl Supervisor {
         }
         self.jt.pending = keep;
         self.log(Level::Error, format!("job store: {error}"));
+    }
+
+    /// A job whose insert failed: it was never acknowledged, so it is
+    /// dropped (a running one when its worker is done with it).
+    fn forget_unstored(&mut self, id: u64) {
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return;
+        };
+        match job.phase {
+            JobPhase::Queued => {
+                let pool = job.pool.clone();
+                self.jt.jobs.remove(&id);
+                if let Some(p) = self.pools.get_mut(&pool) {
+                    p.jobs.queued = p.jobs.queued.saturating_sub(1);
+                }
+            }
+            JobPhase::Running { .. } => job.unstored = true,
+            JobPhase::Finishing(_) => {}
+        }
     }
 
     /// The answer to a store query.
@@ -527,10 +564,6 @@ impl Supervisor {
             return;
         };
         let msg = match &job.phase {
-            JobPhase::Pending => {
-                job.cancel_requested = true;
-                Ok(format!("job {id} cancelled"))
-            }
             JobPhase::Queued => {
                 let pool = job.pool.clone();
                 if let Some(p) = self.pools.get_mut(&pool) {
@@ -868,49 +901,18 @@ impl Supervisor {
         }
     }
 
-    fn insert_durable(&mut self, id: u64, client: ClientId, wait: bool, now: Instant) {
-        let Some(job) = self.jt.jobs.get_mut(&id) else {
-            return;
-        };
-        let pool = job.pool.clone();
-        let cancel = job.cancel_requested;
-        job.phase = JobPhase::Queued;
-        self.jt.tail_order += 1;
-        let entry = QEntry {
-            priority: job.priority,
-            order: Reverse(self.jt.tail_order),
-            id,
-        };
-        if let Some(p) = self.pools.get_mut(&pool) {
-            p.jobs.pending = p.jobs.pending.saturating_sub(1);
-        }
+    /// The job's insert is durable: acknowledge it. Its final row (if it
+    /// is already done) has a later sequence number, so a waiter
+    /// registered here is always in time.
+    fn insert_durable(&mut self, id: u64, client: ClientId, wait: bool) {
         self.reply(client, Response::Submitted { id });
-        if wait {
+        if wait && self.jt.jobs.contains_key(&id) {
             self.jt.waiters.entry(id).or_default().push(Waiter {
                 client,
                 with_output: true,
                 group: None,
             });
         }
-        if cancel {
-            self.finish(
-                id,
-                JobState::Cancelled,
-                None,
-                Some("cancelled before it started".into()),
-                now,
-            );
-            return;
-        }
-        self.enqueue_entry(&pool, entry);
-        self.event(
-            now,
-            "job_queued",
-            Some(&pool),
-            None,
-            Some((id, JobState::Queued)),
-            None,
-        );
     }
 
     fn final_durable(&mut self, id: u64) {
@@ -981,7 +983,7 @@ impl Supervisor {
 
     fn doc(&self, job: &Job, with_output: bool, _now: Instant) -> JobDoc {
         let state = match &job.phase {
-            JobPhase::Pending | JobPhase::Queued => JobState::Queued,
+            JobPhase::Queued => JobState::Queued,
             JobPhase::Running { .. } => JobState::Running,
             JobPhase::Finishing(_) => return self.doc_final(job, with_output),
         };
@@ -1303,6 +1305,10 @@ impl Supervisor {
         let Some(job) = self.jt.jobs.get_mut(&id) else {
             return;
         };
+        if job.unstored {
+            self.jt.jobs.remove(&id);
+            return;
+        }
         job.input = Vec::new();
         let pool = job.pool.clone();
         let update = JobUpdate {

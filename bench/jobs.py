@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Tiny-job throughput: jobvisor vs Python's process pools, in one run.
+
+    python3 bench/jobs.py [--n 200000] [--quick]
+
+Runs, on the same N no-op jobs and the same machine, one after the other:
+  1. `jobvisorctl map echo` on a pool of 2 `jobvisor-worker echo` workers,
+     every job durable (SQLite WAL, synchronous=FULL, group commit);
+  2. multiprocessing.Pool(2).imap_unordered(noop, ..., chunksize=1);
+  3. concurrent.futures.ProcessPoolExecutor(2).map(noop, ..., chunksize=1);
+and prints jobs/s of each and the ratios. Then: latency of single
+`jobvisorctl submit --wait` calls (p50/p99, includes process start of the
+CLI and one fsync), and store growth per million jobs.
+Writes bench/out/jobs.json and bench/out/jobs.md.
+"""
+import argparse, concurrent.futures, json, multiprocessing, os, shutil, signal
+import statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release"))
+
+
+def noop(x):
+    return x
+
+
+def wait_socket(ctl, sock, deadline=20.0):
+    end = time.time() + deadline
+    while time.time() < end:
+        if subprocess.run([ctl, "--socket", sock, "status"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.02)
+    raise RuntimeError("jobvisord did not come up")
+
+
+class Daemon:
+    def __init__(self, prefetch):
+        self.dir = tempfile.mkdtemp(prefix="jobvisor-bench-")
+        self.sock = os.path.join(self.dir, "ctl.sock")
+        self.ctl = os.path.join(BIN, "jobvisorctl")
+        cfg = os.path.join(self.dir, "jobvisor.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""[daemon]
+control_socket = "ctl.sock"
+state_dir = "state"
+[pools.echo]
+command = ["{os.path.join(BIN, 'jobvisor-worker')}", "echo"]
+workers = 2
+prefetch = {prefetch}
+queue_capacity = 10000000
+""")
+        self.log = open(os.path.join(self.dir, "daemon.log"), "w")
+        self.proc = subprocess.Popen([os.path.join(BIN, "jobvisord"), "--config", cfg],
+                                     stderr=self.log, stdout=subprocess.DEVNULL)
+        wait_socket(self.ctl, self.sock)
+        end = time.time() + 20
+        while time.time() < end:
+            st = json.loads(subprocess.run([self.ctl, "--socket", self.sock, "--json", "status"],
+                                           capture_output=True, text=True).stdout)
+            ws = st["pools"][0]["workers"]
+            if len(ws) == 2 and all(w["state"] == "ready" for w in ws):
+                break
+            time.sleep(0.02)
+
+    def store_bytes(self):
+        total = 0
+        for name in os.listdir(os.path.join(self.dir, "state")):
+            total += os.path.getsize(os.path.join(self.dir, "state", name))
+        return total
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def bench_jobvisor(n, prefetch):
+    d = Daemon(prefetch)
+    try:
+        data = "".join(f"{i}\n" for i in range(n)).encode()
+        t = time.perf_counter()
+        r = subprocess.run([d.ctl, "--socket", d.sock, "map", "echo"], input=data,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        dt = time.perf_counter() - t
+        lines = r.stdout.count(b"\n")
+        if r.returncode != 0 or lines != n:
+            raise RuntimeError(f"map failed: rc={r.returncode} lines={lines} {r.stderr[:300]!r}")
+        before = d.store_bytes()
+        # Single submits: latency of a whole CLI call (spawn, connect,
+        # durable insert, run, durable result).
+        lat = []
+        for i in range(200):
+            t0 = time.perf_counter()
+            rr = subprocess.run([d.ctl, "--socket", d.sock, "submit", "echo", "--input", str(i), "--wait"],
+                                capture_output=True)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            if rr.returncode != 0:
+                raise RuntimeError(f"submit failed: {rr.stderr!r}")
+        lat.sort()
+        return {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before,
+                "submit_wait_ms_p50": lat[len(lat) // 2], "submit_wait_ms_p99": lat[int(len(lat) * 0.99) - 1]}
+    finally:
+        d.stop()
+
+
+def bench_pool(n):
+    with multiprocessing.get_context("fork").Pool(2) as p:
+        list(p.imap_unordered(noop, range(1000), chunksize=1))
+        t = time.perf_counter()
+        c = sum(1 for _ in p.imap_unordered(noop, range(n), chunksize=1))
+        dt = time.perf_counter() - t
+    assert c == n
+    return {"jobs_per_s": n / dt, "seconds": dt}
+
+
+def bench_executor(n):
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        list(ex.map(noop, range(1000)))
+        t = time.perf_counter()
+        c = sum(1 for _ in ex.map(noop, range(n), chunksize=1))
+        dt = time.perf_counter() - t
+    assert c == n
+    return {"jobs_per_s": n / dt, "seconds": dt}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--prefetch", type=int, default=64)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    n = 50_000 if a.quick else a.n
+    if not os.path.exists(os.path.join(BIN, "jobvisord")):
+        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
+    res = {"n": n, "prefetch": a.prefetch}
+    res["jobvisor"] = bench_jobvisor(n, a.prefetch)
+    res["mp_pool_chunksize1"] = bench_pool(n)
+    res["executor_chunksize1"] = bench_executor(min(n, 50_000))
+    jv = res["jobvisor"]["jobs_per_s"]
+    rows = [
+        ("jobvisorctl map echo (2 workers, durable)", jv, 1.0),
+        ("multiprocessing.Pool(2) imap_unordered chunksize=1", res["mp_pool_chunksize1"]["jobs_per_s"], None),
+        ("ProcessPoolExecutor(2).map chunksize=1", res["executor_chunksize1"]["jobs_per_s"], None),
+    ]
+    md = [f"# Tiny jobs, N = {n} (prefetch {a.prefetch})", "", "| runner | jobs/s | jobvisor / runner |", "|---|---:|---:|"]
+    print(f"{'runner':55} {'jobs/s':>12} {'jobvisor/x':>11}")
+    for name, v, _ in rows:
+        ratio = jv / v
+        print(f"{name:55} {v:12,.0f} {ratio:11.2f}")
+        md.append(f"| {name} | {v:,.0f} | {ratio:.2f} |")
+    growth = res["jobvisor"]["store_bytes"] / n * 1e6
+    res["store_bytes_per_million_jobs"] = growth
+    extra = [
+        f"submit --wait latency (whole CLI call): p50 {res['jobvisor']['submit_wait_ms_p50']:.2f} ms, p99 {res['jobvisor']['submit_wait_ms_p99']:.2f} ms",
+        f"store growth: {growth / 2**20:.0f} MiB per million jobs (input+output+attempts, before pruning)",
+    ]
+    for e in extra:
+        print(e)
+    md += [""] + [f"- {e}" for e in extra]
+    os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "out", "jobs.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(ROOT, "bench", "out", "jobs.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
