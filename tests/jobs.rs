@@ -826,3 +826,50 @@ fn shutdown_leaves_queued_jobs_in_the_store() {
         wait_state(&d, id, "succeeded");
     }
 }
+
+#[test]
+fn unwritable_state_dir_is_a_clear_startup_error() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("ro-state");
+    let root = nix::unistd::geteuid().is_root();
+    // The socket's directory is writable by anyone; the state directory is
+    // not writable by the daemon's user (as root we run it as nobody,
+    // since root ignores permission bits).
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(
+        &state,
+        std::fs::Permissions::from_mode(if root { 0o755 } else { 0o555 }),
+    )
+    .unwrap();
+    let cfg = dir.path().join("jobvisor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\ncontrol_socket = \"run/ctl.sock\"\nstate_dir = \"state\"\n[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\n",
+            worker_bin()
+        ),
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(bin("jobvisord"));
+    c.arg("--config").arg(&cfg);
+    if root {
+        c.uid(65534).gid(65534);
+    }
+    let r = run_with_stdin(c, None);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(r.code, 1, "{r:?}");
+    let err = r.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("jobvisord: "), "{err}");
+    assert!(err.contains("state"), "{err}");
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
+    assert!(err.contains("state_dir"), "says what to do: {err}");
+    // Nothing was left behind in the socket directory.
+    assert!(!run.join("ctl.sock").exists(), "{err}");
+}

@@ -156,8 +156,14 @@ impl Reactor {
         let waker = Arc::new(
             mio::Waker::new(poll.registry(), TOKEN_STORE).context("creating the store waker")?,
         );
-        let (store, recovered) =
-            Store::open(&config.daemon.state_dir, waker).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (store, recovered) = match Store::open(&config.daemon.state_dir, waker) {
+            Ok(s) => s,
+            Err(e) => {
+                // We bound the socket a moment ago: leave nothing behind.
+                let _ = std::fs::remove_file(&socket_path);
+                return Err(anyhow::anyhow!("{e}"));
+            }
+        };
         let seed = std::process::id() as u64 ^ now_nanos();
         let now = Instant::now();
         let mut core = Supervisor::new(&config, seed, now, now_nanos() / 1_000_000);
@@ -225,6 +231,11 @@ impl Reactor {
             self.run_actions();
             self.flush_dirty();
             self.after_turn();
+        }
+        // Event streams end cleanly.
+        let subs: Vec<u64> = self.subscribers.iter().copied().collect();
+        for id in subs {
+            self.reply(id, &Response::End);
         }
         // Commit what is queued, then answer the clients waiting on it.
         if let Some(store) = self.store.take() {

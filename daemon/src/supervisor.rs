@@ -1118,6 +1118,9 @@ impl Supervisor {
         }
         if crash {
             pool.slots[idx].restarts += 1;
+            // Shown by `status` while the pool crash-loops, not only once
+            // it has failed.
+            pool.last_error = Some(format!("worker {}: {what}", pool.slots[idx].id));
             while pool
                 .crashes
                 .front()
