@@ -481,3 +481,322 @@ fn spawn_failure_is_a_crash_with_a_reason() {
         .unwrap()
         .contains("command not found"));
 }
+
+// ---- jobs ----
+
+mod jobs {
+    use super::*;
+    use crate::store::{Op, Recovered};
+    use ipc_proto::control::{JobOptions, Outcome};
+
+    /// A sim that also plays the store: it numbers store ops and can
+    /// acknowledge them.
+    struct JobSim {
+        sim: Sim,
+        store_seq: u64,
+        sent: Vec<(ProcId, ToWorker)>,
+        replies: Vec<(ClientId, Response)>,
+        stored: Vec<Op>,
+    }
+
+    impl JobSim {
+        fn new(pools: &str) -> JobSim {
+            let config = cfg(pools);
+            let mut sup = Supervisor::new(&config, 7, Instant::now(), 1_700_000_000_000);
+            sup.recover(Recovered {
+                jobs: Vec::new(),
+                next_id: 1,
+                counts: Default::default(),
+            });
+            let now = Instant::now();
+            sup.start(now);
+            let mut s = JobSim {
+                sim: Sim {
+                    sup,
+                    now,
+                    next_pid: 1000,
+                    log: Vec::new(),
+                },
+                store_seq: 0,
+                sent: Vec::new(),
+                replies: Vec::new(),
+                stored: Vec::new(),
+            };
+            s.pump();
+            for name in config.pools.keys() {
+                s.ready(name);
+            }
+            s
+        }
+
+        fn pump(&mut self) {
+            self.sim.sup.pump(self.sim.now);
+            for a in self.sim.pump() {
+                match a {
+                    Action::Store(op) => {
+                        self.store_seq += 1;
+                        self.stored.push(op);
+                    }
+                    Action::Send { proc, msg } => self.sent.push((proc, msg)),
+                    Action::Reply { client, resp } => self.replies.push((client, resp)),
+                    _ => {}
+                }
+            }
+        }
+
+        fn kill(&mut self, proc: ProcId) {
+            self.sim.sup.on_exit(
+                proc,
+                ExitInfo {
+                    description: "killed by SIGKILL".into(),
+                },
+                self.sim.now,
+            );
+            self.pump();
+        }
+
+        fn ready(&mut self, pool: &str) {
+            for p in self.sim.procs(pool).into_iter().flatten() {
+                self.sim
+                    .sup
+                    .on_ready(p, ipc_proto::PROTOCOL_VERSION, self.sim.now);
+            }
+            self.pump();
+        }
+
+        fn durable(&mut self) {
+            self.sim.sup.on_durable(self.store_seq);
+            self.pump();
+        }
+
+        fn submit(&mut self, pool: &str, input: &str, options: JobOptions) {
+            self.sim.sup.submit(
+                1,
+                pool,
+                input.as_bytes().to_vec(),
+                options,
+                true,
+                self.sim.now,
+            );
+            self.pump();
+        }
+
+        /// Jobs sent to `proc` so far, as (id, attempt).
+        fn jobs_sent_to(&self, proc: ProcId) -> Vec<(u64, u32)> {
+            self.sent
+                .iter()
+                .filter(|(p, _)| *p == proc)
+                .filter_map(|(_, m)| match m {
+                    ToWorker::Job(j) => Some((j.id, j.attempt)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn done(&mut self, proc: ProcId, id: u64) {
+            self.sim
+                .sup
+                .on_job_done(proc, id, b"ok".to_vec(), self.sim.now);
+            self.pump();
+        }
+
+        fn job_doc(&self, id: u64) -> Option<&ipc_proto::control::JobDoc> {
+            self.replies.iter().rev().find_map(|(_, r)| match r {
+                Response::Job(d) if d.id == id => Some(d),
+                _ => None,
+            })
+        }
+    }
+
+    fn prio(p: i32) -> JobOptions {
+        JobOptions {
+            priority: p,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ack_waits_for_durability_but_dispatch_does_not() {
+        let mut s = JobSim::new(&pool("a", 1, ""));
+        let w = s.sim.procs("a")[0].unwrap();
+        s.submit("a", "x", JobOptions::default());
+        assert!(s.stored.iter().any(|op| matches!(op, Op::Insert(_))));
+        assert_eq!(s.jobs_sent_to(w), vec![(1, 1)], "dispatched at once");
+        assert!(s.replies.is_empty(), "no ack before the insert is durable");
+        s.done(w, 1);
+        assert!(
+            s.replies.is_empty(),
+            "no result before the insert is durable"
+        );
+        s.durable();
+        assert!(matches!(s.replies[0].1, Response::Submitted { id: 1 }));
+        let doc = s.job_doc(1).expect("result after durable");
+        assert_eq!(doc.state, JobState::Succeeded);
+        assert_eq!(doc.output.as_deref(), Some(&b"ok"[..]));
+    }
+
+    #[test]
+    fn priority_then_fifo_and_prefetch_limit() {
+        let mut s = JobSim::new(&pool("a", 1, "prefetch = 2"));
+        let w = s.sim.procs("a")[0].unwrap();
+        // Fill the worker (2 in flight) so the rest queue.
+        s.submit("a", "fill1", prio(0));
+        s.submit("a", "fill2", prio(0));
+        for (i, p) in [0, 5, 0, 9, 5].into_iter().enumerate() {
+            s.submit("a", &format!("j{i}"), prio(p));
+        }
+        assert_eq!(s.jobs_sent_to(w).len(), 2, "prefetch = 2");
+        let mut order = Vec::new();
+        for _ in 0..7 {
+            let sent = s.jobs_sent_to(w);
+            let next = sent[order.len()].0;
+            order.push(next);
+            s.done(w, next);
+        }
+        // ids 3..=7 are j0..j4 with priorities 0,5,0,9,5.
+        assert_eq!(order, vec![1, 2, 6, 4, 7, 3, 5]);
+    }
+
+    #[test]
+    fn lost_attempt_is_retried_at_the_head_then_dead() {
+        let mut s = JobSim::new(&pool("a", 1, "backoff_initial = \"0s\"\nmax_attempts = 2"));
+        s.submit("a", "poison", JobOptions::default());
+        s.submit("a", "other", JobOptions::default());
+        s.durable();
+        for attempt in 1..=2 {
+            let w = s.sim.procs("a")[0].unwrap();
+            assert_eq!(
+                s.jobs_sent_to(w),
+                vec![(1, attempt)],
+                "the poison job first, alone"
+            );
+            s.kill(w);
+            s.ready("a");
+        }
+        s.durable();
+        let doc = s.job_doc(1).expect("finished");
+        assert_eq!(doc.state, JobState::Dead);
+        assert_eq!(doc.attempts.len(), 2);
+        assert!(doc
+            .attempts
+            .iter()
+            .all(|a| a.outcome == Some(Outcome::Lost)));
+        // The other job was never charged and runs now.
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w), vec![(2, 1)]);
+    }
+
+    #[test]
+    fn death_with_several_in_flight_charges_nobody_and_isolates_suspects() {
+        let mut s = JobSim::new(&pool(
+            "a",
+            1,
+            "backoff_initial = \"0s\"\nprefetch = 3\nmax_attempts = 3",
+        ));
+        for i in 0..3 {
+            s.submit("a", &format!("j{i}"), JobOptions::default());
+        }
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w).len(), 3);
+        s.kill(w);
+        s.ready("a");
+        // Suspects run one at a time, still on their first attempt.
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w), vec![(1, 1)]);
+        s.done(w, 1);
+        assert_eq!(s.jobs_sent_to(w), vec![(1, 1), (2, 1)]);
+        // Job 2 kills the worker while alone: now it is charged.
+        s.kill(w);
+        s.ready("a");
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w), vec![(2, 2)]);
+        s.done(w, 2);
+        s.done(w, 3);
+        s.durable();
+        assert_eq!(s.job_doc(1).unwrap().attempts.len(), 1);
+        assert_eq!(s.job_doc(2).unwrap().attempts.len(), 2);
+        assert_eq!(s.job_doc(3).unwrap().attempts.len(), 1);
+    }
+
+    #[test]
+    fn timeout_stops_the_worker_and_retries() {
+        let mut s = JobSim::new(&pool(
+            "a",
+            1,
+            "timeout = \"1s\"\nstop_timeout = \"2s\"\nmax_attempts = 2\nbackoff_initial = \"0s\"",
+        ));
+        s.submit("a", "slow", JobOptions::default());
+        let w = s.sim.procs("a")[0].unwrap();
+        s.sim.now += Duration::from_millis(999);
+        s.sim.sup.on_timer(s.sim.now);
+        s.pump();
+        assert!(!s.sim.log.contains(&Action::Signal {
+            proc: w,
+            signal: Signal::SIGTERM
+        }));
+        assert_eq!(
+            s.sim.sup.next_deadline(),
+            Some(s.sim.now + Duration::from_millis(1))
+        );
+        s.sim.now += Duration::from_millis(1);
+        s.sim.sup.on_timer(s.sim.now);
+        s.pump();
+        assert!(s.sim.log.contains(&Action::Signal {
+            proc: w,
+            signal: Signal::SIGTERM
+        }));
+        // The replacement gets attempt 2 once ready.
+        s.kill(w);
+        s.ready("a");
+        let w2 = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w2), vec![(1, 2)]);
+        assert_eq!(s.sim.sup.pools["a"].slots[0].restarts, 0, "not a crash");
+    }
+
+    #[test]
+    fn key_mutex_parks_and_releases() {
+        let mut s = JobSim::new(&pool("a", 2, ""));
+        let keyed = |k: &str| JobOptions {
+            key: Some(k.into()),
+            ..Default::default()
+        };
+        s.submit("a", "1", keyed("k"));
+        s.submit("a", "2", keyed("k"));
+        s.submit("a", "3", keyed("other"));
+        let procs: Vec<ProcId> = s.sim.procs("a").into_iter().flatten().collect();
+        let all: Vec<(u64, u32)> = procs.iter().flat_map(|p| s.jobs_sent_to(*p)).collect();
+        assert_eq!(all.len(), 2);
+        assert!(all.contains(&(1, 1)) && all.contains(&(3, 1)), "{all:?}");
+        let holder = procs
+            .iter()
+            .copied()
+            .find(|p| s.jobs_sent_to(*p).contains(&(1, 1)))
+            .unwrap();
+        s.done(holder, 1);
+        let all: Vec<(u64, u32)> = procs.iter().flat_map(|p| s.jobs_sent_to(*p)).collect();
+        assert!(
+            all.contains(&(2, 1)),
+            "released key lets job 2 run: {all:?}"
+        );
+    }
+
+    #[test]
+    fn full_queue_is_rejected_in_order_with_earlier_acks() {
+        let mut s = JobSim::new(&pool("a", 1, "queue_capacity = 1"));
+        s.submit("a", "running", JobOptions::default());
+        s.submit("a", "queued", JobOptions::default());
+        s.submit("a", "refused", JobOptions::default());
+        assert!(s.replies.is_empty(), "the refusal waits behind the acks");
+        s.durable();
+        let kinds: Vec<&Response> = s.replies.iter().map(|(_, r)| r).collect();
+        assert!(matches!(kinds[0], Response::Submitted { id: 1 }));
+        assert!(matches!(kinds[1], Response::Submitted { id: 2 }));
+        match kinds[2] {
+            Response::Error { kind, message } => {
+                assert_eq!(*kind, ipc_proto::control::ErrorKind::Rejected);
+                assert!(message.contains("queue_capacity"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
