@@ -27,6 +27,9 @@ use rustc_hash::FxHashMap as HashMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
+/// Room left in a frame for a `Job`'s fields besides its input.
+const MAX_FRAME_HEADROOM: usize = 1024;
+
 /// Terminal jobs kept in the store at most (oldest pruned first).
 pub const MAX_FINISHED_JOBS: u64 = 1_000_000;
 
@@ -312,6 +315,15 @@ impl Supervisor {
         if pool.jobs.queued >= cap {
             return Err(CtlError::Rejected(format!(
                 "pool {pool_name} queue is full ({cap} jobs waiting, queue_capacity = {cap}); retry later or raise queue_capacity"
+            )));
+        }
+        // The input travels inline in a `Job` frame: it must fit in one,
+        // with room for the frame's other fields.
+        let max_input = ipc_proto::MAX_FRAME_LEN - MAX_FRAME_HEADROOM;
+        if input.len() > max_input {
+            return Err(CtlError::Invalid(format!(
+                "input of {} bytes is over the limit of {max_input} bytes; pass large data by reference (a path) instead",
+                input.len()
             )));
         }
         if options.max_attempts == Some(0) {
@@ -730,10 +742,15 @@ impl Supervisor {
                 Level::Warn,
                 format!("job {id}: worker did not give up the cancelled job in time; stopping it"),
             );
-            self.take_inflight(&name, idx);
+            let inflight = self.take_inflight(&name, idx);
             self.end_attempt(id, Outcome::Cancelled, Some("cancelled".into()), now);
             self.leave_worker(id);
             self.finish(id, JobState::Cancelled, None, Some("cancelled".into()), now);
+            // The worker's other jobs did nothing wrong: back to the queue,
+            // uncharged, before it is stopped.
+            for other in inflight.into_iter().filter(|j| *j != id).rev() {
+                self.requeue_unstarted(other);
+            }
             self.stop_slot(&name, idx, StopReason::Cancel, now);
         }
     }

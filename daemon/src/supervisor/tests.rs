@@ -799,4 +799,52 @@ mod jobs {
             other => panic!("{other:?}"),
         }
     }
+
+    #[test]
+    fn ignored_cancel_stops_the_worker_and_requeues_its_other_jobs() {
+        let mut s = JobSim::new(&pool(
+            "a",
+            1,
+            "prefetch = 2\nstop_timeout = \"1s\"\nbackoff_initial = \"0s\"",
+        ));
+        s.submit("a", "cancel-me", JobOptions::default());
+        s.submit("a", "bystander", JobOptions::default());
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(s.jobs_sent_to(w).len(), 2);
+        s.sim.sup.cancel(1, 1, s.sim.now);
+        s.pump();
+        assert!(s.sent.contains(&(w, ToWorker::Cancel { id: 1 })));
+        s.sim.now += Duration::from_secs(1);
+        s.sim.sup.on_timer(s.sim.now);
+        s.pump();
+        s.kill(w);
+        s.ready("a");
+        let w2 = s.sim.procs("a")[0].unwrap();
+        assert_eq!(
+            s.jobs_sent_to(w2),
+            vec![(2, 1)],
+            "the bystander runs again, uncharged"
+        );
+        s.done(w2, 2);
+        s.durable();
+        assert_eq!(s.job_doc(1).unwrap().state, JobState::Cancelled);
+        assert_eq!(s.job_doc(2).unwrap().state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn oversized_input_is_refused() {
+        let mut s = JobSim::new(&pool("a", 1, ""));
+        let big = vec![b'x'; ipc_proto::MAX_FRAME_LEN];
+        s.sim
+            .sup
+            .submit(1, "a", big, JobOptions::default(), false, s.sim.now);
+        s.pump();
+        match &s.replies[0].1 {
+            Response::Error { kind, message } => {
+                assert_eq!(*kind, ipc_proto::control::ErrorKind::Invalid);
+                assert!(message.contains("over the limit"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
