@@ -873,3 +873,76 @@ fn unwritable_state_dir_is_a_clear_startup_error() {
     // Nothing was left behind in the socket directory.
     assert!(!run.join("ctl.sock").exists(), "{err}");
 }
+
+#[test]
+fn full_disk_refuses_submits_clearly_and_heals() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = TempDir::new("fulldisk");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&state)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(state.clone());
+    let cfg = format!(
+        "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = {:?}\n{}",
+        state.display().to_string(),
+        pool("echo", &format!("{}, \"echo\"", worker_bin()), 1, "")
+    );
+    let d = Daemon::start("fulldisk-daemon", &cfg);
+    d.wait_ready("echo", 1);
+    // Leave little room, then submit until the store cannot take more.
+    let filler = state.join("filler");
+    let _ = std::process::Command::new("fallocate")
+        .args(["-l", "3400k"])
+        .arg(&filler)
+        .status();
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, vec![7u8; 48 << 10]).unwrap();
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for _ in 0..100 {
+        let r = d.ctl(&["submit", "echo", "--input-file", input.to_str().unwrap()]);
+        if r.code == 0 {
+            accepted.push(r.stdout.trim().to_string());
+        } else {
+            refusal = Some(r);
+            break;
+        }
+    }
+    let r = refusal.expect("the disk never filled up");
+    assert_eq!(r.code, 5, "{r:?}");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("could not be stored"), "{}", r.stderr);
+    assert!(alive(d.pid()));
+    // Free the space: the store heals and takes jobs again.
+    std::fs::remove_file(&filler).unwrap();
+    let id = wait_for("the store to accept jobs again", DEADLINE, || {
+        let r = d.ctl(&["submit", "echo", "--input", "after"]);
+        (r.code == 0).then(|| r.stdout.trim().to_string())
+    });
+    let r = d.ctl(&["wait", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // Every job acknowledged before the disk filled up finished.
+    let mut args = vec!["wait"];
+    args.extend(accepted.iter().map(String::as_str));
+    if !accepted.is_empty() {
+        let r = d.ctl(&args);
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+}
