@@ -1,5 +1,6 @@
-//! The control socket: binding it safely, and the per-client connection
-//! state (frame decoder, output buffer) the reactor drives.
+//! The control socket: binding it safely or taking it over from systemd,
+//! and the per-client connection state (frame decoder, output buffer) the
+//! reactor drives.
 //!
 //! Binding never steals a live daemon's socket: an existing path is probed
 //! with `connect`; only `ECONNREFUSED` (nobody listening: a stale socket
@@ -7,15 +8,175 @@
 //! is not a socket is refused, not deleted. The socket is created under a
 //! restrictive umask and then set to `socket_mode`, so there is no window
 //! where others could connect.
+//!
+//! # Socket activation
+//! With `jobvisord.socket`, systemd owns the listening socket and passes it
+//! as fd 3 (`LISTEN_FDS`, `LISTEN_PID`, optionally `LISTEN_FDNAMES`; see
+//! `sd_listen_fds(3)`). The socket then outlives every daemon process, so a
+//! restart never refuses a `jobvisorctl` call: connections made meanwhile
+//! wait in the kernel's accept backlog and are served by the next daemon.
+//! What [`listen`] guards against:
+//! - **variables meant for someone else**: `LISTEN_PID` must be our pid (a
+//!   parent that was itself socket-activated may leak them to us); either
+//!   way the variables are removed from our environment, and the spawner
+//!   scrubs them from workers' too, so no worker mistakes fd 3 (its job
+//!   pipe) for a socket.
+//! - **inheriting the fd into workers**: it is made `CLOEXEC` (as is every
+//!   inherited fd, see `spawn::cloexec_inherited_fds`, which only sets that
+//!   flag and never closes anything).
+//! - **blocking accepts**: the passed socket may be blocking; it is made
+//!   non-blocking before it joins the event loop.
+//! - **the wrong fd**: it must be a listening `AF_UNIX` stream socket, else
+//!   startup fails with a clear error instead of serving garbage.
+//! - **unlinking systemd's path**: [`ControlListener::activated`] tells the
+//!   reactor not to remove the socket file at exit; `socket_mode` and the
+//!   configured path do not apply (the socket unit's `SocketMode=` and
+//!   `ListenStream=` do).
 
 use ipc_proto::control::{Request, Response};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
 use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Largest request a client may send (submits carry input inline).
 pub const MAX_REQUEST: usize = ipc_proto::MAX_FRAME_LEN;
+
+/// First descriptor passed by the service manager (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+/// More passed descriptors than this is taken as a corrupt `LISTEN_FDS`.
+const LISTEN_FDS_MAX: RawFd = 1024;
+/// `FileDescriptorName=` that picks our socket when several are passed.
+pub const LISTEN_FD_NAME: &str = "control";
+
+/// The control listener and where it came from.
+pub struct ControlListener {
+    /// The listening socket, non-blocking and close-on-exec.
+    pub listener: mio::net::UnixListener,
+    /// Its path (for a passed socket: from `getsockname`, if it has one).
+    pub path: PathBuf,
+    /// Passed in by the service manager: the path is systemd's, not ours
+    /// to unlink.
+    pub activated: bool,
+}
+
+/// The control listener: the one passed by the service manager if any
+/// (see the module docs), else a fresh socket bound at `path` with
+/// permissions `mode`.
+///
+/// Must run before the daemon starts any thread: it removes the
+/// `LISTEN_*` variables from the process environment.
+pub fn listen(path: &Path, mode: u32) -> anyhow::Result<ControlListener> {
+    if let Some(l) = activated_listener()? {
+        return Ok(l);
+    }
+    Ok(ControlListener {
+        listener: bind(path, mode)?,
+        path: path.to_path_buf(),
+        activated: false,
+    })
+}
+
+/// Takes the socket passed with `LISTEN_FDS`, if it is meant for us.
+fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
+    use anyhow::Context;
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // Single-threaded here (see `listen`), so this cannot race with a
+        // concurrent `getenv`.
+        std::env::remove_var(k);
+    }
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        crate::log::log(
+            crate::supervisor::Level::Debug,
+            &format!("ignoring LISTEN_FDS: LISTEN_PID={pid} is not our pid"),
+        );
+        return Ok(None);
+    }
+    let n: RawFd = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| (0..=LISTEN_FDS_MAX).contains(n))
+        .with_context(|| format!("invalid LISTEN_FDS={count:?} from the service manager"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let names: Vec<&str> = names
+        .as_deref()
+        .map_or(Vec::new(), |s| s.split(':').collect());
+    let mut fds = Vec::new();
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + n {
+        // SAFETY: fcntl(F_GETFD) on an integer only queries flags; it
+        // tells whether the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            anyhow::bail!("LISTEN_FDS={n} but fd {fd} is not open");
+        }
+        // SAFETY: by the sd_listen_fds protocol, fds 3..3+LISTEN_FDS are
+        // handed to this process (LISTEN_PID checked above) and nothing in
+        // it has claimed them: they were open before main, and the
+        // variables are gone, so they are taken exactly once.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .with_context(|| format!("fcntl(FD_CLOEXEC) on passed fd {fd}"))?;
+        fds.push(owned);
+    }
+    let index = match names.iter().position(|&name| name == LISTEN_FD_NAME) {
+        Some(i) if i < fds.len() => i,
+        _ if fds.len() == 1 => 0,
+        _ => anyhow::bail!(
+            "the service manager passed {} sockets and none is named {LISTEN_FD_NAME:?} (LISTEN_FDNAMES={:?}); set FileDescriptorName={LISTEN_FD_NAME} on the control socket",
+            fds.len(),
+            names.join(":")
+        ),
+    };
+    // The others are not ours to use; closing them is all we can do.
+    let fd = fds.swap_remove(index);
+    drop(fds);
+    let raw = LISTEN_FDS_START + index as RawFd;
+    check_listening_unix_stream(&fd)
+        .with_context(|| format!("fd {raw} passed by the service manager"))?;
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    std_listener
+        .set_nonblocking(true)
+        .with_context(|| format!("making passed fd {raw} non-blocking"))?;
+    let path = std_listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(format!("<fd {raw} from the service manager>")));
+    Ok(Some(ControlListener {
+        listener: mio::net::UnixListener::from_std(std_listener),
+        path,
+        activated: true,
+    }))
+}
+
+fn check_listening_unix_stream(fd: &OwnedFd) -> anyhow::Result<()> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .map_err(|e| anyhow::anyhow!("not a socket ({e})"))?;
+    if addr.as_unix_addr().is_none() {
+        anyhow::bail!("not a Unix-domain socket; use ListenStream=/path in the socket unit");
+    }
+    if getsockopt(fd, sockopt::SockType)? != SockType::Stream {
+        anyhow::bail!("not a stream socket; use ListenStream= in the socket unit");
+    }
+    if !getsockopt(fd, sockopt::AcceptConn)? {
+        anyhow::bail!("not a listening socket (Accept=no is required)");
+    }
+    Ok(())
+}
 
 /// Binds the control socket at `path` with permissions `mode`.
 pub fn bind(path: &Path, mode: u32) -> anyhow::Result<mio::net::UnixListener> {

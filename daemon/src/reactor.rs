@@ -5,7 +5,18 @@
 //! SIGHUP), the control listener and its clients, and per worker the result
 //! pipe, the job pipe (writable interest only while output is pending) and
 //! stdout/stderr. The poll timeout is the core's next deadline, so an idle
-//! daemon sleeps in `epoll_wait` with no timer at all.
+//! daemon sleeps in `epoll_wait` with no timer at all. The only other
+//! timers are one-shots armed while something is pending: the systemd
+//! watchdog ping, a rate-limited `STATUS=` update, and the "suppressed"
+//! record of a worker whose output was rate-limited (see `log.rs`).
+//!
+//! # Worker output
+//! A worker writing as fast as it can must not starve the loop: each
+//! stdout/stderr event reads at most [`OUTPUT_READ_BUDGET`] bytes. mio is
+//! edge-triggered, so a pipe not read to `EAGAIN` raises no new event;
+//! such pipes go into `output_backlog`, which is read again every turn,
+//! with a zero poll timeout while it is non-empty (other events are still
+//! served in between, and an idle daemon has an empty backlog).
 //!
 //! # Reaping
 //! Signals are coalesced: one SIGCHLD may stand for many deaths, so each
@@ -84,6 +95,8 @@ fn untoken(t: Token) -> (Kind, u64) {
 
 /// Longest worker output line logged as is; longer ones are cut.
 const MAX_LOG_LINE: usize = 4096;
+/// Bytes read from one worker output pipe per event (or backlog turn).
+const OUTPUT_READ_BUDGET: usize = 256 << 10;
 
 /// The daemon's ends of one worker's channels.
 struct WorkerIo {
@@ -100,6 +113,8 @@ struct WorkerIo {
     stderr: Option<OwnedFd>,
     stdout_line: Vec<u8>,
     stderr_line: Vec<u8>,
+    /// Rate limit of its output lines (stdout and stderr together).
+    limiter: crate::log::OutputLimiter,
     /// The shared-memory arena; kept open for the worker's lifetime.
     _arena: OwnedFd,
 }
@@ -110,6 +125,13 @@ pub struct Reactor {
     signals: Signals,
     listener: mio::net::UnixListener,
     socket_path: PathBuf,
+    /// The listener came from systemd (`LISTEN_FDS`): its path is not ours
+    /// to unlink.
+    socket_activated: bool,
+    /// Worker output pipes left unread at the read budget: (worker, stderr?).
+    output_backlog: HashSet<(ProcId, bool)>,
+    /// Workers whose output is being suppressed by their rate limit.
+    suppressing: HashSet<ProcId>,
     clients: HashMap<u64, Client>,
     next_client: u64,
     procs: HashMap<ProcId, WorkerIo>,
@@ -149,8 +171,19 @@ impl Reactor {
             .context("installing signal handlers")?;
         poll.registry()
             .register(&mut signals, TOKEN_SIGNALS, Interest::READABLE)?;
-        let socket_path = config.daemon.control_socket.clone();
-        let mut listener = control::bind(&socket_path, config.daemon.socket_mode)?;
+        // Before the store thread starts: this edits the environment.
+        let control::ControlListener {
+            mut listener,
+            path: socket_path,
+            activated: socket_activated,
+        } = control::listen(&config.daemon.control_socket, config.daemon.socket_mode)?;
+        if socket_activated && socket_path != config.daemon.control_socket {
+            crate::info!(
+                "using the control socket passed by the service manager ({}); daemon.control_socket ({}) is not used",
+                socket_path.display(),
+                config.daemon.control_socket.display()
+            );
+        }
         poll.registry()
             .register(&mut listener, TOKEN_LISTENER, Interest::READABLE)?;
         let waker = Arc::new(
@@ -160,7 +193,9 @@ impl Reactor {
             Ok(s) => s,
             Err(e) => {
                 // We bound the socket a moment ago: leave nothing behind.
-                let _ = std::fs::remove_file(&socket_path);
+                if !socket_activated {
+                    let _ = std::fs::remove_file(&socket_path);
+                }
                 return Err(anyhow::anyhow!("{e}"));
             }
         };
@@ -173,6 +208,9 @@ impl Reactor {
             signals,
             listener,
             socket_path,
+            socket_activated,
+            output_backlog: HashSet::default(),
+            suppressing: HashSet::default(),
             clients: HashMap::default(),
             next_client: 1,
             procs: HashMap::default(),
@@ -205,12 +243,24 @@ impl Reactor {
         self.run_actions();
         let mut events = Events::with_capacity(256);
         self.next_ping = self.watchdog.map(|p| Instant::now() + p);
+        // With no pools, startup is settled already: say READY=1 now rather
+        // than on the first event, which may never come.
+        self.after_turn();
         while !self.exiting {
-            let deadline = match (self.core.next_deadline(), self.next_ping) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+            let timeout = if self.output_backlog.is_empty() {
+                let deadline = [
+                    self.core.next_deadline(),
+                    self.next_ping,
+                    self.notifier.status_deadline(),
+                    self.suppression_deadline(),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                deadline.map(|d| d.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
             };
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -224,7 +274,13 @@ impl Reactor {
                     ev.is_writable(),
                 );
             }
+            self.drain_output_backlog();
             let now = Instant::now();
+            // Turns woken only by our own timers (watchdog, status,
+            // backlog) change nothing the status line shows.
+            if !events.is_empty() || self.core.next_deadline().is_some_and(|d| d <= now) {
+                self.notifier.status_changed();
+            }
             self.core.on_timer(now);
             self.run_actions();
             self.core.pump(now);
@@ -253,8 +309,10 @@ impl Reactor {
         for c in self.clients.values_mut() {
             let _ = c.flush();
         }
-        let _ = std::fs::remove_file(&self.socket_path);
-        self.notifier.notify("STOPPING=1");
+        if !self.socket_activated {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
+        self.notifier.stopping();
         crate::info!("jobvisord stopped");
         Ok(())
     }
@@ -269,14 +327,51 @@ impl Reactor {
                 self.next_ping = Some(now + period);
             }
         }
+        let now = Instant::now();
         if !self.ready_sent && self.core.startup_settled() {
             self.ready_sent = true;
             if self.notifier.active() {
-                self.notifier.notify(&format!(
-                    "READY=1\nMAINPID={}\nSTATUS=workers started",
-                    std::process::id()
-                ));
+                let status = crate::notify::summary(&self.core, now);
+                self.notifier.ready(status, now);
             }
+        }
+        let core = &self.core;
+        self.notifier
+            .poll_status(now, || crate::notify::summary(core, now));
+        // Workers that went quiet while suppressed get their record now.
+        if !self.suppressing.is_empty() {
+            let procs: Vec<ProcId> = self.suppressing.iter().copied().collect();
+            for proc in procs {
+                let Some(w) = self.procs.get_mut(&proc) else {
+                    self.suppressing.remove(&proc);
+                    continue;
+                };
+                if let Some(n) = w.limiter.expire(now) {
+                    log_suppressed(&w.pool, w.slot, n);
+                }
+                if w.limiter.resume_at().is_none() {
+                    self.suppressing.remove(&proc);
+                }
+            }
+        }
+    }
+
+    /// Earliest "suppressed" record due for a quiet worker.
+    fn suppression_deadline(&self) -> Option<Instant> {
+        self.suppressing
+            .iter()
+            .filter_map(|p| self.procs.get(p)?.limiter.resume_at())
+            .min()
+    }
+
+    /// Reads again from worker pipes left at their read budget.
+    fn drain_output_backlog(&mut self) {
+        if self.output_backlog.is_empty() {
+            return;
+        }
+        let pending: Vec<(ProcId, bool)> = self.output_backlog.iter().copied().collect();
+        for (proc, is_err) in pending {
+            self.on_output(proc, is_err);
         }
     }
 
@@ -339,7 +434,7 @@ impl Reactor {
     }
 
     fn begin_shutdown(&mut self, immediate: bool) {
-        self.notifier.notify("STOPPING=1");
+        self.notifier.stopping();
         self.core.shutdown(immediate, Instant::now());
     }
 
@@ -398,8 +493,14 @@ impl Reactor {
         self.on_results(proc);
         self.on_output(proc, false);
         self.on_output(proc, true);
+        self.output_backlog.remove(&(proc, false));
+        self.output_backlog.remove(&(proc, true));
+        self.suppressing.remove(&proc);
         if let Some(mut w) = self.procs.remove(&proc) {
             self.pids.remove(&w.pid);
+            if let Some(n) = w.limiter.finish() {
+                log_suppressed(&w.pool, w.slot, n);
+            }
             for line in [&mut w.stdout_line, &mut w.stderr_line] {
                 if !line.is_empty() {
                     let text = String::from_utf8_lossy(line).into_owned();
@@ -565,6 +666,7 @@ impl Reactor {
                 stderr: Some(sp.stderr),
                 stdout_line: Vec::new(),
                 stderr_line: Vec::new(),
+                limiter: crate::log::OutputLimiter::new(Instant::now()),
                 _arena: sp.arena,
             },
         );
@@ -722,43 +824,70 @@ impl Reactor {
         }
     }
 
+    /// Reads one worker output pipe, at most [`OUTPUT_READ_BUDGET`] bytes,
+    /// and logs its lines through the worker's rate limit.
     fn on_output(&mut self, proc: ProcId, is_err: bool) {
         let Some(w) = self.procs.get_mut(&proc) else {
+            self.output_backlog.remove(&(proc, is_err));
             return;
         };
+        let WorkerIo {
+            pool,
+            slot,
+            limiter,
+            ..
+        } = w;
         let (fd_slot, line) = if is_err {
             (&mut w.stderr, &mut w.stderr_line)
         } else {
             (&mut w.stdout, &mut w.stdout_line)
         };
-        let Some(fd) = fd_slot.as_ref() else { return };
-        let mut buf = [0u8; 16 * 1024];
+        let Some(fd) = fd_slot.as_ref() else {
+            self.output_backlog.remove(&(proc, is_err));
+            return;
+        };
+        let mut buf = [0u8; 64 * 1024];
+        let mut budget = OUTPUT_READ_BUDGET;
         let mut close = false;
-        loop {
-            match nix::unistd::read(fd, &mut buf) {
+        let now = Instant::now();
+        while budget > 0 {
+            let want = budget.min(buf.len());
+            match nix::unistd::read(fd, &mut buf[..want]) {
                 Ok(0) => {
                     close = true;
                     break;
                 }
                 Ok(n) => {
-                    for &b in &buf[..n] {
-                        if b == b'\n' || line.len() >= MAX_LOG_LINE {
-                            let text = String::from_utf8_lossy(line);
-                            crate::log::log(
-                                Level::Info,
-                                &format!("[{}/{}] {}", w.pool, w.slot, text.trim_end_matches('\r')),
-                            );
-                            line.clear();
-                            if b == b'\n' {
-                                continue;
+                    budget -= n;
+                    crate::log::split_lines(line, &buf[..n], MAX_LOG_LINE, |l| {
+                        match limiter.admit(now) {
+                            crate::log::Admit::Drop => {}
+                            crate::log::Admit::Log { suppressed_before } => {
+                                if suppressed_before > 0 {
+                                    log_suppressed(pool, *slot, suppressed_before);
+                                }
+                                let text = String::from_utf8_lossy(l);
+                                crate::log::log(
+                                    Level::Info,
+                                    &format!("[{pool}/{slot}] {}", text.trim_end_matches('\r')),
+                                );
                             }
                         }
-                        line.push(b);
-                    }
+                    });
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => break,
             }
+        }
+        if limiter.resume_at().is_some() {
+            self.suppressing.insert(proc);
+        }
+        // Budget spent before EAGAIN: no new edge will come for what is
+        // left, so the loop comes back for it.
+        if budget == 0 && !close {
+            self.output_backlog.insert((proc, is_err));
+        } else {
+            self.output_backlog.remove(&(proc, is_err));
         }
         if close {
             if let Some(fd) = fd_slot.take() {
@@ -1001,7 +1130,19 @@ impl Reactor {
     }
 
     /// Re-reads the config file and applies it; a bad file changes nothing.
+    ///
+    /// systemd hears `RELOADING=1` before and `READY=1` after, whatever the
+    /// outcome: a rejected config still leaves the daemon ready.
     fn reload(&mut self) -> Result<String, (ErrorKind, String)> {
+        self.notifier
+            .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        let result = self.apply_new_config();
+        self.notifier.notify("READY=1");
+        self.notifier.status_changed();
+        result
+    }
+
+    fn apply_new_config(&mut self) -> Result<String, (ErrorKind, String)> {
         let path = self.config.path.clone();
         let new = config::load(&path).map_err(|e| {
             (
@@ -1009,8 +1150,6 @@ impl Reactor {
                 format!("new configuration rejected, old configuration kept: {e}"),
             )
         })?;
-        self.notifier
-            .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
         let mut msg = self
             .core
             .reload(&new, Instant::now())
@@ -1025,10 +1164,18 @@ impl Reactor {
             msg.push_str("; daemon.control_socket/state_dir changes take effect after a restart of jobvisord");
         }
         self.config = new;
-        self.notifier.notify("READY=1");
         crate::info!("{msg}");
         Ok(msg)
     }
+}
+
+/// The record that ends a stretch of rate-limited worker output.
+fn log_suppressed(pool: &str, slot: u32, lines: u64) {
+    crate::warn!(
+        "[{pool}/{slot}] suppressed {lines} lines (worker output is limited to {} lines/s, bursts of {})",
+        crate::log::OUTPUT_LINES_PER_SEC,
+        crate::log::OUTPUT_BURST
+    );
 }
 
 /// Half of `$WATCHDOG_USEC` when the watchdog is meant for this process

@@ -390,3 +390,156 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 pub fn worker_bin() -> String {
     format!("{:?}", bin("jobvisor-worker").display().to_string())
 }
+
+// ---- systemd integration (tests/systemd.rs) ----
+
+/// A fake systemd notification socket: a datagram socket bound in a test
+/// directory, to pass to `jobvisord` as `NOTIFY_SOCKET`.
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Binds `notify.sock` in `dir`.
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        NotifySocket { sock, path }
+    }
+
+    /// The socket's path (the value for `NOTIFY_SOCKET`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next datagram, if one arrives within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<String> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        self.sock.set_read_timeout(Some(timeout)).expect("timeout");
+        let mut buf = vec![0u8; 64 * 1024];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                None
+            }
+            Err(e) => panic!("recv on the notify socket: {e}"),
+        }
+    }
+
+    /// Reads datagrams until one satisfies `pred`; returns every datagram
+    /// read, the matching one last. Panics with `what` at the deadline.
+    pub fn until(
+        &self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let end = Instant::now() + deadline;
+        let mut seen = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("timed out after {deadline:?} waiting for {what}; got {seen:?}");
+            }
+            if let Some(m) = self.recv(left) {
+                let done = pred(&m);
+                seen.push(m);
+                if done {
+                    return seen;
+                }
+            }
+        }
+    }
+
+    /// Every datagram arriving within `window` (stops reading at its end).
+    pub fn collect(&self, window: Duration) -> Vec<(Instant, String)> {
+        let end = Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            if let Some(m) = self.recv(left) {
+                out.push((Instant::now(), m));
+            }
+        }
+    }
+}
+
+/// The value of `KEY=` in a notification datagram, if present.
+pub fn notify_field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
+    msg.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl Daemon {
+    /// Writes `config` into a fresh directory without starting the daemon
+    /// (see [`Daemon::launch`]).
+    pub fn prepare(tag: &str, config: &str) -> Daemon {
+        let dir = TempDir::new(tag);
+        std::fs::write(dir.path().join("jobvisor.toml"), config).expect("write config");
+        Daemon {
+            dir,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// `jobvisord --config …` with debug logging and no inherited systemd
+    /// variables, for a test to adjust and pass to [`Daemon::launch`].
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("jobvisord"));
+        cmd.arg("--config").arg(self.config_path());
+        for k in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "JOURNAL_STREAM",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.env("JOBVISOR_LOG", "debug");
+        cmd
+    }
+
+    /// Starts `cmd` as this test's daemon, capturing its stderr into the
+    /// log; waits for nothing.
+    pub fn launch(&mut self, mut cmd: Command) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn jobvisord");
+        let mut err = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                match err.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => log
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        self.child = Some(child);
+    }
+}
+
+/// Runs `jobvisorctl --socket SOCKET ARGS`.
+pub fn ctl_at(socket: &Path, args: &[&str]) -> Ctl {
+    let mut cmd = Command::new(bin("jobvisorctl"));
+    cmd.arg("--socket").arg(socket).args(args);
+    run_with_stdin(cmd, None)
+}
