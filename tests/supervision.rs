@@ -627,3 +627,35 @@ fn ctl_exit_code_3_when_the_daemon_is_unreachable() {
     assert!(r.stderr.starts_with("jobvisorctl: "), "{}", r.stderr);
     assert!(r.stderr.contains("is jobvisord running"), "{}", r.stderr);
 }
+
+#[test]
+fn exec_failures_are_reported_with_their_reason() {
+    let dir = TempDir::new("execfail");
+    let not_exec = dir.path().join("not-executable.sh");
+    std::fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
+    let cfg = format!(
+        "{}{}[pools.noexec]\ncommand = [{:?}]\nworkers = 1\nbackoff_initial = \"0s\"\nmax_restarts = 2\n[pools.nocwd]\ncommand = [{}, \"echo\"]\ncwd = \"/nonexistent/jobvisor-test\"\nworkers = 1\nbackoff_initial = \"0s\"\nmax_restarts = 2\n",
+        daemon_section(),
+        echo_pool("good", 1, ""),
+        not_exec.display().to_string(),
+        worker_bin()
+    );
+    let d = Daemon::start("execfail", &cfg);
+    for (pool, want) in [
+        ("noexec", "Permission denied"),
+        ("nocwd", "No such file or directory"),
+    ] {
+        let p = wait_for(&format!("pool {pool} to fail"), DEADLINE, || {
+            let p = d.pool(pool);
+            (p["state"] == "failed").then_some(p)
+        });
+        let err = p["last_error"].as_str().unwrap();
+        assert!(err.contains(want), "{pool}: {err}");
+    }
+    assert!(d.pool("nocwd")["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("cwd"));
+    d.wait_ready("good", 1);
+    assert!(alive(d.pid()));
+}

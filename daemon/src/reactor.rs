@@ -75,6 +75,7 @@ enum Kind {
     Jobs = 3,
     Stdout = 4,
     Stderr = 5,
+    Exec = 6,
 }
 
 fn token(kind: Kind, id: u64) -> Token {
@@ -88,6 +89,7 @@ fn untoken(t: Token) -> (Kind, u64) {
         3 => Kind::Jobs,
         4 => Kind::Stdout,
         5 => Kind::Stderr,
+        6 => Kind::Exec,
         _ => Kind::Special,
     };
     (kind, (t.0 >> 3) as u64)
@@ -117,6 +119,11 @@ struct WorkerIo {
     limiter: crate::log::OutputLimiter,
     /// The shared-memory arena; kept open for the worker's lifetime.
     _arena: OwnedFd,
+    /// The exec-status pipe, until the exec is known to have worked.
+    exec_status: Option<OwnedFd>,
+    /// Why the worker could not be started, if it could not.
+    exec_error: Option<String>,
+    program: PathBuf,
 }
 
 /// The daemon: event loop plus the core it drives.
@@ -388,6 +395,7 @@ impl Reactor {
                     Kind::Jobs => self.flush_jobs(id),
                     Kind::Stdout => self.on_output(id, false),
                     Kind::Stderr => self.on_output(id, true),
+                    Kind::Exec => self.on_exec_status(id),
                     Kind::Special => {}
                 }
             }
@@ -489,7 +497,12 @@ impl Reactor {
 
     /// A worker process is gone: read what it left in its pipes, drop its
     /// descriptors, tell the core.
-    fn worker_gone(&mut self, proc: ProcId, exit: ExitInfo) {
+    fn worker_gone(&mut self, proc: ProcId, mut exit: ExitInfo) {
+        self.on_exec_status(proc);
+        if let Some(e) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
+            // "exit status 127" says less than what the child reported.
+            exit.description = e;
+        }
         self.on_results(proc);
         self.on_output(proc, false);
         self.on_output(proc, true);
@@ -638,6 +651,7 @@ impl Reactor {
             (&sp.results, Kind::Results),
             (&sp.stdout, Kind::Stdout),
             (&sp.stderr, Kind::Stderr),
+            (&sp.exec_status, Kind::Exec),
         ] {
             if let Err(e) = reg.register(
                 &mut SourceFd(&fd.as_raw_fd()),
@@ -668,6 +682,9 @@ impl Reactor {
                 stderr_line: Vec::new(),
                 limiter: crate::log::OutputLimiter::new(Instant::now()),
                 _arena: sp.arena,
+                exec_status: Some(sp.exec_status),
+                exec_error: None,
+                program: sp.program,
             },
         );
         self.core.on_spawned(proc, pid, Instant::now());
@@ -678,6 +695,45 @@ impl Reactor {
         if !ok {
             self.core
                 .on_protocol_error(proc, "cannot watch its pipes".into(), Instant::now());
+        }
+    }
+
+    /// The exec-status pipe of a new worker: EOF alone means the exec
+    /// worked; a record means it did not (the child then exits with 127 and
+    /// its exit carries this reason).
+    fn on_exec_status(&mut self, proc: ProcId) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let Some(fd) = &w.exec_status else { return };
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        let done = loop {
+            match nix::unistd::read(fd, &mut buf[got..]) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    got += n;
+                    if got == buf.len() {
+                        break true;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break false,
+                Err(_) => break true,
+            }
+        };
+        if got > 0 {
+            let msg = spawn::exec_failure(&w.program, &buf[..got]);
+            crate::error!("pool {} worker {}: {msg}", w.pool, w.slot);
+            w.exec_error = Some(msg);
+        }
+        if done {
+            if let Some(fd) = w.exec_status.take() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
         }
     }
 

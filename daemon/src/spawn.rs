@@ -1,5 +1,5 @@
 //! Fork+exec of one worker process with exactly the descriptors it should
-//! have.
+//! have, without ever blocking the event loop.
 //!
 //! The child gets stdin = `/dev/null`, stdout/stderr = pipes the daemon
 //! reads, fd 3 = job pipe (read end), fd 4 = result pipe (write end), fd 5 =
@@ -7,31 +7,44 @@
 //! daemon holds is `O_CLOEXEC`, and the child additionally marks everything
 //! from fd 6 up close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`), which
 //! also covers descriptors a careless library or the daemon's own parent
-//! leaked. (Closing them outright would also close std's exec-error pipe and
-//! hide exec failures.)
+//! leaked.
 //!
-//! Races closed here:
-//! - **fd numbering**: the sources of fds 3/4/5 may themselves have numbers
-//!   3..=5 in the child; they are first duplicated above 10, then `dup2`ed
-//!   into place.
+//! The fork is hand-rolled rather than `std::process::Command`, because
+//! `Command::spawn` waits for the exec to succeed or fail, a blocking read
+//! of about 0.6 ms per spawn (more on a slow filesystem) on the event-loop
+//! thread. Here the child reports a failed setup step or exec on a
+//! close-on-exec status pipe that the loop watches like any other fd: EOF
+//! with no data means the exec worked.
+//!
+//! Races and hazards closed here:
+//! - **fd numbering**: the sources of fds 0..=5 and the status pipe may
+//!   themselves have numbers 0..=5 in the child; they are first duplicated
+//!   above 10, then `dup2`ed into place.
+//! - **fork in a threaded process** (the store thread exists): the child
+//!   runs only async-signal-safe system calls on data built before the
+//!   fork, never allocates or locks, and ends in `execve` or `_exit`.
+//! - **signal handlers in the child**: all signals are blocked across the
+//!   fork; the child resets every disposition to default (the daemon ignores
+//!   SIGPIPE and handles SIGCHLD/TERM/INT/HUP) and unblocks them just before
+//!   `execve`.
 //! - **parent death before `PR_SET_PDEATHSIG`**: the death signal only fires
 //!   for deaths after the `prctl`, so the child re-checks `getppid()` against
 //!   the daemon's pid right after it and bails out if the daemon is gone.
 //!   `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so spawns
 //!   happen only on the long-lived event-loop thread.
 //! - **process-group escape**: the worker leads its own process group
-//!   (`setpgid(0, 0)`, done by std before exec), so signals to `-pid` reach
-//!   every grandchild it started.
+//!   (`setpgid(0, 0)`), so signals to `-pid` reach every grandchild it
+//!   started.
 
 use crate::config::PoolConfig;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::pipe2;
-use std::ffi::OsString;
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// Environment variables of the daemon's own that a worker must not inherit
 /// (they describe the daemon's relationship with systemd, not the worker's).
@@ -60,6 +73,13 @@ pub struct Spawned {
     pub stderr: OwnedFd,
     /// The shared-memory arena (worker's fd 5).
     pub arena: OwnedFd,
+    /// Read end of the exec-status pipe: EOF without data means the exec
+    /// succeeded; 8 bytes mean a setup step or the exec failed (see
+    /// [`exec_failure`]). Non-blocking: the loop watches it instead of
+    /// waiting for the exec (as `std::process::Command` would).
+    pub exec_status: OwnedFd,
+    /// The resolved program, for messages.
+    pub program: PathBuf,
 }
 
 /// Finds `program` like DESIGN.md says: a path with a `/` is taken as is
@@ -108,11 +128,59 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Fork+execs a worker of `pool` for slot `slot`.
+/// Fork+execs a worker of `pool` for slot `slot`. Returns at once: whether
+/// the exec itself worked is reported later on [`Spawned::exec_status`].
 pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, String> {
     let program = resolve_program(&cfg.command[0], &cfg.cwd)?;
-    let (job_r, job_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (res_r, res_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let ids = user_ids(cfg)?;
+    // Everything the child needs is built here, before the fork: after it,
+    // the child of a multi-threaded process may not allocate.
+    let cstr = |s: &std::ffi::OsStr, what: &str| {
+        CString::new(s.as_bytes()).map_err(|_| format!("{what} contains a NUL byte"))
+    };
+    let path = cstr(program.as_os_str(), "the command path")?;
+    let argv: Vec<CString> = cfg
+        .command
+        .iter()
+        .map(|a| cstr(a.as_ref(), "an argument"))
+        .collect::<Result<_, _>>()?;
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| !SCRUBBED_ENV.iter().any(|s| k == *s))
+        .collect();
+    for (k, v) in &cfg.env {
+        env.insert(k.into(), v.into());
+    }
+    env.insert("JOBVISOR_FDS".into(), "3,4,5".into());
+    env.insert("JOBVISOR_POOL".into(), pool.into());
+    env.insert("JOBVISOR_WORKER_ID".into(), slot.to_string().into());
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            cstr(&kv, "an environment variable")
+        })
+        .collect::<Result<_, _>>()?;
+    let cwd = cstr(cfg.cwd.as_os_str(), "cwd")?;
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+
+    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (job_r, job_w) = pipe()?;
+    let (res_r, res_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     let arena = memfd_create(c"jobvisor-arena", MFdFlags::MFD_CLOEXEC)
         .map_err(|e| format!("memfd_create: {e}"))?;
     nix::unistd::ftruncate(&arena, cfg.shm_size as i64).map_err(|e| {
@@ -122,61 +190,67 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         )
     })?;
 
-    let mut cmd = Command::new(&program);
-    cmd.arg0(&cfg.command[0]).args(&cfg.command[1..]);
-    for k in SCRUBBED_ENV {
-        cmd.env_remove(k);
-    }
-    cmd.envs(&cfg.env)
-        .env("JOBVISOR_FDS", "3,4,5")
-        .env("JOBVISOR_POOL", pool)
-        .env("JOBVISOR_WORKER_ID", slot.to_string())
-        .current_dir(&cfg.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let plan = ChildPlan {
+        parent: nix::unistd::getpid().as_raw(),
+        fds: [
+            null.as_raw_fd(),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+            job_r.as_raw_fd(),
+            res_w.as_raw_fd(),
+            arena.as_raw_fd(),
+        ],
+        status: status_w.as_raw_fd(),
+        cwd: cwd.as_ptr(),
+        path: path.as_ptr(),
+        argv: argv_ptrs.as_ptr(),
+        envp: envp_ptrs.as_ptr(),
+        ids,
+    };
 
-    let parent = nix::unistd::getpid().as_raw();
-    let fds = [job_r.as_raw_fd(), res_w.as_raw_fd(), arena.as_raw_fd()];
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe system calls (prctl, getppid, fcntl, dup2,
-    // close_range, via libc); it allocates nothing and touches no lock. The
-    // raw fds it uses are kept open in the parent (owned by locals that
-    // outlive `spawn`), so they are valid in the child.
-    unsafe {
-        cmd.pre_exec(move || child_setup(parent, fds));
+    // Block every signal across the fork, so that no handler of the
+    // daemon's (signal-hook's, writing to the daemon's self-pipe) runs in the
+    // child before it has reset them.
+    let all = nix::sys::signal::SigSet::all();
+    let mut old = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&all),
+        Some(&mut old),
+    )
+    .map_err(|e| format!("blocking signals: {e}"))?;
+    // SAFETY: after fork the child runs only `child_exec`, which makes
+    // async-signal-safe system calls on data prepared above (kept alive in
+    // the parent until after the fork) and ends in execve or _exit; it
+    // never returns into Rust code, allocates, or takes a lock.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: see above; this never returns.
+        unsafe { child_exec(&plan) }
     }
-    if let Some((uid, gid)) = user_ids(cfg)? {
-        cmd.uid(uid).gid(gid);
+    let fork_err = std::io::Error::last_os_error();
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&old),
+        None,
+    );
+    if pid < 0 {
+        return Err(format!("fork: {fork_err}"));
     }
-    let child = cmd.spawn().map_err(|e| {
-        format!(
-            "cannot execute {}: {e}",
-            OsString::from(program.as_os_str()).to_string_lossy()
-        )
-    })?;
-    let pid = child.id();
-    let stdout: OwnedFd = child
-        .stdout
-        .ok_or_else(|| "no stdout pipe".to_string())?
-        .into();
-    let stderr: OwnedFd = child
-        .stderr
-        .ok_or_else(|| "no stderr pipe".to_string())?
-        .into();
-    drop(job_r);
-    drop(res_w);
-    for fd in [&job_w, &res_r, &stdout, &stderr] {
+    // The child's ends, closed in the parent.
+    drop((null, out_w, err_w, job_r, res_w, status_w));
+    for fd in [&job_w, &res_r, &out_r, &err_r, &status_r] {
         set_nonblocking(fd).map_err(|e| format!("fcntl O_NONBLOCK: {e}"))?;
     }
     Ok(Spawned {
-        pid,
+        pid: pid as u32,
         jobs: job_w,
         results: res_r,
-        stdout,
-        stderr,
+        stdout: out_r,
+        stderr: err_r,
         arena,
+        exec_status: status_r,
+        program,
     })
 }
 
@@ -186,30 +260,111 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
     Ok(())
 }
 
-/// Runs in the child between fork and exec: async-signal-safe calls only.
-fn child_setup(parent: i32, fds: [i32; 3]) -> std::io::Result<()> {
-    // SAFETY: plain system calls on integers; no memory is shared or freed.
+/// What the child does between fork and exec, prepared by the parent.
+struct ChildPlan {
+    parent: i32,
+    /// Sources of the child's fds 0..=5.
+    fds: [i32; 6],
+    /// Write end of the exec-status pipe (close-on-exec).
+    status: i32,
+    cwd: *const libc::c_char,
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    ids: Option<(u32, u32)>,
+}
+
+/// Steps of the child's setup, reported with the errno when one fails.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Step {
+    DeathSignal = 1,
+    ParentGone,
+    ProcessGroup,
+    Fds,
+    Chdir,
+    Groups,
+    Gid,
+    Uid,
+    Exec,
+}
+
+/// Parses what a failed child wrote on the exec-status pipe.
+pub fn exec_failure(program: &Path, bytes: &[u8]) -> String {
+    if bytes.len() < 8 {
+        return format!("cannot start {}: setup failed", program.display());
+    }
+    let step = u32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"));
+    let errno = i32::from_ne_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    let err = std::io::Error::from_raw_os_error(errno);
+    let what = match step {
+        x if x == Step::DeathSignal as u32 => "prctl(PR_SET_PDEATHSIG)",
+        x if x == Step::ParentGone as u32 => "the daemon exited during the spawn",
+        x if x == Step::ProcessGroup as u32 => "setpgid",
+        x if x == Step::Fds as u32 => "setting up fds 0-5",
+        x if x == Step::Chdir as u32 => "changing to the pool's cwd",
+        x if x == Step::Groups as u32 => "setgroups",
+        x if x == Step::Gid as u32 => "setgid",
+        x if x == Step::Uid as u32 => "setuid",
+        _ => "exec",
+    };
+    if step >= Step::Exec as u32 {
+        format!("cannot execute {}: {err}", program.display())
+    } else {
+        format!("cannot start {}: {what}: {err}", program.display())
+    }
+}
+
+/// The child's side: async-signal-safe system calls only, then exec.
+///
+/// # Safety
+/// Must be called only in the child right after `fork`, with `plan`'s
+/// pointers valid (they point into the parent's memory, copied by fork).
+unsafe fn child_exec(plan: &ChildPlan) -> ! {
+    // SAFETY: plain system calls on integers and on NUL-terminated strings
+    // and pointer arrays prepared by the parent.
     unsafe {
+        // The status pipe may have a number in 0..=5, which the dup2s below
+        // overwrite: move it above 10 first. Without it nothing can be
+        // reported; the exit status 127 then says it alone.
+        let status = libc::fcntl(plan.status, libc::F_DUPFD_CLOEXEC, 10);
+        if status < 0 {
+            libc::_exit(127);
+        }
+        let fail = |step: Step| -> ! {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(status, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        };
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
+            fail(Step::DeathSignal);
         }
         // The daemon may have died between fork and prctl: then nobody
         // would ever kill us.
-        if libc::getppid() != parent {
-            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        if libc::getppid() != plan.parent {
+            *libc::__errno_location() = libc::ESRCH;
+            fail(Step::ParentGone);
         }
-        let mut high = [0i32; 3];
-        for (i, fd) in fds.iter().enumerate() {
+        if libc::setpgid(0, 0) != 0 {
+            fail(Step::ProcessGroup);
+        }
+        // The sources may have numbers 0..=5 too: above 10 first, then
+        // into place.
+        let mut high = [0i32; 6];
+        for (i, fd) in plan.fds.iter().enumerate() {
             let d = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
             if d < 0 {
-                return Err(std::io::Error::last_os_error());
+                fail(Step::Fds);
             }
             high[i] = d;
         }
         for (i, fd) in high.iter().enumerate() {
             // dup2 clears FD_CLOEXEC on the target.
-            if libc::dup2(*fd, 3 + i as i32) < 0 {
-                return Err(std::io::Error::last_os_error());
+            if libc::dup2(*fd, i as i32) < 0 {
+                fail(Step::Fds);
             }
         }
         if libc::syscall(
@@ -219,13 +374,38 @@ fn child_setup(parent: i32, fds: [i32; 3]) -> std::io::Result<()> {
             libc::CLOSE_RANGE_CLOEXEC,
         ) != 0
         {
-            // Kernels before 5.11: fall back to marking one by one.
+            // Kernels before 5.11: mark them one by one.
             for fd in 6..1024 {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
         }
+        if libc::chdir(plan.cwd) != 0 {
+            fail(Step::Chdir);
+        }
+        if let Some((uid, gid)) = plan.ids {
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                fail(Step::Groups);
+            }
+            if libc::setgid(gid) != 0 {
+                fail(Step::Gid);
+            }
+            if libc::setuid(uid) != 0 {
+                fail(Step::Uid);
+            }
+        }
+        // Default dispositions (the daemon ignores SIGPIPE and handles
+        // SIGCHLD/TERM/INT/HUP) and an empty mask for the worker.
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(plan.path, plan.argv, plan.envp);
+        fail(Step::Exec)
     }
-    Ok(())
 }
 
 /// Resolves `user`/`group` to ids; only allowed when the daemon is root.
