@@ -11,6 +11,7 @@
 //! replaced without touching a message definition.
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod codec;
 pub mod control;
 pub mod frame;
