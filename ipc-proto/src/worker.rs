@@ -2,8 +2,16 @@
 //!
 //! The worker speaks first with [`FromWorker::Ready`]; the daemon then sends
 //! [`ToWorker::Job`]s (several may be in flight: `prefetch`), the worker
-//! answers each with [`FromWorker::Done`] or [`FromWorker::Failed`] in any
-//! order. See `docs/PROTOCOL.md` for the byte-level description.
+//! answers each with [`FromWorker::Done`] or [`FromWorker::Failed`], in the
+//! order received. See `docs/PROTOCOL.md` for the byte-level description.
+//!
+//! Shared memory: fd 5 is an arena split by [`crate::arena::ArenaLayout`]
+//! into the daemon's input half and the worker's output half. An input over
+//! the pool's `inline_limit` arrives as `Payload::Shm` in the input half and
+//! stays valid until the worker answers that job. An output over
+//! `inline_limit` (the worker reads it from `JOBVISOR_INLINE_LIMIT`) may be
+//! returned as `Payload::Shm` in the output half; the worker must leave that
+//! range alone until the daemon sends [`ToWorker::Release`] for it.
 
 use crate::Bytes;
 use serde::{Deserialize, Serialize};
@@ -67,6 +75,14 @@ pub enum ToWorker {
     },
     /// Finish the jobs in hand, then exit 0.
     Shutdown,
+    /// The daemon has copied out a `Payload::Shm` output: that range of the
+    /// worker's output region may be reused.
+    Release {
+        /// Offset the worker reported in `Done`.
+        offset: u64,
+        /// Length the worker reported in `Done`.
+        len: u64,
+    },
 }
 
 /// Worker → daemon (fd 4).

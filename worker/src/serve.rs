@@ -247,6 +247,13 @@ fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelSt
                     shutdown = true;
                     batch.push(Incoming::Shutdown);
                 }
+                Ok(ToWorker::Release { offset, len }) => {
+                    // This worker never returns outputs through shared
+                    // memory, so there is nothing to release.
+                    break Some(format!(
+                        "Release of {len} bytes at {offset}, but no shared-memory output was returned"
+                    ));
+                }
                 Err(e) => break Some(format!("undecodable message: {e}")),
             }
         };
