@@ -5,6 +5,7 @@
 //! - [`supervisor`]: the sans-IO supervision core (state machine).
 //! - [`reactor`]: the epoll event loop that executes the core's actions.
 //! - [`spawn`]: fork+exec of workers with exactly the right descriptors.
+//! - [`shm`]: the daemon's mapping of each worker's shared-memory arena.
 //! - [`control`]: the control socket (binding, client connections).
 //! - [`client`]: the client side of the control protocol (`jobvisorctl`).
 //! - [`notify`], [`log`]: systemd notification and logging.
@@ -16,6 +17,7 @@ pub mod ctl;
 pub mod log;
 pub mod notify;
 pub mod reactor;
+pub mod shm;
 pub mod spawn;
 pub mod store;
 pub mod supervisor;

@@ -119,6 +119,10 @@ struct WorkerIo {
     limiter: crate::log::OutputLimiter,
     /// The shared-memory arena; kept open for the worker's lifetime.
     _arena: OwnedFd,
+    /// The daemon's mapping of it (`None` if mapping failed: inline only).
+    mapping: Option<crate::shm::Mapping>,
+    /// Its split into input and output halves.
+    layout: ipc_proto::arena::ArenaLayout,
     /// The exec-status pipe, until the exec is known to have worked.
     exec_status: Option<OwnedFd>,
     /// Why the worker could not be started, if it could not.
@@ -584,6 +588,21 @@ impl Reactor {
                         self.reply(id, &resp);
                     }
                 }
+                Action::WriteArena { proc, offset, data } => {
+                    let written = self
+                        .procs
+                        .get_mut(&proc)
+                        .and_then(|w| w.mapping.as_mut())
+                        .is_some_and(|m| m.write_at(offset, &data));
+                    if !written && self.procs.contains_key(&proc) {
+                        // The Job frame that follows would point at garbage.
+                        self.core.on_protocol_error(
+                            proc,
+                            "its shared-memory arena is not mapped".into(),
+                            Instant::now(),
+                        );
+                    }
+                }
                 Action::MeasureRss { proc } => {
                     if let Some(w) = self.procs.get(&proc) {
                         let rss = rss_bytes(w.pid);
@@ -663,6 +682,15 @@ impl Reactor {
             }
         }
         let pid = sp.pid;
+        let mapping = match crate::shm::Mapping::new(&sp.arena, sp.shm_size) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                crate::error!(
+                    "pool {pool} worker {slot}: cannot map its shared-memory arena ({e}); large payloads will fail"
+                );
+                None
+            }
+        };
         self.pids.insert(pid, proc);
         self.procs.insert(
             proc,
@@ -681,6 +709,8 @@ impl Reactor {
                 stdout_line: Vec::new(),
                 stderr_line: Vec::new(),
                 limiter: crate::log::OutputLimiter::new(Instant::now()),
+                mapping,
+                layout: ipc_proto::arena::ArenaLayout::split(sp.shm_size),
                 _arena: sp.arena,
                 exec_status: Some(sp.exec_status),
                 exec_error: None,
@@ -696,6 +726,17 @@ impl Reactor {
             self.core
                 .on_protocol_error(proc, "cannot watch its pipes".into(), Instant::now());
         }
+    }
+
+    /// Copies an output the worker left in its half of the arena.
+    fn read_output(&self, proc: ProcId, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let w = self.procs.get(&proc).ok_or("worker gone")?;
+        ipc_proto::arena::check_ref(&w.layout.output, offset, len).map_err(|e| e.to_string())?;
+        w.mapping
+            .as_ref()
+            .ok_or_else(|| "its arena is not mapped".to_string())?
+            .read_at(offset, len)
+            .ok_or_else(|| "outside the arena".to_string())
     }
 
     /// The exec-status pipe of a new worker: EOF alone means the exec
@@ -864,11 +905,27 @@ impl Reactor {
                     ipc_proto::worker::Payload::Inline(bytes) => {
                         self.core.on_job_done(proc, id, bytes.0, now)
                     }
-                    ipc_proto::worker::Payload::Shm { .. } => self.core.on_protocol_error(
-                        proc,
-                        format!("job {id}: shared-memory output, but no arena slot was handed out"),
-                        now,
-                    ),
+                    ipc_proto::worker::Payload::Shm { offset, len } => {
+                        match self.read_output(proc, offset, len) {
+                            Ok(bytes) => {
+                                if crate::log::enabled(Level::Debug) {
+                                    crate::log::log(
+                                        Level::Debug,
+                                        &format!(
+                                            "job {id}: {len}-byte output through shared memory"
+                                        ),
+                                    );
+                                }
+                                self.send(proc, &ToWorker::Release { offset, len });
+                                self.core.on_job_done(proc, id, bytes, now)
+                            }
+                            Err(e) => self.core.on_protocol_error(
+                                proc,
+                                format!("job {id}: bad shared-memory output: {e}"),
+                                now,
+                            ),
+                        }
+                    }
                 },
                 FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
             }

@@ -80,6 +80,8 @@ pub struct Spawned {
     pub exec_status: OwnedFd,
     /// The resolved program, for messages.
     pub program: PathBuf,
+    /// Size of the arena in bytes.
+    pub shm_size: u64,
 }
 
 /// Finds `program` like DESIGN.md says: a path with a `/` is taken as is
@@ -153,6 +155,12 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
     env.insert("JOBVISOR_FDS".into(), "3,4,5".into());
     env.insert("JOBVISOR_POOL".into(), pool.into());
     env.insert("JOBVISOR_WORKER_ID".into(), slot.to_string().into());
+    // Outputs above this go back through the arena (fd 5).
+    env.insert(
+        "JOBVISOR_INLINE_LIMIT".into(),
+        cfg.inline_limit.to_string().into(),
+    );
+    env.insert("JOBVISOR_SHM_SIZE".into(), cfg.shm_size.to_string().into());
     let envp: Vec<CString> = env
         .iter()
         .map(|(k, v)| {
@@ -251,6 +259,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         arena,
         exec_status: status_r,
         program,
+        shm_size: cfg.shm_size,
     })
 }
 

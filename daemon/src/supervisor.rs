@@ -95,6 +95,16 @@ pub enum Action {
     },
     /// Broadcast an event to `events` subscribers.
     Event(Event),
+    /// Copy `data` into `proc`'s shared-memory arena at `offset` (an input
+    /// slot the core allocated), before the `Send` that refers to it.
+    WriteArena {
+        /// The worker.
+        proc: ProcId,
+        /// Where in the arena.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
     /// Measure the resident set size of `proc` and report it with
     /// [`Supervisor::on_rss`] (for `max_memory`).
     MeasureRss {
@@ -184,7 +194,7 @@ enum Phase {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Proc {
     id: ProcId,
     pid: Option<u32>,
@@ -202,9 +212,13 @@ struct Proc {
     last_rss_check: Option<Instant>,
     /// Runs a suspect job alone: takes no other job until it is done.
     solo: bool,
+    /// Input half of its shared-memory arena (boxed: it is large).
+    arena: Box<ipc_proto::arena::Allocator>,
+    /// Input slots of its in-flight jobs.
+    slots: Vec<(u64, ipc_proto::arena::Slot)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum SlotState {
     /// No process and none scheduled (pool failed or stopping).
     Idle,
@@ -214,7 +228,7 @@ enum SlotState {
     Running(Proc),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Slot {
     id: u32,
     restarts: u32,
@@ -1018,6 +1032,11 @@ impl Supervisor {
             jobs_handled: 0,
             last_rss_check: None,
             solo: false,
+            arena: Box::new(ipc_proto::arena::Allocator::new(
+                ipc_proto::arena::ArenaLayout::split(pool.config.shm_size).input,
+                ipc_proto::arena::SLOT_ALIGN,
+            )),
+            slots: Vec::new(),
         });
         self.actions.push_back(Action::Spawn {
             proc,

@@ -11,14 +11,24 @@
 //!   worker's death as end of stream. All three get `FD_CLOEXEC` here.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::context::JobContext;
-use crate::serve::{serve, ServeError, Stop};
+use crate::output::Output;
+use crate::serve::{
+    serve_with_output, vec_handler, ServeConfig, ServeError, Stop, DEFAULT_INLINE_LIMIT,
+};
+use crate::shm::Arena;
 
 /// The environment variable naming the worker's descriptors.
 pub const FDS_ENV: &str = "JOBVISOR_FDS";
+
+/// The environment variable with the pool's `inline_limit` in bytes: outputs
+/// longer than this go through the arena. Default [`DEFAULT_INLINE_LIMIT`]
+/// when unset or not a decimal number. (`JOBVISOR_SHM_SIZE` is only
+/// informational: the arena's size is that of fd 5.)
+pub const INLINE_LIMIT_ENV: &str = "JOBVISOR_INLINE_LIMIT";
 
 /// Set once the descriptors are claimed: they can be owned only once.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
@@ -52,21 +62,27 @@ impl SetupError {
     }
 }
 
-/// The worker's two pipes to the daemon, claimed from the environment.
+/// The worker's two pipes to the daemon and its shared-memory arena,
+/// claimed from the environment.
 ///
 /// Use it to do expensive initialisation *after* checking that the process
 /// really runs under the daemon but *before* announcing readiness:
-/// [`Channel::from_env`], load the model, then [`Channel::serve`] (which sends
-/// `Ready`). [`crate::run`] does the first and last steps in one call.
+/// [`Channel::from_env`], load the model, then [`Channel::serve`] or
+/// [`Channel::serve_with_output`] (which send `Ready`). [`crate::run`] does
+/// the first and last steps in one call.
 #[derive(Debug)]
 pub struct Channel {
     jobs: File,
     results: File,
+    arena: Option<Arena>,
+    inline_limit: usize,
 }
 
 impl Channel {
-    /// Claims the descriptors named by `JOBVISOR_FDS` (once per process).
-    /// The arena (third descriptor) is checked and left open, untouched.
+    /// Claims the descriptors named by `JOBVISOR_FDS` (once per process),
+    /// and maps the arena (third descriptor; it stays open). An arena that
+    /// is not a memfd, is empty or cannot be mapped is not an error: the
+    /// worker then works inline only (see [`Channel::has_arena`]).
     pub fn from_env() -> Result<Channel, SetupError> {
         let value = std::env::var(FDS_ENV).map_err(|_| SetupError::NotUnderDaemon)?;
         let fds = parse_fds(&value).ok_or_else(|| SetupError::BadFds(value.clone()))?;
@@ -83,20 +99,60 @@ impl Channel {
         // only once.
         let (jobs, results) =
             unsafe { (OwnedFd::from_raw_fd(jobs), OwnedFd::from_raw_fd(results)) };
+        // SAFETY: `arena` is open (checked above) and stays open: nothing in
+        // this process owns or closes it. It is the daemon's memfd, whose
+        // use follows the protocol's shared-memory rules, as `Arena::map`
+        // requires.
+        let arena = unsafe { Arena::map(BorrowedFd::borrow_raw(arena)) }.ok();
         Ok(Channel {
             jobs: File::from(jobs),
             results: File::from(results),
+            arena,
+            inline_limit: inline_limit(std::env::var(INLINE_LIMIT_ENV).ok().as_deref()),
         })
     }
 
+    /// True when the arena is mapped: large inputs and outputs can travel
+    /// through shared memory.
+    pub fn has_arena(&self) -> bool {
+        self.arena.is_some()
+    }
+
+    /// Outputs longer than this are returned through the arena.
+    pub fn inline_limit(&self) -> usize {
+        self.inline_limit
+    }
+
     /// Sends `Ready` and serves jobs with `handler` until `Shutdown` or the
-    /// daemon's end of the job pipe closes (see [`crate::serve()`]).
+    /// daemon's end of the job pipe closes (see [`crate::serve_with_output`]).
+    /// An output over the inline limit is copied once, into the arena.
     pub fn serve<F>(self, handler: F) -> Result<Stop, ServeError>
     where
         F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
     {
-        serve(self.jobs, self.results, handler)
+        self.serve_with_output(vec_handler(handler))
     }
+
+    /// Like [`Channel::serve`], with a handler that writes its output into an
+    /// [`Output`] (see [`crate::run_with_output`]).
+    pub fn serve_with_output<F>(self, handler: F) -> Result<Stop, ServeError>
+    where
+        F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
+    {
+        let config = ServeConfig::default()
+            .arena(self.arena)
+            .inline_limit(self.inline_limit);
+        serve_with_output(self.jobs, self.results, config, handler)
+    }
+}
+
+/// The inline limit from `JOBVISOR_INLINE_LIMIT`'s value.
+fn inline_limit(value: Option<&str>) -> usize {
+    value
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_INLINE_LIMIT, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        })
 }
 
 fn parse_fds(value: &str) -> Option<[RawFd; 3]> {
@@ -170,6 +226,34 @@ mod tests {
         assert_eq!(parse_fds("0,4,5"), None);
         assert_eq!(parse_fds("a,b,c"), None);
         assert_eq!(parse_fds(""), None);
+    }
+
+    #[test]
+    fn inline_limit_defaults_when_unset_or_unparsable() {
+        assert_eq!(inline_limit(None), 65536);
+        assert_eq!(inline_limit(Some("")), 65536);
+        assert_eq!(inline_limit(Some("64KiB")), 65536);
+        assert_eq!(inline_limit(Some("-1")), 65536);
+        assert_eq!(inline_limit(Some("1024")), 1024);
+        assert_eq!(inline_limit(Some(" 0\n")), 0);
+    }
+
+    #[test]
+    fn arena_needs_a_mappable_nonempty_file() {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        use std::os::fd::AsFd;
+        let fd = memfd_create("t", MFdFlags::MFD_CLOEXEC).unwrap();
+        // SAFETY: nobody else uses this memfd.
+        let empty = unsafe { Arena::map(fd.as_fd()) };
+        assert!(empty.is_err());
+        nix::unistd::ftruncate(&fd, 3 * 4096).unwrap();
+        // SAFETY: as above.
+        let arena = unsafe { Arena::map(fd.as_fd()) }.unwrap();
+        assert_eq!(arena.size(), 3 * 4096);
+        assert_eq!(arena.layout().output, 8192..12288);
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        // SAFETY: a pipe nobody maps.
+        assert!(unsafe { Arena::map(r.as_fd()) }.is_err());
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The handlers shipped in `jobvisor-worker`: [`echo`], [`sha256`] and
-//! [`Exec`] (a command per job).
+//! [`Exec`] (a command per job). [`echo_into`] and [`sha256_into`] are the
+//! same as the first two for [`crate::run_with_output`], which the binary
+//! uses: no copy of a large input, and echo's output written straight into
+//! shared memory.
 //!
 //! [`Exec`] handles the OS corners of running a child per job:
 //! - no pipe deadlock: the input is written to the child's stdin from the
@@ -25,22 +28,45 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sha2::{Digest, Sha256};
 
 use crate::context::JobContext;
+use crate::output::Output;
 
 /// Output = input.
 pub fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
     Ok(input.to_vec())
 }
 
+/// Output = input, for [`crate::run_with_output`]: the input is copied once,
+/// straight into the output (for a large input, from the arena's input
+/// region into an output slot: one `memcpy` in the worker).
+pub fn echo_into(_: &JobContext, input: &[u8], out: &mut Output) -> Result<(), String> {
+    // A large input moves the empty output into a slot of exactly its size.
+    out.write_all(input);
+    Ok(())
+}
+
 /// Output = lowercase hex SHA-256 digest of the input (64 bytes, no newline).
 pub fn sha256(input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = vec![0; 64];
+    hex_digest(input, (&mut out[..]).try_into().expect("64 bytes"));
+    Ok(out)
+}
+
+/// [`sha256`] for [`crate::run_with_output`]: hashes the input in place (a
+/// large input is read straight from shared memory) and writes the 64 hex
+/// digits into the output.
+pub fn sha256_into(_: &JobContext, input: &[u8], out: &mut Output) -> Result<(), String> {
+    let dst = out.reserve(64);
+    hex_digest(input, dst.try_into().expect("64 bytes"));
+    Ok(())
+}
+
+fn hex_digest(input: &[u8], out: &mut [u8; 64]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(input);
-    let mut out = Vec::with_capacity(2 * digest.len());
-    for b in digest {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0xf)]);
+    for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
-    Ok(out)
 }
 
 /// How much of a failed command's stderr goes into the error message.
@@ -368,10 +394,17 @@ mod tests {
 
     #[test]
     fn sha256_is_lowercase_hex() {
-        assert_eq!(
-            sha256(b"abc").unwrap(),
-            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        const ABC: &[u8] = b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256(b"abc").unwrap(), ABC);
+        let ctx = JobContext::new(std::sync::Arc::new(
+            crate::context::CancelState::new().unwrap(),
+        ));
+        let mut out = Output::new();
+        sha256_into(&ctx, b"abc", &mut out).unwrap();
+        assert_eq!(out.as_slice(), ABC);
+        let mut out = Output::new();
+        echo_into(&ctx, b"hello", &mut out).unwrap();
+        assert_eq!(out.as_slice(), b"hello");
     }
 
     #[test]

@@ -21,29 +21,90 @@
 //! }
 //! ```
 //!
-//! Exit statuses, as the daemon reads them: 0 after `Shutdown` or end of the
-//! job pipe; 1 when the result pipe fails (the daemon is gone); 2 for a
-//! protocol error (a frame that does not decode, an oversized frame, a
-//! shared-memory input, which this version does not support) or when the
-//! process was not started by the daemon. A handler that panics crashes the
-//! worker: the daemon counts the attempt as lost and retries the job.
+//! # Shared memory
+//!
+//! Payloads over the pool's `inline_limit` (`JOBVISOR_INLINE_LIMIT`, default
+//! 64 KiB) travel through the arena on fd 5 instead of the pipes. This crate
+//! maps it once at start and handles the protocol (references, slots,
+//! `Release`); a handler only sees byte slices:
+//! - a large input arrives as a `&[u8]` straight over the shared mapping:
+//!   no copy, whatever its size;
+//! - a large output returned as a `Vec` by a [`run`]/[`run_with`] handler is
+//!   copied once into the arena, where the daemon reads it.
+//!
+//! To skip that copy too, write the output into an [`Output`] with
+//! [`run_with_output`]: over the inline limit it is built directly in the
+//! arena. When the final size is known, [`Output::reserve`] hands out a slot
+//! of exactly that size to fill in place; [`Output::write_all`] (or
+//! [`std::io::Write`]) appends as you go, starting in a `Vec` and moving into
+//! the arena once the output gets large:
+//!
+//! ```no_run
+//! use std::io::Write;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     worker::run_with_output(|_ctx, input, out| {
+//!         if input.starts_with(b"upper:") {
+//!             // Known size: written once, in place.
+//!             let dst = out.reserve(input.len());
+//!             for (d, s) in dst.iter_mut().zip(input) {
+//!                 *d = s.to_ascii_uppercase();
+//!             }
+//!         } else {
+//!             // Unknown size: append as you go.
+//!             for line in input.split(|&b| b == b'\n') {
+//!                 out.write_all(line);
+//!                 writeln!(out, " ({} bytes)", line.len()).map_err(|e| e.to_string())?;
+//!             }
+//!         }
+//!         Ok(())
+//!     })
+//! }
+//! ```
+//!
+//! Without a usable arena (fd 5 empty, not a memfd, or not mappable) the
+//! worker works inline only: every output is sent inline, and a
+//! shared-memory input is a protocol error. An output too large for the
+//! output region (half the arena) is sent inline if it fits in a frame
+//! (64 MiB), else the job fails. While the output region is full of outputs
+//! the daemon has not released yet, the handler's thread waits for it (at
+//! most [`RELEASE_WAIT`], then it sends the output inline).
+//!
+//! # Exit statuses
+//!
+//! As the daemon reads them: 0 after `Shutdown` or end of the job pipe; 1
+//! when the result pipe fails (the daemon is gone); 2 for a protocol error (a
+//! frame that does not decode, an oversized frame, a shared-memory reference
+//! outside the input region or without an arena, a `Release` of a range this
+//! worker did not hand out) or when the process was not started by the
+//! daemon. A handler that panics crashes the worker: the daemon counts the
+//! attempt as lost and retries the job.
 //!
 //! Architecture invariant: the handler always runs on the thread that called
 //! [`run`], so it need not be `Send` and may hold thread-bound state; the
-//! two other threads only read the job pipe and flush buffered results
-//! (see [`serve()`]).
+//! two other threads only read the job pipe (and free released output slots)
+//! and flush buffered results (see [`serve_with_output()`]).
 #![deny(missing_docs)]
 
 mod channel;
 mod context;
 pub mod handlers;
+mod output;
 mod serve;
+mod shm;
+#[cfg(test)]
+mod tests_shm;
 
 use std::process::ExitCode;
 
-pub use channel::{Channel, SetupError, FDS_ENV};
+pub use channel::{Channel, SetupError, FDS_ENV, INLINE_LIMIT_ENV};
 pub use context::JobContext;
-pub use serve::{serve, ServeError, Stop, CANCELLED};
+pub use output::Output;
+pub use serve::{
+    serve, serve_with_output, ServeConfig, ServeError, Stop, CANCELLED, DEFAULT_INLINE_LIMIT,
+    RELEASE_WAIT,
+};
+pub use shm::Arena;
 
 /// Serves jobs with `handler` (input bytes → output bytes, or an error
 /// message) until the daemon says `Shutdown` or goes away, and returns the
@@ -65,6 +126,21 @@ pub fn run_with<F>(handler: F) -> ExitCode
 where
     F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
 {
+    run_channel(|channel| channel.serve(handler))
+}
+
+/// Like [`run_with`], but the handler writes its output into an [`Output`]
+/// instead of returning a `Vec`, so that a large output is written straight
+/// into shared memory (see the [crate docs](crate) for an example). An
+/// `Err` fails the job; whatever was written is then discarded.
+pub fn run_with_output<F>(handler: F) -> ExitCode
+where
+    F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
+{
+    run_channel(|channel| channel.serve_with_output(handler))
+}
+
+fn run_channel(serve: impl FnOnce(Channel) -> Result<Stop, ServeError>) -> ExitCode {
     let channel = match Channel::from_env() {
         Ok(channel) => channel,
         Err(e) => {
@@ -72,7 +148,7 @@ where
             return ExitCode::from(e.exit_code());
         }
     };
-    match channel.serve(handler) {
+    match serve(channel) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             let hint = match e {

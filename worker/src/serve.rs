@@ -9,11 +9,18 @@
 //!   into the [`FrameDecoder`], decodes every whole frame, and sends each
 //!   chunk's messages as one batch over a channel. For a `Cancel` it also
 //!   flags the running job (see [`crate::context`] for the race this closes).
-//!   End of stream, a read error or a protocol violation is its last message.
+//!   It checks every shared-memory input reference against the arena's input
+//!   region, and applies `Release`s itself, freeing the output slot and
+//!   waking the calling thread if it waits for room (see [`crate::shm`]).
+//!   End of stream, a read error or a protocol violation (a bad reference, a
+//!   `Release` of a range not handed out) is its last message.
 //! - the *calling* thread runs the handler and writes results. It keeps a
 //!   local queue of received jobs, drains the channel without blocking before
 //!   each job (so a `Cancel` for a queued job is seen before that job starts),
-//!   and encodes results into one buffer, shared with the flusher.
+//!   and encodes results into one buffer, shared with the flusher. When an
+//!   output needs room in a full output region, it flushes that buffer (the
+//!   daemon releases only what it has received) and waits on a condition
+//!   variable for the reader's `Release`s, at most [`RELEASE_WAIT`].
 //! - the *flusher* thread writes buffered results that have waited too long
 //!   (see below). It never runs the handler.
 //!
@@ -49,6 +56,8 @@ use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 use crate::context::{CancelState, JobContext};
+use crate::output::{FlushResults, Output, Sink};
+use crate::shm::{Arena, Shm};
 
 /// Flush buffered results once they take this many bytes.
 const FLUSH_BYTES: usize = 1 << 20;
@@ -104,20 +113,109 @@ impl ServeError {
     }
 }
 
+/// How long a handler's thread waits for `Release`s while the output region
+/// is full, before it sends the output inline instead (or fails the job, if
+/// it does not fit in a frame). The daemon releases a slot right after
+/// copying it, so a healthy daemon makes room within milliseconds.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// The default `inline_limit` (64 KiB), when `JOBVISOR_INLINE_LIMIT` is not set.
+pub const DEFAULT_INLINE_LIMIT: usize = 64 << 10;
+
+/// Shared-memory settings for [`serve_with_output`].
+#[derive(Debug)]
+pub struct ServeConfig {
+    arena: Option<Arena>,
+    inline_limit: usize,
+    release_wait: Duration,
+}
+
+impl Default for ServeConfig {
+    /// No arena (every payload inline), [`DEFAULT_INLINE_LIMIT`],
+    /// [`RELEASE_WAIT`].
+    fn default() -> Self {
+        ServeConfig {
+            arena: None,
+            inline_limit: DEFAULT_INLINE_LIMIT,
+            release_wait: RELEASE_WAIT,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The shared-memory arena (fd 5): inputs may then arrive as
+    /// `Payload::Shm`, and outputs over the inline limit are returned so.
+    /// Without one, a shared-memory input is a protocol error and every
+    /// output is sent inline.
+    pub fn arena(mut self, arena: Option<Arena>) -> Self {
+        self.arena = arena;
+        self
+    }
+
+    /// Outputs longer than this go through the arena (the pool's
+    /// `inline_limit`, from `JOBVISOR_INLINE_LIMIT`).
+    pub fn inline_limit(mut self, bytes: usize) -> Self {
+        self.inline_limit = bytes;
+        self
+    }
+
+    /// Bound on a wait for `Release`s (default [`RELEASE_WAIT`]).
+    pub fn release_wait(mut self, wait: Duration) -> Self {
+        self.release_wait = wait;
+        self
+    }
+}
+
+/// Serves jobs read from `jobs` with `handler`, writing frames to `results`;
+/// every payload inline (no arena). See [`serve_with_output`].
+pub fn serve<R, W, F>(jobs: R, results: W, handler: F) -> Result<Stop, ServeError>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+    F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
+{
+    serve_with_output(jobs, results, ServeConfig::default(), vec_handler(handler))
+}
+
+/// Adapts a handler returning a `Vec` to the [`Output`] interface: an output
+/// over the inline limit is copied once, into an arena slot.
+pub(crate) fn vec_handler<F>(
+    mut handler: F,
+) -> impl FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>
+where
+    F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
+{
+    move |ctx, input, out| {
+        out.set_vec(handler(ctx, input)?);
+        Ok(())
+    }
+}
+
 /// Serves jobs read from `jobs` with `handler`, writing frames to `results`.
 ///
 /// Sends `Ready` at once, then answers every job with `Done` or `Failed`,
 /// until `Shutdown` (after answering every job received before it) or the
 /// end of `jobs`. `jobs` moves to a reader thread that outlives this call
 /// until the stream ends (see the module docs).
-pub fn serve<R, W, F>(jobs: R, results: W, mut handler: F) -> Result<Stop, ServeError>
+///
+/// With an arena in `config`, a shared-memory input is handed to the handler
+/// in place, and an output over the inline limit is returned in the arena's
+/// output region (see [`Output`]); the reader thread frees its slot when the
+/// daemon sends `Release`.
+pub fn serve_with_output<R, W, F>(
+    jobs: R,
+    results: W,
+    config: ServeConfig,
+    mut handler: F,
+) -> Result<Stop, ServeError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
-    F: FnMut(&JobContext, &[u8]) -> Result<Vec<u8>, String>,
+    F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
 {
     let cancel = Arc::new(CancelState::new().map_err(ServeError::Setup)?);
-    let mut out = Output::start(results)?;
+    let shm = config.arena.map(|arena| Arc::new(Shm::new(arena)));
+    let mut out = Results::start(results)?;
     out.push(&FromWorker::Ready {
         protocol_version: PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -126,11 +224,19 @@ where
 
     let (tx, rx) = mpsc::channel();
     let reader_cancel = Arc::clone(&cancel);
+    let reader_shm = shm.clone();
     thread::Builder::new()
         .name("jobvisor-reader".into())
-        .spawn(move || read_jobs(jobs, &tx, &reader_cancel))
+        .spawn(move || read_jobs(jobs, &tx, &reader_cancel, reader_shm.as_deref()))
         .map_err(ServeError::Setup)?;
 
+    let sink = Arc::new(Sink {
+        shm: shm.clone(),
+        inline_limit: config.inline_limit,
+        release_wait: config.release_wait,
+        flush: out.flusher(),
+        cancel: Arc::clone(&cancel),
+    });
     let mut inbox = Inbox::new(rx);
     let mut ctx = JobContext::new(Arc::clone(&cancel));
     loop {
@@ -160,19 +266,43 @@ where
         let result = if inbox.current_cancelled || cancel.is_cancelled() {
             Err(CANCELLED.to_owned())
         } else {
-            match &job.input {
-                Payload::Inline(input) => {
+            match input_of(&job, shm.as_deref()) {
+                Ok(input) => {
                     ctx.set_job(&job);
-                    handler(&ctx, input)
+                    // A fresh one per job: whatever the handler does with
+                    // the last one, it cannot affect the next job.
+                    let mut output = Output::attached(Arc::clone(&sink));
+                    match handler(&ctx, input, &mut output) {
+                        // Before `cancel.finish()`: a wait for room in the
+                        // arena gives up when this job is cancelled.
+                        Ok(()) => output.finish(),
+                        Err(e) => {
+                            output.discard();
+                            Err(e)
+                        }
+                    }
                 }
-                // The reader refuses these before they get here.
-                Payload::Shm { .. } => Err("shared-memory input is not supported".to_owned()),
+                Err(e) => Err(e),
             }
         };
         cancel.finish();
         inbox.current = None;
         let now = Instant::now();
         out.push_result_and_flush_if_due(job.id, result, now, now - started >= SLOW_JOB)?;
+    }
+}
+
+/// The job's input bytes: inline, or in place in the arena. The reader has
+/// already checked a shared-memory reference; the bytes stay valid until the
+/// job is answered, which happens only after the handler returns.
+fn input_of<'a>(job: &'a Job, shm: Option<&'a Shm>) -> Result<&'a [u8], String> {
+    match &job.input {
+        Payload::Inline(input) => Ok(input),
+        Payload::Shm { offset, len } => match shm {
+            Some(shm) => shm.arena.input(*offset, *len).map_err(|e| e.to_string()),
+            // The reader refuses these before they get here.
+            None => Err("shared-memory input without an arena".to_owned()),
+        },
     }
 }
 
@@ -204,7 +334,12 @@ impl End {
 }
 
 /// The reader thread's body: frames in, batches of messages out.
-fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelState) {
+fn read_jobs<R: Read>(
+    mut jobs: R,
+    tx: &Sender<Vec<Incoming>>,
+    cancel: &CancelState,
+    shm: Option<&Shm>,
+) {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut shutdown = false;
     loop {
@@ -213,11 +348,11 @@ fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelSt
             // mid-write: the daemon is gone either way.
             Ok(0) => {
                 let end = if shutdown { End::Closed } else { End::Eof };
-                return send_end(tx, cancel, Vec::new(), end);
+                return send_end(tx, cancel, shm, Vec::new(), end);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return send_end(tx, cancel, Vec::new(), End::Read(e)),
+            Err(e) => return send_end(tx, cancel, shm, Vec::new(), End::Read(e)),
         };
         decoder.filled(n);
 
@@ -231,11 +366,20 @@ fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelSt
             };
             match decode::<ToWorker>(payload) {
                 Ok(ToWorker::Job(job)) => {
-                    if let Payload::Shm { .. } = job.input {
-                        break Some(format!(
-                            "job {} has a shared-memory input, which this worker does not support",
-                            job.id
-                        ));
+                    if let Payload::Shm { offset, len } = job.input {
+                        let checked = match shm {
+                            Some(shm) => shm.arena.check_input(offset, len).map_err(|e| {
+                                format!("job {} has a bad shared-memory input: {e}", job.id)
+                            }),
+                            None => Err(format!(
+                                "job {} has a shared-memory input, but this worker has no \
+                                 shared-memory arena (fd 5 missing, empty or not mappable)",
+                                job.id
+                            )),
+                        };
+                        if let Err(why) = checked {
+                            break Some(why);
+                        }
                     }
                     batch.push(Incoming::Job(job));
                 }
@@ -248,34 +392,54 @@ fn read_jobs<R: Read>(mut jobs: R, tx: &Sender<Vec<Incoming>>, cancel: &CancelSt
                     batch.push(Incoming::Shutdown);
                 }
                 Ok(ToWorker::Release { offset, len }) => {
-                    // This worker never returns outputs through shared
-                    // memory, so there is nothing to release.
-                    break Some(format!(
-                        "Release of {len} bytes at {offset}, but no shared-memory output was returned"
-                    ));
+                    // Handled here, not by the handler's thread: that one may
+                    // be waiting for exactly this room.
+                    let released = match shm {
+                        Some(shm) => shm.release(offset, len),
+                        None => Err(format!(
+                            "Release of {len} bytes at {offset}, but this worker has no \
+                             shared-memory arena"
+                        )),
+                    };
+                    if let Err(why) = released {
+                        break Some(why);
+                    }
                 }
                 Err(e) => break Some(format!("undecodable message: {e}")),
             }
         };
         if let Some(why) = fatal {
-            return send_end(tx, cancel, batch, End::Fatal(why));
+            return send_end(tx, cancel, shm, batch, End::Fatal(why));
         }
         if !batch.is_empty() && tx.send(batch).is_err() {
             return; // serve() has returned
         }
         // Only after the Cancel is in the channel: see `crate::context`.
-        for id in cancels {
+        for &id in &cancels {
             cancel.cancel(id);
+        }
+        if let (Some(shm), false) = (shm, cancels.is_empty()) {
+            shm.poke();
         }
     }
 }
 
-fn send_end(tx: &Sender<Vec<Incoming>>, cancel: &CancelState, mut batch: Vec<Incoming>, end: End) {
+fn send_end(
+    tx: &Sender<Vec<Incoming>>,
+    cancel: &CancelState,
+    shm: Option<&Shm>,
+    mut batch: Vec<Incoming>,
+    end: End,
+) {
     let aborts = end.aborts();
     batch.push(Incoming::End(end));
     let _ = tx.send(batch);
     if aborts {
         cancel.cancel_running();
+    }
+    // No Release can come any more: a wait for room gives up.
+    if let Some(shm) = shm {
+        shm.end();
     }
 }
 
@@ -318,7 +482,7 @@ impl Inbox {
 
     /// The next job to run: from the local queue, else from the channel
     /// without blocking.
-    fn next_job<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) -> Option<Job> {
+    fn next_job<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) -> Option<Job> {
         if self.queue.is_empty() {
             self.drain(out);
         }
@@ -329,7 +493,7 @@ impl Inbox {
     }
 
     /// Applies everything already in the channel.
-    fn drain<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) {
+    fn drain<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) {
         loop {
             match self.rx.try_recv() {
                 Ok(batch) => self.apply(batch, out),
@@ -343,7 +507,7 @@ impl Inbox {
     }
 
     /// Blocks until the reader sends something (the caller has flushed).
-    fn wait<W: Write + Send + 'static>(&mut self, out: &mut Output<W>) {
+    fn wait<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) {
         match self.rx.recv() {
             Ok(batch) => self.apply(batch, out),
             Err(_) => self.disconnected(),
@@ -357,7 +521,7 @@ impl Inbox {
         }
     }
 
-    fn apply<W: Write + Send + 'static>(&mut self, batch: Vec<Incoming>, out: &mut Output<W>) {
+    fn apply<W: Write + Send + 'static>(&mut self, batch: Vec<Incoming>, out: &mut Results<W>) {
         for msg in batch {
             if let Some(id) = self.apply_one(msg) {
                 out.push_result(id, Err(CANCELLED.to_owned()), Instant::now());
@@ -409,7 +573,7 @@ impl Inbox {
 /// Encoded frames waiting to be written with one `write`, shared by the
 /// calling thread (which encodes and flushes) and the flusher thread (which
 /// writes results that have waited [`MAX_RESULT_AGE`]).
-struct Output<W: Write + Send + 'static> {
+struct Results<W: Write + Send + 'static> {
     shared: Arc<Shared<W>>,
     /// The flusher thread; `None` once it has been joined.
     flusher: Option<JoinHandle<()>>,
@@ -443,12 +607,9 @@ struct Buffered<W> {
 }
 
 impl<W: Write> Buffered<W> {
-    fn encode_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
+    fn encode_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
         let msg = match result {
-            Ok(output) => FromWorker::Done {
-                id,
-                output: Payload::Inline(output.into()),
-            },
+            Ok(output) => FromWorker::Done { id, output },
             Err(error) => FromWorker::Failed { id, error },
         };
         self.encode(&msg);
@@ -494,6 +655,16 @@ impl<W: Write> Buffered<W> {
     }
 }
 
+impl<W: Write + Send> FlushResults for Shared<W> {
+    /// Writes what is buffered; the error, if any, stays for the calling
+    /// thread to return at its next flush.
+    fn flush_results(&self) -> bool {
+        let mut state = self.lock();
+        state.write_out();
+        !state.broken
+    }
+}
+
 impl<W> Shared<W> {
     /// The state, even if a thread panicked holding the lock: the buffer is
     /// only ever appended to or written whole, so it stays consistent.
@@ -502,7 +673,7 @@ impl<W> Shared<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Output<W> {
+impl<W: Write + Send + 'static> Results<W> {
     /// Wraps `writer` and starts the flusher thread.
     fn start(writer: W) -> Result<Self, ServeError> {
         let shared = Arc::new(Shared {
@@ -522,7 +693,7 @@ impl<W: Write + Send + 'static> Output<W> {
             .name("jobvisor-flusher".into())
             .spawn(move || flush_aged(&flusher_shared))
             .map_err(ServeError::Setup)?;
-        Ok(Output {
+        Ok(Results {
             shared,
             flusher: Some(flusher),
         })
@@ -532,7 +703,7 @@ impl<W: Write + Send + 'static> Output<W> {
         self.shared.lock().encode(msg);
     }
 
-    fn push_result(&mut self, id: JobId, result: Result<Vec<u8>, String>, now: Instant) {
+    fn push_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
         self.shared.lock().encode_result(id, result, now);
     }
 
@@ -541,7 +712,7 @@ impl<W: Write + Send + 'static> Output<W> {
     fn push_result_and_flush_if_due(
         &mut self,
         id: JobId,
-        result: Result<Vec<u8>, String>,
+        result: Result<Payload, String>,
         now: Instant,
         slow_job: bool,
     ) -> Result<(), ServeError> {
@@ -579,6 +750,11 @@ impl<W: Write + Send + 'static> Output<W> {
         state.take_error()
     }
 
+    /// A handle for [`Output`] to flush with before it waits for `Release`s.
+    fn flusher(&self) -> Arc<dyn FlushResults> {
+        Arc::clone(&self.shared) as Arc<dyn FlushResults>
+    }
+
     /// Ends serving after the job stream ended abnormally: results already
     /// produced are still sent if the daemon reads them (best effort).
     fn abort(mut self, end: End) -> Result<Stop, ServeError> {
@@ -591,7 +767,7 @@ impl<W: Write + Send + 'static> Output<W> {
     }
 }
 
-impl<W: Write + Send + 'static> Drop for Output<W> {
+impl<W: Write + Send + 'static> Drop for Results<W> {
     /// Stops the flusher, after a last flush for the paths that did not
     /// (a panicking handler): results produced are never left behind.
     /// Joining it means the writer is dropped (the stream closed) by the
@@ -616,7 +792,7 @@ impl<W: Write + Send + 'static> Drop for Output<W> {
 /// [`MAX_RESULT_AGE`] (a wait that starts while the buffer is empty ends no
 /// later than a result buffered meanwhile comes due), so that a steady
 /// stream of batches costs one timed wake-up per period and no notify.
-/// Then it goes idle until [`Output::watch`] wakes it.
+/// Then it goes idle until [`Results::watch`] wakes it.
 fn flush_aged<W: Write>(shared: &Shared<W>) {
     let mut state = shared.lock();
     let mut watch_until = Instant::now();

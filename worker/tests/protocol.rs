@@ -4,17 +4,22 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ipc_proto::arena::{check_ref, ArenaLayout};
 use ipc_proto::worker::{FromWorker, Job, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use sha2::{Digest, Sha256};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const BIN: &str = env!("CARGO_BIN_EXE_jobvisor-worker");
@@ -28,16 +33,88 @@ fn high_dup(fd: &impl AsFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
+/// The daemon's mapping of a worker's arena (fd 5).
+struct Mem {
+    base: NonNull<u8>,
+    size: usize,
+    layout: ArenaLayout,
+}
+
+impl Mem {
+    fn map(fd: &OwnedFd, size: usize) -> Mem {
+        // SAFETY: a fresh shared mapping of our own memfd; the test follows
+        // the daemon's side of the protocol (inputs written before their job
+        // is sent and left alone until it is answered; outputs read between
+        // Done and Release).
+        let base = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(size).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }
+        .unwrap()
+        .cast();
+        Mem {
+            base,
+            size,
+            layout: ArenaLayout::split(size as u64),
+        }
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) {
+        check_ref(&self.layout.input, offset, bytes.len() as u64).unwrap();
+        // SAFETY: inside the input region of the mapping (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset as usize),
+                bytes.len(),
+            )
+        }
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        check_ref(&self.layout.output, offset, len).expect("output outside the output region");
+        // SAFETY: inside the output region of the mapping (checked); the
+        // worker does not touch it before it is released.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset as usize), len as usize) }
+            .to_vec()
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`; nothing borrows it any more.
+        let _ = unsafe { munmap(self.base.cast(), self.size) };
+    }
+}
+
 /// A worker process and the daemon's ends of its pipes.
 struct Worker {
     child: Option<Child>,
     jobs: Option<File>,
     results: File,
     decoder: FrameDecoder,
+    /// The arena, when the worker was given a non-empty one.
+    mem: Option<Mem>,
 }
 
 impl Worker {
+    /// A worker with an empty memfd on fd 5: inline only.
     fn spawn(args: &[&str]) -> Worker {
+        Worker::spawn_with(args, 0, None)
+    }
+
+    /// A worker with an arena of `shm_size` bytes and that inline limit.
+    fn spawn_with_arena(args: &[&str], shm_size: usize, inline_limit: usize) -> Worker {
+        Worker::spawn_with(args, shm_size, Some(inline_limit))
+    }
+
+    fn spawn_with(args: &[&str], shm_size: usize, inline_limit: Option<usize>) -> Worker {
         let (worker_jobs, jobs) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
         let (results, worker_results) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
         let arena = nix::sys::memfd::memfd_create(
@@ -45,6 +122,10 @@ impl Worker {
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )
         .unwrap();
+        let mem = (shm_size > 0).then(|| {
+            nix::unistd::ftruncate(&arena, shm_size as i64).unwrap();
+            Mem::map(&arena, shm_size)
+        });
         let sources = [
             high_dup(&worker_jobs),
             high_dup(&worker_results),
@@ -58,6 +139,10 @@ impl Worker {
             .env("JOBVISOR_WORKER_ID", "1")
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(limit) = inline_limit {
+            cmd.env("JOBVISOR_INLINE_LIMIT", limit.to_string())
+                .env("JOBVISOR_SHM_SIZE", shm_size.to_string());
+        }
         let place = move || {
             for (target, source) in (3..).zip(raw) {
                 // SAFETY: dup2 is async-signal-safe; every source is >= 10, so
@@ -81,7 +166,61 @@ impl Worker {
             jobs: Some(File::from(jobs)),
             results: File::from(results),
             decoder: FrameDecoder::new(MAX_FRAME_LEN),
+            mem,
         }
+    }
+
+    fn mem(&self) -> &Mem {
+        self.mem.as_ref().expect("spawned without an arena")
+    }
+
+    /// Job `id` with `input` written at `offset` of the input region.
+    fn shm_job(&self, id: u64, offset: u64, input: &[u8]) -> ToWorker {
+        self.mem().write(offset, input);
+        ToWorker::Job(Job {
+            id,
+            attempt: 1,
+            deadline_ms: None,
+            input: Payload::Shm {
+                offset,
+                len: input.len() as u64,
+            },
+        })
+    }
+
+    /// The next message, which must be `Done` for `want`: its payload and
+    /// its bytes (read from the output region for `Shm`).
+    fn done(&mut self, want: u64) -> (Payload, Vec<u8>) {
+        match self.recv() {
+            FromWorker::Done { id, output } if id == want => {
+                let bytes = match &output {
+                    Payload::Inline(b) => b.to_vec(),
+                    Payload::Shm { offset, len } => self.mem().read(*offset, *len),
+                };
+                (output, bytes)
+            }
+            other => panic!("expected Done for job {want}, got {other:?}"),
+        }
+    }
+
+    fn release(&mut self, payload: &Payload) {
+        let Payload::Shm { offset, len } = *payload else {
+            panic!("not a shared-memory payload: {payload:?}")
+        };
+        self.send(&[ToWorker::Release { offset, len }]);
+    }
+
+    /// Like `try_recv`, but `None` also when nothing comes within `wait`.
+    fn recv_within(&mut self, wait: Duration) -> Option<FromWorker> {
+        if let Some(frame) = self.decoder.next_frame().unwrap() {
+            return Some(decode(frame).unwrap());
+        }
+        let mut fds = [PollFd::new(self.results.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::try_from(wait).unwrap()).unwrap();
+        if n == 0 {
+            return None;
+        }
+        self.try_recv()
     }
 
     fn pid(&self) -> u32 {
@@ -346,6 +485,127 @@ fn shared_memory_input_exits_two() {
     assert!(stderr.contains("shared-memory"), "{stderr}");
 }
 
+const SHM_SIZE: usize = 4 << 20;
+const LIMIT: usize = 4096;
+const MIB: usize = 1 << 20;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[test]
+fn echo_round_trips_through_shared_memory() {
+    let mut w = Worker::spawn_with_arena(&["echo"], SHM_SIZE, LIMIT);
+    ready(&mut w);
+    let mut id = 0;
+    for round in 0..3 {
+        for len in [0, LIMIT - 1, LIMIT, LIMIT + 1, MIB] {
+            id += 1;
+            let input = pattern(len, id as u8);
+            // Inputs over the limit travel as Shm, as the daemon sends them.
+            let msg = if len > LIMIT {
+                w.shm_job(id, 64 * round, &input)
+            } else {
+                job(id, &input)
+            };
+            w.send(&[msg]);
+            let (payload, output) = w.done(id);
+            assert!(output == input, "{len} bytes: output differs");
+            match payload {
+                Payload::Inline(_) => assert!(len <= LIMIT, "{len} bytes came back inline"),
+                Payload::Shm { len: l, .. } => {
+                    assert!(len > LIMIT, "{len} bytes came back in shm");
+                    assert_eq!(l, len as u64);
+                    w.release(&payload);
+                }
+            }
+        }
+    }
+    // Two 1 MiB jobs in flight at once fill both regions exactly.
+    w.send(&[
+        w.shm_job(100, 0, &pattern(MIB, 1)),
+        w.shm_job(101, MIB as u64, &pattern(MIB, 2)),
+    ]);
+    let (p1, o1) = w.done(100);
+    let (p2, o2) = w.done(101);
+    assert!(o1 == pattern(MIB, 1) && o2 == pattern(MIB, 2));
+    w.release(&p1);
+    w.release(&p2);
+    w.send(&[ToWorker::Shutdown]);
+    assert_eq!(w.try_recv(), None);
+    let (status, stderr) = w.exit();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+}
+
+#[test]
+fn echo_waits_for_release_when_the_output_region_is_full() {
+    let mut w = Worker::spawn_with_arena(&["echo"], SHM_SIZE, LIMIT);
+    ready(&mut w);
+    // Three 700 KiB outputs do not fit in the 2 MiB output region at once.
+    let inputs: Vec<Vec<u8>> = (1..=3).map(|i| pattern(700 << 10, i)).collect();
+    w.send(&[job(1, &inputs[0]), job(2, &inputs[1]), job(3, &inputs[2])]);
+    let (p1, o1) = w.done(1);
+    let (p2, o2) = w.done(2);
+    assert!(o1 == inputs[0] && o2 == inputs[1]);
+    assert_eq!(w.recv_within(Duration::from_millis(300)), None);
+    w.release(&p1);
+    let (p3, o3) = w.done(3);
+    assert!(matches!(p3, Payload::Shm { .. }), "{p3:?}");
+    assert!(o3 == inputs[2]);
+    w.release(&p2);
+    w.release(&p3);
+    w.close_jobs();
+    let (status, stderr) = w.exit();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+}
+
+#[test]
+fn sha256_of_a_shared_memory_input() {
+    let mut w = Worker::spawn_with_arena(&["sha256"], SHM_SIZE, LIMIT);
+    ready(&mut w);
+    let input = pattern(MIB, 9);
+    let expected: String = Sha256::digest(&input)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    w.send(&[w.shm_job(1, 4096, &input)]);
+    assert_eq!(w.recv(), done(1, expected.as_bytes()));
+}
+
+#[test]
+fn bad_shared_memory_references_exit_two() {
+    // An input reference into the output region.
+    let mut w = Worker::spawn_with_arena(&["echo"], SHM_SIZE, LIMIT);
+    ready(&mut w);
+    w.send(&[ToWorker::Job(Job {
+        id: 1,
+        attempt: 1,
+        deadline_ms: None,
+        input: Payload::Shm {
+            offset: (SHM_SIZE / 2) as u64,
+            len: 10,
+        },
+    })]);
+    let (status, stderr) = w.exit();
+    assert_eq!(status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("bad shared-memory input"), "{stderr}");
+
+    // A Release of a range never handed out.
+    let mut w = Worker::spawn_with_arena(&["echo"], SHM_SIZE, LIMIT);
+    ready(&mut w);
+    w.send(&[ToWorker::Release {
+        offset: (SHM_SIZE / 2) as u64,
+        len: 5000,
+    }]);
+    let (status, stderr) = w.exit();
+    assert_eq!(status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("Release of 5000 bytes"), "{stderr}");
+}
+
 #[test]
 fn closed_result_pipe_exits_one() {
     let mut w = Worker::spawn(&["echo"]);
@@ -354,8 +614,22 @@ fn closed_result_pipe_exits_one() {
     // Replace our read end with a closed one: the worker's next write fails.
     let (r, _) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
     drop(std::mem::replace(results, File::from(r)));
-    w.send(&[job(1, b"x")]);
+    // Another test's fork may hold a copy of the old read end for a moment
+    // (close-on-exec acts only at exec), and a write while it does succeeds:
+    // keep sending jobs until one makes the worker exit.
+    let mut writer = w.jobs.take().unwrap();
+    let feeder = thread::spawn(move || {
+        for id in 1..=1000 {
+            let mut frame = Vec::new();
+            encode_frame(&job(id, b"x"), &mut frame).unwrap();
+            if writer.write_all(&frame).is_err() {
+                return; // EPIPE: the worker is gone
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
     let (status, stderr) = w.exit();
+    feeder.join().unwrap();
     assert_eq!(status.code(), Some(1), "stderr: {stderr}");
     assert!(
         status.signal().is_none(),

@@ -326,6 +326,14 @@ impl Supervisor {
                 input.len()
             )));
         }
+        let arena_room = ipc_proto::arena::ArenaLayout::split(pool.config.shm_size);
+        let room = arena_room.input.end - arena_room.input.start;
+        if input.len() as u64 > pool.config.inline_limit && input.len() as u64 > room {
+            return Err(CtlError::Invalid(format!(
+                "input of {} bytes does not fit pool {pool_name}'s shared-memory input area ({room} bytes, half of shm_size); raise shm_size",
+                input.len()
+            )));
+        }
         if options.max_attempts == Some(0) {
             return Err(CtlError::Invalid(
                 "--max-attempts must be at least 1".into(),
@@ -1045,17 +1053,18 @@ impl Supervisor {
         loop {
             let mut progress = false;
             for &idx in &candidates {
-                let (full, empty) = match &self.pools[name].slots[idx].state {
+                let (full, empty, room) = match &self.pools[name].slots[idx].state {
                     SlotState::Running(p) => (
                         !matches!(p.phase, Phase::Ready) || p.solo || p.inflight.len() >= prefetch,
                         p.inflight.is_empty(),
+                        p.arena.largest_free(),
                     ),
-                    _ => (true, false),
+                    _ => (true, false, 0),
                 };
                 if full {
                     continue;
                 }
-                match self.next_runnable(name, empty) {
+                match self.next_runnable(name, empty, room) {
                     Next::None => return,
                     Next::NeedsEmptyWorker => continue,
                     Next::Job(id) => {
@@ -1072,7 +1081,10 @@ impl Supervisor {
 
     /// Pops the next job that may run now: skips stale entries, parks jobs
     /// whose key is busy, and stops when a semaphore of the pool is full.
-    fn next_runnable(&mut self, name: &str, worker_empty: bool) -> Next {
+    /// `room` is the largest free input slot of the worker asking (only
+    /// inputs over `inline_limit` need one).
+    fn next_runnable(&mut self, name: &str, worker_empty: bool, room: u64) -> Next {
+        let inline_limit = self.pools[name].config.inline_limit;
         let sems = self.pools[name].config.semaphores.clone();
         for s in &sems {
             let limit = self.semaphores.get(s).copied().unwrap_or(u32::MAX);
@@ -1098,6 +1110,12 @@ impl Supervisor {
                     continue;
                 }
                 Some(j) if j.suspect && !worker_empty => return Next::NeedsEmptyWorker,
+                // Its input goes through shared memory and this worker's
+                // arena is full of in-flight inputs: back off (another
+                // worker, or this one once a job finishes).
+                Some(j) if j.input.len() as u64 > inline_limit && j.input.len() as u64 > room => {
+                    return Next::NeedsEmptyWorker
+                }
                 Some(_) => {
                     queue.pop();
                 }
@@ -1119,6 +1137,7 @@ impl Supervisor {
 
     fn assign(&mut self, name: &str, idx: usize, id: u64, now: Instant) {
         let wall = self.wall(now);
+        let inline_limit = self.pools[name].config.inline_limit;
         let sems = self.pools[name].config.semaphores.clone();
         for s in &sems {
             *self.jt.sem_used.entry(s.clone()).or_default() += 1;
@@ -1154,11 +1173,28 @@ impl Supervisor {
         if job.suspect {
             proc.solo = true;
         }
+        let input = if job.input.len() as u64 > inline_limit {
+            // Checked by `next_runnable`: the slot exists.
+            let slot = proc
+                .arena
+                .alloc(job.input.len() as u64)
+                .expect("room checked before popping");
+            let payload = slot.payload();
+            self.actions.push_back(Action::WriteArena {
+                proc: proc.id,
+                offset: slot.offset(),
+                data: job.input.clone(),
+            });
+            proc.slots.push((id, slot));
+            payload
+        } else {
+            Payload::Inline(Bytes(job.input.clone()))
+        };
         let msg = ToWorker::Job(WireJob {
             id,
             attempt: n,
             deadline_ms: job.timeout.map(|t| wall + t.as_millis() as u64),
-            input: Payload::Inline(Bytes(job.input.clone())),
+            input,
         });
         let pid = proc.pid;
         let proc_id = proc.id;
@@ -1393,6 +1429,11 @@ impl Supervisor {
         };
         p.inflight.remove(pos);
         p.jobs_handled += 1;
+        // The worker is done with its input: the slot may be reused.
+        if let Some(i) = p.slots.iter().position(|(j, _)| *j == id) {
+            let (_, slot) = p.slots.swap_remove(i);
+            let _ = p.arena.free(slot);
+        }
         if p.inflight.is_empty() {
             p.solo = false;
         }

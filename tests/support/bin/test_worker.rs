@@ -19,6 +19,8 @@
 //!   `DIR/violations`.
 //! - `pid`: output = the worker's pid.
 //! - `fail`: the job fails with the input as error text.
+//! - `badshm`: on the first attempt answers with a shared-memory reference
+//!   far outside its arena; echoes otherwise.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -148,6 +150,26 @@ fn main() -> ExitCode {
         }
         "pid" => worker::run(|_| Ok(std::process::id().to_string().into_bytes())),
         "fail" => worker::run(|input| Err(text(input))),
+        "badshm" => worker::run_with(|ctx, input| {
+            if ctx.attempt() == 1 {
+                let mut frame = Vec::new();
+                let lie = ipc_proto::worker::FromWorker::Done {
+                    id: ctx.id(),
+                    output: ipc_proto::worker::Payload::Shm {
+                        offset: u64::MAX - 10,
+                        len: 100,
+                    },
+                };
+                ipc_proto::encode_frame(&lie, &mut frame).expect("encodes");
+                // SAFETY: writes a byte slice to fd 4, which the daemon gave
+                // us; the library has nothing buffered at this point.
+                unsafe {
+                    libc::write(4, frame.as_ptr().cast(), frame.len());
+                }
+                std::thread::sleep(Duration::from_secs(30));
+            }
+            Ok(input.to_vec())
+        }),
         other => {
             eprintln!("jobvisor-test-worker: unknown mode {other:?}");
             ExitCode::from(2)

@@ -1,6 +1,6 @@
 //! `jobvisor-worker`: the builtin worker, serving one of the handlers in
 //! [`worker::handlers`]. Glue only: parse the command line, then
-//! [`worker::run`].
+//! [`worker::run_with_output`] (or [`worker::run_with`] for `exec`).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -88,8 +88,8 @@ fn main() -> ExitCode {
         }
     };
     match handler {
-        Handler::Echo => worker::run(handlers::echo),
-        Handler::Sha256 => worker::run(handlers::sha256),
+        Handler::Echo => worker::run_with_output(handlers::echo_into),
+        Handler::Sha256 => worker::run_with_output(handlers::sha256_into),
         Handler::Exec(exec) => worker::run_with(|ctx, input| exec.run(ctx, input)),
     }
 }

@@ -1,0 +1,104 @@
+//! The daemon's view of a worker's shared-memory arena (the memfd on the
+//! worker's fd 5): one `MAP_SHARED` mapping per worker, unmapped on drop.
+//!
+//! Who writes what is fixed by the protocol (`ipc_proto::worker` docs): the
+//! daemon writes only input slots it allocated and that the worker has not
+//! been told about yet; it reads only output ranges the worker reported in
+//! `Done` and has not been released. Every offset and length is checked
+//! against the mapping before any pointer arithmetic, so a lying worker can
+//! at worst make its own job fail, never make the daemon touch memory
+//! outside the arena.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// A mapped arena.
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps all `len` bytes of `fd` read-write, shared.
+    pub fn new(fd: &OwnedFd, len: u64) -> std::io::Result<Mapping> {
+        let len = usize::try_from(len).map_err(|_| std::io::Error::other("arena too large"))?;
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) of a file
+        // we own; nothing else in this process uses that address range.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(offset).ok()?;
+        let end = off.checked_add(len)?;
+        (end <= self.len).then_some(off)
+    }
+
+    /// Copies `data` to `offset`; false if it would not fit.
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> bool {
+        let Some(off) = self.range(offset, data.len()) else {
+            return false;
+        };
+        if data.is_empty() {
+            return true;
+        }
+        // SAFETY: `off + data.len() <= self.len` was checked, so the
+        // destination lies inside our live mapping; the source is a
+        // separate heap slice. The worker does not touch an input slot
+        // before it receives the Job frame sent after this copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len());
+        }
+        true
+    }
+
+    /// Copies `len` bytes at `offset` out; `None` if out of bounds.
+    pub fn read_at(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let len = usize::try_from(len).ok()?;
+        let off = self.range(offset, len)?;
+        let mut out = Vec::with_capacity(len);
+        if len > 0 {
+            // SAFETY: the range was checked against the mapping. The worker
+            // promised not to write this output range until we release it;
+            // if it breaks that promise we copy torn bytes (its job's output
+            // is then garbage), but read only plain bytes of our own mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), len);
+                out.set_len(len);
+            }
+        }
+        Some(out)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: unmapping exactly the range mmap returned; no
+            // references into it outlive `self`.
+            unsafe {
+                libc::munmap(self.ptr.cast(), self.len);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Shared-memory payloads between the daemon and its workers: sizes around
+//! `inline_limit` round-trip bit-exact, a lying worker is restarted and the
+//! job retried, and a full arena makes jobs wait instead of failing.
+
+use jobvisor::*;
+
+fn cfg(extra_echo: &str) -> String {
+    format!(
+        "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 2\ninline_limit = \"4KiB\"\nshm_size = \"16MiB\"\n{extra_echo}\n[pools.sha256]\ncommand = [{w}, \"sha256\"]\nworkers = 1\ninline_limit = \"4KiB\"\nshm_size = \"16MiB\"\n",
+        daemon_section(),
+        w = worker_bin()
+    )
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678 ^ n as u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn submit_wait_raw(d: &Daemon, pool: &str, file: &std::path::Path) -> (i32, Vec<u8>, String) {
+    let o = std::process::Command::new(bin("jobvisorctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["submit", pool, "--wait", "--input-file"])
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        o.stdout,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn payloads_around_inline_limit_round_trip_bit_exact() {
+    let d = Daemon::start("shm-sizes", &cfg(""));
+    d.wait_ready("echo", 2);
+    d.wait_ready("sha256", 1);
+    let limit = 4096usize;
+    for n in [0, limit - 1, limit, limit + 1, 1 << 20, 3 << 20] {
+        let data = pattern(n);
+        let f = d.dir.path().join(format!("in-{n}"));
+        std::fs::write(&f, &data).unwrap();
+        let (code, out, err) = submit_wait_raw(&d, "echo", &f);
+        assert_eq!(code, 0, "echo {n}: {err}");
+        assert!(
+            out == data,
+            "echo of {n} bytes differs (got {} bytes)",
+            out.len()
+        );
+        let (code, out, err) = submit_wait_raw(&d, "sha256", &f);
+        assert_eq!(code, 0, "sha256 {n}: {err}");
+        let sum = std::process::Command::new("sha256sum")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let want = String::from_utf8_lossy(&sum.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(String::from_utf8_lossy(&out), want, "sha256 of {n} bytes");
+    }
+    // The large ones really went through the arena, both ways.
+    assert!(
+        d.log_text()
+            .contains(&format!("{}-byte output through shared memory", 1 << 20)),
+        "no shared-memory output in the log"
+    );
+    // Nothing was retried: every job took one attempt.
+    let r = d.ctl(&["--json", "jobs"]);
+    for line in r.stdout.lines() {
+        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
+    }
+}
+
+#[test]
+fn an_input_larger_than_the_arena_is_refused() {
+    let d = Daemon::start("shm-too-big", &cfg(""));
+    d.wait_ready("echo", 2);
+    let f = d.dir.path().join("big");
+    std::fs::write(&f, pattern(6 << 20)).unwrap();
+    // shm_size 16 MiB: the daemon's input half is 8 MiB.
+    let (code, out, err) = submit_wait_raw(&d, "echo", &f);
+    assert_eq!(code, 0, "6 MiB fits the 8 MiB half: {err}");
+    assert_eq!(out.len(), 6 << 20);
+    let big = d.dir.path().join("bigger");
+    std::fs::write(&big, pattern(9 << 20)).unwrap();
+    let (code, _, err) = submit_wait_raw(&d, "echo", &big);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("shm_size"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
+    let cfg = format!(
+        "{}[pools.liar]\ncommand = [{:?}, \"badshm\"]\nworkers = 1\nbackoff_initial = \"0s\"\n",
+        daemon_section(),
+        bin("jobvisor-test-worker").display().to_string()
+    );
+    let d = Daemon::start("shm-liar", &cfg);
+    let pid = d.wait_ready("liar", 1)[0];
+    let r = d.ctl(&["--json", "submit", "liar", "--input", "truth", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["output"], "truth");
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j["attempts"][0]["outcome"], "lost");
+    assert!(!alive(pid));
+    assert!(d.log_text().contains("bad shared-memory output"));
+}
+
+#[test]
+fn a_full_arena_backs_off_instead_of_failing() {
+    // One worker, input half of 128 KiB, inputs of 100 KiB, several in
+    // flight allowed by prefetch: they must take turns for the arena.
+    let cfg = format!(
+        "{}[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\nprefetch = 8\ninline_limit = \"1KiB\"\nshm_size = \"256KiB\"\n",
+        daemon_section(),
+        worker_bin()
+    );
+    let d = Daemon::start("shm-full", &cfg);
+    d.wait_ready("echo", 1);
+    let f = d.dir.path().join("in");
+    let data = pattern(100 << 10);
+    std::fs::write(&f, &data).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let r = d.ctl(&["submit", "echo", "--input-file", f.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{r:?}");
+        ids.push(r.stdout.trim().to_string());
+    }
+    let mut args = vec!["wait"];
+    args.extend(ids.iter().map(String::as_str));
+    let r = d.ctl(&args);
+    assert_eq!(r.code, 0, "{r:?}");
+    for id in &ids {
+        let o = std::process::Command::new(bin("jobvisorctl"))
+            .arg("--socket")
+            .arg(d.socket())
+            .args(["result", id])
+            .output()
+            .unwrap();
+        assert!(o.stdout == data, "job {id}: output differs");
+    }
+}
