@@ -75,7 +75,6 @@ enum Kind {
     Jobs = 3,
     Stdout = 4,
     Stderr = 5,
-    Exec = 6,
 }
 
 fn token(kind: Kind, id: u64) -> Token {
@@ -89,7 +88,6 @@ fn untoken(t: Token) -> (Kind, u64) {
         3 => Kind::Jobs,
         4 => Kind::Stdout,
         5 => Kind::Stderr,
-        6 => Kind::Exec,
         _ => Kind::Special,
     };
     (kind, (t.0 >> 3) as u64)
@@ -399,7 +397,6 @@ impl Reactor {
                     Kind::Jobs => self.flush_jobs(id),
                     Kind::Stdout => self.on_output(id, false),
                     Kind::Stderr => self.on_output(id, true),
-                    Kind::Exec => self.on_exec_status(id),
                     Kind::Special => {}
                 }
             }
@@ -670,7 +667,6 @@ impl Reactor {
             (&sp.results, Kind::Results),
             (&sp.stdout, Kind::Stdout),
             (&sp.stderr, Kind::Stderr),
-            (&sp.exec_status, Kind::Exec),
         ] {
             if let Err(e) = reg.register(
                 &mut SourceFd(&fd.as_raw_fd()),
@@ -739,9 +735,14 @@ impl Reactor {
             .ok_or_else(|| "outside the arena".to_string())
     }
 
-    /// The exec-status pipe of a new worker: EOF alone means the exec
-    /// worked; a record means it did not (the child then exits with 127 and
-    /// its exit carries this reason).
+    /// The exec-status pipe of a worker that exited before `Ready`: a
+    /// record on it means a setup step or the exec failed (the child then
+    /// exits with 127, and its exit carries this reason instead).
+    ///
+    /// The pipe is deliberately not watched in epoll: the exit (SIGCHLD)
+    /// or the `Ready` frame always follows, so reading it then costs the
+    /// loop no extra wakeup per spawn (a wakeup that, on two cores, would
+    /// compete with the starting worker).
     fn on_exec_status(&mut self, proc: ProcId) {
         let Some(w) = self.procs.get_mut(&proc) else {
             return;
@@ -769,12 +770,7 @@ impl Reactor {
             w.exec_error = Some(msg);
         }
         if done {
-            if let Some(fd) = w.exec_status.take() {
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
-            }
+            w.exec_status = None;
         }
     }
 
@@ -900,7 +896,14 @@ impl Reactor {
             match m {
                 FromWorker::Ready {
                     protocol_version, ..
-                } => self.core.on_ready(proc, protocol_version, now),
+                } => {
+                    // It runs: the exec worked, nothing will come on the
+                    // status pipe.
+                    if let Some(w) = self.procs.get_mut(&proc) {
+                        w.exec_status = None;
+                    }
+                    self.core.on_ready(proc, protocol_version, now)
+                }
                 FromWorker::Done { id, output } => match output {
                     ipc_proto::worker::Payload::Inline(bytes) => {
                         self.core.on_job_done(proc, id, bytes.0, now)

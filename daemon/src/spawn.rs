@@ -13,8 +13,9 @@
 //! `Command::spawn` waits for the exec to succeed or fail, a blocking read
 //! of about 0.6 ms per spawn (more on a slow filesystem) on the event-loop
 //! thread. Here the child reports a failed setup step or exec on a
-//! close-on-exec status pipe that the loop watches like any other fd: EOF
-//! with no data means the exec worked.
+//! close-on-exec status pipe and exits with 127; the daemon reads that pipe
+//! when the worker exits before `Ready` (the exit always follows), so the
+//! reason reaches the log and `status` without any wait in the loop.
 //!
 //! Races and hazards closed here:
 //! - **fd numbering**: the sources of fds 0..=5 and the status pipe may
@@ -73,10 +74,10 @@ pub struct Spawned {
     pub stderr: OwnedFd,
     /// The shared-memory arena (worker's fd 5).
     pub arena: OwnedFd,
-    /// Read end of the exec-status pipe: EOF without data means the exec
-    /// succeeded; 8 bytes mean a setup step or the exec failed (see
-    /// [`exec_failure`]). Non-blocking: the loop watches it instead of
-    /// waiting for the exec (as `std::process::Command` would).
+    /// Read end of the exec-status pipe: 8 bytes on it mean a setup step or
+    /// the exec failed (see [`exec_failure`]); nothing means it worked.
+    /// Non-blocking; read when the worker exits before `Ready`, instead of
+    /// waiting for the exec as `std::process::Command` does.
     pub exec_status: OwnedFd,
     /// The resolved program, for messages.
     pub program: PathBuf,
