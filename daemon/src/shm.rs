@@ -102,3 +102,51 @@ impl Drop for Mapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+
+    fn arena(len: u64) -> (OwnedFd, Mapping) {
+        let fd = memfd_create(c"test-arena", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, len as i64).unwrap();
+        let m = Mapping::new(&fd, len).unwrap();
+        (fd, m)
+    }
+
+    #[test]
+    fn writes_and_reads_inside_the_arena() {
+        let (fd, mut m) = arena(8192);
+        assert!(m.write_at(100, b"hello"));
+        assert_eq!(m.read_at(100, 5).unwrap(), b"hello");
+        // The bytes are really in the memfd (what the worker sees).
+        let mut buf = [0u8; 5];
+        nix::sys::uio::pread(&fd, &mut buf, 100).unwrap();
+        assert_eq!(&buf, b"hello");
+        // Up to the last byte, and empty ranges at the end.
+        assert!(m.write_at(8191, b"z"));
+        assert_eq!(m.read_at(8191, 1).unwrap(), b"z");
+        assert_eq!(m.read_at(8192, 0).unwrap(), b"");
+        assert!(m.write_at(8192, b""));
+    }
+
+    #[test]
+    fn refuses_everything_outside_it() {
+        let (_fd, mut m) = arena(4096);
+        assert!(!m.write_at(4095, b"ab"));
+        assert!(!m.write_at(4097, b""));
+        assert!(!m.write_at(u64::MAX, b"x"));
+        assert!(m.read_at(4000, 97).is_none());
+        assert!(m.read_at(u64::MAX - 1, 2).is_none());
+        assert!(m.read_at(0, u64::MAX).is_none());
+        assert!(m.read_at(1, u64::MAX).is_none());
+    }
+
+    #[test]
+    fn an_empty_arena_maps_nothing() {
+        let (_fd, mut m) = arena(0);
+        assert!(!m.write_at(0, b"x"));
+        assert_eq!(m.read_at(0, 0).unwrap(), b"");
+    }
+}
