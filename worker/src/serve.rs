@@ -213,14 +213,22 @@ where
     W: Write + Send + 'static,
     F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
 {
+    // Ready goes out first, before any thread is started: a restarted
+    // worker is back in service as early as possible (the daemon's restart
+    // latency is measured up to this frame).
+    let mut results = results;
+    let mut ready = Vec::new();
+    let hello = FromWorker::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+    };
+    encode_frame(&hello, &mut ready)
+        .map_err(|e| ServeError::Setup(io::Error::other(e.to_string())))?;
+    results.write_all(&ready).map_err(ServeError::Write)?;
+    results.flush().map_err(ServeError::Write)?;
     let cancel = Arc::new(CancelState::new().map_err(ServeError::Setup)?);
     let shm = config.arena.map(|arena| Arc::new(Shm::new(arena)));
     let mut out = Results::start(results)?;
-    out.push(&FromWorker::Ready {
-        protocol_version: PROTOCOL_VERSION,
-        pid: std::process::id(),
-    });
-    out.flush()?;
 
     let (tx, rx) = mpsc::channel();
     let reader_cancel = Arc::clone(&cancel);
@@ -697,10 +705,6 @@ impl<W: Write + Send + 'static> Results<W> {
             shared,
             flusher: Some(flusher),
         })
-    }
-
-    fn push(&mut self, msg: &FromWorker) {
-        self.shared.lock().encode(msg);
     }
 
     fn push_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
