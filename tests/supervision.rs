@@ -11,6 +11,23 @@ fn echo_pool(name: &str, workers: u32, extra: &str) -> String {
     )
 }
 
+/// A pool `stubborn` of one worker that ignores TERM and outlives the
+/// worker's own clean exit on the Shutdown frame: only SIGKILL ends it.
+fn stubborn_pool(dir: &TempDir, stop_timeout: &str) -> String {
+    let stubborn = script(
+        dir.path(),
+        "stubborn.sh",
+        &format!(
+            "trap '' TERM\n{} echo\nexec sleep 1000",
+            bin("jobvisor-worker").display()
+        ),
+    );
+    format!(
+        "[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = {stop_timeout:?}\n",
+        stubborn.display().to_string()
+    )
+}
+
 fn worker_pids(d: &Daemon, pool: &str) -> Vec<Option<u32>> {
     d.pool(pool)["workers"]
         .as_array()
@@ -281,21 +298,11 @@ fn workers_die_with_a_kill9ed_daemon() {
 fn shutdown_and_sigterm_stop_everything_even_a_worker_ignoring_term() {
     for how in ["shutdown", "sigterm"] {
         let stubborn_dir = TempDir::new("stubborn");
-        let stubborn = script(
-            stubborn_dir.path(),
-            "stubborn.sh",
-            // Ignores TERM, and outlives the worker's own clean exit on
-            // the Shutdown frame: only SIGKILL ends it.
-            &format!(
-                "trap '' TERM\n{} echo\nexec sleep 1000",
-                bin("jobvisor-worker").display()
-            ),
-        );
         let cfg = format!(
-            "{}{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"300ms\"\n",
+            "{}{}{}",
             daemon_section(),
             echo_pool("echo", 2, ""),
-            stubborn.display().to_string()
+            stubborn_pool(&stubborn_dir, "300ms")
         );
         let mut d = Daemon::start(how, &cfg);
         let mut pids = d.wait_ready("echo", 2);
@@ -322,20 +329,10 @@ fn shutdown_and_sigterm_stop_everything_even_a_worker_ignoring_term() {
 #[test]
 fn second_sigterm_stops_at_once() {
     let stubborn_dir = TempDir::new("stubborn2");
-    let stubborn = script(
-        stubborn_dir.path(),
-        "stubborn.sh",
-        // Ignores TERM, and outlives the worker's own clean exit on
-        // the Shutdown frame: only SIGKILL ends it.
-        &format!(
-            "trap '' TERM\n{} echo\nexec sleep 1000",
-            bin("jobvisor-worker").display()
-        ),
-    );
     let cfg = format!(
-        "{}[pools.stubborn]\ncommand = [{:?}]\nworkers = 1\nstop_timeout = \"60s\"\n",
+        "{}{}",
         daemon_section(),
-        stubborn.display().to_string()
+        stubborn_pool(&stubborn_dir, "60s")
     );
     let mut d = Daemon::start("twoterms", &cfg);
     let pid = d.wait_ready("stubborn", 1)[0];

@@ -1207,7 +1207,7 @@ impl Reactor {
                         }
                         Response::Status(report)
                     }
-                    Err(e) => ctl_error(e),
+                    Err(e) => e.into_response(),
                 },
                 Request::Scale { pool, workers } => {
                     ok_or_error(self.core.scale(&pool, workers, now))
@@ -1269,11 +1269,7 @@ impl Reactor {
         let mut msg = self
             .core
             .reload(&new, Instant::now())
-            .map_err(|e| match e {
-                CtlError::Invalid(m) => (ErrorKind::Invalid, m),
-                CtlError::NotFound(m) => (ErrorKind::NotFound, m),
-                CtlError::Rejected(m) => (ErrorKind::Rejected, m),
-            })?;
+            .map_err(CtlError::parts)?;
         if new.daemon.control_socket != self.config.daemon.control_socket
             || new.daemon.state_dir != self.config.daemon.state_dir
         {
@@ -1306,19 +1302,10 @@ fn watchdog_period() -> Option<std::time::Duration> {
     (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
 }
 
-fn ctl_error(e: CtlError) -> Response {
-    let (kind, message) = match e {
-        CtlError::Invalid(m) => (ErrorKind::Invalid, m),
-        CtlError::NotFound(m) => (ErrorKind::NotFound, m),
-        CtlError::Rejected(m) => (ErrorKind::Rejected, m),
-    };
-    Response::Error { kind, message }
-}
-
 fn ok_or_error(r: Result<String, CtlError>) -> Response {
     match r {
         Ok(message) => Response::Ok { message },
-        Err(e) => ctl_error(e),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -399,14 +399,7 @@ impl Supervisor {
                                     humantime::format_duration(pool.config.start_timeout)
                                 ),
                             });
-                            self.actions.push_back(Action::Signal {
-                                proc: p.id,
-                                signal: Signal::SIGKILL,
-                            });
-                            p.phase = Phase::Stopping {
-                                reason: StopReason::StartTimeout,
-                                kill_at: None,
-                            };
+                            kill_now(&mut self.actions, p, StopReason::StartTimeout);
                         }
                         Phase::Stopping {
                             kill_at: Some(t), ..
@@ -547,14 +540,7 @@ impl Supervisor {
             ),
         });
         pool.last_error = Some(format!("protocol error: {error}"));
-        self.actions.push_back(Action::Signal {
-            proc: p.id,
-            signal: Signal::SIGKILL,
-        });
-        p.phase = Phase::Stopping {
-            reason: StopReason::ProtocolError,
-            kill_at: None,
-        };
+        kill_now(&mut self.actions, p, StopReason::ProtocolError);
     }
 
     /// The worker closed its result channel while the core still counts on
@@ -1279,6 +1265,19 @@ pub enum CtlError {
     Rejected(String),
 }
 
+/// The last rung at once: SIGKILL to the process group, for a worker that
+/// broke the rules (no Ready in time, protocol error).
+fn kill_now(actions: &mut VecDeque<Action>, p: &mut Proc, reason: StopReason) {
+    actions.push_back(Action::Signal {
+        proc: p.id,
+        signal: Signal::SIGKILL,
+    });
+    p.phase = Phase::Stopping {
+        reason,
+        kill_at: None,
+    };
+}
+
 /// First rungs of the stop ladder: the `Shutdown` frame and `stop_signal`
 /// now; SIGKILL of the process group at `kill_at` (see `on_timer`).
 fn begin_stop_ladder(
@@ -1300,6 +1299,24 @@ fn begin_stop_ladder(
         reason,
         kill_at: Some(kill_at),
     };
+}
+
+impl CtlError {
+    /// Its class and message, as the control protocol carries them.
+    pub fn parts(self) -> (ipc_proto::control::ErrorKind, String) {
+        use ipc_proto::control::ErrorKind;
+        match self {
+            CtlError::Invalid(m) => (ErrorKind::Invalid, m),
+            CtlError::NotFound(m) => (ErrorKind::NotFound, m),
+            CtlError::Rejected(m) => (ErrorKind::Rejected, m),
+        }
+    }
+
+    /// The `Response::Error` a client gets for it.
+    pub fn into_response(self) -> Response {
+        let (kind, message) = self.parts();
+        Response::Error { kind, message }
+    }
 }
 
 fn fmt_ms(d: Duration) -> String {

@@ -212,13 +212,7 @@ impl Daemon {
     /// Writes `config` (a whole TOML document) and starts the daemon on it;
     /// waits until the control socket answers.
     pub fn start(tag: &str, config: &str) -> Daemon {
-        let dir = TempDir::new(tag);
-        std::fs::write(dir.path().join("jobvisor.toml"), config).expect("write config");
-        let mut d = Daemon {
-            dir,
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
-        };
+        let mut d = Daemon::prepare(tag, config);
         d.spawn();
         d
     }
@@ -235,31 +229,7 @@ impl Daemon {
 
     /// Starts (or restarts) the daemon process and waits for its socket.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(bin("jobvisord"))
-            .arg("--config")
-            .arg(self.config_path())
-            .env("JOBVISOR_LOG", "debug")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn jobvisord");
-        let mut err = child.stderr.take().expect("stderr");
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match err.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => log
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                }
-            }
-        });
-        self.child = Some(child);
+        self.launch(self.command());
         let sock = self.socket();
         let pid = self.pid();
         wait_for("the control socket to answer", DEADLINE, || {

@@ -266,7 +266,7 @@ impl Supervisor {
         now: Instant,
     ) {
         if let Err(e) = self.try_submit(client, pool_name, input, options, wait, now) {
-            let resp = ctl_error_response(e);
+            let resp = e.into_response();
             if self.jt.pending.is_empty() {
                 self.reply(client, resp);
             } else {
@@ -1484,16 +1484,6 @@ impl Supervisor {
             self.drained(&name, idx, now);
         }
     }
-}
-
-fn ctl_error_response(e: CtlError) -> Response {
-    use ipc_proto::control::ErrorKind;
-    let (kind, message) = match e {
-        CtlError::Invalid(m) => (ErrorKind::Invalid, m),
-        CtlError::NotFound(m) => (ErrorKind::NotFound, m),
-        CtlError::Rejected(m) => (ErrorKind::Rejected, m),
-    };
-    Response::Error { kind, message }
 }
 
 fn not_found_job(id: Option<u64>) -> Response {
