@@ -259,6 +259,8 @@ fn no_loss_under_daemon_kill9() {
     d.wait_ready("echo", 2);
     let total = 20_000u32;
     let sock = d.socket();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = progress.clone();
     // A submitter that pipelines, records every acknowledged id and
     // reconnects after the daemon dies (resubmitting what was not acked).
     let submitter = std::thread::spawn(move || {
@@ -290,6 +292,7 @@ fn no_loss_under_daemon_kill9() {
                     Ok(Response::Submitted { id }) => {
                         acked.push(id);
                         got += 1;
+                        seen.store(acked.len(), std::sync::atomic::Ordering::SeqCst);
                     }
                     Ok(Response::Error { message, .. }) => panic!("submit refused: {message}"),
                     Ok(_) => {}
@@ -301,16 +304,13 @@ fn no_loss_under_daemon_kill9() {
         }
         acked
     });
-    for _ in 0..3 {
-        wait_for("some jobs to be submitted", DEADLINE, || {
-            let r = d.ctl(&["--json", "status", "echo"]);
-            (r.code == 0
-                && r.json()["pools"][0]["succeeded"].as_u64().unwrap_or(0)
-                    + r.json()["pools"][0]["queued"].as_u64().unwrap_or(0)
-                    > 0)
-            .then_some(())
+    // Kill it at a quarter, half and three quarters of the submits: each
+    // kill lands mid-stream, after real progress since the last restart.
+    for k in 1..=3 {
+        let mark = total as usize * k / 4;
+        wait_for(&format!("{mark} acknowledged submits"), DEADLINE, || {
+            (progress.load(std::sync::atomic::Ordering::SeqCst) >= mark).then_some(())
         });
-        std::thread::sleep(Duration::from_millis(150));
         kill(d.pid(), Signal::SIGKILL);
         d.wait_exit(DEADLINE);
         d.spawn();
@@ -733,9 +733,15 @@ fn jobs_lists_by_pool_and_state_and_events_stream() {
             }
         }
     });
-    // Give the subscription a moment to be registered: wait until a status
-    // round trip after spawning it has completed.
-    std::thread::sleep(Duration::from_millis(200));
+    // The subscription is live once worker events come through: toggle
+    // the pool size until one arrives (no job is involved).
+    let mut workers = 2;
+    wait_for("the events stream to be live", DEADLINE, || {
+        workers = if workers == 2 { 3 } else { 2 };
+        assert_eq!(d.ctl(&["scale", "echo", &workers.to_string()]).code, 0);
+        rx.recv_timeout(Duration::from_millis(500)).ok()
+    });
+    while rx.try_recv().is_ok() {}
     let r = d.ctl_stdin(&["map", "echo"], Some(b"1\n2\n3\n"));
     assert_eq!(r.code, 0);
     let mut names = Vec::new();

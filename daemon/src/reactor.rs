@@ -285,13 +285,18 @@ impl Reactor {
             }
             self.drain_output_backlog();
             let now = Instant::now();
+            // The core's timers run only when one is due: most turns are
+            // woken by I/O, and `on_timer` walks every pool and worker.
+            let core_due = self.core.next_deadline().is_some_and(|d| d <= now);
             // Turns woken only by our own timers (watchdog, status,
             // backlog) change nothing the status line shows.
-            if !events.is_empty() || self.core.next_deadline().is_some_and(|d| d <= now) {
+            if !events.is_empty() || core_due {
                 self.notifier.status_changed();
             }
-            self.core.on_timer(now);
-            self.run_actions();
+            if core_due {
+                self.core.on_timer(now);
+                self.run_actions();
+            }
             self.core.pump(now);
             self.run_actions();
             self.flush_dirty();

@@ -680,6 +680,9 @@ impl Supervisor {
     /// The reactor calls it once per loop turn, so a batch of results is
     /// followed by one batch of dispatches (one write per worker).
     pub fn pump(&mut self, now: Instant) {
+        if !self.pools.values().any(|p| p.jobs.dirty) {
+            return;
+        }
         let dirty: Vec<String> = self
             .pools
             .iter()
