@@ -657,3 +657,76 @@ fn exec_failures_are_reported_with_their_reason() {
     d.wait_ready("good", 1);
     assert!(alive(d.pid()));
 }
+
+/// `user`/`group` (root only): the worker runs with exactly that uid, gid
+/// and no supplementary groups, while the daemon and its other workers keep
+/// root's. The credentials are changed in a child that shares the daemon's
+/// memory until its exec, so this also checks that the change reaches the
+/// worker alone.
+#[test]
+fn user_and_group_apply_to_that_worker_only() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (user/group are refused otherwise, see config tests)");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("skipped: no user `nobody` on this machine");
+        return;
+    };
+    let group = nix::unistd::Group::from_gid(nobody.gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| "nogroup".into());
+    let cfg = format!(
+        "{}{}{}",
+        daemon_section(),
+        echo_pool("asroot", 1, ""),
+        echo_pool(
+            "asnobody",
+            1,
+            &format!("user = \"nobody\"\ngroup = {group:?}\ncwd = \"/\"")
+        ),
+    );
+    let d = Daemon::start("creds", &cfg);
+    let ids = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        (field("Uid:"), field("Gid:"), field("Groups:"))
+    };
+    let nobody_pid = d.wait_ready("asnobody", 1)[0];
+    let (uid, gid, groups) = ids(nobody_pid);
+    let want_uid = nobody.uid.as_raw().to_string();
+    let want_gid = nobody.gid.as_raw().to_string();
+    assert!(uid.iter().all(|u| *u == want_uid), "uid {uid:?}");
+    assert!(gid.iter().all(|g| *g == want_gid), "gid {gid:?}");
+    assert!(groups.is_empty(), "supplementary groups {groups:?}");
+    // A job runs under those credentials like under root's.
+    let r = d.ctl(&["submit", "asnobody", "--input", "hi", "--wait"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "hi"), "{}", r.stderr);
+    for pid in [d.pid(), d.wait_ready("asroot", 1)[0]] {
+        let (uid, gid, _) = ids(pid);
+        assert!(uid.iter().all(|u| u == "0"), "pid {pid} uid {uid:?}");
+        assert!(gid.iter().all(|g| g == "0"), "pid {pid} gid {gid:?}");
+    }
+    // The daemon's other threads too (a glibc setuid in the child would
+    // have been broadcast to them).
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap() {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", d.pid())).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uid.split_whitespace().skip(1).all(|u| u == "0"),
+            "thread {tid}: {uid}"
+        );
+    }
+}

@@ -1,5 +1,6 @@
-//! Fork+exec of one worker process with exactly the descriptors it should
-//! have, without ever blocking the event loop.
+//! Spawn (clone+exec) of one worker process with exactly the descriptors it
+//! should have, without waiting in the event loop for more than the child's
+//! few setup calls.
 //!
 //! The child gets stdin = `/dev/null`, stdout/stderr = pipes the daemon
 //! reads, fd 3 = job pipe (read end), fd 4 = result pipe (write end), fd 5 =
@@ -9,7 +10,7 @@
 //! also covers descriptors a careless library or the daemon's own parent
 //! leaked.
 //!
-//! The fork is hand-rolled rather than `std::process::Command`, because
+//! The spawn is hand-rolled rather than `std::process::Command`, because
 //! `Command::spawn` waits for the exec to succeed or fail, a blocking read
 //! of about 0.6 ms per spawn (more on a slow filesystem) on the event-loop
 //! thread. Here the child reports a failed setup step or exec on a
@@ -17,21 +18,31 @@
 //! when the worker exits before `Ready` (the exit always follows), so the
 //! reason reaches the log and `status` without any wait in the loop.
 //!
+//! The child is made like glibc's `posix_spawn` makes it: `clone(CLONE_VM |
+//! CLONE_VFORK)` on a stack of its own. It borrows the daemon's address
+//! space until its `execve`, so nothing is copied: a `fork` would copy the
+//! daemon's page tables and then make the daemon (and its store thread) take
+//! a copy-on-write fault on every page it writes until the child has
+//! exec'd. The loop is suspended only for the child's few setup calls, up
+//! to the point where `execve` lets go of the daemon's memory.
+//!
 //! Races and hazards closed here:
 //! - **fd numbering**: the sources of fds 0..=5 and the status pipe may
 //!   themselves have numbers 0..=5 in the child; they are first duplicated
 //!   above 10, then `dup2`ed into place.
-//! - **fork in a threaded process** (the store thread exists): the child
-//!   runs only async-signal-safe system calls on data built before the
-//!   fork, never allocates or locks, and ends in `execve` or `_exit`.
+//! - **a child sharing a threaded process's memory** (the store thread
+//!   exists): the child runs only async-signal-safe system calls on data
+//!   built before the clone, never allocates or locks, and ends in `execve`
+//!   or `_exit`. It changes credentials with raw system calls, since glibc's
+//!   `setuid` would signal "the other threads", which are the daemon's.
 //! - **signal handlers in the child**: all signals are blocked across the
-//!   fork; the child resets every disposition to default (the daemon ignores
+//!   clone; the child resets every disposition to default (the daemon ignores
 //!   SIGPIPE and handles SIGCHLD/TERM/INT/HUP) and unblocks them just before
 //!   `execve`.
 //! - **parent death before `PR_SET_PDEATHSIG`**: the death signal only fires
 //!   for deaths after the `prctl`, so the child re-checks `getppid()` against
 //!   the daemon's pid right after it and bails out if the daemon is gone.
-//!   `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so spawns
+//!   `PR_SET_PDEATHSIG` fires when the *thread* that cloned it exits, so spawns
 //!   happen only on the long-lived event-loop thread.
 //! - **process-group escape**: the worker leads its own process group
 //!   (`setpgid(0, 0)`), so signals to `-pid` reach every grandchild it
@@ -131,12 +142,14 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Fork+execs a worker of `pool` for slot `slot`. Returns at once: whether
-/// the exec itself worked is reported later on [`Spawned::exec_status`].
+/// Clone+execs a worker of `pool` for slot `slot`. Returns as soon as the
+/// child has called `execve` (or given up): whether that worked is read
+/// later from [`Spawned::exec_status`], only if the worker dies before
+/// `Ready`.
 pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, String> {
     let program = resolve_program(&cfg.command[0], &cfg.cwd)?;
     let ids = user_ids(cfg)?;
-    // Everything the child needs is built here, before the fork: after it,
+    // Everything the child needs is built here, before the clone: after it,
     // the child of a multi-threaded process may not allocate.
     let cstr = |s: &std::ffi::OsStr, what: &str| {
         CString::new(s.as_bytes()).map_err(|_| format!("{what} contains a NUL byte"))
@@ -215,9 +228,10 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         argv: argv_ptrs.as_ptr(),
         envp: envp_ptrs.as_ptr(),
         ids,
+        non_default_signals: non_default_signals(),
     };
 
-    // Block every signal across the fork, so that no handler of the
+    // Block every signal across the clone, so that no handler of the
     // daemon's (signal-hook's, writing to the daemon's self-pipe) runs in the
     // child before it has reset them.
     let all = nix::sys::signal::SigSet::all();
@@ -228,15 +242,29 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         Some(&mut old),
     )
     .map_err(|e| format!("blocking signals: {e}"))?;
-    // SAFETY: after fork the child runs only `child_exec`, which makes
-    // async-signal-safe system calls on data prepared above (kept alive in
-    // the parent until after the fork) and ends in execve or _exit; it
-    // never returns into Rust code, allocates, or takes a lock.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: see above; this never returns.
-        unsafe { child_exec(&plan) }
-    }
+    // The child's own stack: with CLONE_VM it shares the daemon's memory.
+    let mut stack = vec![0u8; CHILD_STACK];
+    // SAFETY: in bounds (one past the end); the stack grows down from there.
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
+    let top = (top as usize & !15) as *mut libc::c_void;
+    // SAFETY: `child_entry` runs `child_exec` on the new stack, in the
+    // daemon's address space (CLONE_VM) while this thread is suspended
+    // (CLONE_VFORK) until it has called execve or _exit. It makes only raw
+    // system calls on `plan` and on data prepared above, which stays alive
+    // and untouched until clone returns; it never allocates, takes a lock,
+    // returns into Rust code, or writes the daemon's memory except its own
+    // stack and errno. No handler runs in it: every signal is blocked until
+    // it has reset them all to their defaults. This is what posix_spawn
+    // does, without copying the daemon's page tables (fork) or paying for
+    // copy-on-write faults afterwards.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&plan as *const ChildPlan).cast_mut().cast(),
+        )
+    };
     let fork_err = std::io::Error::last_os_error();
     let _ = nix::sys::signal::pthread_sigmask(
         nix::sys::signal::SigmaskHow::SIG_SETMASK,
@@ -244,8 +272,9 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         None,
     );
     if pid < 0 {
-        return Err(format!("fork: {fork_err}"));
+        return Err(format!("clone: {fork_err}"));
     }
+    drop(stack);
     // The child's ends, closed in the parent.
     drop((null, out_w, err_w, job_r, res_w, status_w));
     for fd in [&job_w, &res_r, &out_r, &err_r, &status_r] {
@@ -270,7 +299,7 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
     Ok(())
 }
 
-/// What the child does between fork and exec, prepared by the parent.
+/// What the child does between clone and exec, prepared by the parent.
 struct ChildPlan {
     parent: i32,
     /// Sources of the child's fds 0..=5.
@@ -282,6 +311,43 @@ struct ChildPlan {
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     ids: Option<(u32, u32)>,
+    /// Bit n set: signal n does not have its default disposition in the
+    /// daemon (see [`non_default_signals`]).
+    non_default_signals: u64,
+}
+
+/// The signals (below `SIGRTMIN`) whose disposition in the daemon is not
+/// the default: a handler (signal-hook's, std's stack-overflow handler) or
+/// "ignore". The child resets exactly these, a few system calls instead of
+/// one per signal. Read once, at the first spawn: the daemon installs its
+/// handlers at start-up, before any worker is spawned, and never changes
+/// them afterwards.
+fn non_default_signals() -> u64 {
+    static MASK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MASK.get_or_init(|| {
+        let mut mask = 0u64;
+        for sig in 1..libc::SIGRTMIN().min(64) {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: a zeroed sigaction is a valid out-parameter; a null
+            // new action only queries.
+            let handler = unsafe {
+                let mut cur: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
+                    // Unknown to the kernel or reserved by glibc: reset it
+                    // in the child anyway, as before.
+                    mask |= 1u64 << sig;
+                    continue;
+                }
+                cur.sa_sigaction
+            };
+            if handler != libc::SIG_DFL {
+                mask |= 1u64 << sig;
+            }
+        }
+        mask
+    })
 }
 
 /// Steps of the child's setup, reported with the errno when one fails.
@@ -327,9 +393,19 @@ pub fn exec_failure(program: &Path, bytes: &[u8]) -> String {
 
 /// The child's side: async-signal-safe system calls only, then exec.
 ///
+/// Stack of the cloned child until its execve: `child_exec` needs little
+/// (glibc's posix_spawn sizes its own at about 32 KiB plus the arguments).
+const CHILD_STACK: usize = 64 * 1024;
+
+extern "C" fn child_entry(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `plan` is the `ChildPlan` passed to clone in `spawn_worker`,
+    // alive until this child has exec'd or exited (CLONE_VFORK).
+    unsafe { child_exec(&*(plan as *const ChildPlan)) }
+}
+
 /// # Safety
-/// Must be called only in the child right after `fork`, with `plan`'s
-/// pointers valid (they point into the parent's memory, copied by fork).
+/// Must be called only in the child right after `clone`, with `plan`'s
+/// pointers valid (into the parent's memory, which the child shares).
 unsafe fn child_exec(plan: &ChildPlan) -> ! {
     // SAFETY: plain system calls on integers and on NUL-terminated strings
     // and pointer arrays prepared by the parent.
@@ -352,7 +428,7 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
             fail(Step::DeathSignal);
         }
-        // The daemon may have died between fork and prctl: then nobody
+        // The daemon may have died between clone and prctl: then nobody
         // would ever kill us.
         if libc::getppid() != plan.parent {
             *libc::__errno_location() = libc::ESRCH;
@@ -393,20 +469,24 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
             fail(Step::Chdir);
         }
         if let Some((uid, gid)) = plan.ids {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
+            // Raw system calls: glibc's wrappers would broadcast the change
+            // to "all threads of the process", which in this CLONE_VM child
+            // are the daemon's threads.
+            let null: *const libc::gid_t = std::ptr::null();
+            if libc::syscall(libc::SYS_setgroups, 0usize, null) != 0 {
                 fail(Step::Groups);
             }
-            if libc::setgid(gid) != 0 {
+            if libc::syscall(libc::SYS_setgid, gid) != 0 {
                 fail(Step::Gid);
             }
-            if libc::setuid(uid) != 0 {
+            if libc::syscall(libc::SYS_setuid, uid) != 0 {
                 fail(Step::Uid);
             }
         }
         // Default dispositions (the daemon ignores SIGPIPE and handles
         // SIGCHLD/TERM/INT/HUP) and an empty mask for the worker.
-        for sig in 1..libc::SIGRTMIN() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+        for sig in 1..64 {
+            if plan.non_default_signals & (1u64 << sig) != 0 {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
