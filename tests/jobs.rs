@@ -178,11 +178,17 @@ fn unknown_pool_unknown_job_and_oversized_input_are_clear_errors() {
         assert_eq!(r.code, 4, "{cmd:?}: {r:?}");
         assert_eq!(r.stderr.trim().lines().count(), 1, "{cmd:?}: {r:?}");
     }
+    // Over half of the default shm_size (256 MiB): refused before the
+    // daemon reads any of it (a sparse file: nothing to read anyway).
     let big = d.dir.path().join("big.bin");
-    std::fs::write(&big, vec![0u8; 70 << 20]).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len((128 << 20) + 1)
+        .unwrap();
     let r = d.ctl(&["submit", "echo", "--input-file", big.to_str().unwrap()]);
     assert_eq!(r.code, 2, "{r:?}");
     assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("shm_size"), "{r:?}");
     // Nothing of it was queued, and the daemon is fine.
     assert_eq!(d.pool("echo")["queued"], 0);
     assert_eq!(d.wait_ready("echo", 2).len(), 2);

@@ -1,10 +1,12 @@
 //! The client side of the control protocol: connect, greet, request,
 //! read responses. Blocking; used by `jobvisorctl` and the tests.
 
+use crate::fdpass;
 use ipc_proto::control::{Request, Response};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +30,8 @@ pub enum ClientError {
 pub struct Connection {
     stream: UnixStream,
     decoder: FrameDecoder,
+    /// Descriptors received with frames not yet decoded (see [`fdpass`]).
+    fds: VecDeque<OwnedFd>,
     /// The daemon's pid, from its Hello.
     pub daemon_pid: u32,
 }
@@ -42,6 +46,7 @@ impl Connection {
         let mut c = Connection {
             stream,
             decoder: FrameDecoder::new(ipc_proto::MAX_FRAME_LEN),
+            fds: VecDeque::new(),
             daemon_pid: 0,
         };
         c.send(&Request::Hello {
@@ -68,26 +73,39 @@ impl Connection {
             .map_err(|e| ClientError::Broken(e.to_string()))
     }
 
-    /// Reads one response.
+    /// Sends one request whose payload is the file behind `fd`
+    /// ([`Request::SubmitFd`]), attached to the frame's first byte.
+    pub fn send_with_fd(&mut self, req: &Request, fd: &impl AsFd) -> Result<(), ClientError> {
+        let mut buf = Vec::new();
+        encode_frame(req, &mut buf).map_err(|e| ClientError::Broken(e.to_string()))?;
+        let n = fdpass::send(&self.stream, &buf, fd)
+            .map_err(|e| ClientError::Broken(format!("cannot pass the input's descriptor: {e}")))?;
+        self.stream
+            .write_all(&buf[n..])
+            .map_err(|e| ClientError::Broken(e.to_string()))
+    }
+
+    /// Reads one response; a [`Response::JobFd`] comes back as the
+    /// [`Response::Job`] it stands for, its output read from the descriptor.
     pub fn recv(&mut self) -> Result<Response, ClientError> {
+        let (resp, fd) = self.recv_with_fd()?;
+        inline_output(resp, fd)
+    }
+
+    /// Reads one response as sent: a [`Response::JobFd`] comes with the
+    /// descriptor holding its output, to be streamed without loading it.
+    pub fn recv_with_fd(&mut self) -> Result<(Response, Option<OwnedFd>), ClientError> {
         loop {
             if let Some(f) = self
                 .decoder
                 .next_frame()
                 .map_err(|e| ClientError::Broken(e.to_string()))?
             {
-                return decode(f).map_err(|e| ClientError::Broken(e.to_string()));
+                let resp: Response = decode(f).map_err(|e| ClientError::Broken(e.to_string()))?;
+                let fd = claim_fd(&resp, &mut self.fds)?;
+                return Ok((resp, fd));
             }
-            let n = self
-                .stream
-                .read(self.decoder.unfilled())
-                .map_err(|e| ClientError::Broken(e.to_string()))?;
-            if n == 0 {
-                return Err(ClientError::Broken(
-                    "the daemon closed the connection".into(),
-                ));
-            }
-            self.decoder.filled(n);
+            fill(&self.stream, &mut self.decoder, &mut self.fds)?;
         }
     }
 
@@ -114,6 +132,7 @@ impl Connection {
             ResponseReader {
                 stream: self.stream,
                 decoder: self.decoder,
+                fds: self.fds,
             },
         ))
     }
@@ -157,6 +176,7 @@ impl RequestWriter {
 pub struct ResponseReader {
     stream: UnixStream,
     decoder: FrameDecoder,
+    fds: VecDeque<OwnedFd>,
 }
 
 impl ResponseReader {
@@ -167,9 +187,11 @@ impl ResponseReader {
             .next_frame()
             .map_err(|e| ClientError::Broken(e.to_string()))?
         {
-            Some(f) => decode(f)
-                .map(Some)
-                .map_err(|e| ClientError::Broken(e.to_string())),
+            Some(f) => {
+                let resp: Response = decode(f).map_err(|e| ClientError::Broken(e.to_string()))?;
+                let fd = claim_fd(&resp, &mut self.fds)?;
+                inline_output(resp, fd).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -177,20 +199,7 @@ impl ResponseReader {
     /// One `read` from the socket into the buffer (blocks until data or end
     /// of stream arrives). The end of the stream is an error.
     pub fn fill(&mut self) -> Result<(), ClientError> {
-        let n = loop {
-            match self.stream.read(self.decoder.unfilled()) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ClientError::Broken(e.to_string())),
-            }
-        };
-        if n == 0 {
-            return Err(ClientError::Broken(
-                "the daemon closed the connection".into(),
-            ));
-        }
-        self.decoder.filled(n);
-        Ok(())
+        fill(&self.stream, &mut self.decoder, &mut self.fds)
     }
 
     /// Reads one response, blocking as needed.
@@ -207,5 +216,53 @@ impl ResponseReader {
 impl AsFd for ResponseReader {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
+    }
+}
+
+/// One read from the control socket into `decoder` (with the descriptors
+/// that came along, see [`fdpass`]); the end of the stream is an error.
+fn fill(
+    stream: &UnixStream,
+    decoder: &mut FrameDecoder,
+    fds: &mut VecDeque<OwnedFd>,
+) -> Result<(), ClientError> {
+    let n = fdpass::recv(stream, decoder.unfilled(), fds)
+        .map_err(|e| ClientError::Broken(e.to_string()))?;
+    if n == 0 {
+        return Err(ClientError::Broken(
+            "the daemon closed the connection".into(),
+        ));
+    }
+    decoder.filled(n);
+    Ok(())
+}
+
+/// The descriptor a decoded response carries, if its kind carries one.
+fn claim_fd(resp: &Response, fds: &mut VecDeque<OwnedFd>) -> Result<Option<OwnedFd>, ClientError> {
+    match resp {
+        Response::JobFd { .. } => fds.pop_front().map(Some).ok_or_else(|| {
+            ClientError::Broken("a job's output was announced without its descriptor".into())
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// Turns a [`Response::JobFd`] into the [`Response::Job`] it stands for.
+fn inline_output(resp: Response, fd: Option<OwnedFd>) -> Result<Response, ClientError> {
+    match (resp, fd) {
+        (
+            Response::JobFd {
+                mut doc,
+                output_len,
+            },
+            Some(fd),
+        ) => {
+            let output = fdpass::read_payload(fd, output_len, "output").map_err(|e| {
+                ClientError::Broken(format!("cannot read job {}'s output: {e}", doc.id))
+            })?;
+            doc.output = Some(ipc_proto::Bytes(output));
+            Ok(Response::Job(doc))
+        }
+        (resp, _) => Ok(resp),
     }
 }

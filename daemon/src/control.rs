@@ -33,9 +33,11 @@
 //!   configured path do not apply (the socket unit's `SocketMode=` and
 //!   `ListenStream=` do).
 
-use ipc_proto::control::{Request, Response};
+use crate::fdpass;
+use ipc_proto::control::{Request, Response, FD_PAYLOAD_MIN};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -240,6 +242,12 @@ pub struct Client {
     out: Vec<u8>,
     /// Bytes of `out` already written.
     written: usize,
+    /// Descriptors received and not yet claimed by a frame (see
+    /// [`fdpass`]).
+    fds_in: VecDeque<OwnedFd>,
+    /// Descriptors to send, each with the offset in `out` of the first byte
+    /// of its frame; in offset order.
+    fds_out: VecDeque<(usize, OwnedFd)>,
     /// `Hello` received and accepted.
     pub greeted: bool,
     /// Close once `out` is flushed.
@@ -250,12 +258,33 @@ pub struct Client {
     pub paused: bool,
 }
 
+/// One decoded request.
+pub enum Incoming {
+    /// Any request but [`Request::SubmitFd`].
+    Request(Request),
+    /// A [`Request::SubmitFd`] with the descriptor that came with it; the
+    /// reactor checks the size before reading the input (see
+    /// [`fdpass::read_payload`]).
+    SubmitFd {
+        /// Target pool.
+        pool: String,
+        /// Announced input length.
+        len: u64,
+        /// Per-job options.
+        options: ipc_proto::control::JobOptions,
+        /// Also send the finished job document.
+        wait: bool,
+        /// The input.
+        fd: OwnedFd,
+    },
+}
+
 /// Result of reading from a client.
 pub enum ReadOutcome {
     /// Requests decoded (possibly none yet).
-    Requests(Vec<Request>),
+    Requests(Vec<Incoming>),
     /// The client hung up (after the returned requests).
-    Closed(Vec<Request>),
+    Closed(Vec<Incoming>),
     /// The client violated the protocol; drop it.
     Broken(String),
 }
@@ -268,6 +297,8 @@ impl Client {
             decoder: FrameDecoder::new(MAX_REQUEST),
             out: Vec::new(),
             written: 0,
+            fds_in: VecDeque::new(),
+            fds_out: VecDeque::new(),
             greeted: false,
             closing: false,
             want_write: false,
@@ -279,7 +310,7 @@ impl Client {
     pub fn read(&mut self) -> ReadOutcome {
         let mut reqs = Vec::new();
         loop {
-            match self.stream.read(self.decoder.unfilled()) {
+            match fdpass::recv(&self.stream, self.decoder.unfilled(), &mut self.fds_in) {
                 Ok(0) => {
                     if let Err(e) = self.drain(&mut reqs) {
                         return ReadOutcome::Broken(e);
@@ -301,18 +332,71 @@ impl Client {
         }
     }
 
-    fn drain(&mut self, reqs: &mut Vec<Request>) -> Result<(), String> {
+    fn drain(&mut self, reqs: &mut Vec<Incoming>) -> Result<(), String> {
         while let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
-            reqs.push(decode::<Request>(frame).map_err(|e| e.to_string())?);
+            let req = decode::<Request>(frame).map_err(|e| e.to_string())?;
+            reqs.push(match req {
+                Request::SubmitFd {
+                    pool,
+                    len,
+                    options,
+                    wait,
+                } => Incoming::SubmitFd {
+                    pool,
+                    len,
+                    options,
+                    wait,
+                    fd: self
+                        .fds_in
+                        .pop_front()
+                        .ok_or("SubmitFd without a file descriptor")?,
+                },
+                other => Incoming::Request(other),
+            });
         }
         Ok(())
     }
 
-    /// Queues a response.
+    /// Queues a response. A job document with a large output goes out as a
+    /// [`Response::JobFd`], its output in a sealed memfd.
     pub fn send(&mut self, resp: &Response) {
-        if let Err(e) = encode_frame(resp, &mut self.out) {
-            crate::warn!("cannot encode a control response: {e}");
-            self.closing = true;
+        if let Response::Job(doc) = resp {
+            let big = doc
+                .output
+                .as_ref()
+                .filter(|o| o.0.len() as u64 >= FD_PAYLOAD_MIN);
+            if let Some(output) = big {
+                match fdpass::sealed_memfd(c"jobvisor-output", &output.0) {
+                    Ok(fd) => {
+                        let doc = doc.without_output();
+                        let at = self.out.len();
+                        let framed = Response::JobFd {
+                            doc,
+                            output_len: output.0.len() as u64,
+                        };
+                        if self.encode(&framed) {
+                            self.fds_out.push_back((at, fd));
+                        }
+                        return;
+                    }
+                    Err(e) => crate::warn!(
+                        "cannot put job {}'s output in a memfd ({e}); sending it inline",
+                        doc.id
+                    ),
+                }
+            }
+        }
+        self.encode(resp);
+    }
+
+    fn encode(&mut self, resp: &Response) -> bool {
+        match encode_frame(resp, &mut self.out) {
+            Ok(()) => true,
+            Err(e) => {
+                crate::warn!("cannot encode a control response: {e}");
+                self.closing = true;
+                false
+            }
         }
     }
 
@@ -320,9 +404,31 @@ impl Client {
     /// `Ok(true)` when everything is written.
     pub fn flush(&mut self) -> io::Result<bool> {
         while self.written < self.out.len() {
-            match self.stream.write(&self.out[self.written..]) {
+            // A descriptor goes with the first byte of its frame, and the
+            // bytes of one write never reach into the next such frame.
+            let attach = self
+                .fds_out
+                .front()
+                .is_some_and(|(at, _)| *at == self.written);
+            let end = self
+                .fds_out
+                .iter()
+                .map(|(at, _)| *at)
+                .find(|at| *at > self.written)
+                .unwrap_or(self.out.len());
+            let chunk = &self.out[self.written..end];
+            let res = match self.fds_out.front() {
+                Some((_, fd)) if attach => fdpass::send(&self.stream, chunk, fd),
+                _ => self.stream.write(chunk),
+            };
+            match res {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
+                Ok(n) => {
+                    if attach {
+                        self.fds_out.pop_front();
+                    }
+                    self.written += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

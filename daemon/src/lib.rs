@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod fdpass;
 pub mod log;
 pub mod notify;
 pub mod reactor;

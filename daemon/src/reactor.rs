@@ -34,7 +34,7 @@
 //! init that may not reap (containers).
 
 use crate::config::{self, Config};
-use crate::control::{self, Client, ReadOutcome};
+use crate::control::{self, Client, Incoming, ReadOutcome};
 use crate::notify::Notifier;
 use crate::spawn;
 use crate::store::{Completion, Store};
@@ -1070,7 +1070,16 @@ impl Reactor {
                 }
             };
             for r in reqs {
-                self.handle_request(id, r);
+                match r {
+                    Incoming::Request(req) => self.handle_request(id, req),
+                    Incoming::SubmitFd {
+                        pool,
+                        len,
+                        options,
+                        wait,
+                        fd,
+                    } => self.submit_fd(id, &pool, len, options, wait, fd),
+                }
             }
             // The end of the client's stream ends its session (jobvisorctl
             // never half-closes): what it still waited for is forgotten.
@@ -1116,6 +1125,31 @@ impl Reactor {
             // new event, so read them now.
             self.on_client(id, true, false);
         }
+    }
+
+    /// A submit whose input came as a descriptor: refused before anything
+    /// is read if it cannot fit, else read (at page-cache speed: a regular
+    /// file or memfd) and submitted like an inline one. Refusals go through
+    /// the core, in order with the client's earlier submits.
+    fn submit_fd(
+        &mut self,
+        id: u64,
+        pool: &str,
+        len: u64,
+        options: ipc_proto::control::JobOptions,
+        wait: bool,
+        fd: OwnedFd,
+    ) {
+        let now = Instant::now();
+        let input = self.core.check_input_len(pool, len).and_then(|()| {
+            crate::fdpass::read_payload(fd, len, "input")
+                .map_err(|e| crate::supervisor::CtlError::Invalid(format!("submit: {e}")))
+        });
+        match input {
+            Ok(input) => self.core.submit(id, pool, input, options, wait, now),
+            Err(e) => self.core.refuse_submit(id, e),
+        }
+        self.run_actions();
     }
 
     fn handle_request(&mut self, id: u64, req: Request) {
@@ -1164,6 +1198,16 @@ impl Reactor {
                     wait,
                 } => {
                     self.core.submit(id, &pool, input.0, options, wait, now);
+                    None
+                }
+                Request::SubmitFd { .. } => {
+                    // `control::Client` turns these into `Submit`s.
+                    self.core.refuse_submit(
+                        id,
+                        crate::supervisor::CtlError::Invalid(
+                            "submit: the input's file descriptor was not received".into(),
+                        ),
+                    );
                     None
                 }
                 Request::Wait { ids } => {

@@ -6,6 +6,11 @@
 use crate::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// Payloads of at least this many bytes cross the control socket as file
+/// descriptors ([`Request::SubmitFd`], [`Response::JobFd`]) instead of
+/// inline bytes.
+pub const FD_PAYLOAD_MIN: u64 = 1 << 20;
+
 /// Client → daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -46,6 +51,22 @@ pub enum Request {
         pool: String,
         /// Input bytes.
         input: Bytes,
+        /// Per-job options.
+        options: JobOptions,
+        /// Also send the finished job document.
+        wait: bool,
+    },
+    /// Like [`Request::Submit`], for large inputs: the input is the first
+    /// `len` bytes of the file descriptor sent with this frame (one
+    /// `SCM_RIGHTS` descriptor attached to the frame's first byte): a
+    /// regular file or a memfd, read by the daemon at its own offset 0
+    /// (`pread`). The input then never passes through the socket, and is
+    /// not bound by the frame limit, only by the pool's `shm_size`.
+    SubmitFd {
+        /// Target pool.
+        pool: String,
+        /// Bytes of input in the descriptor.
+        len: u64,
         /// Per-job options.
         options: JobOptions,
         /// Also send the finished job document.
@@ -221,6 +242,24 @@ pub struct JobDoc {
     pub error: Option<String>,
 }
 
+impl JobDoc {
+    /// A copy of everything but the output (which may be large).
+    pub fn without_output(&self) -> JobDoc {
+        JobDoc {
+            id: self.id,
+            pool: self.pool.clone(),
+            state: self.state,
+            priority: self.priority,
+            key: self.key.clone(),
+            created_ms: self.created_ms,
+            finished_ms: self.finished_ms,
+            attempts: self.attempts.clone(),
+            output: None,
+            error: self.error.clone(),
+        }
+    }
+}
+
 /// One live event (see DESIGN.md section 7 for the names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -303,6 +342,17 @@ pub enum Response {
     },
     /// A job document.
     Job(JobDoc),
+    /// A job document whose output (`output_len` bytes, at offset 0) is in
+    /// the file descriptor sent with this frame (one `SCM_RIGHTS`
+    /// descriptor attached to its first byte, a sealed memfd or a read-only
+    /// file) instead of inline; `doc.output` is `None`. Sent in place of
+    /// [`Response::Job`] for outputs of at least [`FD_PAYLOAD_MIN`] bytes.
+    JobFd {
+        /// The document, without its output.
+        doc: JobDoc,
+        /// Bytes of output in the descriptor.
+        output_len: u64,
+    },
     /// A live event.
     Event(Event),
 }

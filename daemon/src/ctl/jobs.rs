@@ -4,10 +4,10 @@
 use super::args::{job_options, parse_state, SubmitArgs};
 use super::render::{job_json, jobs_table, state_and_error, state_exit_code};
 use super::{warn, Ctx, Failure, Out};
-use ipc_proto::control::{ErrorKind, JobDoc, JobState, Request, Response};
+use ipc_proto::control::{ErrorKind, JobDoc, JobState, Request, Response, FD_PAYLOAD_MIN};
 use ipc_proto::Bytes;
 use serde_json::json;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Room left in a frame for everything of a `Submit` but the input: enum
@@ -33,8 +33,21 @@ pub fn too_large(what: &str, len: Option<u64>, max: usize) -> Failure {
     ))
 }
 
+/// Stdin is read into memory for at most this many bytes (a memfd: RAM).
+const MAX_STDIN_INPUT: u64 = 4 << 30;
+
+/// `submit`'s input, as it will travel.
+enum Input {
+    /// In the `Submit` frame.
+    Inline(Vec<u8>),
+    /// As a file descriptor next to a `SubmitFd` frame: the user's file
+    /// itself, or a sealed memfd; never copied through the socket.
+    Fd(std::fs::File, u64),
+}
+
 /// Reads `submit`'s input: `--input`, `--input-file`, `-` (stdin) or none.
-fn read_input(a: &SubmitArgs, max: usize) -> Result<Vec<u8>, Failure> {
+/// Inputs of [`FD_PAYLOAD_MIN`] bytes or more are passed as descriptors.
+fn read_input(a: &SubmitArgs, max_inline: usize) -> Result<Input, Failure> {
     if let Some(s) = &a.stdin {
         if s != "-" {
             return Err(Failure::usage(format!(
@@ -42,45 +55,76 @@ fn read_input(a: &SubmitArgs, max: usize) -> Result<Vec<u8>, Failure> {
                  --input-file {s} to read it from a file"
             )));
         }
+        let cannot = |e: std::io::Error| Failure::usage(format!("submit: cannot read stdin: {e}"));
         let mut buf = Vec::new();
-        // One byte over the limit is enough to know it is too large.
-        std::io::stdin()
-            .lock()
-            .take(max as u64 + 1)
+        let mut stdin = std::io::stdin().lock();
+        (&mut stdin)
+            .take(FD_PAYLOAD_MIN)
             .read_to_end(&mut buf)
-            .map_err(|e| Failure::usage(format!("submit: cannot read stdin: {e}")))?;
-        if buf.len() > max {
-            return Err(too_large("submit: the input on stdin", None, max));
+            .map_err(cannot)?;
+        if (buf.len() as u64) < FD_PAYLOAD_MIN {
+            return Ok(Input::Inline(buf));
         }
-        return Ok(buf);
+        // Large: on into a memfd, the kernel moving the rest.
+        let fd = nix::sys::memfd::memfd_create(
+            c"jobvisor-input",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| Failure::usage(format!("submit: cannot create a memfd for stdin: {e}")))?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&buf).map_err(cannot)?;
+        drop(buf);
+        std::io::copy(&mut (&mut stdin).take(MAX_STDIN_INPUT + 1), &mut file).map_err(cannot)?;
+        let len = file.metadata().map_err(cannot)?.len();
+        if len > MAX_STDIN_INPUT {
+            return Err(too_large(
+                "submit: the input on stdin",
+                None,
+                MAX_STDIN_INPUT as usize,
+            ));
+        }
+        crate::fdpass::seal(&file).map_err(cannot)?;
+        return Ok(Input::Fd(file, len));
     }
     if let Some(p) = &a.input_file {
         let cannot =
             |e: std::io::Error| Failure::usage(format!("submit: cannot read {}: {e}", p.display()));
         let mut f = std::fs::File::open(p).map_err(cannot)?;
-        let len = f.metadata().map_err(cannot)?.len();
-        if len > max as u64 {
+        let meta = f.metadata().map_err(cannot)?;
+        if meta.is_file() && meta.len() >= FD_PAYLOAD_MIN {
+            // The daemon reads the file itself, from the descriptor.
+            return Ok(Input::Fd(f, meta.len()));
+        }
+        if meta.is_file() && meta.len() > max_inline as u64 {
             return Err(too_large(
                 &format!("submit: {}", p.display()),
-                Some(len),
-                max,
+                Some(meta.len()),
+                max_inline,
             ));
         }
-        let mut buf = Vec::with_capacity(len as usize);
-        f.by_ref()
-            .take(max as u64 + 1)
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        Read::by_ref(&mut f)
+            .take(max_inline as u64 + 1)
             .read_to_end(&mut buf)
             .map_err(cannot)?;
-        if buf.len() > max {
-            return Err(too_large(&format!("submit: {}", p.display()), None, max));
+        if buf.len() > max_inline {
+            return Err(too_large(
+                &format!("submit: {}", p.display()),
+                None,
+                max_inline,
+            ));
         }
-        return Ok(buf);
+        return Ok(Input::Inline(buf));
     }
     let buf = a.input.clone().unwrap_or_default().into_bytes();
-    if buf.len() > max {
-        return Err(too_large("submit: --input", Some(buf.len() as u64), max));
+    if buf.len() > max_inline {
+        return Err(too_large(
+            "submit: --input",
+            Some(buf.len() as u64),
+            max_inline,
+        ));
     }
-    Ok(buf)
+    Ok(Input::Inline(buf))
 }
 
 /// `submit POOL …`: prints the id, or with `--wait` the result.
@@ -88,13 +132,25 @@ pub fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8, Failure> {
     let options = job_options(&a.opts, a.key.clone())?;
     let input = read_input(&a, max_input_len(&a.pool, a.key.as_deref()))?;
     let mut conn = ctx.connect("submit")?;
-    let req = Request::Submit {
-        pool: a.pool,
-        input: Bytes(input),
-        options,
-        wait: a.wait,
+    let sent = match input {
+        Input::Inline(input) => conn.send(&Request::Submit {
+            pool: a.pool,
+            input: Bytes(input),
+            options,
+            wait: a.wait,
+        }),
+        Input::Fd(file, len) => conn.send_with_fd(
+            &Request::SubmitFd {
+                pool: a.pool,
+                len,
+                options,
+                wait: a.wait,
+            },
+            &file,
+        ),
     };
-    let id = match conn.call(&req).map_err(|e| Failure::client("submit", e))? {
+    sent.map_err(|e| Failure::client("submit", e))?;
+    let id = match conn.recv().map_err(|e| Failure::client("submit", e))? {
         Response::Submitted { id } => id,
         Response::Error { kind, message } => return Err(Failure::daemon("submit", kind, &message)),
         other => return Err(Failure::unexpected("submit", &other)),
@@ -118,10 +174,42 @@ pub fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8, Failure> {
         }
         f
     };
-    match conn.recv().map_err(lost)? {
-        Response::Job(doc) => finished_job(ctx, &doc, &mut out),
-        Response::Error { kind, message } => Err(Failure::daemon("submit", kind, &message)),
-        other => Err(Failure::unexpected("submit", &other)),
+    let answer = conn.recv_with_fd().map_err(lost)?;
+    finished_answer(ctx, "submit", answer, &mut out)
+}
+
+/// Prints the answer to `submit --wait` or `result`: a finished job, or
+/// the daemon's error. A large output (a [`Response::JobFd`]) is streamed
+/// from its descriptor to stdout without being loaded.
+fn finished_answer(
+    ctx: &Ctx,
+    what: &str,
+    answer: (Response, Option<std::os::fd::OwnedFd>),
+    out: &mut Out,
+) -> Result<u8, Failure> {
+    match answer {
+        (Response::Job(doc), _) => finished_job(ctx, &doc, out),
+        (Response::JobFd { doc, output_len }, Some(fd))
+            if !ctx.json && doc.state == JobState::Succeeded =>
+        {
+            out.copy_from(std::fs::File::from(fd), output_len)?;
+            out.flush()?;
+            Ok(0)
+        }
+        (
+            Response::JobFd {
+                mut doc,
+                output_len,
+            },
+            Some(fd),
+        ) => {
+            let output = crate::fdpass::read_payload(fd, output_len, "output")
+                .map_err(|e| Failure::new(1, format!("{what}: job {}: {e}", doc.id)))?;
+            doc.output = Some(Bytes(output));
+            finished_job(ctx, &doc, out)
+        }
+        (Response::Error { kind, message }, _) => Err(Failure::daemon(what, kind, &message)),
+        (other, _) => Err(Failure::unexpected(what, &other)),
     }
 }
 
@@ -148,25 +236,23 @@ fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
 /// `result ID`.
 pub fn result(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
     let mut conn = ctx.connect("result")?;
-    match conn
-        .call(&Request::Result { id })
-        .map_err(|e| Failure::client("result", e))?
-    {
-        Response::Job(doc) => {
-            if !ctx.json && !doc.state.is_terminal() {
-                return Err(Failure::new(
-                    1,
-                    format!(
-                        "job {id} is still {}; use 'jobvisorctl wait {id}'",
-                        doc.state.as_str()
-                    ),
-                ));
-            }
-            finished_job(ctx, &doc, &mut Out::new())
+    conn.send(&Request::Result { id })
+        .map_err(|e| Failure::client("result", e))?;
+    let answer = conn
+        .recv_with_fd()
+        .map_err(|e| Failure::client("result", e))?;
+    if let (Response::Job(doc) | Response::JobFd { doc, .. }, _) = &answer {
+        if !ctx.json && !doc.state.is_terminal() {
+            return Err(Failure::new(
+                1,
+                format!(
+                    "job {id} is still {}; use 'jobvisorctl wait {id}'",
+                    doc.state.as_str()
+                ),
+            ));
         }
-        Response::Error { kind, message } => Err(Failure::daemon("result", kind, &message)),
-        other => Err(Failure::unexpected("result", &other)),
     }
+    finished_answer(ctx, "result", answer, &mut Out::new())
 }
 
 /// `cancel ID`: the daemon's message.

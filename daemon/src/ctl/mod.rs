@@ -116,6 +116,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::End => "End",
         Response::Submitted { .. } => "Submitted",
         Response::Job(_) => "Job",
+        Response::JobFd { .. } => "JobFd",
         Response::Event(_) => "Event",
     }
 }
@@ -148,6 +149,25 @@ impl Out {
     /// Writes everything buffered.
     pub fn flush(&mut self) -> Result<(), Failure> {
         self.w.flush().map_err(Failure::stdout)
+    }
+
+    /// Writes the first `len` bytes of `src` (from its start), letting the
+    /// kernel move them (`copy_file_range`, `splice` or `sendfile`, as
+    /// `std::io::copy` picks) instead of reading them into memory.
+    pub fn copy_from(&mut self, src: std::fs::File, len: u64) -> Result<(), Failure> {
+        self.flush()?;
+        let mut src = src;
+        io::Seek::rewind(&mut src)
+            .map_err(|e| Failure::new(1, format!("cannot read the job's output: {e}")))?;
+        let copied =
+            io::copy(&mut io::Read::take(src, len), self.w.get_mut()).map_err(Failure::stdout)?;
+        if copied < len {
+            return Err(Failure::new(
+                1,
+                format!("the job's output ended after {copied} of {len} bytes"),
+            ));
+        }
+        Ok(())
     }
 }
 

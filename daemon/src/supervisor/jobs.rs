@@ -266,6 +266,14 @@ impl Supervisor {
         now: Instant,
     ) {
         if let Err(e) = self.try_submit(client, pool_name, input, options, wait, now) {
+            self.refuse_submit(client, e);
+        }
+    }
+
+    /// Refuses a submit, answering in order with the client's earlier
+    /// submits (whose answers may wait for durability).
+    pub fn refuse_submit(&mut self, client: ClientId, e: CtlError) {
+        {
             let resp = e.into_response();
             if self.jt.pending.is_empty() {
                 self.reply(client, resp);
@@ -280,6 +288,31 @@ impl Supervisor {
                 ));
             }
         }
+    }
+
+    /// Whether an input of `len` bytes can be given to a worker of
+    /// `pool_name` (checked before a large input is even read).
+    pub fn check_input_len(&self, pool_name: &str, len: u64) -> Result<(), CtlError> {
+        let Some(pool) = self.pools.get(pool_name) else {
+            return Err(self.unknown_pool(pool_name));
+        };
+        // An input up to `inline_limit` travels inline in a `Job` frame: it
+        // must fit in one, with room for the frame's other fields. A larger
+        // one goes through the worker's arena.
+        let max_input = (ipc_proto::MAX_FRAME_LEN - MAX_FRAME_HEADROOM) as u64;
+        if len <= pool.config.inline_limit && len > max_input {
+            return Err(CtlError::Invalid(format!(
+                "input of {len} bytes is over the limit of {max_input} bytes for inline payloads; lower pool {pool_name}'s inline_limit so that it goes through shared memory"
+            )));
+        }
+        let arena_room = ipc_proto::arena::ArenaLayout::split(pool.config.shm_size);
+        let room = arena_room.input.end - arena_room.input.start;
+        if len > pool.config.inline_limit && len > room {
+            return Err(CtlError::Invalid(format!(
+                "input of {len} bytes does not fit pool {pool_name}'s shared-memory input area ({room} bytes, half of shm_size); raise shm_size"
+            )));
+        }
+        Ok(())
     }
 
     fn try_submit(
@@ -317,23 +350,9 @@ impl Supervisor {
                 "pool {pool_name} queue is full ({cap} jobs waiting, queue_capacity = {cap}); retry later or raise queue_capacity"
             )));
         }
-        // The input travels inline in a `Job` frame: it must fit in one,
-        // with room for the frame's other fields.
-        let max_input = ipc_proto::MAX_FRAME_LEN - MAX_FRAME_HEADROOM;
-        if input.len() > max_input {
-            return Err(CtlError::Invalid(format!(
-                "input of {} bytes is over the limit of {max_input} bytes; pass large data by reference (a path) instead",
-                input.len()
-            )));
-        }
-        let arena_room = ipc_proto::arena::ArenaLayout::split(pool.config.shm_size);
-        let room = arena_room.input.end - arena_room.input.start;
-        if input.len() as u64 > pool.config.inline_limit && input.len() as u64 > room {
-            return Err(CtlError::Invalid(format!(
-                "input of {} bytes does not fit pool {pool_name}'s shared-memory input area ({room} bytes, half of shm_size); raise shm_size",
-                input.len()
-            )));
-        }
+        let len = input.len() as u64;
+        self.check_input_len(pool_name, len)?;
+        let pool = self.pools.get_mut(pool_name).expect("checked");
         if options.max_attempts == Some(0) {
             return Err(CtlError::Invalid(
                 "--max-attempts must be at least 1".into(),

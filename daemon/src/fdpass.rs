@@ -1,0 +1,242 @@
+//! Large payloads on the control socket: file descriptors passed with
+//! `SCM_RIGHTS` next to the frames that describe them
+//! ([`Request::SubmitFd`](ipc_proto::control::Request::SubmitFd),
+//! [`Response::JobFd`](ipc_proto::control::Response::JobFd)).
+//!
+//! Framing rule, used by both sides: a descriptor is attached to the first
+//! byte of the frame that refers to it, one per frame. The kernel never
+//! merges a message carrying descriptors with earlier bytes in one
+//! `recvmsg`, so a reader that collects the descriptors of every `recvmsg`
+//! into a FIFO finds, for each such frame, its descriptor at the head of the
+//! FIFO when the frame has been decoded. Every read of a control socket goes
+//! through [`recv`]: a plain `read` would make the kernel close descriptors
+//! it carries.
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+/// A reader keeps at most this many received, not yet claimed descriptors;
+/// more is a protocol violation (frames carry one each).
+pub const MAX_PENDING_FDS: usize = 8;
+
+/// Reads into `buf` like `read`, moving any descriptors that came with the
+/// bytes to the back of `fds` (close-on-exec). Errors with `InvalidData`
+/// when descriptors were truncated or `fds` would exceed
+/// [`MAX_PENDING_FDS`].
+pub fn recv(sock: impl AsFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_PENDING_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<UnixAddr>(
+            sock.as_fd().as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => break m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let n = msg.bytes;
+    // Take ownership of every received descriptor first, so that none
+    // leaks whatever is wrong with the message.
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|_| bad("too many file descriptors in one message"))?;
+    let mut received = Vec::new();
+    for c in cmsgs {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel just installed `fd` in our table for
+                // us (SCM_RIGHTS); nothing else owns it.
+                received.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if fds.len() + received.len() > MAX_PENDING_FDS {
+        return Err(bad("more file descriptors than frames that claim them"));
+    }
+    fds.extend(received);
+    Ok(n)
+}
+
+/// Writes `bytes` (at least one) with `fd` attached to the first byte.
+/// Returns how many bytes were written (the rest goes out with plain
+/// writes; the descriptor is sent once the first byte is).
+pub fn send(sock: impl AsFd, bytes: &[u8], fd: &impl AsFd) -> io::Result<usize> {
+    debug_assert!(!bytes.is_empty());
+    let raw = [fd.as_fd().as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    loop {
+        match sendmsg::<UnixAddr>(
+            sock.as_fd().as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// A sealed memfd holding `data`: the receiver may rely on its size and
+/// contents never changing.
+pub fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(data)?;
+    seal(&file)?;
+    // Readers that use the shared offset start at the beginning.
+    std::io::Seek::rewind(&mut file)?;
+    Ok(file.into())
+}
+
+/// Seals a memfd against any change of size or contents.
+pub fn seal(fd: &impl AsFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    fcntl(
+        fd.as_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(())
+}
+
+/// Reads the first `len` bytes of a payload descriptor received from a
+/// peer. Only regular files and memfds are accepted (a pipe or a socket
+/// could block the reader forever); one that holds fewer than `len` bytes
+/// is an error.
+pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String> {
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the {what}'s file descriptor: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!(
+            "the {what}'s file descriptor is not a regular file or memfd; pass a file"
+        ));
+    }
+    if meta.len() < len {
+        return Err(format!(
+            "the {what} file holds {} bytes, fewer than the {len} announced (did it shrink?)",
+            meta.len()
+        ));
+    }
+    let len = usize::try_from(len).map_err(|_| format!("the {what} is too large"))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| format!("cannot allocate {len} bytes for the {what}"))?;
+    // `pread`s at offsets from 0, whatever the descriptor's own offset.
+    let reader = PositionedReader {
+        file: &file,
+        pos: 0,
+    };
+    reader
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read the {what}'s file descriptor: {e}"))?;
+    if buf.len() < len {
+        return Err(format!(
+            "the {what} file ended after {} of {len} bytes (did it shrink?)",
+            buf.len()
+        ));
+    }
+    Ok(buf)
+}
+
+struct PositionedReader<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn descriptors_travel_with_their_frame_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let one = sealed_memfd(c"one", b"first payload").unwrap();
+        let two = sealed_memfd(c"two", b"second").unwrap();
+        assert_eq!(send(&a, b"AAAA", &one).unwrap(), 4);
+        (&a).write_all(b"plain").unwrap();
+        assert_eq!(send(&a, b"BB", &two).unwrap(), 2);
+        let mut fds = VecDeque::new();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 11 {
+            let n = recv(&b, &mut buf, &mut fds).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"AAAAplainBB");
+        assert_eq!(fds.len(), 2);
+        let first = read_payload(fds.pop_front().unwrap(), 13, "input").unwrap();
+        assert_eq!(first, b"first payload");
+        let second = read_payload(fds.pop_front().unwrap(), 6, "input").unwrap();
+        assert_eq!(second, b"second");
+    }
+
+    #[test]
+    fn sealed_memfd_cannot_change() {
+        let fd = sealed_memfd(c"x", b"abc").unwrap();
+        let file = std::fs::File::from(fd);
+        assert!((&file).write_all(b"zz").is_err());
+        assert!(file.set_len(1).is_err());
+        assert_eq!(read_payload(file.into(), 3, "input").unwrap(), b"abc");
+    }
+
+    #[test]
+    fn short_or_unsuitable_payloads_are_refused() {
+        let fd = sealed_memfd(c"short", b"abc").unwrap();
+        let err = read_payload(fd, 4, "input").unwrap_err();
+        assert!(err.contains("fewer than the 4 announced"), "{err}");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let err = read_payload(r, 1, "input").unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn too_many_unclaimed_descriptors_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd = sealed_memfd(c"x", b"x").unwrap();
+        for _ in 0..=MAX_PENDING_FDS {
+            send(&a, b"x", &fd).unwrap();
+        }
+        let mut fds = VecDeque::new();
+        let mut buf = [0u8; 1];
+        let mut err = None;
+        for _ in 0..=MAX_PENDING_FDS {
+            if let Err(e) = recv(&b, &mut buf, &mut fds) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert_eq!(err.unwrap().kind(), io::ErrorKind::InvalidData);
+        assert!(fds.len() <= MAX_PENDING_FDS);
+    }
+}
