@@ -39,6 +39,19 @@ fn submit_wait_raw(d: &Daemon, pool: &str, file: &std::path::Path) -> (i32, Vec<
     )
 }
 
+/// `sha256sum`'s hex digest of `file`.
+fn sha256sum(file: &std::path::Path) -> String {
+    let sum = std::process::Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn payloads_around_inline_limit_round_trip_bit_exact() {
     let d = Daemon::start("shm-sizes", &cfg(""));
@@ -58,16 +71,11 @@ fn payloads_around_inline_limit_round_trip_bit_exact() {
         );
         let (code, out, err) = submit_wait_raw(&d, "sha256", &f);
         assert_eq!(code, 0, "sha256 {n}: {err}");
-        let sum = std::process::Command::new("sha256sum")
-            .arg(&f)
-            .output()
-            .unwrap();
-        let want = String::from_utf8_lossy(&sum.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
-        assert_eq!(String::from_utf8_lossy(&out), want, "sha256 of {n} bytes");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            sha256sum(&f),
+            "sha256 of {n} bytes"
+        );
     }
     // The large ones really went through the arena, both ways.
     assert!(
@@ -227,16 +235,7 @@ fn sixty_four_mib_round_trips_bit_exact_through_file_stdin_and_result() {
 
     let (code, out, err) = submit_wait_raw(&d, "sha256", &f);
     assert_eq!(code, 0, "sha256: {err}");
-    let sum = std::process::Command::new("sha256sum")
-        .arg(&f)
-        .output()
-        .unwrap();
-    let want = String::from_utf8_lossy(&sum.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(String::from_utf8_lossy(&out), want);
+    assert_eq!(String::from_utf8_lossy(&out), sha256sum(&f));
 
     // Without --wait, then `result`: the stored output, streamed again.
     let (code, id, err) = ctl_raw(
@@ -276,5 +275,5 @@ fn sixty_four_mib_round_trips_bit_exact_through_file_stdin_and_result() {
     let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(doc["state"], "succeeded");
     let b64 = doc["output_b64"].as_str().expect("binary output as base64");
-    assert_eq!(b64.len(), (small.len() + 2) / 3 * 4);
+    assert_eq!(b64.len(), small.len().div_ceil(3) * 4);
 }
