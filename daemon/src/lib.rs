@@ -13,6 +13,7 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod copier;
 pub mod ctl;
 pub mod fdpass;
 pub mod log;

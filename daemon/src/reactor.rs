@@ -58,7 +58,9 @@ use std::time::Instant;
 
 const TOKEN_SIGNALS: Token = Token(0);
 const TOKEN_LISTENER: Token = Token(1);
-const TOKEN_STORE: Token = Token(2);
+/// The one waker (mio allows one per poll), shared by the store thread and
+/// the copier thread: on it, both are asked for what they finished.
+const TOKEN_WAKE: Token = Token(2);
 
 /// A client whose unread output exceeds this is not read from until it
 /// catches up (backpressure instead of unbounded buffering).
@@ -98,6 +100,28 @@ const MAX_LOG_LINE: usize = 4096;
 /// Bytes read from one worker output pipe per event (or backlog turn).
 const OUTPUT_READ_BUDGET: usize = 256 << 10;
 
+/// What the copier thread hands back (see [`crate::copier`]).
+enum Copied {
+    /// An input was written into a worker's arena (`ok`: in bounds).
+    ToArena { proc: ProcId, ok: bool },
+    /// An output was read out of a worker's arena (`None`: out of bounds).
+    FromArena {
+        proc: ProcId,
+        id: u64,
+        offset: u64,
+        len: u64,
+        bytes: Option<Vec<u8>>,
+    },
+    /// A client's input was read from the descriptor it passed.
+    Input {
+        client: u64,
+        pool: String,
+        options: ipc_proto::control::JobOptions,
+        wait: bool,
+        input: Result<Vec<u8>, crate::supervisor::CtlError>,
+    },
+}
+
 /// The daemon's ends of one worker's channels.
 struct WorkerIo {
     pid: u32,
@@ -117,8 +141,21 @@ struct WorkerIo {
     limiter: crate::log::OutputLimiter,
     /// The shared-memory arena; kept open for the worker's lifetime.
     _arena: OwnedFd,
-    /// The daemon's mapping of it (`None` if mapping failed: inline only).
-    mapping: Option<crate::shm::Mapping>,
+    /// The daemon's mapping of it (`None` if mapping failed: inline only);
+    /// shared with the copier thread while it copies a slot.
+    mapping: Option<Arc<crate::shm::Mapping>>,
+    /// Offsets in `jobs_out` of `Job` frames whose input the copier is
+    /// still writing into the arena: nothing from the first one on is
+    /// written to the pipe yet (frames keep their order).
+    hold_out: std::collections::VecDeque<usize>,
+    /// Outputs the copier is reading out of the arena; while any is, the
+    /// worker's later messages wait in `held_in`.
+    copies_in: usize,
+    /// Messages from the worker received behind a pending output copy.
+    held_in: std::collections::VecDeque<FromWorker>,
+    /// End of its result stream (EOF, or a protocol error) seen behind a
+    /// pending output copy.
+    held_end: Option<Option<String>>,
     /// Its split into input and output halves.
     layout: ipc_proto::arena::ArenaLayout,
     /// The exec-status pipe, until the exec is known to have worked.
@@ -152,6 +189,8 @@ pub struct Reactor {
     exiting: bool,
     terms: u32,
     store: Option<Store>,
+    /// Big copies, off the loop.
+    copier: crate::copier::Copier<Copied>,
     /// Clients with output queued this turn.
     dirty_clients: HashSet<u64>,
     /// Workers with frames queued this turn.
@@ -195,10 +234,11 @@ impl Reactor {
         }
         poll.registry()
             .register(&mut listener, TOKEN_LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(
-            mio::Waker::new(poll.registry(), TOKEN_STORE).context("creating the store waker")?,
-        );
-        let (store, recovered) = match Store::open(&config.daemon.state_dir, waker) {
+        let waker =
+            Arc::new(mio::Waker::new(poll.registry(), TOKEN_WAKE).context("creating the waker")?);
+        let copier = crate::copier::Copier::start(Arc::clone(&waker))
+            .context("starting the copier thread")?;
+        let (store, recovered) = match Store::open(&config.daemon.state_dir, Arc::clone(&waker)) {
             Ok(s) => s,
             Err(e) => {
                 // We bound the socket a moment ago: leave nothing behind.
@@ -226,6 +266,7 @@ impl Reactor {
             pids: HashMap::default(),
             core,
             store: Some(store),
+            copier,
             dirty_clients: HashSet::default(),
             dirty_workers: HashSet::default(),
             subscribers: HashSet::default(),
@@ -393,7 +434,10 @@ impl Reactor {
         match tok {
             TOKEN_SIGNALS => self.on_signals(),
             TOKEN_LISTENER => self.accept(),
-            TOKEN_STORE => self.on_store(),
+            TOKEN_WAKE => {
+                self.on_store();
+                self.on_copier();
+            }
             _ => {
                 let (kind, id) = untoken(tok);
                 match kind {
@@ -505,6 +549,8 @@ impl Reactor {
     /// descriptors, tell the core.
     fn worker_gone(&mut self, proc: ProcId, mut exit: ExitInfo) {
         self.on_exec_status(proc);
+        self.on_results(proc);
+        self.settle_copies(proc);
         if let Some(e) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
             // "exit status 127" says less than what the child reported.
             exit.description = e;
@@ -590,21 +636,7 @@ impl Reactor {
                         self.reply(id, &resp);
                     }
                 }
-                Action::WriteArena { proc, offset, data } => {
-                    let written = self
-                        .procs
-                        .get_mut(&proc)
-                        .and_then(|w| w.mapping.as_mut())
-                        .is_some_and(|m| m.write_at(offset, &data));
-                    if !written && self.procs.contains_key(&proc) {
-                        // The Job frame that follows would point at garbage.
-                        self.core.on_protocol_error(
-                            proc,
-                            "its shared-memory arena is not mapped".into(),
-                            Instant::now(),
-                        );
-                    }
-                }
+                Action::WriteArena { proc, offset, data } => self.write_arena(proc, offset, data),
                 Action::MeasureRss { proc } => {
                     if let Some(w) = self.procs.get(&proc) {
                         let rss = rss_bytes(w.pid);
@@ -710,7 +742,11 @@ impl Reactor {
                 stdout_line: Vec::new(),
                 stderr_line: Vec::new(),
                 limiter: crate::log::OutputLimiter::new(Instant::now()),
-                mapping,
+                mapping: mapping.map(Arc::new),
+                hold_out: Default::default(),
+                copies_in: 0,
+                held_in: Default::default(),
+                held_end: None,
                 layout: ipc_proto::arena::ArenaLayout::split(sp.shm_size),
                 _arena: sp.arena,
                 exec_status: Some(sp.exec_status),
@@ -727,17 +763,6 @@ impl Reactor {
             self.core
                 .on_protocol_error(proc, "cannot watch its pipes".into(), Instant::now());
         }
-    }
-
-    /// Copies an output the worker left in its half of the arena.
-    fn read_output(&self, proc: ProcId, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let w = self.procs.get(&proc).ok_or("worker gone")?;
-        ipc_proto::arena::check_ref(&w.layout.output, offset, len).map_err(|e| e.to_string())?;
-        w.mapping
-            .as_ref()
-            .ok_or_else(|| "its arena is not mapped".to_string())?
-            .read_at(offset, len)
-            .ok_or_else(|| "outside the arena".to_string())
     }
 
     /// The exec-status pipe of a worker that exited before `Ready`: a
@@ -800,8 +825,10 @@ impl Reactor {
             return;
         };
         let Some(fd) = &w.jobs else { return };
-        while w.jobs_written < w.jobs_out.len() {
-            match nix::unistd::write(fd, &w.jobs_out[w.jobs_written..]) {
+        // Up to the first frame whose arena input is still being copied.
+        let limit = w.hold_out.front().copied().unwrap_or(w.jobs_out.len());
+        while w.jobs_written < limit {
+            match nix::unistd::write(fd, &w.jobs_out[w.jobs_written..limit]) {
                 Ok(n) => w.jobs_written += n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => {
@@ -820,12 +847,19 @@ impl Reactor {
                     // (or EOF on results) is handled on its own path.
                     w.jobs_out.clear();
                     w.jobs_written = 0;
+                    w.hold_out.iter_mut().for_each(|at| *at = 0);
                     return;
                 }
             }
         }
+        if w.jobs_written < w.jobs_out.len() {
+            // Held behind a copy; `on_copied` flushes again.
+            return;
+        }
         w.jobs_out.clear();
         w.jobs_written = 0;
+        // Holds still pending sit at the end (their frames come next).
+        w.hold_out.iter_mut().for_each(|at| *at = 0);
         if w.jobs_writable_armed {
             w.jobs_writable_armed = false;
             let _ = self
@@ -898,51 +932,240 @@ impl Reactor {
             }
         }
         for m in msgs {
-            match m {
-                FromWorker::Ready {
-                    protocol_version, ..
-                } => {
-                    // It runs: the exec worked, nothing will come on the
-                    // status pipe.
-                    if let Some(w) = self.procs.get_mut(&proc) {
-                        w.exec_status = None;
-                    }
-                    self.core.on_ready(proc, protocol_version, now)
+            match self.procs.get_mut(&proc) {
+                Some(w) if w.copies_in > 0 => w.held_in.push_back(m),
+                _ => self.on_worker_msg(proc, m, now),
+            }
+        }
+        if problem.is_some() || eof {
+            match self.procs.get_mut(&proc) {
+                Some(w) if w.copies_in > 0 => w.held_end = Some(problem),
+                _ => self.on_results_end(proc, problem, now),
+            }
+        }
+    }
+
+    /// The end of a worker's result stream: a protocol error or EOF.
+    fn on_results_end(&mut self, proc: ProcId, problem: Option<String>, now: Instant) {
+        if let Some(p) = problem {
+            self.core.on_protocol_error(proc, p, now);
+        } else {
+            self.core.on_channel_closed(proc, now);
+        }
+    }
+
+    /// One message from a worker, in order.
+    fn on_worker_msg(&mut self, proc: ProcId, m: FromWorker, now: Instant) {
+        match m {
+            FromWorker::Ready {
+                protocol_version, ..
+            } => {
+                // It runs: the exec worked, nothing will come on the
+                // status pipe.
+                if let Some(w) = self.procs.get_mut(&proc) {
+                    w.exec_status = None;
                 }
-                FromWorker::Done { id, output } => match output {
-                    ipc_proto::worker::Payload::Inline(bytes) => {
-                        self.core.on_job_done(proc, id, bytes.0, now)
-                    }
-                    ipc_proto::worker::Payload::Shm { offset, len } => {
-                        match self.read_output(proc, offset, len) {
-                            Ok(bytes) => {
-                                if crate::log::enabled(Level::Debug) {
-                                    crate::log::log(
-                                        Level::Debug,
-                                        &format!(
-                                            "job {id}: {len}-byte output through shared memory"
-                                        ),
-                                    );
-                                }
-                                self.send(proc, &ToWorker::Release { offset, len });
-                                self.core.on_job_done(proc, id, bytes, now)
-                            }
-                            Err(e) => self.core.on_protocol_error(
+                self.core.on_ready(proc, protocol_version, now)
+            }
+            FromWorker::Done { id, output } => match output {
+                ipc_proto::worker::Payload::Inline(bytes) => {
+                    self.core.on_job_done(proc, id, bytes.0, now)
+                }
+                ipc_proto::worker::Payload::Shm { offset, len } => {
+                    let mapping = match self.output_slot(proc, offset, len) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return self.core.on_protocol_error(
                                 proc,
                                 format!("job {id}: bad shared-memory output: {e}"),
                                 now,
-                            ),
+                            )
                         }
+                    };
+                    if crate::log::enabled(Level::Debug) {
+                        crate::log::log(
+                            Level::Debug,
+                            &format!("job {id}: {len}-byte output through shared memory"),
+                        );
                     }
-                },
-                FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
+                    if len < crate::copier::OFFLOAD_MIN {
+                        let bytes = mapping.read_at(offset, len).expect("range checked");
+                        self.send(proc, &ToWorker::Release { offset, len });
+                        self.core.on_job_done(proc, id, bytes, now);
+                    } else {
+                        // Off the loop; this worker's later messages wait.
+                        if let Some(w) = self.procs.get_mut(&proc) {
+                            w.copies_in += 1;
+                        }
+                        self.copier.run(move || Copied::FromArena {
+                            proc,
+                            id,
+                            offset,
+                            len,
+                            bytes: mapping.read_at(offset, len),
+                        });
+                    }
+                }
+            },
+            FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
+        }
+    }
+
+    /// Copies `data` into `proc`'s arena at `offset` (an input slot the
+    /// core allocated), before the `Job` frame the core queues next: in
+    /// place when small, else on the copier thread, the frame held back
+    /// until the copy is done.
+    fn write_arena(&mut self, proc: ProcId, offset: u64, data: impl AsRef<[u8]> + Send + 'static) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let Some(mapping) = w.mapping.clone() else {
+            // The Job frame that follows would point at garbage.
+            return self.core.on_protocol_error(
+                proc,
+                "its shared-memory arena is not mapped".into(),
+                Instant::now(),
+            );
+        };
+        if (data.as_ref().len() as u64) < crate::copier::OFFLOAD_MIN {
+            if !mapping.write_at(offset, data.as_ref()) {
+                self.core.on_protocol_error(
+                    proc,
+                    "an input slot outside its shared-memory arena".into(),
+                    Instant::now(),
+                );
+            }
+            return;
+        }
+        w.hold_out.push_back(w.jobs_out.len());
+        self.copier.run(move || Copied::ToArena {
+            proc,
+            ok: mapping.write_at(offset, data.as_ref()),
+        });
+    }
+
+    /// Collects what the copier thread has finished.
+    fn on_copier(&mut self) {
+        while let Some(c) = self.copier.try_done() {
+            self.on_copied(c);
+        }
+    }
+
+    /// Waits for every copy in flight for `proc` (a worker that just died:
+    /// its `Done`s must count before its death does). Copies take
+    /// milliseconds; other workers' finished copies are handled on the way.
+    fn settle_copies(&mut self, proc: ProcId) {
+        while self
+            .procs
+            .get(&proc)
+            .is_some_and(|w| w.copies_in > 0 || !w.hold_out.is_empty())
+        {
+            match self.copier.wait_done() {
+                Some(c) => self.on_copied(c),
+                None => break,
             }
         }
-        if let Some(p) = problem {
-            self.core.on_protocol_error(proc, p, now);
-        } else if eof {
-            self.core.on_channel_closed(proc, now);
+    }
+
+    fn on_copied(&mut self, c: Copied) {
+        let now = Instant::now();
+        match c {
+            Copied::ToArena { proc, ok } => {
+                let Some(w) = self.procs.get_mut(&proc) else {
+                    return;
+                };
+                w.hold_out.pop_front();
+                self.dirty_workers.insert(proc);
+                if !ok {
+                    self.core.on_protocol_error(
+                        proc,
+                        "an input slot outside its shared-memory arena".into(),
+                        now,
+                    );
+                }
+            }
+            Copied::FromArena {
+                proc,
+                id,
+                offset,
+                len,
+                bytes,
+            } => {
+                let Some(w) = self.procs.get_mut(&proc) else {
+                    return;
+                };
+                w.copies_in -= 1;
+                match bytes {
+                    Some(bytes) => {
+                        self.send(proc, &ToWorker::Release { offset, len });
+                        self.core.on_job_done(proc, id, bytes, now);
+                    }
+                    None => self.core.on_protocol_error(
+                        proc,
+                        format!("job {id}: bad shared-memory output: outside the arena"),
+                        now,
+                    ),
+                }
+                // What came after it, until the next pending copy.
+                while let Some(w) = self.procs.get_mut(&proc) {
+                    if w.copies_in > 0 {
+                        break;
+                    }
+                    if let Some(m) = w.held_in.pop_front() {
+                        self.on_worker_msg(proc, m, now);
+                    } else if let Some(end) = w.held_end.take() {
+                        self.on_results_end(proc, end, now);
+                    } else {
+                        break;
+                    }
+                }
+            }
+            Copied::Input {
+                client,
+                pool,
+                options,
+                wait,
+                input,
+            } => {
+                let gone = !self.clients.contains_key(&client);
+                match input {
+                    // A client gone meanwhile gets no answer, but its job
+                    // is as accepted as one submitted just before a hang-up.
+                    Ok(input) => {
+                        self.core
+                            .submit(client, &pool, input, options, wait && !gone, now)
+                    }
+                    Err(e) => self.core.refuse_submit(client, e),
+                }
+                self.run_actions();
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.waiting_input = false;
+                    let stashed: Vec<Incoming> = c.stash.drain(..).collect();
+                    self.on_incoming(client, stashed);
+                    // Edge-triggered: read what arrived meanwhile.
+                    self.on_client(client, true, false);
+                }
+            }
         }
+        self.run_actions();
+    }
+
+    /// The arena mapping of `proc` if `offset`/`len` is a valid output
+    /// range in it.
+    fn output_slot(
+        &self,
+        proc: ProcId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Arc<crate::shm::Mapping>, String> {
+        let w = self.procs.get(&proc).ok_or("worker gone")?;
+        ipc_proto::arena::check_ref(&w.layout.output, offset, len).map_err(|e| e.to_string())?;
+        let m = w
+            .mapping
+            .clone()
+            .ok_or_else(|| "its arena is not mapped".to_string())?;
+        // check_ref bounds it by the layout, which lies inside the mapping.
+        Ok(m)
     }
 
     /// Reads one worker output pipe, at most [`OUTPUT_READ_BUDGET`] bytes,
@@ -1052,7 +1275,10 @@ impl Reactor {
 
     fn on_client(&mut self, id: u64, readable: bool, _writable: bool) {
         let mut drop_it = false;
-        let paused = self.clients.get(&id).is_some_and(|c| c.paused);
+        let paused = self
+            .clients
+            .get(&id)
+            .is_some_and(|c| c.paused || c.waiting_input);
         if readable && !paused {
             let outcome = match self.clients.get_mut(&id) {
                 Some(c) => c.read(),
@@ -1069,18 +1295,7 @@ impl Reactor {
                     (Vec::new(), true)
                 }
             };
-            for r in reqs {
-                match r {
-                    Incoming::Request(req) => self.handle_request(id, req),
-                    Incoming::SubmitFd {
-                        pool,
-                        len,
-                        options,
-                        wait,
-                        fd,
-                    } => self.submit_fd(id, &pool, len, options, wait, fd),
-                }
-            }
+            self.on_incoming(id, reqs);
             // The end of the client's stream ends its session (jobvisorctl
             // never half-closes): what it still waited for is forgotten.
             drop_it = closed;
@@ -1127,29 +1342,70 @@ impl Reactor {
         }
     }
 
+    /// Requests of one client, in order; those behind an input being read
+    /// off the loop wait in its stash.
+    fn on_incoming(&mut self, id: u64, reqs: Vec<Incoming>) {
+        for r in reqs {
+            match self.clients.get_mut(&id) {
+                Some(c) if c.waiting_input => {
+                    c.stash.push_back(r);
+                    continue;
+                }
+                _ => {}
+            }
+            match r {
+                Incoming::Request(req) => self.handle_request(id, req),
+                Incoming::SubmitFd {
+                    pool,
+                    len,
+                    options,
+                    wait,
+                    fd,
+                } => self.submit_fd(id, pool, len, options, wait, fd),
+            }
+        }
+    }
+
     /// A submit whose input came as a descriptor: refused before anything
-    /// is read if it cannot fit, else read (at page-cache speed: a regular
-    /// file or memfd) and submitted like an inline one. Refusals go through
-    /// the core, in order with the client's earlier submits.
+    /// is read if it cannot fit, else read (a regular file or memfd, never
+    /// a pipe) on the copier thread when large, the client's later
+    /// requests waiting for it, and submitted like an inline one. Refusals
+    /// go through the core, in order with the client's earlier submits.
     fn submit_fd(
         &mut self,
         id: u64,
-        pool: &str,
+        pool: String,
         len: u64,
         options: ipc_proto::control::JobOptions,
         wait: bool,
         fd: OwnedFd,
     ) {
         let now = Instant::now();
-        let input = self.core.check_input_len(pool, len).and_then(|()| {
+        if let Err(e) = self.core.check_input_len(&pool, len) {
+            self.core.refuse_submit(id, e);
+            return self.run_actions();
+        }
+        let read = move || {
             crate::fdpass::read_payload(fd, len, "input")
                 .map_err(|e| crate::supervisor::CtlError::Invalid(format!("submit: {e}")))
-        });
-        match input {
-            Ok(input) => self.core.submit(id, pool, input, options, wait, now),
-            Err(e) => self.core.refuse_submit(id, e),
+        };
+        if len < crate::copier::OFFLOAD_MIN {
+            match read() {
+                Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
+                Err(e) => self.core.refuse_submit(id, e),
+            }
+            return self.run_actions();
         }
-        self.run_actions();
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.waiting_input = true;
+        }
+        self.copier.run(move || Copied::Input {
+            client: id,
+            pool,
+            options,
+            wait,
+            input: read(),
+        });
     }
 
     fn handle_request(&mut self, id: u64, req: Request) {

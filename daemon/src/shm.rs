@@ -17,6 +17,16 @@ pub struct Mapping {
     len: usize,
 }
 
+// SAFETY: the mapping is plain shared memory, valid until drop, whichever
+// thread uses it. Who may touch which range at a time is the slot
+// discipline above (one owner per allocated slot), which the event loop
+// keeps when it hands a slot's copy to the copier thread: it neither
+// touches that slot nor tells the worker about it until the copy is done.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send: `write_at` and `read_at` take `&self` and are only
+// ever called on disjoint ranges concurrently (distinct slots).
+unsafe impl Sync for Mapping {}
+
 impl Mapping {
     /// Maps all `len` bytes of `fd` read-write, shared.
     pub fn new(fd: &OwnedFd, len: u64) -> std::io::Result<Mapping> {
@@ -55,7 +65,7 @@ impl Mapping {
     }
 
     /// Copies `data` to `offset`; false if it would not fit.
-    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> bool {
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> bool {
         let Some(off) = self.range(offset, data.len()) else {
             return false;
         };
@@ -117,7 +127,7 @@ mod tests {
 
     #[test]
     fn writes_and_reads_inside_the_arena() {
-        let (fd, mut m) = arena(8192);
+        let (fd, m) = arena(8192);
         assert!(m.write_at(100, b"hello"));
         assert_eq!(m.read_at(100, 5).unwrap(), b"hello");
         // The bytes are really in the memfd (what the worker sees).
@@ -133,7 +143,7 @@ mod tests {
 
     #[test]
     fn refuses_everything_outside_it() {
-        let (_fd, mut m) = arena(4096);
+        let (_fd, m) = arena(4096);
         assert!(!m.write_at(4095, b"ab"));
         assert!(!m.write_at(4097, b""));
         assert!(!m.write_at(u64::MAX, b"x"));
@@ -145,7 +155,7 @@ mod tests {
 
     #[test]
     fn an_empty_arena_maps_nothing() {
-        let (_fd, mut m) = arena(0);
+        let (_fd, m) = arena(0);
         assert!(!m.write_at(0, b"x"));
         assert_eq!(m.read_at(0, 0).unwrap(), b"");
     }

@@ -1,0 +1,142 @@
+//! The copier thread: big copies (payloads into and out of workers' arenas,
+//! large inputs read from a client's descriptor) run here, so that a 64 MiB
+//! `memcpy` never stalls the event loop's dispatch of other jobs.
+//!
+//! The loop hands over a closure with [`Copier::run`] and gets its result
+//! back, in submission order, from [`Copier::try_done`] after the thread
+//! wakes it through its [`mio::Waker`]. The loop keeps the order of what
+//! depends on a copy itself (it holds back a worker's later frames, or a
+//! client's later requests, until the copy is done); the thread knows
+//! nothing of jobs. Copies below [`OFFLOAD_MIN`] bytes are cheaper done in
+//! place than handed over (two context switches), and are.
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Copies of at least this many bytes go to the copier thread.
+pub const OFFLOAD_MIN: u64 = 256 << 10;
+
+type Task<T> = Box<dyn FnOnce() -> T + Send>;
+
+/// A handle on the copier thread, yielding `T`s.
+pub struct Copier<T> {
+    tasks: Option<Sender<Task<T>>>,
+    done: Receiver<T>,
+    thread: Option<JoinHandle<()>>,
+    in_flight: usize,
+    /// Results of tasks run in place after the thread died.
+    orphaned: std::collections::VecDeque<T>,
+}
+
+impl<T: Send + 'static> Copier<T> {
+    /// Starts the thread; it wakes the loop with `waker` after each task.
+    pub fn start(waker: Arc<mio::Waker>) -> std::io::Result<Copier<T>> {
+        let (tasks, task_rx) = mpsc::channel::<Task<T>>();
+        let (done_tx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("jobvisor-copier".into())
+            .spawn(move || {
+                for task in task_rx {
+                    if done_tx.send(task()).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                }
+            })?;
+        Ok(Copier {
+            tasks: Some(tasks),
+            done,
+            thread: Some(thread),
+            in_flight: 0,
+            orphaned: Default::default(),
+        })
+    }
+
+    /// Runs `task` on the copier thread.
+    pub fn run(&mut self, task: impl FnOnce() -> T + Send + 'static) {
+        self.in_flight += 1;
+        let task: Task<T> = Box::new(task);
+        let task = match &self.tasks {
+            Some(tx) => match tx.send(task) {
+                Ok(()) => return,
+                Err(mpsc::SendError(task)) => task,
+            },
+            None => task,
+        };
+        // The thread is gone (only a bug in a task could panic it): do the
+        // work here rather than lose it.
+        self.tasks = None;
+        self.orphaned.push_back(task());
+    }
+
+    /// The next finished task, if any.
+    pub fn try_done(&mut self) -> Option<T> {
+        let t = match self.done.try_recv() {
+            Ok(t) => t,
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => self.orphaned.pop_front()?,
+        };
+        self.in_flight -= 1;
+        Some(t)
+    }
+
+    /// Waits for the next finished task; `None` if none is in flight.
+    pub fn wait_done(&mut self) -> Option<T> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        let t = match self.done.recv() {
+            Ok(t) => t,
+            Err(_) => self.orphaned.pop_front()?,
+        };
+        self.in_flight -= 1;
+        Some(t)
+    }
+
+    /// Tasks handed over and not yet collected.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl<T> Drop for Copier<T> {
+    fn drop(&mut self) {
+        self.tasks = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn results_come_back_in_order_with_a_wakeup() {
+        let mut poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(9)).unwrap());
+        let mut c = Copier::start(waker).unwrap();
+        for i in 0..100u32 {
+            c.run(move || {
+                if i % 10 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                i
+            });
+        }
+        let mut got = Vec::new();
+        let mut events = mio::Events::with_capacity(8);
+        while got.len() < 100 {
+            poll.poll(&mut events, Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(!events.is_empty(), "no wakeup within 10 s");
+            while let Some(v) = c.try_done() {
+                got.push(v);
+            }
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        assert_eq!(c.in_flight(), 0);
+    }
+}
