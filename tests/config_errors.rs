@@ -30,6 +30,7 @@ fn cases() -> Vec<(&'static str, String, u32, &'static str)> {
         ("semaphore of zero", format!("{head}[semaphores]\ngpu = 0\n"), 5, "semaphores.gpu"),
         ("socket_mode not octal", "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\nsocket_mode = \"rw\"\n".into(), 4, "daemon.socket_mode"),
         ("socket_mode too big", "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\nsocket_mode = \"1777\"\n".into(), 4, "daemon.socket_mode"),
+        ("payload_dir not a string", "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\npayload_dir = 5\n".into(), 4, "daemon.payload_dir"),
         ("max_attempts = 0", pool("max_attempts = 0"), 6, "pools.echo.max_attempts"),
         ("prefetch = 0", pool("prefetch = 0"), 6, "pools.echo.prefetch"),
         ("backoff_max below backoff_initial", pool("backoff_initial = \"10s\"\nbackoff_max = \"1s\""), 7, "pools.echo.backoff_max"),

@@ -81,6 +81,7 @@ const TOP_KEYS: &[&str] = &["daemon", "semaphores", "pools"];
 const DAEMON_KEYS: &[&str] = &[
     "control_socket",
     "state_dir",
+    "payload_dir",
     "socket_mode",
     "drain_timeout",
 ];
@@ -150,6 +151,9 @@ pub struct DaemonConfig {
     pub control_socket: PathBuf,
     /// Absolute path of the directory holding the durable job store.
     pub state_dir: PathBuf,
+    /// Absolute path of the directory holding large payloads (files of
+    /// inputs and outputs of 1 MiB or more); `None`: `state_dir/payloads`.
+    pub payload_dir: Option<PathBuf>,
     /// Permission bits of the control socket (<= 0o777).
     pub socket_mode: u32,
     /// How long running jobs may finish on shutdown.
@@ -212,12 +216,21 @@ pub struct PoolConfig {
 }
 
 impl DaemonConfig {
+    /// Where large payloads are stored: `payload_dir`, else
+    /// `state_dir/payloads`.
+    pub fn payload_dir(&self) -> PathBuf {
+        self.payload_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("payloads"))
+    }
+
     /// The `[daemon]` section when the file has none: default directories from the
     /// environment (see [`default_runtime_dir`]), mode 0660, 30s drain.
     pub fn defaults() -> DaemonConfig {
         DaemonConfig {
             control_socket: default_runtime_dir().join(SOCKET_FILE_NAME),
             state_dir: default_state_dir(),
+            payload_dir: None,
             socket_mode: DEFAULT_SOCKET_MODE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
@@ -580,6 +593,7 @@ impl Walker<'_> {
                     d.control_socket = p;
                 }
                 "state_dir" => d.state_dir = self.path_value(v, &key)?,
+                "payload_dir" => d.payload_dir = Some(self.path_value(v, &key)?),
                 "socket_mode" => d.socket_mode = self.socket_mode(v, &key)?,
                 "drain_timeout" => d.drain_timeout = self.duration(v, &key)?,
                 other => return Err(self.unknown_key(k, "daemon", other, DAEMON_KEYS)),

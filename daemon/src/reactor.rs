@@ -1577,8 +1577,9 @@ impl Reactor {
             .map_err(CtlError::parts)?;
         if new.daemon.control_socket != self.config.daemon.control_socket
             || new.daemon.state_dir != self.config.daemon.state_dir
+            || new.daemon.payload_dir() != self.config.daemon.payload_dir()
         {
-            msg.push_str("; daemon.control_socket/state_dir changes take effect after a restart of jobvisord");
+            msg.push_str("; daemon.control_socket/state_dir/payload_dir changes take effect after a restart of jobvisord");
         }
         self.config = new;
         crate::info!("{msg}");

@@ -411,6 +411,7 @@ fn every_key_parses_to_its_value() {
 [daemon]
 control_socket = "/run/jv/ctl.sock"
 state_dir = "/var/lib/jv"
+payload_dir = "/dev/shm/jv"
 socket_mode = "0600"
 drain_timeout = "1m"
 
@@ -450,6 +451,7 @@ result_retention = "7days"
         DaemonConfig {
             control_socket: "/run/jv/ctl.sock".into(),
             state_dir: "/var/lib/jv".into(),
+            payload_dir: Some("/dev/shm/jv".into()),
             socket_mode: 0o600,
             drain_timeout: Duration::from_secs(60),
         }
@@ -560,6 +562,11 @@ cwd = "../other"
         PathBuf::from("/etc/jobvisor/jobvisor.sock")
     );
     assert_eq!(c.daemon.state_dir, PathBuf::from("/etc/jobvisor/state"));
+    assert_eq!(
+        c.daemon.payload_dir(),
+        PathBuf::from("/etc/jobvisor/state/payloads"),
+        "by default inside state_dir"
+    );
     assert_eq!(c.pools["a"].cwd, PathBuf::from("/etc/jobvisor"));
     assert_eq!(c.pools["b"].cwd, PathBuf::from("/etc/jobvisor/sub/dir"));
     assert_eq!(c.pools["c"].cwd, PathBuf::from("/etc/jobvisor/../other"));
