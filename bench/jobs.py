@@ -12,9 +12,12 @@ and prints jobs/s of each and the ratios. Then: latency of single
 `jobvisorctl submit --wait` calls (p50/p99, includes process start of the
 CLI and one fsync), and store growth per million jobs.
 Writes bench/out/jobs.json and bench/out/jobs.md.
+
+Importable: bench/run.py calls bench_jobvisor, bench_pool and bench_executor
+(every wait there is bounded when a timeout is passed).
 """
-import argparse, concurrent.futures, json, multiprocessing, os, shutil, signal
-import statistics, subprocess, sys, tempfile, time
+import argparse, concurrent.futures, contextlib, json, multiprocessing, os, shutil, signal
+import statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release"))
@@ -27,15 +30,24 @@ def noop(x):
 def wait_socket(ctl, sock, deadline=20.0):
     end = time.time() + deadline
     while time.time() < end:
-        if subprocess.run([ctl, "--socket", sock, "status"], capture_output=True).returncode == 0:
+        if subprocess.run([ctl, "--socket", sock, "status"], capture_output=True, timeout=10).returncode == 0:
             return
         time.sleep(0.02)
     raise RuntimeError("jobvisord did not come up")
 
 
 class Daemon:
-    def __init__(self, prefetch):
+    def __init__(self, prefetch, workers=2):
+        self.proc = None
+        self.log = None
         self.dir = tempfile.mkdtemp(prefix="jobvisor-bench-")
+        try:
+            self._start(prefetch, workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, prefetch, workers):
         self.sock = os.path.join(self.dir, "ctl.sock")
         self.ctl = os.path.join(BIN, "jobvisorctl")
         cfg = os.path.join(self.dir, "jobvisor.toml")
@@ -45,7 +57,7 @@ control_socket = "ctl.sock"
 state_dir = "state"
 [pools.echo]
 command = ["{os.path.join(BIN, 'jobvisor-worker')}", "echo"]
-workers = 2
+workers = {workers}
 prefetch = {prefetch}
 queue_capacity = 10000000
 """)
@@ -54,12 +66,14 @@ queue_capacity = 10000000
                                      stderr=self.log, stdout=subprocess.DEVNULL)
         wait_socket(self.ctl, self.sock)
         end = time.time() + 20
-        while time.time() < end:
+        while True:
             st = json.loads(subprocess.run([self.ctl, "--socket", self.sock, "--json", "status"],
-                                           capture_output=True, text=True).stdout)
+                                           capture_output=True, text=True, timeout=10).stdout)
             ws = st["pools"][0]["workers"]
-            if len(ws) == 2 and all(w["state"] == "ready" for w in ws):
+            if len(ws) == workers and all(w["state"] == "ready" for w in ws):
                 break
+            if time.time() > end:
+                raise RuntimeError(f"jobvisord: {workers} workers not ready within 20 s: {ws}")
             time.sleep(0.02)
 
     def store_bytes(self):
@@ -69,59 +83,96 @@ queue_capacity = 10000000
         return total
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """Idempotent: SIGTERM (SIGKILL after 30 s), remove the temp dir."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def bench_jobvisor(n, prefetch):
-    d = Daemon(prefetch)
+def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
+    """`jobvisorctl map echo` of n lines on a fresh daemon, then `submits`
+    single `submit --wait` calls (0: none). timeout bounds each CLI call
+    (seconds; None: unbounded)."""
+    d = Daemon(prefetch, workers)
     try:
         data = "".join(f"{i}\n" for i in range(n)).encode()
         t = time.perf_counter()
         r = subprocess.run([d.ctl, "--socket", d.sock, "map", "echo"], input=data,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
         dt = time.perf_counter() - t
         lines = r.stdout.count(b"\n")
         if r.returncode != 0 or lines != n:
             raise RuntimeError(f"map failed: rc={r.returncode} lines={lines} {r.stderr[:300]!r}")
         before = d.store_bytes()
+        res = {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before}
         # Single submits: latency of a whole CLI call (spawn, connect,
         # durable insert, run, durable result).
         lat = []
-        for i in range(200):
+        for i in range(submits):
             t0 = time.perf_counter()
             rr = subprocess.run([d.ctl, "--socket", d.sock, "submit", "echo", "--input", str(i), "--wait"],
-                                capture_output=True)
+                                capture_output=True, timeout=timeout)
             lat.append((time.perf_counter() - t0) * 1e3)
             if rr.returncode != 0:
                 raise RuntimeError(f"submit failed: {rr.stderr!r}")
-        lat.sort()
-        return {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before,
-                "submit_wait_ms_p50": lat[len(lat) // 2], "submit_wait_ms_p99": lat[int(len(lat) * 0.99) - 1]}
+        if lat:
+            lat.sort()
+            res["submit_wait_ms_p50"] = lat[len(lat) // 2]
+            res["submit_wait_ms_p99"] = lat[int(len(lat) * 0.99) - 1]
+        return res
     finally:
         d.stop()
 
 
-def bench_pool(n):
-    with multiprocessing.get_context("fork").Pool(2) as p:
-        list(p.imap_unordered(noop, range(1000), chunksize=1))
-        t = time.perf_counter()
-        c = sum(1 for _ in p.imap_unordered(noop, range(n), chunksize=1))
-        dt = time.perf_counter() - t
+@contextlib.contextmanager
+def deadline(seconds, what):
+    """Raises TimeoutError in the main thread if the block is not done within
+    `seconds` (SIGALRM; a no-op for None or outside the main thread)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{what}: not done within {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def bench_pool(n, chunksize=1, workers=2, timeout=None):
+    """multiprocessing.Pool(workers).imap_unordered(noop, range(n), chunksize)
+    after a 1,000-job warm-up. timeout: the longest the warm-up plus the
+    timed map may take (seconds)."""
+    with multiprocessing.get_context("fork").Pool(workers) as p:
+        with deadline(timeout, f"Pool({workers}).imap_unordered chunksize={chunksize}"):
+            list(p.imap_unordered(noop, range(1000), chunksize=chunksize))
+            t = time.perf_counter()
+            c = sum(1 for _ in p.imap_unordered(noop, range(n), chunksize=chunksize))
+            dt = time.perf_counter() - t
     assert c == n
     return {"jobs_per_s": n / dt, "seconds": dt}
 
 
-def bench_executor(n):
+def bench_executor(n, chunksize=1, workers=2, timeout=None):
+    """ProcessPoolExecutor(workers).map(noop, range(n), chunksize) after a
+    1,000-job warm-up. timeout: the longest the whole map may take."""
     ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
-        list(ex.map(noop, range(1000)))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        list(ex.map(noop, range(1000), timeout=timeout))
         t = time.perf_counter()
-        c = sum(1 for _ in ex.map(noop, range(n), chunksize=1))
+        c = sum(1 for _ in ex.map(noop, range(n), chunksize=chunksize, timeout=timeout))
         dt = time.perf_counter() - t
     assert c == n
     return {"jobs_per_s": n / dt, "seconds": dt}

@@ -280,7 +280,8 @@ class LogWatcher(threading.Thread):
 
 
 class Daemon:
-    def __init__(self, name, bins, pools, log_level="debug", log_to_file=False):
+    def __init__(self, name, bins, pools, log_level="debug", log_to_file=False, state_dir=None):
+        """state_dir: the store's directory (default: "state" in the temp dir)."""
         self.name = name
         self.bins = bins
         self.dir = Path(tempfile.mkdtemp(prefix=f"jvbench-{name}-"))
@@ -290,7 +291,8 @@ class Daemon:
         self.log_path = LOGS / f"{name}.daemon.log"
         self.pools = pools
         self.seen_worker_pids = set()
-        lines = ["[daemon]", 'control_socket = "ctl.sock"', 'state_dir = "state"', ""]
+        lines = ["[daemon]", 'control_socket = "ctl.sock"',
+                 f"state_dir = {toml_value(str(state_dir) if state_dir else 'state')}", ""]
         for pool, keys in pools.items():
             lines.append(f"[pools.{pool}]")
             for k, v in keys.items():

@@ -1,0 +1,650 @@
+#!/usr/bin/env python3
+"""All of jobvisor's peer benchmarks in one invocation.
+
+    python3 bench/run.py [--quick] [--only tiny,payload,restart,pm2,idle]
+
+Sections, run one after the other on the same machine:
+  tiny     tiny-job throughput: `jobvisorctl map echo` (2 workers) vs
+           multiprocessing.Pool(2) (chunksize 1 and 64), ProcessPoolExecutor(2)
+           and GNU parallel -j2 (installed with apt-get when absent);
+  payload  64 MiB round trip through an echo worker: memcpy bandwidth of this
+           machine, jobvisor via the CLI (shm with the store on disk and on
+           /dev/shm, inline at 32 MiB), multiprocessing.Pool(1).apply and a
+           persistent multiprocessing.shared_memory segment;
+  restart, pm2, idle
+           bench/supervision.py's sections (restart latency, pm2 in the same
+           run, idle cost), imported, not re-implemented.
+
+Binaries come from $JOBVISOR_BIN_DIR (default <repo>/target/release).
+Writes bench/out/report.json and bench/out/report.md (daemon logs of the
+supervision sections in bench/out/logs/). Exit status: 0 when every section
+ran (missed targets are FAIL rows), 1 when a section aborted, 130 on
+Ctrl-C/SIGTERM. See bench/README.md.
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing import shared_memory
+from pathlib import Path
+
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jobs  # noqa: E402  (bench/jobs.py)
+import supervision as sv  # noqa: E402  (bench/supervision.py)
+
+REPO, OUT = sv.REPO, sv.OUT
+MiB = 1 << 20
+SectionError = sv.SectionError
+now = sv.now
+
+
+class RowError(Exception):
+    """One measurement failed: recorded in its row, the section goes on."""
+
+
+_SIGNALS = []
+
+
+def _on_signal(signum, frame):
+    _SIGNALS.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def check_interrupt():
+    """Re-raises a Ctrl-C/SIGTERM that a library turned into another error
+    (multiprocessing may surface it as EOFError or BrokenPipeError)."""
+    if _SIGNALS:
+        raise KeyboardInterrupt(f"signal {_SIGNALS[0]}")
+
+
+def err_text(e):
+    check_interrupt()
+    return str(e) if isinstance(e, (RowError, SectionError)) else f"{type(e).__name__}: {e}"
+
+
+def short(s, n=160):
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def fmt_ratio(x):
+    return f"{x:.2f}x"
+
+
+def verdict_row(name, value, target, ok):
+    return (name, value, target, bool(ok))
+
+
+def fs_type(path):
+    """Filesystem type of the mount holding path (longest mount-point prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    for line in (sv.read_text("/proc/mounts") or "").splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, parts[2]
+    return kind
+
+
+# --------------------------------------------------------------------------
+# 1. tiny jobs
+
+
+def gnu_parallel_version(path):
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = (r.stdout or "").splitlines()[:1]
+    if r.returncode == 0 and first and first[0].startswith("GNU parallel"):
+        return first[0]
+    return None
+
+
+def find_gnu_parallel():
+    for cand in (shutil.which("parallel"), "/usr/bin/parallel"):
+        if cand and os.access(cand, os.X_OK):
+            v = gnu_parallel_version(cand)
+            if v:
+                return cand, v
+    return None, None
+
+
+def ensure_gnu_parallel(m):
+    """GNU parallel (not moreutils' parallel): found, or `apt-get install -y
+    parallel`. Returns (path, version) or raises RowError with the reason."""
+    path, version = find_gnu_parallel()
+    if path:
+        return path, version
+    which = shutil.which("parallel")
+    why = f"{which} is not GNU parallel (moreutils?)" if which else "GNU parallel not installed"
+    apt = shutil.which("apt-get")
+    if not apt:
+        raise RowError(f"{why}; no apt-get to install it")
+    prefix = []
+    if os.geteuid() != 0:
+        if not shutil.which("sudo"):
+            raise RowError(f"{why}; not root and no sudo to run apt-get")
+        prefix = ["sudo", "-n"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    log = []
+    for cmd in ([apt, "install", "-y", "parallel"], [apt, "update"], [apt, "install", "-y", "parallel"]):
+        print(f"  {why}: {' '.join(prefix + cmd)} ...", flush=True)
+        try:
+            r = subprocess.run(prefix + cmd, capture_output=True, text=True, timeout=300, env=env,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            log.append(f"{' '.join(cmd)}: timed out after 300 s")
+            continue
+        tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
+        log.append(f"{' '.join(cmd)}: exit {r.returncode}" + (f" ({tail})" if r.returncode else ""))
+        if r.returncode == 0 and cmd[1] == "install":
+            break
+    m["parallel_install"] = log
+    path, version = find_gnu_parallel()
+    if not path:
+        raise RowError(f"{why}; after apt-get: still no GNU parallel ({'; '.join(log)})")
+    return path, version
+
+
+def bench_gnu_parallel(path, n, timeout):
+    data = "".join(f"{i}\n" for i in range(n)).encode()
+    t = now()
+    r = subprocess.run([path, "--will-cite", "-j2", "echo"], input=data, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=timeout)
+    dt = now() - t
+    lines = r.stdout.count(b"\n")
+    if r.returncode != 0 or lines != n:
+        raise RowError(f"parallel exited {r.returncode}, {lines} of {n} lines: {short(r.stderr.decode())}")
+    return {"jobs_per_s": n / dt, "seconds": dt}
+
+
+def repeat(fn, reps, budget=90.0):
+    """Runs fn() up to reps times (fewer once `budget` seconds are spent, so
+    a slow runner cannot blow the time limit); jobs_per_s is the median run."""
+    runs = []
+    t0 = now()
+    for _ in range(reps):
+        runs.append(fn())
+        if now() - t0 > budget:
+            break
+    vals = [r["jobs_per_s"] for r in runs]
+    out = {"jobs_per_s": statistics.median(vals), "runs_jobs_per_s": vals, "reps_done": len(runs)}
+    for k in ("store_bytes",):
+        if k in runs[0]:
+            out[k] = runs[0][k]
+    return out
+
+
+def sec_tiny(ctx, res):
+    n, reps, n_par = ctx["n"], ctx["reps"], ctx["parallel_n"]
+    m, rows = res["metrics"], res["rows"]
+    m["n"], m["reps"], m["prefetch"] = n, reps, 64
+    per_call = 60 + n / 1000  # seconds; a stall shows up long before
+    peers = [
+        ("pool_cs1", "multiprocessing.Pool(2) imap_unordered chunksize=1", n,
+         lambda: repeat(lambda: jobs.bench_pool(n, 1, timeout=per_call), reps)),
+        ("pool_cs64", "multiprocessing.Pool(2) imap_unordered chunksize=64", n,
+         lambda: repeat(lambda: jobs.bench_pool(n, 64, timeout=per_call), reps)),
+        ("executor_cs1", "ProcessPoolExecutor(2).map chunksize=1", n,
+         lambda: repeat(lambda: jobs.bench_executor(n, 1, timeout=per_call), reps)),
+        ("gnu_parallel", f"GNU parallel -j2 echo, N={n_par:,} (not {n:,}: ~400 jobs/s)", n_par, None),
+    ]
+    print(f"  jobvisorctl map echo, N={n:,} x {reps} ...", flush=True)
+    try:
+        m["jobvisor"] = repeat(lambda: jobs.bench_jobvisor(n, 64, submits=0, timeout=per_call), reps)
+    except Exception as e:
+        m["jobvisor"] = {"error": err_text(e)}
+    for key, label, nn, fn in peers:
+        print(f"  {label} ...", flush=True)
+        try:
+            if key == "gnu_parallel":
+                path, version = ensure_gnu_parallel(m)
+                m["gnu_parallel_version"] = version
+                r = repeat(lambda: bench_gnu_parallel(path, nn, 60 + nn / 20), reps)
+            else:
+                r = fn()
+            r["n"] = nn
+            m[key] = r
+        except Exception as e:
+            m[key] = {"error": err_text(e), "n": nn}
+    jv_rate = m["jobvisor"].get("jobs_per_s")
+    if jv_rate:
+        rows.append((f"jobvisorctl map echo (2 workers, prefetch 64, durable), N={n:,}",
+                     f"{jv_rate:,.0f} jobs/s", "", None))
+    else:
+        rows.append(("jobvisorctl map echo (2 workers)", "error: " + short(m["jobvisor"]["error"]), "", False))
+    for key, label, nn, _ in peers:
+        r = m[key]
+        if "error" in r:
+            rows.append((label, "error: " + short(r["error"]), "", None))
+            continue
+        ratio = jv_rate / r["jobs_per_s"] if jv_rate else None
+        r["ratio_jobvisor_over_this"] = ratio
+        rows.append((label, f"{r['jobs_per_s']:,.0f} jobs/s" +
+                     (f"; jobvisor/this {fmt_ratio(ratio)}" if ratio else ""), "", None))
+    base = m["pool_cs1"]
+    if jv_rate and "jobs_per_s" in base:
+        ratio = jv_rate / base["jobs_per_s"]
+        rows.append(verdict_row("jobvisor / Pool chunksize=1 (jobs/s)", fmt_ratio(ratio), ">= 2x", ratio >= 2))
+    else:
+        rows.append(("jobvisor / Pool chunksize=1 (jobs/s)", "n/a (a run failed)", ">= 2x", False))
+
+
+# --------------------------------------------------------------------------
+# 2. payload round trip
+
+
+def _shm_child(shm, n, conn):
+    """Forked child: waits for a message, copies the input region [0, n) into
+    the output region [n, 2n) of the inherited mapping, answers."""
+    buf = shm.buf
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        buf[n:2 * n] = buf[0:n]
+        conn.send(1)
+
+
+def disk_tmp_dir():
+    """A directory on a real disk for the 'state_dir on disk' row."""
+    for base in (tempfile.gettempdir(), "/var/tmp", str(OUT)):
+        if os.path.isdir(base) and fs_type(base) not in ("tmpfs", "ramfs", "?"):
+            return base
+    return tempfile.gettempdir()
+
+
+def sec_payload(ctx, res):
+    bins, runs = ctx["bins"], ctx["runs"]
+    m, rows = res["metrics"], res["rows"]
+    size = 64 * MiB
+    inline_size = 32 * MiB
+    m["size_bytes"], m["inline_size_bytes"], m["runs"] = size, inline_size, runs
+    tmp = Path(tempfile.mkdtemp(prefix="jvbench-payload-", dir="/dev/shm"))
+    sv.on_cleanup(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    data = os.urandom(size)
+    inp = tmp / "in-64MiB.bin"
+    inp.write_bytes(data)
+    inp_inline = tmp / "in-32MiB.bin"
+    inp_inline.write_bytes(data[:inline_size])
+
+    # -- memcpy bandwidth of this machine, same run
+    src, dst = bytearray(data), bytearray(size)
+    cs = (ctypes.c_char * size).from_buffer(src)
+    cd = (ctypes.c_char * size).from_buffer(dst)
+    ctypes.memmove(cd, cs, size)  # faults the destination in
+    ts = []
+    for _ in range(10):
+        t = now()
+        ctypes.memmove(cd, cs, size)
+        ts.append(now() - t)
+    del cs, cd, src, dst
+    mc = {"runs_GBps": [size / t / 1e9 for t in ts]}
+    mc["median_GBps"] = statistics.median(mc["runs_GBps"])
+    mc["best_GBps"] = max(mc["runs_GBps"])
+    m["memcpy"] = mc
+    memcpy = mc["median_GBps"]
+    rows.append(("memcpy 64 MiB -> 64 MiB (ctypes.memmove, 10 runs)",
+                 f"{memcpy:.2f} GB/s median (best {mc['best_GBps']:.2f})", "", None))
+
+    def summarize(times, nbytes):
+        med = statistics.median(times)
+        return {"round_trip_ms": med * 1000, "round_trip_ms_runs": [t * 1000 for t in times],
+                "round_trip_ms_min": min(times) * 1000, "round_trip_ms_max": max(times) * 1000,
+                "GBps": 2 * nbytes / med / 1e9, "fraction_of_memcpy": 2 * nbytes / med / 1e9 / memcpy}
+
+    # -- jobvisor through the CLI
+    disk_base = disk_tmp_dir()
+    jv_rows = [
+        ("jv_shm_disk", "jobvisor shm, state_dir on disk", disk_base, inp, size, False),
+        ("jv_shm_tmpfs", "jobvisor shm, state_dir on /dev/shm", "/dev/shm", inp, size, False),
+        ("jv_shm32_tmpfs", "jobvisor shm, 32 MiB (info, same size as inline), state_dir on /dev/shm",
+         "/dev/shm", inp_inline, inline_size, False),
+        ("jv_inline", "jobvisor inline, 32 MiB (64 MiB frame limit), state_dir on /dev/shm",
+         "/dev/shm", inp_inline, inline_size, True),
+    ]
+    for key, label, base, infile, nbytes, inline in jv_rows:
+        print(f"  {label} ...", flush=True)
+        r = m[key] = {"label": label, "bytes": nbytes}
+        state = Path(tempfile.mkdtemp(prefix="jvbench-state-", dir=base))
+        sv.on_cleanup(lambda p=state: shutil.rmtree(p, ignore_errors=True))
+        r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
+        pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
+        if inline:
+            pool["inline_limit"] = "48MiB"
+        r["pool"] = pool
+        d = None
+        try:
+            d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
+                          log_to_file=True, state_dir=state)
+            d.wait_ready_status("echo", 1, 20.0)
+            out = tmp / f"out-{key}.bin"
+            argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
+                    "--input-file", str(infile), "--wait"]
+            r["command"] = " ".join(argv) + f" > {out}"
+            expect = data[:nbytes]
+
+            def once():
+                with open(out, "wb") as f:
+                    t = now()
+                    try:
+                        p = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, timeout=120)
+                    except subprocess.TimeoutExpired:
+                        raise RowError("jobvisorctl submit --wait timed out after 120 s")
+                    dt = now() - t
+                if p.returncode != 0:
+                    msg = p.stderr.decode("utf-8", "replace").strip().replace(str(tmp) + "/", "")
+                    msg = msg.removeprefix("jobvisorctl: ")
+                    raise RowError(f"jobvisorctl exited {p.returncode}: {msg}")
+                got = out.stat().st_size
+                if got != nbytes:
+                    raise RowError(f"output is {got} bytes, input {nbytes}")
+                return dt
+
+            def verify():
+                if out.read_bytes() != expect:
+                    raise RowError("output differs from input (not bit-exact)")
+
+            r["warmup_ms"] = once() * 1000
+            verify()
+            times = [once() for _ in range(runs)]
+            verify()
+            r["verified"] = "bit-exact (warm-up and last run)"
+            r.update(summarize(times, nbytes))
+            r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
+            r["store_bytes"] = sum(f.stat().st_size for f in state.iterdir() if f.is_file())
+        except Exception as e:
+            r["error"] = err_text(e)
+        finally:
+            if d is not None:
+                d.stop()
+                r["daemon_exit_code"] = d.exit_code
+            shutil.rmtree(state, ignore_errors=True)
+        fs = r["state_dir_fs"]
+        if "error" in r:
+            rows.append((f"{label} ({fs})", "error: " + short(r["error"], 130), "", False))
+        else:
+            rows.append((f"{label} ({fs})",
+                         f"{r['round_trip_ms']:.1f} ms, {r['GBps']:.2f} GB/s, {r['fraction_of_memcpy']:.2f}x memcpy",
+                         "", None))
+
+    mpctx = multiprocessing.get_context("fork")
+
+    # -- multiprocessing.Pool(1).apply
+    print("  multiprocessing.Pool(1).apply ...", flush=True)
+    r = m["mp_pool_apply"] = {"bytes": size}
+    try:
+        with mpctx.Pool(1) as p:
+            if p.apply_async(jobs.noop, (data,)).get(timeout=60) != data:
+                raise RowError("output differs from input")
+            times = []
+            for _ in range(runs):
+                t = now()
+                p.apply_async(jobs.noop, (data,)).get(timeout=60)
+                times.append(now() - t)
+        r.update(summarize(times, size))
+    except multiprocessing.TimeoutError:
+        r["error"] = "Pool.apply: no result within 60 s"
+    except Exception as e:
+        r["error"] = err_text(e)
+
+    # -- persistent shared_memory segment, hand-managed
+    print("  multiprocessing.shared_memory (persistent segment) ...", flush=True)
+    r = m["shared_memory"] = {"bytes": size}
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=2 * size)
+
+        def shm_cleanup():
+            try:
+                shm.close()
+            finally:
+                shm.unlink()
+        sv.on_cleanup(shm_cleanup)
+        pc, cc = mpctx.Pipe()
+        child = mpctx.Process(target=_shm_child, args=(shm, size, cc), daemon=True)
+        child.start()
+
+        def child_cleanup():
+            if child.is_alive():
+                try:
+                    pc.send(None)
+                except OSError:
+                    pass
+                child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+        sv.on_cleanup(child_cleanup)
+
+        def once():
+            t = now()
+            shm.buf[:size] = data
+            pc.send(size)
+            if not pc.poll(30):
+                raise RowError("shared_memory child did not answer within 30 s")
+            pc.recv()
+            got = bytes(shm.buf[size:2 * size])
+            return now() - t, got
+
+        _, got = once()
+        if got != data:
+            raise RowError("output differs from input")
+        times = []
+        for _ in range(runs):
+            dt, got = once()
+            times.append(dt)
+        del got
+        child_cleanup()
+        r.update(summarize(times, size))
+    except Exception as e:
+        r["error"] = err_text(e)
+
+    for key, label in (("mp_pool_apply", "multiprocessing.Pool(1).apply(echo, 64 MiB)"),
+                       ("shared_memory", "shared_memory persistent segment, 64 MiB (child copies in->out)")):
+        r = m[key]
+        if "error" in r:
+            rows.append((label, "error: " + short(r["error"], 130), "", None))
+        else:
+            rows.append((label, f"{r['round_trip_ms']:.1f} ms, {r['GBps']:.2f} GB/s, "
+                         f"{r['fraction_of_memcpy']:.2f}x memcpy", "", None))
+
+    # -- targets, for both shm rows
+    for key in ("jv_shm_disk", "jv_shm_tmpfs"):
+        r = m[key]
+        tag = "store on disk" if key == "jv_shm_disk" else "store on /dev/shm"
+        if "error" in r:
+            for what, target in (("/ memcpy", ">= 0.5x"), ("/ Pool.apply", ">= 6x"),
+                                 ("/ shared_memory", ">= 2x")):
+                rows.append((f"jobvisor shm ({tag}) {what}", "n/a (jobvisor row failed)", target, False))
+            continue
+        ratios = {}
+        rows.append(verdict_row(f"jobvisor shm ({tag}) / memcpy", fmt_ratio(r["fraction_of_memcpy"]),
+                                ">= 0.5x", r["fraction_of_memcpy"] >= 0.5))
+        for peer, what, target in (("mp_pool_apply", "Pool.apply", 6), ("shared_memory", "shared_memory", 2)):
+            pr = m[peer]
+            if "error" in pr:
+                rows.append((f"jobvisor shm ({tag}) / {what}", "n/a (peer row failed)", f">= {target}x", None))
+                continue
+            ratio = r["GBps"] / pr["GBps"]
+            ratios[peer] = ratio
+            rows.append(verdict_row(f"jobvisor shm ({tag}) / {what}", fmt_ratio(ratio), f">= {target}x",
+                                    ratio >= target))
+        r["ratios"] = ratios
+    del data
+
+
+# --------------------------------------------------------------------------
+# runner and report
+
+SECTIONS = [
+    ("tiny", "Tiny jobs (no-op echo), 2 workers", sec_tiny),
+    ("payload", "Payload round trip (64 MiB there and back)", sec_payload),
+    ("restart", "Restart latency (8 echo workers, 200 SIGKILLs) [bench/supervision.py]", sv.sec_restart),
+    ("pm2", "pm2 restart latency, same run [bench/supervision.py]", sv.sec_pm2),
+    ("idle", "Idle cost (8 idle echo workers) [bench/supervision.py]", sv.sec_idle),
+]
+
+
+def render(results):
+    rows = []
+    for key, _, _ in SECTIONS:
+        r = results.get(key)
+        if r is None:
+            continue
+        for name, value, target, verdict in r["rows"]:
+            rows.append((key, name, value, target, sv.fmt_verdict(verdict)))
+        if r.get("error"):
+            rows.append((key, "SECTION ABORTED", short(r["error"], 200), "", "FAIL"))
+    return rows
+
+
+def write_outputs(results, meta, rows):
+    OUT.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "table": [list(r) for r in rows], "sections": {}}
+    for key, r in results.items():
+        doc["sections"][key] = {k: v for k, v in r.items() if k != "rows"}
+        doc["sections"][key]["rows"] = [list(x) for x in r["rows"]]
+    (OUT / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    mi = meta["machine"]
+    md = ["# jobvisor benchmarks against peers", "",
+          f"- command: `{meta['command']}`",
+          f"- date: {meta['date']}, wall time {meta['duration_s']:.0f} s",
+          f"- machine: {mi['cpu']}, {mi['ncpu']} CPUs, {mi.get('mem_gib', '?')} GiB, "
+          f"kernel {mi['kernel']}, Python {mi['python']}",
+          f"- checkout: {mi['commit']}; binaries: `{meta['bin_dir']}` "
+          f"(jobvisord built {mi['binaries_mtime']['jobvisord']})",
+          f"- loadavg at start / end: {mi.get('loadavg_at_start')} / {mi.get('loadavg_at_end')}", "",
+          sv.md_table(rows), ""]
+    for key, title, _ in SECTIONS:
+        r = results.get(key)
+        if r is None:
+            continue
+        md += [f"## {title}", ""]
+        if r.get("skipped"):
+            md.append(f"Skipped: {r['skipped']}")
+        if r.get("error"):
+            md.append(f"**Aborted:** {r['error']}")
+        md += ["```json", json.dumps(r["metrics"], indent=2, default=str), "```", ""]
+    (OUT / "report.md").write_text("\n".join(md))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="N=20,000, 1 repetition, 3 payload runs, parallel N=300, idle window 10 s")
+    ap.add_argument("--n", type=int, help="tiny jobs: N (default 100,000; 20,000 with --quick)")
+    ap.add_argument("--parallel-n", type=int, help="tiny jobs: N for GNU parallel (default 2,000; 300 with --quick)")
+    ap.add_argument("--runs", type=int, help="payload: timed runs per row (default 7; 3 with --quick)")
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(k for k, _, _ in SECTIONS))
+    args = ap.parse_args()
+    q = args.quick
+    only = {x for x in args.only.split(",") if x}
+    unknown = only - {k for k, _, _ in SECTIONS}
+    if unknown:
+        ap.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    bdir, bins = sv.resolve_bins()
+    jobs.BIN = str(bdir)  # bench/jobs.py reads the same $JOBVISOR_BIN_DIR; keep them identical
+    ctx = {"bins": bins, "quick": q,
+           "n": args.n or (20_000 if q else 100_000),
+           "reps": 1 if q else 3,
+           "parallel_n": args.parallel_n or (300 if q else 2_000),
+           "runs": args.runs or (3 if q else 7)}
+    params = {k: v for k, v in ctx.items() if k != "bins"}
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    sv.LOGS.mkdir(parents=True, exist_ok=True)
+    results = {}
+    load_start = (sv.read_text("/proc/loadavg") or "").strip()
+    print(f"loadavg at start: {load_start}", flush=True)
+    started = now()
+    interrupted = False
+    try:
+        for key, title, fn in SECTIONS:
+            if only and key not in only:
+                continue
+            print(f"== {title}", flush=True)
+            res = {"title": title, "metrics": {}, "rows": [], "error": None}
+            results[key] = res
+            t = now()
+            mark = len(sv._CLEANUPS)
+            try:
+                fn(ctx, res)
+            except SectionError as e:
+                check_interrupt()
+                res["error"] = str(e)
+                print(f"  ERROR: {e}", flush=True)
+            except KeyboardInterrupt:
+                res["error"] = "interrupted"
+                raise
+            except Exception as e:
+                check_interrupt()
+                res["error"] = f"{type(e).__name__}: {e}"
+                res["traceback"] = traceback.format_exc()
+                print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
+            finally:
+                while len(sv._CLEANUPS) > mark:
+                    fn_c = sv._CLEANUPS.pop()
+                    try:
+                        fn_c()
+                    except Exception as e:
+                        print(f"cleanup: {e}", file=sys.stderr)
+            res["seconds"] = now() - t
+            for name, value, target, verdict in res["rows"]:
+                print(f"  {name}: {value}" + (f"  (target {target}: {sv.fmt_verdict(verdict)})" if target else ""),
+                      flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sv.run_cleanups()
+    flags = sys.argv[1:]
+    cmd = " ".join(["python3", "bench/run.py"] + flags)
+    if os.environ.get("JOBVISOR_BIN_DIR"):
+        cmd = f"JOBVISOR_BIN_DIR={os.environ['JOBVISOR_BIN_DIR']} " + cmd
+    machine = sv.machine_info()
+    try:
+        machine["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    machine["commit_is_of"] = "the checkout holding bench/run.py (the binaries may come from elsewhere)"
+    machine["binaries_mtime"] = {n: datetime.datetime.fromtimestamp(os.stat(p).st_mtime).isoformat(timespec="seconds")
+                                 for n, p in bins.items()}
+    machine["loadavg_at_start"] = load_start
+    machine["loadavg_at_end"] = (sv.read_text("/proc/loadavg") or "").strip()
+    meta = {"command": cmd, "argv": sys.argv, "cwd": os.getcwd(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "duration_s": now() - started, "quick": q, "bin_dir": str(bdir),
+            "params": params,
+            "machine": machine, "interrupted": interrupted}
+    rows = render(results)
+    write_outputs(results, meta, rows)
+    print()
+    print(sv.text_table(rows))
+    print(f"\nloadavg at start / end: {load_start} / {machine['loadavg_at_end']}")
+    print(f"wall time {meta['duration_s']:.0f} s; wrote {OUT / 'report.json'} and {OUT / 'report.md'}")
+    if interrupted:
+        return 130
+    return 1 if any(r.get("error") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
