@@ -599,16 +599,9 @@ def main():
                 res["traceback"] = traceback.format_exc()
                 print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
             finally:
-                while len(sv._CLEANUPS) > mark:
-                    fn_c = sv._CLEANUPS.pop()
-                    try:
-                        fn_c()
-                    except Exception as e:
-                        print(f"cleanup: {e}", file=sys.stderr)
+                sv.run_cleanups(down_to=mark)
             res["seconds"] = now() - t
-            for name, value, target, verdict in res["rows"]:
-                print(f"  {name}: {value}" + (f"  (target {target}: {sv.fmt_verdict(verdict)})" if target else ""),
-                      flush=True)
+            sv.print_rows(res["rows"])
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: cleaning up", file=sys.stderr)

@@ -55,8 +55,9 @@ def on_cleanup(fn):
     return fn
 
 
-def run_cleanups():
-    while _CLEANUPS:
+def run_cleanups(down_to=0):
+    """Runs (and forgets) the cleanups registered after the first `down_to`."""
+    while len(_CLEANUPS) > down_to:
         fn = _CLEANUPS.pop()
         try:
             fn()
@@ -982,6 +983,12 @@ SECTIONS = [
 # report
 
 
+def print_rows(rows):
+    for name, value, target, verdict in rows:
+        print(f"  {name}: {value}" + (f"  (target {target}: {fmt_verdict(verdict)})" if target else ""),
+              flush=True)
+
+
 def fmt_verdict(v):
     return "" if v is None else ("ok" if v else "FAIL")
 
@@ -1115,16 +1122,9 @@ def main():
                 res["traceback"] = traceback.format_exc()
                 print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
             finally:
-                while len(_CLEANUPS) > mark:
-                    fn_c = _CLEANUPS.pop()
-                    try:
-                        fn_c()
-                    except Exception as e:
-                        print(f"cleanup: {e}", file=sys.stderr)
+                run_cleanups(down_to=mark)
             res["seconds"] = now() - t
-            for name, value, target, verdict in res["rows"]:
-                print(f"  {name}: {value}" + (f"  (target {target}: {fmt_verdict(verdict)})" if target else ""),
-                      flush=True)
+            print_rows(res["rows"])
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: cleaning up", file=sys.stderr)
