@@ -56,22 +56,6 @@ pub enum Request {
         /// Also send the finished job document.
         wait: bool,
     },
-    /// Like [`Request::Submit`], for large inputs: the input is the first
-    /// `len` bytes of the file descriptor sent with this frame (one
-    /// `SCM_RIGHTS` descriptor attached to the frame's first byte): a
-    /// regular file or a memfd, read by the daemon at its own offset 0
-    /// (`pread`). The input then never passes through the socket, and is
-    /// not bound by the frame limit, only by the pool's `shm_size`.
-    SubmitFd {
-        /// Target pool.
-        pool: String,
-        /// Bytes of input in the descriptor.
-        len: u64,
-        /// Per-job options.
-        options: JobOptions,
-        /// Also send the finished job document.
-        wait: bool,
-    },
     /// Wait for jobs: one [`Response::Job`] per id as each finishes (or an
     /// [`Response::Error`] for an unknown id), then [`Response::End`].
     Wait {
@@ -100,6 +84,22 @@ pub enum Request {
     },
     /// Stream live events: [`Response::Event`]s until the client hangs up.
     Events,
+    /// Like [`Request::Submit`], for large inputs: the input is the first
+    /// `len` bytes of the file descriptor sent with this frame (one
+    /// `SCM_RIGHTS` descriptor attached to the frame's first byte): a
+    /// regular file or a memfd, read by the daemon at its own offset 0
+    /// (`pread`). The input then never passes through the socket, and is
+    /// not bound by the frame limit, only by the pool's `shm_size`.
+    SubmitFd {
+        /// Target pool.
+        pool: String,
+        /// Bytes of input in the descriptor.
+        len: u64,
+        /// Per-job options.
+        options: JobOptions,
+        /// Also send the finished job document.
+        wait: bool,
+    },
 }
 
 /// Per-job options of a submit; `None` takes the pool's setting.
@@ -342,6 +342,8 @@ pub enum Response {
     },
     /// A job document.
     Job(JobDoc),
+    /// A live event.
+    Event(Event),
     /// A job document whose output (`output_len` bytes, at offset 0) is in
     /// the file descriptor sent with this frame (one `SCM_RIGHTS`
     /// descriptor attached to its first byte, a sealed memfd or a read-only
@@ -353,8 +355,6 @@ pub enum Response {
         /// Bytes of output in the descriptor.
         output_len: u64,
     },
-    /// A live event.
-    Event(Event),
 }
 
 /// State of a pool.

@@ -218,3 +218,45 @@ fn large_frame_reassembles() {
     }
     assert_eq!(got, Some(big));
 }
+
+/// The descriptor-carrying variants were appended: the wire indices of the
+/// older ones (documented in docs/PROTOCOL.md) did not move.
+#[test]
+fn descriptor_variants_come_last_and_keep_older_indices() {
+    use ipc_proto::control::{JobDoc, JobOptions, JobState};
+    let tag = |r: &Request| {
+        let mut wire = Vec::new();
+        encode_frame(r, &mut wire).unwrap();
+        assert_eq!(decode::<Request>(&wire[4..]).unwrap(), *r);
+        wire[4]
+    };
+    assert_eq!(tag(&Request::Wait { ids: vec![1] }), 7);
+    assert_eq!(tag(&Request::Events), 11);
+    let fd = Request::SubmitFd {
+        pool: "echo".into(),
+        len: 64 << 20,
+        options: JobOptions::default(),
+        wait: true,
+    };
+    assert_eq!(tag(&fd), 12);
+    let mut wire = Vec::new();
+    let doc = JobDoc {
+        id: 3,
+        pool: "echo".into(),
+        state: JobState::Succeeded,
+        priority: 0,
+        key: None,
+        created_ms: 1,
+        finished_ms: Some(2),
+        attempts: vec![],
+        output: None,
+        error: None,
+    };
+    let r = Response::JobFd {
+        doc,
+        output_len: 5 << 20,
+    };
+    encode_frame(&r, &mut wire).unwrap();
+    assert_eq!(wire[4], 8, "JobFd after Event (7)");
+    assert_eq!(decode::<Response>(&wire[4..]).unwrap(), r);
+}
