@@ -90,8 +90,8 @@ pub struct NewJob {
     pub max_attempts: u32,
     /// Hard timeout per attempt.
     pub timeout_ms: Option<u64>,
-    /// Input bytes.
-    pub input: Vec<u8>,
+    /// Input bytes (shared with the job core, not copied).
+    pub input: Arc<[u8]>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,
 }
@@ -109,8 +109,8 @@ pub struct JobUpdate {
     pub state: JobState,
     /// Every attempt so far.
     pub attempts: Vec<Attempt>,
-    /// Output (usually only once succeeded).
-    pub output: Option<Vec<u8>>,
+    /// Output (usually only once succeeded; shared, not copied).
+    pub output: Option<Arc<[u8]>>,
     /// Error of the last attempt.
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.

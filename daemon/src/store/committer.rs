@@ -133,7 +133,7 @@ impl Batch {
     /// Keeps only the last update of a job, folded into its insert if the
     /// insert is in this batch too.
     fn add_update(&mut self, update: JobUpdate) {
-        self.blob_bytes += update.output.as_ref().map_or(0, Vec::len);
+        self.blob_bytes += update.output.as_ref().map_or(0, |o| o.len());
         match self.slots.get(&update.id) {
             Some(&Slot::Insert(i)) => self.inserts[i].update = Some(update),
             Some(&Slot::Update(i)) => self.updates[i] = update,

@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
@@ -340,8 +341,10 @@ impl Db {
                     .ok_or_else(|| not_a_store(format!("job {id} has an unknown state")))?;
                 let attempts = parse_attempts(row.get_ref(8).map_err(fail)?)
                     .map_err(|e| not_a_store(format!("job {id}: {e}")))?;
-                let input: Option<Vec<u8>> = row.get(9).map_err(fail)?;
-                let input = input.ok_or_else(|| not_a_store(format!("job {id} has no input")))?;
+                let input: Arc<[u8]> = match row.get_ref(9).map_err(fail)? {
+                    ValueRef::Blob(b) => Arc::from(b),
+                    _ => return Err(not_a_store(format!("job {id} has no input"))),
+                };
                 let job = NewJob {
                     id,
                     pool: row.get(1).map_err(fail)?,
@@ -498,10 +501,10 @@ impl Db {
                     error,
                     text(attempts),
                     output,
-                    inline.then_some(job.input.as_slice()),
+                    inline.then_some(&job.input[..]),
                 ])?;
                 if !inline {
-                    insert_input.execute(params![to_sql_u64(job.id), job.input])?;
+                    insert_input.execute(params![to_sql_u64(job.id), &job.input[..]])?;
                 }
                 new_max = new_max.max(job.id);
             }
@@ -514,7 +517,7 @@ impl Db {
                     to_sql_u64(u.id),
                     state_code(u.state),
                     text(json),
-                    u.output,
+                    u.output.as_deref(),
                     u.error,
                     finished_ms(u.state, u.finished_ms, now_ms),
                 ])?;

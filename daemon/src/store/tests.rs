@@ -178,7 +178,7 @@ fn new_job(id: u64, pool: &str) -> NewJob {
         key: None,
         max_attempts: 3,
         timeout_ms: None,
-        input: format!("input {id}").into_bytes(),
+        input: format!("input {id}").into_bytes().into(),
         created_ms: 1_700_000_000_000 + id,
     }
 }
@@ -211,7 +211,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         id,
         state,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-        output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes()),
+        output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes().into()),
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
     })
@@ -282,7 +282,7 @@ fn round_trip_insert_update_query() {
     let big: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     h.submit(Op::Insert(new_job(2, "b")));
     let mut job3 = new_job(3, "a");
-    job3.input = big.clone();
+    job3.input = big.clone().into();
     let seq = h.submit(Op::Insert(job3));
     h.wait_durable(seq);
 
@@ -296,7 +296,7 @@ fn round_trip_insert_update_query() {
 
     let (h, rec) = Harness::open(dir.path());
     assert_eq!(ids(&rec), vec![2, 3]);
-    assert_eq!(rec.jobs[1].job.input, big);
+    assert_eq!(*rec.jobs[1].job.input, *big);
     assert_eq!(rec.jobs[0].job, new_job(2, "b"));
     assert_eq!(rec.next_id, 4);
     assert_eq!(count(&rec, "a", JobState::Succeeded), 1);
@@ -585,12 +585,12 @@ fn failed_commit_loses_inserts_and_retries_updates() {
         id: 1,
         state: JobState::Succeeded,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-        output: Some(big.clone()),
+        output: Some(big.clone().into()),
         error: None,
         finished_ms: Some(1_700_000_100_000),
     }));
     let mut two = new_job(2, "p");
-    two.input = big.clone();
+    two.input = big.clone().into();
     let failed_upto = h.submit(Op::Insert(two));
     drop(release);
     match h.next() {
@@ -979,7 +979,7 @@ fn throughput() {
             id,
             state: JobState::Succeeded,
             attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-            output: Some(b"done!!!".to_vec()),
+            output: Some(Arc::from(&b"done!!!"[..])),
             error: None,
             finished_ms: Some(1_700_000_100_000),
         }));
