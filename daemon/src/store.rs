@@ -1,5 +1,6 @@
 //! The durable job store: one SQLite database (`state_dir/jobs.db`, WAL mode,
-//! `synchronous=FULL`) written by a dedicated thread, so that the event loop
+//! `synchronous=FULL`) plus one file per large payload (`<payload_dir>/<id>.in`
+//! and `<id>.out`), written by a dedicated thread, so that the event loop
 //! never waits on an fsync.
 //!
 //! # Group commit
@@ -21,38 +22,76 @@
 //! columns), and an [`Op::Insert`] followed by updates of the same job is
 //! inserted with its final values directly.
 //!
+//! # Payload files
+//!
+//! Inputs and outputs of at least [`FILE_PAYLOAD_MIN`] bytes do not go into
+//! SQLite, which would copy them into the WAL and again into the database at
+//! each checkpoint: each is written to its own file, once. The row records
+//! the payload's length instead of its bytes. For each batch the store
+//! thread first writes every new payload file (create, write, `fdatasync`),
+//! then fsyncs the payload directory once, and only then runs the
+//! transaction whose rows reference them. Payload bytes are shared with the
+//! event loop ([`NewJob::input`] and [`JobUpdate::output`] are `Arc<[u8]>`),
+//! never copied on the way to the store.
+//!
+//! A payload file is never replaced while a committed row references it
+//! (an update that brings a new large output for a job whose row already has
+//! an output file stores it in the database instead, and the old file goes
+//! after the commit), so a crash at any point leaves every referenced file
+//! intact. Files no row references are removed: those of a failed batch at
+//! once, those of pruned jobs after the deletion commits, and any others
+//! (a crash between a file's write and its row's commit) at [`Store::open`].
+//! Only names of the form `<id>.in` / `<id>.out` are touched.
+//!
+//! Reading them back happens on the store thread too (recovery, and
+//! [`Query::Job`] for an output). A file that is missing or has the wrong
+//! length (deleted by hand, or a `payload_dir` on tmpfs after a reboot) does
+//! not stop the store: a queued job without its input is recovered as
+//! `dead` with an error naming the file, and a job whose output file is
+//! gone is answered without output, its error naming the file.
+//!
 //! Architecture invariant: **an op is reported durable only after the
-//! transaction holding it has committed.** This is what lets the daemon
-//! answer `submit` only on [`Completion::Durable`]: an acknowledged job
-//! survives `kill -9` of the daemon and power loss. When a commit fails (disk
-//! full, I/O error, read-only file system), the batch's inserts are reported
-//! lost in [`Completion::Failed`] and never stored later behind the client's
-//! back; its updates are kept and retried, with backoff, until a commit
-//! succeeds.
+//! transaction holding it has committed, and after every payload file it
+//! references is on disk.** This is what lets the daemon answer `submit`
+//! only on [`Completion::Durable`]: an acknowledged job survives `kill -9` of
+//! the daemon and power loss. When a commit or a payload file write fails
+//! (disk full, I/O error, read-only file system), the batch's inserts are
+//! reported lost in [`Completion::Failed`] and never stored later behind the
+//! client's back, the files it wrote are removed; its updates are kept and
+//! retried, with backoff, until a batch succeeds.
 //!
 //! Other invariants:
 //! - Only the store thread touches the database after [`Store::open`], and
 //!   only one process opens a store (`jobs.lock`, an `flock`, refuses a
 //!   second daemon), so there is no lock contention and no `SQLITE_BUSY`.
+//!   Likewise `<payload_dir>/.lock` refuses a second store on the same
+//!   payload directory (ids would collide, and each would sweep away the
+//!   other's files).
 //! - [`Query`]s are answered after the batch that carries them has committed,
 //!   in submission order, so a query sees every op submitted before it (and
 //!   maybe later ops of the same batch, which is harmless: they are newer).
 //! - Pruning (retention and the `max_finished` cap) runs in the store thread
 //!   between batches, in chunks of at most [`PRUNE_CHUNK`] rows, and yields
 //!   to queued ops after each chunk, so it never stalls acknowledgements.
-//!   It only ever deletes terminal jobs.
+//!   It only ever deletes terminal jobs (and their payload files).
+//! - A batch carrying payloads stays within [`MAX_BATCH_BLOB_BYTES`]: an op
+//!   that would take it further waits for the next batch, so a large payload
+//!   never delays the acknowledgement of the small ops before it. A single
+//!   payload larger than the limit gets a batch of its own.
 //! - Job ids are never reused: the store keeps the high-water mark of every
 //!   id it has stored (a `meta` row), even after those jobs are pruned.
 //! - If the store thread dies (a panic), [`Store::try_completion`] reports
 //!   every op still pending as failed instead of leaving clients hanging.
 //!
 //! The on-disk format is versioned (`PRAGMA user_version`, with an
-//! `application_id` marking the file as ours); a store written by a newer
-//! schema, or a file that is not a jobvisor store, is refused with a clear
-//! error, never replaced or migrated away.
+//! `application_id` marking the file as ours); an older schema is migrated
+//! in place, in one transaction; a store written by a newer schema, or a
+//! file that is not a jobvisor store, is refused with a clear error, never
+//! replaced or migrated away.
 
 mod committer;
 mod db;
+mod files;
 #[cfg(test)]
 mod tests;
 
@@ -68,8 +107,13 @@ use std::time::Duration;
 
 /// A batch stops growing at this many ops…
 pub const MAX_BATCH_OPS: usize = 20_000;
-/// …or once its inputs and outputs add up to this many bytes.
+/// …or once its inputs and outputs (in the database or in files) add up to
+/// this many bytes. An op that would take a batch with payloads beyond it
+/// waits for the next batch; a single larger payload gets a batch alone.
 pub const MAX_BATCH_BLOB_BYTES: usize = 16 << 20;
+/// Inputs and outputs of at least this many bytes are stored in payload
+/// files rather than in the database.
+pub const FILE_PAYLOAD_MIN: usize = 1 << 20;
 /// Pruning deletes at most this many rows per statement (and transaction).
 pub const PRUNE_CHUNK: u32 = 10_000;
 /// Retention of finished jobs before the first [`Op::Retention`].
@@ -90,8 +134,8 @@ pub struct NewJob {
     pub max_attempts: u32,
     /// Hard timeout per attempt.
     pub timeout_ms: Option<u64>,
-    /// Input bytes.
-    pub input: Vec<u8>,
+    /// Input bytes (shared with the job core, not copied).
+    pub input: Arc<[u8]>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,
 }
@@ -109,8 +153,8 @@ pub struct JobUpdate {
     pub state: JobState,
     /// Every attempt so far.
     pub attempts: Vec<Attempt>,
-    /// Output (usually only once succeeded).
-    pub output: Option<Vec<u8>>,
+    /// Output (usually only once succeeded; shared, not copied).
+    pub output: Option<Arc<[u8]>>,
     /// Error of the last attempt.
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.
@@ -250,6 +294,13 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// Another process (another jobvisord, with another state directory)
+    /// uses the payload directory.
+    #[error("payload directory {} is in use by another process (another jobvisord?); each store needs its own: stop it or set daemon.payload_dir to another directory", .path.display())]
+    PayloadDirInUse {
+        /// The payload directory.
+        path: PathBuf,
+    },
     /// Written by a newer jobvisord.
     #[error("{} has schema version {found}, newer than this jobvisord supports ({supported}); upgrade jobvisord or set daemon.state_dir to another directory", .path.display())]
     TooNew {
@@ -259,6 +310,16 @@ pub enum StoreError {
         found: i64,
         /// The newest version this build knows.
         supported: i64,
+    },
+    /// A payload file could not be read or written.
+    #[error("store payload file {}: {what}: {}; check the disk (space, permissions, health), then restart jobvisord", .path.display(), db::os_reason(.source))]
+    Payload {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
     },
     /// An SQLite operation failed.
     #[error("store {}: {what}: {source}; check the disk (space, permissions, health), then restart jobvisord", .path.display())]
@@ -312,23 +373,37 @@ struct Pending {
 }
 
 impl Store {
-    /// Opens (creating the directory and database if needed)
-    /// `state_dir/jobs.db`, runs recovery synchronously (jobs that were
-    /// running are requeued or declared dead, see [`Recovered`]) and starts
-    /// the store thread.
+    /// [`Store::open_with_payload_dir`] with the payload files in
+    /// `state_dir/payloads`.
     pub fn open(
         state_dir: &Path,
         waker: Arc<mio::Waker>,
     ) -> Result<(Store, Recovered), StoreError> {
-        Store::open_tuned(state_dir, waker, Tuning::default())
+        Store::open_with_payload_dir(state_dir, &state_dir.join("payloads"), waker)
+    }
+
+    /// Opens (creating the directory and database if needed)
+    /// `state_dir/jobs.db`, migrating an older schema, creates `payload_dir`
+    /// (mode 0700) if needed and removes the payload files no job
+    /// references, runs recovery synchronously (jobs that were running are
+    /// requeued or declared dead, see [`Recovered`]) and starts the store
+    /// thread.
+    pub fn open_with_payload_dir(
+        state_dir: &Path,
+        payload_dir: &Path,
+        waker: Arc<mio::Waker>,
+    ) -> Result<(Store, Recovered), StoreError> {
+        Store::open_tuned(state_dir, payload_dir, waker, Tuning::default())
     }
 
     fn open_tuned(
         state_dir: &Path,
+        payload_dir: &Path,
         waker: Arc<mio::Waker>,
         tuning: Tuning,
     ) -> Result<(Store, Recovered), StoreError> {
-        let mut db = db::Db::open(state_dir)?;
+        let mut db = db::Db::open(state_dir, payload_dir)?;
+        db.sweep_payloads()?;
         let recovered = db.recover(db::now_ms())?;
         let path = db.path().to_path_buf();
         let (ops_tx, ops_rx) = mpsc::channel();

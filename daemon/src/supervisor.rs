@@ -102,8 +102,8 @@ pub enum Action {
         proc: ProcId,
         /// Where in the arena.
         offset: u64,
-        /// The bytes.
-        data: Vec<u8>,
+        /// The bytes (shared with the job, not copied).
+        data: Arc<[u8]>,
     },
     /// Measure the resident set size of `proc` and report it with
     /// [`Supervisor::on_rss`] (for `max_memory`).

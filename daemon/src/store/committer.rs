@@ -1,17 +1,20 @@
-//! The store thread: collects ops into batches, coalesces them, commits each
-//! batch in one transaction, reports completions, retries failed updates
-//! and prunes between batches.
+//! The store thread: collects ops into batches, coalesces them, writes each
+//! batch's payload files and then commits the batch in one transaction,
+//! reports completions, retries failed updates and prunes between batches.
 //!
 //! The thread sleeps in `recv` (or `recv_timeout` when a retry or a pruning
 //! pass is due): an idle store costs no wakeups.
 
-use super::db::{self, Db, PendingInsert};
+use super::db::{self, Db, DeletedFiles, PendingInsert, PendingUpdate};
+use super::files::Kind;
 use super::{
-    Completion, JobUpdate, NewJob, Op, Query, StoreError, DEFAULT_RETENTION, MAX_BATCH_BLOB_BYTES,
-    MAX_BATCH_OPS, PRUNE_CHUNK,
+    Completion, JobUpdate, NewJob, Op, Query, StoreError, DEFAULT_RETENTION, FILE_PAYLOAD_MIN,
+    MAX_BATCH_BLOB_BYTES, MAX_BATCH_OPS, PRUNE_CHUNK,
 };
 use mio::Waker;
 use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,14 +113,37 @@ struct Batch {
     /// Input and output bytes so far.
     blob_bytes: usize,
     inserts: Vec<PendingInsert>,
-    updates: Vec<JobUpdate>,
+    updates: Vec<PendingUpdate>,
     queries: Vec<(u64, Query)>,
     slots: HashMap<u64, Slot>,
+    /// Jobs whose committed output file this batch's update replaces by an
+    /// output in the database: the file goes once the batch commits.
+    replaced_outputs: Vec<u64>,
+}
+
+/// Payload bytes an op brings to a batch.
+fn payload_bytes(op: &Op) -> usize {
+    match op {
+        Op::Insert(job) => job.input.len(),
+        Op::Update(update) => update.output.as_ref().map_or(0, |o| o.len()),
+        Op::Query { .. } | Op::Retention { .. } => 0,
+    }
+}
+
+/// Whether a payload goes to a file.
+fn is_file_payload(payload: Option<&Arc<[u8]>>) -> bool {
+    payload.is_some_and(|p| p.len() >= FILE_PAYLOAD_MIN)
 }
 
 impl Batch {
     fn is_full(&self) -> bool {
         self.ops >= MAX_BATCH_OPS || self.blob_bytes >= MAX_BATCH_BLOB_BYTES
+    }
+
+    /// Whether `bytes` more payload may join: a batch that has payloads
+    /// stays within [`MAX_BATCH_BLOB_BYTES`], a larger payload goes alone.
+    fn has_room_for(&self, bytes: usize) -> bool {
+        bytes == 0 || self.blob_bytes == 0 || self.blob_bytes + bytes <= MAX_BATCH_BLOB_BYTES
     }
 
     fn has_writes(&self) -> bool {
@@ -127,20 +153,28 @@ impl Batch {
     fn add_insert(&mut self, job: NewJob) {
         self.blob_bytes += job.input.len();
         self.slots.insert(job.id, Slot::Insert(self.inserts.len()));
-        self.inserts.push(PendingInsert { job, update: None });
+        self.inserts.push(PendingInsert {
+            job,
+            update: None,
+            input_file: false,
+            output_file: false,
+        });
     }
 
     /// Keeps only the last update of a job, folded into its insert if the
     /// insert is in this batch too.
     fn add_update(&mut self, update: JobUpdate) {
-        self.blob_bytes += update.output.as_ref().map_or(0, Vec::len);
+        self.blob_bytes += update.output.as_ref().map_or(0, |o| o.len());
         match self.slots.get(&update.id) {
             Some(&Slot::Insert(i)) => self.inserts[i].update = Some(update),
-            Some(&Slot::Update(i)) => self.updates[i] = update,
+            Some(&Slot::Update(i)) => self.updates[i].update = update,
             None => {
                 self.slots
                     .insert(update.id, Slot::Update(self.updates.len()));
-                self.updates.push(update);
+                self.updates.push(PendingUpdate {
+                    update,
+                    output_file: false,
+                });
             }
         }
     }
@@ -152,6 +186,37 @@ impl Batch {
         self.updates.clear();
         self.queries.clear();
         self.slots.clear();
+        self.replaced_outputs.clear();
+    }
+}
+
+/// A payload file a batch writes before its transaction.
+struct FileWrite {
+    id: u64,
+    kind: Kind,
+    data: Arc<[u8]>,
+}
+
+/// Why a batch could not be made durable.
+#[derive(Debug)]
+pub(super) enum BatchError {
+    /// A payload file could not be written (or synced).
+    File { path: PathBuf, source: io::Error },
+    /// The transaction failed.
+    Commit(rusqlite::Error),
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::File { path, source } => write!(
+                f,
+                "cannot write payload file {}: {}",
+                path.display(),
+                db::os_reason(source)
+            ),
+            BatchError::Commit(e) => write!(f, "commit failed: {e}"),
+        }
     }
 }
 
@@ -202,6 +267,9 @@ pub(super) struct Committer {
     waker: Arc<Waker>,
     tuning: Tuning,
     batch: Batch,
+    /// An op received while draining that did not fit in the batch: it
+    /// starts the next one.
+    held: Option<(u64, Op)>,
     /// Updates of failed batches, applied again with the next one.
     carry: Vec<JobUpdate>,
     /// Set while `carry` waits for a commit that succeeds.
@@ -228,6 +296,7 @@ impl Committer {
             waker,
             tuning,
             batch: Batch::default(),
+            held: None,
             carry: Vec::new(),
             retry: None,
             last_seq: 0,
@@ -279,6 +348,9 @@ impl Committer {
     /// Waits for the next message, running retries and pruning steps while
     /// none comes. `None` once the handle is gone.
     fn next_msg(&mut self) -> Option<Msg> {
+        if let Some((seq, op)) = self.held.take() {
+            return Some(Msg::Op { seq, op });
+        }
         loop {
             if self.pruner.work.is_some() {
                 // Mid-pass: ops go first, a chunk only when none is waiting.
@@ -356,6 +428,10 @@ impl Committer {
     fn drain(&mut self) -> Option<Control> {
         while !self.batch.is_full() {
             match self.ops.try_recv() {
+                Ok(Msg::Op { seq, op }) if !self.batch.has_room_for(payload_bytes(&op)) => {
+                    self.held = Some((seq, op));
+                    return None;
+                }
                 Ok(Msg::Op { seq, op }) => self.add(seq, op),
                 Ok(Msg::Close) | Err(TryRecvError::Disconnected) => return Some(Control::Close),
                 #[cfg(test)]
@@ -367,8 +443,8 @@ impl Committer {
     }
 
     /// Commits the batch, reports it, answers its queries, wakes the loop.
-    /// Returns the commit's error, if it failed.
-    fn commit_batch(&mut self) -> Option<rusqlite::Error> {
+    /// Returns the error, if it failed.
+    fn commit_batch(&mut self) -> Option<BatchError> {
         let upto = self.batch.upto;
         let fresh = self.batch.ops > 0; // not just a retry of carried updates
         let mut notify = fresh;
@@ -376,9 +452,7 @@ impl Committer {
         if self.batch.has_writes() {
             #[cfg(test)]
             let start = Instant::now();
-            let written = self
-                .db
-                .write(&self.batch.inserts, &self.batch.updates, db::now_ms());
+            let written = self.write_batch();
             #[cfg(test)]
             {
                 self.stats.busy += start.elapsed();
@@ -398,7 +472,10 @@ impl Committer {
                     let _ = self.done.send(Completion::Durable { upto });
                 }
                 Err(e) => {
-                    self.carry = std::mem::take(&mut self.batch.updates);
+                    self.carry = std::mem::take(&mut self.batch.updates)
+                        .into_iter()
+                        .map(|p| p.update)
+                        .collect();
                     self.retry = (!self.carry.is_empty()).then(|| {
                         let backoff = match self.retry {
                             Some(r) => (r.backoff * 2).min(self.tuning.retry_max),
@@ -412,8 +489,7 @@ impl Committer {
                     // A retry that fails again has nothing new to report.
                     if fresh {
                         let lost_inserts = self.batch.inserts.iter().map(|p| p.job.id).collect();
-                        let error =
-                            format!("job store {}: commit failed: {e}", self.db.path().display());
+                        let error = format!("job store {}: {e}", self.db.path().display());
                         let _ = self.done.send(Completion::Failed {
                             upto,
                             lost_inserts,
@@ -439,19 +515,166 @@ impl Committer {
         failure
     }
 
+    /// Writes the batch's payload files, then commits its rows. On failure
+    /// nothing of the batch is stored, and the files it wrote are removed.
+    ///
+    /// A payload file is written only where no committed row references
+    /// one (a referenced file is never replaced in place: a crash before
+    /// the commit would leave the row pointing at other bytes).
+    fn write_batch(&mut self) -> Result<(), BatchError> {
+        let files = self.plan_files();
+        if let Err(e) = self.write_files(&files) {
+            self.discard_files(&files);
+            return Err(e);
+        }
+        match self
+            .db
+            .write(&self.batch.inserts, &self.batch.updates, db::now_ms())
+        {
+            Ok(unmatched) => {
+                // Files no row references any more (or ever did: an update
+                // of a job whose insert was lost). Housekeeping: whatever
+                // fails here goes at the next start.
+                let payloads = self.db.payloads();
+                for &id in unmatched.iter().chain(&self.batch.replaced_outputs) {
+                    let _ = payloads.remove(id, Kind::Output);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.discard_files(&files);
+                Err(BatchError::Commit(e))
+            }
+        }
+    }
+
+    /// Decides which payloads of the batch go to files (setting the rows'
+    /// flags) and returns the files to write.
+    fn plan_files(&mut self) -> Vec<FileWrite> {
+        let mut files = Vec::new();
+        let max_id = self.db.max_id();
+        for p in &mut self.batch.inserts {
+            let id = p.job.id;
+            let output = p.update.as_ref().and_then(|u| u.output.as_ref());
+            let big_input = p.job.input.len() >= FILE_PAYLOAD_MIN;
+            // Ids come in ascending order, above every stored one. A lower
+            // id may belong to a stored job (the insert then fails): its
+            // files must not be replaced first.
+            let free = (big_input || is_file_payload(output))
+                && (id > max_id || self.db.references_any(id) == Ok(false));
+            p.input_file = free && big_input;
+            p.output_file = free && is_file_payload(output);
+            if p.input_file {
+                let data = Arc::clone(&p.job.input);
+                files.push(FileWrite {
+                    id,
+                    kind: Kind::Input,
+                    data,
+                });
+            }
+            if let Some(data) = output.filter(|_| p.output_file) {
+                let data = Arc::clone(data);
+                files.push(FileWrite {
+                    id,
+                    kind: Kind::Output,
+                    data,
+                });
+            }
+        }
+        for p in &mut self.batch.updates {
+            let id = p.update.id;
+            p.output_file = false;
+            let Some(output) = p
+                .update
+                .output
+                .as_ref()
+                .filter(|o| is_file_payload(Some(o)))
+            else {
+                continue;
+            };
+            match self.db.references(id, Kind::Output) {
+                Ok(false) => {
+                    p.output_file = true;
+                    files.push(FileWrite {
+                        id,
+                        kind: Kind::Output,
+                        data: Arc::clone(output),
+                    });
+                }
+                // Its row has an output file already (the daemon never
+                // replaces a job's output, but the API allows it): this
+                // output goes into the database, the old file once the
+                // batch commits.
+                Ok(true) => self.batch.replaced_outputs.push(id),
+                // Unknown: keep it in the database (the transaction is
+                // likely to fail as well).
+                Err(_) => {}
+            }
+        }
+        files
+    }
+
+    /// Writes the files, syncs each, then the directory once.
+    fn write_files(&self, files: &[FileWrite]) -> Result<(), BatchError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let payloads = self.db.payloads();
+        let fail = |f: &FileWrite| {
+            let path = payloads.path(f.id, f.kind);
+            move |source| BatchError::File { path, source }
+        };
+        // All written first, then all synced: the kernel may write them
+        // back in parallel.
+        let mut open = Vec::with_capacity(files.len());
+        for f in files {
+            open.push(payloads.write(f.id, f.kind, &f.data).map_err(fail(f))?);
+        }
+        for (file, f) in open.iter().zip(files) {
+            file.sync_data().map_err(fail(f))?;
+        }
+        match payloads.sync_dir() {
+            // A file system that cannot sync a directory: nothing more
+            // can be done.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(source) => Err(BatchError::File {
+                path: payloads.dir().to_path_buf(),
+                source,
+            }),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Removes the files of a failed batch (some may be partly written,
+    /// some never created), except any a committed row references after
+    /// all (a commit reported failed that went through): such a file, if
+    /// it is not referenced, goes at the next start.
+    fn discard_files(&self, files: &[FileWrite]) {
+        let payloads = self.db.payloads();
+        for f in files {
+            if self.db.references(f.id, f.kind) == Ok(false) {
+                let _ = payloads.remove(f.id, f.kind);
+            }
+        }
+    }
+
     /// Commits what is left (carried updates) before the thread ends.
     fn shutdown(mut self) -> Result<(), StoreError> {
         if self.carry.is_empty() {
             return Ok(());
         }
         self.start_batch();
+        let what = "the last job updates could not be committed";
         match self.commit_batch() {
             None => Ok(()),
-            Some(source) => Err(StoreError::Sqlite {
+            Some(BatchError::Commit(source)) => Err(StoreError::Sqlite {
                 path: self.db.path().to_path_buf(),
-                what: "the last job updates could not be committed",
+                what,
                 source,
             }),
+            Some(BatchError::File { path, source }) => {
+                Err(StoreError::Payload { path, what, source })
+            }
         }
     }
 
@@ -494,13 +717,14 @@ impl Committer {
             let retention = self.retention.of(&pool);
             let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
             let cutoff = db::now_ms().saturating_sub(retention_ms);
-            self.db
-                .delete_expired(&pool, cutoff, PRUNE_CHUNK)
-                .and_then(|deleted| {
+            let db = &self.db;
+            db.delete_expired(&pool, cutoff, PRUNE_CHUNK)
+                .and_then(|(deleted, files)| {
+                    remove_deleted(db, &files);
                     if deleted < PRUNE_CHUNK as usize {
                         // This pool is done; its oldest survivor says when
                         // the next pass has something to do.
-                        if let Some(oldest) = self.db.oldest_finished(&pool)? {
+                        if let Some(oldest) = db.oldest_finished(&pool)? {
                             let expiry = oldest.saturating_add(retention_ms);
                             work.next_expiry_ms =
                                 Some(work.next_expiry_ms.map_or(expiry, |e| e.min(expiry)));
@@ -522,7 +746,9 @@ impl Committer {
                     return Ok(false);
                 }
                 let chunk = over.min(u64::from(PRUNE_CHUNK)) as u32;
-                let deleted = self.db.delete_oldest_finished(chunk)? as u64;
+                let (deleted, files) = self.db.delete_oldest_finished(chunk)?;
+                remove_deleted(&self.db, &files);
+                let deleted = deleted as u64;
                 work.over_cap = Some(over.saturating_sub(deleted));
                 Ok(deleted > 0)
             })
@@ -565,5 +791,14 @@ impl Committer {
                 let _ = reply.send(stats);
             }
         }
+    }
+}
+
+/// Removes the payload files of rows a committed deletion removed.
+fn remove_deleted(db: &Db, files: &DeletedFiles) {
+    let payloads = db.payloads();
+    for &(id, kind) in files {
+        // Housekeeping: a file left here goes at the next start.
+        let _ = payloads.remove(id, kind);
     }
 }

@@ -1,13 +1,31 @@
-//! Everything that speaks SQL: opening and validating `jobs.db`, the schema,
-//! recovery, batch writes, queries and the pruning statements.
+//! Everything that speaks SQL: opening and validating `jobs.db` (migrating
+//! an older schema), the schema, recovery, batch writes, queries and the
+//! pruning statements. The payload files' I/O is in `files.rs`; this module
+//! reads them back where a row says so.
+//!
+//! Schema version 2. Where a payload lives:
+//! - Inputs up to [`INLINE_INPUT_MAX`] bytes: the `jobs.input` column.
+//! - Larger inputs: `job_inputs`. SQLite rewrites a whole row on every
+//!   update, and a job is updated several times, so a large input stored
+//!   inline would be written again each time.
+//! - Inputs and outputs of at least
+//!   [`FILE_PAYLOAD_MIN`](super::FILE_PAYLOAD_MIN) bytes: a payload file;
+//!   the row's `input_file_len` / `output_file_len` (NULL otherwise) says so
+//!   and records the length, which is checked when the file is read.
+//! - Smaller outputs: the `jobs.output` column (written once, with the
+//!   final state).
+//!
+//! Version 1 had no `*_file_len` columns: it is migrated in place by adding
+//! them (`ALTER TABLE`, NULL for every existing row, so its payloads stay
+//! where they are) and setting `user_version` to 2, in one transaction.
 //!
 //! Layout choices, all for the write path:
 //! - `id` is the rowid (`INTEGER PRIMARY KEY`), so inserts append.
 //! - Blobs are the last columns, so reading a job's metadata never walks a
-//!   large payload's overflow pages.
-//! - Inputs over [`INLINE_INPUT_MAX`] bytes live in `job_inputs`: SQLite
-//!   rewrites a whole row on every update, and a job is updated several
-//!   times, so a large input stored inline would be written again each time.
+//!   large payload's overflow pages. (In a store migrated from version 1 the
+//!   two small `*_file_len` columns come after the blobs; listings never
+//!   read them, only recovery, [`Query::Job`] and the payload files'
+//!   bookkeeping do.)
 //! - Two partial indexes, each as small as its reader allows, because every
 //!   index entry costs the write path (plain indexes on `state` and `pool`
 //!   cost about a quarter of the write throughput): `jobs_active (state, id)` over queued and
@@ -18,6 +36,7 @@
 //!   table newest first and stops at the limit; that is slow only for a
 //!   rare pool or state in a large store, and only for `jobvisorctl jobs`.
 
+use super::files::{Kind, Payloads, ReadError};
 use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
 use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
 use ipc_proto::Bytes;
@@ -31,10 +50,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 /// `PRAGMA application_id` of a jobvisor store: "JVST".
 pub(super) const APPLICATION_ID: i64 = 0x4A56_5354;
 /// Page size of a new store.
@@ -44,21 +64,25 @@ pub(super) const INLINE_INPUT_MAX: usize = 1024;
 /// Error of an attempt cut short by a daemon restart.
 pub(super) const LOST_ON_RESTART: &str = "daemon restarted while the job was running";
 
+/// A new store. (A store migrated from version 1 has the two `*_file_len`
+/// columns last, after the blobs; every statement names its columns.)
 const SCHEMA: &str = "
 CREATE TABLE jobs (
-    id           INTEGER PRIMARY KEY,
-    pool         TEXT    NOT NULL,
-    state        INTEGER NOT NULL,
-    priority     INTEGER NOT NULL,
-    key          TEXT,
-    max_attempts INTEGER NOT NULL,
-    timeout_ms   INTEGER,
-    created_ms   INTEGER NOT NULL,
-    finished_ms  INTEGER,
-    error        TEXT,
-    attempts     TEXT    NOT NULL,
-    output       BLOB,
-    input        BLOB
+    id              INTEGER PRIMARY KEY,
+    pool            TEXT    NOT NULL,
+    state           INTEGER NOT NULL,
+    priority        INTEGER NOT NULL,
+    key             TEXT,
+    max_attempts    INTEGER NOT NULL,
+    timeout_ms      INTEGER,
+    created_ms      INTEGER NOT NULL,
+    finished_ms     INTEGER,
+    error           TEXT,
+    attempts        TEXT    NOT NULL,
+    input_file_len  INTEGER,
+    output_file_len INTEGER,
+    output          BLOB,
+    input           BLOB
 );
 CREATE INDEX jobs_active ON jobs(state, id) WHERE state < 2;
 CREATE INDEX jobs_finished ON jobs(pool, finished_ms) WHERE finished_ms IS NOT NULL;
@@ -74,19 +98,37 @@ INSERT INTO meta VALUES ('max_id', 0);
 /// Proves the tables have the columns this build uses.
 const CHECK_COLUMNS: &str = "
 SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
+       finished_ms, error, attempts, input_file_len, output_file_len, output, input
+       FROM jobs LIMIT 0;
+SELECT id, input FROM job_inputs LIMIT 0;
+SELECT value FROM meta WHERE key = 'max_id';
+";
+
+/// Proves a version 1 store has the columns the migration expects.
+const CHECK_COLUMNS_V1: &str = "
+SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
        finished_ms, error, attempts, output, input FROM jobs LIMIT 0;
 SELECT id, input FROM job_inputs LIMIT 0;
 SELECT value FROM meta WHERE key = 'max_id';
 ";
 
+/// Version 1 to 2: payloads may live in files. Existing rows keep theirs
+/// in the database (both new columns NULL).
+const MIGRATE_V1_V2: &str = "
+ALTER TABLE jobs ADD COLUMN input_file_len INTEGER;
+ALTER TABLE jobs ADD COLUMN output_file_len INTEGER;
+PRAGMA user_version = 2;
+";
+
 pub(super) const INSERT_JOB: &str =
     "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
-     timeout_ms, created_ms, finished_ms, error, attempts, output, input) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+     timeout_ms, created_ms, finished_ms, error, attempts, input_file_len, \
+     output_file_len, output, input) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
-     finished_ms = ?6 WHERE id = ?1";
+     finished_ms = ?6, output_file_len = ?7 WHERE id = ?1";
 const UPDATE_MAX_ID: &str = "UPDATE meta SET value = ?1 WHERE key = 'max_id'";
 
 /// Columns of a [`JobDoc`], in [`doc_from_row`]'s order.
@@ -98,7 +140,8 @@ macro_rules! select_doc {
         )
     };
 }
-pub(super) const SELECT_JOB: &str = select_doc!(", output FROM jobs WHERE id = ?1");
+pub(super) const SELECT_JOB: &str =
+    select_doc!(", output, output_file_len FROM jobs WHERE id = ?1");
 pub(super) const LIST_ALL: &str = select_doc!(" FROM jobs ORDER BY id DESC LIMIT ?1");
 pub(super) const LIST_POOL: &str =
     select_doc!(" FROM jobs WHERE pool = ?2 ORDER BY id DESC LIMIT ?1");
@@ -119,8 +162,11 @@ pub(super) const LIST_POOL_FINISHED: &str =
 /// Jobs to requeue at startup.
 pub(super) const SELECT_ACTIVE: &str =
     "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, \
-     created_ms, attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)) \
-     FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
+     created_ms, attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)), \
+     input_file_len FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
+/// Which payload files a row references.
+pub(super) const SELECT_FILES: &str =
+    "SELECT input_file_len, output_file_len FROM jobs WHERE id = ?1";
 
 /// Pools that have finished jobs: a loose index scan over `jobs_finished`
 /// (one index seek per pool, however many jobs).
@@ -134,20 +180,36 @@ WITH RECURSIVE p(pool) AS (
 SELECT pool FROM p WHERE pool IS NOT NULL";
 pub(super) const OLDEST_FINISHED: &str =
     "SELECT MIN(finished_ms) FROM jobs WHERE pool = ?1 AND finished_ms IS NOT NULL";
+// Deletions return the payload files of the deleted rows, to be removed
+// once the deletion has committed.
 pub(super) const DELETE_EXPIRED: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-     WHERE pool = ?1 AND finished_ms IS NOT NULL AND finished_ms < ?2 AND state >= 2 LIMIT ?3)";
+     WHERE pool = ?1 AND finished_ms IS NOT NULL AND finished_ms < ?2 AND state >= 2 LIMIT ?3) \
+     RETURNING id, input_file_len, output_file_len";
 pub(super) const COUNT_FINISHED: &str = "SELECT COUNT(*) FROM jobs WHERE finished_ms IS NOT NULL";
 // `NOT INDEXED`: walking the table in rowid order finds the oldest finished
 // jobs at once; going through an index would sort every finished job.
 pub(super) const DELETE_OLDEST: &str =
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs NOT INDEXED \
-     WHERE finished_ms IS NOT NULL AND state >= 2 ORDER BY id LIMIT ?1)";
+     WHERE finished_ms IS NOT NULL AND state >= 2 ORDER BY id LIMIT ?1) \
+     RETURNING id, input_file_len, output_file_len";
 
 /// A job to insert, with the last update of the same batch folded in.
 #[derive(Debug)]
 pub(super) struct PendingInsert {
     pub job: NewJob,
     pub update: Option<JobUpdate>,
+    /// The input is in its payload file (written before the transaction).
+    pub input_file: bool,
+    /// The output is in its payload file (likewise).
+    pub output_file: bool,
+}
+
+/// An update of a job stored before this batch.
+#[derive(Debug)]
+pub(super) struct PendingUpdate {
+    pub update: JobUpdate,
+    /// The output is in its payload file (written before the transaction).
+    pub output_file: bool,
 }
 
 /// The connection and what the store thread keeps next to it.
@@ -158,14 +220,32 @@ pub(super) struct Db {
     max_id: u64,
     /// Scratch buffer for encoding attempts, reused across ops.
     json: Vec<u8>,
+    /// Where the large payloads are.
+    payloads: Payloads,
     /// Held while the store is open (see [`lock_store`]).
     _lock: Flock<File>,
 }
 
+/// What recovery does to a row.
+enum Change {
+    /// Back to `queued` (its running attempt closed as lost).
+    Requeue { id: u64, attempts: Vec<Attempt> },
+    /// `dead`, finished now.
+    Dead {
+        id: u64,
+        attempts: Vec<Attempt>,
+        error: String,
+    },
+}
+
+/// Payload files of deleted rows, to remove once the deletion committed.
+pub(super) type DeletedFiles = Vec<(u64, Kind)>;
+
 impl Db {
     /// Opens `state_dir/jobs.db`, creating it (and the directory) if needed,
-    /// and checks that it is a jobvisor store this build can use.
-    pub fn open(state_dir: &Path) -> Result<Db, StoreError> {
+    /// checks that it is a jobvisor store this build can use (migrating an
+    /// older schema), and creates `payload_dir` if needed.
+    pub fn open(state_dir: &Path, payload_dir: &Path) -> Result<Db, StoreError> {
         let path = state_dir.join("jobs.db");
         std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Access {
             path: state_dir.to_path_buf(),
@@ -183,9 +263,12 @@ impl Db {
             path,
             max_id: 0,
             json: Vec::with_capacity(1024),
+            payloads: Payloads::new(payload_dir),
             _lock: lock,
         };
         db.init()?;
+        // Only now: a refused store is left as it was.
+        db.payloads.open()?;
         // SQLite syncs the directory when it creates the WAL; syncing it (and
         // its parent, which `create_dir_all` may have just changed) here too
         // makes the files' directory entries durable before the first ack.
@@ -200,6 +283,15 @@ impl Db {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn payloads(&self) -> &Payloads {
+        &self.payloads
+    }
+
+    /// Largest job id committed so far.
+    pub fn max_id(&self) -> u64 {
+        self.max_id
     }
 
     fn err(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -246,7 +338,13 @@ impl Db {
             if version < 1 {
                 return Err(self.not_a_store(format!("unknown schema version {version}")));
             }
-            // Migrations from older versions go here, once there are any.
+            if version == 1 {
+                // Checked before anything is written (the migration comes
+                // once the connection is configured).
+                if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS_V1) {
+                    return Err(self.not_a_store(format!("schema version 1 but {e}")));
+                }
+            }
         }
 
         if fresh {
@@ -295,8 +393,13 @@ impl Db {
                 .and_then(|()| tx.pragma_update(None, "user_version", SCHEMA_VERSION))
                 .and_then(|()| tx.commit())
                 .map_err(|e| sqlite_error(&self.path, "cannot create the schema", e))?;
-        } else if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS) {
-            return Err(self.not_a_store(format!("schema version {version} but {e}")));
+        } else {
+            if version == 1 {
+                self.migrate_v1()?;
+            }
+            if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS) {
+                return Err(self.not_a_store(format!("schema version {version} but {e}")));
+            }
         }
 
         let meta: i64 = self
@@ -315,8 +418,78 @@ impl Db {
         Ok(())
     }
 
+    /// Migrates a version 1 store in place, in one transaction: a crash
+    /// leaves it at version 1, to be migrated at the next start.
+    fn migrate_v1(&mut self) -> Result<(), StoreError> {
+        let fail = |e| sqlite_error(&self.path, "cannot migrate the schema to version 2", e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        tx.execute_batch(MIGRATE_V1_V2)
+            .and_then(|()| tx.commit())
+            .map_err(fail)
+    }
+
+    /// Which payload files the committed row of job `id` references, as
+    /// `(input, output)`; none if there is no such row.
+    fn referenced_files(&self, id: u64) -> rusqlite::Result<(bool, bool)> {
+        let lens: Option<(Option<i64>, Option<i64>)> = self
+            .conn
+            .prepare_cached(SELECT_FILES)?
+            .query_row([to_sql_u64(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(lens.map_or((false, false), |(i, o)| (i.is_some(), o.is_some())))
+    }
+
+    /// Whether the committed row of job `id` references its `kind` payload
+    /// file.
+    pub fn references(&self, id: u64, kind: Kind) -> rusqlite::Result<bool> {
+        let (input, output) = self.referenced_files(id)?;
+        Ok(match kind {
+            Kind::Input => input,
+            Kind::Output => output,
+        })
+    }
+
+    /// Whether the committed row of job `id` references a payload file.
+    pub fn references_any(&self, id: u64) -> rusqlite::Result<bool> {
+        let (input, output) = self.referenced_files(id)?;
+        Ok(input || output)
+    }
+
+    /// Removes the payload files that no row references: left by a crash
+    /// between writing them and committing the rows, or by a job's output
+    /// replaced by an update. Returns how many. (Runs at open, before
+    /// anything else can write files.)
+    pub fn sweep_payloads(&self) -> Result<usize, StoreError> {
+        let dir = self.payloads.dir();
+        let files = self.payloads.list().map_err(|source| StoreError::Access {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut removed = 0;
+        for (id, kind) in files {
+            let referenced = self
+                .references(id, kind)
+                .map_err(self.err("cannot check the payload files"))?;
+            // Housekeeping: a file that cannot be removed now is tried
+            // again at the next start.
+            if !referenced && self.payloads.remove(id, kind).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            let _ = self.payloads.sync_dir();
+        }
+        Ok(removed)
+    }
+
     /// Requeues (or declares dead) the jobs that were running when the
     /// daemon died, in one transaction, and returns what the daemon needs.
+    ///
+    /// A job whose input file is missing or damaged cannot run: it is
+    /// declared dead, with an error naming the file.
     pub fn recover(&mut self, now_ms: u64) -> Result<Recovered, StoreError> {
         let path = self.path.clone();
         let fail = |e| sqlite_error(&path, "recovery failed", e);
@@ -324,13 +497,12 @@ impl Db {
             path: path.clone(),
             detail,
         };
-        let tx = self
-            .conn
+        let Db { conn, payloads, .. } = self;
+        let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
         let mut jobs = Vec::new();
-        // (id, state, attempts, finished_ms) of the rows recovery changes.
-        let mut changed: Vec<(u64, JobState, Vec<Attempt>, Option<u64>)> = Vec::new();
+        let mut changed = Vec::new();
         {
             let mut stmt = tx.prepare(SELECT_ACTIVE).map_err(fail)?;
             let mut rows = stmt.query([]).map_err(fail)?;
@@ -340,8 +512,30 @@ impl Db {
                     .ok_or_else(|| not_a_store(format!("job {id} has an unknown state")))?;
                 let attempts = parse_attempts(row.get_ref(8).map_err(fail)?)
                     .map_err(|e| not_a_store(format!("job {id}: {e}")))?;
-                let input: Option<Vec<u8>> = row.get(9).map_err(fail)?;
-                let input = input.ok_or_else(|| not_a_store(format!("job {id} has no input")))?;
+                let file_len: Option<i64> = row.get(10).map_err(fail)?;
+                let mut unusable = None;
+                let input: Arc<[u8]> = match (file_len, row.get_ref(9).map_err(fail)?) {
+                    (Some(len), _) => {
+                        match payloads.read_shared(id, Kind::Input, from_sql_u64(len)) {
+                            Ok(input) => input,
+                            // Maybe the disk's fault, maybe passing:
+                            // refuse to start rather than lose the job.
+                            Err(ReadError::Io(path, source)) => {
+                                return Err(StoreError::Payload {
+                                    path,
+                                    what: "cannot read a queued job's input",
+                                    source,
+                                })
+                            }
+                            Err(e) => {
+                                unusable = Some(format!("input {e}; the job cannot run"));
+                                Arc::default()
+                            }
+                        }
+                    }
+                    (None, ValueRef::Blob(b)) => Arc::from(b),
+                    (None, _) => return Err(not_a_store(format!("job {id} has no input"))),
+                };
                 let job = NewJob {
                     id,
                     pool: row.get(1).map_err(fail)?,
@@ -362,11 +556,27 @@ impl Db {
                         last.outcome = Some(Outcome::Lost);
                         last.error = Some(LOST_ON_RESTART.to_string());
                     }
+                }
+                if let Some(error) = unusable {
+                    changed.push(Change::Dead {
+                        id,
+                        attempts,
+                        error,
+                    });
+                    continue;
+                }
+                if state == JobState::Running {
                     if attempts.len() >= job.max_attempts.max(1) as usize {
-                        changed.push((id, JobState::Dead, attempts, Some(now_ms)));
+                        let error = LOST_ON_RESTART.to_string();
+                        changed.push(Change::Dead {
+                            id,
+                            attempts,
+                            error,
+                        });
                         continue;
                     }
-                    changed.push((id, JobState::Queued, attempts.clone(), None));
+                    let attempts = attempts.clone();
+                    changed.push(Change::Requeue { id, attempts });
                 }
                 jobs.push(RecoveredJob { job, attempts });
             }
@@ -381,20 +591,28 @@ impl Db {
             let mut requeue = tx
                 .prepare("UPDATE jobs SET state = ?2, attempts = ?3 WHERE id = ?1")
                 .map_err(fail)?;
-            for (id, state, attempts, finished) in &changed {
-                let json = serde_json::to_string(attempts)
-                    .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-                let (id, code) = (to_sql_u64(*id), state_code(*state));
-                if let Some(finished) = finished {
-                    dead.execute(params![
+            let json = |attempts| {
+                serde_json::to_string(attempts)
+                    .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+            };
+            for change in &changed {
+                match change {
+                    Change::Requeue { id, attempts } => requeue.execute(params![
+                        to_sql_u64(*id),
+                        state_code(JobState::Queued),
+                        json(attempts)?
+                    ]),
+                    Change::Dead {
                         id,
-                        code,
-                        json,
-                        to_sql_u64(*finished),
-                        LOST_ON_RESTART
-                    ])
-                } else {
-                    requeue.execute(params![id, code, json])
+                        attempts,
+                        error,
+                    } => dead.execute(params![
+                        to_sql_u64(*id),
+                        state_code(JobState::Dead),
+                        json(attempts)?,
+                        to_sql_u64(now_ms),
+                        error
+                    ]),
                 }
                 .map_err(fail)?;
             }
@@ -423,21 +641,25 @@ impl Db {
     }
 
     /// Applies one batch in one transaction and commits it. On error the
-    /// transaction is rolled back: nothing of the batch is stored.
+    /// transaction is rolled back: nothing of the batch is stored. The
+    /// payload files the rows reference must already be on disk.
+    ///
+    /// Returns the jobs whose update had its output in a file but matched
+    /// no row (their insert was lost): nothing references those files.
     pub fn write(
         &mut self,
         inserts: &[PendingInsert],
-        updates: &[JobUpdate],
+        updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<()> {
+    ) -> rusqlite::Result<Vec<u64>> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self
             .write_rows(inserts, updates, now_ms)
-            .and_then(|max_id| self.conn.execute_batch("COMMIT").map(|()| max_id));
+            .and_then(|done| self.conn.execute_batch("COMMIT").map(|()| done));
         match result {
-            Ok(max_id) => {
+            Ok((max_id, unmatched)) => {
                 self.max_id = max_id;
-                Ok(())
+                Ok(unmatched)
             }
             Err(e) => {
                 self.rollback();
@@ -455,17 +677,19 @@ impl Db {
         }
     }
 
-    /// Executes the batch's statements; returns the new id high-water mark.
+    /// Executes the batch's statements; returns the new id high-water mark
+    /// and the unmatched updates with an output file (see [`Db::write`]).
     fn write_rows(
         &mut self,
         inserts: &[PendingInsert],
-        updates: &[JobUpdate],
+        updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<u64> {
+    ) -> rusqlite::Result<(u64, Vec<u64>)> {
         let Db {
             conn, json, max_id, ..
         } = self;
         let mut new_max = *max_id;
+        let mut unmatched = Vec::new();
         if !inserts.is_empty() {
             let mut insert = conn.prepare_cached(INSERT_JOB)?;
             let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
@@ -484,7 +708,9 @@ impl Db {
                     }
                     None => (JobState::Queued, &b"[]"[..], None, None, None),
                 };
-                let inline = job.input.len() <= INLINE_INPUT_MAX;
+                let (output, output_file_len) = in_file(output, p.output_file);
+                let (input, input_file_len) = in_file(Some(&job.input[..]), p.input_file);
+                let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
                     to_sql_u64(job.id),
                     job.pool,
@@ -497,34 +723,42 @@ impl Db {
                     finished,
                     error,
                     text(attempts),
+                    input_file_len,
+                    output_file_len,
                     output,
-                    inline.then_some(job.input.as_slice()),
+                    inline,
                 ])?;
-                if !inline {
-                    insert_input.execute(params![to_sql_u64(job.id), job.input])?;
+                if let Some(input) = input.filter(|_| inline.is_none()) {
+                    insert_input.execute(params![to_sql_u64(job.id), input])?;
                 }
                 new_max = new_max.max(job.id);
             }
         }
         if !updates.is_empty() {
             let mut update = conn.prepare_cached(UPDATE_JOB)?;
-            for u in updates {
+            for p in updates {
+                let u = &p.update;
                 encode_attempts(json, &u.attempts)?;
-                update.execute(params![
+                let (output, output_file_len) = in_file(u.output.as_deref(), p.output_file);
+                let changed = update.execute(params![
                     to_sql_u64(u.id),
                     state_code(u.state),
                     text(json),
-                    u.output,
+                    output,
                     u.error,
                     finished_ms(u.state, u.finished_ms, now_ms),
+                    output_file_len,
                 ])?;
+                if changed == 0 && p.output_file {
+                    unmatched.push(u.id);
+                }
             }
         }
         if new_max > *max_id {
             conn.prepare_cached(UPDATE_MAX_ID)?
                 .execute([to_sql_u64(new_max)])?;
         }
-        Ok(new_max)
+        Ok((new_max, unmatched))
     }
 
     /// Answers a query from committed data.
@@ -533,10 +767,21 @@ impl Db {
             match query {
                 Query::Job { id } => {
                     let mut stmt = self.conn.prepare_cached(SELECT_JOB)?;
-                    let doc = stmt
-                        .query_row([to_sql_u64(*id)], |row| Ok(doc_from_row(row, true)))
+                    let found = stmt
+                        .query_row([to_sql_u64(*id)], |row| {
+                            Ok((doc_from_row(row, true), row.get::<_, Option<i64>>(10)?))
+                        })
                         .optional()?;
-                    Ok(doc.transpose().map(QueryResult::Job))
+                    Ok(match found {
+                        None => Ok(QueryResult::Job(None)),
+                        Some((Err(e), _)) => Err(e),
+                        Some((Ok(mut doc), file_len)) => {
+                            if let Some(len) = file_len {
+                                self.load_output(&mut doc, from_sql_u64(len));
+                            }
+                            Ok(QueryResult::Job(Some(doc)))
+                        }
+                    })
                 }
                 Query::List { pool, state, limit } => {
                     let sql = match (pool, state.map(JobState::is_terminal)) {
@@ -570,6 +815,21 @@ impl Db {
         run().unwrap_or_else(|e| Err(format!("cannot read the job store: {e}")))
     }
 
+    /// Reads a job's output from its file. A file that is missing, damaged
+    /// or unreadable leaves the output out and says so in the error.
+    fn load_output(&self, doc: &mut JobDoc, len: u64) {
+        match self.payloads.read(doc.id, Kind::Output, len) {
+            Ok(output) => doc.output = Some(Bytes(output)),
+            Err(e) => {
+                let problem = format!("output {e}");
+                doc.error = Some(match doc.error.take() {
+                    Some(error) => format!("{error}; {problem}"),
+                    None => problem,
+                });
+            }
+        }
+    }
+
     /// Runs `f` in its own `BEGIN IMMEDIATE` transaction and commits.
     fn in_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -597,19 +857,18 @@ impl Db {
     }
 
     /// Deletes up to `limit` finished jobs of `pool` that finished before
-    /// `cutoff_ms`, in one transaction; returns how many.
+    /// `cutoff_ms`, in one transaction; returns how many, and their payload
+    /// files (for the caller to remove).
     pub fn delete_expired(
         &self,
         pool: &str,
         cutoff_ms: u64,
         limit: u32,
-    ) -> rusqlite::Result<usize> {
+    ) -> rusqlite::Result<(usize, DeletedFiles)> {
         self.in_tx(|conn| {
-            conn.prepare_cached(DELETE_EXPIRED)?.execute(params![
-                pool,
-                to_sql_u64(cutoff_ms),
-                limit
-            ])
+            let mut stmt = conn.prepare_cached(DELETE_EXPIRED)?;
+            let deleted = deleted_files(stmt.query(params![pool, to_sql_u64(cutoff_ms), limit])?);
+            deleted
         })
     }
 
@@ -622,9 +881,14 @@ impl Db {
         Ok(from_sql_u64(n))
     }
 
-    /// Deletes the `limit` oldest (by id) finished jobs, in one transaction.
-    pub fn delete_oldest_finished(&self, limit: u32) -> rusqlite::Result<usize> {
-        self.in_tx(|conn| conn.prepare_cached(DELETE_OLDEST)?.execute([limit]))
+    /// Deletes the `limit` oldest (by id) finished jobs, in one
+    /// transaction; returns how many, and their payload files.
+    pub fn delete_oldest_finished(&self, limit: u32) -> rusqlite::Result<(usize, DeletedFiles)> {
+        self.in_tx(|conn| {
+            let mut stmt = conn.prepare_cached(DELETE_OLDEST)?;
+            let deleted = deleted_files(stmt.query([limit])?);
+            deleted
+        })
     }
 
     /// For tests: SQLite's query plan for `sql`, one step per line.
@@ -643,6 +907,33 @@ impl Db {
     #[cfg(test)]
     pub fn execute_batch(&self, sql: &str) -> rusqlite::Result<()> {
         self.conn.execute_batch(sql)
+    }
+}
+
+/// Counts the rows a `DELETE … RETURNING id, input_file_len,
+/// output_file_len` deleted and collects their payload files.
+fn deleted_files(mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<(usize, DeletedFiles)> {
+    let mut n = 0;
+    let mut files = Vec::new();
+    while let Some(row) = rows.next()? {
+        n += 1;
+        let id = from_sql_u64(row.get(0)?);
+        if row.get_ref(1)? != ValueRef::Null {
+            files.push((id, Kind::Input));
+        }
+        if row.get_ref(2)? != ValueRef::Null {
+            files.push((id, Kind::Output));
+        }
+    }
+    Ok((n, files))
+}
+
+/// A payload's column values: the bytes for the database, or (if it is in
+/// its file) the length to record instead.
+fn in_file(payload: Option<&[u8]>, file: bool) -> (Option<&[u8]>, Option<i64>) {
+    match payload {
+        Some(p) if file => (None, Some(to_sql_u64(p.len() as u64))),
+        p => (p, None),
     }
 }
 
@@ -677,7 +968,18 @@ fn check_access(dir: &Path, file: &Path) -> Result<(), StoreError> {
 /// dies, even by `kill -9`). Two daemons on one store would hand out the
 /// same job ids; SQLite's own locks only serialize their transactions.
 fn lock_store(state_dir: &Path, db: &Path) -> Result<Flock<File>, StoreError> {
-    let path = state_dir.join("jobs.lock");
+    lock_file(&state_dir.join("jobs.lock"), || StoreError::InUse {
+        path: db.to_path_buf(),
+    })
+}
+
+/// Takes an exclusive `flock` on `path` (created if needed); `in_use` is the
+/// error when another process holds it.
+pub(super) fn lock_file(
+    path: &Path,
+    in_use: impl FnOnce() -> StoreError,
+) -> Result<Flock<File>, StoreError> {
+    let path = path.to_path_buf();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -690,9 +992,7 @@ fn lock_store(state_dir: &Path, db: &Path) -> Result<Flock<File>, StoreError> {
         })?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == Errno::EWOULDBLOCK {
-            StoreError::InUse {
-                path: db.to_path_buf(),
-            }
+            in_use()
         } else {
             StoreError::Access {
                 path,

@@ -35,6 +35,15 @@ impl TempDir {
     fn db(&self) -> PathBuf {
         self.0.join("jobs.db")
     }
+
+    fn payloads(&self) -> PathBuf {
+        self.0.join("payloads")
+    }
+
+    /// `payloads/<id>.<ext>`.
+    fn payload(&self, id: u64, ext: &str) -> PathBuf {
+        self.payloads().join(format!("{id}.{ext}"))
+    }
 }
 
 impl Drop for TempDir {
@@ -59,7 +68,8 @@ impl Harness {
     fn open_tuned(dir: &Path, tuning: Tuning) -> (Harness, Recovered) {
         let poll = Poll::new().expect("poll");
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
-        let (store, recovered) = match Store::open_tuned(dir, waker, tuning) {
+        let (store, recovered) = match Store::open_tuned(dir, &dir.join("payloads"), waker, tuning)
+        {
             Ok(x) => x,
             Err(e) => panic!("open {}: {e}", dir.display()),
         };
@@ -178,7 +188,7 @@ fn new_job(id: u64, pool: &str) -> NewJob {
         key: None,
         max_attempts: 3,
         timeout_ms: None,
-        input: format!("input {id}").into_bytes(),
+        input: format!("input {id}").into_bytes().into(),
         created_ms: 1_700_000_000_000 + id,
     }
 }
@@ -211,7 +221,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         id,
         state,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-        output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes()),
+        output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes().into()),
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
     })
@@ -282,7 +292,7 @@ fn round_trip_insert_update_query() {
     let big: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     h.submit(Op::Insert(new_job(2, "b")));
     let mut job3 = new_job(3, "a");
-    job3.input = big.clone();
+    job3.input = big.clone().into();
     let seq = h.submit(Op::Insert(job3));
     h.wait_durable(seq);
 
@@ -296,7 +306,7 @@ fn round_trip_insert_update_query() {
 
     let (h, rec) = Harness::open(dir.path());
     assert_eq!(ids(&rec), vec![2, 3]);
-    assert_eq!(rec.jobs[1].job.input, big);
+    assert_eq!(*rec.jobs[1].job.input, *big);
     assert_eq!(rec.jobs[0].job, new_job(2, "b"));
     assert_eq!(rec.next_id, 4);
     assert_eq!(count(&rec, "a", JobState::Succeeded), 1);
@@ -585,12 +595,12 @@ fn failed_commit_loses_inserts_and_retries_updates() {
         id: 1,
         state: JobState::Succeeded,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-        output: Some(big.clone()),
+        output: Some(big.clone().into()),
         error: None,
         finished_ms: Some(1_700_000_100_000),
     }));
     let mut two = new_job(2, "p");
-    two.input = big.clone();
+    two.input = big.clone().into();
     let failed_upto = h.submit(Op::Insert(two));
     drop(release);
     match h.next() {
@@ -979,7 +989,7 @@ fn throughput() {
             id,
             state: JobState::Succeeded,
             attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-            output: Some(b"done!!!".to_vec()),
+            output: Some(Arc::from(&b"done!!!"[..])),
             error: None,
             finished_ms: Some(1_700_000_100_000),
         }));
@@ -1032,7 +1042,7 @@ fn throughput() {
 fn query_plans_use_the_intended_indexes() {
     use super::db::*;
     let dir = TempDir::new("plans");
-    let db = Db::open(dir.path()).expect("open");
+    let db = Db::open(dir.path(), &dir.path().join("payloads")).expect("open");
     let uses = |sql: &str, what: &str| {
         let plan = db.plan(sql).expect("plan");
         assert!(
@@ -1063,4 +1073,726 @@ fn query_plans_use_the_intended_indexes() {
     ] {
         uses(sql, "SCAN jobs");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Payload files
+
+/// `len` pseudo-random bytes (xorshift), different per `seed`: a payload
+/// that comes back shifted, truncated or mixed up with another fails the
+/// comparison.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn job_with_input(id: u64, input: &[u8]) -> NewJob {
+    NewJob {
+        input: Arc::from(input),
+        ..new_job(id, "p")
+    }
+}
+
+fn succeeded_with(id: u64, output: &[u8]) -> Op {
+    Op::Update(JobUpdate {
+        id,
+        state: JobState::Succeeded,
+        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+        output: Some(Arc::from(output)),
+        error: None,
+        finished_ms: Some(db::now_ms()),
+    })
+}
+
+/// Names in the payload directory, sorted, but for the store's lock file.
+fn payload_names(dir: &TempDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.payloads())
+        .expect("read payloads")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name != ".lock")
+        .collect();
+    names.sort();
+    names
+}
+
+const SIZES: [usize; 3] = [FILE_PAYLOAD_MIN - 1, FILE_PAYLOAD_MIN, 8 << 20];
+
+#[test]
+fn payloads_round_trip_bit_exact_at_every_size() {
+    let dir = TempDir::new("payloads");
+    let (mut h, _) = Harness::open(dir.path());
+    let meta = std::fs::metadata(dir.payloads()).expect("payload dir created");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    }
+    // Per size: a job that stays queued (recovery), one that runs and
+    // finishes in a later batch (update), one whose insert and final update
+    // share a batch (folded), and one left running (recovery of a running
+    // job). `folded` is inserted after `running_id`, a higher id: payload
+    // files below the id high-water mark work too.
+    let mut id = 0;
+    let mut cases = Vec::new();
+    for (i, &size) in SIZES.iter().enumerate() {
+        let seed = i as u64 * 10;
+        let (queued, updated, folded, running_id) = (id + 1, id + 2, id + 3, id + 4);
+        id += 4;
+        let input = pattern(size, seed);
+        let output = pattern(size, seed + 1);
+        let seq = h.submit(Op::Insert(job_with_input(queued, &input)));
+        h.wait_durable(seq);
+        h.submit(Op::Insert(job_with_input(
+            updated,
+            &pattern(size, seed + 2),
+        )));
+        let seq = h.submit(Op::Insert(job_with_input(
+            running_id,
+            &pattern(size, seed + 3),
+        )));
+        h.wait_durable(seq);
+        h.submit(running(running_id, vec![attempt(1, None)]));
+        let seq = h.submit(succeeded_with(updated, &output));
+        h.wait_durable(seq);
+        let release = h.pause();
+        h.submit(Op::Insert(job_with_input(folded, &pattern(size, seed + 4))));
+        let seq = h.submit(succeeded_with(folded, &pattern(size, seed + 5)));
+        drop(release);
+        h.wait_durable(seq);
+        cases.push((size, seed, queued, updated, folded, running_id));
+    }
+
+    for &(size, seed, queued, updated, folded, running_id) in &cases {
+        let in_file = size >= FILE_PAYLOAD_MIN;
+        for id in [queued, updated, folded, running_id] {
+            assert_eq!(
+                dir.payload(id, "in").exists(),
+                in_file,
+                "{id}.in, size {size}"
+            );
+        }
+        for id in [updated, folded] {
+            assert_eq!(
+                dir.payload(id, "out").exists(),
+                in_file,
+                "{id}.out, size {size}"
+            );
+        }
+        if in_file {
+            let on_disk = std::fs::read(dir.payload(queued, "in")).expect("read");
+            assert!(on_disk == pattern(size, seed), "file content, size {size}");
+        }
+        let doc = h.job(updated).expect("updated job");
+        assert_eq!(doc.error, None);
+        assert!(
+            doc.output == Some(Bytes(pattern(size, seed + 1))),
+            "output, size {size}"
+        );
+        let doc = h.job(folded).expect("folded job");
+        assert!(
+            doc.output == Some(Bytes(pattern(size, seed + 5))),
+            "folded output, size {size}"
+        );
+        // Lists never carry outputs, from files or not.
+        assert!(h.list(None, None, 100).contains(&updated));
+    }
+    h.close();
+
+    let (mut h, rec) = Harness::open(dir.path());
+    let mut expected_ids = Vec::new();
+    for &(size, seed, queued, _, _, running_id) in &cases {
+        expected_ids.extend([queued, running_id]);
+        let find = |id| {
+            rec.jobs
+                .iter()
+                .find(|j| j.job.id == id)
+                .unwrap_or_else(|| panic!("job {id} recovered"))
+        };
+        assert!(
+            *find(queued).job.input == *pattern(size, seed),
+            "queued input, size {size}"
+        );
+        let r = find(running_id);
+        assert!(
+            *r.job.input == *pattern(size, seed + 3),
+            "running input, size {size}"
+        );
+        assert_eq!(r.attempts[0].outcome, Some(Outcome::Lost));
+        assert_eq!(h.job(running_id).expect("job").state, JobState::Queued);
+    }
+    assert_eq!(ids(&rec), expected_ids);
+    // The sweep at open kept every referenced file.
+    let (_, _, _, updated, folded, _) = cases[2];
+    assert!(dir.payload(updated, "out").exists() && dir.payload(folded, "in").exists());
+    let doc = h.job(folded).expect("folded job");
+    assert!(doc.output == Some(Bytes(pattern(8 << 20, 25))));
+    h.close();
+}
+
+#[test]
+fn a_large_payload_gets_a_batch_of_its_own() {
+    let dir = TempDir::new("bigbatch");
+    let (mut h, _) = Harness::open(dir.path());
+    let huge = pattern(MAX_BATCH_BLOB_BYTES + 1, 1);
+    let before = h.stats();
+    let release = h.pause();
+    h.submit(Op::Insert(new_job(1, "p")));
+    h.submit(Op::Insert(job_with_input(2, &huge)));
+    h.submit(Op::Insert(new_job(3, "p")));
+    h.submit(Op::Query {
+        token: 5,
+        query: Query::Job { id: 2 },
+    });
+    drop(release);
+    assert_eq!(h.next(), Completion::Durable { upto: 1 });
+    assert_eq!(h.next(), Completion::Durable { upto: 2 });
+    // The query goes with the small insert, which may not join the huge one.
+    assert_eq!(h.next(), Completion::Durable { upto: 4 });
+    assert!(matches!(
+        h.next(),
+        Completion::Query {
+            token: 5,
+            result: Ok(QueryResult::Job(Some(_)))
+        }
+    ));
+    assert_eq!(h.stats().commits - before.commits, 3);
+    assert_eq!(
+        std::fs::metadata(dir.payload(2, "in")).expect("file").len(),
+        huge.len() as u64
+    );
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1, 2, 3]);
+    assert!(*rec.jobs[1].job.input == *huge);
+    h.close();
+}
+
+#[test]
+fn pruning_removes_the_payload_files() {
+    let dir = TempDir::new("prunefiles");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 7);
+    let now = db::now_ms();
+    for id in 1..=5 {
+        h.submit(Op::Insert(job_with_input(id, &big)));
+    }
+    let finish = |id, finished_ms| {
+        Op::Update(JobUpdate {
+            id,
+            state: JobState::Succeeded,
+            attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+            output: Some(Arc::from(&big[..])),
+            error: None,
+            finished_ms: Some(finished_ms),
+        })
+    };
+    h.submit(finish(1, now - 30 * HOUR_MS)); // expired
+    h.submit(finish(2, now - 2 * HOUR_MS)); // kept, then capped
+    h.submit(finish(3, now)); // kept
+    h.submit(finish(4, now)); // kept
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: Duration::from_secs(24 * 3600),
+        max_finished: 2,
+    });
+    h.wait_durable(seq);
+    assert_eq!(payload_names(&dir).len(), 9, "{:?}", payload_names(&dir));
+
+    h.prune_now();
+    assert_eq!(h.list(None, None, 10), vec![5, 4, 3]);
+    assert_eq!(
+        payload_names(&dir),
+        ["3.in", "3.out", "4.in", "4.out", "5.in"],
+        "the files of pruned jobs go, the others stay"
+    );
+    h.close();
+}
+
+#[test]
+fn unreferenced_payload_files_are_swept_at_open() {
+    let dir = TempDir::new("sweep");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 3);
+    let seq = h.submit(Op::Insert(job_with_input(5, &big)));
+    h.wait_durable(seq);
+    h.close();
+    // A crash between writing files and committing their rows leaves files
+    // no row references; other names are not ours.
+    for name in ["6.in", "5.out", "99.out", "notes.txt", "007.in", "5.in.tmp"] {
+        std::fs::write(dir.payloads().join(name), b"stale").expect("write");
+    }
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(
+        payload_names(&dir),
+        ["007.in", "5.in", "5.in.tmp", "notes.txt"]
+    );
+    assert!(
+        *rec.jobs[0].job.input == *big,
+        "a referenced file is kept intact"
+    );
+    h.close();
+}
+
+#[test]
+fn two_stores_cannot_share_a_payload_dir() {
+    let dir = TempDir::new("sharedpayloads");
+    let shared = dir.path().join("shared");
+    let open = |state: &str| {
+        let poll = Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
+        Store::open_with_payload_dir(&dir.path().join(state), &shared, waker)
+    };
+    let (first, _) = open("a").expect("first store");
+    let err = match open("b") {
+        Ok(_) => panic!("a second store on the same payload directory"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::PayloadDirInUse { .. }), "{err:?}");
+    assert!(err.to_string().contains("set daemon.payload_dir"), "{err}");
+    first.close().expect("close");
+    let (second, _) = open("b").expect("free again once the first is closed");
+    second.close().expect("close");
+}
+
+#[test]
+fn a_missing_or_short_input_file_makes_the_job_dead() {
+    let dir = TempDir::new("noinput");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(2 * FILE_PAYLOAD_MIN, 11);
+    for id in 1..=4 {
+        h.submit(Op::Insert(job_with_input(id, &big)));
+    }
+    let seq = h.submit(running(3, vec![attempt(1, None)]));
+    h.wait_durable(seq);
+    h.close();
+    std::fs::remove_file(dir.payload(1, "in")).expect("rm");
+    std::fs::remove_file(dir.payload(3, "in")).expect("rm");
+    std::fs::write(dir.payload(2, "in"), &big[..1000]).expect("truncate");
+
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(
+        ids(&rec),
+        vec![4],
+        "only the job with its input is requeued"
+    );
+    assert!(*rec.jobs[0].job.input == *big);
+    assert_eq!(count(&rec, "p", JobState::Dead), 3);
+    assert_eq!(count(&rec, "p", JobState::Queued), 1);
+    let one = h.job(1).expect("job 1");
+    assert_eq!(one.state, JobState::Dead);
+    assert!(one.finished_ms.is_some());
+    assert_eq!(
+        one.error.as_deref(),
+        Some(
+            format!(
+                "input payload file {} is missing; the job cannot run",
+                dir.payload(1, "in").display()
+            )
+            .as_str()
+        )
+    );
+    let two = h.job(2).expect("job 2");
+    assert_eq!(two.state, JobState::Dead);
+    assert_eq!(
+        two.error.as_deref(),
+        Some(
+            format!(
+                "input payload file {} has 1000 bytes instead of {}; the job cannot run",
+                dir.payload(2, "in").display(),
+                big.len()
+            )
+            .as_str()
+        )
+    );
+    // A running job's attempt is closed as lost, then the job is dead.
+    let three = h.job(3).expect("job 3");
+    assert_eq!(three.state, JobState::Dead);
+    assert_eq!(three.attempts[0].outcome, Some(Outcome::Lost));
+    assert!(three
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("is missing")));
+    h.close();
+
+    // Stored, not just reported: the next start finds the same.
+    let (h, again) = Harness::open(dir.path());
+    assert_eq!(ids(&again), vec![4]);
+    assert_eq!(count(&again, "p", JobState::Dead), 3);
+    h.close();
+}
+
+#[test]
+fn a_missing_output_file_is_reported_by_the_query() {
+    let dir = TempDir::new("nooutput");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 5);
+    h.submit(Op::Insert(new_job(1, "p")));
+    let seq = h.submit(succeeded_with(1, &big));
+    h.wait_durable(seq);
+    assert!(h.job(1).expect("job").output == Some(Bytes(big.clone())));
+
+    std::fs::remove_file(dir.payload(1, "out")).expect("rm");
+    let doc = h.job(1).expect("job 1 is still there");
+    assert_eq!(doc.state, JobState::Succeeded);
+    assert_eq!(doc.output, None);
+    assert_eq!(
+        doc.error.as_deref(),
+        Some(
+            format!(
+                "output payload file {} is missing",
+                dir.payload(1, "out").display()
+            )
+            .as_str()
+        )
+    );
+    // A short one likewise.
+    std::fs::write(dir.payload(1, "out"), b"short").expect("write");
+    let doc = h.job(1).expect("job 1");
+    assert_eq!(doc.output, None);
+    assert!(
+        doc.error
+            .as_deref()
+            .is_some_and(|e| e.contains(&format!("has 5 bytes instead of {}", big.len()))),
+        "{doc:?}"
+    );
+    h.close();
+    // And the store opens regardless.
+    let (mut h, _) = Harness::open(dir.path());
+    assert_eq!(h.job(1).expect("job 1").output, None);
+    h.close();
+}
+
+#[test]
+fn a_referenced_output_file_is_never_rewritten() {
+    let dir = TempDir::new("rewrite");
+    let (mut h, _) = Harness::open(dir.path());
+    let first = pattern(FILE_PAYLOAD_MIN, 1);
+    let second = pattern(FILE_PAYLOAD_MIN, 2);
+    h.submit(Op::Insert(new_job(1, "p")));
+    let seq = h.submit(succeeded_with(1, &first));
+    h.wait_durable(seq);
+    assert!(std::fs::read(dir.payload(1, "out")).expect("read") == first);
+    // A second output of the same job (the daemon never sends one) goes
+    // into the database; the old file goes once that is committed.
+    let seq = h.submit(succeeded_with(1, &second));
+    h.wait_durable(seq);
+    assert!(!dir.payload(1, "out").exists());
+    assert!(h.job(1).expect("job 1").output == Some(Bytes(second)));
+    h.close();
+}
+
+#[test]
+fn an_unwritable_payload_dir_fails_the_batch() {
+    let dir = TempDir::new("nodir");
+    let tuning = Tuning {
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+
+    // The payload directory is replaced by a regular file: every file
+    // write fails (with ENOTDIR, even for root).
+    let moved = dir.path().join("payloads.away");
+    std::fs::rename(dir.payloads(), &moved).expect("move payloads away");
+    std::fs::write(dir.payloads(), b"not a directory").expect("write");
+    let big = pattern(FILE_PAYLOAD_MIN, 9);
+    let release = h.pause();
+    h.submit(succeeded_with(1, &big));
+    h.submit(Op::Insert(job_with_input(2, &big)));
+    let failed_upto = h.submit(Op::Insert(new_job(3, "p")));
+    drop(release);
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!(upto, failed_upto);
+            assert_eq!(
+                lost_inserts,
+                vec![2, 3],
+                "every insert of the batch is lost"
+            );
+            assert_eq!(
+                error,
+                format!(
+                    "job store {}: cannot write payload file {}: Not a directory",
+                    dir.db().display(),
+                    dir.payload(2, "in").display()
+                )
+            );
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert_eq!(h.job(1).expect("job 1").state, JobState::Queued);
+
+    // The directory comes back: the kept update is written by itself.
+    std::fs::remove_file(dir.payloads()).expect("rm");
+    std::fs::rename(&moved, dir.payloads()).expect("move back");
+    assert!(matches!(h.next(), Completion::Durable { upto } if upto > failed_upto));
+    assert!(h.job(1).expect("job 1").output == Some(Bytes(big.clone())));
+    assert_eq!(h.job(2), None, "a lost insert is never stored later");
+    assert_eq!(payload_names(&dir), ["1.out"]);
+
+    // An output for a job whose insert was lost matches no row: its file
+    // does not stay behind.
+    let seq = h.submit(succeeded_with(2, &big));
+    h.wait_durable(seq);
+    assert_eq!(h.job(2), None);
+    assert_eq!(payload_names(&dir), ["1.out"]);
+    h.close();
+}
+
+/// A write that fails halfway (the file size limit, `RLIMIT_FSIZE`, works
+/// for root too) leaves no partial file behind. In a child process: the
+/// limit is per process.
+#[test]
+fn a_half_written_payload_file_is_removed() {
+    let dir = TempDir::new("halfwrite");
+    let Some(out) = run_child("store::tests::half_write_child", dir.path(), None) else {
+        return;
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+#[test]
+#[ignore = "run by a_half_written_payload_file_is_removed in a child process"]
+fn half_write_child() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use nix::sys::signal::{SigSet, Signal};
+    let state = child_dir().expect("JOBVISOR_STORE_TEST_DIR");
+    let dir = TempDir(state.clone());
+    // Going over the limit also raises SIGXFSZ, which would kill us: keep
+    // it blocked here and in the store thread (which inherits the mask).
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGXFSZ);
+    mask.thread_block().expect("block SIGXFSZ");
+    let tuning = Tuning {
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let (mut h, _) = Harness::open_tuned(&state, tuning);
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+
+    let (soft, hard) = getrlimit(Resource::RLIMIT_FSIZE).expect("getrlimit");
+    let limit = 3 * FILE_PAYLOAD_MIN as u64 / 2;
+    setrlimit(Resource::RLIMIT_FSIZE, limit, hard).expect("setrlimit");
+    let big = pattern(2 * FILE_PAYLOAD_MIN, 4);
+    let release = h.pause();
+    h.submit(Op::Insert(job_with_input(2, &big)));
+    let failed_upto = h.submit(succeeded_with(1, &big));
+    drop(release);
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!((upto, lost_inserts), (failed_upto, vec![2]));
+            assert!(error.contains("File too large"), "{error}");
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert_eq!(
+        payload_names(&dir),
+        Vec::<String>::new(),
+        "nothing half-written stays"
+    );
+
+    setrlimit(Resource::RLIMIT_FSIZE, soft, hard).expect("setrlimit");
+    assert!(matches!(h.next(), Completion::Durable { upto } if upto >= failed_upto));
+    assert!(h.job(1).expect("job 1").output == Some(Bytes(big)));
+    assert_eq!(h.job(2), None);
+    assert_eq!(payload_names(&dir), ["1.out"]);
+    h.close();
+    // The directory belongs to the parent's TempDir.
+    std::mem::forget(dir);
+}
+
+/// The version 1 schema, as it was created by the previous release.
+const SCHEMA_V1: &str = "
+CREATE TABLE jobs (
+    id           INTEGER PRIMARY KEY,
+    pool         TEXT    NOT NULL,
+    state        INTEGER NOT NULL,
+    priority     INTEGER NOT NULL,
+    key          TEXT,
+    max_attempts INTEGER NOT NULL,
+    timeout_ms   INTEGER,
+    created_ms   INTEGER NOT NULL,
+    finished_ms  INTEGER,
+    error        TEXT,
+    attempts     TEXT    NOT NULL,
+    output       BLOB,
+    input        BLOB
+);
+CREATE INDEX jobs_active ON jobs(state, id) WHERE state < 2;
+CREATE INDEX jobs_finished ON jobs(pool, finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE TABLE job_inputs (id INTEGER PRIMARY KEY, input BLOB NOT NULL);
+CREATE TRIGGER jobs_delete_input AFTER DELETE ON jobs WHEN old.input IS NULL
+BEGIN
+    DELETE FROM job_inputs WHERE id = old.id;
+END;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO meta VALUES ('max_id', 0);
+";
+
+#[test]
+fn a_version_1_store_is_migrated_in_place() {
+    let dir = TempDir::new("migrate");
+    let side_input = pattern(50_000, 1);
+    let output = pattern(300_000, 2);
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("create v1");
+        conn.pragma_update(None, "page_size", 16384)
+            .expect("page size");
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .expect("wal");
+        assert_eq!(mode, "wal");
+        conn.execute_batch(SCHEMA_V1).expect("schema v1");
+        conn.pragma_update(None, "application_id", db::APPLICATION_ID)
+            .expect("application_id");
+        conn.pragma_update(None, "user_version", 1)
+            .expect("version 1");
+        let insert = "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
+                      timeout_ms, created_ms, finished_ms, error, attempts, output, input) \
+                      VALUES (?1, 'p', ?2, 3, 'k', 4, 500, 1700000000000, ?3, NULL, ?4, ?5, ?6)";
+        let attempts =
+            serde_json::to_string(&[attempt(1, Some(Outcome::Succeeded))]).expect("json");
+        // 1: queued, inline input; 2: queued, input in job_inputs;
+        // 3: succeeded with an output; 4: running.
+        conn.execute(
+            insert,
+            rusqlite::params![1, 0, None::<i64>, "[]", None::<Vec<u8>>, b"one".to_vec()],
+        )
+        .expect("job 1");
+        conn.execute(
+            insert,
+            rusqlite::params![2, 0, None::<i64>, "[]", None::<Vec<u8>>, None::<Vec<u8>>],
+        )
+        .expect("job 2");
+        conn.execute("INSERT INTO job_inputs VALUES (2, ?1)", [&side_input])
+            .expect("input 2");
+        conn.execute(
+            insert,
+            rusqlite::params![
+                3,
+                2,
+                1_700_000_005_000i64,
+                attempts,
+                output,
+                b"three".to_vec()
+            ],
+        )
+        .expect("job 3");
+        let running_attempts = serde_json::to_string(&[attempt(1, None)]).expect("json");
+        conn.execute(
+            insert,
+            rusqlite::params![
+                4,
+                1,
+                None::<i64>,
+                running_attempts,
+                None::<Vec<u8>>,
+                b"four".to_vec()
+            ],
+        )
+        .expect("job 4");
+        conn.execute("UPDATE meta SET value = 7 WHERE key = 'max_id'", [])
+            .expect("max_id");
+    }
+
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1, 2, 4]);
+    assert_eq!(*rec.jobs[0].job.input, *b"one");
+    assert!(*rec.jobs[1].job.input == *side_input);
+    assert_eq!(rec.jobs[1].job.key.as_deref(), Some("k"));
+    assert_eq!(rec.jobs[1].job.timeout_ms, Some(500));
+    assert_eq!(rec.jobs[2].attempts[0].outcome, Some(Outcome::Lost));
+    assert_eq!(rec.next_id, 8, "the id high-water mark is kept");
+    let three = h.job(3).expect("job 3");
+    assert_eq!(three.state, JobState::Succeeded);
+    assert!(three.output == Some(Bytes(output.clone())));
+    assert_eq!(three.finished_ms, Some(1_700_000_005_000));
+
+    // The migrated store takes file payloads like a new one.
+    let big = pattern(FILE_PAYLOAD_MIN, 3);
+    h.submit(Op::Insert(job_with_input(8, &big)));
+    h.submit(Op::Insert(job_with_input(9, &big)));
+    let seq = h.submit(succeeded_with(8, &big));
+    h.wait_durable(seq);
+    assert!(h.job(8).expect("job 8").output == Some(Bytes(big.clone())));
+    h.close();
+
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(version, 2);
+        let app: i64 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .expect("application_id");
+        assert_eq!(app, db::APPLICATION_ID);
+        let lens: (Option<i64>, Option<i64>) = conn
+            .query_row(
+                "SELECT input_file_len, output_file_len FROM jobs WHERE id = 8",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("job 8");
+        assert_eq!(lens, (Some(big.len() as i64), Some(big.len() as i64)));
+    }
+    // Opened again as version 2: nothing left to migrate.
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1, 2, 4, 9]);
+    assert!(*rec.jobs[3].job.input == *big);
+    assert!(h.job(3).expect("job 3").output == Some(Bytes(output)));
+    h.close();
+}
+
+#[test]
+fn a_broken_version_1_store_is_refused_untouched() {
+    let dir = TempDir::new("badv1");
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("create");
+        conn.execute_batch("CREATE TABLE jobs (id INTEGER PRIMARY KEY);")
+            .expect("schema");
+        conn.pragma_update(None, "application_id", db::APPLICATION_ID)
+            .expect("application_id");
+        conn.pragma_update(None, "user_version", 1)
+            .expect("version");
+    }
+    let err = open_err(dir.path());
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err:?}");
+    assert!(err.to_string().contains("schema version 1 but"), "{err}");
+    let conn = rusqlite::Connection::open(dir.db()).expect("open");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 1);
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, "delete", "the journal mode was not changed");
+    assert!(
+        !dir.payloads().exists(),
+        "no payload directory for a refused store"
+    );
 }

@@ -91,7 +91,8 @@ struct Job {
     key: Option<String>,
     max_attempts: u32,
     timeout: Option<Duration>,
-    input: Vec<u8>,
+    /// Shared with the store's insert and the arena write, not copied.
+    input: Arc<[u8]>,
     attempts: Vec<Attempt>,
     created_ms: u64,
     phase: JobPhase,
@@ -369,6 +370,7 @@ impl Supervisor {
         let id = self.jt.next_id.max(1);
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
+        let input: Arc<[u8]> = input.into();
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -963,7 +965,7 @@ impl Supervisor {
     }
 
     fn final_durable(&mut self, id: u64) {
-        let Some(job) = self.jt.jobs.remove(&id) else {
+        let Some(mut job) = self.jt.jobs.remove(&id) else {
             return;
         };
         let Some(waiters) = self.jt.waiters.remove(&id) else {
@@ -971,13 +973,28 @@ impl Supervisor {
         };
         let needs_plain = waiters.iter().any(|w| !w.with_output);
         let plain = needs_plain.then(|| self.doc_final(&job, false));
-        let with_output = waiters
-            .iter()
-            .any(|w| w.with_output)
-            .then(|| self.doc_final(&job, true));
+        // The job is leaving: its output moves into the document, and the
+        // last waiter gets that document itself (no copy in the common
+        // case of one waiter).
+        let mut outputs_left = waiters.iter().filter(|w| w.with_output).count();
+        let mut with_output = (outputs_left > 0).then(|| {
+            let output = match &mut job.phase {
+                JobPhase::Finishing(f) => f.output.take(),
+                _ => None,
+            };
+            JobDoc {
+                output: output.map(Bytes),
+                ..self.doc_final(&job, false)
+            }
+        });
         for w in waiters {
             let doc = if w.with_output {
-                with_output.clone()
+                outputs_left -= 1;
+                if outputs_left == 0 {
+                    with_output.take()
+                } else {
+                    with_output.clone()
+                }
             } else {
                 plain.clone()
             };
@@ -1210,7 +1227,7 @@ impl Supervisor {
             proc.slots.push((id, slot));
             payload
         } else {
-            Payload::Inline(Bytes(job.input.clone()))
+            Payload::Inline(Bytes(job.input.to_vec()))
         };
         let msg = ToWorker::Job(WireJob {
             id,
@@ -1384,13 +1401,15 @@ impl Supervisor {
             self.jt.jobs.remove(&id);
             return;
         }
-        job.input = Vec::new();
+        job.input = Arc::default();
         let pool = job.pool.clone();
         let update = JobUpdate {
             id,
             state,
             attempts: job.attempts.clone(),
-            output: output.clone(),
+            // The one copy of the output: the job keeps the original for
+            // its waiters (see `final_durable`).
+            output: output.as_deref().map(Arc::from),
             error: error.clone(),
             finished_ms: Some(finished_ms),
         };

@@ -1,0 +1,290 @@
+//! Payload files: inputs and outputs of at least
+//! [`FILE_PAYLOAD_MIN`](super::FILE_PAYLOAD_MIN) bytes, stored as
+//! `<payload_dir>/<id>.in` and `<id>.out` instead of in the database.
+//!
+//! This module only does the file I/O; which payload goes to a file, and
+//! when, is decided by the committer (see the [store](super) docs). Every
+//! function runs on the store thread (or in [`Store::open`](super::Store::open)
+//! before it starts), never on the event loop.
+
+use super::StoreError;
+use nix::fcntl::Flock;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which payload of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Kind {
+    /// `<id>.in`
+    Input,
+    /// `<id>.out`
+    Output,
+}
+
+impl Kind {
+    fn extension(self) -> &'static str {
+        match self {
+            Kind::Input => "in",
+            Kind::Output => "out",
+        }
+    }
+}
+
+/// Why a payload file could not be read back.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// The file does not exist (deleted by hand, or the directory is on a
+    /// file system that lost it, e.g. tmpfs after a reboot).
+    Missing(PathBuf),
+    /// The file does not have the length its row recorded.
+    WrongLength {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    /// Any other I/O error.
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    /// "… payload file PATH is missing" and the like, to be preceded by
+    /// "input" or "output".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Missing(path) => write!(f, "payload file {} is missing", path.display()),
+            ReadError::WrongLength {
+                path,
+                found,
+                expected,
+            } => write!(
+                f,
+                "payload file {} has {found} bytes instead of {expected}",
+                path.display()
+            ),
+            ReadError::Io(path, e) => write!(
+                f,
+                "payload file {} cannot be read: {}",
+                path.display(),
+                super::db::os_reason(e)
+            ),
+        }
+    }
+}
+
+/// The payload directory.
+#[derive(Debug)]
+pub(super) struct Payloads {
+    dir: PathBuf,
+    /// `<dir>/.lock`, held while the store is open: two stores sharing the
+    /// directory would overwrite (and sweep away) each other's files.
+    _lock: Option<Flock<File>>,
+}
+
+impl Payloads {
+    /// The directory `dir` (nothing is done to it until [`Payloads::open`]).
+    pub fn new(dir: &Path) -> Payloads {
+        Payloads {
+            dir: dir.to_path_buf(),
+            _lock: None,
+        }
+    }
+
+    /// Creates the directory if needed (see [`Payloads::create_dir`]) and
+    /// locks it for this store.
+    pub fn open(&mut self) -> Result<(), StoreError> {
+        self.create_dir().map_err(|source| StoreError::Access {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let dir = self.dir.clone();
+        let lock = super::db::lock_file(&self.dir.join(".lock"), || StoreError::PayloadDirInUse {
+            path: dir,
+        })?;
+        self._lock = Some(lock);
+        Ok(())
+    }
+
+    /// Creates the directory (mode 0700, with any missing parents) if it
+    /// does not exist, and makes its directory entry durable.
+    fn create_dir(&self) -> io::Result<()> {
+        let dir = &self.dir;
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            // Best effort, as for the state directory: some file systems
+            // refuse to fsync a directory.
+            if let Some(parent) = dir.parent() {
+                if let Ok(d) = File::open(parent) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        // A directory we cannot write to would fail every large submit:
+        // say so now. (Root passes any permission check.)
+        nix::unistd::access(
+            dir.as_path(),
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .map_err(io::Error::from)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<dir>/<id>.in` or `<dir>/<id>.out`.
+    pub fn path(&self, id: u64, kind: Kind) -> PathBuf {
+        self.dir.join(format!("{id}.{}", kind.extension()))
+    }
+
+    /// Creates (or truncates) the file and writes `data`, without syncing:
+    /// the caller syncs the returned file, then the directory.
+    pub fn write(&self, id: u64, kind: Kind, data: &[u8]) -> io::Result<File> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path(id, kind))?;
+        file.write_all(data)?;
+        Ok(file)
+    }
+
+    /// Makes the directory's entries (files created or removed) durable.
+    pub fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Removes the file; a file that is already gone is no error.
+    pub fn remove(&self, id: u64, kind: Kind) -> io::Result<()> {
+        match std::fs::remove_file(self.path(id, kind)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads a payload file of `expected` bytes.
+    pub fn read(&self, id: u64, kind: Kind, expected: u64) -> Result<Vec<u8>, ReadError> {
+        let (mut file, path, len) = self.open_checked(id, kind, expected)?;
+        let mut buf = vec![0u8; len];
+        file.read_exact(&mut buf)
+            .map_err(|e| read_error(&file, path, e, expected))?;
+        Ok(buf)
+    }
+
+    /// Reads a payload file of `expected` bytes into a shared buffer
+    /// (without the copy `Arc::from(Vec)` would make).
+    pub fn read_shared(&self, id: u64, kind: Kind, expected: u64) -> Result<Arc<[u8]>, ReadError> {
+        let (mut file, path, len) = self.open_checked(id, kind, expected)?;
+        // An exact-size iterator: collected in one allocation.
+        let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        let slice = Arc::get_mut(&mut buf).expect("a buffer just made has one owner");
+        file.read_exact(slice)
+            .map_err(|e| read_error(&file, path, e, expected))?;
+        Ok(buf)
+    }
+
+    /// Opens the file and checks its length before anything is allocated
+    /// (a damaged row must not make us allocate an absurd buffer).
+    fn open_checked(
+        &self,
+        id: u64,
+        kind: Kind,
+        expected: u64,
+    ) -> Result<(File, PathBuf, usize), ReadError> {
+        let path = self.path(id, kind);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Missing(path)),
+            Err(e) => return Err(ReadError::Io(path, e)),
+        };
+        let found = match file.metadata() {
+            Ok(m) => m.len(),
+            Err(e) => return Err(ReadError::Io(path, e)),
+        };
+        match usize::try_from(found) {
+            Ok(len) if found == expected => Ok((file, path, len)),
+            _ => Err(ReadError::WrongLength {
+                path,
+                found,
+                expected,
+            }),
+        }
+    }
+
+    /// The payload files in the directory, as `(id, kind)`. Other names are
+    /// not ours and are left out (and alone).
+    pub fn list(&self) -> io::Result<Vec<(u64, Kind)>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if let Some(parsed) = parse_name(name) {
+                files.push(parsed);
+            }
+        }
+        files.sort_unstable_by_key(|&(id, kind)| (id, kind == Kind::Output));
+        Ok(files)
+    }
+}
+
+/// `"<id>.in"` / `"<id>.out"`, with `id` in canonical decimal form (the
+/// form [`Payloads::path`] writes).
+fn parse_name(name: &str) -> Option<(u64, Kind)> {
+    let (id, ext) = name.split_once('.')?;
+    let kind = match ext {
+        "in" => Kind::Input,
+        "out" => Kind::Output,
+        _ => return None,
+    };
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let id: u64 = id.parse().ok()?;
+    (format!("{id}.{ext}") == name).then_some((id, kind))
+}
+
+fn read_error(file: &File, path: PathBuf, e: io::Error, expected: u64) -> ReadError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        // Shrunk between the length check and the read.
+        ReadError::WrongLength {
+            path,
+            found: file.metadata().map_or(0, |m| m.len()),
+            expected,
+        }
+    } else {
+        ReadError::Io(path, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_names_are_payload_files() {
+        assert_eq!(parse_name("12.in"), Some((12, Kind::Input)));
+        assert_eq!(parse_name("0.out"), Some((0, Kind::Output)));
+        for name in [
+            "012.in",
+            "12.in.tmp",
+            "12.txt",
+            ".in",
+            "a.in",
+            "+1.in",
+            "12",
+            "12.IN",
+            "x",
+        ] {
+            assert_eq!(parse_name(name), None, "{name}");
+        }
+    }
+}
