@@ -365,7 +365,8 @@ impl Client {
     }
 
     /// Queues a response. A job document with a large output goes out as a
-    /// [`Response::JobFd`], its output in a sealed memfd.
+    /// [`Response::JobFd`], its output in a sealed memfd (unless the caller
+    /// has a file with it: [`Client::send_job_fd`]).
     pub fn send(&mut self, resp: &Response) {
         if let Response::Job(doc) = resp {
             let big = doc
@@ -374,18 +375,7 @@ impl Client {
                 .filter(|o| o.0.len() as u64 >= FD_PAYLOAD_MIN);
             if let Some(output) = big {
                 match fdpass::sealed_memfd(c"jobvisor-output", &output.0) {
-                    Ok(fd) => {
-                        let doc = doc.without_output();
-                        let at = self.out.len();
-                        let framed = Response::JobFd {
-                            doc,
-                            output_len: output.0.len() as u64,
-                        };
-                        if self.encode(&framed) {
-                            self.fds_out.push_back((at, fd));
-                        }
-                        return;
-                    }
+                    Ok(fd) => return self.send_job_fd(doc, output.0.len() as u64, fd),
                     Err(e) => crate::warn!(
                         "cannot put job {}'s output in a memfd ({e}); sending it inline",
                         doc.id
@@ -394,6 +384,19 @@ impl Client {
             }
         }
         self.encode(resp);
+    }
+
+    /// Queues `doc` (its output left out) as a [`Response::JobFd`] whose
+    /// output is the first `len` bytes of `fd`.
+    pub fn send_job_fd(&mut self, doc: &ipc_proto::control::JobDoc, len: u64, fd: OwnedFd) {
+        let at = self.out.len();
+        let framed = Response::JobFd {
+            doc: doc.without_output(),
+            output_len: len,
+        };
+        if self.encode(&framed) {
+            self.fds_out.push_back((at, fd));
+        }
     }
 
     fn encode(&mut self, resp: &Response) -> bool {

@@ -160,6 +160,64 @@ pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String
     Ok(buf)
 }
 
+/// [`read_payload`] into a buffer that can then be shared without another
+/// copy (the daemon hands the same bytes to the store and to a worker).
+pub fn read_payload_shared(
+    fd: OwnedFd,
+    len: u64,
+    what: &str,
+) -> Result<std::sync::Arc<[u8]>, String> {
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the {what}'s file descriptor: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!(
+            "the {what}'s file descriptor is not a regular file or memfd; pass a file"
+        ));
+    }
+    if meta.len() < len {
+        return Err(format!(
+            "the {what} file holds {} bytes, fewer than the {len} announced (did it shrink?)",
+            meta.len()
+        ));
+    }
+    let n = usize::try_from(len).map_err(|_| format!("the {what} is too large"))?;
+    let mut buf = std::sync::Arc::<[u8]>::new_uninit_slice(n);
+    let dst = std::sync::Arc::get_mut(&mut buf).expect("just made, unshared");
+    crate::shm::prefault(dst.as_mut_ptr().cast(), n);
+    let mut done = 0usize;
+    while done < n {
+        // SAFETY: pread writes at most `n - done` bytes through a raw
+        // pointer into the not yet filled tail of `dst` (which has `n`
+        // bytes); no reference to uninitialised bytes is made.
+        let got = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                dst.as_mut_ptr().add(done).cast(),
+                n - done,
+                done as libc::off_t,
+            )
+        };
+        match got {
+            0 => {
+                return Err(format!(
+                    "the {what} file ended after {done} of {n} bytes (did it shrink?)"
+                ))
+            }
+            g if g > 0 => done += g as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(format!("cannot read the {what}'s file descriptor: {e}"));
+                }
+            }
+        }
+    }
+    // SAFETY: all `n` bytes were written by the loop above.
+    Ok(unsafe { buf.assume_init() })
+}
+
 struct PositionedReader<'a> {
     file: &'a std::fs::File,
     pos: u64,

@@ -39,7 +39,7 @@ use crate::notify::Notifier;
 use crate::spawn;
 use crate::store::{Completion, Store};
 use crate::supervisor::{Action, CtlError, ExitInfo, Level, ProcId, Supervisor};
-use ipc_proto::control::{ErrorKind, Request, Response};
+use ipc_proto::control::{ErrorKind, JobDoc, Request, Response};
 use ipc_proto::worker::{FromWorker, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
 use mio::unix::SourceFd;
@@ -100,6 +100,15 @@ const MAX_LOG_LINE: usize = 4096;
 /// Bytes read from one worker output pipe per event (or backlog turn).
 const OUTPUT_READ_BUDGET: usize = 256 << 10;
 
+/// The store's payload file of job `id`'s output, if it is there with the
+/// expected length.
+fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<std::fs::File> {
+    let file = std::fs::File::open(crate::store::output_file(payload_dir, id)).ok()?;
+    file.metadata()
+        .is_ok_and(|m| m.len() == len)
+        .then_some(file)
+}
+
 /// What the copier thread hands back (see [`crate::copier`]).
 enum Copied {
     /// An input was written into a worker's arena (`ok`: in bounds).
@@ -110,7 +119,7 @@ enum Copied {
         id: u64,
         offset: u64,
         len: u64,
-        bytes: Option<Vec<u8>>,
+        bytes: Option<Arc<[u8]>>,
     },
     /// A client's input was read from the descriptor it passed.
     Input {
@@ -118,7 +127,7 @@ enum Copied {
         pool: String,
         options: ipc_proto::control::JobOptions,
         wait: bool,
-        input: Result<Vec<u8>, crate::supervisor::CtlError>,
+        input: Result<Arc<[u8]>, crate::supervisor::CtlError>,
     },
 }
 
@@ -191,6 +200,8 @@ pub struct Reactor {
     store: Option<Store>,
     /// Big copies, off the loop.
     copier: crate::copier::Copier<Copied>,
+    /// The store's payload directory (as opened: a reload does not move it).
+    payload_dir: PathBuf,
     /// Clients with output queued this turn.
     dirty_clients: HashSet<u64>,
     /// Workers with frames queued this turn.
@@ -238,7 +249,11 @@ impl Reactor {
             Arc::new(mio::Waker::new(poll.registry(), TOKEN_WAKE).context("creating the waker")?);
         let copier = crate::copier::Copier::start(Arc::clone(&waker))
             .context("starting the copier thread")?;
-        let (store, recovered) = match Store::open(&config.daemon.state_dir, Arc::clone(&waker)) {
+        let (store, recovered) = match Store::open_with_payload_dir(
+            &config.daemon.state_dir,
+            &config.daemon.payload_dir(),
+            Arc::clone(&waker),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 // We bound the socket a moment ago: leave nothing behind.
@@ -267,6 +282,7 @@ impl Reactor {
             core,
             store: Some(store),
             copier,
+            payload_dir: config.daemon.payload_dir(),
             dirty_clients: HashSet::default(),
             dirty_workers: HashSet::default(),
             subscribers: HashSet::default(),
@@ -620,6 +636,11 @@ impl Reactor {
                     }
                 }
                 Action::Reply { client, resp } => self.reply(client, &resp),
+                Action::ReplyJob {
+                    client,
+                    doc,
+                    output,
+                } => self.reply_job(client, doc, output),
                 Action::Event(ev) => {
                     let resp = Response::Event(ev);
                     let subs: Vec<u64> = self.subscribers.iter().copied().collect();
@@ -648,9 +669,48 @@ impl Reactor {
     }
 
     fn reply(&mut self, client: u64, resp: &Response) {
-        if let Some(c) = self.clients.get_mut(&client) {
-            c.send(resp);
-            self.dirty_clients.insert(client);
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        self.dirty_clients.insert(client);
+        // A large stored output (a `result` read back by the store): the
+        // payload file itself, if it is there, rather than a copy.
+        if let Response::Job(doc) = resp {
+            let len = doc.output.as_ref().map_or(0, |o| o.0.len() as u64);
+            if len >= ipc_proto::control::FD_PAYLOAD_MIN {
+                if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
+                    return c.send_job_fd(doc, len, file.into());
+                }
+            }
+        }
+        c.send(resp);
+    }
+
+    /// A job document with a large output beside it: the output is already
+    /// in the store's payload file (replies wait for durability), so the
+    /// client gets a descriptor of that file; else (a file that is gone or
+    /// was never written) a sealed memfd copy.
+    fn reply_job(&mut self, client: u64, doc: JobDoc, output: Arc<[u8]>) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        self.dirty_clients.insert(client);
+        let len = output.len() as u64;
+        if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
+            return c.send_job_fd(&doc, len, file.into());
+        }
+        match crate::fdpass::sealed_memfd(c"jobvisor-output", &output) {
+            Ok(fd) => c.send_job_fd(&doc, len, fd),
+            Err(e) => {
+                crate::warn!(
+                    "cannot put job {}'s output in a memfd ({e}); sending it inline",
+                    doc.id
+                );
+                c.send(&Response::Job(JobDoc {
+                    output: Some(ipc_proto::Bytes(output.to_vec())),
+                    ..doc
+                }));
+            }
         }
     }
 
@@ -969,7 +1029,7 @@ impl Reactor {
             }
             FromWorker::Done { id, output } => match output {
                 ipc_proto::worker::Payload::Inline(bytes) => {
-                    self.core.on_job_done(proc, id, bytes.0, now)
+                    self.core.on_job_done(proc, id, bytes.0.into(), now)
                 }
                 ipc_proto::worker::Payload::Shm { offset, len } => {
                     let mapping = match self.output_slot(proc, offset, len) {
@@ -1386,7 +1446,7 @@ impl Reactor {
             return self.run_actions();
         }
         let read = move || {
-            crate::fdpass::read_payload(fd, len, "input")
+            crate::fdpass::read_payload_shared(fd, len, "input")
                 .map_err(|e| crate::supervisor::CtlError::Invalid(format!("submit: {e}")))
         };
         if len < crate::copier::OFFLOAD_MIN {
@@ -1453,7 +1513,8 @@ impl Reactor {
                     options,
                     wait,
                 } => {
-                    self.core.submit(id, &pool, input.0, options, wait, now);
+                    self.core
+                        .submit(id, &pool, input.0.into(), options, wait, now);
                     None
                 }
                 Request::SubmitFd { .. } => {

@@ -11,6 +11,37 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+/// Prepares a fresh buffer of `len` bytes at `ptr` that is about to be
+/// filled by one big copy: asks for transparent huge pages and populates
+/// its page tables in one system call each, instead of taking a page fault
+/// per 4 KiB page during the copy (16,384 of them for 64 MiB, which cost
+/// more than the copy itself here). Best effort: errors (old kernels,
+/// THP off) change nothing but the speed.
+pub fn prefault(ptr: *mut u8, len: usize) {
+    const MIN: usize = 4 << 20;
+    if len < MIN {
+        return;
+    }
+    let page = 4096usize;
+    let start = (ptr as usize).div_ceil(page) * page;
+    let end = (ptr as usize + len) / page * page;
+    if end <= start {
+        return;
+    }
+    let (addr, n) = (start as *mut libc::c_void, end - start);
+    // SAFETY: advice on whole pages inside a buffer we own and are about
+    // to overwrite completely: MADV_HUGEPAGE only changes how it is
+    // backed, MADV_POPULATE_WRITE (Linux 5.14) only faults it in as if
+    // written (zero-filled, contents we never read before overwriting).
+    unsafe {
+        libc::madvise(addr, n, libc::MADV_HUGEPAGE);
+        libc::madvise(addr, n, MADV_POPULATE_WRITE);
+    }
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14), not in every libc crate version.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
 /// A mapped arena.
 pub struct Mapping {
     ptr: *mut u8,
@@ -82,22 +113,26 @@ impl Mapping {
         true
     }
 
-    /// Copies `len` bytes at `offset` out; `None` if out of bounds.
-    pub fn read_at(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+    /// Copies `len` bytes at `offset` out, into a buffer that can then be
+    /// shared without another copy; `None` if out of bounds.
+    pub fn read_at(&self, offset: u64, len: u64) -> Option<std::sync::Arc<[u8]>> {
         let len = usize::try_from(len).ok()?;
         let off = self.range(offset, len)?;
-        let mut out = Vec::with_capacity(len);
+        let mut out = std::sync::Arc::<[u8]>::new_uninit_slice(len);
+        let dst = std::sync::Arc::get_mut(&mut out).expect("just made, unshared");
+        prefault(dst.as_mut_ptr().cast(), len);
         if len > 0 {
-            // SAFETY: the range was checked against the mapping. The worker
-            // promised not to write this output range until we release it;
-            // if it breaks that promise we copy torn bytes (its job's output
-            // is then garbage), but read only plain bytes of our own mapping.
+            // SAFETY: the range was checked against the mapping, and `dst`
+            // has exactly `len` bytes. The worker promised not to write
+            // this output range until we release it; if it breaks that
+            // promise we copy torn bytes (its job's output is then
+            // garbage), but read only plain bytes of our own mapping.
             unsafe {
-                std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), len);
-                out.set_len(len);
+                std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr().cast(), len);
             }
         }
-        Some(out)
+        // SAFETY: all `len` bytes were written just above.
+        Some(unsafe { out.assume_init() })
     }
 }
 
@@ -129,15 +164,15 @@ mod tests {
     fn writes_and_reads_inside_the_arena() {
         let (fd, m) = arena(8192);
         assert!(m.write_at(100, b"hello"));
-        assert_eq!(m.read_at(100, 5).unwrap(), b"hello");
+        assert_eq!(&*m.read_at(100, 5).unwrap(), &b"hello"[..]);
         // The bytes are really in the memfd (what the worker sees).
         let mut buf = [0u8; 5];
         nix::sys::uio::pread(&fd, &mut buf, 100).unwrap();
         assert_eq!(&buf, b"hello");
         // Up to the last byte, and empty ranges at the end.
         assert!(m.write_at(8191, b"z"));
-        assert_eq!(m.read_at(8191, 1).unwrap(), b"z");
-        assert_eq!(m.read_at(8192, 0).unwrap(), b"");
+        assert_eq!(&*m.read_at(8191, 1).unwrap(), &b"z"[..]);
+        assert_eq!(&*m.read_at(8192, 0).unwrap(), &b""[..]);
         assert!(m.write_at(8192, b""));
     }
 
@@ -157,6 +192,6 @@ mod tests {
     fn an_empty_arena_maps_nothing() {
         let (_fd, m) = arena(0);
         assert!(!m.write_at(0, b"x"));
-        assert_eq!(m.read_at(0, 0).unwrap(), b"");
+        assert_eq!(&*m.read_at(0, 0).unwrap(), &b""[..]);
     }
 }

@@ -92,6 +92,14 @@
 mod committer;
 mod db;
 mod files;
+
+/// Where the store keeps the output of job `id` when it is a payload file
+/// (at least [`FILE_PAYLOAD_MIN`] bytes): `<payload_dir>/<id>.out`. Such a
+/// file is never rewritten while its row references it, so a descriptor
+/// opened on it may be handed to a client as the job's output.
+pub fn output_file(payload_dir: &Path, id: u64) -> PathBuf {
+    payload_dir.join(format!("{id}.out"))
+}
 #[cfg(test)]
 mod tests;
 

@@ -93,6 +93,18 @@ pub enum Action {
         /// The response.
         resp: Response,
     },
+    /// Send a job document to a control client with its large output (at
+    /// least `FD_PAYLOAD_MIN` bytes) beside it rather than in it: the
+    /// reactor passes the client a descriptor (the store's payload file,
+    /// else a memfd) instead of copying the output into a frame.
+    ReplyJob {
+        /// The client (the reactor's connection id).
+        client: ClientId,
+        /// The document, `output` left `None`.
+        doc: ipc_proto::control::JobDoc,
+        /// The output.
+        output: std::sync::Arc<[u8]>,
+    },
     /// Broadcast an event to `events` subscribers.
     Event(Event),
     /// Copy `data` into `proc`'s shared-memory arena at `offset` (an input

@@ -78,7 +78,7 @@ enum JobPhase {
 #[derive(Debug)]
 struct Final {
     state: JobState,
-    output: Option<Vec<u8>>,
+    output: Option<Arc<[u8]>>,
     error: Option<String>,
     finished_ms: u64,
 }
@@ -261,7 +261,7 @@ impl Supervisor {
         &mut self,
         client: ClientId,
         pool_name: &str,
-        input: Vec<u8>,
+        input: Arc<[u8]>,
         options: JobOptions,
         wait: bool,
         now: Instant,
@@ -320,7 +320,7 @@ impl Supervisor {
         &mut self,
         client: ClientId,
         pool_name: &str,
-        input: Vec<u8>,
+        input: Arc<[u8]>,
         options: JobOptions,
         wait: bool,
         now: Instant,
@@ -370,7 +370,6 @@ impl Supervisor {
         let id = self.jt.next_id.max(1);
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
-        let input: Arc<[u8]> = input.into();
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -665,7 +664,7 @@ impl Supervisor {
     }
 
     /// The worker finished job `id` with `output`.
-    pub fn on_job_done(&mut self, proc: ProcId, id: u64, output: Vec<u8>, now: Instant) {
+    pub fn on_job_done(&mut self, proc: ProcId, id: u64, output: Arc<[u8]>, now: Instant) {
         self.job_result(proc, id, Ok(output), now);
     }
 
@@ -905,6 +904,25 @@ impl Supervisor {
         self.actions.push_back(Action::Reply { client, resp });
     }
 
+    /// Replies with `doc` (whose `output` is `None`) and `output`: inline
+    /// when small, else beside the frame ([`Action::ReplyJob`]), so a large
+    /// output is never copied into a document.
+    fn reply_doc(&mut self, client: ClientId, mut doc: JobDoc, output: Option<Arc<[u8]>>) {
+        match output {
+            Some(o) if o.len() as u64 >= ipc_proto::control::FD_PAYLOAD_MIN => {
+                self.actions.push_back(Action::ReplyJob {
+                    client,
+                    doc,
+                    output: o,
+                })
+            }
+            o => {
+                doc.output = o.map(|o| Bytes(o.to_vec()));
+                self.reply(client, Response::Job(doc));
+            }
+        }
+    }
+
     fn log(&mut self, level: Level, msg: String) {
         self.actions.push_back(Action::Log { level, msg });
     }
@@ -973,33 +991,16 @@ impl Supervisor {
         };
         let needs_plain = waiters.iter().any(|w| !w.with_output);
         let plain = needs_plain.then(|| self.doc_final(&job, false));
-        // The job is leaving: its output moves into the document, and the
-        // last waiter gets that document itself (no copy in the common
-        // case of one waiter).
-        let mut outputs_left = waiters.iter().filter(|w| w.with_output).count();
-        let mut with_output = (outputs_left > 0).then(|| {
-            let output = match &mut job.phase {
-                JobPhase::Finishing(f) => f.output.take(),
-                _ => None,
-            };
-            JobDoc {
-                output: output.map(Bytes),
-                ..self.doc_final(&job, false)
-            }
-        });
+        let output = match &mut job.phase {
+            JobPhase::Finishing(f) => f.output.take(),
+            _ => None,
+        };
+        let bare = self.doc_final(&job, false);
         for w in waiters {
-            let doc = if w.with_output {
-                outputs_left -= 1;
-                if outputs_left == 0 {
-                    with_output.take()
-                } else {
-                    with_output.clone()
-                }
-            } else {
-                plain.clone()
-            };
-            if let Some(doc) = doc {
-                self.reply(w.client, Response::Job(doc));
+            if w.with_output {
+                self.reply_doc(w.client, bare.clone(), output.clone());
+            } else if let Some(doc) = &plain {
+                self.reply(w.client, Response::Job(doc.clone()));
             }
             if let Some(g) = w.group {
                 self.group_done(g);
@@ -1040,7 +1041,11 @@ impl Supervisor {
             created_ms: job.created_ms,
             finished_ms: finished,
             attempts: job.attempts.clone(),
-            output: if with_output { output.map(Bytes) } else { None },
+            output: if with_output {
+                output.map(|o| Bytes(o.to_vec()))
+            } else {
+                None
+            },
             error,
         }
     }
@@ -1388,7 +1393,7 @@ impl Supervisor {
         &mut self,
         id: u64,
         state: JobState,
-        output: Option<Vec<u8>>,
+        output: Option<Arc<[u8]>>,
         error: Option<String>,
         now: Instant,
     ) {
@@ -1407,9 +1412,8 @@ impl Supervisor {
             id,
             state,
             attempts: job.attempts.clone(),
-            // The one copy of the output: the job keeps the original for
-            // its waiters (see `final_durable`).
-            output: output.as_deref().map(Arc::from),
+            // Shared with the job's waiters (see `final_durable`).
+            output: output.clone(),
             error: error.clone(),
             finished_ms: Some(finished_ms),
         };
@@ -1438,7 +1442,13 @@ impl Supervisor {
         );
     }
 
-    fn job_result(&mut self, proc: ProcId, id: u64, result: Result<Vec<u8>, String>, now: Instant) {
+    fn job_result(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        result: Result<Arc<[u8]>, String>,
+        now: Instant,
+    ) {
         let Some((name, idx)) = self.find_proc(proc) else {
             return;
         };

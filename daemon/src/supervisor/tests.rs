@@ -539,6 +539,15 @@ mod jobs {
                     }
                     Action::Send { proc, msg } => self.sent.push((proc, msg)),
                     Action::Reply { client, resp } => self.replies.push((client, resp)),
+                    // What the client ends up with.
+                    Action::ReplyJob {
+                        client,
+                        mut doc,
+                        output,
+                    } => {
+                        doc.output = Some(ipc_proto::Bytes(output.to_vec()));
+                        self.replies.push((client, Response::Job(doc)));
+                    }
                     _ => {}
                 }
             }
@@ -573,7 +582,7 @@ mod jobs {
             self.sim.sup.submit(
                 1,
                 pool,
-                input.as_bytes().to_vec(),
+                input.as_bytes().into(),
                 options,
                 true,
                 self.sim.now,
@@ -596,7 +605,7 @@ mod jobs {
         fn done(&mut self, proc: ProcId, id: u64) {
             self.sim
                 .sup
-                .on_job_done(proc, id, b"ok".to_vec(), self.sim.now);
+                .on_job_done(proc, id, b"ok"[..].into(), self.sim.now);
             self.pump();
         }
 
@@ -833,18 +842,56 @@ mod jobs {
 
     #[test]
     fn oversized_input_is_refused() {
-        let mut s = JobSim::new(&pool("a", 1, ""));
-        let big = vec![b'x'; ipc_proto::MAX_FRAME_LEN];
+        // Too large for an inline frame, and inline_limit keeps it inline.
+        let limit = ipc_proto::MAX_FRAME_LEN - 1;
+        let mut s = JobSim::new(&pool("a", 1, &format!("inline_limit = {limit}")));
+        let big = vec![b'x'; limit];
         s.sim
             .sup
-            .submit(1, "a", big, JobOptions::default(), false, s.sim.now);
+            .submit(1, "a", big.into(), JobOptions::default(), false, s.sim.now);
         s.pump();
         match &s.replies[0].1 {
             Response::Error { kind, message } => {
                 assert_eq!(*kind, ipc_proto::control::ErrorKind::Invalid);
-                assert!(message.contains("over the limit"), "{message}");
+                assert!(message.contains("inline_limit"), "{message}");
             }
             other => panic!("{other:?}"),
         }
+        // Too large for the arena's input half.
+        let mut s = JobSim::new(&pool("a", 1, "shm_size = \"16MiB\""));
+        s.sim.sup.submit(
+            1,
+            "a",
+            vec![0u8; 9 << 20].into(),
+            JobOptions::default(),
+            false,
+            s.sim.now,
+        );
+        s.pump();
+        match &s.replies[0].1 {
+            Response::Error { kind, message } => {
+                assert_eq!(*kind, ipc_proto::control::ErrorKind::Invalid);
+                assert!(message.contains("shm_size"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Over the frame limit but within the arena: accepted.
+        let mut s = JobSim::new(&pool("a", 1, ""));
+        s.sim.sup.submit(
+            1,
+            "a",
+            vec![0u8; ipc_proto::MAX_FRAME_LEN + 1].into(),
+            JobOptions::default(),
+            false,
+            s.sim.now,
+        );
+        s.pump();
+        assert!(
+            !s.replies
+                .iter()
+                .any(|(_, r)| matches!(r, Response::Error { .. })),
+            "{:?}",
+            s.replies.first()
+        );
     }
 }
