@@ -118,11 +118,10 @@ pub fn seal(fd: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads the first `len` bytes of a payload descriptor received from a
-/// peer. Only regular files and memfds are accepted (a pipe or a socket
-/// could block the reader forever); one that holds fewer than `len` bytes
-/// is an error.
-pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String> {
+/// Takes a payload descriptor received from a peer that should hold at
+/// least `len` bytes. Only regular files and memfds are accepted (a pipe or
+/// a socket could block the reader forever).
+fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File, usize), String> {
     let file = std::fs::File::from(fd);
     let meta = file
         .metadata()
@@ -139,6 +138,13 @@ pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String
         ));
     }
     let len = usize::try_from(len).map_err(|_| format!("the {what} is too large"))?;
+    Ok((file, len))
+}
+
+/// Reads the first `len` bytes of a payload descriptor received from a
+/// peer (see [`payload_file`]); one that holds fewer is an error.
+pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String> {
+    let (file, len) = payload_file(fd, len, what)?;
     let mut buf = Vec::new();
     buf.try_reserve_exact(len)
         .map_err(|_| format!("cannot allocate {len} bytes for the {what}"))?;
@@ -167,22 +173,7 @@ pub fn read_payload_shared(
     len: u64,
     what: &str,
 ) -> Result<std::sync::Arc<[u8]>, String> {
-    let file = std::fs::File::from(fd);
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat the {what}'s file descriptor: {e}"))?;
-    if !meta.file_type().is_file() {
-        return Err(format!(
-            "the {what}'s file descriptor is not a regular file or memfd; pass a file"
-        ));
-    }
-    if meta.len() < len {
-        return Err(format!(
-            "the {what} file holds {} bytes, fewer than the {len} announced (did it shrink?)",
-            meta.len()
-        ));
-    }
-    let n = usize::try_from(len).map_err(|_| format!("the {what} is too large"))?;
+    let (file, n) = payload_file(fd, len, what)?;
     let mut buf = std::sync::Arc::<[u8]>::new_uninit_slice(n);
     let dst = std::sync::Arc::get_mut(&mut buf).expect("just made, unshared");
     crate::shm::prefault(dst.as_mut_ptr().cast(), n);
@@ -276,6 +267,26 @@ mod tests {
         let (r, _w) = nix::unistd::pipe().unwrap();
         let err = read_payload(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
+        let fd = sealed_memfd(c"short", b"abc").unwrap();
+        let err = read_payload_shared(fd, 4, "input").unwrap_err();
+        assert!(err.contains("fewer than the 4 announced"), "{err}");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let err = read_payload_shared(r, 1, "input").unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn shared_read_is_exact_at_any_offset_and_size() {
+        // Over the prefault threshold too, and with the descriptor's own
+        // offset moved: reads start at 0 regardless.
+        for n in [0usize, 1, 4095, 4097, (5 << 20) + 3] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
+            let fd = sealed_memfd(c"data", &data).unwrap();
+            let mut f = std::fs::File::from(fd);
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(n as u64 / 2)).unwrap();
+            let got = read_payload_shared(f.into(), n as u64, "input").unwrap();
+            assert!(*got == data[..], "{n} bytes");
+        }
     }
 
     #[test]
