@@ -3,6 +3,7 @@
 //! job retried, and a full arena makes jobs wait instead of failing.
 
 use jobvisor::*;
+use nix::sys::signal::Signal;
 
 fn cfg(extra_echo: &str) -> String {
     format!(
@@ -320,4 +321,84 @@ fn interleaved_big_and_small_jobs_keep_their_order_through_offloaded_copies() {
     }
     // One attempt each: no worker was restarted on the way.
     assert_eq!(d.pool("echo")["workers"][0]["restarts"], 0);
+}
+
+/// A large input is as durable as a small one: a job held in the queue
+/// (its key is taken by a long job in another pool) survives `kill -9` of
+/// the daemon, with its input in a payload file under `payload_dir`, and
+/// then runs to a bit-exact result. A payload file that went missing while
+/// the daemon was down (a tmpfs after a reboot) makes its job `dead` with a
+/// clear error instead of breaking the store.
+#[test]
+fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
+    let cfg = format!(
+        "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\npayload_dir = \"big\"\n\
+         [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
+         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+        w = worker_bin(),
+        t = bin("jobvisor-test-worker").display().to_string()
+    );
+    let mut d = Daemon::start("shm-durable", &cfg);
+    d.wait_ready("echo", 1);
+    d.wait_ready("slow", 1);
+    let submit = |d: &Daemon, args: &[&str]| -> u64 {
+        let mut full = vec!["submit"];
+        full.extend_from_slice(args);
+        let r = d.ctl(&full);
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout.trim().parse().unwrap()
+    };
+    let blocker = submit(&d, &["slow", "--key", "k", "--input", "600000"]);
+    wait_for("the blocker to run", DEADLINE, || {
+        (d.pool("slow")["running"] == 1).then_some(())
+    });
+    let data = pattern(5 << 20);
+    let f = d.dir.path().join("in-5m");
+    std::fs::write(&f, &data).unwrap();
+    let kept = submit(
+        &d,
+        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
+    );
+    let lost = submit(
+        &d,
+        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
+    );
+    let payloads = d.dir.path().join("big");
+    for id in [kept, lost] {
+        let p = payloads.join(format!("{id}.in"));
+        assert_eq!(
+            std::fs::metadata(&p).map(|m| m.len()).ok(),
+            Some(data.len() as u64),
+            "{} holds the acknowledged input",
+            p.display()
+        );
+    }
+
+    kill(d.pid(), Signal::SIGKILL);
+    d.wait_exit(DEADLINE);
+    std::fs::remove_file(payloads.join(format!("{lost}.in"))).unwrap();
+    d.spawn();
+    d.wait_ready("echo", 1);
+    // The blocker was requeued (lost attempt); cancel it to free the key.
+    assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
+    let (code, out, err) = ctl_raw(&d, &["wait", &kept.to_string()], None);
+    assert_eq!(code, 0, "{err} {}", String::from_utf8_lossy(&out));
+    let (code, out, err) = ctl_raw(&d, &["result", &kept.to_string()], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out == data,
+        "recovered job's output differs ({} bytes)",
+        out.len()
+    );
+
+    let r = d.ctl(&["--json", "result", &lost.to_string()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["state"], "dead", "{j}");
+    let e = j["error"].as_str().unwrap();
+    assert!(
+        e.contains(&format!("{lost}.in")) && e.contains("missing"),
+        "{e}"
+    );
+    assert!(alive(d.pid()));
 }
