@@ -312,20 +312,27 @@ def sec_payload(ctx, res):
 
     # -- jobvisor through the CLI
     disk_base = disk_tmp_dir()
+    # (key, label, state_dir base, payload_dir base or None, input, size, inline)
     jv_rows = [
-        ("jv_shm_disk", "jobvisor shm, state_dir on disk", disk_base, inp, size, False),
-        ("jv_shm_tmpfs", "jobvisor shm, state_dir on /dev/shm", "/dev/shm", inp, size, False),
-        ("jv_shm32_tmpfs", "jobvisor shm, 32 MiB (info, same size as inline), state_dir on /dev/shm",
-         "/dev/shm", inp_inline, inline_size, False),
-        ("jv_inline", "jobvisor inline, 32 MiB (64 MiB frame limit), state_dir on /dev/shm",
-         "/dev/shm", inp_inline, inline_size, True),
+        ("jv_shm_disk", "jobvisor shm, store on disk", disk_base, None, inp, size, False),
+        ("jv_shm_tmpfs", "jobvisor shm, store on disk, payload_dir on /dev/shm", disk_base,
+         "/dev/shm", inp, size, False),
+        ("jv_shm32_tmpfs", "jobvisor shm, 32 MiB (info, same size as inline), payload_dir on /dev/shm",
+         disk_base, "/dev/shm", inp_inline, inline_size, False),
+        ("jv_inline", "jobvisor inline, 32 MiB (64 MiB frame limit), payload_dir on /dev/shm",
+         disk_base, "/dev/shm", inp_inline, inline_size, True),
     ]
-    for key, label, base, infile, nbytes, inline in jv_rows:
+    for key, label, base, pbase, infile, nbytes, inline in jv_rows:
         print(f"  {label} ...", flush=True)
         r = m[key] = {"label": label, "bytes": nbytes}
         state = Path(tempfile.mkdtemp(prefix="jvbench-state-", dir=base))
         sv.on_cleanup(lambda p=state: shutil.rmtree(p, ignore_errors=True))
         r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
+        payloads = None
+        if pbase:
+            payloads = Path(tempfile.mkdtemp(prefix="jvbench-payloads-", dir=pbase))
+            sv.on_cleanup(lambda p=payloads: shutil.rmtree(p, ignore_errors=True))
+            r["payload_dir"], r["payload_dir_fs"] = str(payloads), fs_type(payloads)
         pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
         if inline:
             pool["inline_limit"] = "48MiB"
@@ -333,7 +340,7 @@ def sec_payload(ctx, res):
         d = None
         try:
             d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
-                          log_to_file=True, state_dir=state)
+                          log_to_file=True, state_dir=state, payload_dir=payloads)
             d.wait_ready_status("echo", 1, 20.0)
             out = tmp / f"out-{key}.bin"
             argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
@@ -369,7 +376,8 @@ def sec_payload(ctx, res):
             r["verified"] = "bit-exact (warm-up and last run)"
             r.update(summarize(times, nbytes))
             r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
-            r["store_bytes"] = sum(f.stat().st_size for f in state.iterdir() if f.is_file())
+            r["store_bytes"] = sum(f.stat().st_size for base in (state, payloads) if base
+                                   for f in Path(base).rglob("*") if f.is_file())
         except Exception as e:
             r["error"] = err_text(e)
         finally:
@@ -377,7 +385,9 @@ def sec_payload(ctx, res):
                 d.stop()
                 r["daemon_exit_code"] = d.exit_code
             shutil.rmtree(state, ignore_errors=True)
-        fs = r["state_dir_fs"]
+            if payloads:
+                shutil.rmtree(payloads, ignore_errors=True)
+        fs = r["state_dir_fs"] + (f", payloads {r['payload_dir_fs']}" if payloads else "")
         if "error" in r:
             rows.append((f"{label} ({fs})", "error: " + short(r["error"], 130), "", False))
         else:
@@ -468,7 +478,7 @@ def sec_payload(ctx, res):
     # -- targets, for both shm rows
     for key in ("jv_shm_disk", "jv_shm_tmpfs"):
         r = m[key]
-        tag = "store on disk" if key == "jv_shm_disk" else "store on /dev/shm"
+        tag = "store on disk" if key == "jv_shm_disk" else "payload_dir on /dev/shm"
         if "error" in r:
             for what, target in (("/ memcpy", ">= 0.5x"), ("/ Pool.apply", ">= 6x"),
                                  ("/ shared_memory", ">= 2x")):

@@ -281,8 +281,10 @@ class LogWatcher(threading.Thread):
 
 
 class Daemon:
-    def __init__(self, name, bins, pools, log_level="debug", log_to_file=False, state_dir=None):
-        """state_dir: the store's directory (default: "state" in the temp dir)."""
+    def __init__(self, name, bins, pools, log_level="debug", log_to_file=False, state_dir=None,
+                 payload_dir=None):
+        """state_dir: the store's directory (default: "state" in the temp dir);
+        payload_dir: where large payloads go (default: the daemon's, in state_dir)."""
         self.name = name
         self.bins = bins
         self.dir = Path(tempfile.mkdtemp(prefix=f"jvbench-{name}-"))
@@ -293,7 +295,10 @@ class Daemon:
         self.pools = pools
         self.seen_worker_pids = set()
         lines = ["[daemon]", 'control_socket = "ctl.sock"',
-                 f"state_dir = {toml_value(str(state_dir) if state_dir else 'state')}", ""]
+                 f"state_dir = {toml_value(str(state_dir) if state_dir else 'state')}"]
+        if payload_dir:
+            lines.append(f"payload_dir = {toml_value(str(payload_dir))}")
+        lines.append("")
         for pool, keys in pools.items():
             lines.append(f"[pools.{pool}]")
             for k, v in keys.items():
