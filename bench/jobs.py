@@ -23,6 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release"))
 
 
+def default_signals():
+    """Pool initializer: forked workers must not inherit the harness's
+    SIGTERM handler (Pool.terminate() would make each print a traceback)."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def noop(x):
     return x
 
@@ -155,7 +163,7 @@ def bench_pool(n, chunksize=1, workers=2, timeout=None):
     """multiprocessing.Pool(workers).imap_unordered(noop, range(n), chunksize)
     after a 1,000-job warm-up. timeout: the longest the warm-up plus the
     timed map may take (seconds)."""
-    with multiprocessing.get_context("fork").Pool(workers) as p:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=default_signals) as p:
         with deadline(timeout, f"Pool({workers}).imap_unordered chunksize={chunksize}"):
             list(p.imap_unordered(noop, range(1000), chunksize=chunksize))
             t = time.perf_counter()
@@ -169,7 +177,8 @@ def bench_executor(n, chunksize=1, workers=2, timeout=None):
     """ProcessPoolExecutor(workers).map(noop, range(n), chunksize) after a
     1,000-job warm-up. timeout: the longest the whole map may take."""
     ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                initializer=default_signals) as ex:
         list(ex.map(noop, range(1000), timeout=timeout))
         t = time.perf_counter()
         c = sum(1 for _ in ex.map(noop, range(n), chunksize=chunksize, timeout=timeout))

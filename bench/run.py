@@ -401,7 +401,7 @@ def sec_payload(ctx, res):
     print("  multiprocessing.Pool(1).apply ...", flush=True)
     r = m["mp_pool_apply"] = {"bytes": size}
     try:
-        with mpctx.Pool(1) as p:
+        with mpctx.Pool(1, initializer=jobs.default_signals) as p:
             if p.apply_async(jobs.noop, (data,)).get(timeout=60) != data:
                 raise RowError("output differs from input")
             times = []

@@ -22,7 +22,10 @@
 //!   daemon releases only what it has received) and waits on a condition
 //!   variable for the reader's `Release`s, at most [`RELEASE_WAIT`].
 //! - the *flusher* thread writes buffered results that have waited too long
-//!   (see below). It never runs the handler.
+//!   (see below). It never runs the handler. It is started the first time a
+//!   job begins while a result is still buffered; a worker that never gets
+//!   there (killed early, or whose jobs always drain the queue) runs with
+//!   two threads.
 //!
 //! Batching: results are written with one `write` when the queue of received
 //! jobs is empty (before blocking for more), after a slow job (the next may
@@ -583,7 +586,11 @@ impl Inbox {
 /// writes results that have waited [`MAX_RESULT_AGE`]).
 struct Results<W: Write + Send + 'static> {
     shared: Arc<Shared<W>>,
-    /// The flusher thread; `None` once it has been joined.
+    /// The flusher thread, started the first time a job begins with a
+    /// result still buffered (a worker that is killed before, or whose jobs
+    /// always drain the queue, never needs one: one thread less to start
+    /// and to tear down, which shortens restarts); `None` before and once
+    /// it has been joined.
     flusher: Option<JoinHandle<()>>,
 }
 
@@ -682,7 +689,7 @@ impl<W> Shared<W> {
 }
 
 impl<W: Write + Send + 'static> Results<W> {
-    /// Wraps `writer` and starts the flusher thread.
+    /// Wraps `writer`; the flusher thread starts when first needed.
     fn start(writer: W) -> Result<Self, ServeError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(Buffered {
@@ -696,15 +703,23 @@ impl<W: Write + Send + 'static> Results<W> {
             wake: Condvar::new(),
             flusher_idle: AtomicBool::new(false),
         });
-        let flusher_shared = Arc::clone(&shared);
-        let flusher = thread::Builder::new()
-            .name("jobvisor-flusher".into())
-            .spawn(move || flush_aged(&flusher_shared))
-            .map_err(ServeError::Setup)?;
         Ok(Results {
             shared,
-            flusher: Some(flusher),
+            flusher: None,
         })
+    }
+
+    /// Starts the flusher thread. If the system refuses a thread, results
+    /// are still written, only without the age bound while a job runs.
+    fn start_flusher(&mut self) {
+        let flusher_shared = Arc::clone(&self.shared);
+        match thread::Builder::new()
+            .name("jobvisor-flusher".into())
+            .spawn(move || flush_aged(&flusher_shared))
+        {
+            Ok(t) => self.flusher = Some(t),
+            Err(e) => eprintln!("jobvisor worker: cannot start the result flusher thread: {e}"),
+        }
     }
 
     fn push_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
@@ -735,7 +750,14 @@ impl<W: Write + Send + 'static> Results<W> {
     /// flusher is timing them, since the job may run for long. (Not on every
     /// push: a push followed by a flush, as when the queue runs dry, needs
     /// no flusher, and waking it costs more than a tiny job.)
-    fn watch(&self) {
+    fn watch(&mut self) {
+        if self.flusher.is_none() {
+            // Not started yet: needed only if something is buffered.
+            if self.shared.lock().oldest.is_some() {
+                self.start_flusher();
+            }
+            return;
+        }
         // The flusher sets the flag and waits under the lock, and the result
         // was buffered under the lock too: if the flusher went idle before
         // that, this load sees it.
