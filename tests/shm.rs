@@ -402,3 +402,80 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     );
     assert!(alive(d.pid()));
 }
+
+/// The daemon's resident set size in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Queued large jobs cost the daemon no memory for their inputs: once a
+/// submit is acknowledged its input lives only in its payload file, which
+/// is read straight into a worker's arena when the job runs. A payload file
+/// that disappears meanwhile fails that one job with a message naming the
+/// file; the worker (which never saw the job) and the other jobs carry on.
+#[test]
+fn queued_large_inputs_live_in_their_files_not_in_memory() {
+    let cfg = format!(
+        "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"128MiB\"\n\
+         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+        daemon_section(),
+        w = worker_bin(),
+        t = bin("jobvisor-test-worker").display().to_string()
+    );
+    let d = Daemon::start("shm-queued-files", &cfg);
+    d.wait_ready("echo", 1);
+    d.wait_ready("slow", 1);
+    let id_of = |r: Ctl| -> u64 {
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout.trim().parse().unwrap()
+    };
+    let blocker = id_of(d.ctl(&["submit", "slow", "--key", "k", "--input", "600000"]));
+    wait_for("the blocker to run", DEADLINE, || {
+        (d.pool("slow")["running"] == 1).then_some(())
+    });
+    let size = 40 << 20;
+    let before = rss_kib(d.pid());
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let f = d.dir.path().join(format!("in-{i}"));
+        std::fs::write(&f, pattern(size + i)).unwrap();
+        ids.push(id_of(d.ctl(&[
+            "submit",
+            "echo",
+            "--key",
+            "k",
+            "--input-file",
+            f.to_str().unwrap(),
+        ])));
+    }
+    assert_eq!(d.pool("echo")["queued"], 4);
+    let grown = rss_kib(d.pid()).saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "4 queued 40 MiB jobs grew the daemon by {grown} KiB: their inputs stayed in memory"
+    );
+    let gone = d.dir.path().join(format!("state/payloads/{}.in", ids[1]));
+    std::fs::remove_file(&gone).unwrap();
+    assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
+    for (i, id) in ids.iter().enumerate() {
+        let (code, out, err) = ctl_raw(&d, &["wait", &id.to_string()], None);
+        if i == 1 {
+            assert_eq!(code, 1, "{err}");
+            continue;
+        }
+        assert_eq!(code, 0, "job {id}: {err} {}", String::from_utf8_lossy(&out));
+        let (code, out, err) = ctl_raw(&d, &["result", &id.to_string()], None);
+        assert_eq!(code, 0, "{err}");
+        assert!(out == pattern(size + i), "job {id}'s output differs");
+    }
+    let j = d.ctl(&["--json", "result", &ids[1].to_string()]).json();
+    assert_eq!(j["state"], "failed", "{j}");
+    let e = j["error"].as_str().unwrap();
+    assert!(e.contains(gone.to_str().unwrap()), "{e}");
+    assert_eq!(d.pool("echo")["workers"][0]["restarts"], 0);
+}

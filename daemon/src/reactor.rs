@@ -111,8 +111,14 @@ fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<
 
 /// What the copier thread hands back (see [`crate::copier`]).
 enum Copied {
-    /// An input was written into a worker's arena (`ok`: in bounds).
-    ToArena { proc: ProcId, ok: bool },
+    /// An input was written into a worker's arena (`ok`: in bounds), or
+    /// could not be read from its payload file (`unreadable`: the job and
+    /// why).
+    ToArena {
+        proc: ProcId,
+        ok: bool,
+        unreadable: Option<(u64, String)>,
+    },
     /// An output was read out of a worker's arena (`None`: out of bounds).
     FromArena {
         proc: ProcId,
@@ -658,6 +664,12 @@ impl Reactor {
                     }
                 }
                 Action::WriteArena { proc, offset, data } => self.write_arena(proc, offset, data),
+                Action::WriteArenaFromFile {
+                    proc,
+                    offset,
+                    job,
+                    len,
+                } => self.write_arena_from_file(proc, offset, job, len),
                 Action::MeasureRss { proc } => {
                     if let Some(w) = self.procs.get(&proc) {
                         let rss = rss_bytes(w.pid);
@@ -1076,16 +1088,8 @@ impl Reactor {
     /// place when small, else on the copier thread, the frame held back
     /// until the copy is done.
     fn write_arena(&mut self, proc: ProcId, offset: u64, data: impl AsRef<[u8]> + Send + 'static) {
-        let Some(w) = self.procs.get_mut(&proc) else {
+        let Some(mapping) = self.arena_of(proc) else {
             return;
-        };
-        let Some(mapping) = w.mapping.clone() else {
-            // The Job frame that follows would point at garbage.
-            return self.core.on_protocol_error(
-                proc,
-                "its shared-memory arena is not mapped".into(),
-                Instant::now(),
-            );
         };
         if (data.as_ref().len() as u64) < crate::copier::OFFLOAD_MIN {
             if !mapping.write_at(offset, data.as_ref()) {
@@ -1097,10 +1101,73 @@ impl Reactor {
             }
             return;
         }
-        w.hold_out.push_back(w.jobs_out.len());
+        self.hold_next_frame(proc);
         self.copier.run(move || Copied::ToArena {
             proc,
             ok: mapping.write_at(offset, data.as_ref()),
+            unreadable: None,
+        });
+    }
+
+    /// The worker's arena mapping; `None` (and the worker is dropped as
+    /// broken: a Job frame would point at garbage) if it has none.
+    fn arena_of(&mut self, proc: ProcId) -> Option<Arc<crate::shm::Mapping>> {
+        let w = self.procs.get(&proc)?;
+        let mapping = w.mapping.clone();
+        if mapping.is_none() {
+            self.core.on_protocol_error(
+                proc,
+                "its shared-memory arena is not mapped".into(),
+                Instant::now(),
+            );
+        }
+        mapping
+    }
+
+    /// Holds back the next frame queued for `proc` (and all after it) until
+    /// the copy started now is done (see `on_copied`).
+    fn hold_next_frame(&mut self, proc: ProcId) {
+        if let Some(w) = self.procs.get_mut(&proc) {
+            w.hold_out.push_back(w.jobs_out.len());
+        }
+    }
+
+    /// [`Self::write_arena`] of a job's input kept in the store's payload
+    /// file (always on the copier thread: at least a mebibyte).
+    fn write_arena_from_file(&mut self, proc: ProcId, offset: u64, job: u64, len: u64) {
+        let Some(mapping) = self.arena_of(proc) else {
+            return;
+        };
+        self.hold_next_frame(proc);
+        let path = crate::store::input_file(&self.payload_dir, job);
+        self.copier.run(move || {
+            let read = std::fs::File::open(&path).and_then(|f| {
+                let size = f.metadata()?.len();
+                if size != len {
+                    return Err(std::io::Error::other(format!(
+                        "it has {size} bytes instead of {len}"
+                    )));
+                }
+                mapping.fill_from(&f, offset, len)
+            });
+            match read {
+                Ok(ok) => Copied::ToArena {
+                    proc,
+                    ok,
+                    unreadable: None,
+                },
+                Err(e) => Copied::ToArena {
+                    proc,
+                    ok: true,
+                    unreadable: Some((
+                        job,
+                        format!(
+                            "its input payload file {} cannot be read ({e}); submit it again",
+                            path.display()
+                        ),
+                    )),
+                },
+            }
         });
     }
 
@@ -1130,12 +1197,30 @@ impl Reactor {
     fn on_copied(&mut self, c: Copied) {
         let now = Instant::now();
         match c {
-            Copied::ToArena { proc, ok } => {
+            Copied::ToArena {
+                proc,
+                ok,
+                unreadable,
+            } => {
                 let Some(w) = self.procs.get_mut(&proc) else {
                     return;
                 };
-                w.hold_out.pop_front();
+                let at = w.hold_out.pop_front();
                 self.dirty_workers.insert(proc);
+                if let (Some((job, error)), Some(at)) = (unreadable, at) {
+                    // The held Job frame must not reach the worker: cut it
+                    // out (its length prefix says where it ends).
+                    let end = w.jobs_out.get(at..at + 4).map(|b| {
+                        at + 4 + u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize
+                    });
+                    if let Some(end) = end.filter(|e| *e <= w.jobs_out.len()) {
+                        w.jobs_out.drain(at..end);
+                        let cut = end - at;
+                        w.hold_out.iter_mut().for_each(|h| *h -= cut);
+                    }
+                    self.core.on_input_unreadable(proc, job, error, now);
+                    return self.run_actions();
+                }
                 if !ok {
                     self.core.on_protocol_error(
                         proc,

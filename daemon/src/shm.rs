@@ -113,6 +113,49 @@ impl Mapping {
         true
     }
 
+    /// Reads `len` bytes of `file` (from its start) to `offset`, with
+    /// `pread` straight into the mapping (no intermediate buffer). `Ok(false)`
+    /// if the range does not fit; an error if the file is shorter.
+    pub fn fill_from(&self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bool> {
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(false);
+        };
+        let Some(off) = self.range(offset, len) else {
+            return Ok(false);
+        };
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: `off + len <= self.len` was checked, so the
+            // destination (`len - done` bytes from `off + done`) lies in our
+            // live mapping; the slot is ours until the Job frame naming it
+            // is sent, which waits for this copy.
+            let n = unsafe {
+                libc::pread(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    self.ptr.add(off + done).cast(),
+                    len - done,
+                    done as libc::off_t,
+                )
+            };
+            match n {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("it ended after {done} of {len} bytes"),
+                    ))
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Copies `len` bytes at `offset` out, into a buffer that can then be
     /// shared without another copy; `None` if out of bounds.
     pub fn read_at(&self, offset: u64, len: u64) -> Option<std::sync::Arc<[u8]>> {

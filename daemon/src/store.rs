@@ -100,6 +100,14 @@ mod files;
 pub fn output_file(payload_dir: &Path, id: u64) -> PathBuf {
     payload_dir.join(format!("{id}.out"))
 }
+
+/// Where the store keeps the input of job `id` when it is a payload file:
+/// `<payload_dir>/<id>.in`, written before the job's insert commits and never
+/// rewritten, so the daemon may read it back (into a worker's arena) instead
+/// of keeping the input in memory.
+pub fn input_file(payload_dir: &Path, id: u64) -> PathBuf {
+    payload_dir.join(format!("{id}.in"))
+}
 #[cfg(test)]
 mod tests;
 
@@ -269,10 +277,15 @@ pub struct Recovered {
 /// A job to queue again at startup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredJob {
-    /// The job as submitted.
+    /// The job as submitted; `job.input` is empty when `input_file` is set.
     pub job: NewJob,
     /// Its attempts so far (a `running` one's last attempt closed as lost).
     pub attempts: Vec<Attempt>,
+    /// `Some(len)`: the input is the payload file [`input_file`] of `len`
+    /// bytes (checked to be there with that length), not read into memory:
+    /// a store with many large queued jobs must not fill the daemon's RAM
+    /// at startup.
+    pub input_file: Option<u64>,
 }
 
 /// Why the store cannot be opened or closed. Displays as one line naming the

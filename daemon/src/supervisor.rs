@@ -117,6 +117,21 @@ pub enum Action {
         /// The bytes (shared with the job, not copied).
         data: Arc<[u8]>,
     },
+    /// Like [`Action::WriteArena`], the bytes being the store's payload
+    /// file of job `job`'s input (`len` bytes; see
+    /// [`crate::store::input_file`]). If it cannot be read, report it with
+    /// [`Supervisor::on_input_unreadable`] (the `Send` that follows must
+    /// then not reach the worker).
+    WriteArenaFromFile {
+        /// The worker.
+        proc: ProcId,
+        /// Where in the arena.
+        offset: u64,
+        /// The job whose input it is.
+        job: u64,
+        /// The input's length.
+        len: u64,
+    },
     /// Measure the resident set size of `proc` and report it with
     /// [`Supervisor::on_rss`] (for `max_memory`).
     MeasureRss {

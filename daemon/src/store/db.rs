@@ -513,11 +513,14 @@ impl Db {
                 let attempts = parse_attempts(row.get_ref(8).map_err(fail)?)
                     .map_err(|e| not_a_store(format!("job {id}: {e}")))?;
                 let file_len: Option<i64> = row.get(10).map_err(fail)?;
+                let input_file = file_len.map(from_sql_u64);
                 let mut unusable = None;
                 let input: Arc<[u8]> = match (file_len, row.get_ref(9).map_err(fail)?) {
+                    // Checked, not read: the daemon reads it into a
+                    // worker's arena when the job runs.
                     (Some(len), _) => {
-                        match payloads.read_shared(id, Kind::Input, from_sql_u64(len)) {
-                            Ok(input) => input,
+                        match payloads.check(id, Kind::Input, from_sql_u64(len)) {
+                            Ok(()) => Arc::default(),
                             // Maybe the disk's fault, maybe passing:
                             // refuse to start rather than lose the job.
                             Err(ReadError::Io(path, source)) => {
@@ -578,7 +581,11 @@ impl Db {
                     let attempts = attempts.clone();
                     changed.push(Change::Requeue { id, attempts });
                 }
-                jobs.push(RecoveredJob { job, attempts });
+                jobs.push(RecoveredJob {
+                    job,
+                    attempts,
+                    input_file,
+                });
             }
         }
         {

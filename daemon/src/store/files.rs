@@ -13,7 +13,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Which payload of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,23 +167,17 @@ impl Payloads {
         }
     }
 
+    /// Checks that a payload file of `expected` bytes is there, without
+    /// reading it.
+    pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {
+        self.open_checked(id, kind, expected).map(|_| ())
+    }
+
     /// Reads a payload file of `expected` bytes.
     pub fn read(&self, id: u64, kind: Kind, expected: u64) -> Result<Vec<u8>, ReadError> {
         let (mut file, path, len) = self.open_checked(id, kind, expected)?;
         let mut buf = vec![0u8; len];
         file.read_exact(&mut buf)
-            .map_err(|e| read_error(&file, path, e, expected))?;
-        Ok(buf)
-    }
-
-    /// Reads a payload file of `expected` bytes into a shared buffer
-    /// (without the copy `Arc::from(Vec)` would make).
-    pub fn read_shared(&self, id: u64, kind: Kind, expected: u64) -> Result<Arc<[u8]>, ReadError> {
-        let (mut file, path, len) = self.open_checked(id, kind, expected)?;
-        // An exact-size iterator: collected in one allocation.
-        let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
-        let slice = Arc::get_mut(&mut buf).expect("a buffer just made has one owner");
-        file.read_exact(slice)
             .map_err(|e| read_error(&file, path, e, expected))?;
         Ok(buf)
     }

@@ -93,6 +93,12 @@ struct Job {
     timeout: Option<Duration>,
     /// Shared with the store's insert and the arena write, not copied.
     input: Arc<[u8]>,
+    /// `Some(len)`: the input is the store's payload file of `len` bytes
+    /// (see [`crate::store::input_file`]) and `input` is empty. A large
+    /// input leaves memory once its insert is durable, so queued jobs cost
+    /// no RAM for their payloads; it is read straight into a worker's
+    /// arena when the job runs (`Action::WriteArenaFromFile`).
+    input_file: Option<u64>,
     attempts: Vec<Attempt>,
     created_ms: u64,
     phase: JobPhase,
@@ -106,6 +112,20 @@ struct Job {
     /// the one that killed it. It runs alone from now on, so that a further
     /// death is attributed exactly.
     suspect: bool,
+}
+
+impl Job {
+    /// Bytes of input, in memory or in its payload file.
+    fn input_len(&self) -> u64 {
+        self.input_file.unwrap_or(self.input.len() as u64)
+    }
+
+    /// Whether the input goes to a worker through its arena: when larger
+    /// than `inline_limit`, and always when it is in a file (the worker
+    /// takes a shared-memory input of any size).
+    fn through_arena(&self, inline_limit: u64) -> bool {
+        self.input_file.is_some() || self.input.len() as u64 > inline_limit
+    }
 }
 
 /// What the queue offers a worker.
@@ -220,6 +240,7 @@ impl Supervisor {
                 max_attempts: j.max_attempts,
                 timeout: j.timeout_ms.map(Duration::from_millis),
                 input: j.input,
+                input_file: r.input_file,
                 attempts: r.attempts,
                 created_ms: j.created_ms,
                 phase: JobPhase::Queued,
@@ -394,6 +415,7 @@ impl Supervisor {
                 max_attempts,
                 timeout,
                 input,
+                input_file: None,
                 attempts: Vec::new(),
                 created_ms,
                 phase: JobPhase::Queued,
@@ -666,6 +688,13 @@ impl Supervisor {
     /// The worker finished job `id` with `output`.
     pub fn on_job_done(&mut self, proc: ProcId, id: u64, output: Arc<[u8]>, now: Instant) {
         self.job_result(proc, id, Ok(output), now);
+    }
+
+    /// The input file of job `id`, about to be given to `proc`, could not
+    /// be read (a payload file deleted or damaged behind the daemon's
+    /// back): the job fails with `error`; the worker never saw it.
+    pub fn on_input_unreadable(&mut self, proc: ProcId, id: u64, error: String, now: Instant) {
+        self.job_result(proc, id, Err(error), now);
     }
 
     /// The worker reported job `id` failed.
@@ -973,6 +1002,15 @@ impl Supervisor {
     /// registered here is always in time.
     fn insert_durable(&mut self, id: u64, client: ClientId, wait: bool) {
         self.reply(client, Response::Submitted { id });
+        // Its input is in a payload file now: let go of the memory (a
+        // worker's arena is filled from the file instead).
+        if let Some(job) = self.jt.jobs.get_mut(&id) {
+            let len = job.input.len();
+            if len >= crate::store::FILE_PAYLOAD_MIN && job.input_file.is_none() {
+                job.input_file = Some(len as u64);
+                job.input = Arc::default();
+            }
+        }
         if wait && self.jt.jobs.contains_key(&id) {
             self.jt.waiters.entry(id).or_default().push(Waiter {
                 client,
@@ -1157,7 +1195,7 @@ impl Supervisor {
                 // Its input goes through shared memory and this worker's
                 // arena is full of in-flight inputs: back off (another
                 // worker, or this one once a job finishes).
-                Some(j) if j.input.len() as u64 > inline_limit && j.input.len() as u64 > room => {
+                Some(j) if j.through_arena(inline_limit) && j.input_len() > room => {
                     return Next::NeedsEmptyWorker
                 }
                 Some(_) => {
@@ -1217,17 +1255,23 @@ impl Supervisor {
         if job.suspect {
             proc.solo = true;
         }
-        let input = if job.input.len() as u64 > inline_limit {
+        let input = if job.through_arena(inline_limit) {
+            let len = job.input_len();
             // Checked by `next_runnable`: the slot exists.
-            let slot = proc
-                .arena
-                .alloc(job.input.len() as u64)
-                .expect("room checked before popping");
+            let slot = proc.arena.alloc(len).expect("room checked before popping");
             let payload = slot.payload();
-            self.actions.push_back(Action::WriteArena {
-                proc: proc.id,
-                offset: slot.offset(),
-                data: job.input.clone(),
+            self.actions.push_back(match job.input_file {
+                Some(len) => Action::WriteArenaFromFile {
+                    proc: proc.id,
+                    offset: slot.offset(),
+                    job: id,
+                    len,
+                },
+                None => Action::WriteArena {
+                    proc: proc.id,
+                    offset: slot.offset(),
+                    data: job.input.clone(),
+                },
             });
             proc.slots.push((id, slot));
             payload
