@@ -478,6 +478,25 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
     let e = j["error"].as_str().unwrap();
     assert!(e.contains(gone.to_str().unwrap()), "{e}");
     assert_eq!(d.pool("echo")["workers"][0]["restarts"], 0);
+    // A finished job's output file removed behind the daemon's back:
+    // `result` says so instead of failing obscurely.
+    let out = d.dir.path().join(format!("state/payloads/{}.out", ids[0]));
+    std::fs::remove_file(&out).unwrap();
+    let r = d.ctl(&["--json", "result", &ids[0].to_string()]);
+    let j = r.json();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["output"].is_null() && j["output_b64"].is_null(), "{j}");
+    let e = j["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("missing") && e.contains(out.to_str().unwrap()),
+        "{j}"
+    );
+    let r = d.ctl(&["result", &ids[0].to_string()]);
+    assert_eq!(r.code, 1, "not an empty output: {r:?}");
+    assert!(
+        r.stdout.is_empty() && r.stderr.contains("output is lost"),
+        "{r:?}"
+    );
 }
 
 /// Workers dying (abort) with large payloads in flight: copies into and

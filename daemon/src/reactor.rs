@@ -38,7 +38,7 @@ use crate::control::{self, Client, Incoming, ReadOutcome};
 use crate::notify::Notifier;
 use crate::spawn;
 use crate::store::{Completion, Store};
-use crate::supervisor::{Action, CtlError, ExitInfo, Level, ProcId, Supervisor};
+use crate::supervisor::{Action, CtlError, ExitInfo, JobOutput, Level, ProcId, Supervisor};
 use ipc_proto::control::{ErrorKind, JobDoc, Request, Response};
 use ipc_proto::worker::{FromWorker, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder};
@@ -698,19 +698,38 @@ impl Reactor {
         c.send(resp);
     }
 
-    /// A job document with a large output beside it: the output is already
-    /// in the store's payload file (replies wait for durability), so the
-    /// client gets a descriptor of that file; else (a file that is gone or
-    /// was never written) a sealed memfd copy.
-    fn reply_job(&mut self, client: u64, doc: JobDoc, output: Arc<[u8]>) {
+    /// A job document with a large output beside it. The output is in the
+    /// store's payload file (replies wait for durability, and a stored one
+    /// is only there), so the client gets a descriptor of that file; else
+    /// (an in-memory output whose file is gone or was never written) a
+    /// sealed memfd copy.
+    fn reply_job(&mut self, client: u64, doc: JobDoc, output: JobOutput) {
         let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
         self.dirty_clients.insert(client);
-        let len = output.len() as u64;
+        let len = match &output {
+            JobOutput::Mem(o) => o.len() as u64,
+            JobOutput::File(len) => *len,
+        };
         if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
             return c.send_job_fd(&doc, len, file.into());
         }
+        let output = match output {
+            JobOutput::Mem(o) => o,
+            JobOutput::File(_) => {
+                // Checked by the store a moment ago; removed since.
+                let problem = format!(
+                    "output payload file {} is missing",
+                    crate::store::output_file(&self.payload_dir, doc.id).display()
+                );
+                let error = Some(match doc.error {
+                    Some(e) => format!("{e}; {problem}"),
+                    None => problem,
+                });
+                return c.send(&Response::Job(JobDoc { error, ..doc }));
+            }
+        };
         match crate::fdpass::sealed_memfd(c"jobvisor-output", &output) {
             Ok(fd) => c.send_job_fd(&doc, len, fd),
             Err(e) => {

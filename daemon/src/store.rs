@@ -226,6 +226,12 @@ pub enum Query {
 pub enum QueryResult {
     /// [`Query::Job`]: the job with its output, or `None` if unknown.
     Job(Option<JobDoc>),
+    /// [`Query::Job`] of a job whose output is a payload file: the job
+    /// (`output` left `None`) and the output's length. The file
+    /// ([`output_file`]) was checked to be there with that length but not
+    /// read: the daemon hands it to the client as it is, and the store
+    /// thread does not stall its commits reading megabytes.
+    JobWithOutputFile(JobDoc, u64),
     /// [`Query::List`]: newest first, `output` always `None`.
     List(Vec<JobDoc>),
 }

@@ -103,7 +103,7 @@ pub enum Action {
         /// The document, `output` left `None`.
         doc: ipc_proto::control::JobDoc,
         /// The output.
-        output: std::sync::Arc<[u8]>,
+        output: JobOutput,
     },
     /// Broadcast an event to `events` subscribers.
     Event(Event),
@@ -1290,6 +1290,17 @@ pub enum CtlError {
     /// Not now (exit 5).
     #[error("{0}")]
     Rejected(String),
+}
+
+/// A large job output to send beside its document ([`Action::ReplyJob`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutput {
+    /// In memory (a job that just finished); its payload file, if already
+    /// written, is preferred.
+    Mem(std::sync::Arc<[u8]>),
+    /// Only in the store's payload file, of this length
+    /// ([`crate::store::output_file`]).
+    File(u64),
 }
 
 /// The last rung at once: SIGKILL to the process group, for a worker that

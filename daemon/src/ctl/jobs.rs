@@ -223,6 +223,14 @@ fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
         return Ok(state_exit_code(doc.state));
     }
     if doc.state == JobState::Succeeded {
+        if let (None, Some(error)) = (&doc.output, &doc.error) {
+            // Succeeded, but its stored output is gone (a payload file
+            // removed behind the daemon's back): not an empty output.
+            return Err(Failure::new(
+                1,
+                format!("job {} succeeded but its output is lost: {error}", doc.id),
+            ));
+        }
         out.bytes(doc.output.as_deref().unwrap_or_default())?;
         out.flush()?;
         return Ok(0);

@@ -782,12 +782,17 @@ impl Db {
                     Ok(match found {
                         None => Ok(QueryResult::Job(None)),
                         Some((Err(e), _)) => Err(e),
-                        Some((Ok(mut doc), file_len)) => {
-                            if let Some(len) = file_len {
-                                self.load_output(&mut doc, from_sql_u64(len));
+                        Some((Ok(mut doc), Some(len))) => {
+                            let len = from_sql_u64(len);
+                            match self.payloads.check(doc.id, Kind::Output, len) {
+                                Ok(()) => Ok(QueryResult::JobWithOutputFile(doc, len)),
+                                Err(e) => {
+                                    note_problem(&mut doc, format!("output {e}"));
+                                    Ok(QueryResult::Job(Some(doc)))
+                                }
                             }
-                            Ok(QueryResult::Job(Some(doc)))
                         }
+                        Some((Ok(doc), None)) => Ok(QueryResult::Job(Some(doc))),
                     })
                 }
                 Query::List { pool, state, limit } => {
@@ -824,19 +829,6 @@ impl Db {
 
     /// Reads a job's output from its file. A file that is missing, damaged
     /// or unreadable leaves the output out and says so in the error.
-    fn load_output(&self, doc: &mut JobDoc, len: u64) {
-        match self.payloads.read(doc.id, Kind::Output, len) {
-            Ok(output) => doc.output = Some(Bytes(output)),
-            Err(e) => {
-                let problem = format!("output {e}");
-                doc.error = Some(match doc.error.take() {
-                    Some(error) => format!("{error}; {problem}"),
-                    None => problem,
-                });
-            }
-        }
-    }
-
     /// Runs `f` in its own `BEGIN IMMEDIATE` transaction and commits.
     fn in_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -1140,4 +1132,12 @@ fn doc_from_row(row: &Row<'_>, with_output: bool) -> Result<JobDoc, String> {
         output,
         error: row.get(7).map_err(get)?,
     })
+}
+
+/// Adds `problem` to a job document's error.
+fn note_problem(doc: &mut JobDoc, problem: String) {
+    doc.error = Some(match doc.error.take() {
+        Some(error) => format!("{error}; {problem}"),
+        None => problem,
+    });
 }

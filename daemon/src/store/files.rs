@@ -10,7 +10,7 @@
 use super::StoreError;
 use nix::fcntl::Flock;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -173,15 +173,6 @@ impl Payloads {
         self.open_checked(id, kind, expected).map(|_| ())
     }
 
-    /// Reads a payload file of `expected` bytes.
-    pub fn read(&self, id: u64, kind: Kind, expected: u64) -> Result<Vec<u8>, ReadError> {
-        let (mut file, path, len) = self.open_checked(id, kind, expected)?;
-        let mut buf = vec![0u8; len];
-        file.read_exact(&mut buf)
-            .map_err(|e| read_error(&file, path, e, expected))?;
-        Ok(buf)
-    }
-
     /// Opens the file and checks its length before anything is allocated
     /// (a damaged row must not make us allocate an absurd buffer).
     fn open_checked(
@@ -243,19 +234,6 @@ fn parse_name(name: &str) -> Option<(u64, Kind)> {
     }
     let id: u64 = id.parse().ok()?;
     (format!("{id}.{ext}") == name).then_some((id, kind))
-}
-
-fn read_error(file: &File, path: PathBuf, e: io::Error, expected: u64) -> ReadError {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        // Shrunk between the length check and the read.
-        ReadError::WrongLength {
-            path,
-            found: file.metadata().map_or(0, |m| m.len()),
-            expected,
-        }
-    } else {
-        ReadError::Io(path, e)
-    }
 }
 
 #[cfg(test)]

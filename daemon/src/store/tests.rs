@@ -55,6 +55,8 @@ impl Drop for TempDir {
 /// A store plus the poll its waker belongs to, as the event loop has them.
 struct Harness {
     store: Store,
+    /// The payload directory, to read outputs the store leaves in files.
+    payloads: PathBuf,
     poll: Poll,
     events: Events,
     next_token: u64,
@@ -75,6 +77,7 @@ impl Harness {
         };
         let h = Harness {
             store,
+            payloads: dir.join("payloads"),
             poll,
             events: Events::with_capacity(8),
             next_token: 1_000_000,
@@ -130,6 +133,15 @@ impl Harness {
     fn job(&mut self, id: u64) -> Option<JobDoc> {
         match self.query(Query::Job { id }) {
             QueryResult::Job(doc) => doc,
+            // What the daemon hands the client: the file's contents.
+            QueryResult::JobWithOutputFile(mut doc, len) => {
+                assert!(doc.output.is_none());
+                let bytes = std::fs::read(self.payloads.join(format!("{id}.out")))
+                    .expect("the output file the store vouched for");
+                assert_eq!(bytes.len() as u64, len, "job {id}'s output file");
+                doc.output = Some(Bytes(bytes));
+                Some(doc)
+            }
             r => panic!("unexpected {r:?}"),
         }
     }

@@ -532,6 +532,12 @@ impl Supervisor {
                 return;
             }
         };
+        // A job whose output is a payload file: the document comes without
+        // it (a `wait` or `cancel` needs none; `result` sends the file).
+        let (result, output_file) = match result {
+            QueryResult::JobWithOutputFile(doc, len) => (QueryResult::Job(Some(doc)), Some(len)),
+            r => (r, None),
+        };
         match (purpose, result) {
             (QueryPurpose::Wait { client, group, id }, QueryResult::Job(doc)) => {
                 match doc {
@@ -543,9 +549,15 @@ impl Supervisor {
                 }
                 self.group_done(group);
             }
-            (QueryPurpose::Result { client }, QueryResult::Job(doc)) => match doc {
-                Some(d) => self.reply(client, Response::Job(d)),
-                None => self.reply(client, not_found_job(None)),
+            (QueryPurpose::Result { client }, QueryResult::Job(doc)) => match (doc, output_file) {
+                // The output stays in its file; the client gets that.
+                (Some(doc), Some(len)) => self.actions.push_back(Action::ReplyJob {
+                    client,
+                    doc,
+                    output: JobOutput::File(len),
+                }),
+                (Some(d), None) => self.reply(client, Response::Job(d)),
+                (None, _) => self.reply(client, not_found_job(None)),
             },
             (QueryPurpose::Cancel { client, id }, QueryResult::Job(doc)) => match doc {
                 Some(d) => self.reply(
@@ -942,7 +954,7 @@ impl Supervisor {
                 self.actions.push_back(Action::ReplyJob {
                     client,
                     doc,
-                    output: o,
+                    output: JobOutput::Mem(o),
                 })
             }
             o => {

@@ -545,6 +545,10 @@ mod jobs {
                         mut doc,
                         output,
                     } => {
+                        // The sim has no store files: only in-memory ones.
+                        let JobOutput::Mem(output) = output else {
+                            panic!("an output in a file in the sim")
+                        };
                         doc.output = Some(ipc_proto::Bytes(output.to_vec()));
                         self.replies.push((client, Response::Job(doc)));
                     }
