@@ -43,12 +43,16 @@
 //! (a crash between a file's write and its row's commit) at [`Store::open`].
 //! Only names of the form `<id>.in` / `<id>.out` are touched.
 //!
-//! Reading them back happens on the store thread too (recovery, and
-//! [`Query::Job`] for an output). A file that is missing or has the wrong
-//! length (deleted by hand, or a `payload_dir` on tmpfs after a reboot) does
-//! not stop the store: a queued job without its input is recovered as
-//! `dead` with an error naming the file, and a job whose output file is
-//! gone is answered without output, its error naming the file.
+//! The store never reads them back: recovery and [`Query::Job`] only check
+//! that a file is there with its recorded length, and the daemon reads
+//! the file itself where it needs the bytes (an input straight into a
+//! worker's arena on the copier thread; an output handed to the client as
+//! a descriptor; see [`input_file`] and [`output_file`]), so megabytes of
+//! reading neither stall commits nor fill memory. A file that is missing or
+//! has the wrong length (deleted by hand, or a `payload_dir` on tmpfs after
+//! a reboot) does not stop the store: a queued job without its input is
+//! recovered as `dead` with an error naming the file, and a job whose output
+//! file is gone is answered without output, its error naming the file.
 //!
 //! Architecture invariant: **an op is reported durable only after the
 //! transaction holding it has committed, and after every payload file it

@@ -2,10 +2,11 @@
 //! [`FILE_PAYLOAD_MIN`](super::FILE_PAYLOAD_MIN) bytes, stored as
 //! `<payload_dir>/<id>.in` and `<id>.out` instead of in the database.
 //!
-//! This module only does the file I/O; which payload goes to a file, and
-//! when, is decided by the committer (see the [store](super) docs). Every
-//! function runs on the store thread (or in [`Store::open`](super::Store::open)
-//! before it starts), never on the event loop.
+//! This module only does the store's file I/O (writes, checks, removals);
+//! which payload goes to a file, and when, is decided by the committer (see
+//! the [store](super) docs). Every function runs on the store thread (or in
+//! [`Store::open`](super::Store::open) before it starts), never on the event
+//! loop. The daemon reads the files itself, off the loop.
 
 use super::StoreError;
 use nix::fcntl::Flock;
