@@ -142,7 +142,8 @@ fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File, usi
 }
 
 /// Reads the first `len` bytes of a payload descriptor received from a
-/// peer (see [`payload_file`]); one that holds fewer is an error.
+/// peer: a regular file or memfd (a pipe or socket is refused: it could
+/// block the reader); one that holds fewer bytes is an error.
 pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String> {
     let (file, len) = payload_file(fd, len, what)?;
     let mut buf = Vec::new();
