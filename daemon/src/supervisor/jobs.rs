@@ -610,6 +610,12 @@ impl Supervisor {
     /// `result ID`: the job's current document, output included.
     pub fn result(&mut self, client: ClientId, id: u64, now: Instant) {
         if let Some(job) = self.jt.jobs.get(&id) {
+            if let JobPhase::Finishing(f) = &job.phase {
+                // A large output goes beside the document, not copied in.
+                let output = f.output.clone();
+                let doc = self.doc_final(job, false);
+                return self.reply_doc(client, doc, output);
+            }
             let doc = self.doc(job, true, now);
             self.reply(client, Response::Job(doc));
             return;
