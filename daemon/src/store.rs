@@ -175,6 +175,12 @@ pub struct JobUpdate {
     pub attempts: Vec<Attempt>,
     /// Output (usually only once succeeded; shared, not copied).
     pub output: Option<Arc<[u8]>>,
+    /// `Some(len)` (with `output` `None`): the output is already in its
+    /// payload file [`output_file`], `len` bytes, written and synced (the
+    /// directory too) by the daemon, which created it exclusively (so no
+    /// committed row referenced it). The store only records it; a failed
+    /// batch leaves it for the retry.
+    pub output_file_len: Option<u64>,
     /// Error of the last attempt.
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.

@@ -556,6 +556,10 @@ impl Committer {
         for p in &mut self.batch.inserts {
             let id = p.job.id;
             let output = p.update.as_ref().and_then(|u| u.output.as_ref());
+            let prewritten = p
+                .update
+                .as_ref()
+                .is_some_and(|u| u.output_file_len.is_some());
             let big_input = p.job.input.len() >= FILE_PAYLOAD_MIN;
             // Ids come in ascending order, above every stored one. A lower
             // id may belong to a stored job (the insert then fails): its
@@ -563,7 +567,9 @@ impl Committer {
             let free = (big_input || is_file_payload(output))
                 && (id > max_id || self.db.references_any(id) == Ok(false));
             p.input_file = free && big_input;
-            p.output_file = free && is_file_payload(output);
+            // An output the daemon already wrote to its file is recorded as
+            // such whatever else this row does.
+            p.output_file = prewritten || (free && is_file_payload(output));
             if p.input_file {
                 let data = Arc::clone(&p.job.input);
                 files.push(FileWrite {
@@ -583,7 +589,7 @@ impl Committer {
         }
         for p in &mut self.batch.updates {
             let id = p.update.id;
-            p.output_file = false;
+            p.output_file = p.update.output_file_len.is_some();
             let Some(output) = p
                 .update
                 .output

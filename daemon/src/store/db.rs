@@ -715,7 +715,11 @@ impl Db {
                     }
                     None => (JobState::Queued, &b"[]"[..], None, None, None),
                 };
-                let (output, output_file_len) = in_file(output, p.output_file);
+                let (output, output_file_len) =
+                    match p.update.as_ref().and_then(|u| u.output_file_len) {
+                        Some(len) => (None, Some(to_sql_u64(len))),
+                        None => in_file(output, p.output_file),
+                    };
                 let (input, input_file_len) = in_file(Some(&job.input[..]), p.input_file);
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
@@ -746,7 +750,10 @@ impl Db {
             for p in updates {
                 let u = &p.update;
                 encode_attempts(json, &u.attempts)?;
-                let (output, output_file_len) = in_file(u.output.as_deref(), p.output_file);
+                let (output, output_file_len) = match u.output_file_len {
+                    Some(len) => (None, Some(to_sql_u64(len))),
+                    None => in_file(u.output.as_deref(), p.output_file),
+                };
                 let changed = update.execute(params![
                     to_sql_u64(u.id),
                     state_code(u.state),

@@ -223,6 +223,7 @@ fn running(id: u64, attempts: Vec<Attempt>) -> Op {
         state: JobState::Running,
         attempts,
         output: None,
+        output_file_len: None,
         error: None,
         finished_ms: None,
     })
@@ -234,6 +235,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         state,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
         output: (state == JobState::Succeeded).then(|| format!("output {id}").into_bytes().into()),
+        output_file_len: None,
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
     })
@@ -535,6 +537,7 @@ fn retention_and_max_finished_cap() {
         state: JobState::Queued,
         attempts: vec![attempt(1, Some(Outcome::Lost))],
         output: None,
+        output_file_len: None,
         error: None,
         finished_ms: Some(now - 100 * HOUR_MS),
     }));
@@ -608,6 +611,7 @@ fn failed_commit_loses_inserts_and_retries_updates() {
         state: JobState::Succeeded,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
         output: Some(big.clone().into()),
+        output_file_len: None,
         error: None,
         finished_ms: Some(1_700_000_100_000),
     }));
@@ -1002,6 +1006,7 @@ fn throughput() {
             state: JobState::Succeeded,
             attempts: vec![attempt(1, Some(Outcome::Succeeded))],
             output: Some(Arc::from(&b"done!!!"[..])),
+            output_file_len: None,
             error: None,
             finished_ms: Some(1_700_000_100_000),
         }));
@@ -1119,6 +1124,7 @@ fn succeeded_with(id: u64, output: &[u8]) -> Op {
         state: JobState::Succeeded,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
         output: Some(Arc::from(output)),
+        output_file_len: None,
         error: None,
         finished_ms: Some(db::now_ms()),
     })
@@ -1301,6 +1307,7 @@ fn pruning_removes_the_payload_files() {
             state: JobState::Succeeded,
             attempts: vec![attempt(1, Some(Outcome::Succeeded))],
             output: Some(Arc::from(&big[..])),
+            output_file_len: None,
             error: None,
             finished_ms: Some(finished_ms),
         })
@@ -1821,4 +1828,59 @@ fn input_of(dir: &TempDir, j: &RecoveredJob) -> Arc<[u8]> {
         }
         None => j.job.input.clone(),
     }
+}
+
+/// An output the daemon wrote to its payload file itself (straight from a
+/// worker's arena) is recorded, not written again: the row points at it,
+/// it survives a restart and pruning removes it; one left behind by a job
+/// whose update never commits is swept at the next open.
+#[test]
+fn a_prewritten_output_file_is_recorded_not_rewritten() {
+    let dir = TempDir::new("prewritten");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN + 7, 9);
+    for id in [1, 2] {
+        h.submit(Op::Insert(new_job(id, "p")));
+    }
+    // Job 1: insert and final update in separate batches; job 2 (below):
+    // insert and update folded into one row write.
+    let seq = h.submit(Op::Insert(new_job(3, "p")));
+    h.wait_durable(seq);
+    std::fs::write(dir.payload(1, "out"), &*big).expect("write");
+    let update = |id| {
+        Op::Update(JobUpdate {
+            id,
+            state: JobState::Succeeded,
+            attempts: vec![attempt(1, Some(Outcome::Succeeded))],
+            output: None,
+            output_file_len: Some(big.len() as u64),
+            error: None,
+            finished_ms: Some(1),
+        })
+    };
+    let seq = h.submit(update(1));
+    h.wait_durable(seq);
+    let modified = std::fs::metadata(dir.payload(1, "out"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert!(h.job(1).expect("job 1").output == Some(Bytes(big.to_vec())));
+    std::fs::write(dir.payload(4, "out"), &*big).expect("write");
+    h.submit(Op::Insert(new_job(4, "p")));
+    let seq = h.submit(update(4));
+    h.wait_durable(seq);
+    assert!(h.job(4).expect("job 4").output == Some(Bytes(big.to_vec())));
+    // An orphan: written, but its job's update never came.
+    std::fs::write(dir.payload(2, "out"), b"never committed").expect("write");
+    h.close();
+    assert_eq!(
+        std::fs::metadata(dir.payload(1, "out"))
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+        modified,
+        "not rewritten by the store"
+    );
+    let (mut h, _) = Harness::open(dir.path());
+    assert!(h.job(1).expect("job 1 after a restart").output == Some(Bytes(big.to_vec())));
+    assert!(!dir.payload(2, "out").exists(), "the orphan is swept");
+    h.close();
 }

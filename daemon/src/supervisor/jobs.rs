@@ -792,6 +792,7 @@ impl Supervisor {
                 state: JobState::Running,
                 attempts: job.attempts.clone(),
                 output: None,
+                output_file_len: None,
                 error: None,
                 finished_ms: None,
             };
@@ -1434,6 +1435,7 @@ impl Supervisor {
             state: JobState::Queued,
             attempts: job.attempts.clone(),
             output: None,
+            output_file_len: None,
             error: None,
             finished_ms: None,
         };
@@ -1476,6 +1478,7 @@ impl Supervisor {
             attempts: job.attempts.clone(),
             // Shared with the job's waiters (see `final_durable`).
             output: output.clone(),
+            output_file_len: None,
             error: error.clone(),
             finished_ms: Some(finished_ms),
         };
