@@ -109,6 +109,43 @@ fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<
         .then_some(file)
 }
 
+/// Writes a large output straight from a worker's arena to its payload
+/// file, synced with its directory, so that the store only records it (see
+/// `JobUpdate::output_file_len`): one copy instead of arena → memory →
+/// file. The file is created exclusively, so a file a row may reference is
+/// never touched; on any failure (it exists, the disk is full) whatever
+/// this call created is removed and the caller takes the in-memory path,
+/// where the store reports errors as usual.
+fn output_to_file(
+    mapping: &crate::shm::Mapping,
+    path: &std::path::Path,
+    offset: u64,
+    len: u64,
+) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return false;
+    };
+    let synced = mapping.write_to(&file, offset, len).is_ok_and(|ok| ok)
+        && file.sync_data().is_ok()
+        && path.parent().is_some_and(|dir| {
+            std::fs::File::open(dir).is_ok_and(|d| match d.sync_all() {
+                Err(e) => e.raw_os_error() == Some(libc::EINVAL),
+                Ok(()) => true,
+            })
+        });
+    if !synced {
+        let _ = std::fs::remove_file(path);
+    }
+    synced
+}
+
 /// What the copier thread hands back (see [`crate::copier`]).
 enum Copied {
     /// An input was written into a worker's arena (`ok`: in bounds), or
@@ -119,13 +156,15 @@ enum Copied {
         ok: bool,
         unreadable: Option<(u64, String)>,
     },
-    /// An output was read out of a worker's arena (`None`: out of bounds).
+    /// An output was read out of a worker's arena (`None`: out of bounds),
+    /// or (`in_file`) written from it straight to its payload file.
     FromArena {
         proc: ProcId,
         id: u64,
         offset: u64,
         len: u64,
         bytes: Option<Arc<[u8]>>,
+        in_file: bool,
     },
     /// A client's input was read from the descriptor it passed.
     Input {
@@ -1088,12 +1127,30 @@ impl Reactor {
                         if let Some(w) = self.procs.get_mut(&proc) {
                             w.copies_in += 1;
                         }
-                        self.copier.run(move || Copied::FromArena {
-                            proc,
-                            id,
-                            offset,
-                            len,
-                            bytes: mapping.read_at(offset, len),
+                        let path = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
+                            .then(|| crate::store::output_file(&self.payload_dir, id));
+                        self.copier.run(move || {
+                            if path
+                                .as_ref()
+                                .is_some_and(|p| output_to_file(&mapping, p, offset, len))
+                            {
+                                return Copied::FromArena {
+                                    proc,
+                                    id,
+                                    offset,
+                                    len,
+                                    bytes: None,
+                                    in_file: true,
+                                };
+                            }
+                            Copied::FromArena {
+                                proc,
+                                id,
+                                offset,
+                                len,
+                                bytes: mapping.read_at(offset, len),
+                                in_file: false,
+                            }
                         });
                     }
                 }
@@ -1254,12 +1311,17 @@ impl Reactor {
                 offset,
                 len,
                 bytes,
+                in_file,
             } => {
                 let Some(w) = self.procs.get_mut(&proc) else {
                     return;
                 };
                 w.copies_in -= 1;
                 match bytes {
+                    None if in_file => {
+                        self.send(proc, &ToWorker::Release { offset, len });
+                        self.core.on_job_done_in_file(proc, id, len, now);
+                    }
                     Some(bytes) => {
                         self.send(proc, &ToWorker::Release { offset, len });
                         self.core.on_job_done(proc, id, bytes, now);

@@ -156,6 +156,44 @@ impl Mapping {
         Ok(true)
     }
 
+    /// Writes `len` bytes at `offset` to `file` (at its current position),
+    /// with `write` straight from the mapping. `Ok(false)` if the range does
+    /// not fit.
+    pub fn write_to(&self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bool> {
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(false);
+        };
+        let Some(off) = self.range(offset, len) else {
+            return Ok(false);
+        };
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: `off + len <= self.len` was checked, so the source
+            // (`len - done` bytes from `off + done`) lies in our live
+            // mapping, an output range the worker handed over and does not
+            // write until we release it; `write` only reads it.
+            let n = unsafe {
+                libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    self.ptr.add(off + done).cast(),
+                    len - done,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                continue;
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+        }
+        Ok(true)
+    }
+
     /// Copies `len` bytes at `offset` out, into a buffer that can then be
     /// shared without another copy; `None` if out of bounds.
     pub fn read_at(&self, offset: u64, len: u64) -> Option<std::sync::Arc<[u8]>> {

@@ -78,7 +78,7 @@ enum JobPhase {
 #[derive(Debug)]
 struct Final {
     state: JobState,
-    output: Option<Arc<[u8]>>,
+    output: Option<JobOutput>,
     error: Option<String>,
     finished_ms: u64,
 }
@@ -705,7 +705,14 @@ impl Supervisor {
 
     /// The worker finished job `id` with `output`.
     pub fn on_job_done(&mut self, proc: ProcId, id: u64, output: Arc<[u8]>, now: Instant) {
-        self.job_result(proc, id, Ok(output), now);
+        self.job_result(proc, id, Ok(JobOutput::Mem(output)), now);
+    }
+
+    /// The worker finished job `id`, and the daemon has already written its
+    /// output (`len` bytes) to the store's payload file, straight from the
+    /// worker's arena (see `JobUpdate::output_file_len`).
+    pub fn on_job_done_in_file(&mut self, proc: ProcId, id: u64, len: u64, now: Instant) {
+        self.job_result(proc, id, Ok(JobOutput::File(len)), now);
     }
 
     /// The input file of job `id`, about to be given to `proc`, could not
@@ -955,19 +962,18 @@ impl Supervisor {
     /// Replies with `doc` (whose `output` is `None`) and `output`: inline
     /// when small, else beside the frame ([`Action::ReplyJob`]), so a large
     /// output is never copied into a document.
-    fn reply_doc(&mut self, client: ClientId, mut doc: JobDoc, output: Option<Arc<[u8]>>) {
+    fn reply_doc(&mut self, client: ClientId, mut doc: JobDoc, output: Option<JobOutput>) {
         match output {
-            Some(o) if o.len() as u64 >= ipc_proto::control::FD_PAYLOAD_MIN => {
-                self.actions.push_back(Action::ReplyJob {
-                    client,
-                    doc,
-                    output: JobOutput::Mem(o),
-                })
-            }
-            o => {
-                doc.output = o.map(|o| Bytes(o.to_vec()));
+            Some(JobOutput::Mem(o)) if (o.len() as u64) < ipc_proto::control::FD_PAYLOAD_MIN => {
+                doc.output = Some(Bytes(o.to_vec()));
                 self.reply(client, Response::Job(doc));
             }
+            Some(output) => self.actions.push_back(Action::ReplyJob {
+                client,
+                doc,
+                output,
+            }),
+            None => self.reply(client, Response::Job(doc)),
         }
     }
 
@@ -1098,10 +1104,11 @@ impl Supervisor {
             created_ms: job.created_ms,
             finished_ms: finished,
             attempts: job.attempts.clone(),
-            output: if with_output {
-                output.map(|o| Bytes(o.to_vec()))
-            } else {
-                None
+            // Only in-memory outputs can be put in a document; one already
+            // in its file goes beside it (`reply_doc`).
+            output: match output {
+                Some(JobOutput::Mem(o)) if with_output => Some(Bytes(o.to_vec())),
+                _ => None,
             },
             error,
         }
@@ -1457,7 +1464,7 @@ impl Supervisor {
         &mut self,
         id: u64,
         state: JobState,
-        output: Option<Arc<[u8]>>,
+        output: Option<JobOutput>,
         error: Option<String>,
         now: Instant,
     ) {
@@ -1477,8 +1484,14 @@ impl Supervisor {
             state,
             attempts: job.attempts.clone(),
             // Shared with the job's waiters (see `final_durable`).
-            output: output.clone(),
-            output_file_len: None,
+            output: match &output {
+                Some(JobOutput::Mem(o)) => Some(Arc::clone(o)),
+                _ => None,
+            },
+            output_file_len: match &output {
+                Some(JobOutput::File(len)) => Some(*len),
+                _ => None,
+            },
             error: error.clone(),
             finished_ms: Some(finished_ms),
         };
@@ -1511,7 +1524,7 @@ impl Supervisor {
         &mut self,
         proc: ProcId,
         id: u64,
-        result: Result<Arc<[u8]>, String>,
+        result: Result<JobOutput, String>,
         now: Instant,
     ) {
         let Some((name, idx)) = self.find_proc(proc) else {
