@@ -117,6 +117,44 @@ impl Mapping {
     /// `pread` straight into the mapping (no intermediate buffer). `Ok(false)`
     /// if the range does not fit; an error if the file is shorter.
     pub fn fill_from(&self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bool> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+        self.transfer(
+            offset,
+            len,
+            std::io::ErrorKind::UnexpectedEof,
+            |at, done, n| {
+                // SAFETY: `transfer` checked the whole range against the
+                // mapping, so `at..at + n` lies in it; the slot is ours until
+                // the Job frame naming it is sent, which waits for this copy.
+                unsafe { libc::pread(fd, at.cast(), n, done as libc::off_t) }
+            },
+        )
+    }
+
+    /// Writes `len` bytes at `offset` to `file` (at its current position),
+    /// with `write` straight from the mapping. `Ok(false)` if the range does
+    /// not fit.
+    pub fn write_to(&self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bool> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+        self.transfer(offset, len, std::io::ErrorKind::WriteZero, |at, _, n| {
+            // SAFETY: `transfer` checked the whole range against the
+            // mapping, so `at..at + n` lies in it: an output range the
+            // worker handed over and does not write until we release it;
+            // `write` only reads it.
+            unsafe { libc::write(fd, at.cast(), n) }
+        })
+    }
+
+    /// Moves `len` bytes at `offset` with `step(pointer, done, remaining)`
+    /// (a `read`/`write`-like call) until all are done. `Ok(false)` if the
+    /// range does not fit; `short` if a step moves nothing.
+    fn transfer(
+        &self,
+        offset: u64,
+        len: u64,
+        short: std::io::ErrorKind,
+        mut step: impl FnMut(*mut u8, usize, usize) -> libc::ssize_t,
+    ) -> std::io::Result<bool> {
         let Ok(len) = usize::try_from(len) else {
             return Ok(false);
         };
@@ -125,23 +163,13 @@ impl Mapping {
         };
         let mut done = 0usize;
         while done < len {
-            // SAFETY: `off + len <= self.len` was checked, so the
-            // destination (`len - done` bytes from `off + done`) lies in our
-            // live mapping; the slot is ours until the Job frame naming it
-            // is sent, which waits for this copy.
-            let n = unsafe {
-                libc::pread(
-                    std::os::fd::AsRawFd::as_raw_fd(file),
-                    self.ptr.add(off + done).cast(),
-                    len - done,
-                    done as libc::off_t,
-                )
-            };
-            match n {
+            // SAFETY: `off + done < off + len <= self.len`: in the mapping.
+            let at = unsafe { self.ptr.add(off + done) };
+            match step(at, done, len - done) {
                 0 => {
                     return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("it ended after {done} of {len} bytes"),
+                        short,
+                        format!("stopped after {done} of {len} bytes"),
                     ))
                 }
                 n if n > 0 => done += n as usize,
@@ -152,44 +180,6 @@ impl Mapping {
                     }
                 }
             }
-        }
-        Ok(true)
-    }
-
-    /// Writes `len` bytes at `offset` to `file` (at its current position),
-    /// with `write` straight from the mapping. `Ok(false)` if the range does
-    /// not fit.
-    pub fn write_to(&self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<bool> {
-        let Ok(len) = usize::try_from(len) else {
-            return Ok(false);
-        };
-        let Some(off) = self.range(offset, len) else {
-            return Ok(false);
-        };
-        let mut done = 0usize;
-        while done < len {
-            // SAFETY: `off + len <= self.len` was checked, so the source
-            // (`len - done` bytes from `off + done`) lies in our live
-            // mapping, an output range the worker handed over and does not
-            // write until we release it; `write` only reads it.
-            let n = unsafe {
-                libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(file),
-                    self.ptr.add(off + done).cast(),
-                    len - done,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-                continue;
-            }
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            done += n as usize;
         }
         Ok(true)
     }
@@ -274,5 +264,31 @@ mod tests {
         let (_fd, m) = arena(0);
         assert!(!m.write_at(0, b"x"));
         assert_eq!(&*m.read_at(0, 0).unwrap(), &b""[..]);
+    }
+
+    #[test]
+    fn files_move_in_and_out_of_the_mapping_exactly() {
+        let (_fd, m) = arena(1 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let dir = std::env::temp_dir().join(format!("jv-shm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("src");
+        std::fs::write(&src, &data).unwrap();
+        let file = std::fs::File::open(&src).unwrap();
+        assert!(m.fill_from(&file, 4096, data.len() as u64).unwrap());
+        assert!(*m.read_at(4096, data.len() as u64).unwrap() == data[..]);
+        // Out of the mapping: refused before any I/O.
+        assert!(!m.fill_from(&file, (1 << 20) - 10, 11).unwrap());
+
+        let dst = dir.join("dst");
+        let out = std::fs::File::create(&dst).unwrap();
+        assert!(m.write_to(&out, 4096, data.len() as u64).unwrap());
+        assert!(!m.write_to(&out, 1 << 20, 1).unwrap());
+        drop(out);
+        assert!(std::fs::read(&dst).unwrap() == data);
+        // A file shorter than asked for is an error.
+        let err = m.fill_from(&file, 0, data.len() as u64 + 1).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
