@@ -256,6 +256,17 @@ fn sixty_four_mib_round_trips_bit_exact_through_file_stdin_and_result() {
         out.len()
     );
 
+    // A pipe named as the input file (not a regular file): read like
+    // stdin, into a memfd.
+    let small = pattern(3 << 20);
+    let (code, out, err) = ctl_raw(
+        &d,
+        &["submit", "echo", "--wait", "--input-file", "/dev/stdin"],
+        Some(small.clone()),
+    );
+    assert_eq!(code, 0, "echo from a pipe as --input-file: {err}");
+    assert!(out == small, "3 MiB through a piped --input-file differs");
+
     // --json takes the output from the descriptor into the document.
     let small = pattern(2 << 20);
     let g = d.dir.path().join("in-2m");

@@ -33,8 +33,9 @@ pub fn too_large(what: &str, len: Option<u64>, max: usize) -> Failure {
     ))
 }
 
-/// Stdin is read into memory for at most this many bytes (a memfd: RAM).
-const MAX_STDIN_INPUT: u64 = 4 << 30;
+/// A stream (stdin, a pipe) is read into memory for at most this many
+/// bytes (a memfd: RAM).
+const MAX_STREAM_INPUT: u64 = 4 << 30;
 
 /// `submit`'s input, as it will travel.
 enum Input {
@@ -55,66 +56,21 @@ fn read_input(a: &SubmitArgs, max_inline: usize) -> Result<Input, Failure> {
                  --input-file {s} to read it from a file"
             )));
         }
-        let cannot = |e: std::io::Error| Failure::usage(format!("submit: cannot read stdin: {e}"));
-        let mut buf = Vec::new();
-        let mut stdin = std::io::stdin().lock();
-        (&mut stdin)
-            .take(FD_PAYLOAD_MIN)
-            .read_to_end(&mut buf)
-            .map_err(cannot)?;
-        if (buf.len() as u64) < FD_PAYLOAD_MIN {
-            return Ok(Input::Inline(buf));
-        }
-        // Large: on into a memfd, the kernel moving the rest.
-        let fd = nix::sys::memfd::memfd_create(
-            c"jobvisor-input",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(|e| Failure::usage(format!("submit: cannot create a memfd for stdin: {e}")))?;
-        let mut file = std::fs::File::from(fd);
-        file.write_all(&buf).map_err(cannot)?;
-        drop(buf);
-        std::io::copy(&mut (&mut stdin).take(MAX_STDIN_INPUT + 1), &mut file).map_err(cannot)?;
-        let len = file.metadata().map_err(cannot)?.len();
-        if len > MAX_STDIN_INPUT {
-            return Err(too_large(
-                "submit: the input on stdin",
-                None,
-                MAX_STDIN_INPUT as usize,
-            ));
-        }
-        crate::fdpass::seal(&file).map_err(cannot)?;
-        return Ok(Input::Fd(file, len));
+        return read_stream(std::io::stdin().lock(), "the input on stdin", |e| {
+            Failure::usage(format!("submit: cannot read stdin: {e}"))
+        });
     }
     if let Some(p) = &a.input_file {
         let cannot =
             |e: std::io::Error| Failure::usage(format!("submit: cannot read {}: {e}", p.display()));
-        let mut f = std::fs::File::open(p).map_err(cannot)?;
+        let f = std::fs::File::open(p).map_err(cannot)?;
         let meta = f.metadata().map_err(cannot)?;
         if meta.is_file() && meta.len() >= FD_PAYLOAD_MIN {
             // The daemon reads the file itself, from the descriptor.
             return Ok(Input::Fd(f, meta.len()));
         }
-        if meta.is_file() && meta.len() > max_inline as u64 {
-            return Err(too_large(
-                &format!("submit: {}", p.display()),
-                Some(meta.len()),
-                max_inline,
-            ));
-        }
-        let mut buf = Vec::with_capacity(meta.len() as usize);
-        Read::by_ref(&mut f)
-            .take(max_inline as u64 + 1)
-            .read_to_end(&mut buf)
-            .map_err(cannot)?;
-        if buf.len() > max_inline {
-            return Err(too_large(
-                &format!("submit: {}", p.display()),
-                None,
-                max_inline,
-            ));
-        }
-        return Ok(Input::Inline(buf));
+        // Small, or a pipe, a FIFO, a character device: read like stdin.
+        return read_stream(f, &p.display().to_string(), cannot);
     }
     let buf = a.input.clone().unwrap_or_default().into_bytes();
     if buf.len() > max_inline {
@@ -125,6 +81,43 @@ fn read_input(a: &SubmitArgs, max_inline: usize) -> Result<Input, Failure> {
         ));
     }
     Ok(Input::Inline(buf))
+}
+
+/// Reads a stream: small, into memory for an inline `Submit`; from
+/// [`FD_PAYLOAD_MIN`] bytes on, on into a sealed memfd passed as a
+/// descriptor (the kernel moving the rest), up to [`MAX_STREAM_INPUT`].
+fn read_stream(
+    mut src: impl Read,
+    what: &str,
+    cannot: impl Fn(std::io::Error) -> Failure,
+) -> Result<Input, Failure> {
+    let mut buf = Vec::new();
+    (&mut src)
+        .take(FD_PAYLOAD_MIN)
+        .read_to_end(&mut buf)
+        .map_err(&cannot)?;
+    if (buf.len() as u64) < FD_PAYLOAD_MIN {
+        return Ok(Input::Inline(buf));
+    }
+    let fd = nix::sys::memfd::memfd_create(
+        c"jobvisor-input",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| Failure::usage(format!("submit: cannot create a memfd for {what}: {e}")))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&buf).map_err(&cannot)?;
+    drop(buf);
+    std::io::copy(&mut src.take(MAX_STREAM_INPUT + 1), &mut file).map_err(&cannot)?;
+    let len = file.metadata().map_err(&cannot)?.len();
+    if len > MAX_STREAM_INPUT {
+        return Err(too_large(
+            &format!("submit: {what}"),
+            None,
+            MAX_STREAM_INPUT as usize,
+        ));
+    }
+    crate::fdpass::seal(&file).map_err(&cannot)?;
+    Ok(Input::Fd(file, len))
 }
 
 /// `submit POOL …`: prints the id, or with `--wait` the result.
