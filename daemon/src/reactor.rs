@@ -610,13 +610,14 @@ impl Reactor {
     /// descriptors, tell the core.
     fn worker_gone(&mut self, proc: ProcId, mut exit: ExitInfo) {
         self.on_exec_status(proc);
-        self.on_results(proc);
-        self.settle_copies(proc);
         if let Some(e) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
             // "exit status 127" says less than what the child reported.
             exit.description = e;
         }
+        // Its last results, then the copies they started: a `Done` that
+        // arrived before the death counts before it.
         self.on_results(proc);
+        self.settle_copies(proc);
         self.on_output(proc, false);
         self.on_output(proc, true);
         self.output_backlog.remove(&(proc, false));
