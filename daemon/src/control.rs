@@ -256,11 +256,6 @@ pub struct Client {
     pub want_write: bool,
     /// Not read from until its output drains (backpressure).
     pub paused: bool,
-    /// Not read from until the input of its last submit is read (off the
-    /// loop, see the reactor's `submit_fd`).
-    pub waiting_input: bool,
-    /// Requests decoded behind that submit, in order.
-    pub stash: VecDeque<Incoming>,
 }
 
 /// One decoded request.
@@ -308,8 +303,6 @@ impl Client {
             closing: false,
             want_write: false,
             paused: false,
-            waiting_input: false,
-            stash: VecDeque::new(),
         }
     }
 

@@ -121,7 +121,7 @@ pub fn seal(fd: &impl AsFd) -> io::Result<()> {
 /// Takes a payload descriptor received from a peer that should hold at
 /// least `len` bytes. Only regular files and memfds are accepted (a pipe or
 /// a socket could block the reader forever).
-fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File, usize), String> {
+pub fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File, usize), String> {
     let file = std::fs::File::from(fd);
     let meta = file
         .metadata()

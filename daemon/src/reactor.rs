@@ -166,14 +166,6 @@ enum Copied {
         bytes: Option<Arc<[u8]>>,
         in_file: bool,
     },
-    /// A client's input was read from the descriptor it passed.
-    Input {
-        client: u64,
-        pool: String,
-        options: ipc_proto::control::JobOptions,
-        wait: bool,
-        input: Result<Arc<[u8]>, crate::supervisor::CtlError>,
-    },
 }
 
 /// The daemon's ends of one worker's channels.
@@ -709,7 +701,8 @@ impl Reactor {
                     offset,
                     job,
                     len,
-                } => self.write_arena_from_file(proc, offset, job, len),
+                    source,
+                } => self.write_arena_from_file(proc, offset, job, len, source),
                 Action::MeasureRss { proc } => {
                     if let Some(w) = self.procs.get(&proc) {
                         let rss = rss_bytes(w.pid);
@@ -1211,22 +1204,33 @@ impl Reactor {
 
     /// [`Self::write_arena`] of a job's input kept in the store's payload
     /// file (always on the copier thread: at least a mebibyte).
-    fn write_arena_from_file(&mut self, proc: ProcId, offset: u64, job: u64, len: u64) {
+    fn write_arena_from_file(
+        &mut self,
+        proc: ProcId,
+        offset: u64,
+        job: u64,
+        len: u64,
+        source: Option<crate::store::InputSource>,
+    ) {
         let Some(mapping) = self.arena_of(proc) else {
             return;
         };
         self.hold_next_frame(proc);
         let path = crate::store::input_file(&self.payload_dir, job);
         self.copier.run(move || {
-            let read = std::fs::File::open(&path).and_then(|f| {
-                let size = f.metadata()?.len();
-                if size != len {
-                    return Err(std::io::Error::other(format!(
-                        "it has {size} bytes instead of {len}"
-                    )));
-                }
-                mapping.fill_from(&f, offset, len)
-            });
+            let read = match &source {
+                // Not durable yet: the client's own file.
+                Some(src) => mapping.fill_from(&src.file, offset, len),
+                None => std::fs::File::open(&path).and_then(|f| {
+                    let size = f.metadata()?.len();
+                    if size != len {
+                        return Err(std::io::Error::other(format!(
+                            "it has {size} bytes instead of {len}"
+                        )));
+                    }
+                    mapping.fill_from(&f, offset, len)
+                }),
+            };
             match read {
                 Ok(ok) => Copied::ToArena {
                     proc,
@@ -1238,10 +1242,15 @@ impl Reactor {
                     ok: true,
                     unreadable: Some((
                         job,
-                        format!(
-                            "its input payload file {} cannot be read ({e}); submit it again",
-                            path.display()
-                        ),
+                        match &source {
+                            Some(_) => format!(
+                                "its input cannot be read from the file it was submitted from ({e}); submit it again"
+                            ),
+                            None => format!(
+                                "its input payload file {} cannot be read ({e}); submit it again",
+                                path.display()
+                            ),
+                        },
                     )),
                 },
             }
@@ -1345,32 +1354,6 @@ impl Reactor {
                     } else {
                         break;
                     }
-                }
-            }
-            Copied::Input {
-                client,
-                pool,
-                options,
-                wait,
-                input,
-            } => {
-                let gone = !self.clients.contains_key(&client);
-                match input {
-                    // A client gone meanwhile gets no answer, but its job
-                    // is as accepted as one submitted just before a hang-up.
-                    Ok(input) => {
-                        self.core
-                            .submit(client, &pool, input, options, wait && !gone, now)
-                    }
-                    Err(e) => self.core.refuse_submit(client, e),
-                }
-                self.run_actions();
-                if let Some(c) = self.clients.get_mut(&client) {
-                    c.waiting_input = false;
-                    let stashed: Vec<Incoming> = c.stash.drain(..).collect();
-                    self.on_incoming(client, stashed);
-                    // Edge-triggered: read what arrived meanwhile.
-                    self.on_client(client, true, false);
                 }
             }
         }
@@ -1502,10 +1485,7 @@ impl Reactor {
 
     fn on_client(&mut self, id: u64, readable: bool, _writable: bool) {
         let mut drop_it = false;
-        let paused = self
-            .clients
-            .get(&id)
-            .is_some_and(|c| c.paused || c.waiting_input);
+        let paused = self.clients.get(&id).is_some_and(|c| c.paused);
         if readable && !paused {
             let outcome = match self.clients.get_mut(&id) {
                 Some(c) => c.read(),
@@ -1569,17 +1549,9 @@ impl Reactor {
         }
     }
 
-    /// Requests of one client, in order; those behind an input being read
-    /// off the loop wait in its stash.
+    /// Requests of one client, in order.
     fn on_incoming(&mut self, id: u64, reqs: Vec<Incoming>) {
         for r in reqs {
-            match self.clients.get_mut(&id) {
-                Some(c) if c.waiting_input => {
-                    c.stash.push_back(r);
-                    continue;
-                }
-                _ => {}
-            }
             match r {
                 Incoming::Request(req) => self.handle_request(id, req),
                 Incoming::SubmitFd {
@@ -1594,10 +1566,9 @@ impl Reactor {
     }
 
     /// A submit whose input came as a descriptor: refused before anything
-    /// is read if it cannot fit, else read (a regular file or memfd, never
-    /// a pipe) on the copier thread when large, the client's later
-    /// requests waiting for it, and submitted like an inline one. Refusals
-    /// go through the core, in order with the client's earlier submits.
+    /// is read if it cannot fit. A small input is read and submitted like
+    /// an inline one; a large one stays in its file. Refusals go through
+    /// the core, in order with the client's earlier submits.
     fn submit_fd(
         &mut self,
         id: u64,
@@ -1612,27 +1583,32 @@ impl Reactor {
             self.core.refuse_submit(id, e);
             return self.run_actions();
         }
-        let read = move || {
-            crate::fdpass::read_payload_shared(fd, len, "input")
-                .map_err(|e| crate::supervisor::CtlError::Invalid(format!("submit: {e}")))
-        };
-        if len < crate::copier::OFFLOAD_MIN {
-            match read() {
+        if len < crate::store::FILE_PAYLOAD_MIN as u64 {
+            // Small: read now (a page-cache read of under a mebibyte).
+            match crate::fdpass::read_payload_shared(fd, len, "input") {
                 Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
-                Err(e) => self.core.refuse_submit(id, e),
+                Err(e) => self
+                    .core
+                    .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
             }
             return self.run_actions();
         }
-        if let Some(c) = self.clients.get_mut(&id) {
-            c.waiting_input = true;
+        // Large: never read into memory. The store copies the file into the
+        // job's payload file in the kernel, and a worker's arena is filled
+        // from it (see `SubmitInput::Source`).
+        match crate::fdpass::payload_file(fd, len, "input") {
+            Ok((file, _)) => {
+                let source = crate::store::InputSource {
+                    file: Arc::new(file),
+                    len,
+                };
+                self.core.submit(id, &pool, source, options, wait, now)
+            }
+            Err(e) => self
+                .core
+                .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
         }
-        self.copier.run(move || Copied::Input {
-            client: id,
-            pool,
-            options,
-            wait,
-            input: read(),
-        });
+        self.run_actions();
     }
 
     fn handle_request(&mut self, id: u64, req: Request) {
@@ -1680,8 +1656,7 @@ impl Reactor {
                     options,
                     wait,
                 } => {
-                    self.core
-                        .submit(id, &pool, input.0.into(), options, wait, now);
+                    self.core.submit(id, &pool, input.0, options, wait, now);
                     None
                 }
                 Request::SubmitFd { .. } => {

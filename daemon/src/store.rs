@@ -154,11 +154,46 @@ pub struct NewJob {
     pub max_attempts: u32,
     /// Hard timeout per attempt.
     pub timeout_ms: Option<u64>,
-    /// Input bytes (shared with the job core, not copied).
+    /// Input bytes (shared with the job core, not copied); empty when
+    /// `input_source` is set.
     pub input: Arc<[u8]>,
+    /// `Some`: the input is the first `len` bytes of a file the client
+    /// passed (read at offset 0, never at the descriptor's own offset). The
+    /// store copies it into the job's payload file in the kernel
+    /// (`copy_file_range`), so the bytes never pass through the daemon's
+    /// memory. Only for inputs of at least [`FILE_PAYLOAD_MIN`] bytes.
+    pub input_source: Option<InputSource>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,
 }
+
+impl NewJob {
+    /// Bytes of input, in memory or in its source file.
+    pub fn input_len(&self) -> u64 {
+        match &self.input_source {
+            Some(src) => src.len,
+            None => self.input.len() as u64,
+        }
+    }
+}
+
+/// A job's input as a file (see [`NewJob::input_source`]).
+#[derive(Debug, Clone)]
+pub struct InputSource {
+    /// The file (shared with the job core, which reads it into a worker's
+    /// arena until the insert is durable).
+    pub file: Arc<std::fs::File>,
+    /// Bytes of input, from offset 0.
+    pub len: u64,
+}
+
+impl PartialEq for InputSource {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.file, &other.file) && self.len == other.len
+    }
+}
+
+impl Eq for InputSource {}
 
 /// New values of a job's mutable columns: a full replacement, so applying
 /// an update twice, or only the last of several, gives the same row.

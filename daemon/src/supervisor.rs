@@ -131,6 +131,9 @@ pub enum Action {
         job: u64,
         /// The input's length.
         len: u64,
+        /// Read from this file (the client's) instead, when set: the insert
+        /// is not durable yet, the payload file may not exist.
+        source: Option<crate::store::InputSource>,
     },
     /// Measure the resident set size of `proc` and report it with
     /// [`Supervisor::on_rss`] (for `max_memory`).

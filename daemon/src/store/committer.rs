@@ -124,7 +124,7 @@ struct Batch {
 /// Payload bytes an op brings to a batch.
 fn payload_bytes(op: &Op) -> usize {
     match op {
-        Op::Insert(job) => job.input.len(),
+        Op::Insert(job) => job.input_len() as usize,
         Op::Update(update) => update.output.as_ref().map_or(0, |o| o.len()),
         Op::Query { .. } | Op::Retention { .. } => 0,
     }
@@ -151,7 +151,7 @@ impl Batch {
     }
 
     fn add_insert(&mut self, job: NewJob) {
-        self.blob_bytes += job.input.len();
+        self.blob_bytes += job.input_len() as usize;
         self.slots.insert(job.id, Slot::Insert(self.inserts.len()));
         self.inserts.push(PendingInsert {
             job,
@@ -194,7 +194,14 @@ impl Batch {
 struct FileWrite {
     id: u64,
     kind: Kind,
-    data: Arc<[u8]>,
+    data: FileData,
+}
+
+/// What a payload file is written from.
+enum FileData {
+    Bytes(Arc<[u8]>),
+    /// The first `.1` bytes of a client's file.
+    Source(Arc<std::fs::File>, u64),
 }
 
 /// Why a batch could not be made durable.
@@ -560,7 +567,7 @@ impl Committer {
                 .update
                 .as_ref()
                 .is_some_and(|u| u.output_file_len.is_some());
-            let big_input = p.job.input.len() >= FILE_PAYLOAD_MIN;
+            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64;
             // Ids come in ascending order, above every stored one. A lower
             // id may belong to a stored job (the insert then fails): its
             // files must not be replaced first.
@@ -571,7 +578,10 @@ impl Committer {
             // such whatever else this row does.
             p.output_file = prewritten || (free && is_file_payload(output));
             if p.input_file {
-                let data = Arc::clone(&p.job.input);
+                let data = match &p.job.input_source {
+                    Some(src) => FileData::Source(Arc::clone(&src.file), src.len),
+                    None => FileData::Bytes(Arc::clone(&p.job.input)),
+                };
                 files.push(FileWrite {
                     id,
                     kind: Kind::Input,
@@ -579,7 +589,7 @@ impl Committer {
                 });
             }
             if let Some(data) = output.filter(|_| p.output_file) {
-                let data = Arc::clone(data);
+                let data = FileData::Bytes(Arc::clone(data));
                 files.push(FileWrite {
                     id,
                     kind: Kind::Output,
@@ -604,7 +614,7 @@ impl Committer {
                     files.push(FileWrite {
                         id,
                         kind: Kind::Output,
-                        data: Arc::clone(output),
+                        data: FileData::Bytes(Arc::clone(output)),
                     });
                 }
                 // Its row has an output file already (the daemon never
@@ -634,7 +644,11 @@ impl Committer {
         // back in parallel.
         let mut open = Vec::with_capacity(files.len());
         for f in files {
-            open.push(payloads.write(f.id, f.kind, &f.data).map_err(fail(f))?);
+            let written = match &f.data {
+                FileData::Bytes(b) => payloads.write(f.id, f.kind, b),
+                FileData::Source(src, len) => payloads.write_from(f.id, f.kind, src, *len),
+            };
+            open.push(written.map_err(fail(f))?);
         }
         for (file, f) in open.iter().zip(files) {
             file.sync_data().map_err(fail(f))?;

@@ -550,6 +550,7 @@ impl Db {
                         .map_err(fail)?
                         .map(from_sql_u64),
                     input,
+                    input_source: None,
                     created_ms: from_sql_u64(row.get(7).map_err(fail)?),
                 };
                 let mut attempts = attempts;
@@ -720,7 +721,18 @@ impl Db {
                         Some(len) => (None, Some(to_sql_u64(len))),
                         None => in_file(output, p.output_file),
                     };
-                let (input, input_file_len) = in_file(Some(&job.input[..]), p.input_file);
+                // An input from a client's file that does not go to a
+                // payload file (its insert is bound to fail: the id is
+                // taken) is read for the row.
+                let sourced = match &job.input_source {
+                    Some(src) if !p.input_file => Some(read_source(src)?),
+                    _ => None,
+                };
+                let (input, input_file_len) = match (&job.input_source, &sourced) {
+                    (Some(src), None) => (None, Some(to_sql_u64(src.len))),
+                    (_, Some(bytes)) => (Some(&bytes[..]), None),
+                    (None, None) => in_file(Some(&job.input[..]), p.input_file),
+                };
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
                     to_sql_u64(job.id),
@@ -1147,4 +1159,12 @@ fn note_problem(doc: &mut JobDoc, problem: String) {
         Some(error) => format!("{error}; {problem}"),
         None => problem,
     });
+}
+
+/// The bytes of an input source, for a row that stores them itself.
+fn read_source(src: &super::InputSource) -> rusqlite::Result<Vec<u8>> {
+    let mut buf = vec![0u8; src.len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&*src.file, &mut buf, 0)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    Ok(buf)
 }

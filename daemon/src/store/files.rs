@@ -145,13 +145,79 @@ impl Payloads {
     /// Creates (or truncates) the file and writes `data`, without syncing:
     /// the caller syncs the returned file, then the directory.
     pub fn write(&self, id: u64, kind: Kind, data: &[u8]) -> io::Result<File> {
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = self.create(id, kind)?;
+        file.write_all(data)?;
+        Ok(file)
+    }
+
+    /// Creates (or truncates) a payload file, owner-only.
+    fn create(&self, id: u64, kind: Kind) -> io::Result<File> {
+        std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(self.path(id, kind))?;
-        file.write_all(data)?;
+            .open(self.path(id, kind))
+    }
+
+    /// Like [`Payloads::write`], the data being the first `len` bytes of
+    /// `src` (from offset 0), copied in the kernel (`copy_file_range`, or
+    /// `pread`/`write` where the file systems do not support it).
+    pub fn write_from(&self, id: u64, kind: Kind, src: &File, len: u64) -> io::Result<File> {
+        use std::os::fd::AsRawFd;
+        let mut file = self.create(id, kind)?;
+        let mut off_in: libc::loff_t = 0;
+        let mut left = len;
+        while left > 0 {
+            // SAFETY: plain system call on two descriptors we hold; the
+            // kernel updates `off_in` (the source's own offset is not used).
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    file.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left.min(1 << 30) as usize,
+                    0,
+                )
+            };
+            if n > 0 {
+                left -= n as u64;
+                continue;
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the input ended after {off_in} of {len} bytes"),
+                ));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Not supported between these files: copy through memory.
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                    let mut buf = vec![0u8; 1 << 20];
+                    while left > 0 {
+                        let want = buf.len().min(left as usize);
+                        let got = std::os::unix::fs::FileExt::read_at(
+                            src,
+                            &mut buf[..want],
+                            off_in as u64,
+                        )?;
+                        if got == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("the input ended after {off_in} of {len} bytes"),
+                            ));
+                        }
+                        file.write_all(&buf[..got])?;
+                        off_in += got as libc::loff_t;
+                        left -= got as u64;
+                    }
+                }
+                _ => return Err(e),
+            }
+        }
         Ok(file)
     }
 

@@ -99,6 +99,9 @@ struct Job {
     /// no RAM for their payloads; it is read straight into a worker's
     /// arena when the job runs (`Action::WriteArenaFromFile`).
     input_file: Option<u64>,
+    /// With `input_file`, until the insert is durable: the client's file
+    /// the input is read from (the payload file may not exist yet).
+    input_source: Option<Arc<std::fs::File>>,
     attempts: Vec<Attempt>,
     created_ms: u64,
     phase: JobPhase,
@@ -125,6 +128,41 @@ impl Job {
     /// takes a shared-memory input of any size).
     fn through_arena(&self, inline_limit: u64) -> bool {
         self.input_file.is_some() || self.input.len() as u64 > inline_limit
+    }
+}
+
+/// A submitted job's input.
+pub enum SubmitInput {
+    /// In memory.
+    Bytes(Arc<[u8]>),
+    /// In a file the client passed, of at least `FILE_PAYLOAD_MIN` bytes:
+    /// never read into memory. The store copies it into the job's payload
+    /// file, and until that is durable a worker's arena is filled from it
+    /// directly.
+    Source(crate::store::InputSource),
+}
+
+impl From<Arc<[u8]>> for SubmitInput {
+    fn from(b: Arc<[u8]>) -> Self {
+        SubmitInput::Bytes(b)
+    }
+}
+
+impl From<Vec<u8>> for SubmitInput {
+    fn from(b: Vec<u8>) -> Self {
+        SubmitInput::Bytes(b.into())
+    }
+}
+
+impl From<&[u8]> for SubmitInput {
+    fn from(b: &[u8]) -> Self {
+        SubmitInput::Bytes(b.into())
+    }
+}
+
+impl From<crate::store::InputSource> for SubmitInput {
+    fn from(s: crate::store::InputSource) -> Self {
+        SubmitInput::Source(s)
     }
 }
 
@@ -241,6 +279,7 @@ impl Supervisor {
                 timeout: j.timeout_ms.map(Duration::from_millis),
                 input: j.input,
                 input_file: r.input_file,
+                input_source: None,
                 attempts: r.attempts,
                 created_ms: j.created_ms,
                 phase: JobPhase::Queued,
@@ -282,11 +321,12 @@ impl Supervisor {
         &mut self,
         client: ClientId,
         pool_name: &str,
-        input: Arc<[u8]>,
+        input: impl Into<SubmitInput>,
         options: JobOptions,
         wait: bool,
         now: Instant,
     ) {
+        let input = input.into();
         if let Err(e) = self.try_submit(client, pool_name, input, options, wait, now) {
             self.refuse_submit(client, e);
         }
@@ -341,11 +381,15 @@ impl Supervisor {
         &mut self,
         client: ClientId,
         pool_name: &str,
-        input: Arc<[u8]>,
+        input: SubmitInput,
         options: JobOptions,
         wait: bool,
         now: Instant,
     ) -> Result<(), CtlError> {
+        let (input, source) = match input {
+            SubmitInput::Bytes(b) => (b, None),
+            SubmitInput::Source(s) => (Arc::default(), Some(s)),
+        };
         if self.shutting_down {
             return Err(CtlError::Rejected(
                 "the daemon is shutting down; submit again once it is back".into(),
@@ -372,7 +416,7 @@ impl Supervisor {
                 "pool {pool_name} queue is full ({cap} jobs waiting, queue_capacity = {cap}); retry later or raise queue_capacity"
             )));
         }
-        let len = input.len() as u64;
+        let len = source.as_ref().map_or(input.len() as u64, |s| s.len);
         self.check_input_len(pool_name, len)?;
         let pool = self.pools.get_mut(pool_name).expect("checked");
         if options.max_attempts == Some(0) {
@@ -399,6 +443,7 @@ impl Supervisor {
             max_attempts,
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
             input: input.clone(),
+            input_source: source.clone(),
             created_ms,
         });
         let seq = self.store(op);
@@ -415,7 +460,8 @@ impl Supervisor {
                 max_attempts,
                 timeout,
                 input,
-                input_file: None,
+                input_file: source.as_ref().map(|s| s.len),
+                input_source: source.map(|s| s.file),
                 attempts: Vec::new(),
                 created_ms,
                 phase: JobPhase::Queued,
@@ -1035,6 +1081,8 @@ impl Supervisor {
                 job.input_file = Some(len as u64);
                 job.input = Arc::default();
             }
+            // The payload file is there now: let the client's file go.
+            job.input_source = None;
         }
         if wait && self.jt.jobs.contains_key(&id) {
             self.jt.waiters.entry(id).or_default().push(Waiter {
@@ -1292,6 +1340,10 @@ impl Supervisor {
                     offset: slot.offset(),
                     job: id,
                     len,
+                    source: job
+                        .input_source
+                        .clone()
+                        .map(|file| crate::store::InputSource { file, len }),
                 },
                 None => Action::WriteArena {
                     proc: proc.id,

@@ -583,14 +583,9 @@ mod jobs {
         }
 
         fn submit(&mut self, pool: &str, input: &str, options: JobOptions) {
-            self.sim.sup.submit(
-                1,
-                pool,
-                input.as_bytes().into(),
-                options,
-                true,
-                self.sim.now,
-            );
+            self.sim
+                .sup
+                .submit(1, pool, input.as_bytes(), options, true, self.sim.now);
             self.pump();
         }
 
@@ -852,7 +847,7 @@ mod jobs {
         let big = vec![b'x'; limit];
         s.sim
             .sup
-            .submit(1, "a", big.into(), JobOptions::default(), false, s.sim.now);
+            .submit(1, "a", big, JobOptions::default(), false, s.sim.now);
         s.pump();
         match &s.replies[0].1 {
             Response::Error { kind, message } => {
@@ -866,7 +861,7 @@ mod jobs {
         s.sim.sup.submit(
             1,
             "a",
-            vec![0u8; 9 << 20].into(),
+            vec![0u8; 9 << 20],
             JobOptions::default(),
             false,
             s.sim.now,
@@ -884,7 +879,7 @@ mod jobs {
         s.sim.sup.submit(
             1,
             "a",
-            vec![0u8; ipc_proto::MAX_FRAME_LEN + 1].into(),
+            vec![0u8; ipc_proto::MAX_FRAME_LEN + 1],
             JobOptions::default(),
             false,
             s.sim.now,
