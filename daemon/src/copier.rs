@@ -1,12 +1,13 @@
-//! The copier thread: big copies (payloads into and out of workers' arenas,
-//! large inputs read from a client's descriptor) run here, so that a 64 MiB
-//! `memcpy` never stalls the event loop's dispatch of other jobs.
+//! The copier thread: big copies (payloads into workers' arenas, from memory
+//! or from a file; large outputs out of them, into memory or straight into
+//! their payload files) run here, so that a 64 MiB copy never stalls the
+//! event loop's dispatch of other jobs.
 //!
 //! The loop hands over a closure with [`Copier::run`] and gets its result
 //! back, in submission order, from [`Copier::try_done`] after the thread
 //! wakes it through its [`mio::Waker`]. The loop keeps the order of what
-//! depends on a copy itself (it holds back a worker's later frames, or a
-//! client's later requests, until the copy is done); the thread knows
+//! depends on a copy itself (it holds back a worker's later frames, or its
+//! later messages, until the copy is done); the thread knows
 //! nothing of jobs. Copies below [`OFFLOAD_MIN`] bytes are cheaper done in
 //! place than handed over (two context switches), and are.
 
