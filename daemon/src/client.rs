@@ -250,19 +250,22 @@ fn claim_fd(resp: &Response, fds: &mut VecDeque<OwnedFd>) -> Result<Option<Owned
 /// Turns a [`Response::JobFd`] into the [`Response::Job`] it stands for.
 fn inline_output(resp: Response, fd: Option<OwnedFd>) -> Result<Response, ClientError> {
     match (resp, fd) {
-        (
-            Response::JobFd {
-                mut doc,
-                output_len,
-            },
-            Some(fd),
-        ) => {
-            let output = fdpass::read_payload(fd, output_len, "output").map_err(|e| {
-                ClientError::Broken(format!("cannot read job {}'s output: {e}", doc.id))
-            })?;
-            doc.output = Some(ipc_proto::Bytes(output));
-            Ok(Response::Job(doc))
-        }
+        (Response::JobFd { doc, output_len }, Some(fd)) => job_with_output(doc, fd, output_len)
+            .map(Response::Job)
+            .map_err(ClientError::Broken),
         (resp, _) => Ok(resp),
     }
+}
+
+/// The job document of a [`Response::JobFd`], its output read from the
+/// descriptor that came with it.
+pub fn job_with_output(
+    mut doc: ipc_proto::control::JobDoc,
+    fd: OwnedFd,
+    output_len: u64,
+) -> Result<ipc_proto::control::JobDoc, String> {
+    let output = fdpass::read_payload(fd, output_len, "output")
+        .map_err(|e| format!("cannot read job {}'s output: {e}", doc.id))?;
+    doc.output = Some(ipc_proto::Bytes(output));
+    Ok(doc)
 }

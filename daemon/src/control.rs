@@ -367,16 +367,28 @@ impl Client {
                 .as_ref()
                 .filter(|o| o.0.len() as u64 >= FD_PAYLOAD_MIN);
             if let Some(output) = big {
-                match fdpass::sealed_memfd(c"jobvisor-output", &output.0) {
-                    Ok(fd) => return self.send_job_fd(doc, output.0.len() as u64, fd),
-                    Err(e) => crate::warn!(
-                        "cannot put job {}'s output in a memfd ({e}); sending it inline",
-                        doc.id
-                    ),
-                }
+                return self.send_job_output(doc, &output.0);
             }
         }
         self.encode(resp);
+    }
+
+    /// Queues `doc` with `output` beside it, in a sealed memfd (a
+    /// [`Response::JobFd`]); inline if no memfd can be made.
+    pub fn send_job_output(&mut self, doc: &ipc_proto::control::JobDoc, output: &[u8]) {
+        match fdpass::sealed_memfd(c"jobvisor-output", output) {
+            Ok(fd) => self.send_job_fd(doc, output.len() as u64, fd),
+            Err(e) => {
+                crate::warn!(
+                    "cannot put job {}'s output in a memfd ({e}); sending it inline",
+                    doc.id
+                );
+                self.encode(&Response::Job(ipc_proto::control::JobDoc {
+                    output: Some(ipc_proto::Bytes(output.to_vec())),
+                    ..doc.without_output()
+                }));
+            }
+        }
     }
 
     /// Queues `doc` (its output left out) as a [`Response::JobFd`] whose

@@ -14,7 +14,7 @@
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
@@ -143,84 +143,22 @@ pub fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File,
 
 /// Reads the first `len` bytes of a payload descriptor received from a
 /// peer: a regular file or memfd (a pipe or socket is refused: it could
-/// block the reader); one that holds fewer bytes is an error.
+/// block the reader); one that holds fewer bytes is an error. Reads at
+/// offset 0 (`pread`), whatever the descriptor's own offset.
 pub fn read_payload(fd: OwnedFd, len: u64, what: &str) -> Result<Vec<u8>, String> {
     let (file, len) = payload_file(fd, len, what)?;
     let mut buf = Vec::new();
     buf.try_reserve_exact(len)
         .map_err(|_| format!("cannot allocate {len} bytes for the {what}"))?;
-    // `pread`s at offsets from 0, whatever the descriptor's own offset.
-    let reader = PositionedReader {
-        file: &file,
-        pos: 0,
-    };
-    reader
-        .take(len as u64)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read the {what}'s file descriptor: {e}"))?;
-    if buf.len() < len {
-        return Err(format!(
-            "the {what} file ended after {} of {len} bytes (did it shrink?)",
-            buf.len()
-        ));
-    }
-    Ok(buf)
-}
-
-/// [`read_payload`] into a buffer that can then be shared without another
-/// copy (the daemon hands the same bytes to the store and to a worker).
-pub fn read_payload_shared(
-    fd: OwnedFd,
-    len: u64,
-    what: &str,
-) -> Result<std::sync::Arc<[u8]>, String> {
-    let (file, n) = payload_file(fd, len, what)?;
-    let mut buf = std::sync::Arc::<[u8]>::new_uninit_slice(n);
-    let dst = std::sync::Arc::get_mut(&mut buf).expect("just made, unshared");
-    crate::shm::prefault(dst.as_mut_ptr().cast(), n);
-    let mut done = 0usize;
-    while done < n {
-        // SAFETY: pread writes at most `n - done` bytes through a raw
-        // pointer into the not yet filled tail of `dst` (which has `n`
-        // bytes); no reference to uninitialised bytes is made.
-        let got = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                dst.as_mut_ptr().add(done).cast(),
-                n - done,
-                done as libc::off_t,
-            )
-        };
-        match got {
-            0 => {
-                return Err(format!(
-                    "the {what} file ended after {done} of {n} bytes (did it shrink?)"
-                ))
-            }
-            g if g > 0 => done += g as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(format!("cannot read the {what}'s file descriptor: {e}"));
-                }
-            }
+    buf.resize(len, 0);
+    file.read_exact_at(&mut buf, 0).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            format!("the {what} file ended before {len} bytes (did it shrink?)")
+        } else {
+            format!("cannot read the {what}'s file descriptor: {e}")
         }
-    }
-    // SAFETY: all `n` bytes were written by the loop above.
-    Ok(unsafe { buf.assume_init() })
-}
-
-struct PositionedReader<'a> {
-    file: &'a std::fs::File,
-    pos: u64,
-}
-
-impl Read for PositionedReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
+    })?;
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -269,24 +207,24 @@ mod tests {
         let err = read_payload(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
         let fd = sealed_memfd(c"short", b"abc").unwrap();
-        let err = read_payload_shared(fd, 4, "input").unwrap_err();
+        let err = read_payload(fd, 4, "input").unwrap_err();
         assert!(err.contains("fewer than the 4 announced"), "{err}");
         let (r, _w) = nix::unistd::pipe().unwrap();
-        let err = read_payload_shared(r, 1, "input").unwrap_err();
+        let err = read_payload(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]
-    fn shared_read_is_exact_at_any_offset_and_size() {
-        // Over the prefault threshold too, and with the descriptor's own
-        // offset moved: reads start at 0 regardless.
+    fn read_is_exact_at_any_offset_and_size() {
+        // With the descriptor's own offset moved: reads start at 0
+        // regardless.
         for n in [0usize, 1, 4095, 4097, (5 << 20) + 3] {
             let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
             let fd = sealed_memfd(c"data", &data).unwrap();
             let mut f = std::fs::File::from(fd);
             std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(n as u64 / 2)).unwrap();
-            let got = read_payload_shared(f.into(), n as u64, "input").unwrap();
-            assert!(*got == data[..], "{n} bytes");
+            let got = read_payload(f.into(), n as u64, "input").unwrap();
+            assert!(got == data, "{n} bytes");
         }
     }
 

@@ -714,21 +714,10 @@ impl Reactor {
     }
 
     fn reply(&mut self, client: u64, resp: &Response) {
-        let Some(c) = self.clients.get_mut(&client) else {
-            return;
-        };
-        self.dirty_clients.insert(client);
-        // A large stored output (a `result` read back by the store): the
-        // payload file itself, if it is there, rather than a copy.
-        if let Response::Job(doc) = resp {
-            let len = doc.output.as_ref().map_or(0, |o| o.0.len() as u64);
-            if len >= ipc_proto::control::FD_PAYLOAD_MIN {
-                if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
-                    return c.send_job_fd(doc, len, file.into());
-                }
-            }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.send(resp);
+            self.dirty_clients.insert(client);
         }
-        c.send(resp);
     }
 
     /// A job document with a large output beside it. The output is in the
@@ -736,7 +725,7 @@ impl Reactor {
     /// is only there), so the client gets a descriptor of that file; else
     /// (an in-memory output whose file is gone or was never written) a
     /// sealed memfd copy.
-    fn reply_job(&mut self, client: u64, doc: JobDoc, output: JobOutput) {
+    fn reply_job(&mut self, client: u64, mut doc: JobDoc, output: JobOutput) {
         let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
@@ -748,32 +737,15 @@ impl Reactor {
         if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
             return c.send_job_fd(&doc, len, file.into());
         }
-        let output = match output {
-            JobOutput::Mem(o) => o,
+        match output {
+            JobOutput::Mem(o) => c.send_job_output(&doc, &o),
             JobOutput::File(_) => {
                 // Checked by the store a moment ago; removed since.
-                let problem = format!(
+                doc.note_error(format!(
                     "output payload file {} is missing",
                     crate::store::output_file(&self.payload_dir, doc.id).display()
-                );
-                let error = Some(match doc.error {
-                    Some(e) => format!("{e}; {problem}"),
-                    None => problem,
-                });
-                return c.send(&Response::Job(JobDoc { error, ..doc }));
-            }
-        };
-        match crate::fdpass::sealed_memfd(c"jobvisor-output", &output) {
-            Ok(fd) => c.send_job_fd(&doc, len, fd),
-            Err(e) => {
-                crate::warn!(
-                    "cannot put job {}'s output in a memfd ({e}); sending it inline",
-                    doc.id
-                );
-                c.send(&Response::Job(JobDoc {
-                    output: Some(ipc_proto::Bytes(output.to_vec())),
-                    ..doc
-                }));
+                ));
+                c.send(&Response::Job(doc));
             }
         }
     }
@@ -1585,7 +1557,7 @@ impl Reactor {
         }
         if len < crate::store::FILE_PAYLOAD_MIN as u64 {
             // Small: read now (a page-cache read of under a mebibyte).
-            match crate::fdpass::read_payload_shared(fd, len, "input") {
+            match crate::fdpass::read_payload(fd, len, "input") {
                 Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
                 Err(e) => self
                     .core

@@ -11,37 +11,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// Prepares a fresh buffer of `len` bytes at `ptr` that is about to be
-/// filled by one big copy: asks for transparent huge pages and populates
-/// its page tables in one system call each, instead of taking a page fault
-/// per 4 KiB page during the copy (16,384 of them for 64 MiB, which cost
-/// more than the copy itself here). Best effort: errors (old kernels,
-/// THP off) change nothing but the speed.
-pub fn prefault(ptr: *mut u8, len: usize) {
-    const MIN: usize = 4 << 20;
-    if len < MIN {
-        return;
-    }
-    let page = 4096usize;
-    let start = (ptr as usize).div_ceil(page) * page;
-    let end = (ptr as usize + len) / page * page;
-    if end <= start {
-        return;
-    }
-    let (addr, n) = (start as *mut libc::c_void, end - start);
-    // SAFETY: advice on whole pages inside a buffer we own and are about
-    // to overwrite completely: MADV_HUGEPAGE only changes how it is
-    // backed, MADV_POPULATE_WRITE (Linux 5.14) only faults it in as if
-    // written (zero-filled, contents we never read before overwriting).
-    unsafe {
-        libc::madvise(addr, n, libc::MADV_HUGEPAGE);
-        libc::madvise(addr, n, MADV_POPULATE_WRITE);
-    }
-}
-
-/// `MADV_POPULATE_WRITE` (Linux 5.14), not in every libc crate version.
-const MADV_POPULATE_WRITE: libc::c_int = 23;
-
 /// A mapped arena.
 pub struct Mapping {
     ptr: *mut u8,
@@ -191,7 +160,6 @@ impl Mapping {
         let off = self.range(offset, len)?;
         let mut out = std::sync::Arc::<[u8]>::new_uninit_slice(len);
         let dst = std::sync::Arc::get_mut(&mut out).expect("just made, unshared");
-        prefault(dst.as_mut_ptr().cast(), len);
         if len > 0 {
             // SAFETY: the range was checked against the mapping, and `dst`
             // has exactly `len` bytes. The worker promised not to write

@@ -243,6 +243,14 @@ pub struct JobDoc {
 }
 
 impl JobDoc {
+    /// Adds `problem` to the document's error (after any error it has).
+    pub fn note_error(&mut self, problem: String) {
+        self.error = Some(match self.error.take() {
+            Some(error) => format!("{error}; {problem}"),
+            None => problem,
+        });
+    }
+
     /// A copy of everything but the output (which may be large).
     pub fn without_output(&self) -> JobDoc {
         JobDoc {

@@ -189,16 +189,9 @@ fn finished_answer(
             out.flush()?;
             Ok(0)
         }
-        (
-            Response::JobFd {
-                mut doc,
-                output_len,
-            },
-            Some(fd),
-        ) => {
-            let output = crate::fdpass::read_payload(fd, output_len, "output")
-                .map_err(|e| Failure::new(1, format!("{what}: job {}: {e}", doc.id)))?;
-            doc.output = Some(Bytes(output));
+        (Response::JobFd { doc, output_len }, Some(fd)) => {
+            let doc = crate::client::job_with_output(doc, fd, output_len)
+                .map_err(|e| Failure::new(1, format!("{what}: {e}")))?;
             finished_job(ctx, &doc, out)
         }
         (Response::Error { kind, message }, _) => Err(Failure::daemon(what, kind, &message)),

@@ -806,7 +806,7 @@ impl Db {
                             match self.payloads.check(doc.id, Kind::Output, len) {
                                 Ok(()) => Ok(QueryResult::JobWithOutputFile(doc, len)),
                                 Err(e) => {
-                                    note_problem(&mut doc, format!("output {e}"));
+                                    doc.note_error(format!("output {e}"));
                                     Ok(QueryResult::Job(Some(doc)))
                                 }
                             }
@@ -1151,14 +1151,6 @@ fn doc_from_row(row: &Row<'_>, with_output: bool) -> Result<JobDoc, String> {
         output,
         error: row.get(7).map_err(get)?,
     })
-}
-
-/// Adds `problem` to a job document's error.
-fn note_problem(doc: &mut JobDoc, problem: String) {
-    doc.error = Some(match doc.error.take() {
-        Some(error) => format!("{error}; {problem}"),
-        None => problem,
-    });
 }
 
 /// The bytes of an input source, for a row that stores them itself.
