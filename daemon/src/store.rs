@@ -222,6 +222,22 @@ pub struct JobUpdate {
     pub finished_ms: Option<u64>,
 }
 
+impl JobUpdate {
+    /// A non-terminal update (running, or queued again): no output, error
+    /// or end time.
+    pub fn progress(id: u64, state: JobState, attempts: Vec<Attempt>) -> JobUpdate {
+        JobUpdate {
+            id,
+            state,
+            attempts,
+            output: None,
+            output_file_len: None,
+            error: None,
+            finished_ms: None,
+        }
+    }
+}
+
 /// One request to the store thread.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {

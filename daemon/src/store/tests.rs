@@ -219,15 +219,7 @@ fn attempt(n: u32, outcome: Option<Outcome>) -> Attempt {
 }
 
 fn running(id: u64, attempts: Vec<Attempt>) -> Op {
-    Op::Update(JobUpdate {
-        id,
-        state: JobState::Running,
-        attempts,
-        output: None,
-        output_file_len: None,
-        error: None,
-        finished_ms: None,
-    })
+    Op::Update(JobUpdate::progress(id, JobState::Running, attempts))
 }
 
 fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
@@ -594,11 +586,7 @@ fn pruning_runs_by_itself() {
 #[test]
 fn failed_commit_loses_inserts_and_retries_updates() {
     let dir = TempDir::new("diskfull");
-    let tuning = Tuning {
-        retry_initial: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
-        ..Tuning::default()
-    };
+    let tuning = fast_retry();
     let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
     let seq = h.submit(Op::Insert(new_job(1, "p")));
     h.wait_durable(seq);
@@ -607,15 +595,7 @@ fn failed_commit_loses_inserts_and_retries_updates() {
     h.exec("PRAGMA max_page_count = 1");
     let big = vec![7u8; 300_000];
     let release = h.pause();
-    h.submit(Op::Update(JobUpdate {
-        id: 1,
-        state: JobState::Succeeded,
-        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-        output: Some(big.clone().into()),
-        output_file_len: None,
-        error: None,
-        finished_ms: Some(1_700_000_100_000),
-    }));
+    h.submit(succeeded_at(1, &big, 1_700_000_100_000));
     let mut two = new_job(2, "p");
     two.input = big.clone().into();
     let failed_upto = h.submit(Op::Insert(two));
@@ -1002,15 +982,7 @@ fn throughput() {
     }
     let mut last = 0;
     for id in 1..=JOBS {
-        last = h.submit(Op::Update(JobUpdate {
-            id,
-            state: JobState::Succeeded,
-            attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-            output: Some(Arc::from(&b"done!!!"[..])),
-            output_file_len: None,
-            error: None,
-            finished_ms: Some(1_700_000_100_000),
-        }));
+        last = h.submit(succeeded_at(id, b"done!!!", 1_700_000_100_000));
     }
     h.wait_durable(last);
     let elapsed = start.elapsed();
@@ -1121,6 +1093,11 @@ fn job_with_input(id: u64, input: &[u8]) -> NewJob {
 }
 
 fn succeeded_with(id: u64, output: &[u8]) -> Op {
+    succeeded_at(id, output, db::now_ms())
+}
+
+/// The final update of a job that succeeded with `output` at `finished_ms`.
+fn succeeded_at(id: u64, output: &[u8], finished_ms: u64) -> Op {
     Op::Update(JobUpdate {
         id,
         state: JobState::Succeeded,
@@ -1128,8 +1105,17 @@ fn succeeded_with(id: u64, output: &[u8]) -> Op {
         output: Some(Arc::from(output)),
         output_file_len: None,
         error: None,
-        finished_ms: Some(db::now_ms()),
+        finished_ms: Some(finished_ms),
     })
+}
+
+/// Retries of a failed batch after 20 ms, doubling to 200 ms.
+fn fast_retry() -> Tuning {
+    Tuning {
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        ..Tuning::default()
+    }
 }
 
 /// Names in the payload directory, sorted, but for the store's lock file.
@@ -1303,17 +1289,7 @@ fn pruning_removes_the_payload_files() {
     for id in 1..=5 {
         h.submit(Op::Insert(job_with_input(id, &big)));
     }
-    let finish = |id, finished_ms| {
-        Op::Update(JobUpdate {
-            id,
-            state: JobState::Succeeded,
-            attempts: vec![attempt(1, Some(Outcome::Succeeded))],
-            output: Some(Arc::from(&big[..])),
-            output_file_len: None,
-            error: None,
-            finished_ms: Some(finished_ms),
-        })
-    };
+    let finish = |id, finished_ms| succeeded_at(id, &big, finished_ms);
     h.submit(finish(1, now - 30 * HOUR_MS)); // expired
     h.submit(finish(2, now - 2 * HOUR_MS)); // kept, then capped
     h.submit(finish(3, now)); // kept
@@ -1512,11 +1488,7 @@ fn a_referenced_output_file_is_never_rewritten() {
 #[test]
 fn an_unwritable_payload_dir_fails_the_batch() {
     let dir = TempDir::new("nodir");
-    let tuning = Tuning {
-        retry_initial: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
-        ..Tuning::default()
-    };
+    let tuning = fast_retry();
     let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
     let seq = h.submit(Op::Insert(new_job(1, "p")));
     h.wait_durable(seq);
@@ -1600,11 +1572,7 @@ fn half_write_child() {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGXFSZ);
     mask.thread_block().expect("block SIGXFSZ");
-    let tuning = Tuning {
-        retry_initial: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
-        ..Tuning::default()
-    };
+    let tuning = fast_retry();
     let (mut h, _) = Harness::open_tuned(&state, tuning);
     let seq = h.submit(Op::Insert(new_job(1, "p")));
     h.wait_durable(seq);

@@ -840,15 +840,7 @@ impl Supervisor {
             if !matches!(job.phase, JobPhase::Running { .. }) || job.attempts.len() as u32 != n {
                 continue;
             }
-            let update = JobUpdate {
-                id,
-                state: JobState::Running,
-                attempts: job.attempts.clone(),
-                output: None,
-                output_file_len: None,
-                error: None,
-                finished_ms: None,
-            };
+            let update = JobUpdate::progress(id, JobState::Running, job.attempts.clone());
             self.store(Op::Update(update));
         }
     }
@@ -1489,15 +1481,7 @@ impl Supervisor {
             id,
         };
         let pool = job.pool.clone();
-        let update = JobUpdate {
-            id,
-            state: JobState::Queued,
-            attempts: job.attempts.clone(),
-            output: None,
-            output_file_len: None,
-            error: None,
-            finished_ms: None,
-        };
+        let update = JobUpdate::progress(id, JobState::Queued, job.attempts.clone());
         self.store(Op::Update(update));
         self.enqueue_entry(&pool, entry);
     }
