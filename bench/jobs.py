@@ -17,7 +17,7 @@ Importable: bench/run.py calls bench_jobvisor, bench_pool and bench_executor
 (every wait there is bounded when a timeout is passed).
 """
 import argparse, concurrent.futures, contextlib, json, multiprocessing, os, shutil, signal
-import statistics, subprocess, sys, tempfile, threading, time
+import subprocess, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release"))

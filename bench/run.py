@@ -34,8 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -580,45 +578,10 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     sv.LOGS.mkdir(parents=True, exist_ok=True)
-    results = {}
     load_start = (sv.read_text("/proc/loadavg") or "").strip()
     print(f"loadavg at start: {load_start}", flush=True)
     started = now()
-    interrupted = False
-    try:
-        for key, title, fn in SECTIONS:
-            if only and key not in only:
-                continue
-            print(f"== {title}", flush=True)
-            res = {"title": title, "metrics": {}, "rows": [], "error": None}
-            results[key] = res
-            t = now()
-            mark = len(sv._CLEANUPS)
-            try:
-                fn(ctx, res)
-            except SectionError as e:
-                check_interrupt()
-                res["error"] = str(e)
-                print(f"  ERROR: {e}", flush=True)
-            except KeyboardInterrupt:
-                res["error"] = "interrupted"
-                raise
-            except Exception as e:
-                check_interrupt()
-                res["error"] = f"{type(e).__name__}: {e}"
-                res["traceback"] = traceback.format_exc()
-                print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
-            finally:
-                sv.run_cleanups(down_to=mark)
-            res["seconds"] = now() - t
-            sv.print_rows(res["rows"])
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        sv.run_cleanups()
+    results, interrupted = sv.run_sections(SECTIONS, ctx, only, after_error=check_interrupt)
     flags = sys.argv[1:]
     cmd = " ".join(["python3", "bench/run.py"] + flags)
     if os.environ.get("JOBVISOR_BIN_DIR"):

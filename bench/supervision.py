@@ -988,6 +988,52 @@ SECTIONS = [
 # report
 
 
+def run_sections(sections, ctx, only, after_error=lambda: None):
+    """Runs each (key, title, fn) section in `only` (all if empty) as
+    fn(ctx, res), each with its own cleanups, and tears everything down at
+    the end, also on Ctrl-C / SIGTERM. A section's error ends that section
+    only. `after_error` runs first on each error (it may re-raise an
+    interrupt that a library disguised). Returns (results, interrupted)."""
+    results = {}
+    interrupted = False
+    try:
+        for key, title, fn in sections:
+            if only and key not in only:
+                continue
+            print(f"== {title}", flush=True)
+            res = {"title": title, "metrics": {}, "rows": [], "error": None}
+            results[key] = res
+            t = now()
+            mark = len(_CLEANUPS)
+            try:
+                fn(ctx, res)
+            except SectionError as e:
+                after_error()
+                res["error"] = str(e)
+                print(f"  ERROR: {e}", flush=True)
+            except KeyboardInterrupt:
+                res["error"] = "interrupted"
+                raise
+            except Exception as e:
+                after_error()
+                res["error"] = f"{type(e).__name__}: {e}"
+                res["traceback"] = traceback.format_exc()
+                print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
+            finally:
+                run_cleanups(down_to=mark)
+            res["seconds"] = now() - t
+            print_rows(res["rows"])
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+    finally:
+        # a second Ctrl-C / SIGTERM must not cut the teardown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        run_cleanups()
+    return results, interrupted
+
+
 def print_rows(rows):
     for name, value, target, verdict in rows:
         print(f"  {name}: {value}" + (f"  (target {target}: {fmt_verdict(verdict)})" if target else ""),
@@ -1056,7 +1102,7 @@ def write_outputs(results, meta, rows):
     for key, r in results.items():
         doc["sections"][key] = {k: v for k, v in r.items() if k != "rows"}
     (OUT / "supervision.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    md = [f"# jobvisor supervision benchmark", "",
+    md = ["# jobvisor supervision benchmark", "",
           f"- command: `{meta['command']}`",
           f"- date: {meta['date']}, duration {meta['duration_s']:.0f} s",
           f"- machine: {meta['machine']['cpu']}, {meta['machine']['ncpu']} CPUs, "
@@ -1102,42 +1148,8 @@ def main():
     LOGS.mkdir(parents=True, exist_ok=True)
     only = {x for x in args.only.split(",") if x}
     ctx = {"bins": bins, "quick": args.quick}
-    results = {}
     started = now()
-    interrupted = False
-    try:
-        for key, title, fn in SECTIONS:
-            if only and key not in only:
-                continue
-            print(f"== {title}", flush=True)
-            res = {"title": title, "metrics": {}, "rows": [], "error": None}
-            results[key] = res
-            t = now()
-            mark = len(_CLEANUPS)
-            try:
-                fn(ctx, res)
-            except SectionError as e:
-                res["error"] = str(e)
-                print(f"  ERROR: {e}", flush=True)
-            except KeyboardInterrupt:
-                res["error"] = "interrupted"
-                raise
-            except Exception as e:
-                res["error"] = f"{type(e).__name__}: {e}"
-                res["traceback"] = traceback.format_exc()
-                print(f"  ERROR: {res['error']}\n{res['traceback']}", flush=True)
-            finally:
-                run_cleanups(down_to=mark)
-            res["seconds"] = now() - t
-            print_rows(res["rows"])
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", file=sys.stderr)
-    finally:
-        # a second Ctrl-C / SIGTERM must not cut the teardown short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        run_cleanups()
+    results, interrupted = run_sections(SECTIONS, ctx, only)
     cmd = "python3 bench/supervision.py" + (" --quick" if args.quick else "") + \
         (f" --only {args.only}" if args.only else "")
     meta = {"command": cmd, "date": datetime.datetime.now().isoformat(timespec="seconds"),
