@@ -1646,7 +1646,7 @@ impl Reactor {
                     None
                 }
                 Request::Result { id: job } => {
-                    self.core.result(id, job, now);
+                    self.core.result(id, job);
                     None
                 }
                 Request::Cancel { id: job } => {

@@ -654,17 +654,14 @@ impl Supervisor {
     }
 
     /// `result ID`: the job's current document, output included.
-    pub fn result(&mut self, client: ClientId, id: u64, now: Instant) {
+    pub fn result(&mut self, client: ClientId, id: u64) {
         if let Some(job) = self.jt.jobs.get(&id) {
-            if let JobPhase::Finishing(f) = &job.phase {
-                // A large output goes beside the document, not copied in.
-                let output = f.output.clone();
-                let doc = self.doc_final(job, false);
-                return self.reply_doc(client, doc, output);
-            }
-            let doc = self.doc(job, true, now);
-            self.reply(client, Response::Job(doc));
-            return;
+            let output = match &job.phase {
+                JobPhase::Finishing(f) => f.output.clone(),
+                _ => None,
+            };
+            let doc = self.doc(job);
+            return self.reply_doc(client, doc, output);
         }
         self.query(Query::Job { id }, QueryPurpose::Result { client });
     }
@@ -1092,17 +1089,15 @@ impl Supervisor {
         let Some(waiters) = self.jt.waiters.remove(&id) else {
             return;
         };
-        let needs_plain = waiters.iter().any(|w| !w.with_output);
-        let plain = needs_plain.then(|| self.doc_final(&job, false));
         let output = match &mut job.phase {
             JobPhase::Finishing(f) => f.output.take(),
             _ => None,
         };
-        let bare = self.doc_final(&job, false);
+        let doc = self.doc(&job);
         for w in waiters {
             if w.with_output {
-                self.reply_doc(w.client, bare.clone(), output.clone());
-            } else if let Some(doc) = &plain {
+                self.reply_doc(w.client, doc.clone(), output.clone());
+            } else {
                 self.reply(w.client, Response::Job(doc.clone()));
             }
             if let Some(g) = w.group {
@@ -1125,15 +1120,13 @@ impl Supervisor {
         }
     }
 
-    fn doc_final(&self, job: &Job, with_output: bool) -> JobDoc {
-        let (state, output, error, finished) = match &job.phase {
-            JobPhase::Finishing(f) => (
-                f.state,
-                f.output.clone(),
-                f.error.clone(),
-                Some(f.finished_ms),
-            ),
-            _ => (JobState::Queued, None, None, None),
+    /// The job's document, without its output (replies add it with
+    /// `reply_doc`).
+    fn doc(&self, job: &Job) -> JobDoc {
+        let (state, error, finished) = match &job.phase {
+            JobPhase::Queued => (JobState::Queued, None, None),
+            JobPhase::Running { .. } => (JobState::Running, None, None),
+            JobPhase::Finishing(f) => (f.state, f.error.clone(), Some(f.finished_ms)),
         };
         JobDoc {
             id: job.id,
@@ -1144,33 +1137,8 @@ impl Supervisor {
             created_ms: job.created_ms,
             finished_ms: finished,
             attempts: job.attempts.clone(),
-            // Only in-memory outputs can be put in a document; one already
-            // in its file goes beside it (`reply_doc`).
-            output: match output {
-                Some(JobOutput::Mem(o)) if with_output => Some(Bytes(o.to_vec())),
-                _ => None,
-            },
-            error,
-        }
-    }
-
-    fn doc(&self, job: &Job, with_output: bool, _now: Instant) -> JobDoc {
-        let state = match &job.phase {
-            JobPhase::Queued => JobState::Queued,
-            JobPhase::Running { .. } => JobState::Running,
-            JobPhase::Finishing(_) => return self.doc_final(job, with_output),
-        };
-        JobDoc {
-            id: job.id,
-            pool: job.pool.clone(),
-            state,
-            priority: job.priority,
-            key: job.key.clone(),
-            created_ms: job.created_ms,
-            finished_ms: None,
-            attempts: job.attempts.clone(),
             output: None,
-            error: None,
+            error,
         }
     }
 
