@@ -3,20 +3,16 @@
 //! on a thread over socket pairs.
 
 use std::io::{Read, Write};
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::ptr::NonNull;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_proto::arena::{check_ref, ArenaLayout};
 use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::{serve_with_output, Arena, JobContext, Output, ServeConfig, ServeError, Stop};
 
@@ -27,78 +23,23 @@ const ARENA: usize = 64 * KIB;
 const LIMIT: usize = KIB;
 const OUT_START: u64 = 32 * 1024;
 
-/// The daemon's mapping of a memfd.
-struct Mem {
-    fd: OwnedFd,
-    base: NonNull<u8>,
-    size: usize,
-    layout: ArenaLayout,
+#[path = "../tests/support/mem.rs"]
+mod mem;
+use mem::Mem;
+
+/// A fresh memfd arena of `size` bytes and the daemon's mapping of it.
+fn new_arena(size: usize) -> (OwnedFd, Mem) {
+    let fd = memfd_create("jobvisor-unit-arena", MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&fd, size as i64).unwrap();
+    let mem = Mem::map(&fd, size);
+    (fd, mem)
 }
 
-impl Mem {
-    fn new(size: usize) -> Mem {
-        let fd = memfd_create("jobvisor-unit-arena", MFdFlags::MFD_CLOEXEC).unwrap();
-        nix::unistd::ftruncate(&fd, size as i64).unwrap();
-        // SAFETY: a fresh shared mapping of our own memfd; the test follows
-        // the daemon's side of the protocol (writes inputs before sending the
-        // job, reads outputs only between Done and Release).
-        let base = unsafe {
-            mmap(
-                None,
-                NonZeroUsize::new(size).unwrap(),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .unwrap()
-        .cast();
-        Mem {
-            fd,
-            base,
-            size,
-            layout: ArenaLayout::split(size as u64),
-        }
-    }
-
-    /// The worker's own mapping of the same memfd.
-    fn worker_arena(&self) -> Arena {
-        // SAFETY: the test plays a daemon that follows the protocol.
-        unsafe { Arena::map(self.fd.as_fd()) }.unwrap()
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) {
-        assert!(offset as usize + bytes.len() <= self.size);
-        // SAFETY: inside the mapping (asserted); the worker does not read
-        // this input range before it gets the job.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.base.as_ptr().add(offset as usize),
-                bytes.len(),
-            )
-        }
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
-        assert!(offset + len <= self.size as u64);
-        // SAFETY: inside the mapping (asserted); an output range, which the
-        // worker leaves alone until it is released.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset as usize), len as usize) }
-            .to_vec()
-    }
+/// The worker's own mapping of the arena `fd`.
+fn worker_arena(fd: &OwnedFd) -> Arena {
+    // SAFETY: the test plays a daemon that follows the protocol.
+    unsafe { Arena::map(fd.as_fd()) }.unwrap()
 }
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; nothing borrows it any more.
-        let _ = unsafe { munmap(self.base.cast(), self.size) };
-    }
-}
-
-// SAFETY: a plain address of a mapping that lives as long as `Mem`.
-unsafe impl Send for Mem {}
 
 /// The daemon's side of a worker served on a thread, with an arena.
 struct Daemon {
@@ -123,8 +64,8 @@ impl Daemon {
         configure: impl FnOnce(ServeConfig) -> ServeConfig,
         handler: Handler,
     ) -> Daemon {
-        let mem = Mem::new(size);
-        let arena = mem.worker_arena();
+        let (fd, mem) = new_arena(size);
+        let arena = worker_arena(&fd);
         let worker_base = arena.ptr_at(0) as usize;
         let config = configure(
             ServeConfig::default()
@@ -197,7 +138,6 @@ impl Daemon {
 
     /// Job `id` with `input` written at `offset` of the input region.
     fn shm_job(&self, id: JobId, offset: u64, input: &[u8]) -> ToWorker {
-        check_ref(&self.mem.layout.input, offset, input.len() as u64).unwrap();
         self.mem.write(offset, input);
         job(
             id,
@@ -216,10 +156,7 @@ impl Daemon {
             FromWorker::Done { id, output } if id == want => {
                 let bytes = match &output {
                     Payload::Inline(b) => b.to_vec(),
-                    Payload::Shm { offset, len } => {
-                        check_ref(&self.mem.layout.output, *offset, *len).unwrap();
-                        self.mem.read(*offset, *len)
-                    }
+                    Payload::Shm { offset, len } => self.mem.read(*offset, *len),
                 };
                 (output, bytes)
             }

@@ -4,21 +4,17 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ipc_proto::arena::{check_ref, ArenaLayout};
 use ipc_proto::worker::{FromWorker, Job, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use sha2::{Digest, Sha256};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -33,65 +29,9 @@ fn high_dup(fd: &impl AsFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
 
-/// The daemon's mapping of a worker's arena (fd 5).
-struct Mem {
-    base: NonNull<u8>,
-    size: usize,
-    layout: ArenaLayout,
-}
-
-impl Mem {
-    fn map(fd: &OwnedFd, size: usize) -> Mem {
-        // SAFETY: a fresh shared mapping of our own memfd; the test follows
-        // the daemon's side of the protocol (inputs written before their job
-        // is sent and left alone until it is answered; outputs read between
-        // Done and Release).
-        let base = unsafe {
-            mmap(
-                None,
-                NonZeroUsize::new(size).unwrap(),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                fd,
-                0,
-            )
-        }
-        .unwrap()
-        .cast();
-        Mem {
-            base,
-            size,
-            layout: ArenaLayout::split(size as u64),
-        }
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) {
-        check_ref(&self.layout.input, offset, bytes.len() as u64).unwrap();
-        // SAFETY: inside the input region of the mapping (checked).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.base.as_ptr().add(offset as usize),
-                bytes.len(),
-            )
-        }
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
-        check_ref(&self.layout.output, offset, len).expect("output outside the output region");
-        // SAFETY: inside the output region of the mapping (checked); the
-        // worker does not touch it before it is released.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(offset as usize), len as usize) }
-            .to_vec()
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`; nothing borrows it any more.
-        let _ = unsafe { munmap(self.base.cast(), self.size) };
-    }
-}
+#[path = "support/mem.rs"]
+mod mem;
+use mem::Mem;
 
 /// A worker process and the daemon's ends of its pipes.
 struct Worker {
