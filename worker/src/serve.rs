@@ -592,6 +592,11 @@ struct Results<W: Write + Send + 'static> {
     /// and to tear down, which shortens restarts); `None` before and once
     /// it has been joined.
     flusher: Option<JoinHandle<()>>,
+    /// A result may be buffered: set by every push, cleared by a flush of
+    /// this thread's (never wrongly clear: other flushes only leave it set,
+    /// which at worst starts the flusher early). Lets `watch` decide about
+    /// starting the flusher without taking the lock on every job.
+    buffered: bool,
 }
 
 struct Shared<W> {
@@ -706,6 +711,7 @@ impl<W: Write + Send + 'static> Results<W> {
         Ok(Results {
             shared,
             flusher: None,
+            buffered: false,
         })
     }
 
@@ -724,6 +730,7 @@ impl<W: Write + Send + 'static> Results<W> {
 
     fn push_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
         self.shared.lock().encode_result(id, result, now);
+        self.buffered = true;
     }
 
     /// Buffers a job's result, then flushes if it is worth it now; returns a
@@ -743,6 +750,7 @@ impl<W: Write + Send + 'static> Results<W> {
         if slow_job || old || state.buf.len() >= FLUSH_BYTES {
             state.write_out();
         }
+        self.buffered = state.oldest.is_some();
         state.take_error()
     }
 
@@ -753,7 +761,7 @@ impl<W: Write + Send + 'static> Results<W> {
     fn watch(&mut self) {
         if self.flusher.is_none() {
             // Not started yet: needed only if something is buffered.
-            if self.shared.lock().oldest.is_some() {
+            if self.buffered {
                 self.start_flusher();
             }
             return;
@@ -773,6 +781,7 @@ impl<W: Write + Send + 'static> Results<W> {
     fn flush(&mut self) -> Result<(), ServeError> {
         let mut state = self.shared.lock();
         state.write_out();
+        self.buffered = state.oldest.is_some();
         state.take_error()
     }
 
