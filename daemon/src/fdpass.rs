@@ -206,11 +206,12 @@ mod tests {
         let (r, _w) = nix::unistd::pipe().unwrap();
         let err = read_payload(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
+        // The same check stands before a large input is kept as a file.
         let fd = sealed_memfd(c"short", b"abc").unwrap();
-        let err = read_payload(fd, 4, "input").unwrap_err();
+        let err = payload_file(fd, 4, "input").unwrap_err();
         assert!(err.contains("fewer than the 4 announced"), "{err}");
         let (r, _w) = nix::unistd::pipe().unwrap();
-        let err = read_payload(r, 1, "input").unwrap_err();
+        let err = payload_file(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
     }
 
