@@ -112,24 +112,19 @@ fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<
 /// Writes a large output straight from a worker's arena to its payload
 /// file, synced with its directory, so that the store only records it (see
 /// `JobUpdate::output_file_len`): one copy instead of arena → memory →
-/// file. The file is created exclusively, so a file a row may reference is
+/// file. The file is created exclusively (from a spare file where there is
+/// one, see [`crate::store::Spares`]), so a file a row may reference is
 /// never touched; on any failure (it exists, the disk is full) whatever
 /// this call created is removed and the caller takes the in-memory path,
 /// where the store reports errors as usual.
 fn output_to_file(
     mapping: &crate::shm::Mapping,
+    spares: &crate::store::Spares,
     path: &std::path::Path,
     offset: u64,
     len: u64,
 ) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(file) = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-    else {
+    let Ok(file) = spares.create(path, len, true) else {
         return false;
     };
     let synced = mapping.write_to(&file, offset, len).is_ok_and(|ok| ok)
@@ -239,6 +234,8 @@ pub struct Reactor {
     copier: crate::copier::Copier<Copied>,
     /// The store's payload directory (as opened: a reload does not move it).
     payload_dir: PathBuf,
+    /// Its spare files, for outputs written from arenas.
+    spares: crate::store::Spares,
     /// Clients with output queued this turn.
     dirty_clients: HashSet<u64>,
     /// Workers with frames queued this turn.
@@ -317,6 +314,7 @@ impl Reactor {
             procs: HashMap::default(),
             pids: HashMap::default(),
             core,
+            spares: store.spares().clone(),
             store: Some(store),
             copier,
             payload_dir: config.daemon.payload_dir(),
@@ -1095,10 +1093,11 @@ impl Reactor {
                         }
                         let path = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
                             .then(|| crate::store::output_file(&self.payload_dir, id));
+                        let spares = self.spares.clone();
                         self.copier.run(move || {
                             if path
                                 .as_ref()
-                                .is_some_and(|p| output_to_file(&mapping, p, offset, len))
+                                .is_some_and(|p| output_to_file(&mapping, &spares, p, offset, len))
                             {
                                 return Copied::FromArena {
                                     proc,
@@ -1194,13 +1193,24 @@ impl Reactor {
                 // Not durable yet: the client's own file.
                 Some(src) => mapping.fill_from(&src.file, offset, len),
                 None => std::fs::File::open(&path).and_then(|f| {
-                    let size = f.metadata()?.len();
-                    if size != len {
+                    use std::os::unix::fs::MetadataExt;
+                    let meta = f.metadata()?;
+                    if meta.len() != len {
                         return Err(std::io::Error::other(format!(
-                            "it has {size} bytes instead of {len}"
+                            "it has {} bytes instead of {len}",
+                            meta.len()
                         )));
                     }
-                    mapping.fill_from(&f, offset, len)
+                    let read = mapping.fill_from(&f, offset, len)?;
+                    // The input file of a job that ended (cancelled while
+                    // this copy ran) may have been recycled as another
+                    // payload meanwhile: then what was read is not its
+                    // input. (The job has ended: this only keeps a worker
+                    // from running on the wrong bytes.)
+                    if std::fs::metadata(&path).map(|m| m.ino()).ok() != Some(meta.ino()) {
+                        return Err(std::io::Error::other("the job ended while it was read"));
+                    }
+                    Ok(read)
                 }),
             };
             match read {

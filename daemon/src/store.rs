@@ -96,6 +96,9 @@
 mod committer;
 mod db;
 mod files;
+mod spares;
+
+pub use spares::Spares;
 
 /// Where the store keeps the output of job `id` when it is a payload file
 /// (at least [`FILE_PAYLOAD_MIN`] bytes): `<payload_dir>/<id>.out`. Such a
@@ -437,6 +440,9 @@ pub struct Store {
     thread: RefCell<Option<JoinHandle<Result<(), StoreError>>>>,
     next_seq: u64,
     pending: RefCell<Pending>,
+    /// The payload directory's spare files, shared with the daemon's
+    /// writer of output files.
+    spares: Spares,
     /// Keeps the waker's eventfd open as long as the handle lives: if the
     /// store thread held the last reference, its final wake (after a panic)
     /// would be followed by the close, and closing an fd drops its pending
@@ -494,6 +500,7 @@ impl Store {
         db.sweep_payloads()?;
         let recovered = db.recover(db::now_ms())?;
         let path = db.path().to_path_buf();
+        let spares = db.payloads().spares().clone();
         let (ops_tx, ops_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let wake_on_exit = WakeOnDrop(Arc::clone(&waker));
@@ -518,6 +525,7 @@ impl Store {
             thread: RefCell::new(Some(thread)),
             next_seq: 1,
             pending: RefCell::default(),
+            spares,
             _waker: waker,
         };
         Ok((store, recovered))
@@ -526,6 +534,13 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The payload directory's spare files: where a payload file written
+    /// outside the store thread (an output straight from a worker's
+    /// arena) comes from, see [`Spares::create`].
+    pub fn spares(&self) -> &Spares {
+        &self.spares
     }
 
     /// Queues an op and returns its sequence number (1, 2, 3…). Never blocks.

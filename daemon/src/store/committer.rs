@@ -538,13 +538,17 @@ impl Committer {
             .db
             .write(&self.batch.inserts, &self.batch.updates, db::now_ms())
         {
-            Ok(unmatched) => {
+            Ok(unref) => {
                 // Files no row references any more (or ever did: an update
                 // of a job whose insert was lost). Housekeeping: whatever
                 // fails here goes at the next start.
                 let payloads = self.db.payloads();
-                for &id in unmatched.iter().chain(&self.batch.replaced_outputs) {
+                let outputs = unref.unmatched_outputs.iter();
+                for &id in outputs.chain(&self.batch.replaced_outputs) {
                     let _ = payloads.remove(id, Kind::Output);
+                }
+                for &id in &unref.ended_inputs {
+                    let _ = payloads.remove(id, Kind::Input);
                 }
                 Ok(())
             }

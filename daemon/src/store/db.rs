@@ -129,6 +129,10 @@ const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
      finished_ms = ?6, output_file_len = ?7 WHERE id = ?1";
+/// A job that ended no longer needs its input file (nothing reads the input
+/// of an ended job: it is never dispatched again).
+const DROP_INPUT_FILE: &str =
+    "UPDATE jobs SET input_file_len = NULL WHERE id = ?1 AND input_file_len IS NOT NULL";
 const UPDATE_MAX_ID: &str = "UPDATE meta SET value = ?1 WHERE key = 'max_id'";
 
 /// Columns of a [`JobDoc`], in [`doc_from_row`]'s order.
@@ -236,6 +240,16 @@ enum Change {
         attempts: Vec<Attempt>,
         error: String,
     },
+}
+
+/// Payload files a committed batch stopped referencing, to dispose of.
+#[derive(Debug, Default)]
+pub(super) struct Unreferenced {
+    /// Jobs whose update brought an output in a file but matched no row
+    /// (their insert was lost): nothing references those files.
+    pub unmatched_outputs: Vec<u64>,
+    /// Jobs that ended: their input files.
+    pub ended_inputs: Vec<u64>,
 }
 
 /// Payload files of deleted rows, to remove once the deletion committed.
@@ -652,22 +666,22 @@ impl Db {
     /// transaction is rolled back: nothing of the batch is stored. The
     /// payload files the rows reference must already be on disk.
     ///
-    /// Returns the jobs whose update had its output in a file but matched
-    /// no row (their insert was lost): nothing references those files.
+    /// Returns the files the committed rows no longer reference (see
+    /// [`Unreferenced`]), for the caller to dispose of.
     pub fn write(
         &mut self,
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<Vec<u64>> {
+    ) -> rusqlite::Result<Unreferenced> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self
             .write_rows(inserts, updates, now_ms)
             .and_then(|done| self.conn.execute_batch("COMMIT").map(|()| done));
         match result {
-            Ok((max_id, unmatched)) => {
+            Ok((max_id, unreferenced)) => {
                 self.max_id = max_id;
-                Ok(unmatched)
+                Ok(unreferenced)
             }
             Err(e) => {
                 self.rollback();
@@ -686,18 +700,18 @@ impl Db {
     }
 
     /// Executes the batch's statements; returns the new id high-water mark
-    /// and the unmatched updates with an output file (see [`Db::write`]).
+    /// and the files the rows no longer reference (see [`Db::write`]).
     fn write_rows(
         &mut self,
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<(u64, Vec<u64>)> {
+    ) -> rusqlite::Result<(u64, Unreferenced)> {
         let Db {
             conn, json, max_id, ..
         } = self;
         let mut new_max = *max_id;
-        let mut unmatched = Vec::new();
+        let mut unref = Unreferenced::default();
         if !inserts.is_empty() {
             let mut insert = conn.prepare_cached(INSERT_JOB)?;
             let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
@@ -728,11 +742,17 @@ impl Db {
                     Some(src) if !p.input_file => Some(read_source(src)?),
                     _ => None,
                 };
-                let (input, input_file_len) = match (&job.input_source, &sourced) {
+                let (input, mut input_file_len) = match (&job.input_source, &sourced) {
                     (Some(src), None) => (None, Some(to_sql_u64(src.len))),
                     (_, Some(bytes)) => (Some(&bytes[..]), None),
                     (None, None) => in_file(Some(&job.input[..]), p.input_file),
                 };
+                // Inserted already ended: its input file (written with the
+                // batch) is not needed.
+                if input_file_len.is_some() && state.is_terminal() {
+                    input_file_len = None;
+                    unref.ended_inputs.push(job.id);
+                }
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
                     to_sql_u64(job.id),
@@ -759,6 +779,7 @@ impl Db {
         }
         if !updates.is_empty() {
             let mut update = conn.prepare_cached(UPDATE_JOB)?;
+            let mut drop_input = conn.prepare_cached(DROP_INPUT_FILE)?;
             for p in updates {
                 let u = &p.update;
                 encode_attempts(json, &u.attempts)?;
@@ -776,7 +797,13 @@ impl Db {
                     output_file_len,
                 ])?;
                 if changed == 0 && p.output_file {
-                    unmatched.push(u.id);
+                    unref.unmatched_outputs.push(u.id);
+                }
+                if changed > 0
+                    && u.state.is_terminal()
+                    && drop_input.execute([to_sql_u64(u.id)])? > 0
+                {
+                    unref.ended_inputs.push(u.id);
                 }
             }
         }
@@ -784,7 +811,7 @@ impl Db {
             conn.prepare_cached(UPDATE_MAX_ID)?
                 .execute([to_sql_u64(new_max)])?;
         }
-        Ok((new_max, unmatched))
+        Ok((new_max, unref))
     }
 
     /// Answers a query from committed data.

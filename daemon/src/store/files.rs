@@ -8,11 +8,12 @@
 //! [`Store::open`](super::Store::open) before it starts), never on the event
 //! loop. The daemon reads the files itself, off the loop.
 
+use super::spares::Spares;
 use super::StoreError;
 use nix::fcntl::Flock;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// Which payload of a job.
@@ -81,6 +82,8 @@ pub(super) struct Payloads {
     /// `<dir>/.lock`, held while the store is open: two stores sharing the
     /// directory would overwrite (and sweep away) each other's files.
     _lock: Option<Flock<File>>,
+    /// Where new payload files come from and old ones go.
+    spares: Spares,
 }
 
 impl Payloads {
@@ -89,6 +92,7 @@ impl Payloads {
         Payloads {
             dir: dir.to_path_buf(),
             _lock: None,
+            spares: Spares::new(dir),
         }
     }
 
@@ -104,7 +108,10 @@ impl Payloads {
             path: dir,
         })?;
         self._lock = Some(lock);
-        Ok(())
+        self.spares.clear().map_err(|source| StoreError::Access {
+            path: self.spares.dir().to_path_buf(),
+            source,
+        })
     }
 
     /// Creates the directory (mode 0700, with any missing parents) if it
@@ -137,27 +144,27 @@ impl Payloads {
         &self.dir
     }
 
+    pub fn spares(&self) -> &Spares {
+        &self.spares
+    }
+
     /// `<dir>/<id>.in` or `<dir>/<id>.out`.
     pub fn path(&self, id: u64, kind: Kind) -> PathBuf {
         self.dir.join(format!("{id}.{}", kind.extension()))
     }
 
-    /// Creates (or truncates) the file and writes `data`, without syncing:
+    /// Creates (or replaces) the file and writes `data`, without syncing:
     /// the caller syncs the returned file, then the directory.
     pub fn write(&self, id: u64, kind: Kind, data: &[u8]) -> io::Result<File> {
-        let mut file = self.create(id, kind)?;
+        let mut file = self.create(id, kind, data.len() as u64)?;
         file.write_all(data)?;
         Ok(file)
     }
 
-    /// Creates (or truncates) a payload file, owner-only.
-    fn create(&self, id: u64, kind: Kind) -> io::Result<File> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.path(id, kind))
+    /// Creates (or replaces) a payload file of `len` bytes, owner-only,
+    /// from a spare where there is one (see [`Spares::create`]).
+    fn create(&self, id: u64, kind: Kind, len: u64) -> io::Result<File> {
+        self.spares.create(&self.path(id, kind), len, false)
     }
 
     /// Like [`Payloads::write`], the data being the first `len` bytes of
@@ -165,7 +172,7 @@ impl Payloads {
     /// `pread`/`write` where the file systems do not support it).
     pub fn write_from(&self, id: u64, kind: Kind, src: &File, len: u64) -> io::Result<File> {
         use std::os::fd::AsRawFd;
-        let mut file = self.create(id, kind)?;
+        let mut file = self.create(id, kind, len)?;
         let mut off_in: libc::loff_t = 0;
         let mut left = len;
         while left > 0 {
@@ -226,11 +233,19 @@ impl Payloads {
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Removes the file; a file that is already gone is no error.
+    /// Disposes of a file no row references. An input file is recycled
+    /// (kept as a spare, see [`Spares::recycle`]); an output file is
+    /// removed, never recycled: a client may still be reading it through
+    /// a descriptor it was handed, and must not see it overwritten. A file
+    /// that is already gone is no error.
     pub fn remove(&self, id: u64, kind: Kind) -> io::Result<()> {
-        match std::fs::remove_file(self.path(id, kind)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let path = self.path(id, kind);
+        match kind {
+            Kind::Input => self.spares.recycle(&path),
+            Kind::Output => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
         }
     }
 

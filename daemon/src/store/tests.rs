@@ -2,6 +2,7 @@
 
 use super::committer::{Stats, TestHook, Tuning};
 use super::db::{LOST_ON_RESTART, SCHEMA_VERSION};
+use super::spares::{SPARE_MAX_BYTES, SPARE_MAX_FILES, SPARE_TARGET};
 use super::*;
 use ipc_proto::control::{Attempt, JobState, Outcome};
 use ipc_proto::Bytes;
@@ -1118,12 +1119,13 @@ fn fast_retry() -> Tuning {
     }
 }
 
-/// Names in the payload directory, sorted, but for the store's lock file.
+/// Names in the payload directory, sorted, but for the store's lock file
+/// and the spare files' directory.
 fn payload_names(dir: &TempDir) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.payloads())
         .expect("read payloads")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|name| name != ".lock")
+        .filter(|name| name != ".lock" && name != ".spare")
         .collect();
     names.sort();
     names
@@ -1177,10 +1179,16 @@ fn payloads_round_trip_bit_exact_at_every_size() {
 
     for &(size, seed, queued, updated, folded, running_id) in &cases {
         let in_file = size >= FILE_PAYLOAD_MIN;
-        for id in [queued, updated, folded, running_id] {
+        // The input file of a job that ended is not kept.
+        for (id, active) in [
+            (queued, true),
+            (updated, false),
+            (folded, false),
+            (running_id, true),
+        ] {
             assert_eq!(
                 dir.payload(id, "in").exists(),
-                in_file,
+                in_file && active,
                 "{id}.in, size {size}"
             );
         }
@@ -1235,8 +1243,9 @@ fn payloads_round_trip_bit_exact_at_every_size() {
     }
     assert_eq!(ids(&rec), expected_ids);
     // The sweep at open kept every referenced file.
-    let (_, _, _, updated, folded, _) = cases[2];
-    assert!(dir.payload(updated, "out").exists() && dir.payload(folded, "in").exists());
+    let (_, _, queued, updated, folded, _) = cases[2];
+    assert!(dir.payload(updated, "out").exists() && dir.payload(folded, "out").exists());
+    assert!(dir.payload(queued, "in").exists());
     let doc = h.job(folded).expect("folded job");
     assert!(doc.output == Some(Bytes(pattern(8 << 20, 25))));
     h.close();
@@ -1300,13 +1309,17 @@ fn pruning_removes_the_payload_files() {
         max_finished: 2,
     });
     h.wait_durable(seq);
-    assert_eq!(payload_names(&dir).len(), 9, "{:?}", payload_names(&dir));
+    assert_eq!(
+        payload_names(&dir),
+        ["1.out", "2.out", "3.out", "4.out", "5.in"],
+        "the inputs of ended jobs are not kept"
+    );
 
     h.prune_now();
     assert_eq!(h.list(None, None, 10), vec![5, 4, 3]);
     assert_eq!(
         payload_names(&dir),
-        ["3.in", "3.out", "4.in", "4.out", "5.in"],
+        ["3.out", "4.out", "5.in"],
         "the files of pruned jobs go, the others stay"
     );
     h.close();
@@ -1746,7 +1759,8 @@ fn a_version_1_store_is_migrated_in_place() {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .expect("job 8");
-        assert_eq!(lens, (Some(big.len() as i64), Some(big.len() as i64)));
+        // Ended: its input file is dropped.
+        assert_eq!(lens, (None, Some(big.len() as i64)));
     }
     // Opened again as version 2: nothing left to migrate.
     let (mut h, rec) = Harness::open(dir.path());
@@ -1885,5 +1899,197 @@ fn an_input_source_file_is_copied_into_the_payload_file() {
     let (h, rec) = Harness::open(dir.path());
     assert_eq!(rec.jobs[0].input_file, Some(big.len() as u64));
     assert!(*input_of(&dir, &rec.jobs[0]) == *big);
+    h.close();
+}
+
+// ---------------------------------------------------------------------------
+// Spare payload files
+
+/// Spares of a fresh `payloads` directory, without the filler thread unless
+/// `idle_trim` is given.
+fn spares_in(dir: &TempDir, idle_trim: Option<Duration>) -> Spares {
+    std::fs::create_dir_all(dir.payloads()).expect("mkdir");
+    let spares = Spares::with(
+        &dir.payloads(),
+        idle_trim.is_some(),
+        idle_trim.unwrap_or(Duration::MAX),
+    );
+    spares.clear().expect("clear");
+    spares
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").ino()
+}
+
+fn spare_lens(spares: &Spares) -> Vec<u64> {
+    let mut lens: Vec<u64> = spares.list().into_iter().map(|(_, n)| n).collect();
+    lens.sort_unstable();
+    lens
+}
+
+#[test]
+fn a_recycled_file_is_the_next_payload_file_with_only_the_new_bytes() {
+    use std::io::Write;
+    let dir = TempDir::new("spare-reuse");
+    let spares = spares_in(&dir, None);
+    let old = dir.payload(1, "in");
+    std::fs::write(&old, pattern(3 << 20, 1)).expect("write");
+    let ino = inode(&old);
+    spares.recycle(&old).expect("recycle");
+    assert!(!old.exists());
+    assert_eq!(spare_lens(&spares), [3 << 20]);
+
+    // Shorter than the spare: the same inode, cut to the new length.
+    let new = dir.payload(2, "out");
+    let data = pattern(2 << 20, 2);
+    let mut file = spares
+        .create(&new, data.len() as u64, true)
+        .expect("create");
+    file.write_all(&data).expect("write");
+    drop(file);
+    assert_eq!(inode(&new), ino, "the spare's pages are reused");
+    assert!(std::fs::read(&new).expect("read") == data);
+    assert_eq!(spare_lens(&spares), Vec::<u64>::new());
+
+    // No spare left: a new file.
+    let other = dir.payload(3, "out");
+    spares.create(&other, 5, true).expect("create");
+    assert_eq!(std::fs::metadata(&other).expect("stat").len(), 5);
+}
+
+#[test]
+fn an_existing_file_is_refused_when_exclusive_and_the_spare_stays() {
+    let dir = TempDir::new("spare-excl");
+    let spares = spares_in(&dir, None);
+    let spare = dir.payload(1, "in");
+    std::fs::write(&spare, pattern(2 << 20, 1)).expect("write");
+    spares.recycle(&spare).expect("recycle");
+    let taken = dir.payload(7, "out");
+    std::fs::write(&taken, b"referenced").expect("write");
+    let e = spares.create(&taken, 2 << 20, true).expect_err("exists");
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&taken).expect("read"), b"referenced");
+    assert_eq!(spare_lens(&spares), [2 << 20]);
+    // Not exclusive (the store's own writes): replaced.
+    spares.create(&taken, 2 << 20, false).expect("create");
+    assert_eq!(spare_lens(&spares), Vec::<u64>::new());
+}
+
+#[test]
+fn spares_stay_within_their_limits_and_fit_the_payload() {
+    let dir = TempDir::new("spare-limits");
+    let spares = spares_in(&dir, None);
+    // Too small to keep.
+    let small = dir.payload(1, "in");
+    std::fs::write(&small, b"tiny").expect("write");
+    spares.recycle(&small).expect("recycle");
+    assert!(!small.exists() && spares.list().is_empty());
+    // At most SPARE_MAX_FILES; the others are removed.
+    for id in 2..2 + SPARE_MAX_FILES as u64 + 2 {
+        let path = dir.payload(id, "in");
+        std::fs::write(&path, pattern(1 << 20, id)).expect("write");
+        spares.recycle(&path).expect("recycle");
+        assert!(!path.exists());
+    }
+    assert_eq!(spares.list().len(), SPARE_MAX_FILES);
+    // Never one more than twice as large as needed.
+    let path = dir.payload(50, "out");
+    spares.create(&path, 100, true).expect("create");
+    assert_eq!(
+        spares.list().len(),
+        SPARE_MAX_FILES,
+        "a 1 MiB spare is not taken for 100 bytes"
+    );
+    let path = dir.payload(51, "out");
+    spares.create(&path, 1 << 20, true).expect("create");
+    assert_eq!(spares.list().len(), SPARE_MAX_FILES - 1);
+}
+
+#[test]
+fn the_filler_keeps_spares_ready_and_trims_them_when_idle() {
+    let dir = TempDir::new("spare-fill");
+    // Synchronously first: SPARE_TARGET spares of the wanted size.
+    let spares = spares_in(&dir, None);
+    spares.fill(2 << 20);
+    assert_eq!(spare_lens(&spares), vec![2 << 20; SPARE_TARGET]);
+    spares.fill(2 << 20);
+    assert_eq!(
+        spare_lens(&spares),
+        vec![2 << 20; SPARE_TARGET],
+        "no more than needed"
+    );
+    // A larger size makes room by dropping smaller ones, within the cap.
+    spares.fill(SPARE_MAX_BYTES / 2);
+    assert_eq!(spare_lens(&spares), vec![SPARE_MAX_BYTES / 2; SPARE_TARGET]);
+    spares.fill(SPARE_MAX_BYTES + 1);
+    assert_eq!(spare_lens(&spares), vec![SPARE_MAX_BYTES / 2; SPARE_TARGET]);
+    drop(spares);
+
+    // The thread: a new payload file asks for spares of its size; after
+    // the idle time without another, they are removed.
+    let dir = TempDir::new("spare-thread");
+    let spares = spares_in(&dir, Some(Duration::from_millis(300)));
+    spares
+        .create(&dir.payload(1, "out"), 3 << 20, true)
+        .expect("create");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while Instant::now() < deadline {
+        let lens = spare_lens(&spares);
+        seen |= lens == vec![3 << 20; SPARE_TARGET];
+        if seen && lens.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("spares were not filled then trimmed (seen filled: {seen})");
+}
+
+#[test]
+fn ended_inputs_become_spares_and_outputs_never_do() {
+    let dir = TempDir::new("spare-store");
+    let (h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 9);
+    std::fs::create_dir_all(dir.payloads().join(".spare")).expect("mkdir");
+    std::fs::write(dir.payloads().join(".spare/99"), b"left by a crash").expect("write");
+    h.close();
+    let (mut h, _) = Harness::open(dir.path());
+    let spares = h.store.spares().clone();
+    assert!(
+        spares.list().is_empty(),
+        "the spares of a previous run go at open"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(spares.dir()).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+
+    h.submit(Op::Insert(job_with_input(1, &big)));
+    let seq = h.submit(Op::Insert(job_with_input(2, &big)));
+    h.wait_durable(seq);
+    let ino = inode(&dir.payload(1, "in"));
+    let seq = h.submit(succeeded_with(1, &big));
+    h.wait_durable(seq);
+    assert_eq!(payload_names(&dir), ["1.out", "2.in"]);
+    assert!(
+        spares.list().iter().any(|(p, _)| inode(p) == ino),
+        "job 1's input is a spare"
+    );
+    assert_eq!(h.job(1).expect("job 1").output, Some(Bytes(big.clone())));
+
+    // Pruned: the output file is removed, not kept as a spare (a client
+    // may be reading it through a descriptor).
+    let out_ino = inode(&dir.payload(1, "out"));
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: Duration::from_secs(24 * 3600),
+        max_finished: 0,
+    });
+    h.wait_durable(seq);
+    h.prune_now();
+    assert_eq!(payload_names(&dir), ["2.in"]);
+    assert!(spares.list().iter().all(|(p, _)| inode(p) != out_ino));
     h.close();
 }

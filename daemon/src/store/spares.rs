@@ -1,0 +1,369 @@
+//! Spare payload files: the pages of large payloads are recycled.
+//!
+//! Writing 64 MiB into a new file on tmpfs costs more than the copy itself:
+//! every page is allocated and zeroed first (on the reference machine,
+//! ~55–65 ms for 64 MiB, against ~16–24 ms to overwrite pages a file
+//! already has). So payload files are recycled the way PostgreSQL recycles
+//! its WAL segments:
+//!
+//! - a payload file that is no longer needed (the input of a job that
+//!   ended, the files of pruned jobs, a replaced output) is renamed into
+//!   `<payload_dir>/.spare/` instead of being removed, while the spares stay
+//!   within [`SPARE_MAX_BYTES`] and [`SPARE_MAX_FILES`];
+//! - a new payload file is made by renaming a spare to its name, cutting it
+//!   to the payload's length and overwriting it;
+//! - a background thread at the lowest CPU priority keeps [`SPARE_TARGET`]
+//!   spares of the last large size ready (`fallocate`), so that page
+//!   allocation happens between large jobs rather than in their path;
+//! - spares unused for [`IDLE_TRIM`] are removed, and the thread then
+//!   sleeps without a timer.
+//!
+//! Crash safety is that of a new file: a spare is renamed to a payload
+//! file's name only when that file is about to be written, and no row
+//! references the file before its write is synced (the callers' rule).
+//! Spares left by a crash are removed at the next start
+//! ([`Spares::clear`]). Spares never hold anything a job needs.
+//!
+//! Both the store thread (inputs) and the copier thread (outputs) take
+//! spares; a `rename` is atomic, so two takers never get the same file (the
+//! loser finds it gone and looks again). Nothing here runs on the event loop.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// At most this many bytes of spares in all.
+pub const SPARE_MAX_BYTES: u64 = 256 << 20;
+/// At most this many spare files.
+pub const SPARE_MAX_FILES: usize = 4;
+/// Spares of the last large size the filler keeps ready: one for an input,
+/// one for an output.
+pub const SPARE_TARGET: usize = 2;
+/// Smaller files are not worth keeping (they are not payload files anyway).
+pub const SPARE_MIN_BYTES: u64 = 1 << 20;
+/// Spares not taken for this long are removed.
+pub const IDLE_TRIM: Duration = Duration::from_secs(60);
+/// The filler leaves at least this many times a spare's size free on the
+/// file system: spares must not be what makes a payload write fail.
+const FREE_SPACE_FACTOR: u64 = 8;
+
+/// What the filler thread is told.
+enum Nudge {
+    /// A payload file of this many bytes was just made: keep spares of
+    /// this size ready.
+    Want(u64),
+    /// A file was recycled (restarts the idle countdown).
+    Recycled,
+}
+
+/// The spare payload files of one payload directory. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Spares {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// `<payload_dir>/.spare`
+    dir: PathBuf,
+    /// Names of new spares.
+    seq: AtomicU64,
+    /// The filler thread, started at the first nudge (if `background`).
+    filler: OnceLock<Option<Sender<Nudge>>>,
+    background: bool,
+    /// [`IDLE_TRIM`], shorter in tests.
+    idle_trim: Duration,
+}
+
+/// A spare: its path and length.
+type Spare = (PathBuf, u64);
+
+impl Spares {
+    /// The spares of `payload_dir` (nothing is done until they are used).
+    pub fn new(payload_dir: &Path) -> Spares {
+        Spares::with(payload_dir, true, IDLE_TRIM)
+    }
+
+    pub(super) fn with(payload_dir: &Path, background: bool, idle_trim: Duration) -> Spares {
+        Spares {
+            inner: Arc::new(Inner {
+                dir: payload_dir.join(".spare"),
+                seq: AtomicU64::new(1),
+                filler: OnceLock::new(),
+                background,
+                idle_trim,
+            }),
+        }
+    }
+
+    /// `<payload_dir>/.spare`
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Creates the spare directory if needed and removes whatever a
+    /// previous run left in it. Runs at store open, before any payload file
+    /// is written.
+    pub fn clear(&self) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new().mode(0o700).create(self.dir()) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        for entry in std::fs::read_dir(self.dir())? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(())
+    }
+
+    /// Creates the payload file `path` for `len` bytes, open for writing at
+    /// offset 0 and already `len` bytes long: a spare renamed to `path` when
+    /// there is one (the smallest that holds `len` bytes, else the largest;
+    /// none over twice as large), a new file otherwise. With `exclusive`, an existing `path` is an
+    /// error (`AlreadyExists`); without it, it is replaced.
+    ///
+    /// The caller writes all `len` bytes (whatever a spare held before is
+    /// still there until then) and syncs.
+    pub fn create(&self, path: &Path, len: u64, exclusive: bool) -> io::Result<File> {
+        let file = match self.take(path, len, exclusive)? {
+            Some(file) => file,
+            None => {
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).mode(0o600);
+                if exclusive {
+                    options.create_new(true);
+                } else {
+                    options.create(true).truncate(true);
+                }
+                options.open(path)?
+            }
+        };
+        file.set_len(len)?;
+        if len >= SPARE_MIN_BYTES {
+            self.nudge(Nudge::Want(len));
+        }
+        Ok(file)
+    }
+
+    /// Renames the best spare for `len` bytes to `path` and opens it.
+    fn take(&self, path: &Path, len: u64, exclusive: bool) -> io::Result<Option<File>> {
+        // A spare another thread renamed first is gone by the time we try:
+        // look again (a bounded number of times; then make a new file).
+        for _ in 0..SPARE_MAX_FILES + 1 {
+            // Not one much larger than needed: its extra pages would be
+            // freed at once, and a small file is cheap to make anyway.
+            let mut spares = self.list();
+            spares.retain(|&(_, n)| n <= len.saturating_mul(2));
+            spares.sort_by_key(|&(_, n)| n);
+            let best = spares.iter().find(|&&(_, n)| n >= len).or(spares.last());
+            let Some((spare, _)) = best else {
+                return Ok(None);
+            };
+            match rename(spare, path, exclusive) {
+                Ok(()) => {
+                    return std::fs::OpenOptions::new().write(true).open(path).map(Some);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+                // Anything else (renameat2 unsupported…): a new file.
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Disposes of the payload file `path`, which nothing references any
+    /// more: kept as a spare if it is large enough and there is room,
+    /// removed otherwise. A file that is already gone is no error.
+    pub fn recycle(&self, path: &Path) -> io::Result<()> {
+        let len = match std::fs::metadata(path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if len >= SPARE_MIN_BYTES {
+            let spares = self.list();
+            let total: u64 = spares.iter().map(|&(_, n)| n).sum();
+            if spares.len() < SPARE_MAX_FILES
+                && total + len <= SPARE_MAX_BYTES
+                && rename(path, &self.fresh_name(), true).is_ok()
+            {
+                self.nudge(Nudge::Recycled);
+                return Ok(());
+            }
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The spares now, as `(path, length)`.
+    pub fn list(&self) -> Vec<Spare> {
+        list(self.dir())
+    }
+
+    fn fresh_name(&self) -> PathBuf {
+        let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir().join(format!("{n}"))
+    }
+
+    /// Tells the filler thread, starting it the first time.
+    fn nudge(&self, nudge: Nudge) {
+        if !self.inner.background {
+            return;
+        }
+        let filler = self.inner.filler.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            let spares = Spares {
+                inner: Arc::clone(&self.inner),
+            };
+            // Without the thread, spares are still recycled; only the
+            // background fill and the idle trim are missing.
+            std::thread::Builder::new()
+                .name("jobvisor-spares".into())
+                .spawn(move || spares.run_filler(rx))
+                .ok()
+                .map(|_| tx)
+        });
+        if let Some(tx) = filler {
+            let _ = tx.send(nudge);
+        }
+    }
+
+    /// The filler thread: tops the spares up after each `Want`, removes
+    /// them all after [`IDLE_TRIM`] without one, and sleeps without a
+    /// timer while there are none. It holds only a weak reference, so it
+    /// ends when the last [`Spares`] handle goes.
+    fn run_filler(self, rx: mpsc::Receiver<Nudge>) {
+        // The lowest priority (nice is per thread on Linux): this is work
+        // for idle cores, never in the way of a job.
+        // SAFETY: plain system calls on this thread's own id.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
+        let dir = self.inner.dir.clone();
+        let idle_trim = self.inner.idle_trim;
+        let weak = Arc::downgrade(&self.inner);
+        drop(self);
+        loop {
+            let idle = list(&dir).is_empty();
+            let nudge = if idle {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(idle_trim)
+            };
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let spares = Spares { inner };
+            match nudge {
+                Ok(Nudge::Want(len)) => spares.fill(len),
+                Ok(Nudge::Recycled) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    for (path, _) in spares.list() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Makes spares of `want` bytes until [`SPARE_TARGET`] of them hold
+    /// `want` bytes, within the limits (smaller spares make room first).
+    pub(super) fn fill(&self, want: u64) {
+        if want > SPARE_MAX_BYTES {
+            return;
+        }
+        loop {
+            let mut spares = self.list();
+            spares.sort_by_key(|&(_, n)| n);
+            if spares.iter().filter(|&&(_, n)| n >= want).count() >= SPARE_TARGET {
+                return;
+            }
+            let total: u64 = spares.iter().map(|&(_, n)| n).sum();
+            if spares.len() >= SPARE_MAX_FILES || total + want > SPARE_MAX_BYTES {
+                match spares.first() {
+                    Some((path, n)) if *n < want => {
+                        let _ = std::fs::remove_file(path);
+                        continue;
+                    }
+                    _ => return,
+                }
+            }
+            if self.make_spare(want).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One new spare of `len` bytes of allocated pages (blocks), made under
+    /// a `fill-` name and renamed when complete.
+    fn make_spare(&self, len: u64) -> io::Result<()> {
+        let stat = nix::sys::statvfs::statvfs(self.dir()).map_err(io::Error::from)?;
+        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        if free < len.saturating_mul(FREE_SPACE_FACTOR) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir().join(format!("fill-{n}"));
+        let made = (|| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+            // SAFETY: plain system call on a descriptor we hold.
+            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            rename(&tmp, &self.dir().join(format!("{n}")), true)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made
+    }
+}
+
+/// The spares in `dir`, as `(path, length)`. Files being filled (named
+/// `fill-…`) are not spares yet.
+fn list(dir: &Path) -> Vec<Spare> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name();
+            let is_spare = name.to_str()?.bytes().all(|b| b.is_ascii_digit());
+            let len = e.metadata().ok()?.len();
+            is_spare.then(|| (e.path(), len))
+        })
+        .collect()
+}
+
+/// `rename`, with `exclusive` refusing to replace an existing `to`
+/// (`renameat2(RENAME_NOREPLACE)`).
+fn rename(from: &Path, to: &Path, exclusive: bool) -> io::Result<()> {
+    if !exclusive {
+        return std::fs::rename(from, to);
+    }
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        from,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}
