@@ -165,6 +165,38 @@ fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
     assert!(d.log_text().contains("bad shared-memory output"));
 }
 
+/// A worker cannot shrink its arena under the daemon (a shrunk memfd would
+/// make the daemon's next access to its mapping a SIGBUS): the memfd is
+/// sealed, and large payloads keep flowing.
+#[test]
+fn a_worker_cannot_shrink_its_arena() {
+    let cfg = format!(
+        "{}[pools.shrink]\ncommand = [{:?}, \"shrink\"]\nworkers = 1\n",
+        daemon_section(),
+        bin("jobvisor-test-worker").display().to_string()
+    );
+    let d = Daemon::start("shm-shrink", &cfg);
+    let pid = d.wait_ready("shrink", 1)[0];
+    let r = d.ctl(&["submit", "shrink", "--input", "shrink", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "ftruncate: refused (Operation not permitted (os error 1))"
+    );
+    let f = d.dir.path().join("in");
+    let data = pattern(2 << 20);
+    std::fs::write(&f, &data).unwrap();
+    for _ in 0..2 {
+        let (code, out, err) = submit_wait_raw(&d, "shrink", &f);
+        assert_eq!(code, 0, "{err}");
+        assert!(out == data, "bit-exact through the arena");
+    }
+    assert!(
+        alive(d.pid()) && alive(pid),
+        "the daemon and the worker live on"
+    );
+}
+
 #[test]
 fn a_full_arena_backs_off_instead_of_failing() {
     // One worker, input half of 128 KiB, inputs of 100 KiB, several in

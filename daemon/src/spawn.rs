@@ -203,14 +203,30 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
     let (err_r, err_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let arena = memfd_create(c"jobvisor-arena", MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| format!("memfd_create: {e}"))?;
+    let arena = memfd_create(
+        c"jobvisor-arena",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| format!("memfd_create: {e}"))?;
     nix::unistd::ftruncate(&arena, cfg.shm_size as i64).map_err(|e| {
         format!(
             "sizing the shared-memory arena to {} bytes: {e}",
             cfg.shm_size
         )
     })?;
+    // The worker must not change the arena's size: a shrunk memfd would
+    // make the daemon's next access to its mapping a SIGBUS, which kills
+    // the whole daemon.
+    {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        fcntl(
+            &arena,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(|e| format!("sealing the shared-memory arena: {e}"))?;
+    }
 
     let plan = ChildPlan {
         parent: nix::unistd::getpid().as_raw(),

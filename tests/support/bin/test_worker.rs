@@ -148,6 +148,20 @@ fn main() -> ExitCode {
                 r.map(|_| b"ok".to_vec())
             })
         }
+        // Tries to shrink its arena (fd 5) to nothing, then echoes; the
+        // input "shrink" gets what ftruncate said instead.
+        "shrink" => worker::run(|input| {
+            // SAFETY: plain system call on fd 5, the arena the daemon gave us.
+            let r = unsafe { libc::ftruncate(5, 0) };
+            let said = match r {
+                0 => "done".to_string(),
+                _ => format!("refused ({})", std::io::Error::last_os_error()),
+            };
+            Ok(match input {
+                b"shrink" => format!("ftruncate: {said}").into_bytes(),
+                _ => input.to_vec(),
+            })
+        }),
         "pid" => worker::run(|_| Ok(std::process::id().to_string().into_bytes())),
         "fail" => worker::run(|input| Err(text(input))),
         "badshm" => worker::run_with(|ctx, input| {
