@@ -41,7 +41,16 @@
 //! intact. Files no row references are removed: those of a failed batch at
 //! once, those of pruned jobs after the deletion commits, and any others
 //! (a crash between a file's write and its row's commit) at [`Store::open`].
-//! Only names of the form `<id>.in` / `<id>.out` are touched.
+//! Only names of the form `<id>.in` / `<id>.out` are touched, and the
+//! `.spare` directory.
+//!
+//! A job's input file goes once the job has ended: its final update
+//! ([`JobUpdate::drop_input_file`]) clears the row's reference, and the
+//! file is disposed of after the commit. Removed input files are recycled
+//! rather than unlinked: see [`Spares`] (new payload files are renamed
+//! spares, which on tmpfs saves allocating and zeroing every page). Output
+//! files are only ever unlinked, never recycled: a client may be reading
+//! one through a descriptor it was handed.
 //!
 //! The store never reads them back: recovery and [`Query::Job`] only check
 //! that a file is there with its recorded length, and the daemon reads
@@ -223,6 +232,10 @@ pub struct JobUpdate {
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.
     pub finished_ms: Option<u64>,
+    /// Terminal, and the job's input is a payload file: the row forgets
+    /// it and the file is recycled once the update commits (an ended job
+    /// is never dispatched again).
+    pub drop_input_file: bool,
 }
 
 impl JobUpdate {
@@ -237,6 +250,7 @@ impl JobUpdate {
             output_file_len: None,
             error: None,
             finished_ms: None,
+            drop_input_file: false,
         }
     }
 }

@@ -800,6 +800,7 @@ impl Db {
                     unref.unmatched_outputs.push(u.id);
                 }
                 if changed > 0
+                    && u.drop_input_file
                     && u.state.is_terminal()
                     && drop_input.execute([to_sql_u64(u.id)])? > 0
                 {

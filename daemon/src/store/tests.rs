@@ -232,6 +232,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         output_file_len: None,
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
+        drop_input_file: true,
     })
 }
 
@@ -534,6 +535,7 @@ fn retention_and_max_finished_cap() {
         output_file_len: None,
         error: None,
         finished_ms: Some(now - 100 * HOUR_MS),
+        drop_input_file: false,
     }));
     h.submit(running(6, vec![attempt(1, None)]));
     for id in 7..=10 {
@@ -1107,6 +1109,7 @@ fn succeeded_at(id: u64, output: &[u8], finished_ms: u64) -> Op {
         output_file_len: None,
         error: None,
         finished_ms: Some(finished_ms),
+        drop_input_file: true,
     })
 }
 
@@ -1840,6 +1843,7 @@ fn a_prewritten_output_file_is_recorded_not_rewritten() {
             output_file_len: Some(big.len() as u64),
             error: None,
             finished_ms: Some(1),
+            drop_input_file: true,
         })
     };
     let seq = h.submit(update(1));

@@ -1481,9 +1481,12 @@ impl Supervisor {
             self.jt.jobs.remove(&id);
             return;
         }
+        let input_file =
+            job.input_file.is_some() || job.input.len() >= crate::store::FILE_PAYLOAD_MIN;
         job.input = Arc::default();
         let pool = job.pool.clone();
         let update = JobUpdate {
+            drop_input_file: input_file && state.is_terminal(),
             id,
             state,
             attempts: job.attempts.clone(),
