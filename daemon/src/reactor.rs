@@ -137,6 +137,8 @@ fn output_to_file(
         });
     if !synced {
         let _ = std::fs::remove_file(path);
+    } else {
+        spares.replenish(len);
     }
     synced
 }

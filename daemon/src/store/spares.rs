@@ -12,9 +12,11 @@
 //!   within [`SPARE_MAX_BYTES`] and [`SPARE_MAX_FILES`];
 //! - a new payload file is made by renaming a spare to its name, cutting it
 //!   to the payload's length and overwriting it;
-//! - a background thread at the lowest CPU priority keeps [`SPARE_TARGET`]
-//!   spares of the last large size ready (`fallocate`), so that page
-//!   allocation happens between large jobs rather than in their path;
+//! - a background thread at the lowest CPU priority makes [`SPARE_TARGET`]
+//!   spares of the last large size (`fallocate`) each time a large output
+//!   has been written ([`Spares::replenish`]): that is when a large job's
+//!   copies are over, so the page allocation happens between large jobs,
+//!   not beside their copies (which share the memory bandwidth);
 //! - spares unused for [`IDLE_TRIM`] are removed, and the thread then
 //!   sleeps without a timer.
 //!
@@ -145,10 +147,16 @@ impl Spares {
             }
         };
         file.set_len(len)?;
+        Ok(file)
+    }
+
+    /// Asks the filler thread for [`SPARE_TARGET`] spares of `len` bytes.
+    /// Called once a large output file is written: the job's copies are
+    /// over by then (a fill beside them would slow them down).
+    pub fn replenish(&self, len: u64) {
         if len >= SPARE_MIN_BYTES {
             self.nudge(Nudge::Want(len));
         }
-        Ok(file)
     }
 
     /// Renames the best spare for `len` bytes to `path` and opens it.

@@ -2031,13 +2031,11 @@ fn the_filler_keeps_spares_ready_and_trims_them_when_idle() {
     assert_eq!(spare_lens(&spares), vec![SPARE_MAX_BYTES / 2; SPARE_TARGET]);
     drop(spares);
 
-    // The thread: a new payload file asks for spares of its size; after
-    // the idle time without another, they are removed.
+    // The thread: asked for spares of a size, it makes them; after the idle
+    // time without another request, they are removed.
     let dir = TempDir::new("spare-thread");
     let spares = spares_in(&dir, Some(Duration::from_millis(300)));
-    spares
-        .create(&dir.payload(1, "out"), 3 << 20, true)
-        .expect("create");
+    spares.replenish(3 << 20);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = false;
     while Instant::now() < deadline {
