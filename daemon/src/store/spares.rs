@@ -291,7 +291,9 @@ impl Spares {
         if want > SPARE_MAX_BYTES {
             return;
         }
-        loop {
+        // Each turn makes or removes one file: bounded even if the listing
+        // were to miss what was just made.
+        for _ in 0..2 * SPARE_MAX_FILES {
             let mut spares = self.list();
             spares.sort_by_key(|&(_, n)| n);
             if spares.iter().filter(|&&(_, n)| n >= want).count() >= SPARE_TARGET {
