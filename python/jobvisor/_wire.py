@@ -1,0 +1,168 @@
+"""The wire format shared with jobvisord: frames (u32 little-endian length +
+payload) whose payload is one message in bincode 2's standard encoding
+(varint integers). See docs/PROTOCOL.md, sections 3 to 5."""
+
+import os
+import select
+import struct
+
+MAX_FRAME_LEN = 64 << 20
+PROTOCOL_VERSION = 1
+# Separates the human-readable error of a failed pickled call (the worker's
+# traceback) from the pickled exception that jobvisor.Executor re-raises.
+PICKLED_EXCEPTION = "\n--- jobvisor pickled exception ---\n"
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol."""
+
+
+def uvarint(n):
+    """Encodes an unsigned integer as a bincode 2 varint."""
+    if n < 0:
+        raise ValueError("negative varint")
+    if n < 251:
+        return bytes((n,))
+    if n < 1 << 16:
+        return b"\xfb" + struct.pack("<H", n)
+    if n < 1 << 32:
+        return b"\xfc" + struct.pack("<I", n)
+    if n < 1 << 64:
+        return b"\xfd" + struct.pack("<Q", n)
+    raise ValueError("varint too large")
+
+
+def ivarint(n):
+    """Encodes a signed integer: zigzag, then varint."""
+    return uvarint(n * 2 if n >= 0 else -n * 2 - 1)
+
+
+def bytes_(b):
+    """A byte string: varint length, then the bytes."""
+    return uvarint(len(b)) + bytes(b)
+
+
+def string(s):
+    return bytes_(s.encode("utf-8"))
+
+
+def option(value, encode):
+    return b"\x00" if value is None else b"\x01" + encode(value)
+
+
+def boolean(b):
+    return b"\x01" if b else b"\x00"
+
+
+_WIDE = {251: ("<H", 2, 16), 252: ("<I", 4, 32), 253: ("<Q", 8, 64)}
+
+
+class Reader:
+    """A cursor over one message (a frame's payload)."""
+
+    def __init__(self, buf):
+        self.buf = memoryview(buf)
+        self.pos = 0
+
+    def take(self, n):
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ProtocolError("truncated message")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def u8(self):
+        return self.take(1)[0]
+
+    def uvarint(self, bits=64):
+        tag = self.u8()
+        if tag < 251:
+            return tag
+        if tag not in _WIDE:
+            raise ProtocolError(f"bad varint tag {tag:#x}")
+        fmt, size, width = _WIDE[tag]
+        if width > bits:
+            raise ProtocolError(f"varint wider than u{bits}")
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def ivarint(self, bits=64):
+        z = self.uvarint(bits)
+        return (z >> 1) if z & 1 == 0 else -((z + 1) >> 1)
+
+    def boolean(self):
+        b = self.u8()
+        if b > 1:
+            raise ProtocolError(f"bad bool {b}")
+        return b == 1
+
+    def option(self, decode):
+        tag = self.u8()
+        if tag == 0:
+            return None
+        if tag == 1:
+            return decode()
+        raise ProtocolError(f"bad Option tag {tag}")
+
+    def bytes_(self):
+        return bytes(self.take(self.uvarint()))
+
+    def string(self):
+        try:
+            return bytes(self.take(self.uvarint())).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"invalid UTF-8: {e}") from None
+
+    def vec(self, decode):
+        return [decode() for _ in range(self.uvarint())]
+
+    def end(self):
+        if self.pos != len(self.buf):
+            raise ProtocolError("trailing bytes after the message")
+
+
+def frame(payload):
+    """One frame around `payload`."""
+    if len(payload) > MAX_FRAME_LEN:
+        raise ProtocolError(f"frame of {len(payload)} bytes is over the {MAX_FRAME_LEN}-byte limit")
+    return struct.pack("<I", len(payload)) + payload
+
+
+class FrameReader:
+    """Reads whole frames from a file descriptor, buffering partial reads."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def _fill(self, want, block=True):
+        while len(self.buf) < want:
+            if not block:
+                r, _, _ = select.select([self.fd], [], [], 0)
+                if not r:
+                    return False
+            chunk = os.read(self.fd, max(1 << 16, want - len(self.buf)))
+            if not chunk:
+                if self.buf:
+                    raise ProtocolError("end of stream inside a frame")
+                raise EOFError
+            self.buf += chunk
+        return True
+
+    def next(self, block=True):
+        """The next frame's payload; None when not blocking and no whole frame
+        is there yet; EOFError at a clean end of stream."""
+        if not self._fill(4, block):
+            return None
+        (n,) = struct.unpack_from("<I", self.buf)
+        if n > MAX_FRAME_LEN:
+            raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME_LEN}-byte limit")
+        if not self._fill(4 + n, block):
+            return None
+        payload = bytes(self.buf[4:4 + n])
+        del self.buf[:4 + n]
+        return payload
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,0 +1,457 @@
+"""``jobvisor.Client``: talks to jobvisord over its control socket, like
+``jobvisorctl`` (docs/PROTOCOL.md, section 13).
+
+    from jobvisor import Client
+    with Client() as c:                       # the socket of the default config
+        job_id = c.submit("resize", b"...")   # durable once this returns
+        job = c.submit("resize", data, wait=True)
+        job.state, job.output                 # "succeeded", b"..."
+
+Inputs of 1 MiB or more are passed as a sealed memfd (``SubmitFd``), not
+through the socket; outputs of 1 MiB or more come back the same way and are
+read from that descriptor. Errors from the daemon raise :class:`Error` (with
+the ``exit_code`` jobvisorctl would use: 2 invalid, 4 not found, 5 rejected,
+1 failed).
+
+A Client is one connection; it is not thread-safe (use one per thread, or
+:class:`jobvisor.Executor`, which multiplexes one connection itself).
+"""
+
+import array
+import os
+import socket
+
+from . import _wire as w
+
+FD_PAYLOAD_MIN = 1 << 20
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out", "dead")
+OUTCOMES = ("succeeded", "failed", "lost", "timed_out", "cancelled")
+POOL_STATES = ("running", "failed", "stopping")
+WORKER_STATES = ("starting", "ready", "busy", "stopping", "backoff")
+ERROR_KINDS = ("invalid", "not_found", "rejected", "failed")
+EXIT_CODES = {"invalid": 2, "not_found": 4, "rejected": 5, "failed": 1}
+SOCKET_FILE_NAME = "jobvisor.sock"
+
+
+class Error(Exception):
+    """An error the daemon answered (or a broken connection: kind "failed")."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.exit_code = EXIT_CODES.get(kind, 1)
+
+
+class Job:
+    """A job document: ``id``, ``pool``, ``state`` (a name from JOB_STATES),
+    ``priority``, ``key``, ``created_ms``, ``finished_ms``, ``attempts`` (dicts
+    like jobvisorctl's JSON), ``output`` (bytes or None), ``error``."""
+
+    __slots__ = ("id", "pool", "state", "priority", "key", "created_ms", "finished_ms",
+                 "attempts", "output", "error")
+
+    def __init__(self, **fields):
+        for k in self.__slots__:
+            setattr(self, k, fields.get(k))
+
+    def __repr__(self):
+        out = None if self.output is None else f"<{len(self.output)} bytes>"
+        return (f"Job(id={self.id}, pool={self.pool!r}, state={self.state!r}, "
+                f"attempts={len(self.attempts or [])}, output={out}, error={self.error!r})")
+
+
+# -- decoding -----------------------------------------------------------------
+
+def _enum(m, names, what):
+    i = m.uvarint(32)
+    if i >= len(names):
+        raise w.ProtocolError(f"unknown {what} {i}")
+    return names[i]
+
+
+def _attempt(m):
+    return {
+        "n": m.uvarint(32),
+        "worker": m.uvarint(32),
+        "pid": m.uvarint(32),
+        "started_ms": m.uvarint(),
+        "ended_ms": m.option(m.uvarint),
+        "outcome": m.option(lambda: _enum(m, OUTCOMES, "outcome")),
+        "error": m.option(m.string),
+    }
+
+
+def _job(m):
+    return Job(
+        id=m.uvarint(),
+        pool=m.string(),
+        state=_enum(m, JOB_STATES, "job state"),
+        priority=m.ivarint(32),
+        key=m.option(m.string),
+        created_ms=m.uvarint(),
+        finished_ms=m.option(m.uvarint),
+        attempts=m.vec(lambda: _attempt(m)),
+        output=m.option(m.bytes_),
+        error=m.option(m.string),
+    )
+
+
+def _worker_status(m):
+    return {
+        "id": m.uvarint(32),
+        "pid": m.option(lambda: m.uvarint(32)),
+        "state": _enum(m, WORKER_STATES, "worker state"),
+        "uptime_ms": m.uvarint(),
+        "restarts": m.uvarint(32),
+        "jobs_done": m.uvarint(),
+        "rss_bytes": m.uvarint(),
+    }
+
+
+def _pool_status(m):
+    return {
+        "name": m.string(),
+        "state": _enum(m, POOL_STATES, "pool state"),
+        "desired_workers": m.uvarint(32),
+        "queued": m.uvarint(),
+        "running": m.uvarint(),
+        "succeeded": m.uvarint(),
+        "failed": m.uvarint(),
+        "last_error": m.option(m.string),
+        "workers": m.vec(lambda: _worker_status(m)),
+    }
+
+
+def _event(m):
+    return {
+        "ts_ms": m.uvarint(),
+        "event": m.string(),
+        "pool": m.option(m.string),
+        "worker": m.option(lambda: m.uvarint(32)),
+        "pid": m.option(lambda: m.uvarint(32)),
+        "job": m.option(m.uvarint),
+        "state": m.option(lambda: _enum(m, JOB_STATES, "job state")),
+        "detail": m.option(m.string),
+    }
+
+
+def decode_response(payload):
+    """One Response as ``(kind, value)``: ("hello", dict), ("status", [pools]),
+    ("ok", message), ("error", Error), ("end", None), ("submitted", id),
+    ("job", Job), ("event", dict), ("job_fd", (Job, output_len))."""
+    m = w.Reader(payload)
+    kind = m.uvarint(32)
+    if kind == 0:
+        value = ("hello", {"protocol_version": m.uvarint(32), "pid": m.uvarint(32), "version": m.string()})
+    elif kind == 1:
+        value = ("status", m.vec(lambda: _pool_status(m)))
+    elif kind == 2:
+        value = ("ok", m.string())
+    elif kind == 3:
+        ek = _enum(m, ERROR_KINDS, "error kind")
+        value = ("error", Error(ek, m.string()))
+    elif kind == 4:
+        value = ("end", None)
+    elif kind == 5:
+        value = ("submitted", m.uvarint())
+    elif kind == 6:
+        value = ("job", _job(m))
+    elif kind == 7:
+        value = ("event", _event(m))
+    elif kind == 8:
+        doc = _job(m)
+        value = ("job_fd", (doc, m.uvarint()))
+    else:
+        raise w.ProtocolError(f"unknown response variant {kind}")
+    m.end()
+    return value
+
+
+# -- encoding -----------------------------------------------------------------
+
+def _options(timeout, max_attempts, priority, key):
+    timeout_ms = None if timeout is None else int(round(timeout * 1000))
+    return (w.option(timeout_ms, w.uvarint) + w.option(max_attempts, w.uvarint)
+            + w.ivarint(int(priority)) + w.option(key, w.string))
+
+
+def encode_submit(pool, length_or_data, options, wait, fd):
+    if fd:
+        return b"\x0c" + w.string(pool) + w.uvarint(length_or_data) + options + w.boolean(wait)
+    return b"\x06" + w.string(pool) + w.bytes_(length_or_data) + options + w.boolean(wait)
+
+
+def sealed_memfd(data):
+    """A memfd holding `data`, sealed against any change."""
+    import fcntl
+    fd = os.memfd_create("jobvisor-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        w.write_all(fd, data)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_fd(fd, length):
+    """`length` bytes from offset 0 of a payload descriptor."""
+    out = bytearray(length)
+    view = memoryview(out)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], done)
+        if n == 0:
+            raise Error("failed", f"the output descriptor ended after {done} of {length} bytes")
+        done += n
+    return bytes(out)
+
+
+# -- configuration ------------------------------------------------------------
+
+def default_config_path():
+    """As jobvisorctl: $JOBVISOR_CONFIG, /etc/jobvisor/jobvisor.toml for root,
+    else $XDG_CONFIG_HOME (or ~/.config)/jobvisor/jobvisor.toml."""
+    if os.environ.get("JOBVISOR_CONFIG"):
+        return os.environ["JOBVISOR_CONFIG"]
+    if os.geteuid() == 0:
+        return "/etc/jobvisor/jobvisor.toml"
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "jobvisor", "jobvisor.toml")
+
+
+def _runtime_dir():
+    for d in (os.environ.get("RUNTIME_DIRECTORY") or "").split(":"):
+        if d.startswith("/"):
+            return d
+    if os.geteuid() == 0:
+        return "/run/jobvisor"
+    x = os.environ.get("XDG_RUNTIME_DIR", "")
+    return os.path.join(x, "jobvisor") if x.startswith("/") else f"/tmp/jobvisor-{os.geteuid()}"
+
+
+def socket_from_config(path=None):
+    """The control socket a config file names (``daemon.control_socket``,
+    relative to the file's directory), else the default one."""
+    path = path or default_config_path()
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        raise Error("invalid", f"reading {path} needs Python 3.11 (tomllib); pass socket= instead")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise Error("invalid", f"{path}: no such config file; pass socket= or config=")
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise Error("invalid", f"{path}: {e}")
+    sock = (doc.get("daemon") or {}).get("control_socket")
+    if sock is None:
+        return os.path.join(_runtime_dir(), SOCKET_FILE_NAME)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), sock))
+
+
+# -- the connection -----------------------------------------------------------
+
+class Connection:
+    """One control connection: frames in and out, descriptors in a FIFO."""
+
+    MAX_FDS = 8
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise Error("failed", f"cannot connect to jobvisord at {path}: {e.strerror or e}"
+                                  " (is it running? see `jobvisorctl status`)") from None
+        self.buf = bytearray()
+        self.fds = []
+        self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION))
+        kind, value = self.recv()
+        if kind == "error":
+            raise value
+        if kind != "hello":
+            raise Error("failed", f"unexpected answer to Hello: {kind}")
+        self.hello = value
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        try:
+            # Wakes a thread blocked reading this socket (close alone does not).
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def send(self, payload, fd=None):
+        data = w.frame(payload)
+        try:
+            if fd is None:
+                self.sock.sendall(data)
+            else:
+                # The descriptor goes with the frame's first byte.
+                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [fd]))])
+                self.sock.sendall(data[sent:])
+        except OSError as e:
+            raise Error("failed", f"connection to jobvisord lost: {e}") from None
+
+    def _read_more(self):
+        size = socket.CMSG_SPACE(self.MAX_FDS * array.array("i").itemsize)
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(1 << 16, size, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+        except OSError as e:
+            raise Error("failed", f"connection to jobvisord lost: {e}") from None
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
+                self.fds.extend(fds)
+        if not data:
+            raise Error("failed", "jobvisord closed the connection")
+        self.buf += data
+
+    def recv(self):
+        """The next response, decoded; a ``job_fd`` comes back as ("job", Job)
+        with its output read from the descriptor."""
+        while len(self.buf) < 4:
+            self._read_more()
+        n = int.from_bytes(self.buf[:4], "little")
+        if n > w.MAX_FRAME_LEN:
+            raise Error("failed", f"protocol error: a {n}-byte frame from jobvisord")
+        while len(self.buf) < 4 + n:
+            self._read_more()
+        payload = bytes(self.buf[4:4 + n])
+        del self.buf[:4 + n]
+        try:
+            kind, value = decode_response(payload)
+        except w.ProtocolError as e:
+            raise Error("failed", f"protocol error: {e}") from None
+        if kind == "job_fd":
+            doc, length = value
+            if not self.fds:
+                raise Error("failed", "protocol error: JobFd without a descriptor")
+            fd = self.fds.pop(0)
+            try:
+                doc.output = read_fd(fd, length)
+            finally:
+                os.close(fd)
+            return "job", doc
+        return kind, value
+
+
+class Client:
+    """A connection to jobvisord (see the module docs)."""
+
+    def __init__(self, socket=None, config=None):
+        path = socket or os.environ.get("JOBVISOR_SOCKET") or socket_from_config(config)
+        self.conn = Connection(path)
+        self.daemon = self.conn.hello
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, payload, fd=None):
+        self.conn.send(payload, fd)
+        kind, value = self.conn.recv()
+        if kind == "error":
+            raise value
+        return kind, value
+
+    def _expect(self, want, payload):
+        kind, value = self._call(payload)
+        if kind != want:
+            raise Error("failed", f"unexpected answer from jobvisord: {kind}")
+        return value
+
+    def status(self, pool=None):
+        """The pools (dicts with their workers), or just `pool`."""
+        return self._expect("status", b"\x01" + w.option(pool, w.string))
+
+    def scale(self, pool, workers):
+        return self._expect("ok", b"\x02" + w.string(pool) + w.uvarint(workers))
+
+    def restart(self, pool):
+        return self._expect("ok", b"\x03" + w.string(pool))
+
+    def reload(self):
+        return self._expect("ok", b"\x04")
+
+    def shutdown(self, now=False):
+        return self._expect("ok", b"\x05" + w.boolean(now))
+
+    def submit(self, pool, data, *, timeout=None, max_attempts=None, priority=0, key=None,
+               wait=False):
+        """Submits one job; returns its id once it is durable, or with
+        ``wait=True`` its final :class:`Job` (with the output)."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        options = _options(timeout, max_attempts, priority, key)
+        fd = None
+        if len(data) >= FD_PAYLOAD_MIN:
+            fd = sealed_memfd(data)
+        try:
+            payload = encode_submit(pool, len(data) if fd is not None else data, options, wait, fd is not None)
+            kind, value = self._call(payload, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if kind != "submitted":
+            raise Error("failed", f"unexpected answer to a submit: {kind}")
+        if not wait:
+            return value
+        kind, job = self.conn.recv()
+        if kind == "error":
+            raise job
+        return job
+
+    def _stream(self, payload):
+        """Sends a request answered by a stream that ends with `End`, and
+        yields its items; an `Error` in the stream is raised once the stream
+        has ended, so the connection stays usable."""
+        self.conn.send(payload)
+        error = None
+        while True:
+            kind, value = self.conn.recv()
+            if kind == "end":
+                break
+            if kind == "error":
+                error = error or value
+            else:
+                yield value
+        if error is not None:
+            raise error
+
+    def wait(self, *ids):
+        """The final documents of `ids` (without outputs), in the order they
+        finish."""
+        return list(self._stream(b"\x07" + w.uvarint(len(ids)) + b"".join(w.uvarint(i) for i in ids)))
+
+    def result(self, job_id):
+        return self._expect("job", b"\x08" + w.uvarint(job_id))
+
+    def cancel(self, job_id):
+        return self._expect("ok", b"\x09" + w.uvarint(job_id))
+
+    def jobs(self, pool=None, state=None, limit=None):
+        """Job documents (without outputs), newest first."""
+        st = None if state is None else JOB_STATES.index(state)
+        return list(self._stream(b"\x0a" + w.option(pool, w.string) + w.option(st, w.uvarint)
+                                 + w.option(limit, w.uvarint)))
+
+    def events(self):
+        """Yields event dicts until the daemon shuts down (or you stop)."""
+        return self._stream(b"\x0b")

@@ -1,0 +1,308 @@
+"""A jobvisor worker in Python.
+
+    python3 -m jobvisor.worker MODULE:FUNC   serve FUNC(input) -> bytes
+    python3 -m jobvisor.worker --call        serve pickled calls (jobvisor.Executor)
+
+MODULE is imported once; if it has a ``setup()`` function, that runs once before
+the worker reports ``Ready`` (load a model, open connections). FUNC gets each
+job's input as a bytes-like object and returns the output (``bytes``,
+``bytearray``, ``memoryview`` or ``str``, which is UTF-8 encoded); an exception
+fails the job with ``"ExceptionType: message"`` (not retried). A large input
+(over the pool's ``inline_limit``) is a read-only ``memoryview`` of the shared
+memory arena, not a copy: it is valid only until FUNC returns, so copy it
+(``bytes(view)``) to keep it. A large output is copied once, into the arena.
+
+The worker runs one job at a time, in the order received (docs/PROTOCOL.md,
+section 8). A ``Cancel`` for a job that has not started yet answers it as failed
+("cancelled"); a running job is finished. ``Shutdown`` or the end of fd 3 exits
+0; SIGTERM (the pool's default ``stop_signal``) ends the process at once, which
+the daemon expects.
+
+Exit statuses: 0 after Shutdown or end of stream; 1 when the daemon is gone
+(writing fd 4 fails); 2 for a protocol error or a bad command line / environment.
+"""
+
+import collections
+import importlib
+import mmap
+import os
+import pickle
+import sys
+import traceback
+
+from . import _wire as w
+
+PAGE = 4096
+ALIGN = 64
+PICKLED_EXCEPTION = w.PICKLED_EXCEPTION
+
+
+class _Arena:
+    """The worker's view of fd 5: the daemon-owned input region is read in
+    place; outputs are placed in the worker-owned output region, in slots the
+    daemon releases after copying them out."""
+
+    def __init__(self, fd, size):
+        self.size = size
+        self.map = None
+        if size <= 0:
+            self.input = self.output = (0, 0)
+            return
+        pages = size // PAGE
+        in_pages = (pages + 1) // 2
+        self.input = (0, in_pages * PAGE)
+        self.output = (in_pages * PAGE, pages * PAGE)
+        if pages:
+            self.map = mmap.mmap(fd, pages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.view = memoryview(self.map)
+        self.live = {}  # offset -> reserved length, in the output region
+
+    def input_view(self, offset, length):
+        start, end = self.input
+        if self.map is None or offset < start or length > end - offset or offset > end:
+            raise w.ProtocolError(
+                f"shared-memory input [{offset}, +{length}) is outside the input region [{start}, {end})")
+        return self.view[offset:offset + length].toreadonly()
+
+    def alloc(self, length):
+        """The offset of a free output slot of `length` bytes, or None."""
+        if self.map is None:
+            return None
+        start, end = self.output
+        need = max(ALIGN, -(-length // ALIGN) * ALIGN)
+        at = start
+        for off in sorted(self.live):
+            if off - at >= need:
+                break
+            at = max(at, off + self.live[off])
+        if end - at < need:
+            return None
+        self.live[at] = need
+        return at
+
+    def release(self, offset):
+        self.live.pop(offset, None)
+
+
+class Worker:
+    def __init__(self, handler):
+        fds = os.environ.get("JOBVISOR_FDS", "")
+        try:
+            self.jobs_fd, self.results_fd, arena_fd = (int(x) for x in fds.split(","))
+        except ValueError:
+            raise SystemExit(_fatal(f"JOBVISOR_FDS={fds!r}: expected three descriptors like 3,4,5; "
+                                    "this program is meant to be started by jobvisord"))
+        self.inline_limit = int(os.environ.get("JOBVISOR_INLINE_LIMIT", str(64 << 10)))
+        shm_size = int(os.environ.get("JOBVISOR_SHM_SIZE", "0"))
+        try:
+            self.arena = _Arena(arena_fd, shm_size)
+        except OSError as e:
+            raise SystemExit(_fatal(f"cannot map the shared-memory arena (fd {arena_fd}): {e}"))
+        self.handler = handler
+        self.frames = w.FrameReader(self.jobs_fd)
+        self.queue = collections.deque()  # (id, attempt, deadline_ms, payload)
+        self.shutdown = False
+
+    # -- sending
+
+    def send(self, payload):
+        try:
+            w.write_all(self.results_fd, w.frame(payload))
+        except BrokenPipeError:
+            raise SystemExit(1)
+
+    def ready(self):
+        self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION) + w.uvarint(os.getpid()))
+
+    def done(self, job_id, output):
+        if len(output) > self.inline_limit:
+            at = self.arena.alloc(len(output))
+            while at is None and self.arena.live and not self.shutdown:
+                # Wait for the daemon to release earlier outputs.
+                self.receive(block=True)
+                at = self.arena.alloc(len(output))
+            if at is not None:
+                self.arena.view[at:at + len(output)] = output
+                self.send(b"\x01" + w.uvarint(job_id) + b"\x01" + w.uvarint(at) + w.uvarint(len(output)))
+                return
+        if len(output) > w.MAX_FRAME_LEN - 32:
+            self.failed(job_id, f"output of {len(output)} bytes fits neither the shared-memory arena "
+                                f"nor a frame; raise the pool's shm_size")
+            return
+        self.send(b"\x01" + w.uvarint(job_id) + b"\x00" + w.bytes_(output))
+
+    def failed(self, job_id, error):
+        self.send(b"\x02" + w.uvarint(job_id) + w.string(error))
+
+    # -- receiving
+
+    def receive(self, block):
+        """Handles the next frame from the daemon; False if none was there
+        (when not blocking)."""
+        try:
+            payload = self.frames.next(block)
+        except EOFError:
+            self.shutdown = True
+            return True
+        if payload is None:
+            return False
+        m = w.Reader(payload)
+        kind = m.uvarint(32)
+        if kind == 0:  # Job
+            job_id, attempt = m.uvarint(), m.uvarint(32)
+            deadline = m.option(m.uvarint)
+            tag = m.uvarint(32)
+            if tag == 0:
+                data = ("inline", m.bytes_())
+            elif tag == 1:
+                data = ("shm", m.uvarint(), m.uvarint())
+            else:
+                raise w.ProtocolError(f"unknown Payload variant {tag}")
+            m.end()
+            if not self.shutdown:
+                self.queue.append((job_id, attempt, deadline, data))
+        elif kind == 1:  # Cancel
+            job_id = m.uvarint()
+            m.end()
+            for job in list(self.queue):
+                if job[0] == job_id:
+                    self.queue.remove(job)
+                    self.failed(job_id, "cancelled")
+        elif kind == 2:  # Shutdown
+            m.end()
+            self.shutdown = True
+        elif kind == 3:  # Release
+            offset, _length = m.uvarint(), m.uvarint()
+            m.end()
+            self.arena.release(offset)
+        else:
+            raise w.ProtocolError(f"unknown message variant {kind}")
+        return True
+
+    # -- the loop
+
+    def run(self):
+        self.ready()
+        while True:
+            # Whatever arrived meanwhile first (cancels of queued jobs, releases).
+            while self.receive(block=False) and not self.shutdown:
+                pass
+            if self.shutdown:
+                return 0
+            if not self.queue:
+                self.receive(block=True)
+                continue
+            job_id, _attempt, _deadline, data = self.queue.popleft()
+            if data[0] == "inline":
+                job_input = data[1]
+            else:
+                job_input = self.arena.input_view(data[1], data[2])
+            try:
+                output = self.handler(job_input)
+                if isinstance(output, str):
+                    output = output.encode("utf-8")
+                elif output is None:
+                    output = b""
+                output = memoryview(output).cast("B")
+            except _CallFailed as e:
+                self.failed(job_id, str(e))
+                continue
+            except Exception as e:  # the job fails; the worker lives on
+                self.failed(job_id, _describe(e))
+                continue
+            finally:
+                if isinstance(job_input, memoryview):
+                    job_input.release()
+            self.done(job_id, output)
+
+
+def _describe(e):
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return text
+
+
+def _fatal(message):
+    print(f"jobvisor.worker: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _call(job_input):
+    """Runs one pickled call, ``(fn, args, kwargs)``, and pickles its result;
+    an exception is re-raised with the pickled original attached."""
+    fn, args, kwargs = pickle.loads(job_input)
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:
+        raise _CallFailed(e) from None
+    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _CallFailed(Exception):
+    def __init__(self, original):
+        self.original = original
+        tb = "".join(traceback.format_exception(type(original), original, original.__traceback__))
+        try:
+            pickled = pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL).hex()
+        except Exception:
+            pickled = ""
+        super().__init__(tb.rstrip() + (PICKLED_EXCEPTION + pickled if pickled else ""))
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _load(spec):
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise SystemExit(_fatal(f"{spec!r}: expected MODULE:FUNC (e.g. mypkg.jobs:resize)"))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise SystemExit(_fatal(f"cannot import {module_name}: {_describe(e)}"))
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise SystemExit(_fatal(f"{module_name} has no function {func_name}"))
+    setup = getattr(module, "setup", None)
+    if callable(setup):
+        try:
+            setup()
+        except Exception as e:
+            raise SystemExit(_fatal(f"{module_name}.setup() failed: {_describe(e)}"))
+    return func
+
+
+USAGE = """usage: python3 -m jobvisor.worker MODULE:FUNC
+       python3 -m jobvisor.worker --call
+
+MODULE:FUNC  serve FUNC(input: bytes-like) -> bytes; MODULE.setup() runs once first
+--call       serve pickled calls submitted by jobvisor.Executor
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        sys.stderr.write(USAGE)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "--call":
+
+        def handler(job_input):
+            try:
+                return _call(job_input)
+            except _CallFailed:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"cannot run the pickled call: {_describe(e)}") from None
+    else:
+        handler = _load(argv[0])
+    try:
+        return Worker(handler).run()
+    except w.ProtocolError as e:
+        return _fatal(f"protocol error: {e}")
+    except OSError as e:
+        print(f"jobvisor.worker: talking to the daemon failed: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

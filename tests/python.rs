@@ -1,0 +1,260 @@
+//! The Python package (`python/`): its codec unit tests, a
+//! `python3 -m jobvisor.worker MODULE:FUNC` pool driven by `jobvisorctl`
+//! (setup, failures, ordering, shared-memory payloads, `kill -9`), and
+//! `jobvisor.Client` / `jobvisor.Executor` against a real daemon.
+
+use jobvisor::*;
+use nix::sys::signal::Signal;
+use std::process::Command;
+
+/// `<repo>/python`.
+fn python_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+/// The `env` of a pool whose workers import the package and modules in `dir`.
+fn pool_env(dir: &std::path::Path) -> String {
+    format!(
+        "env = {{ PYTHONPATH = \"{}:{}\" }}\n",
+        python_dir().display(),
+        dir.display()
+    )
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+const JOBS_PY: &str = r#"
+import os, time
+SETUP = []
+
+def setup():
+    SETUP.append(os.getpid())
+
+def handle(data):
+    if len(data) > 1000:
+        return bytes(reversed(data))        # large: through the arena
+    text = bytes(data).decode()
+    if text.startswith("fail"):
+        raise ValueError("asked to fail")
+    if text.startswith("sleep:"):
+        time.sleep(float(text[6:]))
+        return "slept"
+    return f"{text.upper()} setup={len(SETUP)}"
+"#;
+
+#[test]
+fn the_python_codec_unit_tests_pass() {
+    let o = Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s", "tests"])
+        .current_dir(python_dir())
+        .output()
+        .expect("python3 (the CI script installs it)");
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("OK"), "{text}");
+}
+
+#[test]
+fn a_python_module_function_serves_a_pool() {
+    let mut d = Daemon::prepare("py-worker", "");
+    std::fs::write(d.dir.path().join("jobs.py"), JOBS_PY).unwrap();
+    let cfg = format!(
+        "{}[pools.py]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"jobs:handle\"]\nworkers = 1\nprefetch = 4\ninline_limit = \"1KiB\"\nshm_size = \"8MiB\"\nbackoff_initial = \"0s\"\nstop_timeout = \"500ms\"\n{}",
+        daemon_section(),
+        pool_env(d.dir.path())
+    );
+    d.write_config(&cfg);
+    d.spawn();
+    let pid = d.wait_ready("py", 1)[0];
+
+    // setup() ran once, before Ready.
+    let r = d.ctl(&["submit", "py", "--input", "hello", "--wait"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "HELLO setup=1"), "{r:?}");
+    // An exception fails the job (exit 1), names it, and the worker lives on.
+    let r = d.ctl(&["--json", "submit", "py", "--input", "fail now", "--wait"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["state"], "failed");
+    assert_eq!(j["error"], "ValueError: asked to fail");
+    // Prefetched jobs come back in order.
+    let lines: String = (0..100).map(|i| format!("line {i}\n")).collect();
+    let r = d.ctl_stdin(&["map", "py", "--ordered"], Some(lines.as_bytes()));
+    assert_eq!(r.code, 0, "{r:?}");
+    let expected: String = (0..100).map(|i| format!("LINE {i} setup=1\n")).collect();
+    assert_eq!(r.stdout, expected);
+    // Over inline_limit both ways: a read-only view of the arena in, the
+    // output through the arena back; bit-exact.
+    for size in [1025, 100_000, 3 << 20] {
+        let input = pattern(size);
+        let f = d.dir.path().join("in");
+        std::fs::write(&f, &input).unwrap();
+        let o = Command::new(bin("jobvisorctl"))
+            .arg("--socket")
+            .arg(d.socket())
+            .args(["submit", "py", "--wait", "--input-file"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut want = input.clone();
+        want.reverse();
+        assert!(o.stdout == want, "{size} bytes: output differs");
+    }
+    assert_eq!(d.pool("py")["workers"][0]["pid"], pid, "no restart so far");
+
+    // kill -9 mid-job: the attempt is lost, the job runs again and succeeds.
+    let r = d.ctl(&["submit", "py", "--input", "sleep:30"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = r.stdout.trim().to_string();
+    wait_for("the sleep job to run", DEADLINE, || {
+        (d.ctl(&["--json", "result", &id]).json()["state"] == "running").then_some(())
+    });
+    kill(pid, Signal::SIGKILL);
+    wait_for("a new worker", DEADLINE, || {
+        let p = d.pool("py");
+        let w = &p["workers"][0];
+        (w["state"] != "starting" && w["pid"].as_u64().is_some_and(|p| p as u32 != pid))
+            .then_some(())
+    });
+    // The retry sleeps 30 s too: cancel it (the worker finishes a running
+    // job, so the daemon stops it after stop_timeout) and check the lost
+    // attempt.
+    let j = d.ctl(&["--json", "result", &id]).json();
+    assert_eq!(j["attempts"][0]["outcome"], "lost", "{j}");
+    assert_eq!(d.ctl(&["cancel", &id]).code, 0);
+    let r = d.ctl(&["--json", "wait", &id]);
+    let j = r.json();
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(alive(d.pid()));
+    let log = d.log_text();
+    assert!(
+        !log.contains("Warning") && !log.contains("Traceback"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_missing_module_is_a_clear_error_in_the_log() {
+    let d = Daemon::start(
+        "py-missing",
+        &format!(
+            "{}[pools.py]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"no_such_module:f\"]\nworkers = 1\n{}",
+            daemon_section(),
+            pool_env(std::path::Path::new("/nonexistent"))
+        ),
+    );
+    wait_for("the import error in the log", DEADLINE, || {
+        d.log_text()
+            .contains("jobvisor.worker: cannot import no_such_module: ModuleNotFoundError")
+            .then_some(())
+    });
+    assert!(alive(d.pid()));
+}
+
+const CLIENT_PY: &str = r#"
+import os, sys
+from jobvisor import Client, Error, Executor, JobError
+import calls
+
+sock = os.environ["JOBVISOR_SOCKET"]
+with Client() as c:
+    assert c.daemon["protocol_version"] == 1
+    job = c.submit("py", b"hi", wait=True)
+    assert (job.state, job.output) == ("succeeded", b"HI setup=1"), job
+    job_id = c.submit("py", b"queued", priority=5, key="k")
+    assert [d.state for d in c.wait(job_id)] == ["succeeded"]
+    assert c.result(job_id).output == b"QUEUED setup=1"
+    try:
+        c.wait(job_id, 10**9)
+        raise SystemExit("waiting on an unknown job succeeded")
+    except Error as e:
+        assert e.exit_code == 4, e
+    assert c.result(job_id).state == "succeeded"   # the stream was read to its end
+    big = bytes(range(256)) * 8192                      # 2 MiB: a memfd both ways
+    job = c.submit("py", big, wait=True)
+    assert job.output == big[::-1], len(job.output or b"")
+    try:
+        c.submit("nope", b"x")
+        raise SystemExit("unknown pool accepted")
+    except Error as e:
+        assert (e.kind, e.exit_code) == ("not_found", 4), e
+    try:
+        c.result(10**9)
+        raise SystemExit("unknown job found")
+    except Error as e:
+        assert e.exit_code == 4
+    failed = c.submit("py", b"fail", wait=True)
+    assert (failed.state, failed.error) == ("failed", "ValueError: asked to fail")
+    names = sorted(p["name"] for p in c.status())
+    assert names == ["call", "py"], names
+    assert c.jobs(pool="py", limit=1)[0].id == failed.id
+
+with Executor("call", socket=sock) as ex:
+    assert list(ex.map(calls.add, range(300), range(300))) == [2 * i for i in range(300)]
+    f = ex.submit(calls.boom, "key")
+    try:
+        f.result(timeout=30)
+        raise SystemExit("no exception")
+    except KeyError as e:
+        assert e.args == ("key",)
+    assert ex.submit(calls.big, 3 << 20).result(timeout=30) == b"x" * (3 << 20)
+    assert ex.submit(calls.add, "a" * (2 << 20), "b").result(timeout=30)[-2:] == "ab"
+    try:
+        ex.submit(calls.die).result(timeout=60)
+        raise SystemExit("a call that kills its worker succeeded")
+    except JobError as e:
+        assert e.state == "dead", e
+print("client ok")
+"#;
+
+const CALLS_PY: &str = r#"
+import os
+
+def add(a, b):
+    return a + b
+
+def boom(x):
+    raise KeyError(x)
+
+def big(n):
+    return b"x" * n
+
+def die():
+    os._exit(3)
+"#;
+
+#[test]
+fn the_python_client_and_executor_drive_a_daemon() {
+    let mut d = Daemon::prepare("py-client", "");
+    std::fs::write(d.dir.path().join("jobs.py"), JOBS_PY).unwrap();
+    std::fs::write(d.dir.path().join("calls.py"), CALLS_PY).unwrap();
+    std::fs::write(d.dir.path().join("client.py"), CLIENT_PY).unwrap();
+    let env = pool_env(d.dir.path());
+    let cfg = format!(
+        "{}[pools.py]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"jobs:handle\"]\nworkers = 1\ninline_limit = \"1KiB\"\n{env}\
+         [pools.call]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"--call\"]\nworkers = 2\nmax_attempts = 2\nbackoff_initial = \"0s\"\n{env}",
+        daemon_section(),
+    );
+    d.write_config(&cfg);
+    d.spawn();
+    d.wait_ready("py", 1);
+    d.wait_ready("call", 2);
+    let o = Command::new("python3")
+        .arg(d.dir.path().join("client.py"))
+        .env(
+            "PYTHONPATH",
+            format!("{}:{}", python_dir().display(), d.dir.path().display()),
+        )
+        .env("JOBVISOR_SOCKET", d.socket())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && out.contains("client ok"),
+        "{out}\n{err}"
+    );
+    assert!(alive(d.pid()));
+}
