@@ -35,6 +35,11 @@ def noop(x):
     return x
 
 
+# The Python package and this directory (so that workers can import `noop`).
+PY_PATH = os.path.join(ROOT, "python") + ":" + os.path.dirname(os.path.abspath(__file__))
+PY_CALL = ["python3", "-m", "jobvisor.worker", "--call"]
+
+
 def wait_socket(ctl, sock, deadline=20.0):
     end = time.time() + deadline
     while time.time() < end:
@@ -45,17 +50,20 @@ def wait_socket(ctl, sock, deadline=20.0):
 
 
 class Daemon:
-    def __init__(self, prefetch, workers=2):
+    """A daemon with an `echo` pool, or (`python_call`) a pool of
+    `python3 -m jobvisor.worker --call` workers instead."""
+
+    def __init__(self, prefetch, workers=2, python_call=False):
         self.proc = None
         self.log = None
         self.dir = tempfile.mkdtemp(prefix="jobvisor-bench-")
         try:
-            self._start(prefetch, workers)
+            self._start(prefetch, workers, python_call)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, prefetch, workers):
+    def _start(self, prefetch, workers, python_call):
         self.sock = os.path.join(self.dir, "ctl.sock")
         self.ctl = os.path.join(BIN, "jobvisorctl")
         cfg = os.path.join(self.dir, "jobvisor.toml")
@@ -64,7 +72,8 @@ class Daemon:
 control_socket = "ctl.sock"
 state_dir = "state"
 [pools.echo]
-command = ["{os.path.join(BIN, 'jobvisor-worker')}", "echo"]
+command = {json.dumps(PY_CALL if python_call else [os.path.join(BIN, 'jobvisor-worker'), 'echo'])}
+env = {{ PYTHONPATH = {json.dumps(PY_PATH)} }}
 workers = {workers}
 prefetch = {prefetch}
 queue_capacity = 10000000
@@ -171,6 +180,26 @@ def bench_pool(n, chunksize=1, workers=2, timeout=None):
             dt = time.perf_counter() - t
     assert c == n
     return {"jobs_per_s": n / dt, "seconds": dt}
+
+
+def bench_jobvisor_executor(n, prefetch=64, workers=2, timeout=None):
+    """jobvisor.Executor("echo").map(noop, range(n)) on a pool of `workers`
+    Python `--call` workers, every call a durable job, after a 1,000-call
+    warm-up. timeout: the longest the whole map may take."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    from jobvisor import Executor
+    d = Daemon(prefetch, workers, python_call=True)
+    try:
+        with Executor("echo", socket=d.sock) as ex:
+            list(ex.map(noop, range(1000), timeout=timeout))
+            t = time.perf_counter()
+            c = sum(1 for _ in ex.map(noop, range(n), timeout=timeout))
+            dt = time.perf_counter() - t
+        assert c == n
+        return {"jobs_per_s": n / dt, "seconds": dt}
+    finally:
+        d.stop()
 
 
 def bench_executor(n, chunksize=1, workers=2, timeout=None):

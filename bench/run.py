@@ -6,7 +6,9 @@
 Sections, run one after the other on the same machine:
   tiny     tiny-job throughput: `jobvisorctl map echo` (2 workers) vs
            multiprocessing.Pool(2) (chunksize 1 and 64), ProcessPoolExecutor(2)
-           and GNU parallel -j2 (installed with apt-get when absent);
+           and GNU parallel -j2 (installed with apt-get when absent); and
+           jobvisor.Executor (python/) on 2 Python workers against
+           ProcessPoolExecutor(2);
   payload  64 MiB round trip through an echo worker: memcpy bandwidth of this
            machine, jobvisor via the CLI (shm with the store on disk and on
            /dev/shm, inline at 32 MiB), multiprocessing.Pool(1).apply and a
@@ -238,6 +240,22 @@ def sec_tiny(ctx, res):
         r["ratio_jobvisor_over_this"] = ratio
         rows.append((label, f"{r['jobs_per_s']:,.0f} jobs/s" +
                      (f"; jobvisor/this {fmt_ratio(ratio)}" if ratio else ""), "", None))
+    # The same API as ProcessPoolExecutor, on jobvisor: calls pickled into
+    # durable jobs, run by Python workers.
+    print(f"  jobvisor.Executor map noop, N={n:,} x {reps} ...", flush=True)
+    try:
+        r = m["jobvisor_executor"] = repeat(
+            lambda: jobs.bench_jobvisor_executor(n, 64, timeout=per_call), reps)
+        pe = m["executor_cs1"].get("jobs_per_s")
+        ratio = r["jobs_per_s"] / pe if pe else None
+        r["ratio_this_over_process_pool_executor"] = ratio
+        rows.append((f"jobvisor.Executor(2 Python --call workers).map(noop), durable, N={n:,}",
+                     f"{r['jobs_per_s']:,.0f} calls/s" +
+                     (f"; this/ProcessPoolExecutor {fmt_ratio(ratio)}" if ratio else ""), "", None))
+    except Exception as e:
+        m["jobvisor_executor"] = {"error": err_text(e)}
+        rows.append(("jobvisor.Executor(2 Python --call workers).map(noop)",
+                     "error: " + short(m["jobvisor_executor"]["error"]), "", None))
     base = m["pool_cs1"]
     if jv_rate and "jobs_per_s" in base:
         ratio = jv_rate / base["jobs_per_s"]

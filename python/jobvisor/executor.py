@@ -14,10 +14,9 @@ cancelled) raises :class:`JobError` with its state. ``fn`` must be picklable
 by reference: a module-level function the workers can import.
 
 One connection serves all calls: submits are pipelined (they do not wait for
-each other), and one thread reads the answers. ``future.cancel()`` works while
-the call is still on the client side (as with ProcessPoolExecutor); the job of
-a call already submitted keeps running: cancel it with ``jobvisorctl cancel``
-if needed. Options given to the constructor (``timeout`` in seconds,
+each other), and one thread reads the answers. A call is submitted at once, so
+its future is running from the start and ``future.cancel()`` returns False;
+cancel the job itself with ``jobvisorctl cancel`` (or ``Client.cancel``). Options given to the constructor (``timeout`` in seconds,
 ``max_attempts``, ``priority``, ``key``) apply to every call.
 """
 
@@ -90,6 +89,7 @@ class Executor(cf.Executor):
             while True:
                 with self._lock:
                     if self._closed and not self._unacked and not self._by_id:
+                        self._conn.close()
                         return
                 kind, value = self._conn.recv()
                 with self._lock:
@@ -117,15 +117,18 @@ class Executor(cf.Executor):
                 self._by_id.clear()
 
     def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stops accepting calls; with `wait`, waits for every call made.
+        (`cancel_futures` has nothing to cancel: calls are submitted at once.)
+        The connection closes once no call is pending."""
         with self._lock:
             self._closed = True
             pending = list(self._unacked) + list(self._by_id.values())
+            if not pending:
+                self._conn.close()  # wakes the reader, which then ends
         if wait:
             cf.wait(pending)
             self._conn.close()
             self._reader.join()
-        elif not pending:
-            self._conn.close()
 
 
 def _settle(future, job):
