@@ -61,7 +61,7 @@ fn a_python_module_function_serves_a_pool() {
     let mut d = Daemon::prepare("py-worker", "");
     std::fs::write(d.dir.path().join("jobs.py"), JOBS_PY).unwrap();
     let cfg = format!(
-        "{}[pools.py]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"jobs:handle\"]\nworkers = 1\nprefetch = 4\ninline_limit = \"1KiB\"\nshm_size = \"8MiB\"\nbackoff_initial = \"0s\"\nstop_timeout = \"500ms\"\n{}",
+        "{}[pools.py]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"jobs:handle\"]\nworkers = 1\nprefetch = 4\ninline_limit = \"1KiB\"\nshm_size = \"8MiB\"\nbackoff_initial = \"0s\"\nstop_timeout = \"60s\"\n{}",
         daemon_section(),
         pool_env(d.dir.path())
     );
@@ -118,15 +118,24 @@ fn a_python_module_function_serves_a_pool() {
         (w["state"] != "starting" && w["pid"].as_u64().is_some_and(|p| p as u32 != pid))
             .then_some(())
     });
-    // The retry sleeps 30 s too: cancel it (the worker finishes a running
-    // job, so the daemon stops it after stop_timeout) and check the lost
-    // attempt.
-    let j = d.ctl(&["--json", "result", &id]).json();
-    assert_eq!(j["attempts"][0]["outcome"], "lost", "{j}");
+    // The retry sleeps 30 s too: cancel it. The worker stops the running
+    // call and lives on (had it ignored the cancel, the daemon would have
+    // replaced it after stop_timeout: a new pid).
+    let running = wait_for("the retry to run", DEADLINE, || {
+        let j = d.ctl(&["--json", "result", &id]).json();
+        (j["state"] == "running").then_some(j)
+    });
+    assert_eq!(running["attempts"][0]["outcome"], "lost", "{running}");
+    let pid = running["attempts"][1]["pid"].as_u64().unwrap() as u32;
     assert_eq!(d.ctl(&["cancel", &id]).code, 0);
     let r = d.ctl(&["--json", "wait", &id]);
     let j = r.json();
     assert_eq!(j["state"], "cancelled", "{j}");
+    assert_eq!(j["attempts"][1]["error"], "cancelled", "{j}");
+    assert_eq!(d.pool("py")["workers"][0]["pid"], pid, "the worker was not replaced");
+    assert_eq!(d.pool("py")["workers"][0]["restarts"], 1, "only the kill -9");
+    let r = d.ctl(&["submit", "py", "--input", "still warm", "--wait"]);
+    assert_eq!(r.stdout, "STILL WARM setup=1", "{r:?}");
     assert!(alive(d.pid()));
     let log = d.log_text();
     assert!(

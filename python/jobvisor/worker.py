@@ -14,9 +14,13 @@ memory arena, not a copy: it is valid only until FUNC returns, so copy it
 
 The worker runs one job at a time, in the order received (docs/PROTOCOL.md,
 section 8). A ``Cancel`` for a job that has not started yet answers it as failed
-("cancelled"); a running job is finished. ``Shutdown`` or the end of fd 3 exits
-0; SIGTERM (the pool's default ``stop_signal``) ends the process at once, which
-the daemon expects.
+("cancelled"). A thread reads fd 3 all the time, so a ``Cancel`` also reaches a
+running job: the main thread gets signal ``SIGRTMIN+3`` (leave it alone), whose
+handler raises an exception inside FUNC at the next Python bytecode (a blocking
+``time.sleep`` or read is cut short; C code that holds the GIL finishes first);
+the job is answered "cancelled" and the worker keeps its warm state. ``Shutdown``
+or the end of fd 3 exits 0; SIGTERM (the pool's default ``stop_signal``) ends the
+process at once, which the daemon expects.
 
 Exit statuses: 0 after Shutdown or end of stream; 1 when the daemon is gone
 (writing fd 4 fails); 2 for a protocol error or a bad command line / environment.
@@ -27,13 +31,18 @@ import importlib
 import mmap
 import os
 import pickle
+import queue
+import signal
 import sys
+import threading
 import traceback
 
 from . import _wire as w
 
 PAGE = 4096
 ALIGN = 64
+# Sent by the reader thread to the main thread to stop a cancelled job.
+CANCEL_SIGNAL = signal.SIGRTMIN + 3
 PICKLED_EXCEPTION = w.PICKLED_EXCEPTION
 
 
@@ -100,10 +109,15 @@ class Worker:
             raise SystemExit(_fatal(f"cannot map the shared-memory arena (fd {arena_fd}): {e}"))
         self.handler = handler
         self.frames = w.FrameReader(self.jobs_fd)
-        self.queue = collections.deque()  # (id, attempt, deadline_ms, payload)
+        self.inbox = queue.Queue()  # what the reader thread decoded, in order
+        self.jobs = collections.deque()  # (id, attempt, deadline_ms, payload)
         self.shutdown = False
+        # The job the handler is running (None between jobs), and the one a
+        # Cancel asked to stop: read by the signal handler in the main thread.
+        self.running = None
+        self.cancelled = None
 
-    # -- sending
+    # -- sending (main thread only)
 
     def send(self, payload):
         try:
@@ -119,7 +133,7 @@ class Worker:
             at = self.arena.alloc(len(output))
             while at is None and self.arena.live and not self.shutdown:
                 # Wait for the daemon to release earlier outputs.
-                self.receive(block=True)
+                self.handle(self.inbox.get())
                 at = self.arena.alloc(len(output))
             if at is not None:
                 self.arena.view[at:at + len(output)] = output
@@ -134,86 +148,137 @@ class Worker:
     def failed(self, job_id, error):
         self.send(b"\x02" + w.uvarint(job_id) + w.string(error))
 
-    # -- receiving
+    # -- receiving: a thread reads fd 3 all the time, so that a Cancel
+    # reaches a running job
 
-    def receive(self, block):
-        """Handles the next frame from the daemon; False if none was there
-        (when not blocking)."""
+    def read_frames(self):
+        """The reader thread: decodes frames into the inbox; a Cancel of the
+        running job also signals the main thread (see `on_cancel_signal`)."""
         try:
-            payload = self.frames.next(block)
-        except EOFError:
-            self.shutdown = True
-            return True
-        if payload is None:
-            return False
-        m = w.Reader(payload)
-        kind = m.uvarint(32)
-        if kind == 0:  # Job
-            job_id, attempt = m.uvarint(), m.uvarint(32)
-            deadline = m.option(m.uvarint)
-            tag = m.uvarint(32)
-            if tag == 0:
-                data = ("inline", m.bytes_())
-            elif tag == 1:
-                data = ("shm", m.uvarint(), m.uvarint())
-            else:
-                raise w.ProtocolError(f"unknown Payload variant {tag}")
-            m.end()
+            while True:
+                try:
+                    payload = self.frames.next()
+                except EOFError:
+                    self.inbox.put(("shutdown",))
+                    return
+                item = decode_to_worker(payload)
+                if item[0] == "cancel" and item[1] == self.running:
+                    self.cancelled = item[1]
+                    signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
+                self.inbox.put(item)
+        except w.ProtocolError as e:
+            self.inbox.put(("error", f"protocol error: {e}"))
+        except OSError as e:
+            self.inbox.put(("error", f"reading fd 3 failed: {e}"))
+
+    def on_cancel_signal(self, _signum, _frame):
+        # Runs in the main thread between two bytecodes: stop the handler
+        # only if the cancelled job is still the one running.
+        if self.running is not None and self.running == self.cancelled:
+            raise _Cancelled()
+
+    def handle(self, item):
+        kind = item[0]
+        if kind == "job":
             if not self.shutdown:
-                self.queue.append((job_id, attempt, deadline, data))
-        elif kind == 1:  # Cancel
-            job_id = m.uvarint()
-            m.end()
-            for job in list(self.queue):
-                if job[0] == job_id:
-                    self.queue.remove(job)
-                    self.failed(job_id, "cancelled")
-        elif kind == 2:  # Shutdown
-            m.end()
+                self.jobs.append(item[1:])
+        elif kind == "cancel":
+            for job in list(self.jobs):
+                if job[0] == item[1]:
+                    self.jobs.remove(job)
+                    self.failed(item[1], "cancelled")
+        elif kind == "release":
+            self.arena.release(item[1])
+        elif kind == "shutdown":
             self.shutdown = True
-        elif kind == 3:  # Release
-            offset, _length = m.uvarint(), m.uvarint()
-            m.end()
-            self.arena.release(offset)
-        else:
-            raise w.ProtocolError(f"unknown message variant {kind}")
-        return True
+        elif kind == "error":
+            raise SystemExit(_fatal(item[1]))
 
     # -- the loop
 
     def run(self):
+        signal.signal(CANCEL_SIGNAL, self.on_cancel_signal)
+        threading.Thread(target=self.read_frames, name="jobvisor-reader", daemon=True).start()
         self.ready()
         while True:
             # Whatever arrived meanwhile first (cancels of queued jobs, releases).
-            while self.receive(block=False) and not self.shutdown:
-                pass
+            while True:
+                try:
+                    self.handle(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
             if self.shutdown:
                 return 0
-            if not self.queue:
-                self.receive(block=True)
+            if not self.jobs:
+                self.handle(self.inbox.get())
                 continue
-            job_id, _attempt, _deadline, data = self.queue.popleft()
-            if data[0] == "inline":
-                job_input = data[1]
-            else:
-                job_input = self.arena.input_view(data[1], data[2])
+            job_id, _attempt, _deadline, data = self.jobs.popleft()
+            self.run_job(job_id, data)
+
+    def run_job(self, job_id, data):
+        if data[0] == "inline":
+            job_input = data[1]
+        else:
+            job_input = self.arena.input_view(data[1], data[2])
+        try:
             try:
+                self.running = job_id
                 output = self.handler(job_input)
-                if isinstance(output, str):
-                    output = output.encode("utf-8")
-                elif output is None:
-                    output = b""
-                output = memoryview(output).cast("B")
-            except _CallFailed as e:
-                self.failed(job_id, str(e))
-                continue
-            except Exception as e:  # the job fails; the worker lives on
-                self.failed(job_id, _describe(e))
-                continue
             finally:
-                if isinstance(job_input, memoryview):
-                    job_input.release()
-            self.done(job_id, output)
+                self.running = None
+            if isinstance(output, str):
+                output = output.encode("utf-8")
+            elif output is None:
+                output = b""
+            output = memoryview(output).cast("B")
+        except _Cancelled:
+            self.failed(job_id, "cancelled")
+            return
+        except _CallFailed as e:
+            self.failed(job_id, str(e))
+            return
+        except Exception as e:  # the job fails; the worker lives on
+            self.failed(job_id, _describe(e))
+            return
+        finally:
+            if isinstance(job_input, memoryview):
+                job_input.release()
+        self.done(job_id, output)
+
+
+class _Cancelled(BaseException):
+    """Raised in the handler when its job is cancelled (a BaseException, so
+    that a handler's `except Exception` does not swallow it)."""
+
+
+def decode_to_worker(payload):
+    """One ToWorker message as a tuple: ("job", id, attempt, deadline_ms,
+    ("inline", bytes) | ("shm", offset, len)), ("cancel", id),
+    ("shutdown",) or ("release", offset)."""
+    m = w.Reader(payload)
+    kind = m.uvarint(32)
+    if kind == 0:  # Job
+        job_id, attempt = m.uvarint(), m.uvarint(32)
+        deadline = m.option(m.uvarint)
+        tag = m.uvarint(32)
+        if tag == 0:
+            data = ("inline", m.bytes_())
+        elif tag == 1:
+            data = ("shm", m.uvarint(), m.uvarint())
+        else:
+            raise w.ProtocolError(f"unknown Payload variant {tag}")
+        item = ("job", job_id, attempt, deadline, data)
+    elif kind == 1:  # Cancel
+        item = ("cancel", m.uvarint())
+    elif kind == 2:  # Shutdown
+        item = ("shutdown",)
+    elif kind == 3:  # Release
+        offset, _length = m.uvarint(), m.uvarint()
+        item = ("release", offset)
+    else:
+        raise w.ProtocolError(f"unknown message variant {kind}")
+    m.end()
+    return item
 
 
 def _describe(e):
