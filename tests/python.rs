@@ -132,8 +132,16 @@ fn a_python_module_function_serves_a_pool() {
     let j = r.json();
     assert_eq!(j["state"], "cancelled", "{j}");
     assert_eq!(j["attempts"][1]["error"], "cancelled", "{j}");
-    assert_eq!(d.pool("py")["workers"][0]["pid"], pid, "the worker was not replaced");
-    assert_eq!(d.pool("py")["workers"][0]["restarts"], 1, "only the kill -9");
+    assert_eq!(
+        d.pool("py")["workers"][0]["pid"],
+        pid,
+        "the worker was not replaced"
+    );
+    assert_eq!(
+        d.pool("py")["workers"][0]["restarts"],
+        1,
+        "only the kill -9"
+    );
     let r = d.ctl(&["submit", "py", "--input", "still warm", "--wait"]);
     assert_eq!(r.stdout, "STILL WARM setup=1", "{r:?}");
     assert!(alive(d.pid()));
