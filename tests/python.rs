@@ -38,6 +38,8 @@ def handle(data):
     text = bytes(data).decode()
     if text.startswith("fail"):
         raise ValueError("asked to fail")
+    if text == "int":
+        return 42
     if text.startswith("sleep:"):
         time.sleep(float(text[6:]))
         return "slept"
@@ -142,6 +144,12 @@ fn a_python_module_function_serves_a_pool() {
         1,
         "only the kill -9"
     );
+    // A handler returning something that is not bytes-like: a clear error.
+    let r = d.ctl(&["--json", "submit", "py", "--input", "int", "--wait"]);
+    assert_eq!(
+        r.json()["error"],
+        "TypeError: the handler returned int; return bytes, bytearray, memoryview, str or None"
+    );
     let r = d.ctl(&["submit", "py", "--input", "still warm", "--wait"]);
     assert_eq!(r.stdout, "STILL WARM setup=1", "{r:?}");
     assert!(alive(d.pid()));
@@ -207,6 +215,14 @@ with Client() as c:
     names = sorted(p["name"] for p in c.status())
     assert names == ["call", "py"], names
     assert c.jobs(pool="py", limit=1)[0].id == failed.id
+    docs = c.map("py", [f"item {i}" for i in range(50)] + [big])
+    assert [d.output for d in docs[:50]] == [f"ITEM {i} setup=1".encode() for i in range(50)]
+    assert docs[50].output == big[::-1]
+    try:
+        c.map("py", ["a", "b"], priority=1, colour="red")
+        raise SystemExit("unknown option accepted")
+    except TypeError:
+        pass
 
 with Executor("call", socket=sock) as ex:
     assert list(ex.map(calls.add, range(300), range(300))) == [2 * i for i in range(300)]

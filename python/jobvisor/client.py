@@ -24,6 +24,8 @@ import socket
 from . import _wire as w
 
 FD_PAYLOAD_MIN = 1 << 20
+# Client.map: jobs submitted and not yet finished, at most.
+MAP_WINDOW = 256
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out", "dead")
 OUTCOMES = ("succeeded", "failed", "lost", "timed_out", "cancelled")
 POOL_STATES = ("running", "failed", "stopping")
@@ -417,6 +419,52 @@ class Client:
         if kind == "error":
             raise job
         return job
+
+    def map(self, pool, inputs, **options):
+        """Submits one job per input, pipelined (like ``jobvisorctl map``),
+        and returns their final :class:`Job` documents (with outputs) in
+        input order. Options as for :meth:`submit`. A submit the daemon
+        refuses (a full queue, an unknown pool) raises :class:`Error` once
+        the answers of the earlier ones are read."""
+        opts = _options(options.get("timeout"), options.get("max_attempts"),
+                        options.get("priority", 0), options.get("key"))
+        unknown = set(options) - {"timeout", "max_attempts", "priority", "key"}
+        if unknown:
+            raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+        # `Submitted` (or `Error`) replies come in request order, documents
+        # as jobs finish. At most MAP_WINDOW jobs are unfinished at a time,
+        # so neither side's buffers grow without bound.
+        order, docs, errors = [], {}, []
+        sent = 0
+
+        def read_one():
+            kind, value = self.conn.recv()
+            if kind == "submitted":
+                order.append(value)
+            elif kind == "error":
+                errors.append(value)
+            elif kind == "job":
+                docs[value.id] = value
+
+        for data in inputs:
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            fd = sealed_memfd(data) if len(data) >= FD_PAYLOAD_MIN else None
+            try:
+                payload = encode_submit(pool, len(data) if fd is not None else data, opts, True,
+                                        fd is not None)
+                self.conn.send(payload, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            sent += 1
+            while sent - len(errors) - len(docs) >= MAP_WINDOW:
+                read_one()
+        while len(order) + len(errors) < sent or len(docs) < len(order):
+            read_one()
+        if errors:
+            raise errors[0]
+        return [docs[i] for i in order]
 
     def _stream(self, payload):
         """Sends a request answered by a stream that ends with `End`, and

@@ -230,7 +230,11 @@ class Worker:
                 output = output.encode("utf-8")
             elif output is None:
                 output = b""
-            output = memoryview(output).cast("B")
+            try:
+                output = memoryview(output).cast("B")
+            except TypeError:
+                raise TypeError(f"the handler returned {type(output).__name__}; return bytes, "
+                                "bytearray, memoryview, str or None") from None
         except _Cancelled:
             self.failed(job_id, "cancelled")
             return
