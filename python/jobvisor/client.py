@@ -18,6 +18,7 @@ A Client is one connection; it is not thread-safe (use one per thread, or
 """
 
 import array
+import contextlib
 import os
 import socket
 
@@ -182,6 +183,23 @@ def encode_submit(pool, length_or_data, options, wait, fd):
     if fd:
         return b"\x0c" + w.string(pool) + w.uvarint(length_or_data) + options + w.boolean(wait)
     return b"\x06" + w.string(pool) + w.bytes_(length_or_data) + options + w.boolean(wait)
+
+
+@contextlib.contextmanager
+def submit_request(pool, data, options, wait):
+    """The request submitting `data`: yields ``(payload, fd)``, a ``Submit``
+    with the bytes inline and ``fd`` None, or for 1 MiB or more a
+    ``SubmitFd`` and a sealed memfd holding them (closed afterwards)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) < FD_PAYLOAD_MIN:
+        yield encode_submit(pool, data, options, wait, False), None
+        return
+    fd = sealed_memfd(data)
+    try:
+        yield encode_submit(pool, len(data), options, wait, True), fd
+    finally:
+        os.close(fd)
 
 
 def sealed_memfd(data):
@@ -399,18 +417,9 @@ class Client:
                wait=False):
         """Submits one job; returns its id once it is durable, or with
         ``wait=True`` its final :class:`Job` (with the output)."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
         options = _options(timeout, max_attempts, priority, key)
-        fd = None
-        if len(data) >= FD_PAYLOAD_MIN:
-            fd = sealed_memfd(data)
-        try:
-            payload = encode_submit(pool, len(data) if fd is not None else data, options, wait, fd is not None)
+        with submit_request(pool, data, options, wait) as (payload, fd):
             kind, value = self._call(payload, fd)
-        finally:
-            if fd is not None:
-                os.close(fd)
         if kind != "submitted":
             raise Error("failed", f"unexpected answer to a submit: {kind}")
         if not wait:
@@ -447,16 +456,8 @@ class Client:
                 docs[value.id] = value
 
         for data in inputs:
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            fd = sealed_memfd(data) if len(data) >= FD_PAYLOAD_MIN else None
-            try:
-                payload = encode_submit(pool, len(data) if fd is not None else data, opts, True,
-                                        fd is not None)
+            with submit_request(pool, data, opts, True) as (payload, fd):
                 self.conn.send(payload, fd)
-            finally:
-                if fd is not None:
-                    os.close(fd)
             sent += 1
             while sent - len(errors) - len(docs) >= MAP_WINDOW:
                 read_one()

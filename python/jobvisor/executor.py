@@ -27,7 +27,7 @@ import pickle
 import threading
 
 from . import _wire as w
-from .client import FD_PAYLOAD_MIN, Connection, Error, _options, encode_submit, sealed_memfd, socket_from_config
+from .client import Connection, Error, _options, socket_from_config, submit_request
 
 
 class RemoteError(Exception):
@@ -63,10 +63,7 @@ class Executor(cf.Executor):
     def submit(self, fn, /, *args, **kwargs):
         data = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         future = cf.Future()
-        fd = sealed_memfd(data) if len(data) >= FD_PAYLOAD_MIN else None
-        try:
-            payload = encode_submit(self._pool, len(data) if fd is not None else data, self._options,
-                                    True, fd is not None)
+        with submit_request(self._pool, data, self._options, True) as (payload, fd):
             with self._lock:
                 if self._closed:
                     raise RuntimeError("cannot schedule new calls after shutdown")
@@ -79,9 +76,6 @@ class Executor(cf.Executor):
                 except Error as e:
                     self._unacked.remove(future)
                     raise e
-        finally:
-            if fd is not None:
-                os.close(fd)
         return future
 
     def _read(self):

@@ -277,8 +277,8 @@ def decode_to_worker(payload):
     elif kind == 2:  # Shutdown
         item = ("shutdown",)
     elif kind == 3:  # Release
-        offset, _length = m.uvarint(), m.uvarint()
-        item = ("release", offset)
+        item = ("release", m.uvarint())
+        m.uvarint()  # the length: the worker knows its slots
     else:
         raise w.ProtocolError(f"unknown message variant {kind}")
     m.end()
