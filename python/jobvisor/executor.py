@@ -86,21 +86,26 @@ class Executor(cf.Executor):
                         self._conn.close()
                         return
                 kind, value = self._conn.recv()
+                # Only the bookkeeping under the lock; futures are settled
+                # (unpickling, waking waiters) outside it.
+                future = None
                 with self._lock:
                     if kind == "submitted":
-                        future = self._unacked.popleft()
-                        self._by_id[value] = future
+                        self._by_id[value] = self._unacked.popleft()
                     elif kind == "error":
                         # Replies to submits come in request order: an error
                         # here is the oldest unacknowledged submit's.
-                        future = self._unacked.popleft() if self._unacked else None
-                        if future is None:
+                        if not self._unacked:
                             raise value
-                        future.set_exception(value)
+                        future = self._unacked.popleft()
                     elif kind == "job":
                         future = self._by_id.pop(value.id, None)
-                        if future is not None:
-                            _settle(future, value)
+                if future is None:
+                    continue
+                if kind == "error":
+                    future.set_exception(value)
+                else:
+                    _settle(future, value)
         except Exception as e:  # the connection is gone: fail what is left
             with self._lock:
                 self._broken = e if isinstance(e, Error) else Error("failed", str(e))
