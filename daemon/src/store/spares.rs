@@ -57,8 +57,8 @@ const FREE_SPACE_FACTOR: u64 = 8;
 
 /// What the filler thread is told.
 enum Nudge {
-    /// A payload file of this many bytes was just made: keep spares of
-    /// this size ready.
+    /// An output of this many bytes was just written: make spares of this
+    /// size.
     Want(u64),
     /// A file was recycled (restarts the idle countdown).
     Recycled,
@@ -127,8 +127,9 @@ impl Spares {
     /// Creates the payload file `path` for `len` bytes, open for writing at
     /// offset 0 and already `len` bytes long: a spare renamed to `path` when
     /// there is one (the smallest that holds `len` bytes, else the largest;
-    /// none over twice as large), a new file otherwise. With `exclusive`, an existing `path` is an
-    /// error (`AlreadyExists`); without it, it is replaced.
+    /// none over twice as large), a new file otherwise. With `exclusive`,
+    /// an existing `path` is an error (`AlreadyExists`); without it, it is
+    /// replaced.
     ///
     /// The caller writes all `len` bytes (whatever a spare held before is
     /// still there until then) and syncs.
