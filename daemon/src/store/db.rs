@@ -606,8 +606,9 @@ impl Db {
         {
             let mut dead = tx
                 .prepare(
-                    "UPDATE jobs SET state = ?2, attempts = ?3, finished_ms = ?4, error = ?5 \
-                     WHERE id = ?1",
+                    // Dead: its input file is not needed any more.
+                    "UPDATE jobs SET state = ?2, attempts = ?3, finished_ms = ?4, error = ?5, \
+                     input_file_len = NULL WHERE id = ?1",
                 )
                 .map_err(fail)?;
             let mut requeue = tx
@@ -655,6 +656,12 @@ impl Db {
             }
         }
         tx.commit().map_err(fail)?;
+        for change in &changed {
+            if let Change::Dead { id, .. } = change {
+                // Housekeeping: a file left here goes at the next start.
+                let _ = payloads.remove(*id, Kind::Input);
+            }
+        }
         Ok(Recovered {
             jobs,
             next_id: self.max_id + 1,

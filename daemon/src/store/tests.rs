@@ -2095,3 +2095,33 @@ fn ended_inputs_become_spares_and_outputs_never_do() {
     assert!(spares.list().iter().all(|(p, _)| inode(p) != out_ino));
     h.close();
 }
+
+#[test]
+fn a_job_recovered_dead_drops_its_input_file() {
+    let dir = TempDir::new("deadinput");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 11);
+    let job = NewJob {
+        max_attempts: 1,
+        ..job_with_input(1, &big)
+    };
+    h.submit(Op::Insert(job));
+    h.submit(Op::Insert(job_with_input(2, &big)));
+    let seq = h.submit(running(1, vec![attempt(1, None)]));
+    h.wait_durable(seq);
+    let ino = inode(&dir.payload(1, "in"));
+    h.close();
+
+    // Its only attempt was lost with the daemon: dead, and its input goes.
+    let (mut h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![2]);
+    let doc = h.job(1).expect("job 1");
+    assert_eq!(doc.state, JobState::Dead);
+    assert_eq!(payload_names(&dir), ["2.in"]);
+    let spares = h.store.spares().clone();
+    assert!(
+        spares.list().iter().any(|(p, _)| inode(p) == ino),
+        "recycled"
+    );
+    h.close();
+}
