@@ -54,6 +54,7 @@ class _Arena:
     def __init__(self, fd, size):
         self.size = size
         self.map = None
+        self.live = {}  # offset -> reserved length, in the output region
         if size <= 0:
             self.input = self.output = (0, 0)
             return
@@ -64,7 +65,6 @@ class _Arena:
         if pages:
             self.map = mmap.mmap(fd, pages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.view = memoryview(self.map)
-        self.live = {}  # offset -> reserved length, in the output region
 
     def input_view(self, offset, length):
         start, end = self.input
