@@ -167,9 +167,9 @@ class Worker:
                     signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
                 self.inbox.put(item)
         except w.ProtocolError as e:
-            self.inbox.put(("error", f"protocol error: {e}"))
+            self.inbox.put(("error", f"protocol error: {e}", 2))
         except OSError as e:
-            self.inbox.put(("error", f"reading fd 3 failed: {e}"))
+            self.inbox.put(("error", f"reading fd 3 failed: {e}", 1))
 
     def on_cancel_signal(self, _signum, _frame):
         # Runs in the main thread between two bytecodes: stop the handler
@@ -192,7 +192,8 @@ class Worker:
         elif kind == "shutdown":
             self.shutdown = True
         elif kind == "error":
-            raise SystemExit(_fatal(item[1]))
+            _fatal(item[1])
+            raise SystemExit(item[2])
 
     # -- the loop
 
