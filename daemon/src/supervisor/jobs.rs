@@ -131,6 +131,13 @@ impl Job {
     }
 }
 
+/// Whether an input of `len` bytes may reach a worker through its arena:
+/// when over `inline_limit`, and when it is large enough to be kept in a
+/// payload file (see [`Job::through_arena`]), whatever `inline_limit` says.
+fn may_use_arena(len: u64, inline_limit: u64) -> bool {
+    len > inline_limit || len >= crate::store::FILE_PAYLOAD_MIN as u64
+}
+
 /// A submitted job's input.
 pub enum SubmitInput {
     /// In memory.
@@ -166,6 +173,12 @@ impl From<crate::store::InputSource> for SubmitInput {
     }
 }
 
+/// Bytes of an arena of `shm_size` that inputs may use (its input half).
+fn arena_input_capacity(shm_size: u64) -> u64 {
+    let layout = ipc_proto::arena::ArenaLayout::split(shm_size);
+    layout.input.end - layout.input.start
+}
+
 /// What the queue offers a worker.
 enum Next {
     Job(u64),
@@ -173,6 +186,10 @@ enum Next {
     None,
     /// The next job must run alone; this worker already has jobs.
     NeedsEmptyWorker,
+    /// The next job (taken off the queue) can never run in this pool: its
+    /// input does not fit a worker's arena (recovered after `shm_size` was
+    /// lowered). It is to be failed, not waited for.
+    Unrunnable(u64, String),
 }
 
 #[derive(Debug)]
@@ -367,9 +384,8 @@ impl Supervisor {
                 "input of {len} bytes is over the limit of {max_input} bytes for inline payloads; lower pool {pool_name}'s inline_limit so that it goes through shared memory"
             )));
         }
-        let arena_room = ipc_proto::arena::ArenaLayout::split(pool.config.shm_size);
-        let room = arena_room.input.end - arena_room.input.start;
-        if len > pool.config.inline_limit && len > room {
+        let room = arena_input_capacity(pool.config.shm_size);
+        if may_use_arena(len, pool.config.inline_limit) && len > room {
             return Err(CtlError::Invalid(format!(
                 "input of {len} bytes does not fit pool {pool_name}'s shared-memory input area ({room} bytes, half of shm_size); raise shm_size"
             )));
@@ -1183,6 +1199,10 @@ impl Supervisor {
                 match self.next_runnable(name, empty, room) {
                     Next::None => return,
                     Next::NeedsEmptyWorker => continue,
+                    Next::Unrunnable(id, error) => {
+                        self.finish(id, JobState::Failed, None, Some(error), now);
+                        progress = true;
+                    }
                     Next::Job(id) => {
                         self.assign(name, idx, id, now);
                         progress = true;
@@ -1201,6 +1221,7 @@ impl Supervisor {
     /// inputs over `inline_limit` need one).
     fn next_runnable(&mut self, name: &str, worker_empty: bool, room: u64) -> Next {
         let inline_limit = self.pools[name].config.inline_limit;
+        let capacity = arena_input_capacity(self.pools[name].config.shm_size);
         let sems = self.pools[name].config.semaphores.clone();
         for s in &sems {
             let limit = self.semaphores.get(s).copied().unwrap_or(u32::MAX);
@@ -1224,6 +1245,14 @@ impl Supervisor {
                 None => {
                     queue.pop();
                     continue;
+                }
+                Some(j) if j.through_arena(inline_limit) && j.input_len() > capacity => {
+                    let error = format!(
+                        "input of {} bytes does not fit pool {name}'s shared-memory input area ({capacity} bytes, half of shm_size); raise shm_size and submit it again",
+                        j.input_len()
+                    );
+                    queue.pop();
+                    return Next::Unrunnable(entry.id, error);
                 }
                 Some(j) if j.suspect && !worker_empty => return Next::NeedsEmptyWorker,
                 // Its input goes through shared memory and this worker's

@@ -501,11 +501,17 @@ mod jobs {
 
     impl JobSim {
         fn new(pools: &str) -> JobSim {
+            JobSim::with_recovered(pools, Vec::new())
+        }
+
+        /// Started with `jobs` recovered from the store.
+        fn with_recovered(pools: &str, jobs: Vec<crate::store::RecoveredJob>) -> JobSim {
             let config = cfg(pools);
             let mut sup = Supervisor::new(&config, 7, Instant::now(), 1_700_000_000_000);
+            let next_id = jobs.iter().map(|j| j.job.id).max().unwrap_or(0) + 1;
             sup.recover(Recovered {
-                jobs: Vec::new(),
-                next_id: 1,
+                jobs,
+                next_id,
                 counts: Default::default(),
             });
             let now = Instant::now();
@@ -874,6 +880,30 @@ mod jobs {
             }
             other => panic!("{other:?}"),
         }
+        // Within inline_limit, but large enough to be kept in a payload
+        // file, from where it goes through the arena: it must fit there
+        // too (accepted, it would have stalled the pool).
+        let mut s = JobSim::new(&pool(
+            "a",
+            1,
+            "inline_limit = \"2MiB\"\nshm_size = \"2MiB\"",
+        ));
+        s.sim.sup.submit(
+            1,
+            "a",
+            vec![0u8; 3 << 19],
+            JobOptions::default(),
+            false,
+            s.sim.now,
+        );
+        s.pump();
+        match &s.replies[0].1 {
+            Response::Error { kind, message } => {
+                assert_eq!(*kind, ipc_proto::control::ErrorKind::Invalid);
+                assert!(message.contains("shm_size"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
         // Over the frame limit but within the arena: accepted.
         let mut s = JobSim::new(&pool("a", 1, ""));
         s.sim.sup.submit(
@@ -892,5 +922,53 @@ mod jobs {
             "{:?}",
             s.replies.first()
         );
+    }
+
+    /// A recovered job whose input no longer fits the arena (shm_size was
+    /// lowered) is failed with a clear error instead of blocking the
+    /// pool's queue; the job behind it runs.
+    #[test]
+    fn a_recovered_input_too_large_for_the_arena_fails_and_the_queue_moves() {
+        let recovered =
+            |id: u64, input: &[u8], input_file: Option<u64>| crate::store::RecoveredJob {
+                job: crate::store::NewJob {
+                    id,
+                    pool: "a".into(),
+                    priority: 0,
+                    key: None,
+                    max_attempts: 3,
+                    timeout_ms: None,
+                    input: input.into(),
+                    input_source: None,
+                    created_ms: 1,
+                },
+                attempts: Vec::new(),
+                input_file,
+            };
+        let mut s = JobSim::with_recovered(
+            &pool("a", 1, "shm_size = \"2MiB\""),
+            vec![
+                recovered(1, b"", Some(3 << 20)),
+                recovered(2, b"small", None),
+            ],
+        );
+        let w = s.sim.procs("a")[0].unwrap();
+        assert_eq!(
+            s.jobs_sent_to(w),
+            vec![(2, 1)],
+            "job 2 runs, job 1 never does"
+        );
+        let failed = s
+            .stored
+            .iter()
+            .find_map(|op| match op {
+                Op::Update(u) if u.id == 1 => Some(u.clone()),
+                _ => None,
+            })
+            .expect("job 1's final row");
+        assert_eq!(failed.state, JobState::Failed);
+        let error = failed.error.unwrap_or_default();
+        assert!(error.contains("raise shm_size"), "{error}");
+        assert!(failed.drop_input_file, "its input file goes");
     }
 }
