@@ -945,7 +945,7 @@ mod jobs {
                 attempts: Vec::new(),
                 input_file,
             };
-        let mut s = JobSim::with_recovered(
+        let s = JobSim::with_recovered(
             &pool("a", 1, "shm_size = \"2MiB\""),
             vec![
                 recovered(1, b"", Some(3 << 20)),
