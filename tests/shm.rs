@@ -197,6 +197,61 @@ fn a_worker_cannot_shrink_its_arena() {
     );
 }
 
+/// A `SubmitFd` is a request like any other: before `Hello` it is refused
+/// and the connection closed, and nothing is submitted.
+#[test]
+fn a_submit_fd_before_hello_is_refused() {
+    use ipc_proto::control::{JobOptions, Request, Response};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let d = Daemon::start("shm-nohello", &cfg(""));
+    d.wait_ready("echo", 2);
+    let input = d.dir.path().join("in");
+    std::fs::write(&input, pattern(2 << 20)).unwrap();
+    let file = std::fs::File::open(&input).unwrap();
+    let mut frame = Vec::new();
+    let req = Request::SubmitFd {
+        pool: "echo".into(),
+        len: 2 << 20,
+        options: JobOptions::default(),
+        wait: false,
+    };
+    ipc_proto::encode_frame(&req, &mut frame).unwrap();
+    let mut sock = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    let fds = [file.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(&frame)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(sent, frame.len());
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut answer = Vec::new();
+    sock.read_to_end(&mut answer).unwrap(); // the daemon closes the connection
+    let resp: Response = ipc_proto::decode(&answer[4..]).unwrap();
+    match resp {
+        Response::Error { message, .. } => {
+            assert_eq!(message, "the first request must be Hello")
+        }
+        other => panic!("{other:?}"),
+    }
+    let p = d.pool("echo");
+    assert_eq!(
+        (p["queued"].as_u64(), p["succeeded"].as_u64()),
+        (Some(0), Some(0)),
+        "{p}"
+    );
+    assert_eq!(
+        d.ctl(&["jobs"]).stdout,
+        "no jobs\n",
+        "nothing was submitted"
+    );
+}
+
 #[test]
 fn a_full_arena_backs_off_instead_of_failing() {
     // One worker, input half of 128 KiB, inputs of 100 KiB, several in

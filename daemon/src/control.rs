@@ -258,25 +258,11 @@ pub struct Client {
     pub paused: bool,
 }
 
-/// One decoded request.
-pub enum Incoming {
-    /// Any request but [`Request::SubmitFd`].
-    Request(Request),
-    /// A [`Request::SubmitFd`] with the descriptor that came with it; the
-    /// reactor checks the size before reading the input (see
-    /// [`fdpass::read_payload`]).
-    SubmitFd {
-        /// Target pool.
-        pool: String,
-        /// Announced input length.
-        len: u64,
-        /// Per-job options.
-        options: ipc_proto::control::JobOptions,
-        /// Also send the finished job document.
-        wait: bool,
-        /// The input.
-        fd: OwnedFd,
-    },
+/// One decoded request, with the descriptor that came with it (a
+/// [`Request::SubmitFd`]'s input; `None` for every other request).
+pub struct Incoming {
+    pub req: Request,
+    pub fd: Option<OwnedFd>,
 }
 
 /// Result of reading from a client.
@@ -335,24 +321,15 @@ impl Client {
     fn drain(&mut self, reqs: &mut Vec<Incoming>) -> Result<(), String> {
         while let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
             let req = decode::<Request>(frame).map_err(|e| e.to_string())?;
-            reqs.push(match req {
-                Request::SubmitFd {
-                    pool,
-                    len,
-                    options,
-                    wait,
-                } => Incoming::SubmitFd {
-                    pool,
-                    len,
-                    options,
-                    wait,
-                    fd: self
-                        .fds_in
+            let fd = match req {
+                Request::SubmitFd { .. } => Some(
+                    self.fds_in
                         .pop_front()
                         .ok_or("SubmitFd without a file descriptor")?,
-                },
-                other => Incoming::Request(other),
-            });
+                ),
+                _ => None,
+            };
+            reqs.push(Incoming { req, fd });
         }
         Ok(())
     }

@@ -1535,17 +1535,8 @@ impl Reactor {
 
     /// Requests of one client, in order.
     fn on_incoming(&mut self, id: u64, reqs: Vec<Incoming>) {
-        for r in reqs {
-            match r {
-                Incoming::Request(req) => self.handle_request(id, req),
-                Incoming::SubmitFd {
-                    pool,
-                    len,
-                    options,
-                    wait,
-                    fd,
-                } => self.submit_fd(id, pool, len, options, wait, fd),
-            }
+        for Incoming { req, fd } in reqs {
+            self.handle_request(id, req, fd);
         }
     }
 
@@ -1564,18 +1555,16 @@ impl Reactor {
     ) {
         let now = Instant::now();
         if let Err(e) = self.core.check_input_len(&pool, len) {
-            self.core.refuse_submit(id, e);
-            return self.run_actions();
+            return self.core.refuse_submit(id, e);
         }
         if len < crate::store::FILE_PAYLOAD_MIN as u64 {
             // Small: read now (a page-cache read of under a mebibyte).
-            match crate::fdpass::read_payload(fd, len, "input") {
+            return match crate::fdpass::read_payload(fd, len, "input") {
                 Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
                 Err(e) => self
                     .core
                     .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
-            }
-            return self.run_actions();
+            };
         }
         // Large: never read into memory. The store copies the file into the
         // job's payload file in the kernel, and a worker's arena is filled
@@ -1592,10 +1581,11 @@ impl Reactor {
                 .core
                 .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
         }
-        self.run_actions();
     }
 
-    fn handle_request(&mut self, id: u64, req: Request) {
+    /// One request (and, for a `SubmitFd`, its descriptor): `Hello` first,
+    /// then anything.
+    fn handle_request(&mut self, id: u64, req: Request, fd: Option<OwnedFd>) {
         let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
         let resp = if !greeted {
             Some(match req {
@@ -1643,14 +1633,16 @@ impl Reactor {
                     self.core.submit(id, &pool, input.0, options, wait, now);
                     None
                 }
-                Request::SubmitFd { .. } => {
-                    // `control::Client` turns these into `Submit`s.
-                    self.core.refuse_submit(
-                        id,
-                        crate::supervisor::CtlError::Invalid(
-                            "submit: the input's file descriptor was not received".into(),
-                        ),
-                    );
+                Request::SubmitFd {
+                    pool,
+                    len,
+                    options,
+                    wait,
+                } => {
+                    // `control::Client` pairs every SubmitFd with its
+                    // descriptor or drops the connection.
+                    let fd = fd.expect("a SubmitFd comes with its descriptor");
+                    self.submit_fd(id, pool, len, options, wait, fd);
                     None
                 }
                 Request::Wait { ids } => {
