@@ -4,10 +4,11 @@
 //! [`Response::JobFd`](ipc_proto::control::Response::JobFd)).
 //!
 //! Framing rule, used by both sides: a descriptor is attached to the first
-//! byte of the frame that refers to it, one per frame. The kernel never
-//! merges a message carrying descriptors with earlier bytes in one
-//! `recvmsg`, so a reader that collects the descriptors of every `recvmsg`
-//! into a FIFO finds, for each such frame, its descriptor at the head of the
+//! byte of the frame that refers to it, one per frame. A `recvmsg` returns
+//! a message's descriptors with its first bytes and stops at the end of
+//! that message (it may start with earlier bytes, never go on to later
+//! ones), so a reader that collects the descriptors of every `recvmsg` into
+//! a FIFO finds, for each such frame, its descriptor at the head of the
 //! FIFO when the frame has been decoded. Every read of a control socket goes
 //! through [`recv`]: a plain `read` would make the kernel close descriptors
 //! it carries.
@@ -174,15 +175,20 @@ mod tests {
         assert_eq!(send(&a, b"AAAA", &one).unwrap(), 4);
         (&a).write_all(b"plain").unwrap();
         assert_eq!(send(&a, b"BB", &two).unwrap(), 2);
+        // A read that returns a descriptor ends with the message that
+        // carried it (earlier plain bytes may come along, later ones never).
         let mut fds = VecDeque::new();
-        let mut got = Vec::new();
         let mut buf = [0u8; 64];
-        while got.len() < 11 {
+        for (bytes, fds_so_far) in [(&b"AAAA"[..], 1), (b"plainBB", 2)] {
             let n = recv(&b, &mut buf, &mut fds).unwrap();
-            got.extend_from_slice(&buf[..n]);
+            assert_eq!(&buf[..n], bytes);
+            assert_eq!(
+                fds.len(),
+                fds_so_far,
+                "after {:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
-        assert_eq!(got, b"AAAAplainBB");
-        assert_eq!(fds.len(), 2);
         let first = read_payload(fds.pop_front().unwrap(), 13, "input").unwrap();
         assert_eq!(first, b"first payload");
         let second = read_payload(fds.pop_front().unwrap(), 6, "input").unwrap();
