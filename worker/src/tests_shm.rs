@@ -25,7 +25,7 @@ const OUT_START: u64 = 32 * 1024;
 
 #[path = "../tests/support/mem.rs"]
 mod mem;
-use mem::Mem;
+use mem::{pattern, release_of, Mem};
 
 /// A fresh memfd arena of `size` bytes and the daemon's mapping of it.
 fn new_arena(size: usize) -> (OwnedFd, Mem) {
@@ -138,14 +138,7 @@ impl Daemon {
 
     /// Job `id` with `input` written at `offset` of the input region.
     fn shm_job(&self, id: JobId, offset: u64, input: &[u8]) -> ToWorker {
-        self.mem.write(offset, input);
-        job(
-            id,
-            Payload::Shm {
-                offset,
-                len: input.len() as u64,
-            },
-        )
+        job(id, self.mem.put(offset, input))
     }
 
     /// The next message, which must be `Done` for `id`: its payload, and
@@ -154,10 +147,7 @@ impl Daemon {
     fn done(&mut self, want: JobId) -> (Payload, Vec<u8>) {
         match self.recv() {
             FromWorker::Done { id, output } if id == want => {
-                let bytes = match &output {
-                    Payload::Inline(b) => b.to_vec(),
-                    Payload::Shm { offset, len } => self.mem.read(*offset, *len),
-                };
+                let bytes = self.mem.bytes(&output);
                 (output, bytes)
             }
             other => panic!("expected Done for job {want}, got {other:?}"),
@@ -165,10 +155,9 @@ impl Daemon {
     }
 
     fn release(&mut self, payload: &Payload) {
-        let Payload::Shm { offset, len } = *payload else {
-            panic!("not a shared-memory payload: {payload:?}")
-        };
-        self.send(&[ToWorker::Release { offset, len }]);
+        let release = release_of(payload)
+            .unwrap_or_else(|| panic!("not a shared-memory payload: {payload:?}"));
+        self.send(&[release]);
     }
 
     fn outcome(&self) -> Result<Stop, ServeError> {
@@ -199,13 +188,6 @@ fn job(id: JobId, input: Payload) -> ToWorker {
 
 fn inline_job(id: JobId, input: &[u8]) -> ToWorker {
     job(id, Payload::Inline(input.into()))
-}
-
-/// Deterministic bytes, different per `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
 }
 
 /// Input = decimal length of the output wanted; output = `pattern(len, id)`
