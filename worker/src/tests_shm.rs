@@ -221,6 +221,15 @@ fn append_handler() -> Handler {
     })
 }
 
+/// The three handlers above, named: the same outputs by each output path.
+fn every_handler() -> [(&'static str, Handler); 3] {
+    [
+        ("vec", vec_handler()),
+        ("reserve", reserve_handler()),
+        ("append", append_handler()),
+    ]
+}
+
 fn want(len: usize) -> Vec<u8> {
     len.to_string().into_bytes()
 }
@@ -260,11 +269,7 @@ fn shm_input_is_read_in_place() {
 
 #[test]
 fn outputs_over_the_limit_come_back_in_the_output_region() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         let mut id = 0;
         for len in [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 5000, 20_000, 32 * KIB] {
@@ -438,11 +443,7 @@ fn bad_shm_input_references_are_protocol_errors() {
 
 #[test]
 fn a_full_output_region_waits_for_release() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         // Prefetched together: job 2 runs right after job 1.
         d.send(&[inline_job(1, &want(20_000)), inline_job(2, &want(20_000))]);
@@ -509,11 +510,7 @@ fn a_wait_for_room_ends_on_timeout_cancel_or_end_of_stream() {
 
 #[test]
 fn an_output_larger_than_the_output_region() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         // Over 32 KiB: inline, since it fits in a frame.
         d.send(&[inline_job(1, &want(40_000))]);
