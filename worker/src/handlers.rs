@@ -28,7 +28,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sha2::{Digest, Sha256};
 
 use crate::context::JobContext;
-use crate::output::Output;
+use crate::output::{Output, MAX_INLINE_OUTPUT};
 
 /// Output = input.
 pub fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
@@ -71,8 +71,6 @@ fn hex_digest(input: &[u8], out: &mut [u8; 64]) {
 
 /// How much of a failed command's stderr goes into the error message.
 const STDERR_TAIL: usize = 2048;
-/// A command's stdout beyond this cannot be sent inline; the job fails.
-const MAX_OUTPUT: usize = ipc_proto::MAX_FRAME_LEN - 64;
 const CHUNK: usize = 64 << 10;
 
 /// Runs a command per job: the input on its stdin, its stdout as the output.
@@ -117,7 +115,9 @@ impl Exec {
             Ok(captured) => captured,
             Err(Abort::Cancelled) => return Err(crate::CANCELLED.to_owned()),
             Err(Abort::TooLarge) => {
-                return Err(format!("output exceeds the {MAX_OUTPUT}-byte inline limit"))
+                return Err(format!(
+                    "output exceeds the {MAX_INLINE_OUTPUT}-byte inline limit"
+                ))
             }
             Err(Abort::Io(e)) => return Err(format!("cannot talk to the command: {e}")),
         };
@@ -278,7 +278,8 @@ fn communicate(child: &mut Child, ctx: &JobContext, input: &[u8]) -> Result<Capt
         if ready[2] && drain(&mut stdout, &mut out, &mut chunk)? {
             stdout = None;
         }
-        if out.len() > MAX_OUTPUT {
+        // A command's stdout beyond this cannot be sent inline: the job fails.
+        if out.len() > MAX_INLINE_OUTPUT {
             return Err(Abort::TooLarge);
         }
         if ready[3] && drain(&mut stderr, &mut err, &mut chunk)? {

@@ -344,12 +344,10 @@ impl Output {
         self.data = Data::Heap(v);
     }
 
-    /// Drops the output (the job failed), freeing its slot; ready for the
-    /// next job.
+    /// Drops the output (the job failed, or the `Output` goes away),
+    /// freeing its slot.
     pub(crate) fn discard(&mut self) {
         let data = std::mem::replace(&mut self.data, Data::Heap(Vec::new()));
-        self.hint = 0;
-        self.gave_up = false;
         if let Data::Shared { slot, .. } = data {
             if let Some(shm) = self.shm() {
                 shm.free(slot);
@@ -358,70 +356,46 @@ impl Output {
     }
 
     /// The payload for `Done` (or the error for `Failed`); leaves the output
-    /// empty, ready for the next job. A shared-memory payload is handed out
-    /// here: its slot is the daemon's until `Release`.
+    /// empty. A shared-memory payload is handed out here: its slot is the
+    /// daemon's until `Release`. (The serving loop makes a fresh `Output`
+    /// per job, so nothing else needs resetting.)
     pub(crate) fn finish(&mut self) -> Result<Payload, String> {
-        let result = self.finish_inner();
-        self.discard();
-        result
-    }
-
-    fn finish_inner(&mut self) -> Result<Payload, String> {
         let limit = self.sink.as_ref().map_or(usize::MAX, |s| s.inline_limit);
-        let len = self.len();
-        if len <= limit && !self.is_shared() {
-            // The common case: small, inline.
-            return inline(self.take_vec(), self.shm());
+        let shm = self.sink.as_ref().and_then(|s| s.shm.clone());
+        if self.is_shared() && self.len() <= limit {
+            // Shrunk back under the limit: inline after all, and the slot
+            // is freed.
+            let v = self.as_slice().to_vec();
+            self.discard();
+            return inline(v, shm.as_deref());
         }
-        let Some(shm) = self.sink.as_ref().and_then(|s| s.shm.clone()) else {
-            return inline(self.take_vec(), None);
-        };
-        if let Data::Shared { .. } = self.data {
-            if len <= limit {
-                // Shrunk back under the limit: inline after all (the slot is
-                // freed by `discard`).
-                return inline(self.as_slice().to_vec(), Some(&shm));
-            }
-            let Data::Shared { slot, .. } =
-                std::mem::replace(&mut self.data, Data::Heap(Vec::new()))
-            else {
-                unreachable!()
-            };
-            return Ok(shm.hand_out(slot, len as u64));
-        }
-        if len <= limit || len as u64 > shm.capacity() || self.gave_up {
-            return inline(self.take_vec(), Some(&shm));
-        }
-        // A `Vec` over the limit (from `run`/`run_with`, or one that could
-        // not grow in place): one copy into a slot.
-        let Some(slot) = self.acquire(len as u64, len as u64) else {
-            return inline(self.take_vec(), Some(&shm));
-        };
-        // SAFETY: a fresh slot of `len` bytes, this output's alone (see
-        // `as_slice`); the `Vec` is process memory, so the ranges cannot
-        // overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.as_slice().as_ptr(),
-                shm.arena.ptr_at(slot.offset()),
-                len,
-            );
-        }
-        Ok(shm.hand_out(slot, len as u64))
-    }
-
-    /// The output as a `Vec` (only called on a `Heap` output), leaving it
-    /// empty.
-    fn take_vec(&mut self) -> Vec<u8> {
         match std::mem::replace(&mut self.data, Data::Heap(Vec::new())) {
-            Data::Heap(v) => v,
-            shared => {
-                let v = {
-                    self.data = shared;
-                    self.as_slice().to_vec()
+            Data::Shared { slot, len } => {
+                let shm = shm.expect("a shared output has an arena");
+                Ok(shm.hand_out(slot, len as u64))
+            }
+            Data::Heap(v) => {
+                let len = v.len();
+                let Some(shm) = shm else {
+                    return inline(v, None);
                 };
-                self.discard();
-                v
+                if len <= limit || len as u64 > shm.capacity() || self.gave_up {
+                    // The common case (small), or one that can only go
+                    // inline.
+                    return inline(v, Some(&shm));
+                }
+                // A `Vec` over the limit (from `run`/`run_with`, or one that
+                // could not grow in place): one copy into a slot.
+                let Some(slot) = self.acquire(len as u64, len as u64) else {
+                    return inline(v, Some(&shm));
+                };
+                // SAFETY: a fresh slot of `len` bytes, this output's alone
+                // (see `as_slice`); the `Vec` is process memory, so the
+                // ranges cannot overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), shm.arena.ptr_at(slot.offset()), len);
+                }
+                Ok(shm.hand_out(slot, len as u64))
             }
         }
     }

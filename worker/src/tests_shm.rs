@@ -25,7 +25,7 @@ const OUT_START: u64 = 32 * 1024;
 
 #[path = "../tests/support/mem.rs"]
 mod mem;
-use mem::Mem;
+use mem::{pattern, release_of, Mem};
 
 /// A fresh memfd arena of `size` bytes and the daemon's mapping of it.
 fn new_arena(size: usize) -> (OwnedFd, Mem) {
@@ -138,14 +138,7 @@ impl Daemon {
 
     /// Job `id` with `input` written at `offset` of the input region.
     fn shm_job(&self, id: JobId, offset: u64, input: &[u8]) -> ToWorker {
-        self.mem.write(offset, input);
-        job(
-            id,
-            Payload::Shm {
-                offset,
-                len: input.len() as u64,
-            },
-        )
+        job(id, self.mem.put(offset, input))
     }
 
     /// The next message, which must be `Done` for `id`: its payload, and
@@ -154,10 +147,7 @@ impl Daemon {
     fn done(&mut self, want: JobId) -> (Payload, Vec<u8>) {
         match self.recv() {
             FromWorker::Done { id, output } if id == want => {
-                let bytes = match &output {
-                    Payload::Inline(b) => b.to_vec(),
-                    Payload::Shm { offset, len } => self.mem.read(*offset, *len),
-                };
+                let bytes = self.mem.bytes(&output);
                 (output, bytes)
             }
             other => panic!("expected Done for job {want}, got {other:?}"),
@@ -165,10 +155,9 @@ impl Daemon {
     }
 
     fn release(&mut self, payload: &Payload) {
-        let Payload::Shm { offset, len } = *payload else {
-            panic!("not a shared-memory payload: {payload:?}")
-        };
-        self.send(&[ToWorker::Release { offset, len }]);
+        let release = release_of(payload)
+            .unwrap_or_else(|| panic!("not a shared-memory payload: {payload:?}"));
+        self.send(&[release]);
     }
 
     fn outcome(&self) -> Result<Stop, ServeError> {
@@ -201,13 +190,6 @@ fn inline_job(id: JobId, input: &[u8]) -> ToWorker {
     job(id, Payload::Inline(input.into()))
 }
 
-/// Deterministic bytes, different per `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 /// Input = decimal length of the output wanted; output = `pattern(len, id)`
 /// returned as a `Vec` (the `run`/`run_with` path).
 fn vec_handler() -> Handler {
@@ -237,6 +219,15 @@ fn append_handler() -> Handler {
         }
         Ok(())
     })
+}
+
+/// The three handlers above, named: the same outputs by each output path.
+fn every_handler() -> [(&'static str, Handler); 3] {
+    [
+        ("vec", vec_handler()),
+        ("reserve", reserve_handler()),
+        ("append", append_handler()),
+    ]
 }
 
 fn want(len: usize) -> Vec<u8> {
@@ -278,11 +269,7 @@ fn shm_input_is_read_in_place() {
 
 #[test]
 fn outputs_over_the_limit_come_back_in_the_output_region() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         let mut id = 0;
         for len in [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 5000, 20_000, 32 * KIB] {
@@ -456,11 +443,7 @@ fn bad_shm_input_references_are_protocol_errors() {
 
 #[test]
 fn a_full_output_region_waits_for_release() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         // Prefetched together: job 2 runs right after job 1.
         d.send(&[inline_job(1, &want(20_000)), inline_job(2, &want(20_000))]);
@@ -527,11 +510,7 @@ fn a_wait_for_room_ends_on_timeout_cancel_or_end_of_stream() {
 
 #[test]
 fn an_output_larger_than_the_output_region() {
-    for (name, handler) in [
-        ("vec", vec_handler()),
-        ("reserve", reserve_handler()),
-        ("append", append_handler()),
-    ] {
+    for (name, handler) in every_handler() {
         let mut d = Daemon::start(handler);
         // Over 32 KiB: inline, since it fits in a frame.
         d.send(&[inline_job(1, &want(40_000))]);

@@ -31,7 +31,7 @@ fn high_dup(fd: &impl AsFd) -> OwnedFd {
 
 #[path = "support/mem.rs"]
 mod mem;
-use mem::Mem;
+use mem::{pattern, release_of, Mem};
 
 /// A worker process and the daemon's ends of its pipes.
 struct Worker {
@@ -116,27 +116,21 @@ impl Worker {
 
     /// Job `id` with `input` written at `offset` of the input region.
     fn shm_job(&self, id: u64, offset: u64, input: &[u8]) -> ToWorker {
-        self.mem().write(offset, input);
         ToWorker::Job(Job {
             id,
             attempt: 1,
             deadline_ms: None,
-            input: Payload::Shm {
-                offset,
-                len: input.len() as u64,
-            },
+            input: self.mem().put(offset, input),
         })
     }
 
-    /// The next message, which must be `Done` for `want`: its payload and
-    /// its bytes (read from the output region for `Shm`).
+    /// The next message, which must be `Done` for `want`, from a worker
+    /// with an arena: its payload and its bytes (read from the output region
+    /// for `Shm`).
     fn done(&mut self, want: u64) -> (Payload, Vec<u8>) {
         match self.recv() {
             FromWorker::Done { id, output } if id == want => {
-                let bytes = match &output {
-                    Payload::Inline(b) => b.to_vec(),
-                    Payload::Shm { offset, len } => self.mem().read(*offset, *len),
-                };
+                let bytes = self.mem().bytes(&output);
                 (output, bytes)
             }
             other => panic!("expected Done for job {want}, got {other:?}"),
@@ -144,10 +138,9 @@ impl Worker {
     }
 
     fn release(&mut self, payload: &Payload) {
-        let Payload::Shm { offset, len } = *payload else {
-            panic!("not a shared-memory payload: {payload:?}")
-        };
-        self.send(&[ToWorker::Release { offset, len }]);
+        let release = release_of(payload)
+            .unwrap_or_else(|| panic!("not a shared-memory payload: {payload:?}"));
+        self.send(&[release]);
     }
 
     /// Like `try_recv`, but `None` also when nothing comes within `wait`.
@@ -428,12 +421,6 @@ fn shared_memory_input_exits_two() {
 const SHM_SIZE: usize = 4 << 20;
 const LIMIT: usize = 4096;
 const MIB: usize = 1 << 20;
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
 
 #[test]
 fn echo_round_trips_through_shared_memory() {

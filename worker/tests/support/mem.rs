@@ -3,6 +3,7 @@
 //! tests (`tests/protocol.rs`), each of which includes this file.
 
 use ipc_proto::arena::{check_ref, ArenaLayout};
+use ipc_proto::worker::{Payload, ToWorker};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
@@ -40,7 +41,27 @@ impl Mem {
         }
     }
 
-    pub fn write(&self, offset: u64, bytes: &[u8]) {
+    /// Writes `bytes` at `offset` of the input region (which they must lie
+    /// in) and returns the payload referring to them, as the daemon sends a
+    /// job's input.
+    pub fn put(&self, offset: u64, bytes: &[u8]) -> Payload {
+        self.write(offset, bytes);
+        Payload::Shm {
+            offset,
+            len: bytes.len() as u64,
+        }
+    }
+
+    /// The bytes of an output payload: inline, or read from the output
+    /// region for `Shm` (which must lie in it).
+    pub fn bytes(&self, payload: &Payload) -> Vec<u8> {
+        match payload {
+            Payload::Inline(b) => b.to_vec(),
+            Payload::Shm { offset, len } => self.read(*offset, *len),
+        }
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) {
         check_ref(&self.layout.input, offset, bytes.len() as u64).unwrap();
         // SAFETY: inside the input region of the mapping (checked).
         unsafe {
@@ -52,7 +73,7 @@ impl Mem {
         }
     }
 
-    pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
         check_ref(&self.layout.output, offset, len).expect("output outside the output region");
         // SAFETY: inside the output region of the mapping (checked); the
         // worker does not touch it before it is released.
@@ -71,3 +92,21 @@ impl Drop for Mem {
 // SAFETY: a plain address of a mapping that lives as long as `Mem`; the
 // tests use it from one thread at a time.
 unsafe impl Send for Mem {}
+
+/// The `Release` that hands a shared-memory output back to the worker, or
+/// `None` for an inline one.
+pub fn release_of(payload: &Payload) -> Option<ToWorker> {
+    match *payload {
+        Payload::Shm { offset, len } => Some(ToWorker::Release { offset, len }),
+        Payload::Inline(_) => None,
+    }
+}
+
+/// Deterministic bytes, different per `seed`. The `i >> 12` term makes each
+/// 4 KiB block differ from the others, so that bytes misplaced by a multiple
+/// of 256 (the period of the rest) still show.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
