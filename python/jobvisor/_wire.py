@@ -3,7 +3,6 @@ payload) whose payload is one message in bincode 2's standard encoding
 (varint integers). See docs/PROTOCOL.md, sections 3 to 5."""
 
 import os
-import select
 import struct
 
 MAX_FRAME_LEN = 64 << 20
@@ -127,36 +126,30 @@ def frame(payload):
 
 
 class FrameReader:
-    """Reads whole frames from a file descriptor, buffering partial reads."""
+    """Reads whole frames from a byte stream, buffering partial reads.
+    `read(n)` returns up to n bytes, b"" at the end of the stream: a file
+    descriptor's by default (``FrameReader(fd)``)."""
 
-    def __init__(self, fd):
-        self.fd = fd
+    def __init__(self, fd=None, read=None):
+        self.read = read or (lambda n: os.read(fd, n))
         self.buf = bytearray()
 
-    def _fill(self, want, block=True):
+    def _fill(self, want):
         while len(self.buf) < want:
-            if not block:
-                r, _, _ = select.select([self.fd], [], [], 0)
-                if not r:
-                    return False
-            chunk = os.read(self.fd, max(1 << 16, want - len(self.buf)))
+            chunk = self.read(max(1 << 16, want - len(self.buf)))
             if not chunk:
                 if self.buf:
                     raise ProtocolError("end of stream inside a frame")
                 raise EOFError
             self.buf += chunk
-        return True
 
-    def next(self, block=True):
-        """The next frame's payload; None when not blocking and no whole frame
-        is there yet; EOFError at a clean end of stream."""
-        if not self._fill(4, block):
-            return None
+    def next(self):
+        """The next frame's payload; EOFError at a clean end of stream."""
+        self._fill(4)
         (n,) = struct.unpack_from("<I", self.buf)
         if n > MAX_FRAME_LEN:
             raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME_LEN}-byte limit")
-        if not self._fill(4 + n, block):
-            return None
+        self._fill(4 + n)
         payload = bytes(self.buf[4:4 + n])
         del self.buf[:4 + n]
         return payload

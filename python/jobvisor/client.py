@@ -252,6 +252,12 @@ def _runtime_dir():
     return os.path.join(x, "jobvisor") if x.startswith("/") else f"/tmp/jobvisor-{os.geteuid()}"
 
 
+def resolve_socket(socket=None, config=None):
+    """The control socket: `socket`, else $JOBVISOR_SOCKET, else the one the
+    config file names (see :func:`socket_from_config`)."""
+    return socket or os.environ.get("JOBVISOR_SOCKET") or socket_from_config(config)
+
+
 def socket_from_config(path=None):
     """The control socket a config file names (``daemon.control_socket``,
     relative to the file's directory), else the default one."""
@@ -289,7 +295,7 @@ class Connection:
             self.sock.close()
             raise Error("failed", f"cannot connect to jobvisord at {path}: {e.strerror or e}"
                                   " (is it running? see `jobvisorctl status`)") from None
-        self.buf = bytearray()
+        self.frames = w.FrameReader(read=self._read)
         self.fds = []
         self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION))
         kind, value = self.recv()
@@ -323,7 +329,8 @@ class Connection:
         except OSError as e:
             raise Error("failed", f"connection to jobvisord lost: {e}") from None
 
-    def _read_more(self):
+    def _read(self, _want):
+        """One `recvmsg`: its bytes, its descriptors onto the FIFO."""
         size = socket.CMSG_SPACE(self.MAX_FDS * array.array("i").itemsize)
         try:
             data, ancdata, _flags, _addr = self.sock.recvmsg(1 << 16, size, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -336,22 +343,13 @@ class Connection:
                 self.fds.extend(fds)
         if not data:
             raise Error("failed", "jobvisord closed the connection")
-        self.buf += data
+        return data
 
     def recv(self):
         """The next response, decoded; a ``job_fd`` comes back as ("job", Job)
         with its output read from the descriptor."""
-        while len(self.buf) < 4:
-            self._read_more()
-        n = int.from_bytes(self.buf[:4], "little")
-        if n > w.MAX_FRAME_LEN:
-            raise Error("failed", f"protocol error: a {n}-byte frame from jobvisord")
-        while len(self.buf) < 4 + n:
-            self._read_more()
-        payload = bytes(self.buf[4:4 + n])
-        del self.buf[:4 + n]
         try:
-            kind, value = decode_response(payload)
+            kind, value = decode_response(self.frames.next())
         except w.ProtocolError as e:
             raise Error("failed", f"protocol error: {e}") from None
         if kind == "job_fd":
@@ -371,8 +369,7 @@ class Client:
     """A connection to jobvisord (see the module docs)."""
 
     def __init__(self, socket=None, config=None):
-        path = socket or os.environ.get("JOBVISOR_SOCKET") or socket_from_config(config)
-        self.conn = Connection(path)
+        self.conn = Connection(resolve_socket(socket, config))
         self.daemon = self.conn.hello
 
     def close(self):
@@ -429,17 +426,13 @@ class Client:
             raise job
         return job
 
-    def map(self, pool, inputs, **options):
+    def map(self, pool, inputs, *, timeout=None, max_attempts=None, priority=0, key=None):
         """Submits one job per input, pipelined (like ``jobvisorctl map``),
         and returns their final :class:`Job` documents (with outputs) in
         input order. Options as for :meth:`submit`. A submit the daemon
         refuses (a full queue, an unknown pool) raises :class:`Error` once
         the answers of the earlier ones are read."""
-        opts = _options(options.get("timeout"), options.get("max_attempts"),
-                        options.get("priority", 0), options.get("key"))
-        unknown = set(options) - {"timeout", "max_attempts", "priority", "key"}
-        if unknown:
-            raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+        opts = _options(timeout, max_attempts, priority, key)
         # `Submitted` (or `Error`) replies come in request order, documents
         # as jobs finish. At most MAP_WINDOW jobs are unfinished at a time,
         # so neither side's buffers grow without bound.

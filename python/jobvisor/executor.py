@@ -22,12 +22,11 @@ cancel the job itself with ``jobvisorctl cancel`` (or ``Client.cancel``). Option
 
 import collections
 import concurrent.futures as cf
-import os
 import pickle
 import threading
 
 from . import _wire as w
-from .client import Connection, Error, _options, socket_from_config, submit_request
+from .client import Connection, Error, _options, resolve_socket, submit_request
 
 
 class RemoteError(Exception):
@@ -48,10 +47,9 @@ class JobError(Exception):
 class Executor(cf.Executor):
     def __init__(self, pool, *, socket=None, config=None, timeout=None, max_attempts=None,
                  priority=0, key=None):
-        path = socket or os.environ.get("JOBVISOR_SOCKET") or socket_from_config(config)
         self._pool = pool
         self._options = _options(timeout, max_attempts, priority, key)
-        self._conn = Connection(path)
+        self._conn = Connection(resolve_socket(socket, config))
         self._lock = threading.Lock()
         self._unacked = collections.deque()  # futures whose submit awaits `Submitted`
         self._by_id = {}  # job id -> future

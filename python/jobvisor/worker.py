@@ -43,7 +43,6 @@ PAGE = 4096
 ALIGN = 64
 # Sent by the reader thread to the main thread to stop a cancelled job.
 CANCEL_SIGNAL = signal.SIGRTMIN + 3
-PICKLED_EXCEPTION = w.PICKLED_EXCEPTION
 
 
 class _Arena:
@@ -52,7 +51,6 @@ class _Arena:
     daemon releases after copying them out."""
 
     def __init__(self, fd, size):
-        self.size = size
         self.map = None
         self.live = {}  # offset -> reserved length, in the output region
         if size <= 0:
@@ -309,13 +307,12 @@ def _call(job_input):
 
 class _CallFailed(Exception):
     def __init__(self, original):
-        self.original = original
         tb = "".join(traceback.format_exception(type(original), original, original.__traceback__))
         try:
             pickled = pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL).hex()
         except Exception:
             pickled = ""
-        super().__init__(tb.rstrip() + (PICKLED_EXCEPTION + pickled if pickled else ""))
+        super().__init__(tb.rstrip() + (w.PICKLED_EXCEPTION + pickled if pickled else ""))
 
     def __str__(self):
         return self.args[0]

@@ -3,6 +3,7 @@ daemon would: Ready, jobs in order, a cancel of a queued job, Shutdown, and
 the exit statuses for end of stream and garbage."""
 
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -15,10 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.dirname(HERE)
 
 MODULE = """
-import time
+import sys, time
 def handle(data):
     data = bytes(data)
     if data.startswith(b"sleep "):
+        print("started", file=sys.stderr, flush=True)
         time.sleep(float(data[6:]))
     return data.upper()
 """
@@ -96,6 +98,11 @@ class WorkerProcess(unittest.TestCase):
     def test_cancel_of_the_running_job(self):
         self.start()
         self.send(job(7, b"sleep 30"))
+        # Only once the handler runs: the cancel must interrupt it (had it
+        # been ignored, the answer would be "SLEEP 30", after 30 s).
+        ready, _, _ = select.select([self.proc.stderr], [], [], 20)
+        self.assertTrue(ready, "the job did not start")
+        self.assertEqual(self.proc.stderr.readline(), b"started\n")
         self.send(b"\x01" + w.uvarint(7))
         self.assertEqual(self.result(), (7, "failed", "cancelled"))
         self.send(job(8, b"after"))
