@@ -153,15 +153,14 @@ enum Copied {
         ok: bool,
         unreadable: Option<(u64, String)>,
     },
-    /// An output was read out of a worker's arena (`None`: out of bounds),
-    /// or (`in_file`) written from it straight to its payload file.
+    /// An output was read out of a worker's arena into memory, or written
+    /// from it straight to its payload file (`JobOutput::File`).
     FromArena {
         proc: ProcId,
         id: u64,
         offset: u64,
         len: u64,
-        bytes: Option<Arc<[u8]>>,
-        in_file: bool,
+        output: JobOutput,
     },
 }
 
@@ -1097,26 +1096,20 @@ impl Reactor {
                             .then(|| crate::store::output_file(&self.payload_dir, id));
                         let spares = self.spares.clone();
                         self.copier.run(move || {
-                            if path
+                            let in_file = path
                                 .as_ref()
-                                .is_some_and(|p| output_to_file(&mapping, &spares, p, offset, len))
-                            {
-                                return Copied::FromArena {
-                                    proc,
-                                    id,
-                                    offset,
-                                    len,
-                                    bytes: None,
-                                    in_file: true,
-                                };
-                            }
+                                .is_some_and(|p| output_to_file(&mapping, &spares, p, offset, len));
+                            let output = if in_file {
+                                JobOutput::File(len)
+                            } else {
+                                JobOutput::Mem(mapping.read_at(offset, len).expect("range checked"))
+                            };
                             Copied::FromArena {
                                 proc,
                                 id,
                                 offset,
                                 len,
-                                bytes: mapping.read_at(offset, len),
-                                in_file: false,
+                                output,
                             }
                         });
                     }
@@ -1304,27 +1297,16 @@ impl Reactor {
                 id,
                 offset,
                 len,
-                bytes,
-                in_file,
+                output,
             } => {
                 let Some(w) = self.procs.get_mut(&proc) else {
                     return;
                 };
                 w.copies_in -= 1;
-                match bytes {
-                    None if in_file => {
-                        self.send(proc, &ToWorker::Release { offset, len });
-                        self.core.on_job_done_in_file(proc, id, len, now);
-                    }
-                    Some(bytes) => {
-                        self.send(proc, &ToWorker::Release { offset, len });
-                        self.core.on_job_done(proc, id, bytes, now);
-                    }
-                    None => self.core.on_protocol_error(
-                        proc,
-                        format!("job {id}: bad shared-memory output: outside the arena"),
-                        now,
-                    ),
+                self.send(proc, &ToWorker::Release { offset, len });
+                match output {
+                    JobOutput::File(len) => self.core.on_job_done_in_file(proc, id, len, now),
+                    JobOutput::Mem(bytes) => self.core.on_job_done(proc, id, bytes, now),
                 }
                 // What came after it, until the next pending copy.
                 while let Some(w) = self.procs.get_mut(&proc) {
