@@ -21,14 +21,21 @@ pub const OFFLOAD_MIN: u64 = 256 << 10;
 type Task<T> = Box<dyn FnOnce() -> T + Send>;
 
 /// A handle on the copier thread, yielding `T`s.
+///
+/// The thread only dies if a task panics (a bug). Then the handle panics
+/// too, at the next hand-over: the tasks queued behind the one that
+/// panicked are lost, and the loop would wait for them for ever (frames
+/// held back, messages not handled). A daemon that exits is restarted by
+/// its supervisor and recovers every job from the store.
 pub struct Copier<T> {
     tasks: Option<Sender<Task<T>>>,
     done: Receiver<T>,
     thread: Option<JoinHandle<()>>,
     in_flight: usize,
-    /// Results of tasks run in place after the thread died.
-    orphaned: std::collections::VecDeque<T>,
 }
+
+const DIED: &str =
+    "the copier thread died (a copy panicked); exiting so that jobvisord is restarted";
 
 impl<T: Send + 'static> Copier<T> {
     /// Starts the thread; it wakes the loop with `waker` after each task.
@@ -50,32 +57,24 @@ impl<T: Send + 'static> Copier<T> {
             done,
             thread: Some(thread),
             in_flight: 0,
-            orphaned: Default::default(),
         })
     }
 
     /// Runs `task` on the copier thread.
     pub fn run(&mut self, task: impl FnOnce() -> T + Send + 'static) {
         self.in_flight += 1;
-        let task: Task<T> = Box::new(task);
-        let task = match &self.tasks {
-            Some(tx) => match tx.send(task) {
-                Ok(()) => return,
-                Err(mpsc::SendError(task)) => task,
-            },
-            None => task,
-        };
-        // The thread is gone (only a bug in a task could panic it): do the
-        // work here rather than lose it.
-        self.tasks = None;
-        self.orphaned.push_back(task());
+        let tasks = self.tasks.as_ref().expect("the copier is running");
+        if tasks.send(Box::new(task)).is_err() {
+            panic!("{DIED}");
+        }
     }
 
     /// The next finished task, if any.
     pub fn try_done(&mut self) -> Option<T> {
         let t = match self.done.try_recv() {
             Ok(t) => t,
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => self.orphaned.pop_front()?,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => panic!("{DIED}"),
         };
         self.in_flight -= 1;
         Some(t)
@@ -86,10 +85,7 @@ impl<T: Send + 'static> Copier<T> {
         if self.in_flight == 0 {
             return None;
         }
-        let t = match self.done.recv() {
-            Ok(t) => t,
-            Err(_) => self.orphaned.pop_front()?,
-        };
+        let t = self.done.recv().expect(DIED);
         self.in_flight -= 1;
         Some(t)
     }
@@ -139,5 +135,18 @@ mod tests {
         }
         assert_eq!(got, (0..100).collect::<Vec<_>>());
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "the copier thread died")]
+    fn a_task_that_panics_brings_the_handle_down_instead_of_a_silent_stall() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(9)).unwrap());
+        let mut c = Copier::<u32>::start(waker).unwrap();
+        c.run(|| panic!("a bug in a copy"));
+        c.run(|| 2);
+        // Blocks until the thread is gone, then panics: the second task
+        // will never run.
+        c.wait_done();
     }
 }
