@@ -198,6 +198,8 @@ struct WorkerIo {
     /// End of its result stream (EOF, or a protocol error) seen behind a
     /// pending output copy.
     held_end: Option<Option<String>>,
+    /// The worker died while `copies_in > 0`: its death, handled after them.
+    exit: Option<ExitInfo>,
     /// Its split into input and output halves.
     layout: ipc_proto::arena::ArenaLayout,
     /// The exec-status pipe, until the exec is known to have worked.
@@ -606,9 +608,19 @@ impl Reactor {
             exit.description = e;
         }
         // Its last results, then the copies they started: a `Done` that
-        // arrived before the death counts before it.
+        // arrived before the death counts before it. While copies out of its
+        // arena are still running, the death waits in `WorkerIo::exit`
+        // (handled by `on_copied` once the last one is in).
         self.on_results(proc);
-        self.settle_copies(proc);
+        if let Some(w) = self.procs.get_mut(&proc).filter(|w| w.copies_in > 0) {
+            w.exit = Some(exit);
+            return;
+        }
+        self.worker_gone_now(proc, exit);
+    }
+
+    /// The rest of [`Reactor::worker_gone`], once the worker's copies are in.
+    fn worker_gone_now(&mut self, proc: ProcId, exit: ExitInfo) {
         self.on_output(proc, false);
         self.on_output(proc, true);
         self.output_backlog.remove(&(proc, false));
@@ -842,6 +854,7 @@ impl Reactor {
                 copies_in: 0,
                 held_in: Default::default(),
                 held_end: None,
+                exit: None,
                 layout: ipc_proto::arena::ArenaLayout::split(sp.shm_size),
                 _arena: sp.arena,
                 exec_status: Some(sp.exec_status),
@@ -1241,22 +1254,6 @@ impl Reactor {
         }
     }
 
-    /// Waits for every copy in flight for `proc` (a worker that just died:
-    /// its `Done`s must count before its death does). Copies take
-    /// milliseconds; other workers' finished copies are handled on the way.
-    fn settle_copies(&mut self, proc: ProcId) {
-        while self
-            .procs
-            .get(&proc)
-            .is_some_and(|w| w.copies_in > 0 || !w.hold_out.is_empty())
-        {
-            match self.copier.wait_done() {
-                Some(c) => self.on_copied(c),
-                None => break,
-            }
-        }
-    }
-
     fn on_copied(&mut self, c: Copied) {
         let now = Instant::now();
         match c {
@@ -1317,6 +1314,8 @@ impl Reactor {
                         self.on_worker_msg(proc, m, now);
                     } else if let Some(end) = w.held_end.take() {
                         self.on_results_end(proc, end, now);
+                    } else if let Some(exit) = w.exit.take() {
+                        self.worker_gone_now(proc, exit);
                     } else {
                         break;
                     }
