@@ -57,7 +57,7 @@ pub const DEFAULT_MAX_RESTARTS: u32 = 10;
 /// `restart_window` when absent.
 pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// `inline_limit` when absent: payloads above this go through shared memory.
-pub const DEFAULT_INLINE_LIMIT: u64 = 64 * 1024;
+pub const DEFAULT_INLINE_LIMIT: u64 = ipc_proto::DEFAULT_INLINE_LIMIT;
 /// `inline_limit` must stay below this (it bounds the size of one pipe frame).
 pub const INLINE_LIMIT_CEILING: u64 = 64 * 1024 * 1024;
 /// `shm_size` when absent.

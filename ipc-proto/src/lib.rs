@@ -24,6 +24,11 @@ pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 /// different version is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// A pool's `inline_limit` when its configuration does not say: payloads
+/// above it go through the worker's shared-memory arena. The daemon's
+/// default, and the worker library's when `JOBVISOR_INLINE_LIMIT` is unset.
+pub const DEFAULT_INLINE_LIMIT: u64 = 64 << 10;
+
 /// Owned bytes that serialize as one length-prefixed byte string (not as a
 /// sequence of `u8`), and that decode by borrowing from the frame buffer
 /// first, so a forged length can never allocate more than the frame holds.

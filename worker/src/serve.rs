@@ -123,7 +123,7 @@ impl ServeError {
 pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// The default `inline_limit` (64 KiB), when `JOBVISOR_INLINE_LIMIT` is not set.
-pub const DEFAULT_INLINE_LIMIT: usize = 64 << 10;
+pub const DEFAULT_INLINE_LIMIT: usize = ipc_proto::DEFAULT_INLINE_LIMIT as usize;
 
 /// Shared-memory settings for [`serve_with_output`].
 #[derive(Debug)]
