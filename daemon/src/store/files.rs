@@ -25,15 +25,6 @@ pub(super) enum Kind {
     Output,
 }
 
-impl Kind {
-    fn extension(self) -> &'static str {
-        match self {
-            Kind::Input => "in",
-            Kind::Output => "out",
-        }
-    }
-}
-
 /// Why a payload file could not be read back.
 #[derive(Debug)]
 pub(super) enum ReadError {
@@ -148,9 +139,13 @@ impl Payloads {
         &self.spares
     }
 
-    /// `<dir>/<id>.in` or `<dir>/<id>.out`.
+    /// `<dir>/<id>.in` or `<dir>/<id>.out`: [`input_file`](super::input_file)
+    /// or [`output_file`](super::output_file).
     pub fn path(&self, id: u64, kind: Kind) -> PathBuf {
-        self.dir.join(format!("{id}.{}", kind.extension()))
+        match kind {
+            Kind::Input => super::input_file(&self.dir, id),
+            Kind::Output => super::output_file(&self.dir, id),
+        }
     }
 
     /// Creates (or replaces) the file and writes `data`, without syncing:

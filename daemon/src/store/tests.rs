@@ -137,7 +137,7 @@ impl Harness {
             // What the daemon hands the client: the file's contents.
             QueryResult::JobWithOutputFile(mut doc, len) => {
                 assert!(doc.output.is_none());
-                let bytes = std::fs::read(self.payloads.join(format!("{id}.out")))
+                let bytes = std::fs::read(output_file(&self.payloads, id))
                     .expect("the output file the store vouched for");
                 assert_eq!(bytes.len() as u64, len, "job {id}'s output file");
                 doc.output = Some(Bytes(bytes));
