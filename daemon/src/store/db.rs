@@ -1,7 +1,7 @@
 //! Everything that speaks SQL: opening and validating `jobs.db` (migrating
 //! an older schema), the schema, recovery, batch writes, queries and the
 //! pruning statements. The payload files' I/O is in `files.rs`; this module
-//! reads them back where a row says so.
+//! checks them (there, with the recorded length) where a row says so.
 //!
 //! Schema version 2. Where a payload lives:
 //! - Inputs up to [`INLINE_INPUT_MAX`] bytes: the `jobs.input` column.
@@ -11,7 +11,7 @@
 //! - Inputs and outputs of at least
 //!   [`FILE_PAYLOAD_MIN`](super::FILE_PAYLOAD_MIN) bytes: a payload file;
 //!   the row's `input_file_len` / `output_file_len` (NULL otherwise) says so
-//!   and records the length, which is checked when the file is read.
+//!   and records the length, which recovery and [`Query::Job`] check.
 //! - Smaller outputs: the `jobs.output` column (written once, with the
 //!   final state).
 //!
@@ -881,8 +881,6 @@ impl Db {
         run().unwrap_or_else(|e| Err(format!("cannot read the job store: {e}")))
     }
 
-    /// Reads a job's output from its file. A file that is missing, damaged
-    /// or unreadable leaves the output out and says so in the error.
     /// Runs `f` in its own `BEGIN IMMEDIATE` transaction and commits.
     fn in_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;

@@ -25,7 +25,7 @@ pub(super) enum Kind {
     Output,
 }
 
-/// Why a payload file could not be read back.
+/// Why a payload file is not usable (see [`Payloads::check`]).
 #[derive(Debug)]
 pub(super) enum ReadError {
     /// The file does not exist (deleted by hand, or the directory is on a
@@ -245,36 +245,18 @@ impl Payloads {
     }
 
     /// Checks that a payload file of `expected` bytes is there, without
-    /// reading it.
+    /// opening it.
     pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {
-        self.open_checked(id, kind, expected).map(|_| ())
-    }
-
-    /// Opens the file and checks its length before anything is allocated
-    /// (a damaged row must not make us allocate an absurd buffer).
-    fn open_checked(
-        &self,
-        id: u64,
-        kind: Kind,
-        expected: u64,
-    ) -> Result<(File, PathBuf, usize), ReadError> {
         let path = self.path(id, kind);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Missing(path)),
-            Err(e) => return Err(ReadError::Io(path, e)),
-        };
-        let found = match file.metadata() {
-            Ok(m) => m.len(),
-            Err(e) => return Err(ReadError::Io(path, e)),
-        };
-        match usize::try_from(found) {
-            Ok(len) if found == expected => Ok((file, path, len)),
-            _ => Err(ReadError::WrongLength {
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == expected => Ok(()),
+            Ok(m) => Err(ReadError::WrongLength {
                 path,
-                found,
+                found: m.len(),
                 expected,
             }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ReadError::Missing(path)),
+            Err(e) => Err(ReadError::Io(path, e)),
         }
     }
 
