@@ -46,7 +46,9 @@
 //!
 //! A job's input file goes once the job has ended: its final update
 //! ([`JobUpdate::drop_input_file`]) clears the row's reference, and the
-//! file is disposed of after the commit. Removed input files are recycled
+//! file is disposed of after the commit. A job whose insert and final
+//! update share a batch gets no input file at all (nor a row copy of a
+//! large input). Removed input files are recycled
 //! rather than unlinked: see [`Spares`] (new payload files are renamed
 //! spares, which on tmpfs saves allocating and zeroing every page). Output
 //! files are only ever unlinked, never recycled: a client may be reading

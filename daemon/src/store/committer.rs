@@ -63,6 +63,8 @@ pub(super) struct Stats {
     pub inserts: u64,
     /// UPDATE statements executed.
     pub updates: u64,
+    /// Payload files the store thread wrote (and synced).
+    pub files: u64,
     /// Time spent writing and committing batches.
     pub busy: Duration,
     /// CPU time of the store thread (less noisy than `busy` on a shared
@@ -534,6 +536,10 @@ impl Committer {
             self.discard_files(&files);
             return Err(e);
         }
+        #[cfg(test)]
+        {
+            self.stats.files += files.len() as u64;
+        }
         match self
             .db
             .write(&self.batch.inserts, &self.batch.updates, db::now_ms())
@@ -571,7 +577,8 @@ impl Committer {
                 .update
                 .as_ref()
                 .is_some_and(|u| u.output_file_len.is_some());
-            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64;
+            // A job inserted already ended keeps no large input: no file.
+            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64 && !p.input_dropped();
             // Ids come in ascending order, above every stored one. A lower
             // id may belong to a stored job (the insert then fails): its
             // files must not be replaced first.

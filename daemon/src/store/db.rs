@@ -208,6 +208,16 @@ pub(super) struct PendingInsert {
     pub output_file: bool,
 }
 
+impl PendingInsert {
+    /// The folded update ends the job, and its input is large enough for a
+    /// payload file: the row stores no input at all and no file is written
+    /// (an ended job is never dispatched again, so nothing would read it).
+    pub fn input_dropped(&self) -> bool {
+        self.update.as_ref().is_some_and(|u| u.state.is_terminal())
+            && self.job.input_len() >= super::FILE_PAYLOAD_MIN as u64
+    }
+}
+
 /// An update of a job stored before this batch.
 #[derive(Debug)]
 pub(super) struct PendingUpdate {
@@ -248,7 +258,7 @@ pub(super) struct Unreferenced {
     /// Jobs whose update brought an output in a file but matched no row
     /// (their insert was lost): nothing references those files.
     pub unmatched_outputs: Vec<u64>,
-    /// Jobs that ended: their input files.
+    /// Jobs whose final update dropped their input file.
     pub ended_inputs: Vec<u64>,
 }
 
@@ -745,21 +755,18 @@ impl Db {
                 // An input from a client's file that does not go to a
                 // payload file (its insert is bound to fail: the id is
                 // taken) is read for the row.
+                let dropped = p.input_dropped();
                 let sourced = match &job.input_source {
-                    Some(src) if !p.input_file => Some(read_source(src)?),
+                    Some(src) if !p.input_file && !dropped => Some(read_source(src)?),
                     _ => None,
                 };
-                let (input, mut input_file_len) = match (&job.input_source, &sourced) {
+                let (input, input_file_len) = match (&job.input_source, &sourced) {
+                    // Inserted already ended: its large input is not kept.
+                    _ if dropped => (None, None),
                     (Some(src), None) => (None, Some(to_sql_u64(src.len))),
                     (_, Some(bytes)) => (Some(&bytes[..]), None),
                     (None, None) => in_file(Some(&job.input[..]), p.input_file),
                 };
-                // Inserted already ended: its input file (written with the
-                // batch) is not needed.
-                if input_file_len.is_some() && state.is_terminal() {
-                    input_file_len = None;
-                    unref.ended_inputs.push(job.id);
-                }
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
                     to_sql_u64(job.id),

@@ -1172,11 +1172,19 @@ fn payloads_round_trip_bit_exact_at_every_size() {
         h.submit(running(running_id, vec![attempt(1, None)]));
         let seq = h.submit(succeeded_with(updated, &output));
         h.wait_durable(seq);
+        let files_before = h.stats().files;
         let release = h.pause();
         h.submit(Op::Insert(job_with_input(folded, &pattern(size, seed + 4))));
         let seq = h.submit(succeeded_with(folded, &pattern(size, seed + 5)));
         drop(release);
         h.wait_durable(seq);
+        // Ended within its insert's batch: its output file is written, its
+        // input file is not (it would only be thrown away).
+        assert_eq!(
+            h.stats().files - files_before,
+            u64::from(size >= FILE_PAYLOAD_MIN),
+            "files written for the folded job, size {size}"
+        );
         cases.push((size, seed, queued, updated, folded, running_id));
     }
 
@@ -1899,8 +1907,40 @@ fn an_input_source_file_is_copied_into_the_payload_file() {
     let seq = h.submit(Op::Insert(job));
     h.wait_durable(seq);
     assert!(std::fs::read(dir.payload(1, "in")).expect("payload file") == *big);
+    // Job 2 ends in its insert's batch: its input is neither copied to a
+    // payload file nor kept in the row; the job is stored all the same.
+    let job = NewJob {
+        input: Arc::default(),
+        input_source: Some(InputSource {
+            file: Arc::new(std::fs::File::open(&src_path).expect("open")),
+            len: big.len() as u64,
+        }),
+        ..new_job(2, "p")
+    };
+    let files_before = h.stats().files;
+    let release = h.pause();
+    h.submit(Op::Insert(job));
+    let seq = h.submit(succeeded_with(2, b"done"));
+    drop(release);
+    h.wait_durable(seq);
+    assert_eq!(h.stats().files, files_before, "no payload file for job 2");
+    assert!(!dir.payload(2, "in").exists());
+    assert_eq!(h.job(2).expect("job 2").state, JobState::Succeeded);
     h.close();
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        let kept: i64 = conn
+            .query_row(
+                "SELECT (input IS NOT NULL) + (input_file_len IS NOT NULL) \
+                 + (SELECT COUNT(*) FROM job_inputs WHERE id = 2) FROM jobs WHERE id = 2",
+                [],
+                |r| r.get(0),
+            )
+            .expect("job 2's row");
+        assert_eq!(kept, 0, "job 2's row keeps no input");
+    }
     let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1]);
     assert_eq!(rec.jobs[0].input_file, Some(big.len() as u64));
     assert!(*input_of(&dir, &rec.jobs[0]) == *big);
     h.close();
