@@ -175,7 +175,8 @@ pub struct NewJob {
     /// passed (read at offset 0, never at the descriptor's own offset). The
     /// store copies it into the job's payload file in the kernel
     /// (`copy_file_range`), so the bytes never pass through the daemon's
-    /// memory. Only for inputs of at least [`FILE_PAYLOAD_MIN`] bytes.
+    /// memory. Only for inputs of at least [`FILE_PAYLOAD_MIN`] bytes (the
+    /// batch of a smaller one fails, its inserts lost).
     pub input_source: Option<InputSource>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,

@@ -752,20 +752,26 @@ impl Db {
                         Some(len) => (None, Some(to_sql_u64(len))),
                         None => in_file(output, p.output_file),
                     };
-                // An input from a client's file that does not go to a
-                // payload file (its insert is bound to fail: the id is
-                // taken) is read for the row.
                 let dropped = p.input_dropped();
-                let sourced = match &job.input_source {
-                    Some(src) if !p.input_file && !dropped => Some(read_source(src)?),
-                    _ => None,
-                };
-                let (input, input_file_len) = match (&job.input_source, &sourced) {
+                // An input from a client's file goes to its payload file
+                // unless the id's row already references payload files
+                // (`plan_files` does not replace them): then this insert
+                // fails on the id anyway. Fail it here, without reading the
+                // client's file into memory for a row never stored.
+                if job.input_source.is_some() && !p.input_file && !dropped {
+                    return Err(rusqlite::Error::ToSqlConversionFailure(
+                        format!(
+                            "job {}: input file not copied to a payload file (id already stored?)",
+                            job.id
+                        )
+                        .into(),
+                    ));
+                }
+                let (input, input_file_len) = match &job.input_source {
                     // Inserted already ended: its large input is not kept.
                     _ if dropped => (None, None),
-                    (Some(src), None) => (None, Some(to_sql_u64(src.len))),
-                    (_, Some(bytes)) => (Some(&bytes[..]), None),
-                    (None, None) => in_file(Some(&job.input[..]), p.input_file),
+                    Some(src) => (None, Some(to_sql_u64(src.len))),
+                    None => in_file(Some(&job.input[..]), p.input_file),
                 };
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
@@ -1191,12 +1197,4 @@ fn doc_from_row(row: &Row<'_>, with_output: bool) -> Result<JobDoc, String> {
         output,
         error: row.get(7).map_err(get)?,
     })
-}
-
-/// The bytes of an input source, for a row that stores them itself.
-fn read_source(src: &super::InputSource) -> rusqlite::Result<Vec<u8>> {
-    let mut buf = vec![0u8; src.len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&*src.file, &mut buf, 0)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    Ok(buf)
 }

@@ -1946,6 +1946,46 @@ fn an_input_source_file_is_copied_into_the_payload_file() {
     h.close();
 }
 
+/// An insert of an id already stored, with its input given as a client's
+/// file (the daemon never sends one: ids only go up): the batch fails and
+/// the insert is lost, and the stored job's input file is left as it was.
+#[test]
+fn an_input_source_insert_of_a_taken_id_fails_and_leaves_the_stored_file() {
+    let dir = TempDir::new("source-taken");
+    let (mut h, _) = Harness::open(dir.path());
+    let stored = pattern(FILE_PAYLOAD_MIN, 3);
+    let seq = h.submit(Op::Insert(job_with_input(1, &stored)));
+    h.wait_durable(seq);
+    let src_path = dir.path().join("client-file");
+    std::fs::write(&src_path, pattern(FILE_PAYLOAD_MIN + 5, 4)).expect("write");
+    let job = NewJob {
+        input: Arc::default(),
+        input_source: Some(InputSource {
+            file: Arc::new(std::fs::File::open(&src_path).expect("open")),
+            len: FILE_PAYLOAD_MIN as u64 + 5,
+        }),
+        ..new_job(1, "p")
+    };
+    let seq = h.submit(Op::Insert(job));
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!((upto, lost_inserts), (seq, vec![1]));
+            assert!(error.contains("job 1: input file not copied"), "{error}");
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert!(std::fs::read(dir.payload(1, "in")).expect("input file") == stored);
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1]);
+    assert!(*input_of(&dir, &rec.jobs[0]) == *stored);
+    h.close();
+}
+
 // ---------------------------------------------------------------------------
 // Spare payload files
 
