@@ -39,8 +39,10 @@
 //! an output file stores it in the database instead, and the old file goes
 //! after the commit), so a crash at any point leaves every referenced file
 //! intact. Files no row references are removed: those of a failed batch at
-//! once, those of pruned jobs after the deletion commits, and any others
-//! (a crash between a file's write and its row's commit) at [`Store::open`].
+//! once, those a batch or a pruning step stops referencing after it commits
+//! (for a batch, after its [`Completion::Durable`] is sent: acknowledgements
+//! never wait on the renames and unlinks), and any others (a crash between
+//! a file's write and its row's commit) at [`Store::open`].
 //! Only names of the form `<id>.in` / `<id>.out` are touched, and the
 //! `.spare` directory.
 //!

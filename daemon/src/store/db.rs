@@ -252,17 +252,10 @@ enum Change {
     },
 }
 
-/// Payload files a committed batch stopped referencing, to dispose of.
-#[derive(Debug, Default)]
-pub(super) struct Unreferenced {
-    /// Jobs whose update brought an output in a file but matched no row
-    /// (their insert was lost): nothing references those files.
-    pub unmatched_outputs: Vec<u64>,
-    /// Jobs whose final update dropped their input file.
-    pub ended_inputs: Vec<u64>,
-}
-
-/// Payload files of deleted rows, to remove once the deletion committed.
+/// Payload files committed rows no longer reference (those of deleted
+/// rows, of ended jobs' inputs, of replaced outputs, and outputs of updates
+/// that matched no row), to dispose of once the transaction has committed
+/// (see [`Payloads::remove_deleted`]).
 pub(super) type DeletedFiles = Vec<(u64, Kind)>;
 
 impl Db {
@@ -666,12 +659,14 @@ impl Db {
             }
         }
         tx.commit().map_err(fail)?;
-        for change in &changed {
-            if let Change::Dead { id, .. } = change {
-                // Housekeeping: a file left here goes at the next start.
-                let _ = payloads.remove(*id, Kind::Input);
-            }
-        }
+        let dead_inputs: DeletedFiles = changed
+            .iter()
+            .filter_map(|change| match change {
+                Change::Dead { id, .. } => Some((*id, Kind::Input)),
+                Change::Requeue { .. } => None,
+            })
+            .collect();
+        payloads.remove_deleted(&dead_inputs);
         Ok(Recovered {
             jobs,
             next_id: self.max_id + 1,
@@ -683,14 +678,15 @@ impl Db {
     /// transaction is rolled back: nothing of the batch is stored. The
     /// payload files the rows reference must already be on disk.
     ///
-    /// Returns the files the committed rows no longer reference (see
-    /// [`Unreferenced`]), for the caller to dispose of.
+    /// Returns the files the committed rows no longer reference: inputs of
+    /// jobs that ended, and outputs written for updates that matched no row
+    /// (their insert was lost), for the caller to dispose of.
     pub fn write(
         &mut self,
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<Unreferenced> {
+    ) -> rusqlite::Result<DeletedFiles> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self
             .write_rows(inserts, updates, now_ms)
@@ -723,12 +719,12 @@ impl Db {
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<(u64, Unreferenced)> {
+    ) -> rusqlite::Result<(u64, DeletedFiles)> {
         let Db {
             conn, json, max_id, ..
         } = self;
         let mut new_max = *max_id;
-        let mut unref = Unreferenced::default();
+        let mut unreferenced = DeletedFiles::new();
         if !inserts.is_empty() {
             let mut insert = conn.prepare_cached(INSERT_JOB)?;
             let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
@@ -817,14 +813,14 @@ impl Db {
                     output_file_len,
                 ])?;
                 if changed == 0 && p.output_file {
-                    unref.unmatched_outputs.push(u.id);
+                    unreferenced.push((u.id, Kind::Output));
                 }
                 if changed > 0
                     && u.drop_input_file
                     && u.state.is_terminal()
                     && drop_input.execute([to_sql_u64(u.id)])? > 0
                 {
-                    unref.ended_inputs.push(u.id);
+                    unreferenced.push((u.id, Kind::Input));
                 }
             }
         }
@@ -832,7 +828,7 @@ impl Db {
             conn.prepare_cached(UPDATE_MAX_ID)?
                 .execute([to_sql_u64(new_max)])?;
         }
-        Ok((new_max, unref))
+        Ok((new_max, unreferenced))
     }
 
     /// Answers a query from committed data.

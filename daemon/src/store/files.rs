@@ -244,6 +244,15 @@ impl Payloads {
         }
     }
 
+    /// Disposes of files committed rows no longer reference (see
+    /// [`Payloads::remove`]: inputs recycled, outputs unlinked), after the
+    /// commit. Housekeeping: a file that fails here goes at the next start.
+    pub fn remove_deleted(&self, files: &[(u64, Kind)]) {
+        for &(id, kind) in files {
+            let _ = self.remove(id, kind);
+        }
+    }
+
     /// Checks that a payload file of `expected` bytes is there, without
     /// opening it.
     pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {

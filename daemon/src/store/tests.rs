@@ -162,6 +162,13 @@ impl Harness {
         }
     }
 
+    /// Waits until the store thread is done with the batches before: the
+    /// payload files they left unreferenced are disposed of after their
+    /// acknowledgement.
+    fn settle(&self) {
+        self.stats();
+    }
+
     fn stats(&self) -> Stats {
         let (tx, rx) = mpsc::channel();
         self.store.test_hook(TestHook::Stats(tx));
@@ -1320,6 +1327,7 @@ fn pruning_removes_the_payload_files() {
         max_finished: 2,
     });
     h.wait_durable(seq);
+    h.settle();
     assert_eq!(
         payload_names(&dir),
         ["1.out", "2.out", "3.out", "4.out", "5.in"],
@@ -1504,6 +1512,7 @@ fn a_referenced_output_file_is_never_rewritten() {
     // into the database; the old file goes once that is committed.
     let seq = h.submit(succeeded_with(1, &second));
     h.wait_durable(seq);
+    h.settle();
     assert!(!dir.payload(1, "out").exists());
     assert!(h.job(1).expect("job 1").output == Some(Bytes(second)));
     h.close();
@@ -2154,6 +2163,7 @@ fn ended_inputs_become_spares_and_outputs_never_do() {
     let ino = inode(&dir.payload(1, "in"));
     let seq = h.submit(succeeded_with(1, &big));
     h.wait_durable(seq);
+    h.settle();
     assert_eq!(payload_names(&dir), ["1.out", "2.in"]);
     assert!(
         spares.list().iter().any(|(p, _)| inode(p) == ino),
