@@ -1846,11 +1846,28 @@ fn a_prewritten_output_file_is_recorded_not_rewritten() {
     for id in [1, 2] {
         h.submit(Op::Insert(new_job(id, "p")));
     }
-    // Job 1: insert and final update in separate batches; job 2 (below):
-    // insert and update folded into one row write.
     let seq = h.submit(Op::Insert(new_job(3, "p")));
     h.wait_durable(seq);
-    std::fs::write(dir.payload(1, "out"), &*big).expect("write");
+    // Inode and mtime of a payload file.
+    let stamp = |id| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.payload(id, "out")).expect("stat");
+        (meta.ino(), meta.modified().expect("mtime"))
+    };
+    // As the daemon does it: the file first, the job's final update once
+    // it is written. Its mtime is set well in the past, so that a rewrite
+    // shows even within the file system's timestamp granularity.
+    let prewrite = |id| {
+        let path = dir.payload(id, "out");
+        std::fs::write(&path, &*big).expect("write");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let past = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        file.set_modified(past).expect("set mtime");
+        stamp(id)
+    };
     let update = |id| {
         Op::Update(JobUpdate {
             id,
@@ -1863,30 +1880,51 @@ fn a_prewritten_output_file_is_recorded_not_rewritten() {
             drop_input_file: true,
         })
     };
+    // Job 1: insert and final update in separate batches.
+    let written_1 = prewrite(1);
     let seq = h.submit(update(1));
     h.wait_durable(seq);
-    let modified = std::fs::metadata(dir.payload(1, "out"))
-        .and_then(|m| m.modified())
-        .expect("mtime");
+    assert_eq!(stamp(1), written_1, "job 1's file not rewritten");
     assert!(h.job(1).expect("job 1").output == Some(Bytes(big.to_vec())));
-    std::fs::write(dir.payload(4, "out"), &*big).expect("write");
+    // Job 4: insert and final update in one batch, folded into one row
+    // write (one INSERT, no UPDATE).
+    let written_4 = prewrite(4);
+    let before = h.stats();
+    let release = h.pause();
     h.submit(Op::Insert(new_job(4, "p")));
     let seq = h.submit(update(4));
+    drop(release);
     h.wait_durable(seq);
+    let after = h.stats();
+    assert_eq!(
+        (
+            after.inserts - before.inserts,
+            after.updates - before.updates
+        ),
+        (1, 0),
+        "job 4's insert and update folded"
+    );
+    assert_eq!(stamp(4), written_4, "job 4's file not rewritten");
     assert!(h.job(4).expect("job 4").output == Some(Bytes(big.to_vec())));
     // An orphan: written, but its job's update never came.
     std::fs::write(dir.payload(2, "out"), b"never committed").expect("write");
     h.close();
-    assert_eq!(
-        std::fs::metadata(dir.payload(1, "out"))
-            .and_then(|m| m.modified())
-            .expect("mtime"),
-        modified,
-        "not rewritten by the store"
-    );
+    assert_eq!(stamp(1), written_1, "not rewritten by the store");
     let (mut h, _) = Harness::open(dir.path());
     assert!(h.job(1).expect("job 1 after a restart").output == Some(Bytes(big.to_vec())));
+    assert!(h.job(4).expect("job 4 after a restart").output == Some(Bytes(big.to_vec())));
     assert!(!dir.payload(2, "out").exists(), "the orphan is swept");
+    // Pruned: the files go with their rows.
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: DEFAULT_RETENTION,
+        max_finished: 0,
+    });
+    h.wait_durable(seq);
+    h.prune_now();
+    assert_eq!(h.job(1), None);
+    assert_eq!(h.job(4), None);
+    assert!(payload_names(&dir).is_empty(), "{:?}", payload_names(&dir));
     h.close();
 }
 
