@@ -1221,6 +1221,22 @@ fn payloads_round_trip_bit_exact_at_every_size() {
             let on_disk = std::fs::read(dir.payload(queued, "in")).expect("read");
             assert!(on_disk == pattern(size, seed), "file content, size {size}");
         }
+        // A large output stays out of SQLite: the query vouches for its
+        // file instead of carrying it.
+        for id in [updated, folded] {
+            let from_file = match h.query(Query::Job { id }) {
+                QueryResult::JobWithOutputFile(_, len) => {
+                    assert_eq!(len, size as u64, "job {id}'s output length");
+                    true
+                }
+                QueryResult::Job(Some(_)) => false,
+                r => panic!("unexpected {r:?}"),
+            };
+            assert_eq!(
+                from_file, in_file,
+                "job {id}'s output in its file, size {size}"
+            );
+        }
         let doc = h.job(updated).expect("updated job");
         assert_eq!(doc.error, None);
         assert!(
@@ -1240,6 +1256,7 @@ fn payloads_round_trip_bit_exact_at_every_size() {
     let (mut h, rec) = Harness::open(dir.path());
     let mut expected_ids = Vec::new();
     for &(size, seed, queued, _, _, running_id) in &cases {
+        let in_file = size >= FILE_PAYLOAD_MIN;
         expected_ids.extend([queued, running_id]);
         let find = |id| {
             rec.jobs
@@ -1251,7 +1268,18 @@ fn payloads_round_trip_bit_exact_at_every_size() {
             *input_of(&dir, find(queued)) == *pattern(size, seed),
             "queued input, size {size}"
         );
+        // A large input stays out of SQLite: recovered as its file.
+        assert_eq!(
+            find(queued).input_file.is_some(),
+            in_file,
+            "queued input in its file, size {size}"
+        );
         let r = find(running_id);
+        assert_eq!(
+            r.input_file.is_some(),
+            in_file,
+            "running input in its file, size {size}"
+        );
         assert!(
             *input_of(&dir, r) == *pattern(size, seed + 3),
             "running input, size {size}"
