@@ -730,24 +730,22 @@ impl Db {
             let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
             for p in inserts {
                 let job = &p.job;
-                let (state, attempts, output, error, finished) = match &p.update {
+                let (state, attempts, error, finished) = match &p.update {
                     Some(u) => {
                         encode_attempts(json, &u.attempts)?;
                         (
                             u.state,
                             json.as_slice(),
-                            u.output.as_deref(),
                             u.error.as_deref(),
                             finished_ms(u.state, u.finished_ms, now_ms),
                         )
                     }
-                    None => (JobState::Queued, &b"[]"[..], None, None, None),
+                    None => (JobState::Queued, &b"[]"[..], None, None),
                 };
-                let (output, output_file_len) =
-                    match p.update.as_ref().and_then(|u| u.output_file_len) {
-                        Some(len) => (None, Some(to_sql_u64(len))),
-                        None => in_file(output, p.output_file),
-                    };
+                let (output, output_file_len) = match &p.update {
+                    Some(u) => output_columns(u, p.output_file),
+                    None => (None, None),
+                };
                 let dropped = p.input_dropped();
                 // An input from a client's file goes to its payload file
                 // unless the id's row already references payload files
@@ -799,10 +797,7 @@ impl Db {
             for p in updates {
                 let u = &p.update;
                 encode_attempts(json, &u.attempts)?;
-                let (output, output_file_len) = match u.output_file_len {
-                    Some(len) => (None, Some(to_sql_u64(len))),
-                    None => in_file(u.output.as_deref(), p.output_file),
-                };
+                let (output, output_file_len) = output_columns(u, p.output_file);
                 let changed = update.execute(params![
                     to_sql_u64(u.id),
                     state_code(u.state),
@@ -994,6 +989,16 @@ fn in_file(payload: Option<&[u8]>, file: bool) -> (Option<&[u8]>, Option<i64>) {
     match payload {
         Some(p) if file => (None, Some(to_sql_u64(p.len() as u64))),
         p => (p, None),
+    }
+}
+
+/// An update's `(output, output_file_len)` columns: the length of the
+/// payload file the daemon wrote itself ([`JobUpdate::output_file_len`]),
+/// else as [`in_file`] (`file`: the store wrote the output to its file).
+fn output_columns(update: &JobUpdate, file: bool) -> (Option<&[u8]>, Option<i64>) {
+    match update.output_file_len {
+        Some(len) => (None, Some(to_sql_u64(len))),
+        None => in_file(update.output.as_deref(), file),
     }
 }
 
