@@ -231,7 +231,13 @@ fn running(id: u64, attempts: Vec<Attempt>) -> Op {
 }
 
 fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
-    Op::Update(JobUpdate {
+    Op::Update(finished_update(id, state, finished_ms))
+}
+
+/// A job's final update: `state` at `finished_ms`, with the output
+/// "output <id>" if it succeeded, the error "boom" otherwise.
+fn finished_update(id: u64, state: JobState, finished_ms: u64) -> JobUpdate {
+    JobUpdate {
         id,
         state,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
@@ -240,7 +246,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
         drop_input_file: true,
-    })
+    }
 }
 
 fn ids(recovered: &Recovered) -> Vec<u64> {
@@ -1109,14 +1115,8 @@ fn succeeded_with(id: u64, output: &[u8]) -> Op {
 /// The final update of a job that succeeded with `output` at `finished_ms`.
 fn succeeded_at(id: u64, output: &[u8], finished_ms: u64) -> Op {
     Op::Update(JobUpdate {
-        id,
-        state: JobState::Succeeded,
-        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
         output: Some(Arc::from(output)),
-        output_file_len: None,
-        error: None,
-        finished_ms: Some(finished_ms),
-        drop_input_file: true,
+        ..finished_update(id, JobState::Succeeded, finished_ms)
     })
 }
 
