@@ -39,14 +39,18 @@
 //! an output file stores it in the database instead, and the old file goes
 //! after the commit), so a crash at any point leaves every referenced file
 //! intact. Files no row references are removed: those of a failed batch at
-//! once, those of pruned jobs after the deletion commits, and any others
-//! (a crash between a file's write and its row's commit) at [`Store::open`].
+//! once, those a batch or a pruning step stops referencing after it commits
+//! (for a batch, after its [`Completion::Durable`] is sent: acknowledgements
+//! never wait on the renames and unlinks), and any others (a crash between
+//! a file's write and its row's commit) at [`Store::open`].
 //! Only names of the form `<id>.in` / `<id>.out` are touched, and the
 //! `.spare` directory.
 //!
 //! A job's input file goes once the job has ended: its final update
 //! ([`JobUpdate::drop_input_file`]) clears the row's reference, and the
-//! file is disposed of after the commit. Removed input files are recycled
+//! file is disposed of after the commit. A job whose insert and final
+//! update share a batch gets no input file at all (nor a row copy of a
+//! large input). Removed input files are recycled
 //! rather than unlinked: see [`Spares`] (new payload files are renamed
 //! spares, which on tmpfs saves allocating and zeroing every page). Output
 //! files are only ever unlinked, never recycled: a client may be reading
@@ -173,7 +177,8 @@ pub struct NewJob {
     /// passed (read at offset 0, never at the descriptor's own offset). The
     /// store copies it into the job's payload file in the kernel
     /// (`copy_file_range`), so the bytes never pass through the daemon's
-    /// memory. Only for inputs of at least [`FILE_PAYLOAD_MIN`] bytes.
+    /// memory. Only for inputs of at least [`FILE_PAYLOAD_MIN`] bytes (the
+    /// batch of a smaller one fails, its inserts lost).
     pub input_source: Option<InputSource>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,

@@ -63,6 +63,8 @@ pub(super) struct Stats {
     pub inserts: u64,
     /// UPDATE statements executed.
     pub updates: u64,
+    /// Payload files the store thread wrote (and synced).
+    pub files: u64,
     /// Time spent writing and committing batches.
     pub busy: Duration,
     /// CPU time of the store thread (less noisy than `busy` on a shared
@@ -456,6 +458,9 @@ impl Committer {
         let fresh = self.batch.ops > 0; // not just a retry of carried updates
         let mut notify = fresh;
         let mut failure = None;
+        // Payload files the commit left unreferenced: disposed of last, so
+        // that acknowledgements never wait on renames and unlinks.
+        let mut unreferenced = DeletedFiles::new();
         if self.batch.has_writes() {
             #[cfg(test)]
             let start = Instant::now();
@@ -465,7 +470,7 @@ impl Committer {
                 self.stats.busy += start.elapsed();
             }
             match written {
-                Ok(()) => {
+                Ok(files) => {
                     #[cfg(test)]
                     {
                         self.stats.commits += 1;
@@ -477,6 +482,7 @@ impl Committer {
                     // A successful retry reports the healing too.
                     notify = true;
                     let _ = self.done.send(Completion::Durable { upto });
+                    unreferenced = files;
                 }
                 Err(e) => {
                     self.carry = std::mem::take(&mut self.batch.updates)
@@ -518,39 +524,38 @@ impl Committer {
             // Fails only if the poll is gone, i.e. the daemon is exiting.
             let _ = self.waker.wake();
         }
+        self.db.payloads().remove_deleted(&unreferenced);
         self.batch.clear();
         failure
     }
 
-    /// Writes the batch's payload files, then commits its rows. On failure
-    /// nothing of the batch is stored, and the files it wrote are removed.
+    /// Writes the batch's payload files, then commits its rows; returns the
+    /// files the committed rows no longer reference (or never did: outputs
+    /// of updates of jobs whose insert was lost), for the caller to dispose
+    /// of. On failure nothing of the batch is stored, and the files it
+    /// wrote are removed.
     ///
     /// A payload file is written only where no committed row references
     /// one (a referenced file is never replaced in place: a crash before
     /// the commit would leave the row pointing at other bytes).
-    fn write_batch(&mut self) -> Result<(), BatchError> {
+    fn write_batch(&mut self) -> Result<DeletedFiles, BatchError> {
         let files = self.plan_files();
         if let Err(e) = self.write_files(&files) {
             self.discard_files(&files);
             return Err(e);
         }
+        #[cfg(test)]
+        {
+            self.stats.files += files.len() as u64;
+        }
         match self
             .db
             .write(&self.batch.inserts, &self.batch.updates, db::now_ms())
         {
-            Ok(unref) => {
-                // Files no row references any more (or ever did: an update
-                // of a job whose insert was lost). Housekeeping: whatever
-                // fails here goes at the next start.
-                let payloads = self.db.payloads();
-                let outputs = unref.unmatched_outputs.iter();
-                for &id in outputs.chain(&self.batch.replaced_outputs) {
-                    let _ = payloads.remove(id, Kind::Output);
-                }
-                for &id in &unref.ended_inputs {
-                    let _ = payloads.remove(id, Kind::Input);
-                }
-                Ok(())
+            Ok(mut unreferenced) => {
+                let replaced = self.batch.replaced_outputs.iter();
+                unreferenced.extend(replaced.map(|&id| (id, Kind::Output)));
+                Ok(unreferenced)
             }
             Err(e) => {
                 self.discard_files(&files);
@@ -571,7 +576,8 @@ impl Committer {
                 .update
                 .as_ref()
                 .is_some_and(|u| u.output_file_len.is_some());
-            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64;
+            // A job inserted already ended keeps no large input: no file.
+            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64 && !p.input_dropped();
             // Ids come in ascending order, above every stored one. A lower
             // id may belong to a stored job (the insert then fails): its
             // files must not be replaced first.
@@ -744,7 +750,7 @@ impl Committer {
             let db = &self.db;
             db.delete_expired(&pool, cutoff, PRUNE_CHUNK)
                 .and_then(|(deleted, files)| {
-                    remove_deleted(db, &files);
+                    db.payloads().remove_deleted(&files);
                     if deleted < PRUNE_CHUNK as usize {
                         // This pool is done; its oldest survivor says when
                         // the next pass has something to do.
@@ -771,7 +777,7 @@ impl Committer {
                 }
                 let chunk = over.min(u64::from(PRUNE_CHUNK)) as u32;
                 let (deleted, files) = self.db.delete_oldest_finished(chunk)?;
-                remove_deleted(&self.db, &files);
+                self.db.payloads().remove_deleted(&files);
                 let deleted = deleted as u64;
                 work.over_cap = Some(over.saturating_sub(deleted));
                 Ok(deleted > 0)
@@ -815,14 +821,5 @@ impl Committer {
                 let _ = reply.send(stats);
             }
         }
-    }
-}
-
-/// Removes the payload files of rows a committed deletion removed.
-fn remove_deleted(db: &Db, files: &DeletedFiles) {
-    let payloads = db.payloads();
-    for &(id, kind) in files {
-        // Housekeeping: a file left here goes at the next start.
-        let _ = payloads.remove(id, kind);
     }
 }

@@ -1,7 +1,7 @@
 //! Everything that speaks SQL: opening and validating `jobs.db` (migrating
 //! an older schema), the schema, recovery, batch writes, queries and the
 //! pruning statements. The payload files' I/O is in `files.rs`; this module
-//! reads them back where a row says so.
+//! checks them (there, with the recorded length) where a row says so.
 //!
 //! Schema version 2. Where a payload lives:
 //! - Inputs up to [`INLINE_INPUT_MAX`] bytes: the `jobs.input` column.
@@ -11,7 +11,7 @@
 //! - Inputs and outputs of at least
 //!   [`FILE_PAYLOAD_MIN`](super::FILE_PAYLOAD_MIN) bytes: a payload file;
 //!   the row's `input_file_len` / `output_file_len` (NULL otherwise) says so
-//!   and records the length, which is checked when the file is read.
+//!   and records the length, which recovery and [`Query::Job`] check.
 //! - Smaller outputs: the `jobs.output` column (written once, with the
 //!   final state).
 //!
@@ -208,6 +208,16 @@ pub(super) struct PendingInsert {
     pub output_file: bool,
 }
 
+impl PendingInsert {
+    /// The folded update ends the job, and its input is large enough for a
+    /// payload file: the row stores no input at all and no file is written
+    /// (an ended job is never dispatched again, so nothing would read it).
+    pub fn input_dropped(&self) -> bool {
+        self.update.as_ref().is_some_and(|u| u.state.is_terminal())
+            && self.job.input_len() >= super::FILE_PAYLOAD_MIN as u64
+    }
+}
+
 /// An update of a job stored before this batch.
 #[derive(Debug)]
 pub(super) struct PendingUpdate {
@@ -242,17 +252,10 @@ enum Change {
     },
 }
 
-/// Payload files a committed batch stopped referencing, to dispose of.
-#[derive(Debug, Default)]
-pub(super) struct Unreferenced {
-    /// Jobs whose update brought an output in a file but matched no row
-    /// (their insert was lost): nothing references those files.
-    pub unmatched_outputs: Vec<u64>,
-    /// Jobs that ended: their input files.
-    pub ended_inputs: Vec<u64>,
-}
-
-/// Payload files of deleted rows, to remove once the deletion committed.
+/// Payload files committed rows no longer reference (those of deleted
+/// rows, of ended jobs' inputs, of replaced outputs, and outputs of updates
+/// that matched no row), to dispose of once the transaction has committed
+/// (see [`Payloads::remove_deleted`]).
 pub(super) type DeletedFiles = Vec<(u64, Kind)>;
 
 impl Db {
@@ -656,12 +659,14 @@ impl Db {
             }
         }
         tx.commit().map_err(fail)?;
-        for change in &changed {
-            if let Change::Dead { id, .. } = change {
-                // Housekeeping: a file left here goes at the next start.
-                let _ = payloads.remove(*id, Kind::Input);
-            }
-        }
+        let dead_inputs: DeletedFiles = changed
+            .iter()
+            .filter_map(|change| match change {
+                Change::Dead { id, .. } => Some((*id, Kind::Input)),
+                Change::Requeue { .. } => None,
+            })
+            .collect();
+        payloads.remove_deleted(&dead_inputs);
         Ok(Recovered {
             jobs,
             next_id: self.max_id + 1,
@@ -673,14 +678,15 @@ impl Db {
     /// transaction is rolled back: nothing of the batch is stored. The
     /// payload files the rows reference must already be on disk.
     ///
-    /// Returns the files the committed rows no longer reference (see
-    /// [`Unreferenced`]), for the caller to dispose of.
+    /// Returns the files the committed rows no longer reference: inputs of
+    /// jobs that ended, and outputs written for updates that matched no row
+    /// (their insert was lost), for the caller to dispose of.
     pub fn write(
         &mut self,
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<Unreferenced> {
+    ) -> rusqlite::Result<DeletedFiles> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = self
             .write_rows(inserts, updates, now_ms)
@@ -713,53 +719,54 @@ impl Db {
         inserts: &[PendingInsert],
         updates: &[PendingUpdate],
         now_ms: u64,
-    ) -> rusqlite::Result<(u64, Unreferenced)> {
+    ) -> rusqlite::Result<(u64, DeletedFiles)> {
         let Db {
             conn, json, max_id, ..
         } = self;
         let mut new_max = *max_id;
-        let mut unref = Unreferenced::default();
+        let mut unreferenced = DeletedFiles::new();
         if !inserts.is_empty() {
             let mut insert = conn.prepare_cached(INSERT_JOB)?;
             let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
             for p in inserts {
                 let job = &p.job;
-                let (state, attempts, output, error, finished) = match &p.update {
+                let (state, attempts, error, finished) = match &p.update {
                     Some(u) => {
                         encode_attempts(json, &u.attempts)?;
                         (
                             u.state,
                             json.as_slice(),
-                            u.output.as_deref(),
                             u.error.as_deref(),
                             finished_ms(u.state, u.finished_ms, now_ms),
                         )
                     }
-                    None => (JobState::Queued, &b"[]"[..], None, None, None),
+                    None => (JobState::Queued, &b"[]"[..], None, None),
                 };
-                let (output, output_file_len) =
-                    match p.update.as_ref().and_then(|u| u.output_file_len) {
-                        Some(len) => (None, Some(to_sql_u64(len))),
-                        None => in_file(output, p.output_file),
-                    };
-                // An input from a client's file that does not go to a
-                // payload file (its insert is bound to fail: the id is
-                // taken) is read for the row.
-                let sourced = match &job.input_source {
-                    Some(src) if !p.input_file => Some(read_source(src)?),
-                    _ => None,
+                let (output, output_file_len) = match &p.update {
+                    Some(u) => output_columns(u, p.output_file),
+                    None => (None, None),
                 };
-                let (input, mut input_file_len) = match (&job.input_source, &sourced) {
-                    (Some(src), None) => (None, Some(to_sql_u64(src.len))),
-                    (_, Some(bytes)) => (Some(&bytes[..]), None),
-                    (None, None) => in_file(Some(&job.input[..]), p.input_file),
-                };
-                // Inserted already ended: its input file (written with the
-                // batch) is not needed.
-                if input_file_len.is_some() && state.is_terminal() {
-                    input_file_len = None;
-                    unref.ended_inputs.push(job.id);
+                let dropped = p.input_dropped();
+                // An input from a client's file goes to its payload file
+                // unless the id's row already references payload files
+                // (`plan_files` does not replace them): then this insert
+                // fails on the id anyway. Fail it here, without reading the
+                // client's file into memory for a row never stored.
+                if job.input_source.is_some() && !p.input_file && !dropped {
+                    return Err(rusqlite::Error::ToSqlConversionFailure(
+                        format!(
+                            "job {}: input file not copied to a payload file (id already stored?)",
+                            job.id
+                        )
+                        .into(),
+                    ));
                 }
+                let (input, input_file_len) = match &job.input_source {
+                    // Inserted already ended: its large input is not kept.
+                    _ if dropped => (None, None),
+                    Some(src) => (None, Some(to_sql_u64(src.len))),
+                    None => in_file(Some(&job.input[..]), p.input_file),
+                };
                 let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
                 insert.execute(params![
                     to_sql_u64(job.id),
@@ -790,10 +797,7 @@ impl Db {
             for p in updates {
                 let u = &p.update;
                 encode_attempts(json, &u.attempts)?;
-                let (output, output_file_len) = match u.output_file_len {
-                    Some(len) => (None, Some(to_sql_u64(len))),
-                    None => in_file(u.output.as_deref(), p.output_file),
-                };
+                let (output, output_file_len) = output_columns(u, p.output_file);
                 let changed = update.execute(params![
                     to_sql_u64(u.id),
                     state_code(u.state),
@@ -804,14 +808,14 @@ impl Db {
                     output_file_len,
                 ])?;
                 if changed == 0 && p.output_file {
-                    unref.unmatched_outputs.push(u.id);
+                    unreferenced.push((u.id, Kind::Output));
                 }
                 if changed > 0
                     && u.drop_input_file
                     && u.state.is_terminal()
                     && drop_input.execute([to_sql_u64(u.id)])? > 0
                 {
-                    unref.ended_inputs.push(u.id);
+                    unreferenced.push((u.id, Kind::Input));
                 }
             }
         }
@@ -819,7 +823,7 @@ impl Db {
             conn.prepare_cached(UPDATE_MAX_ID)?
                 .execute([to_sql_u64(new_max)])?;
         }
-        Ok((new_max, unref))
+        Ok((new_max, unreferenced))
     }
 
     /// Answers a query from committed data.
@@ -881,8 +885,6 @@ impl Db {
         run().unwrap_or_else(|e| Err(format!("cannot read the job store: {e}")))
     }
 
-    /// Reads a job's output from its file. A file that is missing, damaged
-    /// or unreadable leaves the output out and says so in the error.
     /// Runs `f` in its own `BEGIN IMMEDIATE` transaction and commits.
     fn in_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -987,6 +989,16 @@ fn in_file(payload: Option<&[u8]>, file: bool) -> (Option<&[u8]>, Option<i64>) {
     match payload {
         Some(p) if file => (None, Some(to_sql_u64(p.len() as u64))),
         p => (p, None),
+    }
+}
+
+/// An update's `(output, output_file_len)` columns: the length of the
+/// payload file the daemon wrote itself ([`JobUpdate::output_file_len`]),
+/// else as [`in_file`] (`file`: the store wrote the output to its file).
+fn output_columns(update: &JobUpdate, file: bool) -> (Option<&[u8]>, Option<i64>) {
+    match update.output_file_len {
+        Some(len) => (None, Some(to_sql_u64(len))),
+        None => in_file(update.output.as_deref(), file),
     }
 }
 
@@ -1186,12 +1198,4 @@ fn doc_from_row(row: &Row<'_>, with_output: bool) -> Result<JobDoc, String> {
         output,
         error: row.get(7).map_err(get)?,
     })
-}
-
-/// The bytes of an input source, for a row that stores them itself.
-fn read_source(src: &super::InputSource) -> rusqlite::Result<Vec<u8>> {
-    let mut buf = vec![0u8; src.len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&*src.file, &mut buf, 0)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    Ok(buf)
 }

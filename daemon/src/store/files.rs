@@ -25,16 +25,7 @@ pub(super) enum Kind {
     Output,
 }
 
-impl Kind {
-    fn extension(self) -> &'static str {
-        match self {
-            Kind::Input => "in",
-            Kind::Output => "out",
-        }
-    }
-}
-
-/// Why a payload file could not be read back.
+/// Why a payload file is not usable (see [`Payloads::check`]).
 #[derive(Debug)]
 pub(super) enum ReadError {
     /// The file does not exist (deleted by hand, or the directory is on a
@@ -148,9 +139,13 @@ impl Payloads {
         &self.spares
     }
 
-    /// `<dir>/<id>.in` or `<dir>/<id>.out`.
+    /// `<dir>/<id>.in` or `<dir>/<id>.out`: [`input_file`](super::input_file)
+    /// or [`output_file`](super::output_file).
     pub fn path(&self, id: u64, kind: Kind) -> PathBuf {
-        self.dir.join(format!("{id}.{}", kind.extension()))
+        match kind {
+            Kind::Input => super::input_file(&self.dir, id),
+            Kind::Output => super::output_file(&self.dir, id),
+        }
     }
 
     /// Creates (or replaces) the file and writes `data`, without syncing:
@@ -249,37 +244,28 @@ impl Payloads {
         }
     }
 
-    /// Checks that a payload file of `expected` bytes is there, without
-    /// reading it.
-    pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {
-        self.open_checked(id, kind, expected).map(|_| ())
+    /// Disposes of files committed rows no longer reference (see
+    /// [`Payloads::remove`]: inputs recycled, outputs unlinked), after the
+    /// commit. Housekeeping: a file that fails here goes at the next start.
+    pub fn remove_deleted(&self, files: &[(u64, Kind)]) {
+        for &(id, kind) in files {
+            let _ = self.remove(id, kind);
+        }
     }
 
-    /// Opens the file and checks its length before anything is allocated
-    /// (a damaged row must not make us allocate an absurd buffer).
-    fn open_checked(
-        &self,
-        id: u64,
-        kind: Kind,
-        expected: u64,
-    ) -> Result<(File, PathBuf, usize), ReadError> {
+    /// Checks that a payload file of `expected` bytes is there, without
+    /// opening it.
+    pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {
         let path = self.path(id, kind);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Missing(path)),
-            Err(e) => return Err(ReadError::Io(path, e)),
-        };
-        let found = match file.metadata() {
-            Ok(m) => m.len(),
-            Err(e) => return Err(ReadError::Io(path, e)),
-        };
-        match usize::try_from(found) {
-            Ok(len) if found == expected => Ok((file, path, len)),
-            _ => Err(ReadError::WrongLength {
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == expected => Ok(()),
+            Ok(m) => Err(ReadError::WrongLength {
                 path,
-                found,
+                found: m.len(),
                 expected,
             }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ReadError::Missing(path)),
+            Err(e) => Err(ReadError::Io(path, e)),
         }
     }
 

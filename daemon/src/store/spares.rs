@@ -6,10 +6,12 @@
 //! already has). So payload files are recycled the way PostgreSQL recycles
 //! its WAL segments:
 //!
-//! - a payload file that is no longer needed (the input of a job that
-//!   ended, the files of pruned jobs, a replaced output) is renamed into
+//! - an input file that is no longer needed (its job ended, was pruned or
+//!   recovered dead, or its batch failed) is renamed into
 //!   `<payload_dir>/.spare/` instead of being removed, while the spares stay
-//!   within [`SPARE_MAX_BYTES`] and [`SPARE_MAX_FILES`];
+//!   within [`SPARE_MAX_BYTES`] and [`SPARE_MAX_FILES`]. Output files (of
+//!   pruned jobs, replaced) are only ever removed, never recycled: a client
+//!   may still be reading one through a descriptor it was handed;
 //! - a new payload file is made by renaming a spare to its name, cutting it
 //!   to the payload's length and overwriting it;
 //! - a background thread at the lowest CPU priority makes [`SPARE_TARGET`]

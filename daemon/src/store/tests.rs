@@ -137,7 +137,7 @@ impl Harness {
             // What the daemon hands the client: the file's contents.
             QueryResult::JobWithOutputFile(mut doc, len) => {
                 assert!(doc.output.is_none());
-                let bytes = std::fs::read(self.payloads.join(format!("{id}.out")))
+                let bytes = std::fs::read(output_file(&self.payloads, id))
                     .expect("the output file the store vouched for");
                 assert_eq!(bytes.len() as u64, len, "job {id}'s output file");
                 doc.output = Some(Bytes(bytes));
@@ -160,6 +160,13 @@ impl Harness {
             }
             r => panic!("unexpected {r:?}"),
         }
+    }
+
+    /// Waits until the store thread is done with the batches before: the
+    /// payload files they left unreferenced are disposed of after their
+    /// acknowledgement.
+    fn settle(&self) {
+        self.stats();
     }
 
     fn stats(&self) -> Stats {
@@ -224,7 +231,13 @@ fn running(id: u64, attempts: Vec<Attempt>) -> Op {
 }
 
 fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
-    Op::Update(JobUpdate {
+    Op::Update(finished_update(id, state, finished_ms))
+}
+
+/// A job's final update: `state` at `finished_ms`, with the output
+/// "output <id>" if it succeeded, the error "boom" otherwise.
+fn finished_update(id: u64, state: JobState, finished_ms: u64) -> JobUpdate {
+    JobUpdate {
         id,
         state,
         attempts: vec![attempt(1, Some(Outcome::Succeeded))],
@@ -233,7 +246,7 @@ fn finished(id: u64, state: JobState, finished_ms: u64) -> Op {
         error: (state != JobState::Succeeded).then(|| "boom".to_string()),
         finished_ms: Some(finished_ms),
         drop_input_file: true,
-    })
+    }
 }
 
 fn ids(recovered: &Recovered) -> Vec<u64> {
@@ -1102,14 +1115,8 @@ fn succeeded_with(id: u64, output: &[u8]) -> Op {
 /// The final update of a job that succeeded with `output` at `finished_ms`.
 fn succeeded_at(id: u64, output: &[u8], finished_ms: u64) -> Op {
     Op::Update(JobUpdate {
-        id,
-        state: JobState::Succeeded,
-        attempts: vec![attempt(1, Some(Outcome::Succeeded))],
         output: Some(Arc::from(output)),
-        output_file_len: None,
-        error: None,
-        finished_ms: Some(finished_ms),
-        drop_input_file: true,
+        ..finished_update(id, JobState::Succeeded, finished_ms)
     })
 }
 
@@ -1172,11 +1179,19 @@ fn payloads_round_trip_bit_exact_at_every_size() {
         h.submit(running(running_id, vec![attempt(1, None)]));
         let seq = h.submit(succeeded_with(updated, &output));
         h.wait_durable(seq);
+        let files_before = h.stats().files;
         let release = h.pause();
         h.submit(Op::Insert(job_with_input(folded, &pattern(size, seed + 4))));
         let seq = h.submit(succeeded_with(folded, &pattern(size, seed + 5)));
         drop(release);
         h.wait_durable(seq);
+        // Ended within its insert's batch: its output file is written, its
+        // input file is not (it would only be thrown away).
+        assert_eq!(
+            h.stats().files - files_before,
+            u64::from(size >= FILE_PAYLOAD_MIN),
+            "files written for the folded job, size {size}"
+        );
         cases.push((size, seed, queued, updated, folded, running_id));
     }
 
@@ -1206,6 +1221,22 @@ fn payloads_round_trip_bit_exact_at_every_size() {
             let on_disk = std::fs::read(dir.payload(queued, "in")).expect("read");
             assert!(on_disk == pattern(size, seed), "file content, size {size}");
         }
+        // A large output stays out of SQLite: the query vouches for its
+        // file instead of carrying it.
+        for id in [updated, folded] {
+            let from_file = match h.query(Query::Job { id }) {
+                QueryResult::JobWithOutputFile(_, len) => {
+                    assert_eq!(len, size as u64, "job {id}'s output length");
+                    true
+                }
+                QueryResult::Job(Some(_)) => false,
+                r => panic!("unexpected {r:?}"),
+            };
+            assert_eq!(
+                from_file, in_file,
+                "job {id}'s output in its file, size {size}"
+            );
+        }
         let doc = h.job(updated).expect("updated job");
         assert_eq!(doc.error, None);
         assert!(
@@ -1225,6 +1256,7 @@ fn payloads_round_trip_bit_exact_at_every_size() {
     let (mut h, rec) = Harness::open(dir.path());
     let mut expected_ids = Vec::new();
     for &(size, seed, queued, _, _, running_id) in &cases {
+        let in_file = size >= FILE_PAYLOAD_MIN;
         expected_ids.extend([queued, running_id]);
         let find = |id| {
             rec.jobs
@@ -1236,7 +1268,18 @@ fn payloads_round_trip_bit_exact_at_every_size() {
             *input_of(&dir, find(queued)) == *pattern(size, seed),
             "queued input, size {size}"
         );
+        // A large input stays out of SQLite: recovered as its file.
+        assert_eq!(
+            find(queued).input_file.is_some(),
+            in_file,
+            "queued input in its file, size {size}"
+        );
         let r = find(running_id);
+        assert_eq!(
+            r.input_file.is_some(),
+            in_file,
+            "running input in its file, size {size}"
+        );
         assert!(
             *input_of(&dir, r) == *pattern(size, seed + 3),
             "running input, size {size}"
@@ -1312,6 +1355,7 @@ fn pruning_removes_the_payload_files() {
         max_finished: 2,
     });
     h.wait_durable(seq);
+    h.settle();
     assert_eq!(
         payload_names(&dir),
         ["1.out", "2.out", "3.out", "4.out", "5.in"],
@@ -1496,6 +1540,7 @@ fn a_referenced_output_file_is_never_rewritten() {
     // into the database; the old file goes once that is committed.
     let seq = h.submit(succeeded_with(1, &second));
     h.wait_durable(seq);
+    h.settle();
     assert!(!dir.payload(1, "out").exists());
     assert!(h.job(1).expect("job 1").output == Some(Bytes(second)));
     h.close();
@@ -1829,11 +1874,28 @@ fn a_prewritten_output_file_is_recorded_not_rewritten() {
     for id in [1, 2] {
         h.submit(Op::Insert(new_job(id, "p")));
     }
-    // Job 1: insert and final update in separate batches; job 2 (below):
-    // insert and update folded into one row write.
     let seq = h.submit(Op::Insert(new_job(3, "p")));
     h.wait_durable(seq);
-    std::fs::write(dir.payload(1, "out"), &*big).expect("write");
+    // Inode and mtime of a payload file.
+    let stamp = |id| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.payload(id, "out")).expect("stat");
+        (meta.ino(), meta.modified().expect("mtime"))
+    };
+    // As the daemon does it: the file first, the job's final update once
+    // it is written. Its mtime is set well in the past, so that a rewrite
+    // shows even within the file system's timestamp granularity.
+    let prewrite = |id| {
+        let path = dir.payload(id, "out");
+        std::fs::write(&path, &*big).expect("write");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let past = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        file.set_modified(past).expect("set mtime");
+        stamp(id)
+    };
     let update = |id| {
         Op::Update(JobUpdate {
             id,
@@ -1846,30 +1908,51 @@ fn a_prewritten_output_file_is_recorded_not_rewritten() {
             drop_input_file: true,
         })
     };
+    // Job 1: insert and final update in separate batches.
+    let written_1 = prewrite(1);
     let seq = h.submit(update(1));
     h.wait_durable(seq);
-    let modified = std::fs::metadata(dir.payload(1, "out"))
-        .and_then(|m| m.modified())
-        .expect("mtime");
+    assert_eq!(stamp(1), written_1, "job 1's file not rewritten");
     assert!(h.job(1).expect("job 1").output == Some(Bytes(big.to_vec())));
-    std::fs::write(dir.payload(4, "out"), &*big).expect("write");
+    // Job 4: insert and final update in one batch, folded into one row
+    // write (one INSERT, no UPDATE).
+    let written_4 = prewrite(4);
+    let before = h.stats();
+    let release = h.pause();
     h.submit(Op::Insert(new_job(4, "p")));
     let seq = h.submit(update(4));
+    drop(release);
     h.wait_durable(seq);
+    let after = h.stats();
+    assert_eq!(
+        (
+            after.inserts - before.inserts,
+            after.updates - before.updates
+        ),
+        (1, 0),
+        "job 4's insert and update folded"
+    );
+    assert_eq!(stamp(4), written_4, "job 4's file not rewritten");
     assert!(h.job(4).expect("job 4").output == Some(Bytes(big.to_vec())));
     // An orphan: written, but its job's update never came.
     std::fs::write(dir.payload(2, "out"), b"never committed").expect("write");
     h.close();
-    assert_eq!(
-        std::fs::metadata(dir.payload(1, "out"))
-            .and_then(|m| m.modified())
-            .expect("mtime"),
-        modified,
-        "not rewritten by the store"
-    );
+    assert_eq!(stamp(1), written_1, "not rewritten by the store");
     let (mut h, _) = Harness::open(dir.path());
     assert!(h.job(1).expect("job 1 after a restart").output == Some(Bytes(big.to_vec())));
+    assert!(h.job(4).expect("job 4 after a restart").output == Some(Bytes(big.to_vec())));
     assert!(!dir.payload(2, "out").exists(), "the orphan is swept");
+    // Pruned: the files go with their rows.
+    let seq = h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: DEFAULT_RETENTION,
+        max_finished: 0,
+    });
+    h.wait_durable(seq);
+    h.prune_now();
+    assert_eq!(h.job(1), None);
+    assert_eq!(h.job(4), None);
+    assert!(payload_names(&dir).is_empty(), "{:?}", payload_names(&dir));
     h.close();
 }
 
@@ -1899,10 +1982,82 @@ fn an_input_source_file_is_copied_into_the_payload_file() {
     let seq = h.submit(Op::Insert(job));
     h.wait_durable(seq);
     assert!(std::fs::read(dir.payload(1, "in")).expect("payload file") == *big);
+    // Job 2 ends in its insert's batch: its input is neither copied to a
+    // payload file nor kept in the row; the job is stored all the same.
+    let job = NewJob {
+        input: Arc::default(),
+        input_source: Some(InputSource {
+            file: Arc::new(std::fs::File::open(&src_path).expect("open")),
+            len: big.len() as u64,
+        }),
+        ..new_job(2, "p")
+    };
+    let files_before = h.stats().files;
+    let release = h.pause();
+    h.submit(Op::Insert(job));
+    let seq = h.submit(succeeded_with(2, b"done"));
+    drop(release);
+    h.wait_durable(seq);
+    assert_eq!(h.stats().files, files_before, "no payload file for job 2");
+    assert!(!dir.payload(2, "in").exists());
+    assert_eq!(h.job(2).expect("job 2").state, JobState::Succeeded);
     h.close();
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        let kept: i64 = conn
+            .query_row(
+                "SELECT (input IS NOT NULL) + (input_file_len IS NOT NULL) \
+                 + (SELECT COUNT(*) FROM job_inputs WHERE id = 2) FROM jobs WHERE id = 2",
+                [],
+                |r| r.get(0),
+            )
+            .expect("job 2's row");
+        assert_eq!(kept, 0, "job 2's row keeps no input");
+    }
     let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1]);
     assert_eq!(rec.jobs[0].input_file, Some(big.len() as u64));
     assert!(*input_of(&dir, &rec.jobs[0]) == *big);
+    h.close();
+}
+
+/// An insert of an id already stored, with its input given as a client's
+/// file (the daemon never sends one: ids only go up): the batch fails and
+/// the insert is lost, and the stored job's input file is left as it was.
+#[test]
+fn an_input_source_insert_of_a_taken_id_fails_and_leaves_the_stored_file() {
+    let dir = TempDir::new("source-taken");
+    let (mut h, _) = Harness::open(dir.path());
+    let stored = pattern(FILE_PAYLOAD_MIN, 3);
+    let seq = h.submit(Op::Insert(job_with_input(1, &stored)));
+    h.wait_durable(seq);
+    let src_path = dir.path().join("client-file");
+    std::fs::write(&src_path, pattern(FILE_PAYLOAD_MIN + 5, 4)).expect("write");
+    let job = NewJob {
+        input: Arc::default(),
+        input_source: Some(InputSource {
+            file: Arc::new(std::fs::File::open(&src_path).expect("open")),
+            len: FILE_PAYLOAD_MIN as u64 + 5,
+        }),
+        ..new_job(1, "p")
+    };
+    let seq = h.submit(Op::Insert(job));
+    match h.next() {
+        Completion::Failed {
+            upto,
+            lost_inserts,
+            error,
+        } => {
+            assert_eq!((upto, lost_inserts), (seq, vec![1]));
+            assert!(error.contains("job 1: input file not copied"), "{error}");
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert!(std::fs::read(dir.payload(1, "in")).expect("input file") == stored);
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(ids(&rec), vec![1]);
+    assert!(*input_of(&dir, &rec.jobs[0]) == *stored);
     h.close();
 }
 
@@ -2074,6 +2229,7 @@ fn ended_inputs_become_spares_and_outputs_never_do() {
     let ino = inode(&dir.payload(1, "in"));
     let seq = h.submit(succeeded_with(1, &big));
     h.wait_durable(seq);
+    h.settle();
     assert_eq!(payload_names(&dir), ["1.out", "2.in"]);
     assert!(
         spares.list().iter().any(|(p, _)| inode(p) == ino),
