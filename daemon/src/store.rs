@@ -148,8 +148,10 @@ pub const MAX_BATCH_OPS: usize = 20_000;
 /// waits for the next batch; a single larger payload gets a batch alone.
 pub const MAX_BATCH_BLOB_BYTES: usize = 16 << 20;
 /// Inputs and outputs of at least this many bytes are stored in payload
-/// files rather than in the database.
-pub const FILE_PAYLOAD_MIN: usize = 1 << 20;
+/// files rather than in the database. The same threshold as the control
+/// socket's for passing payloads as descriptors: a large output is handed
+/// to a client as its payload file's descriptor.
+pub const FILE_PAYLOAD_MIN: usize = ipc_proto::control::FD_PAYLOAD_MIN as usize;
 /// Pruning deletes at most this many rows per statement (and transaction).
 pub const PRUNE_CHUNK: u32 = 10_000;
 /// Retention of finished jobs before the first [`Op::Retention`].
