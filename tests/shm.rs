@@ -252,10 +252,12 @@ fn a_submit_fd_before_hello_is_refused() {
     );
 }
 
+/// One worker whose input half (128 KiB) holds one 100 KiB input at a
+/// time, and prefetch allowing 8 in flight: the 12 lines of one `map` reach
+/// the daemon together, so most jobs find the arena full and must wait
+/// their turn for it (back off) instead of failing.
 #[test]
 fn a_full_arena_backs_off_instead_of_failing() {
-    // One worker, input half of 128 KiB, inputs of 100 KiB, several in
-    // flight allowed by prefetch: they must take turns for the arena.
     let cfg = format!(
         "{}[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\nprefetch = 8\ninline_limit = \"1KiB\"\nshm_size = \"256KiB\"\n",
         daemon_section(),
@@ -263,28 +265,32 @@ fn a_full_arena_backs_off_instead_of_failing() {
     );
     let d = Daemon::start("shm-full", &cfg);
     d.wait_ready("echo", 1);
-    let f = d.dir.path().join("in");
-    let data = pattern(100 << 10);
-    std::fs::write(&f, &data).unwrap();
-    let mut ids = Vec::new();
-    for _ in 0..12 {
-        let r = d.ctl(&["submit", "echo", "--input-file", f.to_str().unwrap()]);
-        assert_eq!(r.code, 0, "{r:?}");
-        ids.push(r.stdout.trim().to_string());
+    let mut input = String::new();
+    let mut lines = Vec::new();
+    for i in 0..12usize {
+        // 100 KiB of one letter: over inline_limit, and two of them do not
+        // fit the input half together. The index makes each line its own.
+        let c = (b'a' + i as u8) as char;
+        let line = format!("{i}:{}", c.to_string().repeat(100 << 10));
+        input.push_str(&line);
+        input.push('\n');
+        lines.push(line);
     }
-    let mut args = vec!["wait"];
-    args.extend(ids.iter().map(String::as_str));
-    let r = d.ctl(&args);
+    map_ordered_round_trip(&d, "echo", &input, &lines);
+    // Waiting for room is not a failure: one attempt each, no restart.
+    let r = d.ctl(&["--json", "jobs"]);
     assert_eq!(r.code, 0, "{r:?}");
-    for id in &ids {
-        let o = std::process::Command::new(bin("jobvisorctl"))
-            .arg("--socket")
-            .arg(d.socket())
-            .args(["result", id])
-            .output()
-            .unwrap();
-        assert!(o.stdout == data, "job {id}: output differs");
+    let jobs: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), lines.len(), "{}", r.stdout);
+    for j in &jobs {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
     }
+    assert_eq!(d.pool("echo")["workers"][0]["restarts"], 0);
 }
 
 /// Runs `jobvisorctl ARGS` with `stdin` piped in (written from a thread),
