@@ -109,22 +109,9 @@ fn submit_wait_sha256_matches_sha256sum() {
     assert_eq!(r.stdout, expected);
     // Binary-safe raw output, stdin input.
     let bin_in: Vec<u8> = (0..=255u8).rev().collect();
-    let mut child = std::process::Command::new(bin("jobvisorctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["submit", "echo", "-", "--wait"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&bin_in).unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success());
-    assert_eq!(o.stdout, bin_in);
+    let r = d.ctl_stdin(&["submit", "echo", "-", "--wait"], Some(&bin_in));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.raw, bin_in);
     // The job document has the attempt history.
     let id = submit(&d, &["echo", "--input", "hello"]);
     let j = wait_state(&d, id, "succeeded");

@@ -163,14 +163,28 @@ impl Drop for TempDir {
 }
 
 /// Result of one `jobvisorctl` run.
-#[derive(Debug)]
 pub struct Ctl {
     /// Exit code (-1 if killed).
     pub code: i32,
-    /// Standard output.
+    /// Standard output (lossily decoded as UTF-8; see `raw`).
     pub stdout: String,
+    /// Standard output, the bytes as written.
+    pub raw: Vec<u8>,
     /// Standard error.
     pub stderr: String,
+}
+
+/// Like a derived `Debug`, but `raw` (the bytes `stdout` shows already)
+/// only by its length.
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl")
+            .field("code", &self.code)
+            .field("stdout", &self.stdout)
+            .field("raw", &format_args!("{} bytes", self.raw.len()))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
 }
 
 impl Ctl {
@@ -178,6 +192,7 @@ impl Ctl {
         Ctl {
             code: o.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            raw: o.stdout,
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         }
     }
