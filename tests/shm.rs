@@ -38,19 +38,10 @@ fn sha256sum(file: &std::path::Path) -> String {
         .to_string()
 }
 
-/// `jobvisorctl submit ARGS…`, which must succeed: the job id.
-fn submit_id(d: &Daemon, args: &[&str]) -> u64 {
-    let mut full = vec!["submit"];
-    full.extend_from_slice(args);
-    let r = d.ctl(&full);
-    assert_eq!(r.code, 0, "{r:?}");
-    r.stdout.trim().parse().unwrap()
-}
-
 /// Starts a long job in pool `slow` that holds key `k` and waits until it
 /// runs: jobs submitted with `--key k` then stay queued. Returns its id.
 fn hold_key_k(d: &Daemon) -> u64 {
-    let blocker = submit_id(d, &["slow", "--key", "k", "--input", "600000"]);
+    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
     wait_for("the blocker to run", DEADLINE, || {
         (d.pool("slow")["running"] == 1).then_some(())
     });
@@ -422,14 +413,8 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     let data = pattern(5 << 20);
     let f = d.dir.path().join("in-5m");
     std::fs::write(&f, &data).unwrap();
-    let kept = submit_id(
-        &d,
-        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-    );
-    let lost = submit_id(
-        &d,
-        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-    );
+    let kept = d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]);
+    let lost = d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]);
     let payloads = d.dir.path().join("big");
     for id in [kept, lost] {
         let p = payloads.join(format!("{id}.in"));
@@ -505,7 +490,7 @@ fn ended_inputs_are_recycled_and_outputs_stay() {
     for i in 0..6 {
         let f = d.dir.path().join(format!("in-{i}"));
         std::fs::write(&f, pattern((2 << 20) + i)).unwrap();
-        let id = submit_id(&d, &["echo", "--input-file", f.to_str().unwrap()]);
+        let id = d.submit_id(&["echo", "--input-file", f.to_str().unwrap()]);
         let r = d.ctl(&["wait", &id.to_string()]);
         assert_eq!(r.code, 0, "{} {}", r.stderr, r.stdout);
         ids.push(id);
@@ -578,10 +563,7 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
     for i in 0..4 {
         let f = d.dir.path().join(format!("in-{i}"));
         std::fs::write(&f, pattern(size + i)).unwrap();
-        ids.push(submit_id(
-            &d,
-            &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-        ));
+        ids.push(d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]));
     }
     assert_eq!(d.pool("echo")["queued"], 4);
     let grown = rss_kib(d.pid()).saturating_sub(before);

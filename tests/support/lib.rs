@@ -278,6 +278,18 @@ impl Daemon {
         run_with_stdin(cmd, stdin)
     }
 
+    /// `jobvisorctl submit ARGS…`, which must succeed: the job id.
+    pub fn submit_id(&self, args: &[&str]) -> u64 {
+        let mut full = vec!["submit"];
+        full.extend_from_slice(args);
+        let r = self.ctl(&full);
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not an id: {r:?}"))
+    }
+
     /// `status --json` as JSON.
     pub fn status(&self) -> Value {
         let r = self.ctl(&["--json", "status"]);
