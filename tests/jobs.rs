@@ -8,10 +8,6 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-fn test_worker() -> String {
-    format!("{:?}", bin("jobvisor-test-worker").display().to_string())
-}
-
 fn pool(name: &str, cmd: &str, workers: u32, extra: &str) -> String {
     format!("[pools.{name}]\ncommand = [{cmd}]\nworkers = {workers}\n{extra}\n")
 }

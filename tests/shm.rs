@@ -125,9 +125,9 @@ fn an_input_larger_than_the_arena_is_refused() {
 #[test]
 fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
     let cfg = format!(
-        "{}[pools.liar]\ncommand = [{:?}, \"badshm\"]\nworkers = 1\nbackoff_initial = \"0s\"\n",
+        "{}[pools.liar]\ncommand = [{}, \"badshm\"]\nworkers = 1\nbackoff_initial = \"0s\"\n",
         daemon_section(),
-        bin("jobvisor-test-worker").display().to_string()
+        test_worker()
     );
     let d = Daemon::start("shm-liar", &cfg);
     let pid = d.wait_ready("liar", 1)[0];
@@ -147,9 +147,9 @@ fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
 #[test]
 fn a_worker_cannot_shrink_its_arena() {
     let cfg = format!(
-        "{}[pools.shrink]\ncommand = [{:?}, \"shrink\"]\nworkers = 1\n",
+        "{}[pools.shrink]\ncommand = [{}, \"shrink\"]\nworkers = 1\n",
         daemon_section(),
-        bin("jobvisor-test-worker").display().to_string()
+        test_worker()
     );
     let d = Daemon::start("shm-shrink", &cfg);
     let pid = d.wait_ready("shrink", 1)[0];
@@ -402,9 +402,9 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     let cfg = format!(
         "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\npayload_dir = \"big\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
-         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+         [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         w = worker_bin(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let mut d = Daemon::start("shm-durable", &cfg);
     d.wait_ready("echo", 1);
@@ -548,10 +548,10 @@ fn rss_kib(pid: u32) -> u64 {
 fn queued_large_inputs_live_in_their_files_not_in_memory() {
     let cfg = format!(
         "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"128MiB\"\n\
-         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+         [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         daemon_section(),
         w = worker_bin(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let d = Daemon::start("shm-queued-files", &cfg);
     d.wait_ready("echo", 1);
@@ -618,11 +618,11 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
 #[test]
 fn large_payloads_survive_worker_crashes_mid_copy() {
     let cfg = format!(
-        "{}[pools.chaos]\ncommand = [{t:?}, \"chaos\", \"10\"]\nworkers = 2\nprefetch = 4\n\
+        "{}[pools.chaos]\ncommand = [{t}, \"chaos\", \"10\"]\nworkers = 2\nprefetch = 4\n\
          inline_limit = \"4KiB\"\nshm_size = \"32MiB\"\nbackoff_initial = \"0s\"\n\
          max_restarts = 100000\n",
         daemon_section(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let d = Daemon::start("shm-chaos", &cfg);
     d.wait_ready("chaos", 2);

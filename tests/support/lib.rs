@@ -388,6 +388,12 @@ pub fn worker_bin() -> String {
     format!("{:?}", bin("jobvisor-worker").display().to_string())
 }
 
+/// The `jobvisor-test-worker` binary (tests/support/bin) as a TOML string
+/// literal.
+pub fn test_worker() -> String {
+    format!("{:?}", bin("jobvisor-test-worker").display().to_string())
+}
+
 // ---- systemd integration (tests/systemd.rs) ----
 
 /// A fake systemd notification socket: a datagram socket bound in a test
