@@ -21,10 +21,6 @@ fn pool_env(dir: &std::path::Path) -> String {
     )
 }
 
-fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 31 % 251) as u8).collect()
-}
-
 const JOBS_PY: &str = r#"
 import os, time
 SETUP = []

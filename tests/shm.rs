@@ -13,18 +13,6 @@ fn cfg(extra_echo: &str) -> String {
     )
 }
 
-fn pattern(n: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678 ^ n as u32;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// `sha256sum`'s hex digest of `file`.
 fn sha256sum(file: &std::path::Path) -> String {
     let sum = std::process::Command::new("sha256sum")

@@ -375,6 +375,20 @@ pub fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Ctl {
     Ctl::from_output(child.wait_with_output().expect("wait"))
 }
 
+/// `n` pseudo-random bytes (xorshift seeded by `n`, so the same `n` always
+/// gives the same bytes); binary, not UTF-8.
+pub fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678 ^ n as u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// Writes an executable shell script `name` into `dir`; returns its path.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
