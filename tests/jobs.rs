@@ -82,16 +82,7 @@ fn submit_wait_sha256_matches_sha256sum() {
         "--wait",
     ]);
     assert_eq!(r.code, 0, "{r:?}");
-    let sum = std::process::Command::new("sha256sum")
-        .arg(&f)
-        .output()
-        .unwrap();
-    let expected = String::from_utf8_lossy(&sum.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(r.stdout, expected);
+    assert_eq!(r.stdout, sha256sum(&f));
     // Binary-safe raw output, stdin input.
     let bin_in: Vec<u8> = (0..=255u8).rev().collect();
     let r = d.ctl_stdin(&["submit", "echo", "-", "--wait"], Some(&bin_in));

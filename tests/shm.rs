@@ -13,19 +13,6 @@ fn cfg(extra_echo: &str) -> String {
     )
 }
 
-/// `sha256sum`'s hex digest of `file`.
-fn sha256sum(file: &std::path::Path) -> String {
-    let sum = std::process::Command::new("sha256sum")
-        .arg(file)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&sum.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 /// Starts a long job in pool `slow` that holds key `k` and waits until it
 /// runs: jobs submitted with `--key k` then stay queued. Returns its id.
 fn hold_key_k(d: &Daemon) -> u64 {

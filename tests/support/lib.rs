@@ -389,6 +389,16 @@ pub fn pattern(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `sha256sum`'s hex digest of `file`.
+pub fn sha256sum(file: &Path) -> String {
+    let sum = Command::new("sha256sum").arg(file).output().unwrap();
+    String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// Writes an executable shell script `name` into `dir`; returns its path.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
