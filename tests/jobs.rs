@@ -8,10 +8,6 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-fn test_worker() -> String {
-    format!("{:?}", bin("jobvisor-test-worker").display().to_string())
-}
-
 fn pool(name: &str, cmd: &str, workers: u32, extra: &str) -> String {
     format!("[pools.{name}]\ncommand = [{cmd}]\nworkers = {workers}\n{extra}\n")
 }
@@ -30,17 +26,6 @@ fn lines_json(out: &str) -> Vec<Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
         .collect()
-}
-
-fn submit(d: &Daemon, args: &[&str]) -> u64 {
-    let mut full = vec!["submit"];
-    full.extend_from_slice(args);
-    let r = d.ctl(&full);
-    assert_eq!(r.code, 0, "{r:?}");
-    r.stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("not an id: {r:?}"))
 }
 
 fn job(d: &Daemon, id: u64) -> Value {
@@ -97,36 +82,14 @@ fn submit_wait_sha256_matches_sha256sum() {
         "--wait",
     ]);
     assert_eq!(r.code, 0, "{r:?}");
-    let sum = std::process::Command::new("sha256sum")
-        .arg(&f)
-        .output()
-        .unwrap();
-    let expected = String::from_utf8_lossy(&sum.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    assert_eq!(r.stdout, expected);
+    assert_eq!(r.stdout, sha256sum(&f));
     // Binary-safe raw output, stdin input.
     let bin_in: Vec<u8> = (0..=255u8).rev().collect();
-    let mut child = std::process::Command::new(bin("jobvisorctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["submit", "echo", "-", "--wait"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&bin_in).unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success());
-    assert_eq!(o.stdout, bin_in);
+    let r = d.ctl_stdin(&["submit", "echo", "-", "--wait"], Some(&bin_in));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.raw, bin_in);
     // The job document has the attempt history.
-    let id = submit(&d, &["echo", "--input", "hello"]);
+    let id = d.submit_id(&["echo", "--input", "hello"]);
     let j = wait_state(&d, id, "succeeded");
     assert_eq!(j["output"], "hello");
     assert_eq!(j["attempts"][0]["n"], 1);
@@ -146,7 +109,7 @@ fn failed_job_exits_1_and_wait_reports_it() {
     let r = d.ctl(&["submit", "fail", "--input", "boom here", "--wait"]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("boom here"), "{}", r.stderr);
-    let id = submit(&d, &["fail", "--input", "again"]);
+    let id = d.submit_id(&["fail", "--input", "again"]);
     let r = d.ctl(&["wait", &id.to_string()]);
     assert_eq!(r.code, 1, "{r:?}");
     let j = job(&d, id);
@@ -363,7 +326,7 @@ fn timeout_kills_and_retries_then_times_out() {
     let d = Daemon::start("timeout", &cfg);
     let pid = d.wait_ready("slow", 1)[0];
     let t0 = Instant::now();
-    let id = submit(&d, &["slow", "--input", "60000", "--timeout", "300ms"]);
+    let id = d.submit_id(&["slow", "--input", "60000", "--timeout", "300ms"]);
     let j = wait_for("the job to time out twice", DEADLINE, || {
         let j = job(&d, id);
         (j["state"] == "timed_out").then_some(j)
@@ -409,8 +372,8 @@ fn cancel_queued_and_running() {
     );
     let d = Daemon::start("cancel", &cfg);
     d.wait_ready("slow", 1);
-    let running = submit(&d, &["slow", "--input", "60000"]);
-    let queued = submit(&d, &["slow", "--input", "10"]);
+    let running = d.submit_id(&["slow", "--input", "60000"]);
+    let queued = d.submit_id(&["slow", "--input", "10"]);
     wait_state(&d, running, "running");
     let r = d.ctl(&["cancel", &queued.to_string()]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -443,7 +406,7 @@ fn cancel_of_a_worker_that_ignores_it_stops_the_worker() {
     );
     let d = Daemon::start("cancel-stubborn", &cfg);
     let pid = d.wait_ready("stubborn", 1)[0];
-    let id = submit(&d, &["stubborn", "--input", "60000"]);
+    let id = d.submit_id(&["stubborn", "--input", "60000"]);
     wait_state(&d, id, "running");
     assert_eq!(d.ctl(&["cancel", &id.to_string()]).code, 0);
     wait_state(&d, id, "cancelled");
@@ -463,17 +426,14 @@ fn priority_runs_higher_first_fifo_within() {
     let d = Daemon::start("priority", &cfg);
     d.wait_ready("one", 1);
     // Occupy the only worker so the rest queue up.
-    let blocker = submit(&d, &["one", "--input", "400"]);
+    let blocker = d.submit_id(&["one", "--input", "400"]);
     wait_state(&d, blocker, "running");
     let mut ids = Vec::new();
     for (prio, tag) in [(0, "a"), (5, "b"), (0, "c"), (5, "d"), (9, "e")] {
         let _ = tag;
         ids.push((
             prio,
-            submit(
-                &d,
-                &["one", "--input", "1", "--priority", &prio.to_string()],
-            ),
+            d.submit_id(&["one", "--input", "1", "--priority", &prio.to_string()]),
         ));
     }
     let all: Vec<String> = ids.iter().map(|(_, i)| i.to_string()).collect();
@@ -518,7 +478,10 @@ fn key_mutex_never_runs_two_jobs_with_one_key() {
     let mut ids = Vec::new();
     for i in 0..24 {
         let key = ["k1", "k2"][i % 2];
-        ids.push(submit(&d, &["m", "--input", &format!("{key}:30"), "--key", key]).to_string());
+        ids.push(
+            d.submit_id(&["m", "--input", &format!("{key}:30"), "--key", key])
+                .to_string(),
+        );
     }
     let mut args = vec!["wait"];
     args.extend(ids.iter().map(String::as_str));
@@ -570,7 +533,7 @@ fn semaphore_of_two_across_two_pools() {
     let mut ids = Vec::new();
     for i in 0..16 {
         let p = ["a", "b"][i % 2];
-        ids.push(submit(&d, &[p, "--input", "40"]).to_string());
+        ids.push(d.submit_id(&[p, "--input", "40"]).to_string());
     }
     // While they run, status never shows more than 2 running in total.
     let end = Instant::now() + Duration::from_secs(30);
@@ -618,10 +581,10 @@ fn full_queue_is_rejected_at_once_with_exit_5() {
     );
     let d = Daemon::start("full", &cfg);
     d.wait_ready("tiny", 1);
-    let first = submit(&d, &["tiny", "--input", "2000"]);
+    let first = d.submit_id(&["tiny", "--input", "2000"]);
     wait_state(&d, first, "running");
     for _ in 0..3 {
-        submit(&d, &["tiny", "--input", "1"]);
+        d.submit_id(&["tiny", "--input", "1"]);
     }
     let t0 = Instant::now();
     let r = d.ctl(&["submit", "tiny", "--input", "1"]);
@@ -791,8 +754,8 @@ fn queued_jobs_survive_a_restart_and_running_ones_are_retried() {
     );
     let mut d = Daemon::start("recover", &cfg);
     d.wait_ready("slow", 1);
-    let running = submit(&d, &["slow", "--input", "60000"]);
-    let queued = submit(&d, &["slow", "--input", "5"]);
+    let running = d.submit_id(&["slow", "--input", "60000"]);
+    let queued = d.submit_id(&["slow", "--input", "5"]);
     // Wait until the store (not just the daemon's memory) has it running.
     wait_for("the running state to be stored", DEADLINE, || {
         let r = d.ctl(&["--json", "jobs", "--state", "running"]);
@@ -824,10 +787,10 @@ fn shutdown_leaves_queued_jobs_in_the_store() {
     );
     let mut d = Daemon::start("drain", &cfg);
     d.wait_ready("slow", 1);
-    let running = submit(&d, &["slow", "--input", "300"]);
+    let running = d.submit_id(&["slow", "--input", "300"]);
     wait_state(&d, running, "running");
     let queued: Vec<u64> = (0..3)
-        .map(|_| submit(&d, &["slow", "--input", "1"]))
+        .map(|_| d.submit_id(&["slow", "--input", "1"]))
         .collect();
     assert_eq!(d.ctl(&["shutdown"]).code, 0);
     assert!(d.wait_exit(DEADLINE).success());

@@ -21,10 +21,6 @@ fn pool_env(dir: &std::path::Path) -> String {
     )
 }
 
-fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i * 31 % 251) as u8).collect()
-}
-
 const JOBS_PY: &str = r#"
 import os, time
 SETUP = []
@@ -92,17 +88,12 @@ fn a_python_module_function_serves_a_pool() {
         let input = pattern(size);
         let f = d.dir.path().join("in");
         std::fs::write(&f, &input).unwrap();
-        let o = Command::new(bin("jobvisorctl"))
-            .arg("--socket")
-            .arg(d.socket())
-            .args(["submit", "py", "--wait", "--input-file"])
-            .arg(&f)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let file = f.to_str().unwrap();
+        let r = d.ctl(&["submit", "py", "--wait", "--input-file", file]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
         let mut want = input.clone();
         want.reverse();
-        assert!(o.stdout == want, "{size} bytes: output differs");
+        assert!(r.raw == want, "{size} bytes: output differs");
     }
     assert_eq!(d.pool("py")["workers"][0]["pid"], pid, "no restart so far");
 

@@ -13,59 +13,10 @@ fn cfg(extra_echo: &str) -> String {
     )
 }
 
-fn pattern(n: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678 ^ n as u32;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
-fn submit_wait_raw(d: &Daemon, pool: &str, file: &std::path::Path) -> (i32, Vec<u8>, String) {
-    let o = std::process::Command::new(bin("jobvisorctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["submit", pool, "--wait", "--input-file"])
-        .arg(file)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        o.stdout,
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// `sha256sum`'s hex digest of `file`.
-fn sha256sum(file: &std::path::Path) -> String {
-    let sum = std::process::Command::new("sha256sum")
-        .arg(file)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&sum.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// `jobvisorctl submit ARGS…`, which must succeed: the job id.
-fn submit_id(d: &Daemon, args: &[&str]) -> u64 {
-    let mut full = vec!["submit"];
-    full.extend_from_slice(args);
-    let r = d.ctl(&full);
-    assert_eq!(r.code, 0, "{r:?}");
-    r.stdout.trim().parse().unwrap()
-}
-
 /// Starts a long job in pool `slow` that holds key `k` and waits until it
 /// runs: jobs submitted with `--key k` then stay queued. Returns its id.
 fn hold_key_k(d: &Daemon) -> u64 {
-    let blocker = submit_id(d, &["slow", "--key", "k", "--input", "600000"]);
+    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
     wait_for("the blocker to run", DEADLINE, || {
         (d.pool("slow")["running"] == 1).then_some(())
     });
@@ -99,20 +50,17 @@ fn payloads_around_inline_limit_round_trip_bit_exact() {
         let data = pattern(n);
         let f = d.dir.path().join(format!("in-{n}"));
         std::fs::write(&f, &data).unwrap();
-        let (code, out, err) = submit_wait_raw(&d, "echo", &f);
-        assert_eq!(code, 0, "echo {n}: {err}");
+        let file = f.to_str().unwrap();
+        let r = d.ctl(&["submit", "echo", "--wait", "--input-file", file]);
+        assert_eq!(r.code, 0, "echo {n}: {}", r.stderr);
         assert!(
-            out == data,
+            r.raw == data,
             "echo of {n} bytes differs (got {} bytes)",
-            out.len()
+            r.raw.len()
         );
-        let (code, out, err) = submit_wait_raw(&d, "sha256", &f);
-        assert_eq!(code, 0, "sha256 {n}: {err}");
-        assert_eq!(
-            String::from_utf8_lossy(&out),
-            sha256sum(&f),
-            "sha256 of {n} bytes"
-        );
+        let r = d.ctl(&["submit", "sha256", "--wait", "--input-file", file]);
+        assert_eq!(r.code, 0, "sha256 {n}: {}", r.stderr);
+        assert_eq!(r.stdout, sha256sum(&f), "sha256 of {n} bytes");
     }
     // The large ones really went through the arena, both ways.
     assert!(
@@ -135,13 +83,16 @@ fn an_input_larger_than_the_arena_is_refused() {
     let f = d.dir.path().join("big");
     std::fs::write(&f, pattern(6 << 20)).unwrap();
     // shm_size 16 MiB: the daemon's input half is 8 MiB.
-    let (code, out, err) = submit_wait_raw(&d, "echo", &f);
-    assert_eq!(code, 0, "6 MiB fits the 8 MiB half: {err}");
-    assert_eq!(out.len(), 6 << 20);
+    let file = f.to_str().unwrap();
+    let r = d.ctl(&["submit", "echo", "--wait", "--input-file", file]);
+    assert_eq!(r.code, 0, "6 MiB fits the 8 MiB half: {}", r.stderr);
+    assert_eq!(r.raw.len(), 6 << 20);
     let big = d.dir.path().join("bigger");
     std::fs::write(&big, pattern(9 << 20)).unwrap();
-    let (code, _, err) = submit_wait_raw(&d, "echo", &big);
-    assert_eq!(code, 2, "{err}");
+    let file = big.to_str().unwrap();
+    let r = d.ctl(&["submit", "echo", "--wait", "--input-file", file]);
+    let err = &r.stderr;
+    assert_eq!(r.code, 2, "{err}");
     assert!(err.contains("shm_size"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
@@ -149,9 +100,9 @@ fn an_input_larger_than_the_arena_is_refused() {
 #[test]
 fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
     let cfg = format!(
-        "{}[pools.liar]\ncommand = [{:?}, \"badshm\"]\nworkers = 1\nbackoff_initial = \"0s\"\n",
+        "{}[pools.liar]\ncommand = [{}, \"badshm\"]\nworkers = 1\nbackoff_initial = \"0s\"\n",
         daemon_section(),
-        bin("jobvisor-test-worker").display().to_string()
+        test_worker()
     );
     let d = Daemon::start("shm-liar", &cfg);
     let pid = d.wait_ready("liar", 1)[0];
@@ -171,9 +122,9 @@ fn a_bad_shared_memory_reference_restarts_the_worker_and_retries() {
 #[test]
 fn a_worker_cannot_shrink_its_arena() {
     let cfg = format!(
-        "{}[pools.shrink]\ncommand = [{:?}, \"shrink\"]\nworkers = 1\n",
+        "{}[pools.shrink]\ncommand = [{}, \"shrink\"]\nworkers = 1\n",
         daemon_section(),
-        bin("jobvisor-test-worker").display().to_string()
+        test_worker()
     );
     let d = Daemon::start("shm-shrink", &cfg);
     let pid = d.wait_ready("shrink", 1)[0];
@@ -186,10 +137,11 @@ fn a_worker_cannot_shrink_its_arena() {
     let f = d.dir.path().join("in");
     let data = pattern(2 << 20);
     std::fs::write(&f, &data).unwrap();
+    let file = f.to_str().unwrap();
     for _ in 0..2 {
-        let (code, out, err) = submit_wait_raw(&d, "shrink", &f);
-        assert_eq!(code, 0, "{err}");
-        assert!(out == data, "bit-exact through the arena");
+        let r = d.ctl(&["submit", "shrink", "--wait", "--input-file", file]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.raw == data, "bit-exact through the arena");
     }
     assert!(
         alive(d.pid()) && alive(pid),
@@ -252,10 +204,12 @@ fn a_submit_fd_before_hello_is_refused() {
     );
 }
 
+/// One worker whose input half (128 KiB) holds one 100 KiB input at a
+/// time, and prefetch allowing 8 in flight: the 12 lines of one `map` reach
+/// the daemon together, so most jobs find the arena full and must wait
+/// their turn for it (back off) instead of failing.
 #[test]
 fn a_full_arena_backs_off_instead_of_failing() {
-    // One worker, input half of 128 KiB, inputs of 100 KiB, several in
-    // flight allowed by prefetch: they must take turns for the arena.
     let cfg = format!(
         "{}[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\nprefetch = 8\ninline_limit = \"1KiB\"\nshm_size = \"256KiB\"\n",
         daemon_section(),
@@ -263,62 +217,32 @@ fn a_full_arena_backs_off_instead_of_failing() {
     );
     let d = Daemon::start("shm-full", &cfg);
     d.wait_ready("echo", 1);
-    let f = d.dir.path().join("in");
-    let data = pattern(100 << 10);
-    std::fs::write(&f, &data).unwrap();
-    let mut ids = Vec::new();
-    for _ in 0..12 {
-        let r = d.ctl(&["submit", "echo", "--input-file", f.to_str().unwrap()]);
-        assert_eq!(r.code, 0, "{r:?}");
-        ids.push(r.stdout.trim().to_string());
+    let mut input = String::new();
+    let mut lines = Vec::new();
+    for i in 0..12usize {
+        // 100 KiB of one letter: over inline_limit, and two of them do not
+        // fit the input half together. The index makes each line its own.
+        let c = (b'a' + i as u8) as char;
+        let line = format!("{i}:{}", c.to_string().repeat(100 << 10));
+        input.push_str(&line);
+        input.push('\n');
+        lines.push(line);
     }
-    let mut args = vec!["wait"];
-    args.extend(ids.iter().map(String::as_str));
-    let r = d.ctl(&args);
+    map_ordered_round_trip(&d, "echo", &input, &lines);
+    // Waiting for room is not a failure: one attempt each, no restart.
+    let r = d.ctl(&["--json", "jobs"]);
     assert_eq!(r.code, 0, "{r:?}");
-    for id in &ids {
-        let o = std::process::Command::new(bin("jobvisorctl"))
-            .arg("--socket")
-            .arg(d.socket())
-            .args(["result", id])
-            .output()
-            .unwrap();
-        assert!(o.stdout == data, "job {id}: output differs");
+    let jobs: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), lines.len(), "{}", r.stdout);
+    for j in &jobs {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
     }
-}
-
-/// Runs `jobvisorctl ARGS` with `stdin` piped in (written from a thread),
-/// returning (exit code, raw stdout, stderr).
-fn ctl_raw(d: &Daemon, args: &[&str], stdin: Option<Vec<u8>>) -> (i32, Vec<u8>, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(bin("jobvisorctl"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let feeder = stdin.map(|data| {
-        let mut w = child.stdin.take().unwrap();
-        std::thread::spawn(move || {
-            let _ = w.write_all(&data);
-        })
-    });
-    let o = child.wait_with_output().unwrap();
-    if let Some(f) = feeder {
-        f.join().unwrap();
-    }
-    (
-        o.status.code().unwrap_or(-1),
-        o.stdout,
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    assert_eq!(d.pool("echo")["workers"][0]["restarts"], 0);
 }
 
 /// 64 MiB both ways: the input crosses the control socket as a file
@@ -341,73 +265,65 @@ fn sixty_four_mib_round_trips_bit_exact_through_file_stdin_and_result() {
     let f = d.dir.path().join("in-64m");
     std::fs::write(&f, &data).unwrap();
 
-    let (code, out, err) = submit_wait_raw(&d, "echo", &f);
-    assert_eq!(code, 0, "echo --input-file: {err}");
+    let file = f.to_str().unwrap();
+    let r = d.ctl(&["submit", "echo", "--wait", "--input-file", file]);
+    assert_eq!(r.code, 0, "echo --input-file: {}", r.stderr);
     assert!(
-        out == data,
+        r.raw == data,
         "echo of 64 MiB differs (got {} bytes)",
-        out.len()
+        r.raw.len()
     );
 
-    let (code, out, err) = ctl_raw(&d, &["submit", "echo", "--wait", "-"], Some(data.clone()));
-    assert_eq!(code, 0, "echo from stdin: {err}");
+    let r = d.ctl_stdin(&["submit", "echo", "--wait", "-"], Some(&data));
+    assert_eq!(r.code, 0, "echo from stdin: {}", r.stderr);
     assert!(
-        out == data,
+        r.raw == data,
         "echo of 64 MiB from stdin differs (got {} bytes)",
-        out.len()
+        r.raw.len()
     );
 
-    let (code, out, err) = submit_wait_raw(&d, "sha256", &f);
-    assert_eq!(code, 0, "sha256: {err}");
-    assert_eq!(String::from_utf8_lossy(&out), sha256sum(&f));
+    let r = d.ctl(&["submit", "sha256", "--wait", "--input-file", file]);
+    assert_eq!(r.code, 0, "sha256: {}", r.stderr);
+    assert_eq!(r.stdout, sha256sum(&f));
 
     // Without --wait, then `result`: the stored output, streamed again.
-    let (code, id, err) = ctl_raw(
-        &d,
-        &["submit", "echo", "--input-file", f.to_str().unwrap()],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let id = String::from_utf8(id).unwrap().trim().to_string();
-    let (code, _, err) = ctl_raw(&d, &["wait", &id], None);
-    assert_eq!(code, 0, "{err}");
-    let (code, out, err) = ctl_raw(&d, &["result", &id], None);
-    assert_eq!(code, 0, "result: {err}");
+    let r = d.ctl(&["submit", "echo", "--input-file", file]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let id = String::from_utf8(r.raw).unwrap().trim().to_string();
+    let r = d.ctl(&["wait", &id]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = d.ctl(&["result", &id]);
+    assert_eq!(r.code, 0, "result: {}", r.stderr);
     assert!(
-        out == data,
+        r.raw == data,
         "result of 64 MiB differs (got {} bytes)",
-        out.len()
+        r.raw.len()
     );
 
     // A pipe named as the input file (not a regular file): read like
     // stdin, into a memfd.
     let small = pattern(3 << 20);
-    let (code, out, err) = ctl_raw(
-        &d,
+    let r = d.ctl_stdin(
         &["submit", "echo", "--wait", "--input-file", "/dev/stdin"],
-        Some(small.clone()),
+        Some(&small),
     );
-    assert_eq!(code, 0, "echo from a pipe as --input-file: {err}");
-    assert!(out == small, "3 MiB through a piped --input-file differs");
+    assert_eq!(r.code, 0, "echo from a pipe as --input-file: {}", r.stderr);
+    assert!(r.raw == small, "3 MiB through a piped --input-file differs");
 
     // --json takes the output from the descriptor into the document.
     let small = pattern(2 << 20);
     let g = d.dir.path().join("in-2m");
     std::fs::write(&g, &small).unwrap();
-    let (code, out, err) = ctl_raw(
-        &d,
-        &[
-            "--json",
-            "submit",
-            "echo",
-            "--wait",
-            "--input-file",
-            g.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let r = d.ctl(&[
+        "--json",
+        "submit",
+        "echo",
+        "--wait",
+        "--input-file",
+        g.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_slice(&r.raw).unwrap();
     assert_eq!(doc["state"], "succeeded");
     let b64 = doc["output_b64"].as_str().expect("binary output as base64");
     use base64::Engine;
@@ -461,9 +377,9 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     let cfg = format!(
         "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\npayload_dir = \"big\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
-         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+         [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         w = worker_bin(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let mut d = Daemon::start("shm-durable", &cfg);
     d.wait_ready("echo", 1);
@@ -472,14 +388,8 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     let data = pattern(5 << 20);
     let f = d.dir.path().join("in-5m");
     std::fs::write(&f, &data).unwrap();
-    let kept = submit_id(
-        &d,
-        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-    );
-    let lost = submit_id(
-        &d,
-        &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-    );
+    let kept = d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]);
+    let lost = d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]);
     let payloads = d.dir.path().join("big");
     for id in [kept, lost] {
         let p = payloads.join(format!("{id}.in"));
@@ -498,14 +408,14 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     d.wait_ready("echo", 1);
     // The blocker was requeued (lost attempt); cancel it to free the key.
     assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
-    let (code, out, err) = ctl_raw(&d, &["wait", &kept.to_string()], None);
-    assert_eq!(code, 0, "{err} {}", String::from_utf8_lossy(&out));
-    let (code, out, err) = ctl_raw(&d, &["result", &kept.to_string()], None);
-    assert_eq!(code, 0, "{err}");
+    let r = d.ctl(&["wait", &kept.to_string()]);
+    assert_eq!(r.code, 0, "{} {}", r.stderr, r.stdout);
+    let r = d.ctl(&["result", &kept.to_string()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        out == data,
+        r.raw == data,
         "recovered job's output differs ({} bytes)",
-        out.len()
+        r.raw.len()
     );
     assert!(
         !payloads.join(format!("{kept}.in")).exists(),
@@ -555,17 +465,17 @@ fn ended_inputs_are_recycled_and_outputs_stay() {
     for i in 0..6 {
         let f = d.dir.path().join(format!("in-{i}"));
         std::fs::write(&f, pattern((2 << 20) + i)).unwrap();
-        let id = submit_id(&d, &["echo", "--input-file", f.to_str().unwrap()]);
-        let (code, out, err) = ctl_raw(&d, &["wait", &id.to_string()], None);
-        assert_eq!(code, 0, "{err} {}", String::from_utf8_lossy(&out));
+        let id = d.submit_id(&["echo", "--input-file", f.to_str().unwrap()]);
+        let r = d.ctl(&["wait", &id.to_string()]);
+        assert_eq!(r.code, 0, "{} {}", r.stderr, r.stdout);
         ids.push(id);
     }
     assert_eq!(files_ending(&payloads, ".in"), Vec::<String>::new());
     assert_eq!(files_ending(&payloads, ".out").len(), ids.len());
     for (i, id) in ids.iter().enumerate() {
-        let (code, out, err) = ctl_raw(&d, &["result", &id.to_string()], None);
-        assert_eq!(code, 0, "{err}");
-        assert!(out == pattern((2 << 20) + i), "job {id}'s output differs");
+        let r = d.ctl(&["result", &id.to_string()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.raw == pattern((2 << 20) + i), "job {id}'s output differs");
     }
     let mode = std::fs::metadata(&spare).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
@@ -590,8 +500,8 @@ fn ended_inputs_are_recycled_and_outputs_stay() {
         0,
         "spares go at start"
     );
-    let (code, out, _) = ctl_raw(&d, &["result", &ids[0].to_string()], None);
-    assert!(code == 0 && out == pattern(2 << 20));
+    let r = d.ctl(&["result", &ids[0].to_string()]);
+    assert!(r.code == 0 && r.raw == pattern(2 << 20));
 }
 
 /// The daemon's resident set size in KiB.
@@ -613,10 +523,10 @@ fn rss_kib(pid: u32) -> u64 {
 fn queued_large_inputs_live_in_their_files_not_in_memory() {
     let cfg = format!(
         "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"128MiB\"\n\
-         [pools.slow]\ncommand = [{t:?}, \"sleep\"]\nworkers = 1\n",
+         [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         daemon_section(),
         w = worker_bin(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let d = Daemon::start("shm-queued-files", &cfg);
     d.wait_ready("echo", 1);
@@ -628,10 +538,7 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
     for i in 0..4 {
         let f = d.dir.path().join(format!("in-{i}"));
         std::fs::write(&f, pattern(size + i)).unwrap();
-        ids.push(submit_id(
-            &d,
-            &["echo", "--key", "k", "--input-file", f.to_str().unwrap()],
-        ));
+        ids.push(d.submit_id(&["echo", "--key", "k", "--input-file", f.to_str().unwrap()]));
     }
     assert_eq!(d.pool("echo")["queued"], 4);
     let grown = rss_kib(d.pid()).saturating_sub(before);
@@ -643,15 +550,15 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
     std::fs::remove_file(&gone).unwrap();
     assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
     for (i, id) in ids.iter().enumerate() {
-        let (code, out, err) = ctl_raw(&d, &["wait", &id.to_string()], None);
+        let r = d.ctl(&["wait", &id.to_string()]);
         if i == 1 {
-            assert_eq!(code, 1, "{err}");
+            assert_eq!(r.code, 1, "{}", r.stderr);
             continue;
         }
-        assert_eq!(code, 0, "job {id}: {err} {}", String::from_utf8_lossy(&out));
-        let (code, out, err) = ctl_raw(&d, &["result", &id.to_string()], None);
-        assert_eq!(code, 0, "{err}");
-        assert!(out == pattern(size + i), "job {id}'s output differs");
+        assert_eq!(r.code, 0, "job {id}: {} {}", r.stderr, r.stdout);
+        let r = d.ctl(&["result", &id.to_string()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.raw == pattern(size + i), "job {id}'s output differs");
     }
     let j = d.ctl(&["--json", "result", &ids[1].to_string()]).json();
     assert_eq!(j["state"], "failed", "{j}");
@@ -686,11 +593,11 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
 #[test]
 fn large_payloads_survive_worker_crashes_mid_copy() {
     let cfg = format!(
-        "{}[pools.chaos]\ncommand = [{t:?}, \"chaos\", \"10\"]\nworkers = 2\nprefetch = 4\n\
+        "{}[pools.chaos]\ncommand = [{t}, \"chaos\", \"10\"]\nworkers = 2\nprefetch = 4\n\
          inline_limit = \"4KiB\"\nshm_size = \"32MiB\"\nbackoff_initial = \"0s\"\n\
          max_restarts = 100000\n",
         daemon_section(),
-        t = bin("jobvisor-test-worker").display().to_string()
+        t = test_worker()
     );
     let d = Daemon::start("shm-chaos", &cfg);
     d.wait_ready("chaos", 2);

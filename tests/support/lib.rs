@@ -163,14 +163,28 @@ impl Drop for TempDir {
 }
 
 /// Result of one `jobvisorctl` run.
-#[derive(Debug)]
 pub struct Ctl {
     /// Exit code (-1 if killed).
     pub code: i32,
-    /// Standard output.
+    /// Standard output (lossily decoded as UTF-8; see `raw`).
     pub stdout: String,
+    /// Standard output, the bytes as written.
+    pub raw: Vec<u8>,
     /// Standard error.
     pub stderr: String,
+}
+
+/// Like a derived `Debug`, but `raw` (the bytes `stdout` shows already)
+/// only by its length.
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl")
+            .field("code", &self.code)
+            .field("stdout", &self.stdout)
+            .field("raw", &format_args!("{} bytes", self.raw.len()))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
 }
 
 impl Ctl {
@@ -178,6 +192,7 @@ impl Ctl {
         Ctl {
             code: o.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            raw: o.stdout,
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         }
     }
@@ -261,6 +276,18 @@ impl Daemon {
         let mut cmd = Command::new(bin("jobvisorctl"));
         cmd.arg("--socket").arg(self.socket()).args(args);
         run_with_stdin(cmd, stdin)
+    }
+
+    /// `jobvisorctl submit ARGS…`, which must succeed: the job id.
+    pub fn submit_id(&self, args: &[&str]) -> u64 {
+        let mut full = vec!["submit"];
+        full.extend_from_slice(args);
+        let r = self.ctl(&full);
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not an id: {r:?}"))
     }
 
     /// `status --json` as JSON.
@@ -348,6 +375,30 @@ pub fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Ctl {
     Ctl::from_output(child.wait_with_output().expect("wait"))
 }
 
+/// `n` pseudo-random bytes (xorshift seeded by `n`, so the same `n` always
+/// gives the same bytes); binary, not UTF-8.
+pub fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678 ^ n as u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// `sha256sum`'s hex digest of `file`.
+pub fn sha256sum(file: &Path) -> String {
+    let sum = Command::new("sha256sum").arg(file).output().unwrap();
+    String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// Writes an executable shell script `name` into `dir`; returns its path.
 pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
@@ -359,6 +410,12 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 /// The `jobvisor-worker` binary as a TOML string literal.
 pub fn worker_bin() -> String {
     format!("{:?}", bin("jobvisor-worker").display().to_string())
+}
+
+/// The `jobvisor-test-worker` binary (tests/support/bin) as a TOML string
+/// literal.
+pub fn test_worker() -> String {
+    format!("{:?}", bin("jobvisor-test-worker").display().to_string())
 }
 
 // ---- systemd integration (tests/systemd.rs) ----
