@@ -541,7 +541,6 @@ def sec_payload(ctx, res):
             rows.append(verdict_row(f"jobvisor shm ({tag}) / {what}", fmt_ratio(ratio), f">= {target}x",
                                     ratio >= target))
         r["ratios"] = ratios
-    del data
 
 
 # --------------------------------------------------------------------------
