@@ -26,7 +26,6 @@ BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release")
 def default_signals():
     """Pool initializer: forked workers must not inherit the harness's
     SIGTERM handler (Pool.terminate() would make each print a traceback)."""
-    import signal
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
