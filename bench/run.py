@@ -187,9 +187,8 @@ def repeat(fn, reps, budget=90.0):
             break
     vals = [r["jobs_per_s"] for r in runs]
     out = {"jobs_per_s": statistics.median(vals), "runs_jobs_per_s": vals, "reps_done": len(runs)}
-    for k in ("store_bytes",):
-        if k in runs[0]:
-            out[k] = runs[0][k]
+    if "store_bytes" in runs[0]:
+        out["store_bytes"] = runs[0]["store_bytes"]
     return out
 
 
