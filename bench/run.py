@@ -341,65 +341,64 @@ def sec_payload(ctx, res):
     for key, label, base, pbase, infile, nbytes, inline in jv_rows:
         print(f"  {label} ...", flush=True)
         r = m[key] = {"label": label, "bytes": nbytes}
+        payloads = d = None
         state = Path(tempfile.mkdtemp(prefix="jvbench-state-", dir=base))
-        sv.on_cleanup(lambda p=state: shutil.rmtree(p, ignore_errors=True))
-        r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
-        payloads = None
-        if pbase:
-            payloads = Path(tempfile.mkdtemp(prefix="jvbench-payloads-", dir=pbase))
-            sv.on_cleanup(lambda p=payloads: shutil.rmtree(p, ignore_errors=True))
-            r["payload_dir"], r["payload_dir_fs"] = str(payloads), fs_type(payloads)
-        pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
-        if inline:
-            pool["inline_limit"] = "48MiB"
-        r["pool"] = pool
-        d = None
-        try:
-            d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
-                          log_to_file=True, state_dir=state, payload_dir=payloads)
-            d.wait_ready_status("echo", 1, 20.0)
-            out = tmp / f"out-{key}.bin"
-            argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
-                    "--input-file", str(infile), "--wait"]
-            r["command"] = " ".join(argv) + f" > {out}"
-            expect = data[:nbytes]
+        try:  # the finally removes state and payloads, whatever happens from here on
+            r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
+            if pbase:
+                payloads = Path(tempfile.mkdtemp(prefix="jvbench-payloads-", dir=pbase))
+                r["payload_dir"], r["payload_dir_fs"] = str(payloads), fs_type(payloads)
+            pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
+            if inline:
+                pool["inline_limit"] = "48MiB"
+            r["pool"] = pool
+            try:
+                d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
+                              log_to_file=True, state_dir=state, payload_dir=payloads)
+                d.wait_ready_status("echo", 1, 20.0)
+                out = tmp / f"out-{key}.bin"
+                argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
+                        "--input-file", str(infile), "--wait"]
+                r["command"] = " ".join(argv) + f" > {out}"
+                expect = data[:nbytes]
 
-            def once():
-                with open(out, "wb") as f:
-                    t = now()
-                    try:
-                        p = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, timeout=120)
-                    except subprocess.TimeoutExpired:
-                        raise RowError("jobvisorctl submit --wait timed out after 120 s")
-                    dt = now() - t
-                if p.returncode != 0:
-                    msg = p.stderr.decode("utf-8", "replace").strip().replace(str(tmp) + "/", "")
-                    msg = msg.removeprefix("jobvisorctl: ")
-                    raise RowError(f"jobvisorctl exited {p.returncode}: {msg}")
-                got = out.stat().st_size
-                if got != nbytes:
-                    raise RowError(f"output is {got} bytes, input {nbytes}")
-                return dt
+                def once():
+                    with open(out, "wb") as f:
+                        t = now()
+                        try:
+                            p = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, timeout=120)
+                        except subprocess.TimeoutExpired:
+                            raise RowError("jobvisorctl submit --wait timed out after 120 s")
+                        dt = now() - t
+                    if p.returncode != 0:
+                        msg = p.stderr.decode("utf-8", "replace").strip().replace(str(tmp) + "/", "")
+                        msg = msg.removeprefix("jobvisorctl: ")
+                        raise RowError(f"jobvisorctl exited {p.returncode}: {msg}")
+                    got = out.stat().st_size
+                    if got != nbytes:
+                        raise RowError(f"output is {got} bytes, input {nbytes}")
+                    return dt
 
-            def verify():
-                if out.read_bytes() != expect:
-                    raise RowError("output differs from input (not bit-exact)")
+                def verify():
+                    if out.read_bytes() != expect:
+                        raise RowError("output differs from input (not bit-exact)")
 
-            r["warmup_ms"] = once() * 1000
-            verify()
-            times = [once() for _ in range(runs)]
-            verify()
-            r["verified"] = "bit-exact (warm-up and last run)"
-            r.update(summarize(times, nbytes))
-            r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
-            r["store_bytes"] = sum(f.stat().st_size for base in (state, payloads) if base
-                                   for f in Path(base).rglob("*") if f.is_file())
-        except Exception as e:
-            r["error"] = err_text(e)
+                r["warmup_ms"] = once() * 1000
+                verify()
+                times = [once() for _ in range(runs)]
+                verify()
+                r["verified"] = "bit-exact (warm-up and last run)"
+                r.update(summarize(times, nbytes))
+                r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
+                r["store_bytes"] = sum(f.stat().st_size for base in (state, payloads) if base
+                                       for f in Path(base).rglob("*") if f.is_file())
+            except Exception as e:
+                r["error"] = err_text(e)
+            finally:
+                if d is not None:
+                    d.stop()
+                    r["daemon_exit_code"] = d.exit_code
         finally:
-            if d is not None:
-                d.stop()
-                r["daemon_exit_code"] = d.exit_code
             shutil.rmtree(state, ignore_errors=True)
             if payloads:
                 shutil.rmtree(payloads, ignore_errors=True)
