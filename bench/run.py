@@ -192,6 +192,13 @@ def repeat(fn, reps, budget=90.0):
     return out
 
 
+def repeat_gnu_parallel(m, n, reps):
+    """GNU parallel (installed if need be, its version into m) on n lines,
+    repeated as the other tiny-job peers."""
+    path, m["gnu_parallel_version"] = ensure_gnu_parallel(m)
+    return repeat(lambda: bench_gnu_parallel(path, n, 60 + n / 20), reps)
+
+
 def sec_tiny(ctx, res):
     n, reps, n_par = ctx["n"], ctx["reps"], ctx["parallel_n"]
     m, rows = res["metrics"], res["rows"]
@@ -204,7 +211,8 @@ def sec_tiny(ctx, res):
          lambda: repeat(lambda: jobs.bench_pool(n, 64, timeout=per_call), reps)),
         ("executor_cs1", "ProcessPoolExecutor(2).map chunksize=1", n,
          lambda: repeat(lambda: jobs.bench_executor(n, 1, timeout=per_call), reps)),
-        ("gnu_parallel", f"GNU parallel -j2 echo, N={n_par:,} (not {n:,}: ~400 jobs/s)", n_par, None),
+        ("gnu_parallel", f"GNU parallel -j2 echo, N={n_par:,} (not {n:,}: ~400 jobs/s)", n_par,
+         lambda: repeat_gnu_parallel(m, n_par, reps)),
     ]
     print(f"  jobvisorctl map echo, N={n:,} x {reps} ...", flush=True)
     try:
@@ -214,12 +222,7 @@ def sec_tiny(ctx, res):
     for key, label, nn, fn in peers:
         print(f"  {label} ...", flush=True)
         try:
-            if key == "gnu_parallel":
-                path, version = ensure_gnu_parallel(m)
-                m["gnu_parallel_version"] = version
-                r = repeat(lambda: bench_gnu_parallel(path, nn, 60 + nn / 20), reps)
-            else:
-                r = fn()
+            r = fn()
             r["n"] = nn
             m[key] = r
         except Exception as e:
