@@ -167,18 +167,24 @@ def deadline(seconds, what):
         signal.signal(signal.SIGALRM, old)
 
 
+def _timed_map(run, n):
+    """run(k) maps noop over range(k) and returns the results as an iterable:
+    a 1,000-item warm-up, then run(n) timed until its last result is in."""
+    list(run(1000))
+    t = time.perf_counter()
+    c = sum(1 for _ in run(n))
+    dt = time.perf_counter() - t
+    assert c == n
+    return {"jobs_per_s": n / dt, "seconds": dt}
+
+
 def bench_pool(n, chunksize=1, workers=2, timeout=None):
     """multiprocessing.Pool(workers).imap_unordered(noop, range(n), chunksize)
     after a 1,000-job warm-up. timeout: the longest the warm-up plus the
     timed map may take (seconds)."""
     with multiprocessing.get_context("fork").Pool(workers, initializer=default_signals) as p:
         with deadline(timeout, f"Pool({workers}).imap_unordered chunksize={chunksize}"):
-            list(p.imap_unordered(noop, range(1000), chunksize=chunksize))
-            t = time.perf_counter()
-            c = sum(1 for _ in p.imap_unordered(noop, range(n), chunksize=chunksize))
-            dt = time.perf_counter() - t
-    assert c == n
-    return {"jobs_per_s": n / dt, "seconds": dt}
+            return _timed_map(lambda k: p.imap_unordered(noop, range(k), chunksize=chunksize), n)
 
 
 def bench_jobvisor_executor(n, prefetch=64, workers=2, timeout=None):
@@ -191,12 +197,7 @@ def bench_jobvisor_executor(n, prefetch=64, workers=2, timeout=None):
     d = Daemon(prefetch, workers, python_call=True)
     try:
         with Executor("echo", socket=d.sock) as ex:
-            list(ex.map(noop, range(1000), timeout=timeout))
-            t = time.perf_counter()
-            c = sum(1 for _ in ex.map(noop, range(n), timeout=timeout))
-            dt = time.perf_counter() - t
-        assert c == n
-        return {"jobs_per_s": n / dt, "seconds": dt}
+            return _timed_map(lambda k: ex.map(noop, range(k), timeout=timeout), n)
     finally:
         d.stop()
 
@@ -207,12 +208,7 @@ def bench_executor(n, chunksize=1, workers=2, timeout=None):
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                                 initializer=default_signals) as ex:
-        list(ex.map(noop, range(1000), timeout=timeout))
-        t = time.perf_counter()
-        c = sum(1 for _ in ex.map(noop, range(n), chunksize=chunksize, timeout=timeout))
-        dt = time.perf_counter() - t
-    assert c == n
-    return {"jobs_per_s": n / dt, "seconds": dt}
+        return _timed_map(lambda k: ex.map(noop, range(k), chunksize=chunksize, timeout=timeout), n)
 
 
 def main():
