@@ -28,7 +28,6 @@ Ctrl-C/SIGTERM. See bench/README.md.
 import argparse
 import ctypes
 import datetime
-import json
 import multiprocessing
 import os
 import shutil
@@ -556,49 +555,6 @@ SECTIONS = [
 ]
 
 
-def render(results):
-    rows = []
-    for key, _, _ in SECTIONS:
-        r = results.get(key)
-        if r is None:
-            continue
-        for name, value, target, verdict in r["rows"]:
-            rows.append((key, name, value, target, sv.fmt_verdict(verdict)))
-        if r.get("error"):
-            rows.append((key, "SECTION ABORTED", short(r["error"], 200), "", "FAIL"))
-    return rows
-
-
-def write_outputs(results, meta, rows):
-    OUT.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "table": [list(r) for r in rows], "sections": {}}
-    for key, r in results.items():
-        doc["sections"][key] = {k: v for k, v in r.items() if k != "rows"}
-        doc["sections"][key]["rows"] = [list(x) for x in r["rows"]]
-    (OUT / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    mi = meta["machine"]
-    md = ["# jobvisor benchmarks against peers", "",
-          f"- command: `{meta['command']}`",
-          f"- date: {meta['date']}, wall time {meta['duration_s']:.0f} s",
-          f"- machine: {mi['cpu']}, {mi['ncpu']} CPUs, {mi.get('mem_gib', '?')} GiB, "
-          f"kernel {mi['kernel']}, Python {mi['python']}",
-          f"- checkout: {mi['commit']}; binaries: `{meta['bin_dir']}` "
-          f"(jobvisord built {mi['binaries_mtime']['jobvisord']})",
-          f"- loadavg at start / end: {mi.get('loadavg_at_start')} / {mi.get('loadavg_at_end')}", "",
-          sv.md_table(rows), ""]
-    for key, title, _ in SECTIONS:
-        r = results.get(key)
-        if r is None:
-            continue
-        md += [f"## {title}", ""]
-        if r.get("skipped"):
-            md.append(f"Skipped: {r['skipped']}")
-        if r.get("error"):
-            md.append(f"**Aborted:** {r['error']}")
-        md += ["```json", json.dumps(r["metrics"], indent=2, default=str), "```", ""]
-    (OUT / "report.md").write_text("\n".join(md))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -647,15 +603,18 @@ def main():
             "duration_s": now() - started, "quick": q, "bin_dir": str(bdir),
             "params": params,
             "machine": machine, "interrupted": interrupted}
-    rows = render(results)
-    write_outputs(results, meta, rows)
-    print()
-    print(sv.text_table(rows))
-    print(f"\nloadavg at start / end: {load_start} / {machine['loadavg_at_end']}")
-    print(f"wall time {meta['duration_s']:.0f} s; wrote {OUT / 'report.json'} and {OUT / 'report.md'}")
-    if interrupted:
-        return 130
-    return 1 if any(r.get("error") for r in results.values()) else 0
+    header = [f"- command: `{meta['command']}`",
+              f"- date: {meta['date']}, wall time {meta['duration_s']:.0f} s",
+              f"- machine: {machine['cpu']}, {machine['ncpu']} CPUs, {machine.get('mem_gib', '?')} GiB, "
+              f"kernel {machine['kernel']}, Python {machine['python']}",
+              f"- checkout: {machine['commit']}; binaries: `{meta['bin_dir']}` "
+              f"(jobvisord built {machine['binaries_mtime']['jobvisord']})",
+              f"- loadavg at start / end: {machine.get('loadavg_at_start')} / {machine.get('loadavg_at_end')}"]
+    footer = (f"\nloadavg at start / end: {load_start} / {machine['loadavg_at_end']}\n"
+              f"wall time {meta['duration_s']:.0f} s; wrote {OUT / 'report.json'} and {OUT / 'report.md'}")
+    return sv.finish(results, meta, SECTIONS, "report", "jobvisor benchmarks against peers", header, footer,
+                     error_cells=lambda e: ("SECTION ABORTED", short(e, 200)), error_label="Aborted",
+                     json_rows=True)
 
 
 if __name__ == "__main__":
