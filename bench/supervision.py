@@ -208,6 +208,8 @@ def toml_value(v):
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # inline table, e.g. a pool's env
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(v)
 
 
@@ -282,16 +284,18 @@ class LogWatcher(threading.Thread):
 
 class Daemon:
     def __init__(self, name, bins, pools, log_level="debug", log_to_file=False, state_dir=None,
-                 payload_dir=None):
+                 payload_dir=None, keep_log=True):
         """state_dir: the store's directory (default: "state" in the temp dir);
-        payload_dir: where large payloads go (default: the daemon's, in state_dir)."""
+        payload_dir: where large payloads go (default: the daemon's, in state_dir);
+        keep_log: False puts the log in the temp dir, which goes with it,
+        instead of LOGS."""
         self.name = name
         self.bins = bins
         self.dir = Path(tempfile.mkdtemp(prefix=f"jvbench-{name}-"))
         on_cleanup(lambda: shutil.rmtree(self.dir, ignore_errors=True))
         self.config = self.dir / "jobvisor.toml"
         self.socket = self.dir / "ctl.sock"
-        self.log_path = LOGS / f"{name}.daemon.log"
+        self.log_path = (LOGS if keep_log else self.dir) / f"{name}.daemon.log"
         self.pools = pools
         self.seen_worker_pids = set()
         lines = ["[daemon]", 'control_socket = "ctl.sock"',
@@ -416,7 +420,7 @@ class Daemon:
                         pass
         if self.watch is not None:
             self.watch.join(timeout=5)
-            LOGS.mkdir(parents=True, exist_ok=True)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "w") as f:
                 for _, line in self.watch.lines:
                     f.write(line + "\n")
