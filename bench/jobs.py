@@ -17,7 +17,11 @@ Importable: bench/run.py calls bench_jobvisor, bench_pool and bench_executor
 (every wait there is bounded when a timeout is passed).
 """
 import argparse, concurrent.futures, contextlib, json, multiprocessing, os, shutil, signal
-import subprocess, tempfile, threading, time
+import subprocess, sys, threading, time
+
+sys.dont_write_bytecode = True  # no bench/__pycache__ in the checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import supervision as sv  # noqa: E402  (bench/supervision.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release"))
@@ -26,7 +30,6 @@ BIN = os.environ.get("JOBVISOR_BIN_DIR", os.path.join(ROOT, "target", "release")
 def default_signals():
     """Pool initializer: forked workers must not inherit the harness's
     SIGTERM handler (Pool.terminate() would make each print a traceback)."""
-    import signal
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -40,102 +43,58 @@ PY_PATH = os.path.join(ROOT, "python") + ":" + os.path.dirname(os.path.abspath(_
 PY_CALL = ["python3", "-m", "jobvisor.worker", "--call"]
 
 
-def wait_socket(ctl, sock, deadline=20.0):
-    end = time.time() + deadline
-    while time.time() < end:
-        if subprocess.run([ctl, "--socket", sock, "status"], capture_output=True, timeout=10).returncode == 0:
-            return
-        time.sleep(0.02)
-    raise RuntimeError("jobvisord did not come up")
+def bins():
+    """The binaries in BIN (bench/run.py may point BIN elsewhere after import)."""
+    return {b: os.path.join(BIN, b) for b in ("jobvisord", "jobvisorctl", "jobvisor-worker")}
 
 
-class Daemon:
-    """A daemon with an `echo` pool, or (`python_call`) a pool of
-    `python3 -m jobvisor.worker --call` workers instead."""
+def start_daemon(name, pool):
+    """A fresh jobvisord (bench/supervision.py's Daemon) whose one pool,
+    `echo`, is `pool`, with all its workers ready. Its log, at the default
+    level (info), stays in its temp dir; stop_daemon removes both."""
+    d = sv.Daemon(name, bins(), {"echo": pool}, log_level="info", log_to_file=True, keep_log=False)
+    try:
+        d.wait_ready_status("echo", pool["workers"], 20.0)
+    except BaseException:
+        stop_daemon(d)
+        raise
+    return d
 
-    def __init__(self, prefetch, workers=2, python_call=False):
-        self.proc = None
-        self.log = None
-        self.dir = tempfile.mkdtemp(prefix="jobvisor-bench-")
-        try:
-            self._start(prefetch, workers, python_call)
-        except BaseException:
-            self.stop()
-            raise
 
-    def _start(self, prefetch, workers, python_call):
-        self.sock = os.path.join(self.dir, "ctl.sock")
-        self.ctl = os.path.join(BIN, "jobvisorctl")
-        cfg = os.path.join(self.dir, "jobvisor.toml")
-        with open(cfg, "w") as f:
-            f.write(f"""[daemon]
-control_socket = "ctl.sock"
-state_dir = "state"
-[pools.echo]
-command = {json.dumps(PY_CALL if python_call else [os.path.join(BIN, 'jobvisor-worker'), 'echo'])}
-env = {{ PYTHONPATH = {json.dumps(PY_PATH)} }}
-workers = {workers}
-prefetch = {prefetch}
-queue_capacity = 10000000
-""")
-        self.log = open(os.path.join(self.dir, "daemon.log"), "w")
-        self.proc = subprocess.Popen([os.path.join(BIN, "jobvisord"), "--config", cfg],
-                                     stderr=self.log, stdout=subprocess.DEVNULL)
-        wait_socket(self.ctl, self.sock)
-        end = time.time() + 20
-        while True:
-            st = json.loads(subprocess.run([self.ctl, "--socket", self.sock, "--json", "status"],
-                                           capture_output=True, text=True, timeout=10).stdout)
-            ws = st["pools"][0]["workers"]
-            if len(ws) == workers and all(w["state"] == "ready" for w in ws):
-                break
-            if time.time() > end:
-                raise RuntimeError(f"jobvisord: {workers} workers not ready within 20 s: {ws}")
-            time.sleep(0.02)
+def stop_daemon(d):
+    """SIGTERM (SIGKILL after 15 s), then the temp dir with the store goes."""
+    d.stop()
+    shutil.rmtree(d.dir, ignore_errors=True)
 
-    def store_bytes(self):
-        total = 0
-        for name in os.listdir(os.path.join(self.dir, "state")):
-            total += os.path.getsize(os.path.join(self.dir, "state", name))
-        return total
 
-    def stop(self):
-        """Idempotent: SIGTERM (SIGKILL after 30 s), remove the temp dir."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+def store_bytes(d):
+    return sum(f.stat().st_size for f in (d.dir / "state").iterdir())
 
 
 def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
     """`jobvisorctl map echo` of n lines on a fresh daemon, then `submits`
     single `submit --wait` calls (0: none). timeout bounds each CLI call
     (seconds; None: unbounded)."""
-    d = Daemon(prefetch, workers)
+    d = start_daemon("jobs-echo", {"command": [os.path.join(BIN, "jobvisor-worker"), "echo"],
+                                   "workers": workers, "prefetch": prefetch, "queue_capacity": 10_000_000})
+    ctl = [d.bins["jobvisorctl"], "--socket", str(d.socket)]
     try:
         data = "".join(f"{i}\n" for i in range(n)).encode()
         t = time.perf_counter()
-        r = subprocess.run([d.ctl, "--socket", d.sock, "map", "echo"], input=data,
+        r = subprocess.run(ctl + ["map", "echo"], input=data,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
         dt = time.perf_counter() - t
         lines = r.stdout.count(b"\n")
         if r.returncode != 0 or lines != n:
             raise RuntimeError(f"map failed: rc={r.returncode} lines={lines} {r.stderr[:300]!r}")
-        before = d.store_bytes()
+        before = store_bytes(d)
         res = {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before}
         # Single submits: latency of a whole CLI call (spawn, connect,
         # durable insert, run, durable result).
         lat = []
         for i in range(submits):
             t0 = time.perf_counter()
-            rr = subprocess.run([d.ctl, "--socket", d.sock, "submit", "echo", "--input", str(i), "--wait"],
+            rr = subprocess.run(ctl + ["submit", "echo", "--input", str(i), "--wait"],
                                 capture_output=True, timeout=timeout)
             lat.append((time.perf_counter() - t0) * 1e3)
             if rr.returncode != 0:
@@ -146,7 +105,7 @@ def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
             res["submit_wait_ms_p99"] = lat[int(len(lat) * 0.99) - 1]
         return res
     finally:
-        d.stop()
+        stop_daemon(d)
 
 
 @contextlib.contextmanager
@@ -168,38 +127,39 @@ def deadline(seconds, what):
         signal.signal(signal.SIGALRM, old)
 
 
+def _timed_map(run, n):
+    """run(k) maps noop over range(k) and returns the results as an iterable:
+    a 1,000-item warm-up, then run(n) timed until its last result is in."""
+    list(run(1000))
+    t = time.perf_counter()
+    c = sum(1 for _ in run(n))
+    dt = time.perf_counter() - t
+    assert c == n
+    return {"jobs_per_s": n / dt, "seconds": dt}
+
+
 def bench_pool(n, chunksize=1, workers=2, timeout=None):
     """multiprocessing.Pool(workers).imap_unordered(noop, range(n), chunksize)
     after a 1,000-job warm-up. timeout: the longest the warm-up plus the
     timed map may take (seconds)."""
     with multiprocessing.get_context("fork").Pool(workers, initializer=default_signals) as p:
         with deadline(timeout, f"Pool({workers}).imap_unordered chunksize={chunksize}"):
-            list(p.imap_unordered(noop, range(1000), chunksize=chunksize))
-            t = time.perf_counter()
-            c = sum(1 for _ in p.imap_unordered(noop, range(n), chunksize=chunksize))
-            dt = time.perf_counter() - t
-    assert c == n
-    return {"jobs_per_s": n / dt, "seconds": dt}
+            return _timed_map(lambda k: p.imap_unordered(noop, range(k), chunksize=chunksize), n)
 
 
 def bench_jobvisor_executor(n, prefetch=64, workers=2, timeout=None):
     """jobvisor.Executor("echo").map(noop, range(n)) on a pool of `workers`
     Python `--call` workers, every call a durable job, after a 1,000-call
     warm-up. timeout: the longest the whole map may take."""
-    import sys
     sys.path.insert(0, os.path.join(ROOT, "python"))
     from jobvisor import Executor
-    d = Daemon(prefetch, workers, python_call=True)
+    d = start_daemon("jobs-executor", {"command": PY_CALL, "env": {"PYTHONPATH": PY_PATH}, "workers": workers,
+                                       "prefetch": prefetch, "queue_capacity": 10_000_000})
     try:
-        with Executor("echo", socket=d.sock) as ex:
-            list(ex.map(noop, range(1000), timeout=timeout))
-            t = time.perf_counter()
-            c = sum(1 for _ in ex.map(noop, range(n), timeout=timeout))
-            dt = time.perf_counter() - t
-        assert c == n
-        return {"jobs_per_s": n / dt, "seconds": dt}
+        with Executor("echo", socket=str(d.socket)) as ex:
+            return _timed_map(lambda k: ex.map(noop, range(k), timeout=timeout), n)
     finally:
-        d.stop()
+        stop_daemon(d)
 
 
 def bench_executor(n, chunksize=1, workers=2, timeout=None):
@@ -208,12 +168,7 @@ def bench_executor(n, chunksize=1, workers=2, timeout=None):
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                                 initializer=default_signals) as ex:
-        list(ex.map(noop, range(1000), timeout=timeout))
-        t = time.perf_counter()
-        c = sum(1 for _ in ex.map(noop, range(n), chunksize=chunksize, timeout=timeout))
-        dt = time.perf_counter() - t
-    assert c == n
-    return {"jobs_per_s": n / dt, "seconds": dt}
+        return _timed_map(lambda k: ex.map(noop, range(k), chunksize=chunksize, timeout=timeout), n)
 
 
 def main():
@@ -258,4 +213,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        sv.run_cleanups()  # a daemon whose start-up failed is left to the registry

@@ -28,7 +28,6 @@ Ctrl-C/SIGTERM. See bench/README.md.
 import argparse
 import ctypes
 import datetime
-import json
 import multiprocessing
 import os
 import shutil
@@ -187,10 +186,16 @@ def repeat(fn, reps, budget=90.0):
             break
     vals = [r["jobs_per_s"] for r in runs]
     out = {"jobs_per_s": statistics.median(vals), "runs_jobs_per_s": vals, "reps_done": len(runs)}
-    for k in ("store_bytes",):
-        if k in runs[0]:
-            out[k] = runs[0][k]
+    if "store_bytes" in runs[0]:
+        out["store_bytes"] = runs[0]["store_bytes"]
     return out
+
+
+def repeat_gnu_parallel(m, n, reps):
+    """GNU parallel (installed if need be, its version into m) on n lines,
+    repeated as the other tiny-job peers."""
+    path, m["gnu_parallel_version"] = ensure_gnu_parallel(m)
+    return repeat(lambda: bench_gnu_parallel(path, n, 60 + n / 20), reps)
 
 
 def sec_tiny(ctx, res):
@@ -205,7 +210,8 @@ def sec_tiny(ctx, res):
          lambda: repeat(lambda: jobs.bench_pool(n, 64, timeout=per_call), reps)),
         ("executor_cs1", "ProcessPoolExecutor(2).map chunksize=1", n,
          lambda: repeat(lambda: jobs.bench_executor(n, 1, timeout=per_call), reps)),
-        ("gnu_parallel", f"GNU parallel -j2 echo, N={n_par:,} (not {n:,}: ~400 jobs/s)", n_par, None),
+        ("gnu_parallel", f"GNU parallel -j2 echo, N={n_par:,} (not {n:,}: ~400 jobs/s)", n_par,
+         lambda: repeat_gnu_parallel(m, n_par, reps)),
     ]
     print(f"  jobvisorctl map echo, N={n:,} x {reps} ...", flush=True)
     try:
@@ -215,12 +221,7 @@ def sec_tiny(ctx, res):
     for key, label, nn, fn in peers:
         print(f"  {label} ...", flush=True)
         try:
-            if key == "gnu_parallel":
-                path, version = ensure_gnu_parallel(m)
-                m["gnu_parallel_version"] = version
-                r = repeat(lambda: bench_gnu_parallel(path, nn, 60 + nn / 20), reps)
-            else:
-                r = fn()
+            r = fn()
             r["n"] = nn
             m[key] = r
         except Exception as e:
@@ -342,65 +343,64 @@ def sec_payload(ctx, res):
     for key, label, base, pbase, infile, nbytes, inline in jv_rows:
         print(f"  {label} ...", flush=True)
         r = m[key] = {"label": label, "bytes": nbytes}
+        payloads = d = None
         state = Path(tempfile.mkdtemp(prefix="jvbench-state-", dir=base))
-        sv.on_cleanup(lambda p=state: shutil.rmtree(p, ignore_errors=True))
-        r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
-        payloads = None
-        if pbase:
-            payloads = Path(tempfile.mkdtemp(prefix="jvbench-payloads-", dir=pbase))
-            sv.on_cleanup(lambda p=payloads: shutil.rmtree(p, ignore_errors=True))
-            r["payload_dir"], r["payload_dir_fs"] = str(payloads), fs_type(payloads)
-        pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
-        if inline:
-            pool["inline_limit"] = "48MiB"
-        r["pool"] = pool
-        d = None
-        try:
-            d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
-                          log_to_file=True, state_dir=state, payload_dir=payloads)
-            d.wait_ready_status("echo", 1, 20.0)
-            out = tmp / f"out-{key}.bin"
-            argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
-                    "--input-file", str(infile), "--wait"]
-            r["command"] = " ".join(argv) + f" > {out}"
-            expect = data[:nbytes]
+        try:  # the finally removes state and payloads, whatever happens from here on
+            r["state_dir"], r["state_dir_fs"] = str(state), fs_type(state)
+            if pbase:
+                payloads = Path(tempfile.mkdtemp(prefix="jvbench-payloads-", dir=pbase))
+                r["payload_dir"], r["payload_dir_fs"] = str(payloads), fs_type(payloads)
+            pool = {"command": [str(bins["jobvisor-worker"]), "echo"], "workers": 1, "shm_size": "512MiB"}
+            if inline:
+                pool["inline_limit"] = "48MiB"
+            r["pool"] = pool
+            try:
+                d = sv.Daemon(f"payload-{key}", bins, {"echo": pool}, log_level="info",
+                              log_to_file=True, state_dir=state, payload_dir=payloads)
+                d.wait_ready_status("echo", 1, 20.0)
+                out = tmp / f"out-{key}.bin"
+                argv = [str(bins["jobvisorctl"]), "--config", str(d.config), "submit", "echo",
+                        "--input-file", str(infile), "--wait"]
+                r["command"] = " ".join(argv) + f" > {out}"
+                expect = data[:nbytes]
 
-            def once():
-                with open(out, "wb") as f:
-                    t = now()
-                    try:
-                        p = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, timeout=120)
-                    except subprocess.TimeoutExpired:
-                        raise RowError("jobvisorctl submit --wait timed out after 120 s")
-                    dt = now() - t
-                if p.returncode != 0:
-                    msg = p.stderr.decode("utf-8", "replace").strip().replace(str(tmp) + "/", "")
-                    msg = msg.removeprefix("jobvisorctl: ")
-                    raise RowError(f"jobvisorctl exited {p.returncode}: {msg}")
-                got = out.stat().st_size
-                if got != nbytes:
-                    raise RowError(f"output is {got} bytes, input {nbytes}")
-                return dt
+                def once():
+                    with open(out, "wb") as f:
+                        t = now()
+                        try:
+                            p = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, timeout=120)
+                        except subprocess.TimeoutExpired:
+                            raise RowError("jobvisorctl submit --wait timed out after 120 s")
+                        dt = now() - t
+                    if p.returncode != 0:
+                        msg = p.stderr.decode("utf-8", "replace").strip().replace(str(tmp) + "/", "")
+                        msg = msg.removeprefix("jobvisorctl: ")
+                        raise RowError(f"jobvisorctl exited {p.returncode}: {msg}")
+                    got = out.stat().st_size
+                    if got != nbytes:
+                        raise RowError(f"output is {got} bytes, input {nbytes}")
+                    return dt
 
-            def verify():
-                if out.read_bytes() != expect:
-                    raise RowError("output differs from input (not bit-exact)")
+                def verify():
+                    if out.read_bytes() != expect:
+                        raise RowError("output differs from input (not bit-exact)")
 
-            r["warmup_ms"] = once() * 1000
-            verify()
-            times = [once() for _ in range(runs)]
-            verify()
-            r["verified"] = "bit-exact (warm-up and last run)"
-            r.update(summarize(times, nbytes))
-            r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
-            r["store_bytes"] = sum(f.stat().st_size for base in (state, payloads) if base
-                                   for f in Path(base).rglob("*") if f.is_file())
-        except Exception as e:
-            r["error"] = err_text(e)
+                r["warmup_ms"] = once() * 1000
+                verify()
+                times = [once() for _ in range(runs)]
+                verify()
+                r["verified"] = "bit-exact (warm-up and last run)"
+                r.update(summarize(times, nbytes))
+                r["daemon_rss_mib"] = sv.status_kib(sv.proc_status(d.pid), "VmRSS") / 1024
+                r["store_bytes"] = sum(f.stat().st_size for base in (state, payloads) if base
+                                       for f in Path(base).rglob("*") if f.is_file())
+            except Exception as e:
+                r["error"] = err_text(e)
+            finally:
+                if d is not None:
+                    d.stop()
+                    r["daemon_exit_code"] = d.exit_code
         finally:
-            if d is not None:
-                d.stop()
-                r["daemon_exit_code"] = d.exit_code
             shutil.rmtree(state, ignore_errors=True)
             if payloads:
                 shutil.rmtree(payloads, ignore_errors=True)
@@ -541,7 +541,6 @@ def sec_payload(ctx, res):
             rows.append(verdict_row(f"jobvisor shm ({tag}) / {what}", fmt_ratio(ratio), f">= {target}x",
                                     ratio >= target))
         r["ratios"] = ratios
-    del data
 
 
 # --------------------------------------------------------------------------
@@ -554,49 +553,6 @@ SECTIONS = [
     ("pm2", "pm2 restart latency, same run [bench/supervision.py]", sv.sec_pm2),
     ("idle", "Idle cost (8 idle echo workers) [bench/supervision.py]", sv.sec_idle),
 ]
-
-
-def render(results):
-    rows = []
-    for key, _, _ in SECTIONS:
-        r = results.get(key)
-        if r is None:
-            continue
-        for name, value, target, verdict in r["rows"]:
-            rows.append((key, name, value, target, sv.fmt_verdict(verdict)))
-        if r.get("error"):
-            rows.append((key, "SECTION ABORTED", short(r["error"], 200), "", "FAIL"))
-    return rows
-
-
-def write_outputs(results, meta, rows):
-    OUT.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "table": [list(r) for r in rows], "sections": {}}
-    for key, r in results.items():
-        doc["sections"][key] = {k: v for k, v in r.items() if k != "rows"}
-        doc["sections"][key]["rows"] = [list(x) for x in r["rows"]]
-    (OUT / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    mi = meta["machine"]
-    md = ["# jobvisor benchmarks against peers", "",
-          f"- command: `{meta['command']}`",
-          f"- date: {meta['date']}, wall time {meta['duration_s']:.0f} s",
-          f"- machine: {mi['cpu']}, {mi['ncpu']} CPUs, {mi.get('mem_gib', '?')} GiB, "
-          f"kernel {mi['kernel']}, Python {mi['python']}",
-          f"- checkout: {mi['commit']}; binaries: `{meta['bin_dir']}` "
-          f"(jobvisord built {mi['binaries_mtime']['jobvisord']})",
-          f"- loadavg at start / end: {mi.get('loadavg_at_start')} / {mi.get('loadavg_at_end')}", "",
-          sv.md_table(rows), ""]
-    for key, title, _ in SECTIONS:
-        r = results.get(key)
-        if r is None:
-            continue
-        md += [f"## {title}", ""]
-        if r.get("skipped"):
-            md.append(f"Skipped: {r['skipped']}")
-        if r.get("error"):
-            md.append(f"**Aborted:** {r['error']}")
-        md += ["```json", json.dumps(r["metrics"], indent=2, default=str), "```", ""]
-    (OUT / "report.md").write_text("\n".join(md))
 
 
 def main():
@@ -647,15 +603,18 @@ def main():
             "duration_s": now() - started, "quick": q, "bin_dir": str(bdir),
             "params": params,
             "machine": machine, "interrupted": interrupted}
-    rows = render(results)
-    write_outputs(results, meta, rows)
-    print()
-    print(sv.text_table(rows))
-    print(f"\nloadavg at start / end: {load_start} / {machine['loadavg_at_end']}")
-    print(f"wall time {meta['duration_s']:.0f} s; wrote {OUT / 'report.json'} and {OUT / 'report.md'}")
-    if interrupted:
-        return 130
-    return 1 if any(r.get("error") for r in results.values()) else 0
+    header = [f"- command: `{meta['command']}`",
+              f"- date: {meta['date']}, wall time {meta['duration_s']:.0f} s",
+              f"- machine: {machine['cpu']}, {machine['ncpu']} CPUs, {machine.get('mem_gib', '?')} GiB, "
+              f"kernel {machine['kernel']}, Python {machine['python']}",
+              f"- checkout: {machine['commit']}; binaries: `{meta['bin_dir']}` "
+              f"(jobvisord built {machine['binaries_mtime']['jobvisord']})",
+              f"- loadavg at start / end: {machine.get('loadavg_at_start')} / {machine.get('loadavg_at_end')}"]
+    footer = (f"\nloadavg at start / end: {load_start} / {machine['loadavg_at_end']}\n"
+              f"wall time {meta['duration_s']:.0f} s; wrote {OUT / 'report.json'} and {OUT / 'report.md'}")
+    return sv.finish(results, meta, SECTIONS, "report", "jobvisor benchmarks against peers", header, footer,
+                     error_cells=lambda e: ("SECTION ABORTED", short(e, 200)), error_label="Aborted",
+                     json_rows=True)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,8 @@ def toml_value(v):
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # inline table, e.g. a pool's env
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(v)
 
 
@@ -282,16 +284,18 @@ class LogWatcher(threading.Thread):
 
 class Daemon:
     def __init__(self, name, bins, pools, log_level="debug", log_to_file=False, state_dir=None,
-                 payload_dir=None):
+                 payload_dir=None, keep_log=True):
         """state_dir: the store's directory (default: "state" in the temp dir);
-        payload_dir: where large payloads go (default: the daemon's, in state_dir)."""
+        payload_dir: where large payloads go (default: the daemon's, in state_dir);
+        keep_log: False puts the log in the temp dir, which goes with it,
+        instead of LOGS."""
         self.name = name
         self.bins = bins
         self.dir = Path(tempfile.mkdtemp(prefix=f"jvbench-{name}-"))
         on_cleanup(lambda: shutil.rmtree(self.dir, ignore_errors=True))
         self.config = self.dir / "jobvisor.toml"
         self.socket = self.dir / "ctl.sock"
-        self.log_path = LOGS / f"{name}.daemon.log"
+        self.log_path = (LOGS if keep_log else self.dir) / f"{name}.daemon.log"
         self.pools = pools
         self.seen_worker_pids = set()
         lines = ["[daemon]", 'control_socket = "ctl.sock"',
@@ -416,7 +420,7 @@ class Daemon:
                         pass
         if self.watch is not None:
             self.watch.join(timeout=5)
-            LOGS.mkdir(parents=True, exist_ok=True)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "w") as f:
                 for _, line in self.watch.lines:
                     f.write(line + "\n")
@@ -1065,16 +1069,24 @@ def machine_info():
             "python": platform.python_version(), "commit": commit}
 
 
-def render(results, meta):
+def error_row_cells(error):
+    """The metric and value cells of an aborted section's FAIL row."""
+    return "ERROR", error
+
+
+def render(results, sections, error_cells=error_row_cells):
+    """The table: one (section, metric, value, target, verdict) row per row
+    of each section in `results`, in the order of `sections`; a section that
+    aborted ends with a FAIL row whose metric and value are error_cells(error)."""
     rows = []
-    for key, title, _ in SECTIONS:
+    for key, _, _ in sections:
         r = results.get(key)
         if r is None:
             continue
         for name, value, target, verdict in r["rows"]:
             rows.append((key, name, value, target, fmt_verdict(verdict)))
         if r.get("error"):
-            rows.append((key, "ERROR", r["error"], "", "FAIL"))
+            rows.append((key, *error_cells(r["error"]), "", "FAIL"))
     return rows
 
 
@@ -1096,34 +1108,46 @@ def md_table(rows):
     return "\n".join(out)
 
 
-def write_outputs(results, meta, rows):
+def write_outputs(results, meta, rows, sections, stem, title, header, error_label="Error",
+                  json_rows=False):
+    """Writes OUT/<stem>.json (meta, the table, each section's record, with
+    its rows when json_rows) and OUT/<stem>.md (`title`, the `header` lines,
+    the table, then each section's metrics, its error as **<error_label>:**)."""
     OUT.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "sections": {}, "table": [list(r) for r in rows]}
+    doc = {"meta": meta, "table": [list(r) for r in rows], "sections": {}}
     for key, r in results.items():
         doc["sections"][key] = {k: v for k, v in r.items() if k != "rows"}
-    (OUT / "supervision.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    md = ["# jobvisor supervision benchmark", "",
-          f"- command: `{meta['command']}`",
-          f"- date: {meta['date']}, duration {meta['duration_s']:.0f} s",
-          f"- machine: {meta['machine']['cpu']}, {meta['machine']['ncpu']} CPUs, "
-          f"kernel {meta['machine']['kernel']}, Python {meta['machine']['python']}",
-          f"- commit: {meta['machine']['commit']}, binaries: `{meta['bin_dir']}`", "",
-          md_table(rows), ""]
-    for key, title, _ in SECTIONS:
+        if json_rows:
+            doc["sections"][key]["rows"] = [list(x) for x in r["rows"]]
+    (OUT / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    md = [f"# {title}", "", *header, "", md_table(rows), ""]
+    for key, section_title, _ in sections:
         r = results.get(key)
         if r is None:
             continue
-        md.append(f"## {title}")
-        md.append("")
+        md += [f"## {section_title}", ""]
         if r.get("skipped"):
             md.append(f"Skipped: {r['skipped']}")
         if r.get("error"):
-            md.append(f"**Error:** {r['error']}")
-        md.append("```json")
-        md.append(json.dumps(r["metrics"], indent=2, default=str))
-        md.append("```")
-        md.append("")
-    (OUT / "supervision.md").write_text("\n".join(md))
+            md.append(f"**{error_label}:** {r['error']}")
+        md += ["```json", json.dumps(r["metrics"], indent=2, default=str), "```", ""]
+    (OUT / f"{stem}.md").write_text("\n".join(md))
+
+
+def finish(results, meta, sections, stem, title, header, footer, error_cells=error_row_cells,
+           error_label="Error", json_rows=False):
+    """The end of a run: renders the table, writes OUT/<stem>.json and
+    OUT/<stem>.md (see render and write_outputs), prints the table and then
+    the `footer` text. Returns the exit status: 130 when meta says the run
+    was interrupted, 1 when a section aborted, else 0."""
+    rows = render(results, sections, error_cells)
+    write_outputs(results, meta, rows, sections, stem, title, header, error_label, json_rows)
+    print()
+    print(text_table(rows))
+    print(footer)
+    if meta["interrupted"]:
+        return 130
+    return 1 if any(r.get("error") for r in results.values()) else 0
 
 
 def resolve_bins():
@@ -1155,14 +1179,13 @@ def main():
     meta = {"command": cmd, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "duration_s": now() - started, "quick": args.quick, "bin_dir": str(bdir),
             "machine": machine_info(), "interrupted": interrupted}
-    rows = render(results, meta)
-    write_outputs(results, meta, rows)
-    print()
-    print(text_table(rows))
-    print(f"\nwrote {OUT / 'supervision.json'} and {OUT / 'supervision.md'} (daemon logs in {LOGS})")
-    if interrupted:
-        return 130
-    return 1 if any(r.get("error") for r in results.values()) else 0
+    mi = meta["machine"]
+    header = [f"- command: `{meta['command']}`",
+              f"- date: {meta['date']}, duration {meta['duration_s']:.0f} s",
+              f"- machine: {mi['cpu']}, {mi['ncpu']} CPUs, kernel {mi['kernel']}, Python {mi['python']}",
+              f"- commit: {mi['commit']}, binaries: `{meta['bin_dir']}`"]
+    return finish(results, meta, SECTIONS, "supervision", "jobvisor supervision benchmark", header,
+                  f"\nwrote {OUT / 'supervision.json'} and {OUT / 'supervision.md'} (daemon logs in {LOGS})")
 
 
 if __name__ == "__main__":
