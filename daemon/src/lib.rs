@@ -9,6 +9,7 @@
 //! - [`control`]: the control socket (binding, client connections).
 //! - [`client`]: the client side of the control protocol (`jobvisorctl`).
 //! - [`notify`], [`log`]: systemd notification and logging.
+//! - [`private_dir`]: directories the daemon trusts (owner and mode checked, used by descriptor).
 
 pub mod client;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod ctl;
 pub mod fdpass;
 pub mod log;
 pub mod notify;
+pub mod private_dir;
 pub mod reactor;
 pub mod shm;
 pub mod spawn;

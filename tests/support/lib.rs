@@ -14,6 +14,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod users;
+
 /// Default deadline for conditions in tests. Generous: CI machines are slow
 /// and shared; a passing test never waits this long.
 pub const DEADLINE: Duration = Duration::from_secs(20);
