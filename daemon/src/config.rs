@@ -70,6 +70,13 @@ pub const DEFAULT_RESULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `socket_mode` when absent: the group may control the daemon, others may not connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Default `max_connections`: control connections open at once, all users.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+/// Default `max_connections_per_user`: control connections of one uid
+/// (root, the daemon's uid and `admin_group` are not limited per user).
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 32;
+/// Largest `max_connections`.
+pub const MAX_CONNECTIONS_LIMIT: u32 = 65_536;
 /// File name of the control socket inside [`default_runtime_dir`].
 pub const SOCKET_FILE_NAME: &str = "jobvisor.sock";
 /// Longest socket path `bind(2)` accepts: `sun_path` is 108 bytes including the NUL.
@@ -84,6 +91,9 @@ const DAEMON_KEYS: &[&str] = &[
     "payload_dir",
     "socket_mode",
     "drain_timeout",
+    "admin_group",
+    "max_connections",
+    "max_connections_per_user",
 ];
 const POOL_KEYS: &[&str] = &[
     "command",
@@ -158,6 +168,13 @@ pub struct DaemonConfig {
     pub socket_mode: u32,
     /// How long running jobs may finish on shutdown.
     pub drain_timeout: Duration,
+    /// Group whose members may run admin commands and see every user's
+    /// jobs (besides root and the daemon's own uid): its name and gid.
+    pub admin_group: Option<(String, u32)>,
+    /// Control connections open at once, all users together.
+    pub max_connections: u32,
+    /// Control connections open at once per uid (admins excepted).
+    pub max_connections_per_user: u32,
 }
 
 /// One `[pools.NAME]` section. See DESIGN section 6 and `config.example.toml`.
@@ -233,6 +250,9 @@ impl DaemonConfig {
             payload_dir: None,
             socket_mode: DEFAULT_SOCKET_MODE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            admin_group: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
         }
     }
 }
@@ -430,6 +450,20 @@ pub fn default_workers() -> u32 {
         .clamp(1, MAX_WORKERS)
 }
 
+/// The gid of group `name` (a name, or a numeric id that exists).
+fn resolve_group(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+    }
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
 /// Directory for the control socket when the config does not say: `$RUNTIME_DIRECTORY`
 /// (systemd), else `/run/jobvisor` for root, else `$XDG_RUNTIME_DIR/jobvisor`, else
 /// `/tmp/jobvisor-$UID`.
@@ -596,6 +630,25 @@ impl Walker<'_> {
                 "payload_dir" => d.payload_dir = Some(self.path_value(v, &key)?),
                 "socket_mode" => d.socket_mode = self.socket_mode(v, &key)?,
                 "drain_timeout" => d.drain_timeout = self.duration(v, &key)?,
+                "admin_group" => {
+                    let name = self.name_value(v, &key, "group")?;
+                    let gid = resolve_group(&name).ok_or_else(|| {
+                        self.err(
+                            v.span(),
+                            &key,
+                            format!("no group named {name:?} on this system; create it (groupadd {name}) or remove admin_group"),
+                        )
+                    })?;
+                    d.admin_group = Some((name, gid));
+                }
+                "max_connections" => {
+                    d.max_connections =
+                        to_u32(self.int_in(v, &key, 1, i64::from(MAX_CONNECTIONS_LIMIT))?)
+                }
+                "max_connections_per_user" => {
+                    d.max_connections_per_user =
+                        to_u32(self.int_in(v, &key, 1, i64::from(MAX_CONNECTIONS_LIMIT))?)
+                }
                 other => return Err(self.unknown_key(k, "daemon", other, DAEMON_KEYS)),
             }
         }

@@ -42,8 +42,17 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Largest request a client may send (submits carry input inline).
-pub const MAX_REQUEST: usize = ipc_proto::MAX_FRAME_LEN;
+/// Largest request a greeted client may send. Inputs of
+/// [`FD_PAYLOAD_MIN`] bytes or more travel as descriptors, so a request
+/// needs little more than that; a peer cannot make the daemon hold more
+/// than this per connection for a request.
+pub const MAX_REQUEST: usize = ipc_proto::control::MAX_REQUEST_LEN;
+
+/// Largest request before `Hello` (which is a few bytes).
+pub const MAX_GREETING: usize = 1024;
+
+/// Time a new connection has to send its `Hello`.
+pub const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// First descriptor passed by the service manager (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -254,8 +263,40 @@ pub struct Client {
     pub closing: bool,
     /// Currently registered for writable events.
     pub want_write: bool,
-    /// Not read from until its output drains (backpressure).
+    /// Not read from until its output drains and its outstanding
+    /// requests are answered (backpressure).
     pub paused: bool,
+    /// `paused` as the poll registration last reflected it.
+    pub paused_registered: bool,
+    /// Who is connected (`SO_PEERCRED` at accept).
+    pub peer: Peer,
+    /// May run admin commands and see every user's jobs.
+    pub admin: bool,
+    /// The stream ended: no more reads, requests still buffered are served.
+    eof: bool,
+}
+
+/// A control client's credentials, as the kernel reported them at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its process id (at connect time).
+    pub pid: u32,
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its effective gid.
+    pub gid: u32,
+}
+
+impl Peer {
+    /// The credentials of the process at the other end of `stream`.
+    pub fn of(stream: &impl std::os::fd::AsFd) -> io::Result<Peer> {
+        let c = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+        Ok(Peer {
+            pid: c.pid().max(0) as u32,
+            uid: c.uid(),
+            gid: c.gid(),
+        })
+    }
 }
 
 /// One decoded request, with the descriptor that came with it (a
@@ -265,22 +306,24 @@ pub struct Incoming {
     pub fd: Option<OwnedFd>,
 }
 
-/// Result of reading from a client.
-pub enum ReadOutcome {
-    /// Requests decoded (possibly none yet).
-    Requests(Vec<Incoming>),
-    /// The client hung up (after the returned requests).
-    Closed(Vec<Incoming>),
+/// What [`Client::next_request`] found.
+pub enum Next {
+    /// One request.
+    Request(Incoming),
+    /// Nothing more until the socket is readable again.
+    WouldBlock,
+    /// The client hung up and every request it sent has been served.
+    Closed,
     /// The client violated the protocol; drop it.
     Broken(String),
 }
 
 impl Client {
-    /// Wraps an accepted stream.
-    pub fn new(stream: mio::net::UnixStream) -> Client {
+    /// Wraps an accepted stream from `peer`.
+    pub fn new(stream: mio::net::UnixStream, peer: Peer, admin: bool) -> Client {
         Client {
             stream,
-            decoder: FrameDecoder::new(MAX_REQUEST),
+            decoder: FrameDecoder::new(MAX_GREETING),
             out: Vec::new(),
             written: 0,
             fds_in: VecDeque::new(),
@@ -289,49 +332,65 @@ impl Client {
             closing: false,
             want_write: false,
             paused: false,
+            paused_registered: false,
+            peer,
+            admin,
+            eof: false,
         }
     }
 
-    /// Reads everything available and decodes whole requests.
-    pub fn read(&mut self) -> ReadOutcome {
-        let mut reqs = Vec::new();
+    /// `Hello` accepted: requests up to [`MAX_REQUEST`] from now on.
+    pub fn greet(&mut self) {
+        self.greeted = true;
+        self.decoder.set_max_len(MAX_REQUEST);
+    }
+
+    /// The next request: decoded from what is buffered, or read from the
+    /// socket when no whole frame is buffered. The caller takes one request
+    /// at a time, so it can stop (and stop reading) while the client is
+    /// over its limits; bytes are read only as far as a frame needs.
+    pub fn next_request(&mut self) -> Next {
         loop {
+            match self.decode_one() {
+                Ok(Some(inc)) => return Next::Request(inc),
+                Ok(None) => {}
+                Err(e) => return Next::Broken(e),
+            }
+            if self.eof {
+                return match self.decoder.finish() {
+                    Ok(()) => Next::Closed,
+                    Err(e) => Next::Broken(e.to_string()),
+                };
+            }
             match fdpass::recv(&self.stream, self.decoder.unfilled(), &mut self.fds_in) {
-                Ok(0) => {
-                    if let Err(e) = self.drain(&mut reqs) {
-                        return ReadOutcome::Broken(e);
-                    }
-                    return ReadOutcome::Closed(reqs);
-                }
-                Ok(n) => {
-                    self.decoder.filled(n);
-                    if let Err(e) = self.drain(&mut reqs) {
-                        return ReadOutcome::Broken(e);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return ReadOutcome::Requests(reqs)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return ReadOutcome::Broken(e.to_string()),
+                Ok(0) => self.eof = true,
+                Ok(n) => self.decoder.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Next::Broken(e.to_string()),
             }
         }
     }
 
-    fn drain(&mut self, reqs: &mut Vec<Incoming>) -> Result<(), String> {
-        while let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
-            let req = decode::<Request>(frame).map_err(|e| e.to_string())?;
-            let fd = match req {
-                Request::SubmitFd { .. } => Some(
-                    self.fds_in
-                        .pop_front()
-                        .ok_or("SubmitFd without a file descriptor")?,
-                ),
-                _ => None,
-            };
-            reqs.push(Incoming { req, fd });
-        }
-        Ok(())
+    fn decode_one(&mut self) -> Result<Option<Incoming>, String> {
+        let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let req = decode::<Request>(frame).map_err(|e| e.to_string())?;
+        let fd = match req {
+            Request::SubmitFd { .. } => Some(
+                self.fds_in
+                    .pop_front()
+                    .ok_or("SubmitFd without a file descriptor")?,
+            ),
+            _ => None,
+        };
+        Ok(Some(Incoming { req, fd }))
+    }
+
+    /// Memory held for this connection's input (its frame buffer).
+    pub fn input_buffer(&self) -> usize {
+        self.decoder.capacity()
     }
 
     /// Queues a response. A job document with a large output goes out as a

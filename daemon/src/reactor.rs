@@ -34,7 +34,7 @@
 //! init that may not reap (containers).
 
 use crate::config::{self, Config};
-use crate::control::{self, Client, Incoming, ReadOutcome};
+use crate::control::{self, Client, Incoming};
 use crate::notify::Notifier;
 use crate::spawn;
 use crate::store::{Completion, Store};
@@ -56,6 +56,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod clients;
+
 const TOKEN_SIGNALS: Token = Token(0);
 const TOKEN_LISTENER: Token = Token(1);
 /// The one waker (mio allows one per poll), shared by the store thread and
@@ -64,7 +66,7 @@ const TOKEN_WAKE: Token = Token(2);
 
 /// A client whose unread output exceeds this is not read from until it
 /// catches up (backpressure instead of unbounded buffering).
-const CLIENT_OUTPUT_HIGH_WATER: usize = 32 << 20;
+const CLIENT_OUTPUT_HIGH_WATER: usize = 4 << 20;
 /// An `events` subscriber this far behind is disconnected.
 const EVENTS_BACKLOG_LIMIT: usize = 8 << 20;
 
@@ -224,6 +226,14 @@ pub struct Reactor {
     suppressing: HashSet<ProcId>,
     clients: HashMap<u64, Client>,
     next_client: u64,
+    /// Open control connections per uid (for `max_connections_per_user`).
+    conns_per_uid: HashMap<u32, u32>,
+    /// Greeting deadlines of new connections, in accept order (all the
+    /// same length, so the front is the earliest).
+    greeting_deadlines: std::collections::VecDeque<(Instant, u64)>,
+    /// The daemon's descriptor limit (`RLIMIT_NOFILE`, raised to its hard
+    /// limit at start).
+    fd_limit: usize,
     procs: HashMap<ProcId, WorkerIo>,
     pids: HashMap<u32, ProcId>,
     core: Supervisor,
@@ -314,6 +324,9 @@ impl Reactor {
             suppressing: HashSet::default(),
             clients: HashMap::default(),
             next_client: 1,
+            conns_per_uid: HashMap::default(),
+            greeting_deadlines: Default::default(),
+            fd_limit: raise_fd_limit(),
             procs: HashMap::default(),
             pids: HashMap::default(),
             core,
@@ -357,6 +370,7 @@ impl Reactor {
                     self.next_ping,
                     self.notifier.status_deadline(),
                     self.suppression_deadline(),
+                    self.greeting_deadline(),
                 ]
                 .into_iter()
                 .flatten()
@@ -380,6 +394,7 @@ impl Reactor {
             }
             self.drain_output_backlog();
             let now = Instant::now();
+            self.expire_greetings(now);
             // The core's timers run only when one is due: most turns are
             // woken by I/O, and `on_timer` walks every pool and worker.
             let core_due = self.core.next_deadline().is_some_and(|d| d <= now);
@@ -724,13 +739,6 @@ impl Reactor {
         }
     }
 
-    fn reply(&mut self, client: u64, resp: &Response) {
-        if let Some(c) = self.clients.get_mut(&client) {
-            c.send(resp);
-            self.dirty_clients.insert(client);
-        }
-    }
-
     /// A job document with a large output beside it. The output is in the
     /// store's payload file (replies wait for durability, and a stored one
     /// is only there), so the client gets a descriptor of that file; else
@@ -790,17 +798,6 @@ impl Reactor {
                 error,
             } => self.core.on_store_failed(upto, &lost_inserts, &error, now),
             Completion::Query { token, result } => self.core.on_query_result(token, result),
-        }
-    }
-
-    fn drop_client(&mut self, id: u64) {
-        if let Some(mut c) = self.clients.remove(&id) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-        }
-        self.dirty_clients.remove(&id);
-        self.core.on_client_gone(id);
-        if self.subscribers.remove(&id) && self.subscribers.is_empty() {
-            self.core.set_events_wanted(false);
         }
     }
 
@@ -1418,298 +1415,6 @@ impl Reactor {
         }
     }
 
-    // ---- control clients ----
-
-    fn accept(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((mut stream, _)) => {
-                    let id = self.next_client;
-                    self.next_client += 1;
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token(Kind::Client, id),
-                        Interest::READABLE,
-                    ) {
-                        crate::warn!("cannot watch a control client: {e}");
-                        continue;
-                    }
-                    self.clients.insert(id, Client::new(stream));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: log and carry on; the listener
-                    // stays registered and we retry on the next event.
-                    crate::warn!("accept on the control socket: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn on_client(&mut self, id: u64, readable: bool, _writable: bool) {
-        let mut drop_it = false;
-        let paused = self.clients.get(&id).is_some_and(|c| c.paused);
-        if readable && !paused {
-            let outcome = match self.clients.get_mut(&id) {
-                Some(c) => c.read(),
-                None => return,
-            };
-            let (reqs, closed) = match outcome {
-                ReadOutcome::Requests(r) => (r, false),
-                ReadOutcome::Closed(r) => (r, true),
-                ReadOutcome::Broken(e) => {
-                    crate::log::log(
-                        Level::Debug,
-                        &format!("control client {id}: protocol error ({e}); closing"),
-                    );
-                    (Vec::new(), true)
-                }
-            };
-            self.on_incoming(id, reqs);
-            // The end of the client's stream ends its session (jobvisorctl
-            // never half-closes): what it still waited for is forgotten.
-            drop_it = closed;
-        }
-        let mut resume = false;
-        if let Some(c) = self.clients.get_mut(&id) {
-            match c.flush() {
-                Ok(done) => {
-                    if done && (c.closing || drop_it) {
-                        drop_it = true;
-                    } else {
-                        // Backpressure: stop reading requests from a client
-                        // that does not read its answers.
-                        let over = c.pending_output() > CLIENT_OUTPUT_HIGH_WATER;
-                        if over != c.paused {
-                            c.paused = over;
-                            resume = !over;
-                        }
-                        let want_write = !done;
-                        let interest = match (c.paused, want_write) {
-                            (true, _) => Interest::WRITABLE,
-                            (false, true) => Interest::READABLE | Interest::WRITABLE,
-                            (false, false) => Interest::READABLE,
-                        };
-                        if want_write != c.want_write || resume || c.paused {
-                            c.want_write = want_write;
-                            let _ = self.poll.registry().reregister(
-                                &mut c.stream,
-                                token(Kind::Client, id),
-                                interest,
-                            );
-                        }
-                    }
-                }
-                Err(_) => drop_it = true,
-            }
-        }
-        if drop_it {
-            self.drop_client(id);
-        } else if resume {
-            // Edge-triggered: requests that arrived while paused raised no
-            // new event, so read them now.
-            self.on_client(id, true, false);
-        }
-    }
-
-    /// Requests of one client, in order.
-    fn on_incoming(&mut self, id: u64, reqs: Vec<Incoming>) {
-        for Incoming { req, fd } in reqs {
-            self.handle_request(id, req, fd);
-        }
-    }
-
-    /// A submit whose input came as a descriptor: refused before anything
-    /// is read if it cannot fit. A small input is read and submitted like
-    /// an inline one; a large one stays in its file. Refusals go through
-    /// the core, in order with the client's earlier submits.
-    fn submit_fd(
-        &mut self,
-        id: u64,
-        pool: String,
-        len: u64,
-        options: ipc_proto::control::JobOptions,
-        wait: bool,
-        fd: OwnedFd,
-    ) {
-        let now = Instant::now();
-        if let Err(e) = self.core.check_input_len(&pool, len) {
-            return self.core.refuse_submit(id, e);
-        }
-        if len < crate::store::FILE_PAYLOAD_MIN as u64 {
-            // Small: read now (a page-cache read of under a mebibyte).
-            return match crate::fdpass::read_payload(fd, len, "input") {
-                Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
-                Err(e) => self
-                    .core
-                    .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
-            };
-        }
-        // Large: never read into memory. The store copies the file into the
-        // job's payload file in the kernel, and a worker's arena is filled
-        // from it (see `SubmitInput::Source`).
-        match crate::fdpass::payload_file(fd, len, "input") {
-            Ok((file, _)) => {
-                let source = crate::store::InputSource {
-                    file: Arc::new(file),
-                    len,
-                };
-                self.core.submit(id, &pool, source, options, wait, now)
-            }
-            Err(e) => self
-                .core
-                .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
-        }
-    }
-
-    /// One request (and, for a `SubmitFd`, its descriptor): `Hello` first,
-    /// then anything.
-    fn handle_request(&mut self, id: u64, req: Request, fd: Option<OwnedFd>) {
-        let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
-        let resp = if !greeted {
-            Some(match req {
-                Request::Hello { protocol_version }
-                    if protocol_version == ipc_proto::PROTOCOL_VERSION =>
-                {
-                    if let Some(c) = self.clients.get_mut(&id) {
-                        c.greeted = true;
-                    }
-                    Response::Hello {
-                        protocol_version: ipc_proto::PROTOCOL_VERSION,
-                        pid: std::process::id(),
-                        version: env!("CARGO_PKG_VERSION").to_string(),
-                    }
-                }
-                Request::Hello { protocol_version } => {
-                    self.close_after(id);
-                    Response::Error {
-                        kind: ErrorKind::Invalid,
-                        message: format!(
-                            "protocol version mismatch: client {protocol_version}, daemon {}; use the jobvisorctl that matches this jobvisord",
-                            ipc_proto::PROTOCOL_VERSION
-                        ),
-                    }
-                }
-                _ => {
-                    self.close_after(id);
-                    Response::Error {
-                        kind: ErrorKind::Invalid,
-                        message: "the first request must be Hello".into(),
-                    }
-                }
-            })
-        } else {
-            let now = Instant::now();
-            // Job requests are answered by the core (in order with the
-            // durability of what they depend on); the rest right here.
-            match req {
-                Request::Submit {
-                    pool,
-                    input,
-                    options,
-                    wait,
-                } => {
-                    self.core.submit(id, &pool, input.0, options, wait, now);
-                    None
-                }
-                Request::SubmitFd {
-                    pool,
-                    len,
-                    options,
-                    wait,
-                } => {
-                    // `control::Client` pairs every SubmitFd with its
-                    // descriptor or drops the connection.
-                    let fd = fd.expect("a SubmitFd comes with its descriptor");
-                    self.submit_fd(id, pool, len, options, wait, fd);
-                    None
-                }
-                Request::Wait { ids } => {
-                    self.core.wait_jobs(id, ids);
-                    None
-                }
-                Request::Result { id: job } => {
-                    self.core.result(id, job);
-                    None
-                }
-                Request::Cancel { id: job } => {
-                    self.core.cancel(id, job, now);
-                    None
-                }
-                Request::Jobs { pool, state, limit } => {
-                    self.core
-                        .list_jobs(id, pool, state, limit.unwrap_or(1000).max(1));
-                    None
-                }
-                Request::Events => {
-                    self.subscribers.insert(id);
-                    self.core.set_events_wanted(true);
-                    None
-                }
-                other => Some(self.handle_admin(other, now)),
-            }
-        };
-        if let Some(resp) = resp {
-            self.reply(id, &resp);
-        }
-        // Spawns for scale/restart/reload happen now, in this loop turn.
-        self.run_actions();
-    }
-
-    fn handle_admin(&mut self, req: Request, now: Instant) -> Response {
-        {
-            match req {
-                Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
-                    Ok(mut report) => {
-                        for p in &mut report.pools {
-                            for w in &mut p.workers {
-                                if let Some(pid) = w.pid {
-                                    w.rss_bytes = rss_bytes(pid);
-                                }
-                            }
-                        }
-                        Response::Status(report)
-                    }
-                    Err(e) => e.into_response(),
-                },
-                Request::Scale { pool, workers } => {
-                    ok_or_error(self.core.scale(&pool, workers, now))
-                }
-                Request::Restart { pool } => ok_or_error(self.core.restart(&pool, now)),
-                Request::Reload => match self.reload() {
-                    Ok(message) => Response::Ok { message },
-                    Err((kind, message)) => Response::Error { kind, message },
-                },
-                Request::Shutdown { now: immediate } => {
-                    self.begin_shutdown(immediate);
-                    Response::Ok {
-                        message: if immediate {
-                            "stopping at once".into()
-                        } else {
-                            "shutting down".into()
-                        },
-                    }
-                }
-                Request::Hello { .. } => Response::Error {
-                    kind: ErrorKind::Invalid,
-                    message: "Hello sent twice".into(),
-                },
-                _ => Response::Error {
-                    kind: ErrorKind::Invalid,
-                    message: "unexpected request".into(),
-                },
-            }
-        }
-    }
-
-    fn close_after(&mut self, id: u64) {
-        if let Some(c) = self.clients.get_mut(&id) {
-            c.closing = true;
-        }
-    }
-
     /// Re-reads the config file and applies it; a bad file changes nothing.
     ///
     /// systemd hears `RELOADING=1` before and `READY=1` after, whatever the
@@ -1754,6 +1459,23 @@ fn log_suppressed(pool: &str, slot: u32, lines: u64) {
         crate::log::OUTPUT_LINES_PER_SEC,
         crate::log::OUTPUT_BURST
     );
+}
+
+/// Raises the soft descriptor limit to the hard one (as systemd advises
+/// daemons to do) and returns it; control connections are capped below it
+/// so that they can never starve a worker's spawn.
+fn raise_fd_limit() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard as usize
+            } else {
+                soft as usize
+            }
+        }
+        Err(_) => 1024,
+    }
 }
 
 /// Half of `$WATCHDOG_USEC` when the watchdog is meant for this process

@@ -11,6 +11,15 @@ use serde::{Deserialize, Serialize};
 /// inline bytes.
 pub const FD_PAYLOAD_MIN: u64 = 1 << 20;
 
+/// Largest control request the daemon accepts (after `Hello`; before it,
+/// 1 KiB). Inputs of [`FD_PAYLOAD_MIN`] bytes or more travel as
+/// descriptors, so this leaves a mebibyte for the rest of a request (pool
+/// name, key, a `Wait`'s list of ids).
+pub const MAX_REQUEST_LEN: usize = 2 << 20;
+
+/// Most job ids one [`Request::Wait`] may name (after removing duplicates).
+pub const MAX_WAIT_IDS: usize = 100_000;
+
 /// Client → daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {

@@ -4,7 +4,10 @@
 //! [`FrameDecoder::unfilled`], so reads land in place without a copy) and
 //! yields whole frames. The declared length is checked against the maximum
 //! *before* any buffer grows, so an oversized or garbage length prefix is a
-//! [`FrameError::TooLarge`], never an allocation.
+//! [`FrameError::TooLarge`], never an allocation; and the buffer grows only
+//! with the bytes that actually arrive (at most doubling), never to a
+//! declared length, so a peer that announces a large frame and stalls holds
+//! no more memory than it sent.
 
 /// Hard upper bound of any frame's payload (64 MiB). Larger payloads travel
 /// through the shared-memory arena, never inline.
@@ -66,6 +69,17 @@ impl FrameDecoder {
         self.max_len
     }
 
+    /// Changes the maximum payload length (clamped to [`MAX_FRAME_LEN`]),
+    /// e.g. from a small pre-greeting limit to the full one.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len.min(MAX_FRAME_LEN);
+    }
+
+    /// Bytes of memory the buffer holds (for accounting and tests).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Spare space to read into; call [`FrameDecoder::filled`] with the number
     /// of bytes written. Grows the buffer only as far as a frame that passed
     /// the length check needs.
@@ -88,7 +102,11 @@ impl FrameDecoder {
             Some(len) if len <= self.max_len => (HEADER_LEN + len).saturating_sub(pending),
             _ => 0,
         };
-        let min_spare = READ_CHUNK.max(frame_rest);
+        // Grow with what has arrived, never from the declared length alone:
+        // at most as much again as the partial frame already holds, so a
+        // peer that announces 64 MiB and sends nothing more costs one chunk,
+        // and a real large frame still lands in O(log n) reallocations.
+        let min_spare = READ_CHUNK.max(frame_rest.min(pending));
         if self.buf.len() - self.end < min_spare {
             self.buf.resize(self.end + min_spare, 0);
         }

@@ -219,6 +219,46 @@ fn large_frame_reassembles() {
     assert_eq!(got, Some(big));
 }
 
+/// A peer that announces the largest frame and then sends a trickle holds
+/// only about what it sent: the buffer never grows to a declared length.
+#[test]
+fn a_declared_length_allocates_nothing_until_the_bytes_arrive() {
+    let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut sent = 0usize;
+    let header = (MAX_FRAME_LEN as u32).to_le_bytes();
+    dec.extend(&header);
+    sent += header.len();
+    assert!(dec.next_frame().unwrap().is_none());
+    assert!(dec.capacity() <= 128 << 10, "{} bytes held", dec.capacity());
+    // 1 MiB of the 64 MiB: at most about twice that is held.
+    let chunk = vec![7u8; 4096];
+    for _ in 0..256 {
+        dec.extend(&chunk);
+        sent += chunk.len();
+        assert!(dec.next_frame().unwrap().is_none());
+    }
+    assert!(
+        dec.capacity() <= 2 * sent + (64 << 10),
+        "{} bytes held after {sent} received",
+        dec.capacity()
+    );
+}
+
+/// A decoder's limit can be raised after a greeting: a frame over the small
+/// limit is refused before, accepted after.
+#[test]
+fn the_limit_can_be_raised() {
+    let mut wire = Vec::new();
+    encode_frame(&Request::Wait { ids: vec![1; 1000] }, &mut wire).unwrap();
+    let mut dec = FrameDecoder::new(256);
+    dec.extend(&wire);
+    assert!(matches!(dec.next_frame(), Err(FrameError::TooLarge { .. })));
+    let mut dec = FrameDecoder::new(256);
+    dec.set_max_len(MAX_FRAME_LEN);
+    dec.extend(&wire);
+    assert!(dec.next_frame().unwrap().is_some());
+}
+
 /// The descriptor-carrying variants were appended: the wire indices of the
 /// older ones (documented in docs/PROTOCOL.md) did not move.
 #[test]

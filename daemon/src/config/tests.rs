@@ -414,6 +414,9 @@ state_dir = "/var/lib/jv"
 payload_dir = "/dev/shm/jv"
 socket_mode = "0600"
 drain_timeout = "1m"
+admin_group = "root"
+max_connections = 100
+max_connections_per_user = 8
 
 [semaphores]
 gpu = 2
@@ -454,6 +457,9 @@ result_retention = "7days"
             payload_dir: Some("/dev/shm/jv".into()),
             socket_mode: 0o600,
             drain_timeout: Duration::from_secs(60),
+            admin_group: Some(("root".into(), 0)),
+            max_connections: 100,
+            max_connections_per_user: 8,
         }
     );
     assert_eq!(
@@ -793,4 +799,17 @@ fn crlf_and_bom() {
     assert_eq!(c.pools["echo"].workers, 2);
     let e = err("[pools.echo]\r\ncommand = [\"w\"]\r\nworkers = 0\r\n");
     assert_eq!(e.position(), Some((3, 11)));
+}
+
+#[test]
+fn admin_group_must_exist_and_caps_be_positive() {
+    let e = err("[daemon]\nadmin_group = \"no-such-group-jv\"\n").to_string();
+    assert!(
+        e.contains("daemon.admin_group") && e.contains("no group named"),
+        "{e}"
+    );
+    let e = err("[daemon]\nmax_connections = 0\n").to_string();
+    assert!(e.contains("daemon.max_connections"), "{e}");
+    let e = err("[daemon]\nmax_connections_per_user = -1\n").to_string();
+    assert!(e.contains("daemon.max_connections_per_user"), "{e}");
 }

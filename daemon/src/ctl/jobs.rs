@@ -17,7 +17,7 @@ const SUBMIT_HEADROOM: usize = 1024;
 
 /// The largest input a submit to `pool` with `key` can carry in one frame.
 pub fn max_input_len(pool: &str, key: Option<&str>) -> usize {
-    ipc_proto::MAX_FRAME_LEN - SUBMIT_HEADROOM - pool.len() - key.map_or(0, str::len)
+    ipc_proto::control::MAX_REQUEST_LEN - SUBMIT_HEADROOM - pool.len() - key.map_or(0, str::len)
 }
 
 /// The error for an input over [`max_input_len`] (exit 2); `len` when
@@ -73,6 +73,12 @@ fn read_input(a: &SubmitArgs, max_inline: usize) -> Result<Input, Failure> {
         return read_stream(f, &p.display().to_string(), cannot);
     }
     let buf = a.input.clone().unwrap_or_default().into_bytes();
+    if buf.len() as u64 >= FD_PAYLOAD_MIN {
+        // Too big for a request: it goes as a sealed memfd, like stdin.
+        return read_stream(&buf[..], "--input", |e| {
+            Failure::usage(format!("submit: --input: {e}"))
+        });
+    }
     if buf.len() > max_inline {
         return Err(too_large(
             "submit: --input",

@@ -229,6 +229,17 @@ enum QueryPurpose {
     },
 }
 
+impl QueryPurpose {
+    fn client(&self) -> ClientId {
+        match *self {
+            QueryPurpose::Wait { client, .. }
+            | QueryPurpose::Result { client }
+            | QueryPurpose::Cancel { client, .. }
+            | QueryPurpose::Jobs { client } => client,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Waiter {
     client: ClientId,
@@ -248,6 +259,9 @@ pub(super) struct JobTable {
     queries: HashMap<u64, QueryPurpose>,
     waiters: HashMap<u64, Vec<Waiter>>,
     wait_groups: HashMap<u64, (ClientId, usize)>,
+    /// Per client: store queries in flight and open `wait` groups (see
+    /// [`Supervisor::client_backlog`]).
+    backlog: HashMap<ClientId, usize>,
     next_group: u64,
     running_keys: HashMap<String, u64>,
     /// Entries popped while their key was busy, per key, with their pool.
@@ -575,15 +589,11 @@ impl Supervisor {
         let Some(purpose) = self.jt.queries.remove(&token) else {
             return;
         };
+        self.backlog_sub(purpose.client());
         let result = match result {
             Ok(r) => r,
             Err(e) => {
-                let client = match purpose {
-                    QueryPurpose::Wait { client, .. }
-                    | QueryPurpose::Result { client }
-                    | QueryPurpose::Cancel { client, .. }
-                    | QueryPurpose::Jobs { client } => client,
-                };
+                let client = purpose.client();
                 self.reply(
                     client,
                     Response::Error {
@@ -648,7 +658,25 @@ impl Supervisor {
     }
 
     /// `wait ID…`: a `Job` per id as each finishes, then `End`.
-    pub fn wait_jobs(&mut self, client: ClientId, ids: Vec<u64>) {
+    pub fn wait_jobs(&mut self, client: ClientId, mut ids: Vec<u64>) {
+        // Each job once, however often it is named: the answer per id is
+        // the same, and a long list of one id must not multiply work.
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() > ipc_proto::control::MAX_WAIT_IDS {
+            self.reply(
+                client,
+                Response::Error {
+                    kind: ipc_proto::control::ErrorKind::Invalid,
+                    message: format!(
+                        "wait names {} jobs; at most {} at once: wait for them in batches",
+                        ids.len(),
+                        ipc_proto::control::MAX_WAIT_IDS
+                    ),
+                },
+            );
+            return;
+        }
         if ids.is_empty() {
             self.reply(client, Response::End);
             return;
@@ -656,6 +684,7 @@ impl Supervisor {
         self.jt.next_group += 1;
         let group = self.jt.next_group;
         self.jt.wait_groups.insert(group, (client, ids.len()));
+        *self.jt.backlog.entry(client).or_insert(0) += 1;
         for id in ids {
             if self.jt.jobs.contains_key(&id) {
                 self.jt.waiters.entry(id).or_default().push(Waiter {
@@ -760,6 +789,8 @@ impl Supervisor {
             !ws.is_empty()
         });
         self.jt.wait_groups.retain(|_, (c, _)| *c != client);
+        // Its queries still come back (and are answered to nobody).
+        self.jt.backlog.remove(&client);
     }
 
     /// The worker finished job `id` with `output`.
@@ -1003,6 +1034,7 @@ impl Supervisor {
     fn query(&mut self, query: Query, purpose: QueryPurpose) {
         let token = self.jt.store_seq + 1;
         self.store(Op::Query { token, query });
+        *self.jt.backlog.entry(purpose.client()).or_insert(0) += 1;
         self.jt.queries.insert(token, purpose);
     }
 
@@ -1132,8 +1164,26 @@ impl Supervisor {
         };
         if let Some(client) = done {
             self.jt.wait_groups.remove(&group);
+            self.backlog_sub(client);
             self.reply(client, Response::End);
         }
+    }
+
+    fn backlog_sub(&mut self, client: ClientId) {
+        if let Some(n) = self.jt.backlog.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.jt.backlog.remove(&client);
+            }
+        }
+    }
+
+    /// How many of `client`'s requests the core is still working on: store
+    /// queries in flight and `wait`s not yet ended. The reactor reads no
+    /// further request from a client over its limit, so what one client
+    /// can make the daemon load or hold at once is bounded.
+    pub fn client_backlog(&self, client: ClientId) -> usize {
+        self.jt.backlog.get(&client).copied().unwrap_or(0)
     }
 
     /// The job's document, without its output (replies add it with
