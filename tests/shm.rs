@@ -504,16 +504,6 @@ fn ended_inputs_are_recycled_and_outputs_stay() {
     assert!(r.code == 0 && r.raw == pattern(2 << 20));
 }
 
-/// The daemon's resident set size in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// Queued large jobs cost the daemon no memory for their inputs: once a
 /// submit is acknowledged its input lives only in its payload file, which
 /// is read straight into a worker's arena when the job runs. A payload file

@@ -24,6 +24,14 @@ pub enum ClientError {
     /// The connection broke or the daemon answered nonsense.
     #[error("lost the connection to jobvisord: {0}")]
     Broken(String),
+    /// The daemon refused the connection (e.g. too many connections).
+    #[error("jobvisord refused the connection: {message}")]
+    Refused {
+        /// Why, as a kind (its exit code).
+        kind: ipc_proto::control::ErrorKind,
+        /// The daemon's message.
+        message: String,
+    },
 }
 
 /// A greeted connection to the daemon.
@@ -49,12 +57,21 @@ impl Connection {
             fds: VecDeque::new(),
             daemon_pid: 0,
         };
-        c.send(&Request::Hello {
+        // A daemon over its connection caps answers a refusal and closes
+        // before reading anything, so our Hello may meet a closed socket:
+        // the refusal is read all the same.
+        let sent = c.send(&Request::Hello {
             protocol_version: ipc_proto::PROTOCOL_VERSION,
-        })?;
-        match c.recv()? {
+        });
+        let answer = c.recv();
+        if let (Err(e), Err(_)) = (&sent, &answer) {
+            return Err(ClientError::Broken(e.to_string()));
+        }
+        match answer? {
             Response::Hello { pid, .. } => c.daemon_pid = pid,
-            Response::Error { message, .. } => return Err(ClientError::Broken(message)),
+            Response::Error { kind, message } => {
+                return Err(ClientError::Refused { kind, message })
+            }
             other => {
                 return Err(ClientError::Broken(format!(
                     "unexpected answer to Hello: {other:?}"

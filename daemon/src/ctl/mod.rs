@@ -70,7 +70,9 @@ impl Failure {
         match e {
             // Already says what and why.
             ClientError::Unreachable { .. } => Failure::new(client_exit_code(&e), e.to_string()),
-            ClientError::Broken(_) => Failure::new(client_exit_code(&e), format!("{what}: {e}")),
+            ClientError::Broken(_) | ClientError::Refused { .. } => {
+                Failure::new(client_exit_code(&e), format!("{what}: {e}"))
+            }
         }
     }
 
@@ -100,10 +102,12 @@ impl Failure {
 }
 
 /// Exit code of a connection failure: the daemon is unreachable or went
-/// away, both 3.
+/// away, both 3; a refused connection by the refusal's kind (5 for "too
+/// many connections": retry later).
 pub fn client_exit_code(e: &ClientError) -> u8 {
     match e {
         ClientError::Unreachable { .. } | ClientError::Broken(_) => 3,
+        ClientError::Refused { kind, .. } => kind.exit_code(),
     }
 }
 

@@ -287,8 +287,7 @@ impl Reactor {
             if c.closing {
                 return Ok(());
             }
-            c.paused =
-                c.pending_output() > CLIENT_OUTPUT_HIGH_WATER || backlog >= MAX_OUTSTANDING;
+            c.paused = c.pending_output() > CLIENT_OUTPUT_HIGH_WATER || backlog >= MAX_OUTSTANDING;
             if c.paused {
                 return Ok(());
             }
