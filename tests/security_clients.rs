@@ -339,8 +339,10 @@ fn idle_connections_cannot_starve_respawns() {
     // A killed worker is replaced although the clients hold their share.
     kill(pids[0], nix::sys::signal::Signal::SIGKILL);
     drop(held.pop());
-    let new = d.wait_ready("echo", 2);
-    assert!(!new.contains(&pids[0]));
+    wait_for("the killed worker to be replaced", DEADLINE, || {
+        let new = d.wait_ready("echo", 2);
+        (!new.contains(&pids[0])).then_some(())
+    });
     drop(held);
     assert_eq!(d.pool("echo")["state"], "running");
 }
@@ -502,4 +504,51 @@ fn admin_commands_need_admin_rights() {
     assert_eq!(r.code, 0, "a member of admin_group may: {r:?}");
     d.wait_ready("echo", 3);
     assert_eq!(d.ctl(&["scale", "echo", "2"]).code, 0, "root may");
+}
+
+/// Inputs passed as descriptors are examined off the loop, and the client's
+/// replies keep their order: a small memfd input, an inline one, a
+/// write-only descriptor (refused alone, with a clear error), another
+/// inline one.
+#[test]
+fn descriptor_inputs_keep_reply_order_and_fail_alone() {
+    use daemon::client::Connection;
+    let d = Daemon::start("sec-fdin", &echo_cfg(""));
+    d.wait_ready("echo", 2);
+    let mut c = Connection::connect(&d.socket()).unwrap();
+    let submit = |input: &[u8]| Request::Submit {
+        pool: "echo".into(),
+        input: ipc_proto::Bytes(input.to_vec()),
+        options: Default::default(),
+        wait: false,
+    };
+    let submit_fd = |len: u64| Request::SubmitFd {
+        pool: "echo".into(),
+        len,
+        options: Default::default(),
+        wait: false,
+    };
+    let small = daemon::fdpass::sealed_memfd(c"small", b"from a descriptor").unwrap();
+    let path = d.dir.path().join("wo");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    c.send_with_fd(&submit_fd(17), &small).unwrap();
+    c.send(&submit(b"inline one")).unwrap();
+    c.send_with_fd(&submit_fd(10), &write_only).unwrap();
+    c.send(&submit(b"inline two")).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        match c.recv().unwrap() {
+            Response::Submitted { id } => ids.push(id),
+            Response::Error { message, .. } if i == 2 => {
+                assert!(message.contains("not open for reading"), "{message}");
+                assert!(!message.contains("0123456789"));
+            }
+            other => panic!("reply {i}: {other:?} after {ids:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let r = d.ctl(&["result", &ids[0].to_string()]);
+    assert_eq!(r.stdout, "from a descriptor");
 }

@@ -266,6 +266,9 @@ pub struct Client {
     /// Not read from until its output drains and its outstanding
     /// requests are answered (backpressure).
     pub paused: bool,
+    /// A `SubmitFd`'s descriptor is being examined off the loop: the
+    /// client's next requests wait for it.
+    pub preparing_input: bool,
     /// `paused` as the poll registration last reflected it.
     pub paused_registered: bool,
     /// Who is connected (`SO_PEERCRED` at accept).
@@ -333,6 +336,7 @@ impl Client {
             want_write: false,
             paused: false,
             paused_registered: false,
+            preparing_input: false,
             peer,
             admin,
             eof: false,

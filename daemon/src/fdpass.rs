@@ -123,6 +123,18 @@ pub fn seal(fd: &impl AsFd) -> io::Result<()> {
 /// least `len` bytes. Only regular files and memfds are accepted (a pipe or
 /// a socket could block the reader forever).
 pub fn payload_file(fd: OwnedFd, len: u64, what: &str) -> Result<(std::fs::File, usize), String> {
+    // Open for reading at all? (A write-only or `O_PATH` descriptor would
+    // only fail later, in the store's copy or a worker's arena fill.)
+    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| format!("cannot inspect the {what}'s file descriptor: {e}"))?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+    if flags.contains(nix::fcntl::OFlag::O_PATH)
+        || flags & nix::fcntl::OFlag::O_ACCMODE == nix::fcntl::OFlag::O_WRONLY
+    {
+        return Err(format!(
+            "the {what}'s file descriptor is not open for reading; pass a file opened for reading"
+        ));
+    }
     let file = std::fs::File::from(fd);
     let meta = file
         .metadata()
@@ -219,6 +231,21 @@ mod tests {
         let (r, _w) = nix::unistd::pipe().unwrap();
         let err = payload_file(r, 1, "input").unwrap_err();
         assert!(err.contains("not a regular file"), "{err}");
+        // Write-only and O_PATH descriptors of a regular file.
+        let path = std::env::temp_dir().join(format!("jv-fdpass-{}", std::process::id()));
+        std::fs::write(&path, b"abcd").unwrap();
+        let w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let err = payload_file(w.into(), 4, "input").unwrap_err();
+        assert!(err.contains("not open for reading"), "{err}");
+        let o = nix::fcntl::open(
+            &path,
+            nix::fcntl::OFlag::O_PATH,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let err = payload_file(o, 4, "input").unwrap_err();
+        assert!(err.contains("not open for reading"), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

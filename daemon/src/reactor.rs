@@ -231,6 +231,13 @@ pub struct Reactor {
     /// Greeting deadlines of new connections, in accept order (all the
     /// same length, so the front is the earliest).
     greeting_deadlines: std::collections::VecDeque<(Instant, u64)>,
+    /// Descriptor inputs examined off the loop (see `clients::FdInput`).
+    fd_inputs: (
+        std::sync::mpsc::Sender<clients::FdInput>,
+        std::sync::mpsc::Receiver<clients::FdInput>,
+    ),
+    /// Wakes the loop (from the store, copier and input threads).
+    waker: Arc<mio::Waker>,
     /// The daemon's descriptor limit (`RLIMIT_NOFILE`, raised to its hard
     /// limit at start).
     fd_limit: usize,
@@ -327,6 +334,8 @@ impl Reactor {
             conns_per_uid: HashMap::default(),
             greeting_deadlines: Default::default(),
             fd_limit: raise_fd_limit(),
+            fd_inputs: std::sync::mpsc::channel(),
+            waker,
             procs: HashMap::default(),
             pids: HashMap::default(),
             core,
@@ -506,6 +515,7 @@ impl Reactor {
             TOKEN_WAKE => {
                 self.on_store();
                 self.on_copier();
+                self.on_fd_inputs();
             }
             _ => {
                 let (kind, id) = untoken(tok);

@@ -22,6 +22,7 @@ use ipc_proto::control::{
     Event, JobState, PoolState, PoolStatus, Response, StatusReport, WorkerState, WorkerStatus,
 };
 use ipc_proto::worker::ToWorker;
+pub use jobs::SubmitInput;
 use jobs::{JobTable, PoolJobs};
 use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};

@@ -17,6 +17,31 @@ const FD_RESERVE_PER_WORKER: usize = 16;
 /// queries, `wait` groups) before its further requests wait.
 pub(super) const MAX_OUTSTANDING: usize = 64;
 
+/// A `SubmitFd`'s input, examined off the loop ([`Reactor::submit_fd`]).
+pub(super) struct FdInput {
+    client: u64,
+    pool: String,
+    options: ipc_proto::control::JobOptions,
+    wait: bool,
+    input: Result<crate::supervisor::SubmitInput, String>,
+}
+
+/// Checks a client's input descriptor: a small input is read into memory
+/// (under a mebibyte); a large one is never read: the store copies the file
+/// into the job's payload file in the kernel, and a worker's arena is
+/// filled from it (see `SubmitInput::Source`).
+fn prepare_fd_input(fd: OwnedFd, len: u64) -> Result<crate::supervisor::SubmitInput, String> {
+    if len < crate::store::FILE_PAYLOAD_MIN as u64 {
+        return crate::fdpass::read_payload(fd, len, "input").map(Into::into);
+    }
+    let (file, _) = crate::fdpass::payload_file(fd, len, "input")?;
+    Ok(crate::store::InputSource {
+        file: Arc::new(file),
+        len,
+    }
+    .into())
+}
+
 /// The supplementary groups of the peer of `stream` (`SO_PEERGROUPS`), or
 /// none if the kernel cannot tell.
 fn peer_groups(stream: &mio::net::UnixStream) -> Vec<u32> {
@@ -273,9 +298,9 @@ impl Reactor {
     }
 
     /// Takes requests one at a time while the client is within its limits:
-    /// unsent output under [`CLIENT_OUTPUT_HIGH_WATER`] and fewer than
-    /// [`MAX_OUTSTANDING`] requests the core is still working on. Over
-    /// either, the client is paused: nothing more is read or answered for
+    /// unsent output under [`CLIENT_OUTPUT_HIGH_WATER`], fewer than
+    /// [`MAX_OUTSTANDING`] requests the core is still working on, and no
+    /// descriptor input being read. Otherwise the client is paused: nothing more is read or answered for
     /// it until its replies go out. `Err` ends the connection (with the
     /// protocol error, if that was why).
     fn serve(&mut self, id: u64) -> Result<(), Option<String>> {
@@ -287,7 +312,9 @@ impl Reactor {
             if c.closing {
                 return Ok(());
             }
-            c.paused = c.pending_output() > CLIENT_OUTPUT_HIGH_WATER || backlog >= MAX_OUTSTANDING;
+            c.paused = c.pending_output() > CLIENT_OUTPUT_HIGH_WATER
+                || backlog >= MAX_OUTSTANDING
+                || c.preparing_input;
             if c.paused {
                 return Ok(());
             }
@@ -301,9 +328,11 @@ impl Reactor {
     }
 
     /// A submit whose input came as a descriptor: refused before anything
-    /// is read if it cannot fit. A small input is read and submitted like
-    /// an inline one; a large one stays in its file. Refusals go through
-    /// the core, in order with the client's earlier submits.
+    /// is read if it cannot fit. The descriptor is examined (and a small
+    /// input read) on a thread of its own, never on the loop: it is the
+    /// client's file, which may sit on a slow or hostile filesystem (FUSE,
+    /// NFS) where even an `fstat` can hang. Until that thread answers, the
+    /// client's later requests wait, so replies keep their order.
     fn submit_fd(
         &mut self,
         id: u64,
@@ -313,33 +342,58 @@ impl Reactor {
         wait: bool,
         fd: OwnedFd,
     ) {
-        let now = Instant::now();
         if let Err(e) = self.core.check_input_len(&pool, len) {
             return self.core.refuse_submit(id, e);
         }
-        if len < crate::store::FILE_PAYLOAD_MIN as u64 {
-            // Small: read now (a page-cache read of under a mebibyte).
-            return match crate::fdpass::read_payload(fd, len, "input") {
-                Ok(input) => self.core.submit(id, &pool, input, options, wait, now),
+        let tx = self.fd_inputs.0.clone();
+        let waker = Arc::clone(&self.waker);
+        let spawned = std::thread::Builder::new()
+            .name("jobvisor-input".into())
+            .spawn(move || {
+                let input = prepare_fd_input(fd, len);
+                let _ = tx.send(FdInput {
+                    client: id,
+                    pool,
+                    options,
+                    wait,
+                    input,
+                });
+                let _ = waker.wake();
+            });
+        match spawned {
+            Ok(_) => {
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.preparing_input = true;
+                }
+            }
+            Err(e) => self.core.refuse_submit(
+                id,
+                CtlError::Rejected(format!(
+                    "submit: cannot start a thread to read the input ({e}); retry later"
+                )),
+            ),
+        }
+    }
+
+    /// Descriptor inputs examined off the loop: submitted now (or refused),
+    /// and their clients served again.
+    pub(super) fn on_fd_inputs(&mut self) {
+        while let Ok(r) = self.fd_inputs.1.try_recv() {
+            let Some(c) = self.clients.get_mut(&r.client) else {
+                continue; // gone before its submit was acknowledged
+            };
+            c.preparing_input = false;
+            let now = Instant::now();
+            match r.input {
+                Ok(input) => self
+                    .core
+                    .submit(r.client, &r.pool, input, r.options, r.wait, now),
                 Err(e) => self
                     .core
-                    .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
-            };
-        }
-        // Large: never read into memory. The store copies the file into the
-        // job's payload file in the kernel, and a worker's arena is filled
-        // from it (see `SubmitInput::Source`).
-        match crate::fdpass::payload_file(fd, len, "input") {
-            Ok((file, _)) => {
-                let source = crate::store::InputSource {
-                    file: Arc::new(file),
-                    len,
-                };
-                self.core.submit(id, &pool, source, options, wait, now)
+                    .refuse_submit(r.client, CtlError::Invalid(format!("submit: {e}"))),
             }
-            Err(e) => self
-                .core
-                .refuse_submit(id, CtlError::Invalid(format!("submit: {e}"))),
+            self.run_actions();
+            self.on_client(r.client, false, false);
         }
     }
 
