@@ -552,3 +552,97 @@ fn descriptor_inputs_keep_reply_order_and_fail_alone() {
     let r = d.ctl(&["result", &ids[0].to_string()]);
     assert_eq!(r.stdout, "from a descriptor");
 }
+
+/// Jobs belong to their submitter: another user can neither see, wait on,
+/// cancel nor list them, nor hear their events (all answered as for an
+/// unknown job); admins see everyone's.
+#[test]
+fn users_see_and_control_only_their_own_jobs() {
+    if !need_root("users_see_and_control_only_their_own_jobs") {
+        return;
+    }
+    let admins = TestGroup::create();
+    let alice = TestUser::create();
+    let bob = TestUser::create();
+    let operator = TestUser::create_in(&[&admins]);
+    let cfg = format!(
+        "{}[pools.slow]\ncommand = [{}, \"exec\", \"--\", \"sleep\", \"30\"]\nworkers = 1\nstop_timeout = \"100ms\"\n",
+        echo_cfg(&format!(
+            "socket_mode = \"0666\"\nadmin_group = \"{}\"\n",
+            admins.name
+        )),
+        worker_bin()
+    );
+    let d = Daemon::start("sec-owner", &cfg);
+    d.wait_ready("echo", 2);
+    let s = d.socket();
+    // Bob listens to events from the start.
+    let mut events = bob
+        .command(bin("jobvisorctl"))
+        .args(["--socket", s.to_str().unwrap(), "--json", "events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events");
+    let r = alice.ctl(&s, &["submit", "echo", "--input", "alice's secret"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let a: u64 = r.stdout.trim().parse().unwrap();
+    assert_eq!(alice.ctl(&s, &["wait", &a.to_string()]).code, 0);
+    let r = alice.ctl(&s, &["result", &a.to_string()]);
+    assert_eq!(r.stdout, "alice's secret");
+    for args in [
+        &["result", &a.to_string()][..],
+        &["wait", &a.to_string()],
+        &["cancel", &a.to_string()],
+    ] {
+        let r = bob.ctl(&s, args);
+        assert_eq!(r.code, 4, "bob {args:?}: {r:?}");
+        assert!(!r.stdout.contains("secret") && !r.stderr.contains("secret"));
+        assert!(
+            r.stderr.contains(&format!("no job {a}")) || r.stderr.contains("no such job"),
+            "{r:?}"
+        );
+    }
+    let r = bob.ctl(&s, &["--json", "jobs"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stdout.contains(&format!("\"id\":{a},")), "{r:?}");
+    // Alice's running and queued jobs (in the daemon's memory, not yet
+    // read back from the store) are as invisible.
+    let running = alice.ctl(&s, &["submit", "slow", "--input", "1"]);
+    let queued = alice.ctl(&s, &["submit", "slow", "--input", "2"]);
+    for r in [&running, &queued] {
+        assert_eq!(r.code, 0, "{r:?}");
+        let id = r.stdout.trim();
+        for args in [&["result", id][..], &["cancel", id], &["wait", id]] {
+            let r = bob.ctl(&s, args);
+            assert_eq!(r.code, 4, "bob {args:?}: {r:?}");
+        }
+        assert_eq!(d.ctl(&["cancel", id]).code, 0, "root may cancel it");
+    }
+    // Bob's own job: his events show it, and none of alice's.
+    let r = bob.ctl(&s, &["submit", "echo", "--input", "bob's", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let b = d.submit_id(&["echo", "--input", "root's"]);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(events.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    let bob_job = wait_for("bob's job_finished event", DEADLINE, || {
+        let l = lines.next()?.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&l).ok()?;
+        seen.push(v.clone());
+        (v["event"] == "job_finished").then_some(v["job"].as_u64())
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(bob_job.is_some_and(|j| j != a && j != b), "{seen:?}");
+    for v in &seen {
+        assert!(
+            v["job"].as_u64() != Some(a) && v["job"].as_u64() != Some(b),
+            "bob heard of another user's job: {v}"
+        );
+    }
+    // Root and admin_group see alice's job.
+    assert_eq!(d.ctl(&["result", &a.to_string()]).stdout, "alice's secret");
+    let r = operator.ctl(&s, &["result", &a.to_string()]);
+    assert_eq!(r.stdout, "alice's secret", "{r:?}");
+    let r = operator.ctl(&s, &["--json", "jobs"]);
+    assert!(r.stdout.contains(&format!("\"id\":{a}")), "{r:?}");
+}

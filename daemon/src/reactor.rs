@@ -715,10 +715,17 @@ impl Reactor {
                     doc,
                     output,
                 } => self.reply_job(client, doc, output),
-                Action::Event(ev) => {
+                Action::Event(ev, owner) => {
                     let resp = Response::Event(ev);
                     let subs: Vec<u64> = self.subscribers.iter().copied().collect();
                     for id in subs {
+                        let sees = self
+                            .clients
+                            .get(&id)
+                            .is_some_and(|c| owner.is_none_or(|o| c.admin || c.peer.uid == o));
+                        if !sees {
+                            continue;
+                        }
                         let behind = self
                             .clients
                             .get(&id)

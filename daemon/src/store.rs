@@ -184,6 +184,9 @@ pub struct NewJob {
     pub input_source: Option<InputSource>,
     /// Submission time, ms since the Unix epoch.
     pub created_ms: u64,
+    /// Uid of the client that submitted it (jobs stored before version 3
+    /// of the schema are root's).
+    pub owner: u32,
 }
 
 impl NewJob {
@@ -294,6 +297,11 @@ pub enum Query {
     Job {
         /// The job.
         id: u64,
+        /// Only if it belongs to this uid (`None`: whoever's it is).
+        owner: Option<u32>,
+        /// Load its output (else the document comes without, and no
+        /// payload file is looked at: what `wait` needs).
+        output: bool,
     },
     /// Jobs, newest first, without output.
     List {
@@ -303,6 +311,8 @@ pub enum Query {
         state: Option<JobState>,
         /// At most this many (`u32::MAX` for all).
         limit: u32,
+        /// Only jobs of this uid (`None`: everyone's).
+        owner: Option<u32>,
     },
 }
 

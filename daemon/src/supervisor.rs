@@ -22,8 +22,8 @@ use ipc_proto::control::{
     Event, JobState, PoolState, PoolStatus, Response, StatusReport, WorkerState, WorkerStatus,
 };
 use ipc_proto::worker::ToWorker;
-pub use jobs::SubmitInput;
 use jobs::{JobTable, PoolJobs};
+pub use jobs::{SubmitInput, Viewer};
 use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -106,8 +106,9 @@ pub enum Action {
         /// The output.
         output: JobOutput,
     },
-    /// Broadcast an event to `events` subscribers.
-    Event(Event),
+    /// An event for `events` subscribers; the job's owner, for a job event
+    /// (only it and admins hear of it).
+    Event(Event, Option<u32>),
     /// Copy `data` into `proc`'s shared-memory arena at `offset` (an input
     /// slot the core allocated), before the `Send` that refers to it.
     WriteArena {

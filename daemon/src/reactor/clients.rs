@@ -154,6 +154,13 @@ impl Reactor {
             return;
         }
         *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
+        self.core.set_viewer(
+            id,
+            crate::supervisor::Viewer {
+                uid: peer.uid,
+                admin,
+            },
+        );
         self.clients.insert(id, Client::new(stream, peer, admin));
         self.greeting_deadlines
             .push_back((Instant::now() + control::GREETING_TIMEOUT, id));

@@ -3,7 +3,8 @@
 //! pruning statements. The payload files' I/O is in `files.rs`; this module
 //! checks them (there, with the recorded length) where a row says so.
 //!
-//! Schema version 2. Where a payload lives:
+//! Schema version 3 (version 3 added `owner`, the submitter's uid, for
+//! authorization). Where a payload lives:
 //! - Inputs up to [`INLINE_INPUT_MAX`] bytes: the `jobs.input` column.
 //! - Larger inputs: `job_inputs`. SQLite rewrites a whole row on every
 //!   update, and a job is updated several times, so a large input stored
@@ -54,7 +55,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 /// `PRAGMA application_id` of a jobvisor store: "JVST".
 pub(super) const APPLICATION_ID: i64 = 0x4A56_5354;
 /// Page size of a new store.
@@ -81,6 +82,7 @@ CREATE TABLE jobs (
     attempts        TEXT    NOT NULL,
     input_file_len  INTEGER,
     output_file_len INTEGER,
+    owner           INTEGER NOT NULL DEFAULT 0,
     output          BLOB,
     input           BLOB
 );
@@ -97,6 +99,15 @@ INSERT INTO meta VALUES ('max_id', 0);
 
 /// Proves the tables have the columns this build uses.
 const CHECK_COLUMNS: &str = "
+SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
+       finished_ms, error, attempts, input_file_len, output_file_len, owner, output, input
+       FROM jobs LIMIT 0;
+SELECT id, input FROM job_inputs LIMIT 0;
+SELECT value FROM meta WHERE key = 'max_id';
+";
+
+/// Proves a version 2 store has the columns the migration expects.
+const CHECK_COLUMNS_V2: &str = "
 SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
        finished_ms, error, attempts, input_file_len, output_file_len, output, input
        FROM jobs LIMIT 0;
@@ -120,11 +131,18 @@ ALTER TABLE jobs ADD COLUMN output_file_len INTEGER;
 PRAGMA user_version = 2;
 ";
 
+/// Version 2 to 3: jobs have an owner (the submitter's uid). Existing rows
+/// become root's: only admins see them.
+const MIGRATE_V2_V3: &str = "
+ALTER TABLE jobs ADD COLUMN owner INTEGER NOT NULL DEFAULT 0;
+PRAGMA user_version = 3;
+";
+
 pub(super) const INSERT_JOB: &str =
     "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
      timeout_ms, created_ms, finished_ms, error, attempts, input_file_len, \
-     output_file_len, output, input) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+     output_file_len, output, input, owner) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
@@ -144,30 +162,41 @@ macro_rules! select_doc {
         )
     };
 }
+// `?4`, the owner filter, is NULL for an admin (every job) and a uid
+// otherwise; every listing binds it.
 pub(super) const SELECT_JOB: &str =
-    select_doc!(", output, output_file_len FROM jobs WHERE id = ?1");
-pub(super) const LIST_ALL: &str = select_doc!(" FROM jobs ORDER BY id DESC LIMIT ?1");
-pub(super) const LIST_POOL: &str =
-    select_doc!(" FROM jobs WHERE pool = ?2 ORDER BY id DESC LIMIT ?1");
+    select_doc!(", output, output_file_len FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
+/// A job without its output (for `wait`): no blob read, no file checked.
+pub(super) const SELECT_JOB_META: &str =
+    select_doc!(", NULL, NULL FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
+pub(super) const LIST_ALL: &str =
+    select_doc!(" FROM jobs WHERE (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1");
+pub(super) const LIST_POOL: &str = select_doc!(
+    " FROM jobs WHERE pool = ?2 AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+);
 // `state < 2` is what lets SQLite use the partial index `jobs_active`;
 // `INDEXED BY` makes it use it (or fail at prepare time, caught by a test),
 // rather than walk the whole table to avoid a sort.
 pub(super) const LIST_ACTIVE: &str = select_doc!(
-    " FROM jobs INDEXED BY jobs_active WHERE state = ?3 AND state < 2 ORDER BY id DESC LIMIT ?1"
+    " FROM jobs INDEXED BY jobs_active WHERE state = ?3 AND state < 2 \
+     AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
 );
 pub(super) const LIST_POOL_ACTIVE: &str = select_doc!(
     " FROM jobs INDEXED BY jobs_active WHERE pool = ?2 AND state = ?3 AND state < 2 \
+     AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+);
+pub(super) const LIST_FINISHED: &str = select_doc!(
+    " FROM jobs WHERE state = ?3 AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+);
+pub(super) const LIST_POOL_FINISHED: &str = select_doc!(
+    " FROM jobs WHERE pool = ?2 AND state = ?3 AND (?4 IS NULL OR owner = ?4) \
      ORDER BY id DESC LIMIT ?1"
 );
-pub(super) const LIST_FINISHED: &str =
-    select_doc!(" FROM jobs WHERE state = ?3 ORDER BY id DESC LIMIT ?1");
-pub(super) const LIST_POOL_FINISHED: &str =
-    select_doc!(" FROM jobs WHERE pool = ?2 AND state = ?3 ORDER BY id DESC LIMIT ?1");
 /// Jobs to requeue at startup.
 pub(super) const SELECT_ACTIVE: &str =
     "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, \
      created_ms, attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)), \
-     input_file_len FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
+     input_file_len, owner FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
 /// Which payload files a row references.
 pub(super) const SELECT_FILES: &str =
     "SELECT input_file_len, output_file_len FROM jobs WHERE id = ?1";
@@ -355,11 +384,16 @@ impl Db {
             if version < 1 {
                 return Err(self.not_a_store(format!("unknown schema version {version}")));
             }
-            if version == 1 {
-                // Checked before anything is written (the migration comes
-                // once the connection is configured).
-                if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS_V1) {
-                    return Err(self.not_a_store(format!("schema version 1 but {e}")));
+            // Checked before anything is written (the migrations come once
+            // the connection is configured).
+            let check = match version {
+                1 => Some(CHECK_COLUMNS_V1),
+                2 => Some(CHECK_COLUMNS_V2),
+                _ => None,
+            };
+            if let Some(check) = check {
+                if let Err(e) = self.conn.execute_batch(check) {
+                    return Err(self.not_a_store(format!("schema version {version} but {e}")));
                 }
             }
         }
@@ -412,7 +446,10 @@ impl Db {
                 .map_err(|e| sqlite_error(&self.path, "cannot create the schema", e))?;
         } else {
             if version == 1 {
-                self.migrate_v1()?;
+                self.migrate(MIGRATE_V1_V2, "cannot migrate the schema to version 2")?;
+            }
+            if version <= 2 {
+                self.migrate(MIGRATE_V2_V3, "cannot migrate the schema to version 3")?;
             }
             if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS) {
                 return Err(self.not_a_store(format!("schema version {version} but {e}")));
@@ -435,15 +472,16 @@ impl Db {
         Ok(())
     }
 
-    /// Migrates a version 1 store in place, in one transaction: a crash
-    /// leaves it at version 1, to be migrated at the next start.
-    fn migrate_v1(&mut self) -> Result<(), StoreError> {
-        let fail = |e| sqlite_error(&self.path, "cannot migrate the schema to version 2", e);
+    /// Migrates the store one version up in place, in one transaction: a
+    /// crash leaves it at the version before, to be migrated at the next
+    /// start.
+    fn migrate(&mut self, sql: &str, what: &'static str) -> Result<(), StoreError> {
+        let fail = |e| sqlite_error(&self.path, what, e);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
-        tx.execute_batch(MIGRATE_V1_V2)
+        tx.execute_batch(sql)
             .and_then(|()| tx.commit())
             .map_err(fail)
     }
@@ -569,6 +607,7 @@ impl Db {
                     input,
                     input_source: None,
                     created_ms: from_sql_u64(row.get(7).map_err(fail)?),
+                    owner: row.get(11).map_err(fail)?,
                 };
                 let mut attempts = attempts;
                 if state == JobState::Running {
@@ -784,6 +823,7 @@ impl Db {
                     output_file_len,
                     output,
                     inline,
+                    job.owner,
                 ])?;
                 if let Some(input) = input.filter(|_| inline.is_none()) {
                     insert_input.execute(params![to_sql_u64(job.id), input])?;
@@ -830,10 +870,11 @@ impl Db {
     pub fn query(&self, query: &Query) -> Result<QueryResult, String> {
         let run = || -> rusqlite::Result<Result<QueryResult, String>> {
             match query {
-                Query::Job { id } => {
-                    let mut stmt = self.conn.prepare_cached(SELECT_JOB)?;
+                Query::Job { id, owner, output } => {
+                    let sql = if *output { SELECT_JOB } else { SELECT_JOB_META };
+                    let mut stmt = self.conn.prepare_cached(sql)?;
                     let found = stmt
-                        .query_row([to_sql_u64(*id)], |row| {
+                        .query_row(params![to_sql_u64(*id), owner], |row| {
                             Ok((doc_from_row(row, true), row.get::<_, Option<i64>>(10)?))
                         })
                         .optional()?;
@@ -853,7 +894,12 @@ impl Db {
                         Some((Ok(doc), None)) => Ok(QueryResult::Job(Some(doc))),
                     })
                 }
-                Query::List { pool, state, limit } => {
+                Query::List {
+                    pool,
+                    state,
+                    limit,
+                    owner,
+                } => {
                     let sql = match (pool, state.map(JobState::is_terminal)) {
                         (None, None) => LIST_ALL,
                         (Some(_), None) => LIST_POOL,
@@ -870,6 +916,7 @@ impl Db {
                     if let Some(state) = state {
                         stmt.raw_bind_parameter(3, state_code(*state))?;
                     }
+                    stmt.raw_bind_parameter(4, owner)?;
                     let mut rows = stmt.raw_query();
                     let mut docs = Vec::new();
                     while let Some(row) = rows.next()? {

@@ -132,7 +132,11 @@ impl Harness {
     }
 
     fn job(&mut self, id: u64) -> Option<JobDoc> {
-        match self.query(Query::Job { id }) {
+        match self.query(Query::Job {
+            id,
+            owner: None,
+            output: true,
+        }) {
             QueryResult::Job(doc) => doc,
             // What the daemon hands the client: the file's contents.
             QueryResult::JobWithOutputFile(mut doc, len) => {
@@ -152,6 +156,7 @@ impl Harness {
             pool: pool.map(str::to_string),
             state,
             limit,
+            owner: None,
         };
         match self.query(query) {
             QueryResult::List(docs) => {
@@ -211,6 +216,7 @@ fn new_job(id: u64, pool: &str) -> NewJob {
         input: format!("input {id}").into_bytes().into(),
         input_source: None,
         created_ms: 1_700_000_000_000 + id,
+        owner: 1000,
     }
 }
 
@@ -413,7 +419,11 @@ fn queries_see_every_earlier_op() {
     h.submit(Op::Insert(new_job(1, "p")));
     h.submit(Op::Query {
         token: 7,
-        query: Query::Job { id: 1 },
+        query: Query::Job {
+            id: 1,
+            owner: None,
+            output: true,
+        },
     });
     h.submit(Op::Insert(new_job(2, "p")));
     h.submit(Op::Query {
@@ -422,6 +432,7 @@ fn queries_see_every_earlier_op() {
             pool: None,
             state: None,
             limit: 10,
+            owner: None,
         },
     });
     drop(release);
@@ -655,7 +666,11 @@ fn a_dead_store_thread_fails_every_pending_op() {
     h.submit(Op::Insert(new_job(2, "p")));
     h.submit(Op::Query {
         token: 9,
-        query: Query::Job { id: 1 },
+        query: Query::Job {
+            id: 1,
+            owner: None,
+            output: true,
+        },
     });
     match h.next() {
         Completion::Failed {
@@ -1224,7 +1239,11 @@ fn payloads_round_trip_bit_exact_at_every_size() {
         // A large output stays out of SQLite: the query vouches for its
         // file instead of carrying it.
         for id in [updated, folded] {
-            let from_file = match h.query(Query::Job { id }) {
+            let from_file = match h.query(Query::Job {
+                id,
+                owner: None,
+                output: true,
+            }) {
                 QueryResult::JobWithOutputFile(_, len) => {
                     assert_eq!(len, size as u64, "job {id}'s output length");
                     true
@@ -1309,7 +1328,11 @@ fn a_large_payload_gets_a_batch_of_its_own() {
     h.submit(Op::Insert(new_job(3, "p")));
     h.submit(Op::Query {
         token: 5,
-        query: Query::Job { id: 2 },
+        query: Query::Job {
+            id: 2,
+            owner: None,
+            output: true,
+        },
     });
     drop(release);
     assert_eq!(h.next(), Completion::Durable { upto: 1 });
@@ -1795,7 +1818,12 @@ fn a_version_1_store_is_migrated_in_place() {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
+        // Jobs from before owners are root's (only admins see them).
+        let owner: i64 = conn
+            .query_row("SELECT owner FROM jobs WHERE id = 3", [], |r| r.get(0))
+            .expect("owner");
+        assert_eq!(owner, 0);
         let app: i64 = conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
             .expect("application_id");
@@ -1810,7 +1838,7 @@ fn a_version_1_store_is_migrated_in_place() {
         // Ended: its input file is dropped.
         assert_eq!(lens, (None, Some(big.len() as i64)));
     }
-    // Opened again as version 2: nothing left to migrate.
+    // Opened again as version 3: nothing left to migrate.
     let (mut h, rec) = Harness::open(dir.path());
     assert_eq!(ids(&rec), vec![1, 2, 4, 9]);
     assert!(*input_of(&dir, &rec.jobs[3]) == *big);
@@ -2279,5 +2307,47 @@ fn a_job_recovered_dead_drops_its_input_file() {
         spares.list().iter().any(|(p, _)| inode(p) == ino),
         "recycled"
     );
+    h.close();
+}
+
+/// Queries filter by owner: another uid's job is not found and not listed;
+/// no filter sees everyone's; the owner survives recovery.
+#[test]
+fn queries_filter_by_owner() {
+    let dir = TempDir::new("owner");
+    let (mut h, _) = Harness::open(dir.path());
+    h.submit(Op::Insert(new_job(1, "p")));
+    let seq = h.submit(Op::Insert(NewJob {
+        owner: 2000,
+        ..new_job(2, "p")
+    }));
+    h.wait_durable(seq);
+    let find = |h: &mut Harness, id: u64, owner: Option<u32>, output: bool| match h
+        .query(Query::Job { id, owner, output })
+    {
+        QueryResult::Job(doc) => doc.map(|d| d.id),
+        r => panic!("unexpected {r:?}"),
+    };
+    assert_eq!(find(&mut h, 1, Some(1000), true), Some(1));
+    assert_eq!(find(&mut h, 1, Some(2000), true), None);
+    assert_eq!(find(&mut h, 2, Some(2000), false), Some(2));
+    assert_eq!(find(&mut h, 2, None, false), Some(2));
+    let list = |h: &mut Harness, owner: Option<u32>| match h.query(Query::List {
+        pool: None,
+        state: Some(JobState::Queued),
+        limit: 10,
+        owner,
+    }) {
+        QueryResult::List(docs) => docs.iter().map(|d| d.id).collect::<Vec<_>>(),
+        r => panic!("unexpected {r:?}"),
+    };
+    assert_eq!(list(&mut h, Some(1000)), vec![1]);
+    assert_eq!(list(&mut h, Some(2000)), vec![2]);
+    assert_eq!(list(&mut h, Some(3000)), Vec::<u64>::new());
+    assert_eq!(list(&mut h, None), vec![2, 1]);
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    let owners: Vec<(u64, u32)> = rec.jobs.iter().map(|r| (r.job.id, r.job.owner)).collect();
+    assert_eq!(owners, vec![(1, 1000), (2, 2000)]);
     h.close();
 }

@@ -86,6 +86,9 @@ struct Final {
 #[derive(Debug)]
 struct Job {
     id: u64,
+    /// Uid of the client that submitted it: only it (and admins) may see,
+    /// wait on or cancel it.
+    owner: u32,
     pool: String,
     priority: i32,
     key: Option<String>,
@@ -229,6 +232,35 @@ enum QueryPurpose {
     },
 }
 
+/// Who a control client is, for authorization: its uid (from
+/// `SO_PEERCRED`) and whether it may see and control every user's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewer {
+    /// The client's uid.
+    pub uid: u32,
+    /// Root, the daemon's uid or a member of `admin_group`.
+    pub admin: bool,
+}
+
+impl Viewer {
+    /// What a client the core was not told about counts as: root (the
+    /// core's own tests and internal callers).
+    pub const ROOT: Viewer = Viewer {
+        uid: 0,
+        admin: true,
+    };
+
+    /// May this viewer see a job of `owner`'s?
+    pub fn sees(&self, owner: u32) -> bool {
+        self.admin || self.uid == owner
+    }
+
+    /// The owner filter of a store query for this viewer.
+    pub fn filter(&self) -> Option<u32> {
+        (!self.admin).then_some(self.uid)
+    }
+}
+
 impl QueryPurpose {
     fn client(&self) -> ClientId {
         match *self {
@@ -262,6 +294,8 @@ pub(super) struct JobTable {
     /// Per client: store queries in flight and open `wait` groups (see
     /// [`Supervisor::client_backlog`]).
     backlog: HashMap<ClientId, usize>,
+    /// Who each connected client is ([`Supervisor::set_viewer`]).
+    viewers: HashMap<ClientId, Viewer>,
     next_group: u64,
     running_keys: HashMap<String, u64>,
     /// Entries popped while their key was busy, per key, with their pool.
@@ -303,6 +337,7 @@ impl Supervisor {
             };
             let job = Job {
                 id: j.id,
+                owner: j.owner,
                 pool: j.pool.clone(),
                 priority: j.priority,
                 key: j.key,
@@ -465,6 +500,7 @@ impl Supervisor {
         let id = self.jt.next_id.max(1);
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
+        let owner = self.viewer(client).uid;
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -475,6 +511,7 @@ impl Supervisor {
             input: input.clone(),
             input_source: source.clone(),
             created_ms,
+            owner,
         });
         let seq = self.store(op);
         self.jt
@@ -484,6 +521,7 @@ impl Supervisor {
             id,
             Job {
                 id,
+                owner,
                 pool: pool_name.to_string(),
                 priority: options.priority,
                 key: options.key,
@@ -685,22 +723,31 @@ impl Supervisor {
         let group = self.jt.next_group;
         self.jt.wait_groups.insert(group, (client, ids.len()));
         *self.jt.backlog.entry(client).or_insert(0) += 1;
+        let viewer = self.viewer(client);
         for id in ids {
-            if self.jt.jobs.contains_key(&id) {
+            // Another user's job is answered like an unknown one (by the
+            // store, with the owner filter): nothing says it exists.
+            if self.jt.jobs.get(&id).is_some_and(|j| viewer.sees(j.owner)) {
                 self.jt.waiters.entry(id).or_default().push(Waiter {
                     client,
                     with_output: false,
                     group: Some(group),
                 });
             } else {
-                self.query(Query::Job { id }, QueryPurpose::Wait { client, group, id });
+                let query = Query::Job {
+                    id,
+                    owner: viewer.filter(),
+                    output: false,
+                };
+                self.query(query, QueryPurpose::Wait { client, group, id });
             }
         }
     }
 
     /// `result ID`: the job's current document, output included.
     pub fn result(&mut self, client: ClientId, id: u64) {
-        if let Some(job) = self.jt.jobs.get(&id) {
+        let viewer = self.viewer(client);
+        if let Some(job) = self.jt.jobs.get(&id).filter(|j| viewer.sees(j.owner)) {
             let output = match &job.phase {
                 JobPhase::Finishing(f) => f.output.clone(),
                 _ => None,
@@ -708,7 +755,12 @@ impl Supervisor {
             let doc = self.doc(job);
             return self.reply_doc(client, doc, output);
         }
-        self.query(Query::Job { id }, QueryPurpose::Result { client });
+        let query = Query::Job {
+            id,
+            owner: viewer.filter(),
+            output: true,
+        };
+        self.query(query, QueryPurpose::Result { client });
     }
 
     /// `jobs`: newest first, from the store (which has seen every earlier op).
@@ -719,16 +771,28 @@ impl Supervisor {
         state: Option<JobState>,
         limit: u32,
     ) {
+        let owner = self.viewer(client).filter();
         self.query(
-            Query::List { pool, state, limit },
+            Query::List {
+                pool,
+                state,
+                limit,
+                owner,
+            },
             QueryPurpose::Jobs { client },
         );
     }
 
     /// `cancel ID`.
     pub fn cancel(&mut self, client: ClientId, id: u64, now: Instant) {
-        let Some(job) = self.jt.jobs.get_mut(&id) else {
-            self.query(Query::Job { id }, QueryPurpose::Cancel { client, id });
+        let viewer = self.viewer(client);
+        let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| viewer.sees(j.owner)) else {
+            let query = Query::Job {
+                id,
+                owner: viewer.filter(),
+                output: false,
+            };
+            self.query(query, QueryPurpose::Cancel { client, id });
             return;
         };
         let msg = match &job.phase {
@@ -782,8 +846,24 @@ impl Supervisor {
         self.reply(client, resp);
     }
 
+    /// Who `client` is: its jobs are its uid's, and it sees only those
+    /// unless it is an admin. A client the core was not told about counts
+    /// as root.
+    pub fn set_viewer(&mut self, client: ClientId, viewer: Viewer) {
+        self.jt.viewers.insert(client, viewer);
+    }
+
+    fn viewer(&self, client: ClientId) -> Viewer {
+        self.jt
+            .viewers
+            .get(&client)
+            .copied()
+            .unwrap_or(Viewer::ROOT)
+    }
+
     /// A client disconnected: forget its waiters.
     pub fn on_client_gone(&mut self, client: ClientId) {
+        self.jt.viewers.remove(&client);
         self.jt.waiters.retain(|_, ws| {
             ws.retain(|w| w.client != client);
             !ws.is_empty()
@@ -1086,7 +1166,9 @@ impl Supervisor {
             state: job.map(|j| j.1),
             detail,
         };
-        self.actions.push_back(Action::Event(ev));
+        // Job events go only to the job's owner (and admins).
+        let owner = job.map(|(id, _)| self.jt.jobs.get(&id).map_or(0, |j| j.owner));
+        self.actions.push_back(Action::Event(ev, owner));
     }
 
     fn enqueue_entry(&mut self, pool: &str, entry: QEntry) {

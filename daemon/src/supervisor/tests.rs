@@ -941,6 +941,7 @@ mod jobs {
                     input: input.into(),
                     input_source: None,
                     created_ms: 1,
+                    owner: 0,
                 },
                 attempts: Vec::new(),
                 input_file,
