@@ -245,9 +245,17 @@ impl Reactor {
         }
     }
 
-    /// The earliest greeting deadline, for the poll timeout.
-    pub(super) fn greeting_deadline(&self) -> Option<Instant> {
-        self.greeting_deadlines.front().map(|(at, _)| *at)
+    /// The earliest greeting deadline of a connection still waiting for its
+    /// `Hello`, for the poll timeout. Entries of connections that greeted
+    /// or left go first, so they cost no wakeup.
+    pub(super) fn greeting_deadline(&mut self) -> Option<Instant> {
+        while let Some(&(at, id)) = self.greeting_deadlines.front() {
+            if self.clients.get(&id).is_some_and(|c| !c.greeted) {
+                return Some(at);
+            }
+            self.greeting_deadlines.pop_front();
+        }
+        None
     }
 
     /// A client's socket is ready, or it has replies queued, or it was
