@@ -646,3 +646,63 @@ fn users_see_and_control_only_their_own_jobs() {
     let r = operator.ctl(&s, &["--json", "jobs"]);
     assert!(r.stdout.contains(&format!("\"id\":{a}")), "{r:?}");
 }
+
+/// 300 queued inputs of just under 1 MiB each (300 MiB) do not all live in
+/// the daemon's memory, before or after a `kill -9` and restart: past a
+/// budget they are kept in payload files, and every job still runs with its
+/// own input.
+#[test]
+fn queued_inputs_under_a_mebibyte_do_not_fill_memory() {
+    use daemon::client::Connection;
+    // The pool's workers never become ready, so every job stays queued
+    // until a reload gives it real ones.
+    let cfg = |cmd: &str| {
+        format!(
+            "{}[pools.echo]\ncommand = [{cmd}]\nworkers = 1\nshm_size = \"8MiB\"\nstart_timeout = \"10m\"\n",
+            daemon_section()
+        )
+    };
+    let mut d = Daemon::start("sec-spill", &cfg("\"sleep\", \"600\""));
+    let n = 300;
+    let len = (1 << 20) - 64;
+    let input = |i: usize| {
+        let mut v = pattern(len);
+        v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        v
+    };
+    let mut c = Connection::connect(&d.socket()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        c.send(&Request::Submit {
+            pool: "echo".into(),
+            input: ipc_proto::Bytes(input(i)),
+            options: Default::default(),
+            wait: false,
+        })
+        .unwrap();
+        match c.recv().unwrap() {
+            Response::Submitted { id } => ids.push(id),
+            other => panic!("submit {i}: {other:?}"),
+        }
+    }
+    drop(c);
+    assert_rss_bounded(&d, "300 queued inputs of 1 MiB");
+    // Again after a restart: recovery does not load them either.
+    kill(d.pid(), nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit(DEADLINE);
+    d.spawn();
+    assert_eq!(d.pool("echo")["queued"], n, "every job recovered");
+    assert_rss_bounded(&d, "300 recovered inputs of 1 MiB");
+    // Let them run: each comes back with its own input.
+    d.write_config(&cfg(&format!("{}, \"echo\"", worker_bin())));
+    assert_eq!(d.ctl(&["reload"]).code, 0);
+    for (i, id) in ids.iter().enumerate() {
+        let w = d.ctl(&["wait", &id.to_string()]);
+        assert_eq!(w.code, 0, "job {id}: {w:?}");
+        if i % 37 == 0 || i == n - 1 {
+            let r = d.ctl(&["result", &id.to_string()]);
+            assert!(r.raw == input(i), "job {id}'s output is not its input");
+        }
+    }
+    assert_rss_bounded(&d, "after the 300 jobs ran");
+}

@@ -187,9 +187,18 @@ pub struct NewJob {
     /// Uid of the client that submitted it (jobs stored before version 3
     /// of the schema are root's).
     pub owner: u32,
+    /// Keep the input in a payload file although it is smaller than
+    /// [`FILE_PAYLOAD_MIN`]: the daemon holds too much queued input in
+    /// memory already, so this one leaves memory once stored.
+    pub spill: bool,
 }
 
 impl NewJob {
+    /// Whether the input is stored as a payload file (large, or spilled).
+    pub fn input_in_file(&self) -> bool {
+        self.spill || self.input_len() >= FILE_PAYLOAD_MIN as u64
+    }
+
     /// Bytes of input, in memory or in its source file.
     pub fn input_len(&self) -> u64 {
         match &self.input_source {

@@ -577,7 +577,7 @@ impl Committer {
                 .as_ref()
                 .is_some_and(|u| u.output_file_len.is_some());
             // A job inserted already ended keeps no large input: no file.
-            let big_input = p.job.input_len() >= FILE_PAYLOAD_MIN as u64 && !p.input_dropped();
+            let big_input = p.job.input_in_file() && !p.input_dropped();
             // Ids come in ascending order, above every stored one. A lower
             // id may belong to a stored job (the insert then fails): its
             // files must not be replaced first.

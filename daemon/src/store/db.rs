@@ -242,8 +242,7 @@ impl PendingInsert {
     /// payload file: the row stores no input at all and no file is written
     /// (an ended job is never dispatched again, so nothing would read it).
     pub fn input_dropped(&self) -> bool {
-        self.update.as_ref().is_some_and(|u| u.state.is_terminal())
-            && self.job.input_len() >= super::FILE_PAYLOAD_MIN as u64
+        self.update.as_ref().is_some_and(|u| u.state.is_terminal()) && self.job.input_in_file()
     }
 }
 
@@ -608,6 +607,7 @@ impl Db {
                     input_source: None,
                     created_ms: from_sql_u64(row.get(7).map_err(fail)?),
                     owner: row.get(11).map_err(fail)?,
+                    spill: false,
                 };
                 let mut attempts = attempts;
                 if state == JobState::Running {

@@ -217,6 +217,7 @@ fn new_job(id: u64, pool: &str) -> NewJob {
         input_source: None,
         created_ms: 1_700_000_000_000 + id,
         owner: 1000,
+        spill: false,
     }
 }
 
@@ -2349,5 +2350,28 @@ fn queries_filter_by_owner() {
     let (h, rec) = Harness::open(dir.path());
     let owners: Vec<(u64, u32)> = rec.jobs.iter().map(|r| (r.job.id, r.job.owner)).collect();
     assert_eq!(owners, vec![(1, 1000), (2, 2000)]);
+    h.close();
+}
+
+/// A spilled input (small, but the daemon holds too much queued input in
+/// memory) is stored as a payload file like a large one, and recovered
+/// from it, not loaded into memory.
+#[test]
+fn a_spilled_small_input_is_a_payload_file() {
+    let dir = TempDir::new("spill");
+    let (mut h, _) = Harness::open(dir.path());
+    let small = pattern(4096, 7);
+    let seq = h.submit(Op::Insert(NewJob {
+        spill: true,
+        ..job_with_input(1, &small)
+    }));
+    h.wait_durable(seq);
+    assert!(std::fs::read(dir.payload(1, "in")).expect("payload file") == small);
+    h.close();
+    let (h, rec) = Harness::open(dir.path());
+    assert_eq!(rec.jobs.len(), 1);
+    assert!(rec.jobs[0].job.input.is_empty(), "not loaded into memory");
+    assert_eq!(rec.jobs[0].input_file, Some(4096));
+    assert!(*input_of(&dir, &rec.jobs[0]) == *small);
     h.close();
 }

@@ -118,6 +118,11 @@ struct Job {
     /// the one that killed it. It runs alone from now on, so that a further
     /// death is attributed exactly.
     suspect: bool,
+    /// Its input is stored in a payload file although small (see
+    /// [`QUEUED_INPUT_BUDGET`]), and leaves memory once its insert is durable.
+    spilled: bool,
+    /// Bytes of its input counted in [`JobTable::mem_inputs`].
+    counted: u64,
 }
 
 impl Job {
@@ -133,6 +138,17 @@ impl Job {
         self.input_file.is_some() || self.input.len() as u64 > inline_limit
     }
 }
+
+/// In-memory inputs of jobs the daemon holds (queued, or in a worker's
+/// hands) may add up to this much. Past it, a new input of at least
+/// [`SPILL_MIN`] bytes is stored in a payload file, like a large one, and
+/// leaves memory once stored: a flood of just-under-a-mebibyte inputs, or a
+/// restart with a deep queue of them, cannot fill the daemon's memory.
+pub const QUEUED_INPUT_BUDGET: u64 = 64 << 20;
+
+/// Inputs smaller than this always stay in memory (and in the job's row):
+/// a payload file would cost more than it saves.
+pub const SPILL_MIN: u64 = 512;
 
 /// Whether an input of `len` bytes may reach a worker through its arena:
 /// when over `inline_limit`, and when it is large enough to be kept in a
@@ -296,6 +312,9 @@ pub(super) struct JobTable {
     backlog: HashMap<ClientId, usize>,
     /// Who each connected client is ([`Supervisor::set_viewer`]).
     viewers: HashMap<ClientId, Viewer>,
+    /// Bytes of in-memory inputs of the jobs in `jobs` (see
+    /// [`QUEUED_INPUT_BUDGET`]).
+    mem_inputs: u64,
     next_group: u64,
     running_keys: HashMap<String, u64>,
     /// Entries popped while their key was busy, per key, with their pool.
@@ -335,7 +354,11 @@ impl Supervisor {
                 order: Reverse(self.jt.tail_order),
                 id: j.id,
             };
+            let counted = j.input.len() as u64;
+            self.jt.mem_inputs += counted;
             let job = Job {
+                counted,
+                spilled: false,
                 id: j.id,
                 owner: j.owner,
                 pool: j.pool.clone(),
@@ -501,6 +524,15 @@ impl Supervisor {
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
         let owner = self.viewer(client).uid;
+        let len = input.len() as u64;
+        // Over the budget, an input that can go through the pool's arena is
+        // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
+        let spill = source.is_none()
+            && len >= SPILL_MIN
+            && self.jt.mem_inputs + len > QUEUED_INPUT_BUDGET
+            && len <= arena_input_capacity(self.pools[pool_name].config.shm_size);
+        let counted = if source.is_none() { len } else { 0 };
+        self.jt.mem_inputs += counted;
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -512,6 +544,7 @@ impl Supervisor {
             input_source: source.clone(),
             created_ms,
             owner,
+            spill,
         });
         let seq = self.store(op);
         self.jt
@@ -522,6 +555,8 @@ impl Supervisor {
             Job {
                 id,
                 owner,
+                spilled: spill,
+                counted,
                 pool: pool_name.to_string(),
                 priority: options.priority,
                 key: options.key,
@@ -612,6 +647,7 @@ impl Supervisor {
         match job.phase {
             JobPhase::Queued => {
                 let pool = job.pool.clone();
+                self.jt.mem_inputs -= job.counted;
                 self.jt.jobs.remove(&id);
                 if let Some(p) = self.pools.get_mut(&pool) {
                     p.jobs.queued = p.jobs.queued.saturating_sub(1);
@@ -1196,9 +1232,10 @@ impl Supervisor {
         // worker's arena is filled from the file instead).
         if let Some(job) = self.jt.jobs.get_mut(&id) {
             let len = job.input.len();
-            if len >= crate::store::FILE_PAYLOAD_MIN && job.input_file.is_none() {
+            if (len >= crate::store::FILE_PAYLOAD_MIN || job.spilled) && job.input_file.is_none() {
                 job.input_file = Some(len as u64);
                 job.input = Arc::default();
+                self.jt.mem_inputs -= std::mem::take(&mut job.counted);
             }
             // The payload file is there now: let the client's file go.
             job.input_source = None;
@@ -1216,6 +1253,7 @@ impl Supervisor {
         let Some(mut job) = self.jt.jobs.remove(&id) else {
             return;
         };
+        self.jt.mem_inputs -= job.counted;
         let Some(waiters) = self.jt.waiters.remove(&id) else {
             return;
         };
@@ -1639,12 +1677,15 @@ impl Supervisor {
             return;
         };
         if job.unstored {
+            self.jt.mem_inputs -= job.counted;
             self.jt.jobs.remove(&id);
             return;
         }
-        let input_file =
-            job.input_file.is_some() || job.input.len() >= crate::store::FILE_PAYLOAD_MIN;
+        let input_file = job.input_file.is_some()
+            || job.spilled
+            || job.input.len() >= crate::store::FILE_PAYLOAD_MIN;
         job.input = Arc::default();
+        self.jt.mem_inputs -= std::mem::take(&mut job.counted);
         let pool = job.pool.clone();
         let update = JobUpdate {
             drop_input_file: input_file && state.is_terminal(),

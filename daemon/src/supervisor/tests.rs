@@ -942,6 +942,7 @@ mod jobs {
                     input_source: None,
                     created_ms: 1,
                     owner: 0,
+                    spill: false,
                 },
                 attempts: Vec::new(),
                 input_file,
