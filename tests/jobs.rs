@@ -817,11 +817,13 @@ fn unwritable_state_dir_is_a_clear_startup_error() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(
-        &state,
-        std::fs::Permissions::from_mode(if root { 0o755 } else { 0o555 }),
-    )
-    .unwrap();
+    // Owned by the daemon's user (else it is refused as someone else's),
+    // but not writable: as root we run the daemon as nobody, since root
+    // ignores permission bits.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o555)).unwrap();
+    if root {
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    }
     let cfg = dir.path().join("jobvisor.toml");
     std::fs::write(
         &cfg,
@@ -859,7 +861,7 @@ fn full_disk_refuses_submits_clearly_and_heals() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
         .arg(&state)
         .status()
         .is_ok_and(|s| s.success());

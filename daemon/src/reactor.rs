@@ -104,8 +104,12 @@ const OUTPUT_READ_BUDGET: usize = 256 << 10;
 
 /// The store's payload file of job `id`'s output, if it is there with the
 /// expected length.
-fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<std::fs::File> {
-    let file = std::fs::File::open(crate::store::output_file(payload_dir, id)).ok()?;
+fn open_output_file(
+    payload_dir: &crate::private_dir::PrivateDir,
+    id: u64,
+    len: u64,
+) -> Option<std::fs::File> {
+    let file = payload_dir.open_read(&crate::store::output_name(id)).ok()?;
     file.metadata()
         .is_ok_and(|m| m.len() == len)
         .then_some(file)
@@ -122,23 +126,19 @@ fn open_output_file(payload_dir: &std::path::Path, id: u64, len: u64) -> Option<
 fn output_to_file(
     mapping: &crate::shm::Mapping,
     spares: &crate::store::Spares,
-    path: &std::path::Path,
+    dir: &crate::private_dir::PrivateDir,
+    name: &str,
     offset: u64,
     len: u64,
 ) -> bool {
-    let Ok(file) = spares.create(path, len, true) else {
+    let Ok(file) = spares.create(name, len, true) else {
         return false;
     };
     let synced = mapping.write_to(&file, offset, len).is_ok_and(|ok| ok)
         && file.sync_data().is_ok()
-        && path.parent().is_some_and(|dir| {
-            std::fs::File::open(dir).is_ok_and(|d| match d.sync_all() {
-                Err(e) => e.raw_os_error() == Some(libc::EINVAL),
-                Ok(()) => true,
-            })
-        });
+        && dir.sync().is_ok();
     if !synced {
-        let _ = std::fs::remove_file(path);
+        let _ = dir.unlink(name);
     } else {
         spares.replenish(len);
     }
@@ -252,8 +252,11 @@ pub struct Reactor {
     store: Option<Store>,
     /// Big copies, off the loop.
     copier: crate::copier::Copier<Copied>,
-    /// The store's payload directory (as opened: a reload does not move it).
+    /// The store's payload directory (as opened: a reload does not move it),
+    /// for messages; files in it are opened through `payload_fd`.
     payload_dir: PathBuf,
+    /// The payload directory's descriptor (shared with the store).
+    payload_fd: Arc<crate::private_dir::PrivateDir>,
     /// Its spare files, for outputs written from arenas.
     spares: crate::store::Spares,
     /// Clients with output queued this turn.
@@ -317,6 +320,10 @@ impl Reactor {
                 return Err(anyhow::anyhow!("{e}"));
             }
         };
+        let payload_fd = store
+            .spares()
+            .payload_dir()
+            .context("opening the payload directory")?;
         let seed = std::process::id() as u64 ^ now_nanos();
         let now = Instant::now();
         let mut core = Supervisor::new(&config, seed, now, now_nanos() / 1_000_000);
@@ -340,6 +347,7 @@ impl Reactor {
             pids: HashMap::default(),
             core,
             spares: store.spares().clone(),
+            payload_fd,
             store: Some(store),
             copier,
             payload_dir: config.daemon.payload_dir(),
@@ -770,7 +778,7 @@ impl Reactor {
             JobOutput::Mem(o) => o.len() as u64,
             JobOutput::File(len) => *len,
         };
-        if let Some(file) = open_output_file(&self.payload_dir, doc.id, len) {
+        if let Some(file) = open_output_file(&self.payload_fd, doc.id, len) {
             return c.send_job_fd(&doc, len, file.into());
         }
         match output {
@@ -815,6 +823,7 @@ impl Reactor {
                 error,
             } => self.core.on_store_failed(upto, &lost_inserts, &error, now),
             Completion::Query { token, result } => self.core.on_query_result(token, result),
+            Completion::InsertsFailed { failed } => self.core.on_inserts_failed(failed),
         }
     }
 
@@ -1119,13 +1128,14 @@ impl Reactor {
                         if let Some(w) = self.procs.get_mut(&proc) {
                             w.copies_in += 1;
                         }
-                        let path = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
-                            .then(|| crate::store::output_file(&self.payload_dir, id));
+                        let name = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
+                            .then(|| crate::store::output_name(id));
                         let spares = self.spares.clone();
+                        let dir = Arc::clone(&self.payload_fd);
                         self.copier.run(move || {
-                            let in_file = path
-                                .as_ref()
-                                .is_some_and(|p| output_to_file(&mapping, &spares, p, offset, len));
+                            let in_file = name.as_ref().is_some_and(|n| {
+                                output_to_file(&mapping, &spares, &dir, n, offset, len)
+                            });
                             let output = if in_file {
                                 JobOutput::File(len)
                             } else {
@@ -1210,11 +1220,13 @@ impl Reactor {
         };
         self.hold_next_frame(proc);
         let path = crate::store::input_file(&self.payload_dir, job);
+        let name = crate::store::input_name(job);
+        let dir = Arc::clone(&self.payload_fd);
         self.copier.run(move || {
             let read = match &source {
                 // Not durable yet: the client's own file.
                 Some(src) => mapping.fill_from(&src.file, offset, len),
-                None => std::fs::File::open(&path).and_then(|f| {
+                None => dir.open_read(&name).and_then(|f| {
                     use std::os::unix::fs::MetadataExt;
                     let meta = f.metadata()?;
                     if meta.len() != len {
@@ -1229,7 +1241,7 @@ impl Reactor {
                     // payload meanwhile: then what was read is not its
                     // input. (The job has ended: this only keeps a worker
                     // from running on the wrong bytes.)
-                    if std::fs::metadata(&path).map(|m| m.ino()).ok() != Some(meta.ino()) {
+                    if dir.stat(&name).ok().flatten().map(|st| st.st_ino) != Some(meta.ino()) {
                         return Err(std::io::Error::other("the job ended while it was read"));
                     }
                     Ok(read)

@@ -113,20 +113,32 @@ mod spares;
 
 pub use spares::Spares;
 
-/// Where the store keeps the output of job `id` when it is a payload file
-/// (at least [`FILE_PAYLOAD_MIN`] bytes): `<payload_dir>/<id>.out`. Such a
+/// The name of job `id`'s output in the payload directory when it is a
+/// payload file (at least [`FILE_PAYLOAD_MIN`] bytes): `<id>.out`. Such a
 /// file is never rewritten while its row references it, so a descriptor
-/// opened on it may be handed to a client as the job's output.
-pub fn output_file(payload_dir: &Path, id: u64) -> PathBuf {
-    payload_dir.join(format!("{id}.out"))
+/// opened on it may be handed to a client as the job's output. Open it
+/// through the directory's descriptor ([`Spares::payload_dir`]), never by
+/// path.
+pub fn output_name(id: u64) -> String {
+    files::name(id, files::Kind::Output)
 }
 
-/// Where the store keeps the input of job `id` when it is a payload file:
-/// `<payload_dir>/<id>.in`, written before the job's insert commits and never
-/// rewritten, so the daemon may read it back (into a worker's arena) instead
-/// of keeping the input in memory.
+/// The name of job `id`'s input in the payload directory when it is a
+/// payload file: `<id>.in`, written before the job's insert commits and
+/// never rewritten, so the daemon may read it back (into a worker's arena)
+/// instead of keeping the input in memory.
+pub fn input_name(id: u64) -> String {
+    files::name(id, files::Kind::Input)
+}
+
+/// `<payload_dir>/<id>.out`, for messages (see [`output_name`]).
+pub fn output_file(payload_dir: &Path, id: u64) -> PathBuf {
+    payload_dir.join(output_name(id))
+}
+
+/// `<payload_dir>/<id>.in`, for messages (see [`input_name`]).
 pub fn input_file(payload_dir: &Path, id: u64) -> PathBuf {
-    payload_dir.join(format!("{id}.in"))
+    payload_dir.join(input_name(id))
 }
 #[cfg(test)]
 mod tests;
@@ -340,6 +352,15 @@ pub enum QueryResult {
     List(Vec<JobDoc>),
 }
 
+/// Why one insert failed alone (see [`Completion::InsertsFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertFailure {
+    /// The client's input file could not be read (one line, what to do).
+    Input(String),
+    /// Its payload file could not be written (one line).
+    Store(String),
+}
+
 /// What the store thread reports back, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
@@ -362,6 +383,16 @@ pub enum Completion {
         lost_inserts: Vec<u64>,
         /// Why, one line.
         error: String,
+    },
+    /// These inserts of the batch that the next [`Completion::Durable`] or
+    /// [`Completion::Failed`] reports failed alone, each with its reason:
+    /// their input could not be put in its payload file (the client's file
+    /// unreadable or cut short, or that one file's write failing). They are
+    /// not stored; the rest of the batch went on without them.
+    InsertsFailed {
+        /// `(job id, why)`, with `why` saying whose fault it was
+        /// ([`InsertFailure`]).
+        failed: Vec<(u64, InsertFailure)>,
     },
     /// Answer to an [`Op::Query`].
     Query {
@@ -419,6 +450,11 @@ pub enum StoreError {
         /// What is wrong with it.
         detail: String,
     },
+    /// `state_dir` or `payload_dir` is not one the daemon can trust (owned
+    /// by someone else, writable by others, a link); the message says which
+    /// and how to fix it.
+    #[error("{0}")]
+    Untrusted(String),
     /// Another process (another jobvisord) has the store open.
     #[error("{} is in use by another process (another jobvisord?); stop it or set daemon.state_dir to another directory", .path.display())]
     InUse {
@@ -618,6 +654,7 @@ impl Store {
                     Completion::Query { .. } => {
                         pending.queries.pop_front();
                     }
+                    Completion::InsertsFailed { .. } => {}
                 }
                 Some(c)
             }

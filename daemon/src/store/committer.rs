@@ -8,8 +8,8 @@
 use super::db::{self, Db, DeletedFiles, PendingInsert, PendingUpdate};
 use super::files::Kind;
 use super::{
-    Completion, JobUpdate, NewJob, Op, Query, StoreError, DEFAULT_RETENTION, FILE_PAYLOAD_MIN,
-    MAX_BATCH_BLOB_BYTES, MAX_BATCH_OPS, PRUNE_CHUNK,
+    Completion, InsertFailure, JobUpdate, NewJob, Op, Query, StoreError, DEFAULT_RETENTION,
+    FILE_PAYLOAD_MIN, MAX_BATCH_BLOB_BYTES, MAX_BATCH_OPS, PRUNE_CHUNK,
 };
 use mio::Waker;
 use std::collections::{BTreeMap, HashMap};
@@ -204,6 +204,18 @@ enum FileData {
     Bytes(Arc<[u8]>),
     /// The first `.1` bytes of a client's file.
     Source(Arc<std::fs::File>, u64),
+    /// Already written (not yet synced).
+    Written(std::fs::File),
+}
+
+/// An error writing a payload file from a client's file that is the
+/// store's own (its disk), not the client's file: the submit is refused
+/// as "the store could not take it" rather than "your file is unreadable".
+fn is_store_side(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EFBIG)
+    )
 }
 
 /// Why a batch could not be made durable.
@@ -286,6 +298,10 @@ pub(super) struct Committer {
     last_seq: u64,
     retention: Retention,
     pruner: Pruner,
+    /// Inserts of the current batch that failed alone (see
+    /// [`Committer::write_inputs_alone`]), reported before the batch's
+    /// outcome.
+    failed_inserts: Vec<(u64, InsertFailure)>,
     #[cfg(test)]
     stats: Stats,
 }
@@ -322,6 +338,7 @@ impl Committer {
                 next_expiry_ms: None,
                 work: None,
             },
+            failed_inserts: Vec::new(),
             #[cfg(test)]
             stats: Stats::default(),
         }
@@ -469,6 +486,11 @@ impl Committer {
             {
                 self.stats.busy += start.elapsed();
             }
+            if !self.failed_inserts.is_empty() {
+                let failed = std::mem::take(&mut self.failed_inserts);
+                let _ = self.done.send(Completion::InsertsFailed { failed });
+                notify = true;
+            }
             match written {
                 Ok(files) => {
                     #[cfg(test)]
@@ -540,6 +562,7 @@ impl Committer {
     /// the commit would leave the row pointing at other bytes).
     fn write_batch(&mut self) -> Result<DeletedFiles, BatchError> {
         let files = self.plan_files();
+        let files = self.write_inputs_alone(files);
         if let Err(e) = self.write_files(&files) {
             self.discard_files(&files);
             return Err(e);
@@ -640,6 +663,59 @@ impl Committer {
         files
     }
 
+    /// Writes the input files of the batch's inserts, each on its own: an
+    /// insert whose input cannot be written (the client's file unreadable or
+    /// cut short, or that file's write failing) leaves the batch alone,
+    /// reported in `self.failed_inserts`, and the rest goes on. Returns the
+    /// files still to write (outputs), and the inputs written, which
+    /// [`Committer::write_files`] syncs with them.
+    fn write_inputs_alone(&mut self, files: Vec<FileWrite>) -> Vec<FileWrite> {
+        let mut rest = Vec::with_capacity(files.len());
+        for f in files {
+            if f.kind != Kind::Input {
+                rest.push(f);
+                continue;
+            }
+            let payloads = self.db.payloads();
+            let written = match &f.data {
+                FileData::Bytes(b) => payloads.write(f.id, f.kind, b).map_err(|e| (false, e)),
+                // A failed copy is the client's file's fault unless it is
+                // the store's disk (full, read-only); making the file is
+                // the store's.
+                FileData::Source(src, len) => payloads
+                    .write_from_file(f.id, f.kind, src, *len)
+                    .map_err(|(making, e)| (!making && !is_store_side(&e), e)),
+                FileData::Written(file) => file.try_clone().map_err(|e| (false, e)),
+            };
+            match written {
+                Ok(file) => rest.push(FileWrite {
+                    data: FileData::Written(file),
+                    ..f
+                }),
+                Err((from_client, e)) => {
+                    let path = payloads.path(f.id, f.kind);
+                    let _ = payloads.remove(f.id, f.kind);
+                    self.batch.inserts.retain(|p| p.job.id != f.id);
+                    let why = if from_client {
+                        InsertFailure::Input(format!(
+                            "submit: the input could not be read from the file passed ({}); nothing was queued: submit it again",
+                            db::os_reason(&e)
+                        ))
+                    } else {
+                        InsertFailure::Store(format!(
+                            "the job could not be stored (job store {}: cannot write payload file {}: {}); nothing was queued, submit it again once the store is writable",
+                            self.db.path().display(),
+                            path.display(),
+                            db::os_reason(&e)
+                        ))
+                    };
+                    self.failed_inserts.push((f.id, why));
+                }
+            }
+        }
+        rest
+    }
+
     /// Writes the files, syncs each, then the directory once.
     fn write_files(&self, files: &[FileWrite]) -> Result<(), BatchError> {
         if files.is_empty() {
@@ -657,6 +733,7 @@ impl Committer {
             let written = match &f.data {
                 FileData::Bytes(b) => payloads.write(f.id, f.kind, b),
                 FileData::Source(src, len) => payloads.write_from(f.id, f.kind, src, *len),
+                FileData::Written(file) => file.try_clone(),
             };
             open.push(written.map_err(fail(f))?);
         }

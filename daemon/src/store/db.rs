@@ -39,6 +39,7 @@
 
 use super::files::{Kind, Payloads, ReadError};
 use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
+use crate::private_dir::{PrivateDir, Strictness};
 use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
 use ipc_proto::Bytes;
 use nix::errno::Errno;
@@ -264,8 +265,11 @@ pub(super) struct Db {
     json: Vec<u8>,
     /// Where the large payloads are.
     payloads: Payloads,
-    /// Held while the store is open (see [`lock_store`]).
+    /// Held while the store is open (`jobs.lock`, see [`lock_file`]).
     _lock: Flock<File>,
+    /// The state directory, open and checked (lock and database files are
+    /// created through it).
+    _dir: PrivateDir,
 }
 
 /// What recovery does to a row.
@@ -292,15 +296,29 @@ impl Db {
     /// older schema), and creates `payload_dir` if needed.
     pub fn open(state_dir: &Path, payload_dir: &Path) -> Result<Db, StoreError> {
         let path = state_dir.join("jobs.db");
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Access {
-            path: state_dir.to_path_buf(),
-            source,
+        let existed = state_dir.is_dir();
+        // Owned by us and writable by nobody else, or refused; created 0700.
+        let dir = PrivateDir::open(
+            state_dir,
+            "daemon.state_dir",
+            true,
+            Strictness::NoForeignWrite,
+        )
+        .map_err(|e| StoreError::Untrusted(e.0))?;
+        check_access(&dir, state_dir)?;
+        let lock = lock_file(&dir, "jobs.lock", &state_dir.join("jobs.lock"), || {
+            StoreError::InUse { path: path.clone() }
         })?;
-        check_access(state_dir, &path)?;
-        let lock = lock_store(state_dir, &path)?;
+        // SQLite opens by path (it resolves any path it is given, so a
+        // `/proc/self/fd/N/…` path would not pin the directory either),
+        // never through a link in any component (`SQLITE_OPEN_NOFOLLOW`);
+        // the files exist 0600 first (SQLite gives `-wal` and `-shm` the
+        // database's mode). Once it has them open, the path is checked to
+        // still lead to the directory we checked (see below).
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(&path, flags)
             .map_err(|e| sqlite_error(&path, "cannot open the database", e))?;
         let mut db = Db {
@@ -310,16 +328,27 @@ impl Db {
             json: Vec::with_capacity(1024),
             payloads: Payloads::new(payload_dir),
             _lock: lock,
+            _dir: dir,
         };
         db.init()?;
+        // The database and its WAL are open now (SQLite keeps them open):
+        // they must be the files of the directory we checked, not of one
+        // swapped in under the same path meanwhile.
+        if !db._dir.is_at(state_dir) {
+            return Err(StoreError::Untrusted(format!(
+                "state_dir {} changed while jobvisord opened it (another directory was put in its place); check who can write to its parent directory, then restart jobvisord",
+                state_dir.display()
+            )));
+        }
         // Only now: a refused store is left as it was.
         db.payloads.open()?;
         // SQLite syncs the directory when it creates the WAL; syncing it (and
-        // its parent, which `create_dir_all` may have just changed) here too
-        // makes the files' directory entries durable before the first ack.
+        // its parent, which a new state directory changed) here too makes
+        // the files' directory entries durable before the first ack.
         // Best effort: some file systems refuse to fsync a directory.
-        for dir in [Some(state_dir), state_dir.parent()].into_iter().flatten() {
-            if let Ok(d) = std::fs::File::open(dir) {
+        let _ = db._dir.sync();
+        if !existed {
+            if let Some(d) = state_dir.parent().and_then(|p| std::fs::File::open(p).ok()) {
                 let _ = d.sync_all();
             }
         }
@@ -1051,55 +1080,53 @@ fn output_columns(update: &JobUpdate, file: bool) -> (Option<&[u8]>, Option<i64>
 
 /// Checks access ourselves first: SQLite would only say "unable to open
 /// database file", where the user needs to hear "Permission denied".
-fn check_access(dir: &Path, file: &Path) -> Result<(), StoreError> {
+fn check_access(dir: &PrivateDir, path: &Path) -> Result<(), StoreError> {
     use nix::unistd::{access, AccessFlags};
-    access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|errno| StoreError::Access {
-        path: dir.to_path_buf(),
+    access(path, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|errno| StoreError::Access {
+        path: path.to_path_buf(),
         source: io::Error::from(errno),
     })?;
-    let mut wal = file.as_os_str().to_owned();
-    wal.push("-wal");
-    let mut shm = file.as_os_str().to_owned();
-    shm.push("-shm");
-    for f in [file, Path::new(&wal), Path::new(&shm)] {
-        if f.symlink_metadata().is_ok() {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(f)
+    // The database exists (0600) before SQLite opens it, and files of an
+    // older run that any user could read are made owner-only.
+    for name in ["jobs.db", "jobs.db-wal", "jobs.db-shm"] {
+        let exists = dir
+            .stat(name)
+            .map_err(|source| StoreError::Access {
+                path: path.join(name),
+                source,
+            })?
+            .is_some();
+        if exists || name == "jobs.db" {
+            let file = dir
+                .open_or_create(name)
                 .map_err(|source| StoreError::Access {
-                    path: f.to_path_buf(),
+                    path: path.join(name),
                     source,
+                })?;
+            nix::sys::stat::fchmod(&file, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                .map_err(|errno| StoreError::Access {
+                    path: path.join(name),
+                    source: io::Error::from(errno),
                 })?;
         }
     }
     Ok(())
 }
 
-/// Takes `jobs.lock` (`flock`, released by the kernel when the process
-/// dies, even by `kill -9`). Two daemons on one store would hand out the
-/// same job ids; SQLite's own locks only serialize their transactions.
-fn lock_store(state_dir: &Path, db: &Path) -> Result<Flock<File>, StoreError> {
-    lock_file(&state_dir.join("jobs.lock"), || StoreError::InUse {
-        path: db.to_path_buf(),
-    })
-}
-
-/// Takes an exclusive `flock` on `path` (created if needed); `in_use` is the
-/// error when another process holds it.
+/// Takes an exclusive `flock` on `name` in `dir` (created 0600 if needed;
+/// `path` names it in errors); `in_use` is the error when another process
+/// holds it. (`jobs.lock` in the state directory, released by the kernel
+/// when the process dies, refuses a second daemon on the same store.)
 pub(super) fn lock_file(
+    dir: &PrivateDir,
+    name: &str,
     path: &Path,
     in_use: impl FnOnce() -> StoreError,
 ) -> Result<Flock<File>, StoreError> {
-    let path = path.to_path_buf();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let file = dir
+        .open_or_create(name)
         .map_err(|source| StoreError::Access {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         })?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
@@ -1107,7 +1134,7 @@ pub(super) fn lock_file(
             in_use()
         } else {
             StoreError::Access {
-                path,
+                path: path.to_path_buf(),
                 source: io::Error::from(errno),
             }
         }

@@ -7,14 +7,20 @@
 //! the [store](super) docs). Every function runs on the store thread (or in
 //! [`Store::open`](super::Store::open) before it starts), never on the event
 //! loop. The daemon reads the files itself, off the loop.
+//!
+//! The directory is a [`PrivateDir`]: owned by the daemon's user and not
+//! writable by anyone else (checked at open, else the store refuses to
+//! open), and every file in it is opened, renamed and removed through its
+//! descriptor with `O_NOFOLLOW`, so no link planted there is ever followed.
 
 use super::spares::Spares;
 use super::StoreError;
+use crate::private_dir::{PrivateDir, Strictness};
 use nix::fcntl::Flock;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which payload of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +43,9 @@ pub(super) enum ReadError {
         found: u64,
         expected: u64,
     },
+    /// Something that is not a regular file has the payload file's name
+    /// (a link, a FIFO): it is never followed or read.
+    NotAFile(PathBuf),
     /// Any other I/O error.
     Io(PathBuf, io::Error),
 }
@@ -56,6 +65,11 @@ impl std::fmt::Display for ReadError {
                 "payload file {} has {found} bytes instead of {expected}",
                 path.display()
             ),
+            ReadError::NotAFile(path) => write!(
+                f,
+                "payload file {} is not a regular file (it is not used)",
+                path.display()
+            ),
             ReadError::Io(path, e) => write!(
                 f,
                 "payload file {} cannot be read: {}",
@@ -70,6 +84,8 @@ impl std::fmt::Display for ReadError {
 #[derive(Debug)]
 pub(super) struct Payloads {
     dir: PathBuf,
+    /// The open, checked directory (from [`Payloads::open`] on).
+    fd: Option<Arc<PrivateDir>>,
     /// `<dir>/.lock`, held while the store is open: two stores sharing the
     /// directory would overwrite (and sweep away) each other's files.
     _lock: Option<Flock<File>>,
@@ -82,41 +98,28 @@ impl Payloads {
     pub fn new(dir: &Path) -> Payloads {
         Payloads {
             dir: dir.to_path_buf(),
+            fd: None,
             _lock: None,
             spares: Spares::new(dir),
         }
     }
 
-    /// Creates the directory if needed (see [`Payloads::create_dir`]) and
-    /// locks it for this store.
+    /// Opens the directory (creating it 0700 if needed; refusing one that
+    /// another user owns or may write to), locks it for this store and
+    /// clears its spares.
     pub fn open(&mut self) -> Result<(), StoreError> {
-        self.create_dir().map_err(|source| StoreError::Access {
-            path: self.dir.clone(),
-            source,
-        })?;
-        let dir = self.dir.clone();
-        let lock = super::db::lock_file(&self.dir.join(".lock"), || StoreError::PayloadDirInUse {
-            path: dir,
-        })?;
-        self._lock = Some(lock);
-        self.spares.clear().map_err(|source| StoreError::Access {
-            path: self.spares.dir().to_path_buf(),
-            source,
-        })
-    }
-
-    /// Creates the directory (mode 0700, with any missing parents) if it
-    /// does not exist, and makes its directory entry durable.
-    fn create_dir(&self) -> io::Result<()> {
-        let dir = &self.dir;
-        if !dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-            // Best effort, as for the state directory: some file systems
-            // refuse to fsync a directory.
-            if let Some(parent) = dir.parent() {
+        let existed = self.dir.is_dir();
+        let fd = PrivateDir::open(
+            &self.dir,
+            "daemon.payload_dir",
+            true,
+            Strictness::NoForeignWrite,
+        )
+        .map_err(|e| StoreError::Untrusted(e.0))?;
+        if !existed {
+            // Best effort, as for the state directory: make the new
+            // directory's entry durable.
+            if let Some(parent) = self.dir.parent() {
                 if let Ok(d) = File::open(parent) {
                     let _ = d.sync_all();
                 }
@@ -125,10 +128,34 @@ impl Payloads {
         // A directory we cannot write to would fail every large submit:
         // say so now. (Root passes any permission check.)
         nix::unistd::access(
-            dir.as_path(),
+            self.dir.as_path(),
             nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
         )
-        .map_err(io::Error::from)
+        .map_err(|errno| StoreError::Access {
+            path: self.dir.clone(),
+            source: io::Error::from(errno),
+        })?;
+        let dir = self.dir.clone();
+        let lock = super::db::lock_file(&fd, ".lock", &self.dir.join(".lock"), || {
+            StoreError::PayloadDirInUse { path: dir }
+        })?;
+        self._lock = Some(lock);
+        let fd = Arc::new(fd);
+        self.spares
+            .clear(Arc::clone(&fd))
+            .map_err(|source| StoreError::Access {
+                path: self.spares.dir().to_path_buf(),
+                source,
+            })?;
+        self.fd = Some(fd);
+        Ok(())
+    }
+
+    /// The open directory (after [`Payloads::open`]).
+    pub fn handle(&self) -> io::Result<&Arc<PrivateDir>> {
+        self.fd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the payload directory is not open"))
     }
 
     pub fn dir(&self) -> &Path {
@@ -140,12 +167,10 @@ impl Payloads {
     }
 
     /// `<dir>/<id>.in` or `<dir>/<id>.out`: [`input_file`](super::input_file)
-    /// or [`output_file`](super::output_file).
+    /// or [`output_file`](super::output_file). For messages: files are
+    /// opened by [`name`] through the directory's descriptor.
     pub fn path(&self, id: u64, kind: Kind) -> PathBuf {
-        match kind {
-            Kind::Input => super::input_file(&self.dir, id),
-            Kind::Output => super::output_file(&self.dir, id),
-        }
+        self.dir.join(name(id, kind))
     }
 
     /// Creates (or replaces) the file and writes `data`, without syncing:
@@ -159,15 +184,37 @@ impl Payloads {
     /// Creates (or replaces) a payload file of `len` bytes, owner-only,
     /// from a spare where there is one (see [`Spares::create`]).
     fn create(&self, id: u64, kind: Kind, len: u64) -> io::Result<File> {
-        self.spares.create(&self.path(id, kind), len, false)
+        self.spares.create(&name(id, kind), len, false)
     }
 
     /// Like [`Payloads::write`], the data being the first `len` bytes of
     /// `src` (from offset 0), copied in the kernel (`copy_file_range`, or
     /// `pread`/`write` where the file systems do not support it).
     pub fn write_from(&self, id: u64, kind: Kind, src: &File, len: u64) -> io::Result<File> {
+        self.write_from_file(id, kind, src, len).map_err(|(_, e)| e)
+    }
+
+    /// [`Payloads::write_from`], saying which step failed: making the
+    /// payload file (`true`: the store's side) or the copy (`false`: the
+    /// source's side, or the store's disk filling up).
+    pub fn write_from_file(
+        &self,
+        id: u64,
+        kind: Kind,
+        src: &File,
+        len: u64,
+    ) -> Result<File, (bool, io::Error)> {
+        let file = self.create(id, kind, len).map_err(|e| (true, e))?;
+        copy_from(file, src, len).map_err(|e| (false, e))
+    }
+}
+
+/// Copies the first `len` bytes of `src` (from offset 0) into `file`, in
+/// the kernel (`copy_file_range`, or `pread`/`write` where the file systems
+/// do not support it).
+fn copy_from(mut file: File, src: &File, len: u64) -> io::Result<File> {
+    {
         use std::os::fd::AsRawFd;
-        let mut file = self.create(id, kind, len)?;
         let mut off_in: libc::loff_t = 0;
         let mut left = len;
         while left > 0 {
@@ -220,12 +267,14 @@ impl Payloads {
                 _ => return Err(e),
             }
         }
-        Ok(file)
     }
+    Ok(file)
+}
 
+impl Payloads {
     /// Makes the directory's entries (files created or removed) durable.
     pub fn sync_dir(&self) -> io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+        self.handle()?.sync()
     }
 
     /// Disposes of a file no row references. An input file is recycled
@@ -234,13 +283,10 @@ impl Payloads {
     /// a descriptor it was handed, and must not see it overwritten. A file
     /// that is already gone is no error.
     pub fn remove(&self, id: u64, kind: Kind) -> io::Result<()> {
-        let path = self.path(id, kind);
+        let name = name(id, kind);
         match kind {
-            Kind::Input => self.spares.recycle(&path),
-            Kind::Output => match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
+            Kind::Input => self.spares.recycle(&name),
+            Kind::Output => self.handle()?.unlink(&name),
         }
     }
 
@@ -254,37 +300,47 @@ impl Payloads {
     }
 
     /// Checks that a payload file of `expected` bytes is there, without
-    /// opening it.
+    /// opening it (nor following a link: a link is no payload file).
     pub fn check(&self, id: u64, kind: Kind, expected: u64) -> Result<(), ReadError> {
         let path = self.path(id, kind);
-        match std::fs::metadata(&path) {
-            Ok(m) if m.len() == expected => Ok(()),
-            Ok(m) => Err(ReadError::WrongLength {
+        let stat = self
+            .handle()
+            .and_then(|d| d.stat(&name(id, kind)))
+            .map_err(|e| ReadError::Io(path.clone(), e))?;
+        match stat {
+            None => Err(ReadError::Missing(path)),
+            Some(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => {
+                Err(ReadError::NotAFile(path))
+            }
+            Some(st) if st.st_size as u64 == expected => Ok(()),
+            Some(st) => Err(ReadError::WrongLength {
                 path,
-                found: m.len(),
+                found: st.st_size as u64,
                 expected,
             }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ReadError::Missing(path)),
-            Err(e) => Err(ReadError::Io(path, e)),
         }
     }
 
-    /// The payload files in the directory, as `(id, kind)`. Other names are
-    /// not ours and are left out (and alone).
+    /// The payload files in the directory, as `(id, kind)` (whatever their
+    /// type: a link with a payload file's name is listed, to be swept).
+    /// Other names are not ours and are left out (and alone).
     pub fn list(&self) -> io::Result<Vec<(u64, Kind)>> {
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                continue;
-            };
-            if let Some(parsed) = parse_name(name) {
+        for (name, _) in self.handle()?.entries()? {
+            if let Some(parsed) = parse_name(&name) {
                 files.push(parsed);
             }
         }
         files.sort_unstable_by_key(|&(id, kind)| (id, kind == Kind::Output));
         Ok(files)
+    }
+}
+
+/// The name of a payload file in its directory: `<id>.in` or `<id>.out`.
+pub fn name(id: u64, kind: Kind) -> String {
+    match kind {
+        Kind::Input => format!("{id}.in"),
+        Kind::Output => format!("{id}.out"),
     }
 }
 

@@ -31,11 +31,15 @@
 //! Both the store thread (inputs) and the copier thread (outputs) take
 //! spares; a `rename` is atomic, so two takers never get the same file (the
 //! loser finds it gone and looks again). Nothing here runs on the event loop.
+//!
+//! Every open, rename and unlink goes through the descriptors of the payload
+//! directory and of `.spare/` ([`PrivateDir`], `O_NOFOLLOW`): a link found
+//! there is removed, never followed, and never becomes a spare.
 
+use crate::private_dir::{PrivateDir, Strictness};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
@@ -74,8 +78,11 @@ pub struct Spares {
 
 #[derive(Debug)]
 struct Inner {
-    /// `<payload_dir>/.spare`
+    /// `<payload_dir>/.spare` (for messages and tests).
     dir: PathBuf,
+    /// The payload directory and `.spare/`, once [`Spares::clear`] opened
+    /// them.
+    dirs: OnceLock<Dirs>,
     /// Names of new spares.
     seq: AtomicU64,
     /// The filler thread, started at the first nudge (if `background`).
@@ -85,8 +92,18 @@ struct Inner {
     idle_trim: Duration,
 }
 
+#[derive(Debug)]
+struct Dirs {
+    payload: Arc<PrivateDir>,
+    spare: PrivateDir,
+}
+
 /// A spare: its path and length.
 type Spare = (PathBuf, u64);
+
+fn not_open() -> io::Error {
+    io::Error::other("the payload directory is not open")
+}
 
 impl Spares {
     /// The spares of `payload_dir` (nothing is done until they are used).
@@ -98,6 +115,7 @@ impl Spares {
         Spares {
             inner: Arc::new(Inner {
                 dir: payload_dir.join(".spare"),
+                dirs: OnceLock::new(),
                 seq: AtomicU64::new(1),
                 filler: OnceLock::new(),
                 background,
@@ -111,42 +129,49 @@ impl Spares {
         &self.inner.dir
     }
 
-    /// Creates the spare directory if needed and removes whatever a
-    /// previous run left in it. Runs at store open, before any payload file
-    /// is written.
-    pub fn clear(&self) -> io::Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
-        match std::fs::DirBuilder::new().mode(0o700).create(self.dir()) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
+    /// The payload directory, open (once the store is).
+    pub fn payload_dir(&self) -> io::Result<Arc<PrivateDir>> {
+        Ok(Arc::clone(&self.dirs()?.payload))
+    }
+
+    fn dirs(&self) -> io::Result<&Dirs> {
+        self.inner.dirs.get().ok_or_else(not_open)
+    }
+
+    /// Opens the payload directory's `.spare/` (creating it 0700, checked
+    /// like its parent) and removes whatever a previous run left in it.
+    /// Runs at store open, before any payload file is written.
+    pub fn clear(&self, payload: Arc<PrivateDir>) -> io::Result<()> {
+        let spare = payload
+            .subdir(".spare", Strictness::NoForeignWrite)
+            .map_err(|e| io::Error::other(e.0))?;
+        for (name, _) in spare.entries()? {
+            spare.unlink(&name)?;
         }
-        for entry in std::fs::read_dir(self.dir())? {
-            let _ = std::fs::remove_file(entry?.path());
-        }
+        let _ = self.inner.dirs.set(Dirs { payload, spare });
         Ok(())
     }
 
-    /// Creates the payload file `path` for `len` bytes, open for writing at
-    /// offset 0 and already `len` bytes long: a spare renamed to `path` when
-    /// there is one (the smallest that holds `len` bytes, else the largest;
-    /// none over twice as large), a new file otherwise. With `exclusive`,
-    /// an existing `path` is an error (`AlreadyExists`); without it, it is
-    /// replaced.
+    /// Creates the payload file `name` (in the payload directory) for `len`
+    /// bytes, open for writing at offset 0 and already `len` bytes long: a
+    /// spare renamed to `name` when there is one (the smallest that holds
+    /// `len` bytes, else the largest; none over twice as large), a new file
+    /// otherwise. With `exclusive`, an existing `name` is an error
+    /// (`AlreadyExists`); without it, it is replaced.
     ///
     /// The caller writes all `len` bytes (whatever a spare held before is
     /// still there until then) and syncs.
-    pub fn create(&self, path: &Path, len: u64, exclusive: bool) -> io::Result<File> {
-        let file = match self.take(path, len, exclusive)? {
+    pub fn create(&self, name: &str, len: u64, exclusive: bool) -> io::Result<File> {
+        let file = match self.take(name, len, exclusive)? {
             Some(file) => file,
             None => {
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).mode(0o600);
-                if exclusive {
-                    options.create_new(true);
-                } else {
-                    options.create(true).truncate(true);
+                let payload = &self.dirs()?.payload;
+                if !exclusive {
+                    // Whatever was there goes (a link is removed, never
+                    // written through).
+                    payload.unlink(name)?;
                 }
-                options.open(path)?
+                payload.create(name, true)?
             }
         };
         file.set_len(len)?;
@@ -162,24 +187,23 @@ impl Spares {
         }
     }
 
-    /// Renames the best spare for `len` bytes to `path` and opens it.
-    fn take(&self, path: &Path, len: u64, exclusive: bool) -> io::Result<Option<File>> {
+    /// Renames the best spare for `len` bytes to `name` and opens it.
+    fn take(&self, name: &str, len: u64, exclusive: bool) -> io::Result<Option<File>> {
+        let dirs = self.dirs()?;
         // A spare another thread renamed first is gone by the time we try:
         // look again (a bounded number of times; then make a new file).
         for _ in 0..SPARE_MAX_FILES + 1 {
             // Not one much larger than needed: its extra pages would be
             // freed at once, and a small file is cheap to make anyway.
-            let mut spares = self.list();
+            let mut spares = spare_names(&dirs.spare);
             spares.retain(|&(_, n)| n <= len.saturating_mul(2));
             spares.sort_by_key(|&(_, n)| n);
             let best = spares.iter().find(|&&(_, n)| n >= len).or(spares.last());
             let Some((spare, _)) = best else {
                 return Ok(None);
             };
-            match rename(spare, path, exclusive) {
-                Ok(()) => {
-                    return std::fs::OpenOptions::new().write(true).open(path).map(Some);
-                }
+            match dirs.spare.rename(spare, &dirs.payload, name, exclusive) {
+                Ok(()) => return dirs.payload.open_write(name).map(Some),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
                 // Anything else (renameat2 unsupported…): a new file.
@@ -189,40 +213,48 @@ impl Spares {
         Ok(None)
     }
 
-    /// Disposes of the payload file `path`, which nothing references any
-    /// more: kept as a spare if it is large enough and there is room,
-    /// removed otherwise. A file that is already gone is no error.
-    pub fn recycle(&self, path: &Path) -> io::Result<()> {
-        let len = match std::fs::metadata(path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
+    /// Disposes of the payload file `name`, which nothing references any
+    /// more: kept as a spare if it is a regular file large enough and there
+    /// is room, removed otherwise (a link is removed, never followed). A
+    /// file that is already gone is no error.
+    pub fn recycle(&self, name: &str) -> io::Result<()> {
+        let dirs = self.dirs()?;
+        let Some(st) = dirs.payload.stat(name)? else {
+            return Ok(());
         };
-        if len >= SPARE_MIN_BYTES {
-            let spares = self.list();
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        let len = st.st_size as u64;
+        if regular && len >= SPARE_MIN_BYTES {
+            let spares = spare_names(&dirs.spare);
             let total: u64 = spares.iter().map(|&(_, n)| n).sum();
             if spares.len() < SPARE_MAX_FILES
                 && total + len <= SPARE_MAX_BYTES
-                && rename(path, &self.fresh_name(), true).is_ok()
+                && dirs
+                    .payload
+                    .rename(name, &dirs.spare, &self.fresh_name(), true)
+                    .is_ok()
             {
                 self.nudge(Nudge::Recycled);
                 return Ok(());
             }
         }
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        dirs.payload.unlink(name)
     }
 
     /// The spares now, as `(path, length)`.
     pub fn list(&self) -> Vec<Spare> {
-        list(self.dir())
+        match self.dirs() {
+            Ok(d) => spare_names(&d.spare)
+                .into_iter()
+                .map(|(name, n)| (self.dir().join(name), n))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
-    fn fresh_name(&self) -> PathBuf {
+    fn fresh_name(&self) -> String {
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        self.dir().join(format!("{n}"))
+        format!("{n}")
     }
 
     /// Tells the filler thread, starting it the first time.
@@ -260,12 +292,13 @@ impl Spares {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
             libc::setpriority(libc::PRIO_PROCESS, tid, 19);
         }
-        let dir = self.inner.dir.clone();
         let idle_trim = self.inner.idle_trim;
         let weak = Arc::downgrade(&self.inner);
         drop(self);
         loop {
-            let idle = list(&dir).is_empty();
+            let idle = weak
+                .upgrade()
+                .is_none_or(|inner| Spares { inner }.list().is_empty());
             let nudge = if idle {
                 rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
@@ -279,8 +312,10 @@ impl Spares {
                 Ok(Nudge::Want(len)) => spares.fill(len),
                 Ok(Nudge::Recycled) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    for (path, _) in spares.list() {
-                        let _ = std::fs::remove_file(path);
+                    if let Ok(d) = spares.dirs() {
+                        for (name, _) in spare_names(&d.spare) {
+                            let _ = d.spare.unlink(&name);
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -294,10 +329,13 @@ impl Spares {
         if want > SPARE_MAX_BYTES {
             return;
         }
+        let Ok(dirs) = self.dirs() else {
+            return;
+        };
         // Each turn makes or removes one file: bounded even if the listing
         // were to miss what was just made.
         for _ in 0..2 * SPARE_MAX_FILES {
-            let mut spares = self.list();
+            let mut spares = spare_names(&dirs.spare);
             spares.sort_by_key(|&(_, n)| n);
             if spares.iter().filter(|&&(_, n)| n >= want).count() >= SPARE_TARGET {
                 return;
@@ -305,8 +343,8 @@ impl Spares {
             let total: u64 = spares.iter().map(|&(_, n)| n).sum();
             if spares.len() >= SPARE_MAX_FILES || total + want > SPARE_MAX_BYTES {
                 match spares.first() {
-                    Some((path, n)) if *n < want => {
-                        let _ = std::fs::remove_file(path);
+                    Some((name, n)) if *n < want => {
+                        let _ = dirs.spare.unlink(name);
                         continue;
                     }
                     _ => return,
@@ -321,62 +359,40 @@ impl Spares {
     /// One new spare of `len` bytes of allocated pages (blocks), made under
     /// a `fill-` name and renamed when complete.
     fn make_spare(&self, len: u64) -> io::Result<()> {
-        let stat = nix::sys::statvfs::statvfs(self.dir()).map_err(io::Error::from)?;
-        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
-        if free < len.saturating_mul(FREE_SPACE_FACTOR) {
+        let dir = &self.dirs()?.spare;
+        if dir.free_bytes()? < len.saturating_mul(FREE_SPACE_FACTOR) {
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir().join(format!("fill-{n}"));
+        let tmp = format!("fill-{n}");
         let made = (|| {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let file = dir.create(&tmp, true)?;
             let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
             // SAFETY: plain system call on a descriptor we hold.
             if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            rename(&tmp, &self.dir().join(format!("{n}")), true)
+            dir.rename(&tmp, dir, &format!("{n}"), true)
         })();
         if made.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = dir.unlink(&tmp);
         }
         made
     }
 }
 
-/// The spares in `dir`, as `(path, length)`. Files being filled (named
-/// `fill-…`) are not spares yet.
-fn list(dir: &Path) -> Vec<Spare> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// The spares in `dir`, as `(name, length)`: regular files with a numeric
+/// name. Files being filled (`fill-…`) are not spares yet; anything else
+/// (which the daemon never makes there) is left out.
+fn spare_names(dir: &PrivateDir) -> Vec<(String, u64)> {
+    let Ok(entries) = dir.entries() else {
         return Vec::new();
     };
     entries
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let name = e.file_name();
-            let is_spare = name.to_str()?.bytes().all(|b| b.is_ascii_digit());
-            let len = e.metadata().ok()?.len();
-            is_spare.then(|| (e.path(), len))
+        .into_iter()
+        .filter(|(name, st)| {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG && name.bytes().all(|b| b.is_ascii_digit())
         })
+        .map(|(name, st)| (name, st.st_size as u64))
         .collect()
-}
-
-/// `rename`, with `exclusive` refusing to replace an existing `to`
-/// (`renameat2(RENAME_NOREPLACE)`).
-fn rename(from: &Path, to: &Path, exclusive: bool) -> io::Result<()> {
-    if !exclusive {
-        return std::fs::rename(from, to);
-    }
-    nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        from,
-        nix::fcntl::AT_FDCWD,
-        to,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
 }

@@ -111,7 +111,9 @@ impl Harness {
             match self.next() {
                 Completion::Durable { upto } if upto >= seq => return,
                 Completion::Durable { .. } | Completion::Query { .. } => {}
-                c @ Completion::Failed { .. } => panic!("unexpected {c:?}"),
+                c @ (Completion::Failed { .. } | Completion::InsertsFailed { .. }) => {
+                    panic!("unexpected {c:?}")
+                }
             }
         }
     }
@@ -774,8 +776,10 @@ fn permission_denied_is_explained() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).expect("mkdir");
     if nix::unistd::geteuid().is_root() {
-        // Root ignores permissions: ask the question as "nobody".
+        // Root ignores permissions: ask the question as "nobody", in a
+        // directory nobody owns (else it is refused as another user's).
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
         let Some(out) = run_child("store::tests::permission_denied_child", &state, Some(65534))
         else {
             return;
@@ -1570,23 +1574,84 @@ fn a_referenced_output_file_is_never_rewritten() {
     h.close();
 }
 
+/// An insert whose input cannot be put in its payload file fails alone:
+/// the rest of its batch (another insert, an update with a large output)
+/// commits, and the failure says whose fault it was.
 #[test]
-fn an_unwritable_payload_dir_fails_the_batch() {
+fn an_input_that_cannot_be_written_fails_its_insert_alone() {
+    let dir = TempDir::new("alone");
+    let (mut h, _) = Harness::open_tuned(dir.path(), fast_retry());
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+
+    // Something the store cannot replace (a directory) has the name of
+    // job 2's input file: its write fails (EISDIR, even for root).
+    let obstacle = dir.payload(2, "in");
+    std::fs::create_dir(&obstacle).expect("mkdir");
+    // Job 4's input comes from a client's file that is shorter than it
+    // said (cut after the submit was checked).
+    let short = dir.path().join("short");
+    std::fs::write(&short, pattern(FILE_PAYLOAD_MIN / 2, 4)).expect("write");
+    let big = pattern(FILE_PAYLOAD_MIN, 9);
+    let release = h.pause();
+    h.submit(succeeded_with(1, &big));
+    h.submit(Op::Insert(job_with_input(2, &big)));
+    h.submit(Op::Insert(new_job(3, "p")));
+    let upto = h.submit(Op::Insert(NewJob {
+        input: Arc::default(),
+        input_source: Some(InputSource {
+            file: Arc::new(std::fs::File::open(&short).expect("open")),
+            len: FILE_PAYLOAD_MIN as u64,
+        }),
+        ..new_job(4, "p")
+    }));
+    drop(release);
+    match h.next() {
+        Completion::InsertsFailed { failed } => {
+            let ids: Vec<u64> = failed.iter().map(|(id, _)| *id).collect();
+            assert_eq!(ids, vec![2, 4]);
+            match &failed[0].1 {
+                InsertFailure::Store(m) => {
+                    assert!(m.contains("Is a directory") && m.contains("2.in"), "{m}")
+                }
+                other => panic!("job 2: {other:?}"),
+            }
+            match &failed[1].1 {
+                InsertFailure::Input(m) => assert!(m.contains("ended after"), "{m}"),
+                other => panic!("job 4: {other:?}"),
+            }
+        }
+        c => panic!("unexpected {c:?}"),
+    }
+    assert_eq!(h.next(), Completion::Durable { upto });
+    assert!(h.job(1).expect("job 1").output == Some(Bytes(big.clone())));
+    assert_eq!(h.job(2), None, "a failed insert is not stored");
+    assert_eq!(h.job(3).expect("job 3").state, JobState::Queued);
+    assert_eq!(h.job(4), None);
+    std::fs::remove_dir(&obstacle).expect("rmdir");
+    assert_eq!(payload_names(&dir), ["1.out"]);
+    h.close();
+}
+
+/// A batch whose output file cannot be written fails as a whole: its
+/// inserts are lost (their clients told), its updates kept and retried
+/// until the file can be written.
+#[test]
+fn an_unwritable_output_file_fails_the_batch() {
     let dir = TempDir::new("nodir");
     let tuning = fast_retry();
     let (mut h, _) = Harness::open_tuned(dir.path(), tuning);
     let seq = h.submit(Op::Insert(new_job(1, "p")));
     h.wait_durable(seq);
 
-    // The payload directory is replaced by a regular file: every file
-    // write fails (with ENOTDIR, even for root).
-    let moved = dir.path().join("payloads.away");
-    std::fs::rename(dir.payloads(), &moved).expect("move payloads away");
-    std::fs::write(dir.payloads(), b"not a directory").expect("write");
+    // Something the store cannot replace (a directory) has the name of
+    // job 1's output file: its write fails (EISDIR, even for root).
+    let obstacle = dir.payload(1, "out");
+    std::fs::create_dir(&obstacle).expect("mkdir");
     let big = pattern(FILE_PAYLOAD_MIN, 9);
     let release = h.pause();
     h.submit(succeeded_with(1, &big));
-    h.submit(Op::Insert(job_with_input(2, &big)));
+    h.submit(Op::Insert(new_job(2, "p")));
     let failed_upto = h.submit(Op::Insert(new_job(3, "p")));
     drop(release);
     match h.next() {
@@ -1596,17 +1661,13 @@ fn an_unwritable_payload_dir_fails_the_batch() {
             error,
         } => {
             assert_eq!(upto, failed_upto);
-            assert_eq!(
-                lost_inserts,
-                vec![2, 3],
-                "every insert of the batch is lost"
-            );
+            assert_eq!(lost_inserts, vec![2, 3], "the batch's inserts are lost");
             assert_eq!(
                 error,
                 format!(
-                    "job store {}: cannot write payload file {}: Not a directory",
+                    "job store {}: cannot write payload file {}: Is a directory",
                     dir.db().display(),
-                    dir.payload(2, "in").display()
+                    dir.payload(1, "out").display()
                 )
             );
         }
@@ -1614,9 +1675,8 @@ fn an_unwritable_payload_dir_fails_the_batch() {
     }
     assert_eq!(h.job(1).expect("job 1").state, JobState::Queued);
 
-    // The directory comes back: the kept update is written by itself.
-    std::fs::remove_file(dir.payloads()).expect("rm");
-    std::fs::rename(&moved, dir.payloads()).expect("move back");
+    // The obstacle goes: the kept update is written by itself.
+    std::fs::remove_dir(&obstacle).expect("rmdir");
     assert!(matches!(h.next(), Completion::Durable { upto } if upto > failed_upto));
     assert!(h.job(1).expect("job 1").output == Some(Bytes(big.clone())));
     assert_eq!(h.job(2), None, "a lost insert is never stored later");
@@ -1670,13 +1730,25 @@ fn half_write_child() {
     h.submit(Op::Insert(job_with_input(2, &big)));
     let failed_upto = h.submit(succeeded_with(1, &big));
     drop(release);
+    // The input fails alone; the output then fails the batch.
+    match h.next() {
+        Completion::InsertsFailed { failed } => {
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].0, 2);
+            assert!(
+                matches!(&failed[0].1, InsertFailure::Store(m) if m.contains("File too large")),
+                "{failed:?}"
+            );
+        }
+        c => panic!("unexpected {c:?}"),
+    }
     match h.next() {
         Completion::Failed {
             upto,
             lost_inserts,
             error,
         } => {
-            assert_eq!((upto, lost_inserts), (failed_upto, vec![2]));
+            assert_eq!((upto, lost_inserts), (failed_upto, vec![]));
             assert!(error.contains("File too large"), "{error}");
         }
         c => panic!("unexpected {c:?}"),
@@ -2102,8 +2174,22 @@ fn spares_in(dir: &TempDir, idle_trim: Option<Duration>) -> Spares {
         idle_trim.is_some(),
         idle_trim.unwrap_or(Duration::MAX),
     );
-    spares.clear().expect("clear");
+    let payloads = crate::private_dir::PrivateDir::open(
+        &dir.payloads(),
+        "daemon.payload_dir",
+        false,
+        crate::private_dir::Strictness::NoForeignWrite,
+    )
+    .expect("open");
+    spares.clear(Arc::new(payloads)).expect("clear");
     spares
+}
+
+/// The name of a payload file, as the spares take it.
+fn name_of(path: &Path) -> &str {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .expect("a file name")
 }
 
 fn inode(path: &Path) -> u64 {
@@ -2125,7 +2211,7 @@ fn a_recycled_file_is_the_next_payload_file_with_only_the_new_bytes() {
     let old = dir.payload(1, "in");
     std::fs::write(&old, pattern(3 << 20, 1)).expect("write");
     let ino = inode(&old);
-    spares.recycle(&old).expect("recycle");
+    spares.recycle(name_of(&old)).expect("recycle");
     assert!(!old.exists());
     assert_eq!(spare_lens(&spares), [3 << 20]);
 
@@ -2133,7 +2219,7 @@ fn a_recycled_file_is_the_next_payload_file_with_only_the_new_bytes() {
     let new = dir.payload(2, "out");
     let data = pattern(2 << 20, 2);
     let mut file = spares
-        .create(&new, data.len() as u64, true)
+        .create(name_of(&new), data.len() as u64, true)
         .expect("create");
     file.write_all(&data).expect("write");
     drop(file);
@@ -2143,7 +2229,7 @@ fn a_recycled_file_is_the_next_payload_file_with_only_the_new_bytes() {
 
     // No spare left: a new file.
     let other = dir.payload(3, "out");
-    spares.create(&other, 5, true).expect("create");
+    spares.create(name_of(&other), 5, true).expect("create");
     assert_eq!(std::fs::metadata(&other).expect("stat").len(), 5);
 }
 
@@ -2153,15 +2239,19 @@ fn an_existing_file_is_refused_when_exclusive_and_the_spare_stays() {
     let spares = spares_in(&dir, None);
     let spare = dir.payload(1, "in");
     std::fs::write(&spare, pattern(2 << 20, 1)).expect("write");
-    spares.recycle(&spare).expect("recycle");
+    spares.recycle(name_of(&spare)).expect("recycle");
     let taken = dir.payload(7, "out");
     std::fs::write(&taken, b"referenced").expect("write");
-    let e = spares.create(&taken, 2 << 20, true).expect_err("exists");
+    let e = spares
+        .create(name_of(&taken), 2 << 20, true)
+        .expect_err("exists");
     assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(&taken).expect("read"), b"referenced");
     assert_eq!(spare_lens(&spares), [2 << 20]);
     // Not exclusive (the store's own writes): replaced.
-    spares.create(&taken, 2 << 20, false).expect("create");
+    spares
+        .create(name_of(&taken), 2 << 20, false)
+        .expect("create");
     assert_eq!(spare_lens(&spares), Vec::<u64>::new());
 }
 
@@ -2172,26 +2262,28 @@ fn spares_stay_within_their_limits_and_fit_the_payload() {
     // Too small to keep.
     let small = dir.payload(1, "in");
     std::fs::write(&small, b"tiny").expect("write");
-    spares.recycle(&small).expect("recycle");
+    spares.recycle(name_of(&small)).expect("recycle");
     assert!(!small.exists() && spares.list().is_empty());
     // At most SPARE_MAX_FILES; the others are removed.
     for id in 2..2 + SPARE_MAX_FILES as u64 + 2 {
         let path = dir.payload(id, "in");
         std::fs::write(&path, pattern(1 << 20, id)).expect("write");
-        spares.recycle(&path).expect("recycle");
+        spares.recycle(name_of(&path)).expect("recycle");
         assert!(!path.exists());
     }
     assert_eq!(spares.list().len(), SPARE_MAX_FILES);
     // Never one more than twice as large as needed.
     let path = dir.payload(50, "out");
-    spares.create(&path, 100, true).expect("create");
+    spares.create(name_of(&path), 100, true).expect("create");
     assert_eq!(
         spares.list().len(),
         SPARE_MAX_FILES,
         "a 1 MiB spare is not taken for 100 bytes"
     );
     let path = dir.payload(51, "out");
-    spares.create(&path, 1 << 20, true).expect("create");
+    spares
+        .create(name_of(&path), 1 << 20, true)
+        .expect("create");
     assert_eq!(spares.list().len(), SPARE_MAX_FILES - 1);
 }
 

@@ -638,6 +638,39 @@ impl Supervisor {
         self.log(Level::Error, format!("job store: {error}"));
     }
 
+    /// Inserts that failed alone (their input could not be stored; the
+    /// rest of their batch goes on): each client hears why, in order with
+    /// its other replies, and the jobs are dropped.
+    pub fn on_inserts_failed(&mut self, failed: Vec<(u64, crate::store::InsertFailure)>) {
+        use crate::store::InsertFailure;
+        for (id, why) in failed {
+            let at = self
+                .jt
+                .pending
+                .iter()
+                .position(|(_, p)| matches!(p, Pending::Insert { id: i, .. } if *i == id));
+            if let Some(at) = at {
+                let (seq, p) = &self.jt.pending[at];
+                let (seq, client) = match p {
+                    Pending::Insert { client, .. } => (*seq, *client),
+                    _ => unreachable!("matched above"),
+                };
+                let (kind, message) = match why {
+                    InsertFailure::Input(m) => (ipc_proto::control::ErrorKind::Invalid, m),
+                    InsertFailure::Store(m) => (ipc_proto::control::ErrorKind::Rejected, m),
+                };
+                self.jt.pending[at] = (
+                    seq,
+                    Pending::Reply {
+                        client,
+                        resp: Box::new(Response::Error { kind, message }),
+                    },
+                );
+            }
+            self.forget_unstored(id);
+        }
+    }
+
     /// A job whose insert failed: it was never acknowledged, so it is
     /// dropped (a running one when its worker is done with it).
     fn forget_unstored(&mut self, id: u64) {
