@@ -808,12 +808,15 @@ fn unwritable_state_dir_is_a_clear_startup_error() {
     use std::os::unix::process::CommandExt;
     let dir = TempDir::new("ro-state");
     let root = nix::unistd::geteuid().is_root();
-    // The socket's directory is writable by anyone; the state directory is
-    // not writable by the daemon's user (as root we run it as nobody,
-    // since root ignores permission bits).
+    // The socket's directory is the daemon's user's; the state directory is
+    // not writable by it (as root we run it as nobody, since root ignores
+    // permission bits).
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if root {
+        std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    }
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();

@@ -192,16 +192,7 @@ fn check_listening_unix_stream(fd: &OwnedFd) -> anyhow::Result<()> {
 /// Binds the control socket at `path` with permissions `mode`.
 pub fn bind(path: &Path, mode: u32) -> anyhow::Result<mio::net::UnixListener> {
     use anyhow::Context;
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!(
-                    "cannot create the control socket's directory {}",
-                    dir.display()
-                )
-            })?;
-        }
-    }
+    socket_dir(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -241,6 +232,53 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<mio::net::UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot chmod control socket {}", path.display()))?;
     Ok(listener)
+}
+
+/// Makes sure nobody else controls the directory the socket goes in, since
+/// whoever can write there can put a fake daemon in its place (clients pass
+/// it their files): the default directory of a non-root daemon
+/// (`$XDG_RUNTIME_DIR/jobvisor`, `/tmp/jobvisor-$UID`) must be the user's
+/// own and mode 0700, as tmux and ssh-agent demand; root's default
+/// (`/run/jobvisor`) and a directory the daemon creates must be its own and
+/// not writable by group or others (created 0755, so that the socket's group
+/// can reach the socket, which `socket_mode` guards). An existing directory
+/// named by `daemon.control_socket` is the operator's choice: refused only
+/// if anyone may write to it without the sticky bit, with a warning if
+/// anyone may create files in it at all.
+fn socket_dir(path: &Path) -> anyhow::Result<()> {
+    use crate::private_dir::{PrivateDir, Strictness};
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let default = crate::config::default_runtime_dir();
+    let root = nix::unistd::geteuid().is_root();
+    let what = "the control socket's directory";
+    if dir == default && !root {
+        PrivateDir::open_mode(dir, what, Some(0o700), Strictness::OwnerOnly)?;
+        return Ok(());
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if dir != default => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+                anyhow::bail!(
+                    "refusing to put the control socket in {}: mode {mode:04o} lets anyone replace it (with a fake daemon that clients would send their files to); use a directory of its own, not writable by others",
+                    dir.display()
+                );
+            }
+            if mode & 0o022 != 0 {
+                crate::warn!(
+                    "the control socket's directory {} (mode {mode:04o}) lets other users create files: one could take the socket's name while jobvisord is stopped; prefer a directory of its own",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        _ => {
+            PrivateDir::open_mode(dir, what, Some(0o755), Strictness::NoForeignWrite)?;
+            Ok(())
+        }
+    }
 }
 
 /// One connected control client.

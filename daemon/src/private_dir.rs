@@ -55,6 +55,21 @@ impl PrivateDir {
         create: bool,
         strictness: Strictness,
     ) -> Result<PrivateDir, DirError> {
+        PrivateDir::open_mode(path, what, create.then_some(0o700), strictness)
+    }
+
+    /// [`PrivateDir::open`], creating a missing directory with `create`'s
+    /// mode (exactly, whatever the umask) when it is `Some`: 0755 for the
+    /// socket directory of a root daemon, which its group's users must be
+    /// able to enter.
+    pub fn open_mode(
+        path: &Path,
+        what: &str,
+        create: Option<u32>,
+        strictness: Strictness,
+    ) -> Result<PrivateDir, DirError> {
+        let create_mode = create.unwrap_or(0o700);
+        let create = create.is_some();
         let mut created = false;
         if create {
             match std::fs::symlink_metadata(path) {
@@ -104,7 +119,7 @@ impl PrivateDir {
         })?;
         if created {
             // mkdir's mode was masked by the umask; say it exactly.
-            fchmod(&fd, Mode::from_bits_truncate(0o700))
+            fchmod(&fd, Mode::from_bits_truncate(create_mode))
                 .map_err(|e| DirError(format!("cannot chmod {}: {e}", path.display())))?;
         }
         check(&fd, path, what, strictness)?;
@@ -357,6 +372,67 @@ fn check(fd: &OwnedFd, path: &Path, what: &str, strictness: Strictness) -> Resul
         "refusing to use {what} {}: {problem} (owner {owner}, mode {mode:04o}); another user could plant files there. Fix: `chown {euid} {p} && {fix_mode} {p}`, or remove it and let jobvisord create it",
         path.display(),
         p = path.display(),
+    )))
+}
+
+/// Checks, without creating or keeping anything, that the directory at
+/// `path` is one a client may trust to hold the daemon's socket: owned by
+/// the client's euid (or root) and, with [`Strictness::OwnerOnly`], closed to
+/// group and others. `Ok(false)` if it does not exist.
+pub fn check_existing(
+    path: &Path,
+    what: &str,
+    strictness: Strictness,
+    owners: &[u32],
+) -> Result<bool, DirError> {
+    let fd = match open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(false),
+        Err(nix::errno::Errno::ELOOP) => {
+            return Err(DirError(format!(
+                "refusing to use {what} {}: it is a symbolic link; another user could have made it",
+                path.display()
+            )))
+        }
+        Err(nix::errno::Errno::ENOTDIR) if path.is_symlink() => {
+            return Err(DirError(format!(
+                "refusing to use {what} {}: it is a symbolic link; another user could have made it",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(DirError(format!(
+                "cannot open {what} {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let st = fstat(&fd).map_err(|e| DirError(format!("cannot stat {}: {e}", path.display())))?;
+    let mode = st.st_mode & 0o7777;
+    let forbidden = match strictness {
+        Strictness::NoForeignWrite => 0o022,
+        Strictness::OwnerOnly => 0o077,
+    };
+    if owners.contains(&st.st_uid) && mode & forbidden == 0 {
+        return Ok(true);
+    }
+    let fix = match strictness {
+        Strictness::NoForeignWrite => "chmod go-w",
+        Strictness::OwnerOnly => "chmod 0700",
+    };
+    Err(DirError(format!(
+        "refusing to use {what} {}: owner {}, mode {mode:04o}; it must be yours and {} (another user could have put a fake jobvisord there). Remove it and start jobvisord again, or fix it: `{fix} {}`",
+        path.display(),
+        describe_uid(st.st_uid),
+        match strictness {
+            Strictness::NoForeignWrite => "not writable by group or others",
+            Strictness::OwnerOnly => "closed to group and others (0700)",
+        },
+        path.display()
     )))
 }
 

@@ -19,6 +19,7 @@ A Client is one connection; it is not thread-safe (use one per thread, or
 
 import array
 import contextlib
+import errno
 import os
 import socket
 
@@ -252,6 +253,39 @@ def _runtime_dir():
     return os.path.join(x, "jobvisor") if x.startswith("/") else f"/tmp/jobvisor-{os.geteuid()}"
 
 
+def default_socket():
+    """The default control socket, once its directory is checked: a fake
+    daemon in a directory someone else controls would get the descriptors of
+    the files we submit. As tmux and ssh-agent do, a non-root user's default
+    directory must be its own and mode 0700; root's must be root's and not
+    writable by others (as jobvisorctl checks)."""
+    d = _runtime_dir()
+    euid = os.geteuid()
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.path.join(d, SOCKET_FILE_NAME)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Error("failed", f"refusing to use the default socket directory {d}: it is a "
+                                  "symbolic link; another user could have made it") from None
+        raise Error("failed", f"cannot open the default socket directory {d}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    mode = st.st_mode & 0o7777
+    forbidden = 0o022 if euid == 0 else 0o077
+    if st.st_uid != euid or mode & forbidden:
+        need = "not writable by group or others" if euid == 0 else "closed to group and others (0700)"
+        fix = "chmod go-w" if euid == 0 else "chmod 0700"
+        raise Error("failed", f"refusing to use the default socket directory {d}: owner uid {st.st_uid}, "
+                              f"mode {mode:04o}; it must be yours and {need} (another user could have put a "
+                              f"fake jobvisord there). Remove it and start jobvisord again, or fix it: "
+                              f"`{fix} {d}`")
+    return os.path.join(d, SOCKET_FILE_NAME)
+
+
 def resolve_socket(socket=None, config=None):
     """The control socket: `socket`, else $JOBVISOR_SOCKET, else the one the
     config file names (see :func:`socket_from_config`)."""
@@ -275,7 +309,7 @@ def socket_from_config(path=None):
         raise Error("invalid", f"{path}: {e}")
     sock = (doc.get("daemon") or {}).get("control_socket")
     if sock is None:
-        return os.path.join(_runtime_dir(), SOCKET_FILE_NAME)
+        return default_socket()
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), sock))
 
 
@@ -297,7 +331,13 @@ class Connection:
                                   " (is it running? see `jobvisorctl status`)") from None
         self.frames = w.FrameReader(read=self._read)
         self.fds = []
-        self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION))
+        # A daemon over its connection caps answers a refusal and closes
+        # before reading anything: our Hello may meet a closed socket, and
+        # the refusal is read all the same.
+        try:
+            self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION))
+        except Error:
+            pass
         kind, value = self.recv()
         if kind == "error":
             raise value

@@ -256,11 +256,39 @@ fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
     });
     if let Some(p) = cfg_path {
         return match crate::config::load(&p) {
+            // A config without `control_socket` means the default socket.
+            Ok(c)
+                if c.daemon.control_socket
+                    == crate::config::default_runtime_dir()
+                        .join(crate::config::SOCKET_FILE_NAME) =>
+            {
+                default_socket()
+            }
             Ok(c) => Ok(c.daemon.control_socket),
             Err(e) => Err(Failure::usage(e.to_string())),
         };
     }
-    Ok(crate::config::default_runtime_dir().join("jobvisor.sock"))
+    default_socket()
+}
+
+/// The default socket, once its directory is checked: a fake daemon in a
+/// directory someone else controls would receive the descriptors of the
+/// files we submit. As tmux and ssh-agent do, a non-root user's default
+/// directory must be its own and mode 0700; root's must be root's and not
+/// writable by others. (An explicit `--socket`, `$JOBVISOR_SOCKET` or a
+/// config's `control_socket` is the user's own choice and is not checked.)
+fn default_socket() -> Result<PathBuf, Failure> {
+    use crate::private_dir::{check_existing, Strictness};
+    let dir = crate::config::default_runtime_dir();
+    let euid = nix::unistd::geteuid().as_raw();
+    let strictness = if euid == 0 {
+        Strictness::NoForeignWrite
+    } else {
+        Strictness::OwnerOnly
+    };
+    check_existing(&dir, "the default socket directory", strictness, &[euid])
+        .map_err(|e| Failure::new(3, e.0))?;
+    Ok(dir.join(crate::config::SOCKET_FILE_NAME))
 }
 
 fn run(args: Args) -> Result<u8, Failure> {
