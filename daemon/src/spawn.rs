@@ -119,6 +119,70 @@ pub struct Spawned {
     pub shm_size: u64,
 }
 
+/// Why a spawn failed, and whether trying again later may work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    /// What failed, for the log and `status`.
+    pub message: String,
+    /// A shortage of a resource that comes back by itself (descriptors,
+    /// processes, memory: `EMFILE`, `ENFILE`, `EAGAIN`, `ENOMEM`), not a
+    /// fault of the pool: the supervisor retries after a backoff without
+    /// counting a crash. Everything else (command missing, unknown user…)
+    /// is not transient.
+    pub transient: bool,
+}
+
+impl SpawnError {
+    /// The system call `what` failed with `errno`.
+    fn os(what: impl std::fmt::Display, errno: nix::errno::Errno) -> SpawnError {
+        SpawnError {
+            message: format!("{what}: {errno}"),
+            transient: is_transient(errno),
+        }
+    }
+
+    /// Like [`SpawnError::os`], from a `std::io::Error`.
+    fn io(what: impl std::fmt::Display, e: std::io::Error) -> SpawnError {
+        SpawnError {
+            transient: e
+                .raw_os_error()
+                .is_some_and(|n| is_transient(nix::errno::Errno::from_raw(n))),
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// A resource shortage that goes away by itself (see
+/// [`SpawnError::transient`]).
+pub fn is_transient(errno: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        errno,
+        Errno::EMFILE | Errno::ENFILE | Errno::EAGAIN | Errno::ENOMEM
+    )
+}
+
+impl From<String> for SpawnError {
+    fn from(message: String) -> SpawnError {
+        SpawnError {
+            message,
+            transient: false,
+        }
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(message: &str) -> SpawnError {
+        SpawnError::from(message.to_string())
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Finds `program` like DESIGN.md says: a path with a `/` is taken as is
 /// (relative to `base`), a bare name is searched in `PATH`, then next to the
 /// running `jobvisord`.
@@ -169,7 +233,7 @@ fn is_executable(p: &Path) -> bool {
 /// child has called `execve` (or given up): whether that worked is read
 /// later from [`Spawned::exec_status`], only if the worker dies before
 /// `Ready`.
-pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, String> {
+pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, SpawnError> {
     let program = resolve_program(&cfg.command[0], &cfg.cwd)?;
     let ids = user_ids(cfg)?;
     // Everything the child needs is built here, before the clone: after it,
@@ -219,7 +283,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         .chain(std::iter::once(std::ptr::null()))
         .collect();
 
-    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::os("pipe", e));
     let (job_r, job_w) = pipe()?;
     let (res_r, res_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
@@ -231,16 +295,16 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         Some(_) => Some(pipe()?),
         None => None,
     };
-    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let null = std::fs::File::open("/dev/null").map_err(|e| SpawnError::io("/dev/null", e))?;
     let arena = memfd_create(
         c"jobvisor-arena",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )
-    .map_err(|e| format!("memfd_create: {e}"))?;
+    .map_err(|e| SpawnError::os("memfd_create", e))?;
     nix::unistd::ftruncate(&arena, cfg.shm_size as i64).map_err(|e| {
-        format!(
-            "sizing the shared-memory arena to {} bytes: {e}",
-            cfg.shm_size
+        SpawnError::os(
+            format_args!("sizing the shared-memory arena to {} bytes", cfg.shm_size),
+            e,
         )
     })?;
     // The worker must not change the arena's size: a shrunk memfd would
@@ -326,7 +390,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         None,
     );
     if pid < 0 {
-        return Err(format!("clone: {fork_err}"));
+        return Err(SpawnError::io("clone", fork_err));
     }
     if let Some((sync_r, sync_w)) = sync {
         // Until the child leads its session (end of file: it closed its
@@ -339,7 +403,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
     // The child's ends, closed in the parent.
     drop((null, out_w, err_w, job_r, res_w, status_w));
     for fd in [&job_w, &res_r, &out_r, &err_r, &status_r] {
-        set_nonblocking(fd).map_err(|e| format!("fcntl O_NONBLOCK: {e}"))?;
+        set_nonblocking(fd).map_err(|e| SpawnError::os("fcntl O_NONBLOCK", e))?;
     }
     Ok(Spawned {
         pid: pid as u32,
@@ -569,7 +633,7 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
 }
 
 /// Resolves `user`/`group` to ids; only allowed when the daemon is root.
-fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, String> {
+fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, SpawnError> {
     if cfg.user.is_none() && cfg.group.is_none() {
         return Ok(None);
     }
@@ -582,14 +646,14 @@ fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, String> {
     let (mut uid, mut gid) = (0u32, 0u32);
     if let Some(u) = &cfg.user {
         let user = nix::unistd::User::from_name(u)
-            .map_err(|e| format!("looking up user {u:?}: {e}"))?
+            .map_err(|e| SpawnError::os(format_args!("looking up user {u:?}"), e))?
             .ok_or_else(|| format!("no such user {u:?}"))?;
         uid = user.uid.as_raw();
         gid = user.gid.as_raw();
     }
     if let Some(g) = &cfg.group {
         let group = nix::unistd::Group::from_name(g)
-            .map_err(|e| format!("looking up group {g:?}: {e}"))?
+            .map_err(|e| SpawnError::os(format_args!("looking up group {g:?}"), e))?
             .ok_or_else(|| format!("no such group {g:?}"))?;
         gid = group.gid.as_raw();
     }
