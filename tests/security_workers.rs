@@ -256,3 +256,53 @@ fn shutdown_leaves_no_worker_descendant() {
         || escapers.iter().all(|p| !alive(*p)).then_some(()),
     );
 }
+
+/// Attribution is by session: a worker's background process in a process
+/// group of its own (but still in the worker's session) is adopted by the
+/// daemon once its parent exits, is left alone while its worker lives,
+/// even when other workers exit, and dies with its worker although the
+/// group kill misses it.
+#[test]
+fn a_background_process_lives_with_its_worker_and_dies_with_it() {
+    let m = marker(3);
+    let job = format!(
+        "perl -e 'setpgrp(0, 0); exec(\"sleep\", \"{m}\")' </dev/null >/dev/null 2>&1 & echo started"
+    );
+    let cfg = format!(
+        "{}[pools.bg]\ncommand = [{w}, \"exec\", \"--\", \"sh\", \"-c\", {job:?}]\nworkers = 1\n\
+         [pools.other]\ncommand = [{w}, \"echo\"]\nworkers = 1\n",
+        daemon_section(),
+        w = worker_bin()
+    );
+    let d = Daemon::start("background", &cfg);
+    let worker = d.wait_ready("bg", 1)[0];
+    let other = d.wait_ready("other", 1)[0];
+    let r = d.ctl(&["submit", "bg", "--input", "", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let bg = wait_for(
+        "the background process, adopted by the daemon",
+        DEADLINE,
+        || {
+            let s = sleepers(&m);
+            (s.len() == 1 && ppid(s[0]) == Some(d.pid())).then(|| s[0])
+        },
+    );
+    assert!(
+        !group_members(worker).contains(&bg),
+        "in a group of its own"
+    );
+    // Another worker exits: the sweep that follows leaves it alone.
+    kill(other, Signal::SIGKILL);
+    wait_for("the other pool's replacement", DEADLINE, || {
+        let p = d.pool("other")["workers"][0].clone();
+        (p["state"] == "ready" && p["pid"].as_u64() != Some(other as u64)).then_some(())
+    });
+    assert!(alive(bg), "killed while its worker lives");
+    // Its own worker exits: it goes too.
+    kill(worker, Signal::SIGKILL);
+    wait_for(
+        "the background process to die with its worker",
+        DEADLINE,
+        || (!alive(bg)).then_some(()),
+    );
+}
