@@ -306,3 +306,64 @@ fn a_background_process_lives_with_its_worker_and_dies_with_it() {
         || (!alive(bg)).then_some(()),
     );
 }
+
+/// Item: a spawn that fails for lack of descriptors is not a crash of the
+/// pool: it is retried after a backoff, `max_restarts` is not charged, and
+/// the worker comes back once descriptors are free again.
+#[test]
+fn spawn_failing_for_lack_of_descriptors_is_retried_not_a_crash() {
+    const LIMIT: u64 = 64;
+    let cfg = format!(
+        "{}[pools.p]\ncommand = [{}, \"echo\"]\nworkers = 1\nmax_restarts = 1\n\
+         restart_window = \"10min\"\nbackoff_initial = \"0s\"\nbackoff_max = \"400ms\"\n",
+        daemon_section(),
+        test_worker()
+    );
+    let mut d = Daemon::prepare("emfile", &cfg);
+    let mut cmd = d.command();
+    // SAFETY: runs in the forked child before exec; setrlimit is
+    // async-signal-safe and touches only the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    d.launch(cmd);
+    wait_for("the control socket to answer", DEADLINE, || {
+        (d.ctl(&["status"]).code == 0).then_some(())
+    });
+    let worker = d.wait_ready("p", 1)[0];
+    let daemon = d.pid();
+    let open_fds = || std::fs::read_dir(format!("/proc/{daemon}/fd")).map_or(0, |d| d.count());
+    // Connections the daemon accepts and keeps, until it has no descriptor
+    // left (the rest wait in the listen backlog).
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        held.push(std::os::unix::net::UnixStream::connect(d.socket()).expect("connect"));
+    }
+    wait_for("the daemon to run out of descriptors", DEADLINE, || {
+        (open_fds() as u64 >= LIMIT).then_some(())
+    });
+    kill(worker, Signal::SIGKILL);
+    // Its replacement cannot be spawned: retried, more often than
+    // max_restarts would allow crashes, and the pool does not fail.
+    wait_for("three retried spawns", DEADLINE, || {
+        let log = d.log_text();
+        (log.matches("not counted as a crash").count() >= 3).then_some(())
+    });
+    assert!(d.log_text().contains("Too many open files"));
+    assert!(!d.log_text().contains("pool p failed"), "{}", d.log_text());
+    // Descriptors come back: so does the worker.
+    drop(held);
+    let new = d.wait_ready("p", 1)[0];
+    assert_ne!(new, worker);
+    assert_eq!(d.pool("p")["state"], "running");
+}
