@@ -5,6 +5,7 @@
 //! - [`supervisor`]: the sans-IO supervision core (state machine).
 //! - [`reactor`]: the epoll event loop that executes the core's actions.
 //! - [`spawn`]: fork+exec of workers with exactly the right descriptors.
+//! - [`orphans`]: no worker descendant outlives its worker or the daemon.
 //! - [`shm`]: the daemon's mapping of each worker's shared-memory arena.
 //! - [`control`]: the control socket (binding, client connections).
 //! - [`client`]: the client side of the control protocol (`jobvisorctl`).
@@ -19,6 +20,7 @@ pub mod ctl;
 pub mod fdpass;
 pub mod log;
 pub mod notify;
+pub mod orphans;
 pub mod private_dir;
 pub mod reactor;
 pub mod shm;

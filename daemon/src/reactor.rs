@@ -429,6 +429,8 @@ impl Reactor {
             self.flush_dirty();
             self.after_turn();
         }
+        // Every worker is gone: so is anything they left behind.
+        crate::orphans::kill_all_and_reap();
         // Event streams end cleanly.
         let subs: Vec<u64> = self.subscribers.iter().copied().collect();
         for id in subs {
@@ -585,22 +587,23 @@ impl Reactor {
 
     /// Collects every exited child. See the module docs for the ordering.
     fn reap(&mut self) {
+        let mut reaped = false;
         loop {
             let peek = waitid(
                 Id::All,
                 WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
             );
             let pid = match peek {
-                Ok(WaitStatus::StillAlive) => return,
+                Ok(WaitStatus::StillAlive) => break,
                 Ok(st) => match st.pid() {
                     Some(p) => p,
-                    None => return,
+                    None => break,
                 },
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::ECHILD) => return,
+                Err(nix::errno::Errno::ECHILD) => break,
                 Err(e) => {
                     crate::error!("waitid failed: {e}");
-                    return;
+                    break;
                 }
             };
             let known = self.pids.get(&(pid.as_raw() as u32)).copied();
@@ -614,8 +617,9 @@ impl Reactor {
                     other => break other,
                 }
             };
+            reaped = true;
             let Some(proc) = known else {
-                continue; // an adopted orphan: reaped, nothing else to do
+                continue; // an adopted orphan: reaped (its children are swept below)
             };
             let description = match status {
                 Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
@@ -629,6 +633,20 @@ impl Reactor {
                 Err(e) => format!("unknown status ({e})"),
             };
             self.worker_gone(proc, ExitInfo { description });
+        }
+        if reaped {
+            // Descendants that escaped the group kill (see orphans.rs).
+            let (pids, procs) = (&self.pids, &self.procs);
+            let killed = crate::orphans::sweep(|pid| {
+                pids.get(&pid)
+                    .and_then(|p| procs.get(p))
+                    .is_some_and(|w| w.exit.is_none())
+            });
+            if !killed.is_empty() {
+                crate::warn!(
+                    "killed worker descendants that outlived their worker: pids {killed:?}"
+                );
+            }
         }
     }
 

@@ -26,6 +26,23 @@
 //! exec'd. The loop is suspended only for the child's few setup calls, up
 //! to the point where `execve` lets go of the daemon's memory.
 //!
+//! **Except across a credential change.** A pool with `user`/`group` runs
+//! its workers as another, untrusted user, and from its `setuid` on, the
+//! child belongs to that user, who may `SIGSTOP` it before it reaches
+//! `execve`: with `CLONE_VFORK` the loop thread would then wait in the clone
+//! until the user sends `SIGCONT`, freezing the whole daemon. Such pools are
+//! spawned with a plain fork-like clone instead (no `CLONE_VM`, no
+//! `CLONE_VFORK`: the child works on a copy of the daemon's memory, and the
+//! loop returns at once). The loop waits only until the child has made
+//! itself a session leader, while it is still root and nobody but root can
+//! stop it: the child closes a sync pipe then, and the loop reads its end
+//! of file. That keeps the guarantee of the vfork path that the worker's
+//! process group exists when the spawn returns (a signal to `-pid` cannot
+//! miss it). Pools without a credential change keep the vfork path: restart
+//! latency is a benchmarked figure, and the page-table copy of a fork costs
+//! there. The child does the same raw system calls on either path; a
+//! failure is reported on the status pipe either way.
+//!
 //! Races and hazards closed here:
 //! - **fd numbering**: the sources of fds 0..=5 and the status pipe may
 //!   themselves have numbers 0..=5 in the child; they are first duplicated
@@ -44,9 +61,15 @@
 //!   the daemon's pid right after it and bails out if the daemon is gone.
 //!   `PR_SET_PDEATHSIG` fires when the *thread* that cloned it exits, so spawns
 //!   happen only on the long-lived event-loop thread.
-//! - **process-group escape**: the worker leads its own process group
-//!   (`setpgid(0, 0)`), so signals to `-pid` reach every grandchild it
-//!   started.
+//! - **the credential change clears the death signal**: the kernel resets
+//!   `PR_SET_PDEATHSIG` when the effective or filesystem uid/gid changes, so
+//!   it is set (and `getppid()` re-checked) *after* `setuid`, as the last
+//!   step before `execve`.
+//! - **process-group escape**: the worker leads its own session and process
+//!   group (`setsid`), so signals to `-pid` reach every grandchild that
+//!   stayed in it. A descendant cannot join another worker's group (that
+//!   needs the same session), so a session id names its worker; one that
+//!   left with `setsid` is dealt with by [`crate::orphans`].
 
 use crate::config::PoolConfig;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -94,6 +117,70 @@ pub struct Spawned {
     pub program: PathBuf,
     /// Size of the arena in bytes.
     pub shm_size: u64,
+}
+
+/// Why a spawn failed, and whether trying again later may work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    /// What failed, for the log and `status`.
+    pub message: String,
+    /// A shortage of a resource that comes back by itself (descriptors,
+    /// processes, memory: `EMFILE`, `ENFILE`, `EAGAIN`, `ENOMEM`), not a
+    /// fault of the pool: the supervisor retries after a backoff without
+    /// counting a crash. Everything else (command missing, unknown user…)
+    /// is not transient.
+    pub transient: bool,
+}
+
+impl SpawnError {
+    /// The system call `what` failed with `errno`.
+    fn os(what: impl std::fmt::Display, errno: nix::errno::Errno) -> SpawnError {
+        SpawnError {
+            message: format!("{what}: {errno}"),
+            transient: is_transient(errno),
+        }
+    }
+
+    /// Like [`SpawnError::os`], from a `std::io::Error`.
+    fn io(what: impl std::fmt::Display, e: std::io::Error) -> SpawnError {
+        SpawnError {
+            transient: e
+                .raw_os_error()
+                .is_some_and(|n| is_transient(nix::errno::Errno::from_raw(n))),
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// A resource shortage that goes away by itself (see
+/// [`SpawnError::transient`]).
+pub fn is_transient(errno: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        errno,
+        Errno::EMFILE | Errno::ENFILE | Errno::EAGAIN | Errno::ENOMEM
+    )
+}
+
+impl From<String> for SpawnError {
+    fn from(message: String) -> SpawnError {
+        SpawnError {
+            message,
+            transient: false,
+        }
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(message: &str) -> SpawnError {
+        SpawnError::from(message.to_string())
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// Finds `program` like DESIGN.md says: a path with a `/` is taken as is
@@ -146,7 +233,7 @@ fn is_executable(p: &Path) -> bool {
 /// child has called `execve` (or given up): whether that worked is read
 /// later from [`Spawned::exec_status`], only if the worker dies before
 /// `Ready`.
-pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, String> {
+pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, SpawnError> {
     let program = resolve_program(&cfg.command[0], &cfg.cwd)?;
     let ids = user_ids(cfg)?;
     // Everything the child needs is built here, before the clone: after it,
@@ -196,22 +283,28 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         .chain(std::iter::once(std::ptr::null()))
         .collect();
 
-    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::os("pipe", e));
     let (job_r, job_w) = pipe()?;
     let (res_r, res_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
-    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    // Fork path only (a credential change): the child closes its end once
+    // it leads its own session, while it is still root.
+    let sync = match ids {
+        Some(_) => Some(pipe()?),
+        None => None,
+    };
+    let null = std::fs::File::open("/dev/null").map_err(|e| SpawnError::io("/dev/null", e))?;
     let arena = memfd_create(
         c"jobvisor-arena",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )
-    .map_err(|e| format!("memfd_create: {e}"))?;
+    .map_err(|e| SpawnError::os("memfd_create", e))?;
     nix::unistd::ftruncate(&arena, cfg.shm_size as i64).map_err(|e| {
-        format!(
-            "sizing the shared-memory arena to {} bytes: {e}",
-            cfg.shm_size
+        SpawnError::os(
+            format_args!("sizing the shared-memory arena to {} bytes", cfg.shm_size),
+            e,
         )
     })?;
     // The worker must not change the arena's size: a shrunk memfd would
@@ -239,6 +332,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
             arena.as_raw_fd(),
         ],
         status: status_w.as_raw_fd(),
+        sync: sync.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
         cwd: cwd.as_ptr(),
         path: path.as_ptr(),
         argv: argv_ptrs.as_ptr(),
@@ -258,26 +352,34 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         Some(&mut old),
     )
     .map_err(|e| format!("blocking signals: {e}"))?;
-    // The child's own stack: with CLONE_VM it shares the daemon's memory.
+    // The child's own stack: with CLONE_VM it shares the daemon's memory
+    // (without, the child works on a copy of it).
     let mut stack = vec![0u8; CHILD_STACK];
     // SAFETY: in bounds (one past the end); the stack grows down from there.
     let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
     let top = (top as usize & !15) as *mut libc::c_void;
-    // SAFETY: `child_entry` runs `child_exec` on the new stack, in the
-    // daemon's address space (CLONE_VM) while this thread is suspended
-    // (CLONE_VFORK) until it has called execve or _exit. It makes only raw
-    // system calls on `plan` and on data prepared above, which stays alive
-    // and untouched until clone returns; it never allocates, takes a lock,
-    // returns into Rust code, or writes the daemon's memory except its own
-    // stack and errno. No handler runs in it: every signal is blocked until
-    // it has reset them all to their defaults. This is what posix_spawn
-    // does, without copying the daemon's page tables (fork) or paying for
-    // copy-on-write faults afterwards.
+    let flags = if sync.is_some() {
+        libc::SIGCHLD
+    } else {
+        libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD
+    };
+    // SAFETY: `child_entry` runs `child_exec` on the new stack. On the vfork
+    // path it runs in the daemon's address space (CLONE_VM) while this
+    // thread is suspended (CLONE_VFORK) until it has called execve or _exit;
+    // on the fork path (no CLONE_VM) it runs on a private copy of the
+    // daemon's memory, `plan` and the data it points to included. Either
+    // way it makes only raw system calls on `plan` and on data prepared
+    // above, which stays alive and untouched until clone returns; it never
+    // allocates, takes a lock, returns into Rust code, or writes memory
+    // except its own stack and errno. No handler runs in it: every signal
+    // is blocked until it has reset them all to their defaults. This is what
+    // posix_spawn does, without copying the daemon's page tables (fork)
+    // where no credential change makes the vfork wait unsafe.
     let pid = unsafe {
         libc::clone(
             child_entry,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            flags,
             (&plan as *const ChildPlan).cast_mut().cast(),
         )
     };
@@ -288,13 +390,20 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         None,
     );
     if pid < 0 {
-        return Err(format!("clone: {fork_err}"));
+        return Err(SpawnError::io("clone", fork_err));
+    }
+    if let Some((sync_r, sync_w)) = sync {
+        // Until the child leads its session (end of file: it closed its
+        // copy, or exited). It is still root then: nobody else can stop it.
+        drop(sync_w);
+        let mut b = [0u8; 1];
+        while let Err(nix::errno::Errno::EINTR) = nix::unistd::read(&sync_r, &mut b) {}
     }
     drop(stack);
     // The child's ends, closed in the parent.
     drop((null, out_w, err_w, job_r, res_w, status_w));
     for fd in [&job_w, &res_r, &out_r, &err_r, &status_r] {
-        set_nonblocking(fd).map_err(|e| format!("fcntl O_NONBLOCK: {e}"))?;
+        set_nonblocking(fd).map_err(|e| SpawnError::os("fcntl O_NONBLOCK", e))?;
     }
     Ok(Spawned {
         pid: pid as u32,
@@ -322,6 +431,9 @@ struct ChildPlan {
     fds: [i32; 6],
     /// Write end of the exec-status pipe (close-on-exec).
     status: i32,
+    /// Write end of the sync pipe (fork path), closed by the child once it
+    /// leads its own session; -1 on the vfork path.
+    sync: i32,
     cwd: *const libc::c_char,
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -392,7 +504,7 @@ pub fn exec_failure(program: &Path, bytes: &[u8]) -> String {
     let what = match step {
         x if x == Step::DeathSignal as u32 => "prctl(PR_SET_PDEATHSIG)",
         x if x == Step::ParentGone as u32 => "the daemon exited during the spawn",
-        x if x == Step::ProcessGroup as u32 => "setpgid",
+        x if x == Step::ProcessGroup as u32 => "setsid",
         x if x == Step::Fds as u32 => "setting up fds 0-5",
         x if x == Step::Chdir as u32 => "changing to the pool's cwd",
         x if x == Step::Groups as u32 => "setgroups",
@@ -415,7 +527,8 @@ const CHILD_STACK: usize = 64 * 1024;
 
 extern "C" fn child_entry(plan: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `plan` is the `ChildPlan` passed to clone in `spawn_worker`,
-    // alive until this child has exec'd or exited (CLONE_VFORK).
+    // alive until this child has exec'd or exited (CLONE_VFORK), or a copy
+    // of it in the child's own memory (fork path).
     unsafe { child_exec(&*(plan as *const ChildPlan)) }
 }
 
@@ -441,17 +554,12 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
             libc::write(status, msg.as_ptr().cast(), msg.len());
             libc::_exit(127)
         };
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            fail(Step::DeathSignal);
-        }
-        // The daemon may have died between clone and prctl: then nobody
-        // would ever kill us.
-        if libc::getppid() != plan.parent {
-            *libc::__errno_location() = libc::ESRCH;
-            fail(Step::ParentGone);
-        }
-        if libc::setpgid(0, 0) != 0 {
+        if libc::setsid() < 0 {
             fail(Step::ProcessGroup);
+        }
+        if plan.sync >= 0 {
+            // Fork path: the daemon may go on (its end of file).
+            libc::close(plan.sync);
         }
         // The sources may have numbers 0..=5 too: above 10 first, then
         // into place.
@@ -486,8 +594,8 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
         }
         if let Some((uid, gid)) = plan.ids {
             // Raw system calls: glibc's wrappers would broadcast the change
-            // to "all threads of the process", which in this CLONE_VM child
-            // are the daemon's threads.
+            // to "all threads of the process", which in a CLONE_VM child are
+            // the daemon's threads (and in a forked one do not exist).
             let null: *const libc::gid_t = std::ptr::null();
             if libc::syscall(libc::SYS_setgroups, 0usize, null) != 0 {
                 fail(Step::Groups);
@@ -498,6 +606,16 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
             if libc::syscall(libc::SYS_setuid, uid) != 0 {
                 fail(Step::Uid);
             }
+        }
+        // After the credential change, which clears the death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            fail(Step::DeathSignal);
+        }
+        // The daemon may have died before the prctl: then nobody would
+        // ever kill us.
+        if libc::getppid() != plan.parent {
+            *libc::__errno_location() = libc::ESRCH;
+            fail(Step::ParentGone);
         }
         // Default dispositions (the daemon ignores SIGPIPE and handles
         // SIGCHLD/TERM/INT/HUP) and an empty mask for the worker.
@@ -515,7 +633,7 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
 }
 
 /// Resolves `user`/`group` to ids; only allowed when the daemon is root.
-fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, String> {
+fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, SpawnError> {
     if cfg.user.is_none() && cfg.group.is_none() {
         return Ok(None);
     }
@@ -528,14 +646,14 @@ fn user_ids(cfg: &PoolConfig) -> Result<Option<(u32, u32)>, String> {
     let (mut uid, mut gid) = (0u32, 0u32);
     if let Some(u) = &cfg.user {
         let user = nix::unistd::User::from_name(u)
-            .map_err(|e| format!("looking up user {u:?}: {e}"))?
+            .map_err(|e| SpawnError::os(format_args!("looking up user {u:?}"), e))?
             .ok_or_else(|| format!("no such user {u:?}"))?;
         uid = user.uid.as_raw();
         gid = user.gid.as_raw();
     }
     if let Some(g) = &cfg.group {
         let group = nix::unistd::Group::from_name(g)
-            .map_err(|e| format!("looking up group {g:?}: {e}"))?
+            .map_err(|e| SpawnError::os(format_args!("looking up group {g:?}"), e))?
             .ok_or_else(|| format!("no such group {g:?}"))?;
         gid = group.gid.as_raw();
     }

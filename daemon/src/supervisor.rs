@@ -17,6 +17,7 @@
 //! ways a death is noticed.
 
 use crate::config::{Config, PoolConfig};
+pub use crate::spawn::SpawnError;
 use crate::store::Op;
 use ipc_proto::control::{
     Event, JobState, PoolState, PoolStatus, Response, StatusReport, WorkerState, WorkerStatus,
@@ -28,6 +29,11 @@ use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Shortest wait before a spawn that failed for a transient reason
+/// (descriptors, processes or memory exhausted) is tried again, whatever
+/// `backoff_initial` says: a shortage does not clear in microseconds.
+pub const TRANSIENT_RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// Identity of one spawned worker process (not a pid: never reused).
 pub type ProcId = u64;
@@ -484,18 +490,65 @@ impl Supervisor {
         }
     }
 
-    /// Fork or exec of `proc` failed (no process exists).
-    pub fn on_spawn_failed(&mut self, proc: ProcId, error: String, now: Instant) {
-        if let Some((pool, idx)) = self.find_proc(proc) {
-            if let Some(p) = self.pools.get_mut(&pool) {
-                p.last_error = Some(error.clone());
-            }
-            self.actions.push_back(Action::Log {
-                level: Level::Error,
-                msg: format!("pool {pool}: cannot start worker: {error}"),
-            });
-            self.handle_death(&pool, idx, now, true, error);
+    /// Fork or exec of `proc` failed (no process exists). A transient
+    /// failure (a shortage of descriptors, processes or memory) is not the
+    /// pool's fault: the slot is retried after a backoff of at least
+    /// [`TRANSIENT_RETRY_MIN`], and no crash is counted toward
+    /// `max_restarts`. Any other failure is a crash.
+    pub fn on_spawn_failed(&mut self, proc: ProcId, error: SpawnError, now: Instant) {
+        let Some((pool, idx)) = self.find_proc(proc) else {
+            return;
+        };
+        if error.transient {
+            self.retry_spawn_later(&pool, idx, now, &error.message);
+            return;
         }
+        let error = error.message;
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.last_error = Some(error.clone());
+        }
+        self.actions.push_back(Action::Log {
+            level: Level::Error,
+            msg: format!("pool {pool}: cannot start worker: {error}"),
+        });
+        self.handle_death(&pool, idx, now, true, error);
+    }
+
+    /// The spawn for slot `idx` failed for a transient reason: back off
+    /// and try again, without counting a crash.
+    fn retry_spawn_later(&mut self, name: &str, idx: usize, now: Instant, what: &str) {
+        let shutting_down = self.shutting_down;
+        let pool = self.pools.get_mut(name).expect("exists");
+        let cfg = pool.config.clone();
+        pool.slots[idx].state = SlotState::Idle;
+        if pool.rolling == Some(pool.slots[idx].id) {
+            pool.rolling = None;
+        }
+        if shutting_down || pool.removing || pool.state != PoolState::Running {
+            self.check_exit();
+            return;
+        }
+        if (pool.slots.len() as u32) > pool.desired {
+            pool.slots.remove(idx);
+            return;
+        }
+        let ceiling = cfg.backoff_max.max(TRANSIENT_RETRY_MIN);
+        let slot = &mut pool.slots[idx];
+        let base = slot.backoff.clamp(TRANSIENT_RETRY_MIN, ceiling);
+        let delay = base.mul_f64(0.8 + 0.4 * self.rng.f64()).min(ceiling);
+        slot.backoff = (base * 2).min(ceiling);
+        slot.state = SlotState::Backoff { until: now + delay };
+        let slot_id = slot.id;
+        pool.last_error = Some(format!(
+            "worker {slot_id}: cannot start for now: {what}; retrying"
+        ));
+        self.actions.push_back(Action::Log {
+            level: Level::Warn,
+            msg: format!(
+                "pool {name}: cannot start worker {slot_id} for now: {what}; retrying in {} (not counted as a crash)",
+                fmt_ms(delay)
+            ),
+        });
     }
 
     /// The worker sent `Ready`.

@@ -961,9 +961,12 @@ impl Supervisor {
         self.job_result(proc, id, Err(error), now);
     }
 
-    /// The worker reported job `id` failed.
+    /// The worker reported job `id` failed. The error text is the
+    /// worker's, untrusted: it is kept cut to [`MAX_ERROR_TEXT`] (a frame
+    /// may carry 64 MiB, which would make the job's document, with its
+    /// attempts, too large to send or store).
     pub fn on_job_failed(&mut self, proc: ProcId, id: u64, error: String, now: Instant) {
-        self.job_result(proc, id, Err(error), now);
+        self.job_result(proc, id, Err(cap_error_text(error)), now);
     }
 
     /// The RSS of `proc` measured after a job (for `max_memory`).
@@ -1870,4 +1873,33 @@ fn not_found_job(id: Option<u64>) -> Response {
             }
         },
     }
+}
+
+/// Longest error text kept for a job (a worker's `Failed` text); see
+/// [`cap_error_text`].
+pub(crate) const MAX_ERROR_TEXT: usize = 64 << 10;
+
+/// `error` if it is at most [`MAX_ERROR_TEXT`] bytes, else its head and its
+/// tail (cut on UTF-8 boundaries) around a note `… [N bytes cut] …`, at
+/// most [`MAX_ERROR_TEXT`] bytes in all.
+pub(crate) fn cap_error_text(error: String) -> String {
+    if error.len() <= MAX_ERROR_TEXT {
+        return error;
+    }
+    // Room for the note: "… [" + up to 20 digits + " bytes cut] …".
+    let keep = (MAX_ERROR_TEXT - 48) / 2;
+    let mut head = keep;
+    while !error.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = error.len() - keep;
+    while !error.is_char_boundary(tail) {
+        tail += 1;
+    }
+    let cut = tail - head;
+    format!(
+        "{} … [{cut} bytes cut] … {}",
+        &error[..head],
+        &error[tail..]
+    )
 }

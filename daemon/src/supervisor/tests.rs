@@ -482,6 +482,85 @@ fn spawn_failure_is_a_crash_with_a_reason() {
         .contains("command not found"));
 }
 
+#[test]
+fn transient_spawn_failures_back_off_and_are_not_crashes() {
+    // backoff_initial 0 and max_restarts 2: three real failures would fail
+    // the pool at once (see above); shortages must not.
+    let config = cfg(&pool("a", 1, "backoff_initial = \"0s\"\nmax_restarts = 2"));
+    let mut sup = Supervisor::new(&config, 1, Instant::now(), 1_700_000_000_000);
+    let mut now = Instant::now();
+    sup.start(now);
+    let next_spawn = |sup: &mut Supervisor| {
+        let mut found = None;
+        while let Some(a) = sup.poll_action() {
+            if let Action::Spawn { proc, .. } = a {
+                assert!(found.is_none(), "one slot, one spawn");
+                found = Some(proc);
+            }
+        }
+        found
+    };
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let proc = next_spawn(&mut sup).expect("a spawn");
+        sup.on_spawn_failed(
+            proc,
+            SpawnError {
+                message: "pipe: EMFILE: Too many open files".into(),
+                transient: true,
+            },
+            now,
+        );
+        assert_eq!(next_spawn(&mut sup), None, "not retried at once");
+        let deadline = sup.next_deadline().expect("a retry is armed");
+        let delay = deadline - now;
+        assert!(delay >= TRANSIENT_RETRY_MIN.mul_f64(0.8), "{delay:?}");
+        delays.push(delay);
+        now = deadline;
+        sup.on_timer(now);
+    }
+    assert!(delays[9] > delays[0], "the retries back off: {delays:?}");
+    let st = sup.status(None, now).unwrap();
+    assert_eq!(st.pools[0].state, PoolState::Running);
+    assert!(sup.pools["a"].crashes.is_empty());
+    assert_eq!(sup.pools["a"].slots[0].restarts, 0);
+    assert!(st.pools[0].last_error.as_ref().unwrap().contains("EMFILE"));
+    // Once descriptors are back, the spawn works and the worker runs.
+    let proc = next_spawn(&mut sup).expect("retried");
+    sup.on_spawned(proc, 4242, now);
+    sup.on_ready(proc, ipc_proto::PROTOCOL_VERSION, now);
+    let st = sup.status(None, now).unwrap();
+    assert_eq!(st.pools[0].workers[0].state, WorkerState::Ready);
+    // A real failure after all that is still a crash.
+    sup.on_exit(
+        proc,
+        ExitInfo {
+            description: "killed by SIGKILL".into(),
+        },
+        now,
+    );
+    assert_eq!(sup.pools["a"].crashes.len(), 1);
+}
+
+#[test]
+fn failure_text_is_capped_with_head_tail_and_note() {
+    use super::jobs::{cap_error_text, MAX_ERROR_TEXT};
+    assert_eq!(cap_error_text("short".into()), "short");
+    let exact = "x".repeat(MAX_ERROR_TEXT);
+    assert_eq!(cap_error_text(exact.clone()), exact);
+    // Two-byte characters, an odd prefix so the cuts fall mid-character.
+    let big = format!("A{}Z", "é".repeat(3 << 20));
+    let kept = cap_error_text(big.clone());
+    assert!(kept.len() <= MAX_ERROR_TEXT, "{}", kept.len());
+    assert!(kept.len() > MAX_ERROR_TEXT - 100, "{}", kept.len());
+    assert!(kept.starts_with("Aéé") && kept.ends_with("ééZ"));
+    let (head, rest) = kept.split_once(" … [").expect("a note");
+    let (note, tail) = rest.split_once(" bytes cut] … ").expect("a note");
+    let cut: usize = note.parse().expect("a count");
+    assert_eq!(head.len() + cut + tail.len(), big.len());
+    assert!(big.starts_with(head) && big.ends_with(tail));
+}
+
 // ---- jobs ----
 
 mod jobs {
@@ -627,6 +706,25 @@ mod jobs {
             priority: p,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_workers_huge_failure_text_is_kept_cut() {
+        let mut s = JobSim::new(&pool("a", 1, ""));
+        let w = s.sim.procs("a")[0].unwrap();
+        s.submit("a", "x", JobOptions::default());
+        let huge = format!("head{}tail", "y".repeat(60 << 20));
+        s.sim.sup.on_job_failed(w, 1, huge, s.sim.now);
+        s.pump();
+        s.durable();
+        let doc = s.job_doc(1).expect("the failed job's document");
+        assert_eq!(doc.state, JobState::Failed);
+        let error = doc.error.as_deref().expect("error text");
+        assert!(error.len() <= super::super::jobs::MAX_ERROR_TEXT);
+        assert!(error.starts_with("headyyy") && error.ends_with("yyytail"));
+        assert!(error.contains(" bytes cut] "));
+        // The store keeps the cut text too, not 60 MiB.
+        assert!(format!("{:?}", s.stored).len() < 1 << 20);
     }
 
     #[test]

@@ -21,6 +21,14 @@
 //! - `fail`: the job fails with the input as error text.
 //! - `badshm`: on the first attempt answers with a shared-memory reference
 //!   far outside its arena; echoes otherwise.
+//! - `fail-big`: input = MiB; the job fails with an error text that long
+//!   (`BEGIN`, then two-byte `é`s, then `END`).
+//! - `stop-spawns COMM` (not a worker: a hostile process for the security
+//!   tests, run as a pool's user): sends SIGSTOP to every new process it is
+//!   allowed to signal, guessing pids from `/proc/sys/kernel/ns_last_pid`.
+//!   One still named COMM once stopped (a child of the daemon between its
+//!   credential change and its `execve`) is kept stopped and printed as
+//!   `held PID`; any other is continued at once. Runs until killed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -162,6 +170,17 @@ fn main() -> ExitCode {
                 _ => input.to_vec(),
             })
         }),
+        "fail-big" => worker::run(|input| {
+            let mib: usize = text(input).parse().map_err(|e| format!("bad MiB: {e}"))?;
+            let mut e = String::with_capacity((mib << 20) + 8);
+            e.push_str("BEGIN");
+            while e.len() + 2 <= (mib << 20) {
+                e.push('é');
+            }
+            e.push_str("END");
+            Err(e)
+        }),
+        "stop-spawns" => stop_spawns(&arg(1)),
         "pid" => worker::run(|_| Ok(std::process::id().to_string().into_bytes())),
         "fail" => worker::run(|input| Err(text(input))),
         "badshm" => worker::run_with(|ctx, input| {
@@ -187,6 +206,72 @@ fn main() -> ExitCode {
         other => {
             eprintln!("jobvisor-test-worker: unknown mode {other:?}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The `stop-spawns` mode: see the module docs.
+fn stop_spawns(comm: &str) -> ExitCode {
+    use std::io::Read;
+    let me = std::process::id() as i32;
+    let mut held: Vec<i32> = Vec::new();
+    let mut last = std::fs::File::open("/proc/sys/kernel/ns_last_pid").expect("ns_last_pid");
+    let mut buf = [0u8; 32];
+    let stdout = std::io::stdout();
+    loop {
+        use std::io::Seek;
+        let _ = last.rewind();
+        let n = last.read(&mut buf).unwrap_or(0);
+        let Ok(top) = std::str::from_utf8(&buf[..n])
+            .unwrap_or("")
+            .trim()
+            .parse::<i32>()
+        else {
+            continue;
+        };
+        for pid in (top - 4).max(2)..=top + 2 {
+            if pid == me || held.contains(&pid) {
+                continue;
+            }
+            // SAFETY: kill with integer arguments.
+            if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+                continue; // not ours to signal (still root's), or no such pid
+            }
+            // Wait (briefly) until it has stopped, then see what it is.
+            let end = Instant::now() + Duration::from_millis(20);
+            let mut stopped_as = None;
+            while Instant::now() < end {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    break;
+                };
+                let name = stat
+                    .split_once('(')
+                    .and_then(|(_, r)| r.rsplit_once(')'))
+                    .map(|(c, _)| c.to_string());
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                if matches!(state, Some("T") | Some("t")) {
+                    stopped_as = name;
+                    break;
+                }
+                if matches!(state, Some("Z") | Some("X")) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            if stopped_as.as_deref() == Some(comm) {
+                held.push(pid);
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "held {pid}");
+                let _ = out.flush();
+            } else {
+                // SAFETY: kill with integer arguments.
+                unsafe {
+                    libc::kill(pid, libc::SIGCONT);
+                }
+            }
         }
     }
 }
