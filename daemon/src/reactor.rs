@@ -207,7 +207,7 @@ struct WorkerIo {
     /// The exec-status pipe, until the exec is known to have worked.
     exec_status: Option<OwnedFd>,
     /// Why the worker could not be started, if it could not.
-    exec_error: Option<String>,
+    exec_error: Option<(String, bool)>,
     program: PathBuf,
 }
 
@@ -632,7 +632,13 @@ impl Reactor {
                 Ok(other) => format!("{other:?}"),
                 Err(e) => format!("unknown status ({e})"),
             };
-            self.worker_gone(proc, ExitInfo { description });
+            self.worker_gone(
+                proc,
+                ExitInfo {
+                    description,
+                    transient: false,
+                },
+            );
         }
         if reaped {
             // Descendants that escaped the group kill (see orphans.rs).
@@ -654,9 +660,10 @@ impl Reactor {
     /// descriptors, tell the core.
     fn worker_gone(&mut self, proc: ProcId, mut exit: ExitInfo) {
         self.on_exec_status(proc);
-        if let Some(e) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
+        if let Some((e, transient)) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
             // "exit status 127" says less than what the child reported.
             exit.description = e;
+            exit.transient = transient;
         }
         // Its last results, then the copies they started: a `Done` that
         // arrived before the death counts before it. While copies out of its
@@ -945,8 +952,9 @@ impl Reactor {
         };
         if got > 0 {
             let msg = spawn::exec_failure(&w.program, &buf[..got]);
+            let transient = spawn::exec_failure_is_transient(&buf[..got]);
             crate::error!("pool {} worker {}: {msg}", w.pool, w.slot);
-            w.exec_error = Some(msg);
+            w.exec_error = Some((msg, transient));
         }
         if done {
             w.exec_status = None;

@@ -519,6 +519,20 @@ pub fn exec_failure(program: &Path, bytes: &[u8]) -> String {
     }
 }
 
+/// Whether the failure the child reported on its exec-status pipe (see
+/// [`exec_failure`]) is a shortage that may pass (descriptors, processes,
+/// memory): the core retries such a spawn instead of counting a crash.
+pub fn exec_failure_is_transient(bytes: &[u8]) -> bool {
+    let Some(errno) = bytes.get(4..8) else {
+        return false;
+    };
+    let errno = i32::from_ne_bytes(errno.try_into().expect("4 bytes"));
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM
+    )
+}
+
 /// The child's side: async-signal-safe system calls only, then exec.
 ///
 /// Stack of the cloned child until its execve: `child_exec` needs little

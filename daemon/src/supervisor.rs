@@ -159,6 +159,10 @@ pub type ClientId = u64;
 pub struct ExitInfo {
     /// Human description: "exit status 1", "killed by SIGKILL".
     pub description: String,
+    /// The child never started its program for lack of descriptors,
+    /// processes or memory (reported on its exec-status pipe): retried like
+    /// a transient spawn failure, not counted as a crash.
+    pub transient: bool,
 }
 
 /// Why a worker is being stopped.
@@ -703,6 +707,11 @@ impl Supervisor {
             Some(StopReason::Shutdown) => {
                 pool.slots[idx].state = SlotState::Idle;
                 self.check_exit();
+            }
+            // Its pipes closed before it exited: `on_channel_closed` took
+            // that for a broken worker, but it never ran its program.
+            None | Some(StopReason::ProtocolError) if exit.transient => {
+                self.retry_spawn_later(&name, idx, now, &exit.description);
             }
             Some(_) | None => {
                 let what = if reason == Some(StopReason::StartTimeout) {

@@ -78,6 +78,7 @@ impl Sim {
             proc,
             ExitInfo {
                 description: "killed by SIGKILL".into(),
+                transient: false,
             },
             self.now,
         );
@@ -433,6 +434,7 @@ fn events_about_unknown_processes_are_ignored() {
         p,
         ExitInfo {
             description: "again".into(),
+            transient: false,
         },
         s.now,
     );
@@ -536,6 +538,7 @@ fn transient_spawn_failures_back_off_and_are_not_crashes() {
         proc,
         ExitInfo {
             description: "killed by SIGKILL".into(),
+            transient: false,
         },
         now,
     );
@@ -647,6 +650,7 @@ mod jobs {
                 proc,
                 ExitInfo {
                     description: "killed by SIGKILL".into(),
+                    transient: false,
                 },
                 self.sim.now,
             );
