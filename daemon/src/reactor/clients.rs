@@ -15,7 +15,7 @@ const FD_RESERVE_BASE: usize = 64;
 const FD_RESERVE_PER_WORKER: usize = 16;
 /// Requests of one client the core may be working on at once (store
 /// queries, `wait` groups) before its further requests wait.
-pub(super) const MAX_OUTSTANDING: usize = 64;
+pub(super) const MAX_OUTSTANDING: usize = 16;
 
 /// A `SubmitFd`'s input, examined off the loop ([`Reactor::submit_fd`]).
 pub(super) struct FdInput {
