@@ -282,24 +282,6 @@ fn pipelined_results_are_produced_only_as_fast_as_the_client_reads() {
     assert_rss_bounded(&d, "after the client left");
 }
 
-/// Sets the daemon's descriptor limit (soft and hard) before it execs.
-fn with_nofile(cmd: &mut std::process::Command, n: u64) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: n,
-                rlim_max: n,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Idle (greeted) connections cannot take the descriptors a respawn needs:
 /// connections are refused with a clear error past what the descriptor
 /// limit leaves after the workers' share, and a killed worker is replaced.
@@ -307,7 +289,7 @@ fn with_nofile(cmd: &mut std::process::Command, n: u64) {
 fn idle_connections_cannot_starve_respawns() {
     let mut d = Daemon::prepare("sec-fds", &echo_cfg(""));
     let mut cmd = d.command();
-    with_nofile(&mut cmd, 160);
+    limit_nofile(&mut cmd, 160);
     d.launch(cmd);
     let pid = d.pid();
     wait_for("the daemon to answer", DEADLINE, || {

@@ -206,16 +206,7 @@ fn a_planted_output_link_is_never_read() {
 fn the_store_is_owner_only_whatever_the_umask() {
     let mut d = Daemon::prepare("sec-umask", &cfg(""));
     let mut cmd = d.command();
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: umask is async-signal-safe; nothing else runs here.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(0o022);
-                Ok(())
-            });
-        }
-    }
+    with_umask(&mut cmd, 0o022);
     d.launch(cmd);
     let pid = d.pid();
     wait_for("the daemon to answer", DEADLINE, || {

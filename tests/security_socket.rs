@@ -178,16 +178,7 @@ fn the_daemon_refuses_a_default_socket_directory_someone_else_made() {
     let daemon = |umask: u32| {
         let mut cmd = victim.command(bin("jobvisord"));
         cmd.arg("--config").arg(&cfg).env("JOBVISOR_LOG", "debug");
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: umask is async-signal-safe; nothing else runs here.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::umask(umask);
-                    Ok(())
-                });
-            }
-        }
+        with_umask(&mut cmd, umask);
         cmd
     };
     let mut first = daemon(0o022)

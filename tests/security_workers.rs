@@ -323,21 +323,7 @@ fn spawn_failing_for_lack_of_descriptors_is_retried_not_a_crash() {
     );
     let mut d = Daemon::prepare("emfile", &cfg);
     let mut cmd = d.command();
-    // SAFETY: runs in the forked child before exec; setrlimit is
-    // async-signal-safe and touches only the child.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: LIMIT,
-                rlim_max: LIMIT,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_nofile(&mut cmd, LIMIT);
     d.launch(cmd);
     wait_for("the control socket to answer", DEADLINE, || {
         (d.ctl(&["status"]).code == 0).then_some(())

@@ -521,21 +521,11 @@ impl Supervisor {
     /// The spawn for slot `idx` failed for a transient reason: back off
     /// and try again, without counting a crash.
     fn retry_spawn_later(&mut self, name: &str, idx: usize, now: Instant, what: &str) {
-        let shutting_down = self.shutting_down;
+        if !self.release_slot(name, idx) {
+            return;
+        }
         let pool = self.pools.get_mut(name).expect("exists");
         let cfg = pool.config.clone();
-        pool.slots[idx].state = SlotState::Idle;
-        if pool.rolling == Some(pool.slots[idx].id) {
-            pool.rolling = None;
-        }
-        if shutting_down || pool.removing || pool.state != PoolState::Running {
-            self.check_exit();
-            return;
-        }
-        if (pool.slots.len() as u32) > pool.desired {
-            pool.slots.remove(idx);
-            return;
-        }
         let ceiling = cfg.backoff_max.max(TRANSIENT_RETRY_MIN);
         let slot = &mut pool.slots[idx];
         let base = slot.backoff.clamp(TRANSIENT_RETRY_MIN, ceiling);
@@ -1191,30 +1181,41 @@ impl Supervisor {
         }
     }
 
-    /// Crash accounting and restart decision for a slot whose process died
-    /// (or could not be spawned).
-    fn handle_death(&mut self, name: &str, idx: usize, now: Instant, crash: bool, what: String) {
+    /// The slot's process is gone (or never started): the slot goes idle.
+    /// Returns whether it is to be started again; not when the daemon or
+    /// the pool is stopping or failed (the exit is checked), nor when the
+    /// pool was scaled down meanwhile (the slot goes).
+    fn release_slot(&mut self, name: &str, idx: usize) -> bool {
         let shutting_down = self.shutting_down;
         let pool = self.pools.get_mut(name).expect("exists");
-        let cfg = pool.config.clone();
-        let (uptime, spawned_gen) = match &pool.slots[idx].state {
-            SlotState::Running(p) => (now.saturating_duration_since(p.spawned_at), p.spec_gen),
-            _ => (Duration::ZERO, pool.spec_gen),
-        };
-        let _ = spawned_gen;
         pool.slots[idx].state = SlotState::Idle;
         if pool.rolling == Some(pool.slots[idx].id) {
             pool.rolling = None;
         }
         if shutting_down || pool.removing || pool.state != PoolState::Running {
             self.check_exit();
-            return;
+            return false;
         }
         if (pool.slots.len() as u32) > pool.desired {
             // Scaled down meanwhile: the slot is not replaced.
             pool.slots.remove(idx);
+            return false;
+        }
+        true
+    }
+
+    /// Crash accounting and restart decision for a slot whose process died
+    /// (or could not be spawned).
+    fn handle_death(&mut self, name: &str, idx: usize, now: Instant, crash: bool, what: String) {
+        let uptime = match &self.pools[name].slots[idx].state {
+            SlotState::Running(p) => now.saturating_duration_since(p.spawned_at),
+            _ => Duration::ZERO,
+        };
+        if !self.release_slot(name, idx) {
             return;
         }
+        let pool = self.pools.get_mut(name).expect("exists");
+        let cfg = pool.config.clone();
         if crash {
             pool.slots[idx].restarts += 1;
             // Shown by `status` while the pool crash-loops, not only once

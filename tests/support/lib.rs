@@ -582,3 +582,36 @@ pub fn ctl_at(socket: &Path, args: &[&str]) -> Ctl {
     cmd.arg("--socket").arg(socket).args(args);
     run_with_stdin(cmd, None)
 }
+
+/// Sets the descriptor limit (soft and hard) of `cmd`'s process before it
+/// execs.
+pub fn limit_nofile(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec; setrlimit is
+    // async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sets the umask of `cmd`'s process before it execs.
+pub fn with_umask(cmd: &mut Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec; umask is
+    // async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        });
+    }
+}
