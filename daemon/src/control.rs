@@ -522,7 +522,10 @@ impl Client {
                     }
                     self.written += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.compact();
+                    return Ok(false);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -530,6 +533,23 @@ impl Client {
         self.out.clear();
         self.written = 0;
         Ok(true)
+    }
+
+    /// Drops the written part of the output buffer once it is at least
+    /// half of it (and a mebibyte): a client that keeps reading while
+    /// replies keep coming never empties the buffer, and the bytes it has
+    /// read must not stay in memory (memory is what is pending, not what was
+    /// ever queued). Moves at most as many bytes as were written.
+    fn compact(&mut self) {
+        if self.written < (1 << 20) || self.written * 2 < self.out.len() {
+            return;
+        }
+        self.out.drain(..self.written);
+        for (at, _) in &mut self.fds_out {
+            *at -= self.written;
+        }
+        self.written = 0;
+        self.out.shrink_to(self.out.len().max(1 << 20) * 2);
     }
 
     /// Bytes queued but not yet written.
