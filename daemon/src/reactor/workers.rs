@@ -1,0 +1,569 @@
+//! Worker I/O on the loop: registering a spawned worker's pipes, writing
+//! its job frames, reading its results and its output (rate-limited into the
+//! log), and noticing its death (reaping, orphans, exec failures).
+
+use super::copies::output_to_file;
+use super::*;
+
+/// The record that ends a stretch of rate-limited worker output.
+pub(super) fn log_suppressed(pool: &str, slot: u32, lines: u64) {
+    crate::warn!(
+        "[{pool}/{slot}] suppressed {lines} lines (worker output is limited to {} lines/s, bursts of {})",
+        crate::log::OUTPUT_LINES_PER_SEC,
+        crate::log::OUTPUT_BURST
+    );
+}
+
+impl Reactor {
+    pub(super) fn register_worker(
+        &mut self,
+        proc: ProcId,
+        pool: &str,
+        slot: u32,
+        sp: spawn::Spawned,
+    ) {
+        let reg = self.poll.registry();
+        let mut ok = true;
+        for (fd, kind) in [
+            (&sp.results, Kind::Results),
+            (&sp.stdout, Kind::Stdout),
+            (&sp.stderr, Kind::Stderr),
+        ] {
+            if let Err(e) = reg.register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                token(kind, proc),
+                Interest::READABLE,
+            ) {
+                crate::error!("epoll register: {e}");
+                ok = false;
+            }
+        }
+        let pid = sp.pid;
+        let mapping = match crate::shm::Mapping::new(&sp.arena, sp.shm_size) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                crate::error!(
+                    "pool {pool} worker {slot}: cannot map its shared-memory arena ({e}); large payloads will fail"
+                );
+                None
+            }
+        };
+        self.pids.insert(pid, proc);
+        self.procs.insert(
+            proc,
+            WorkerIo {
+                pid,
+                pool: pool.to_string(),
+                slot,
+                jobs: Some(sp.jobs),
+                jobs_out: Vec::new(),
+                jobs_written: 0,
+                jobs_writable_armed: false,
+                results: Some(sp.results),
+                decoder: FrameDecoder::new(ipc_proto::MAX_FRAME_LEN),
+                stdout: Some(sp.stdout),
+                stderr: Some(sp.stderr),
+                stdout_line: Vec::new(),
+                stderr_line: Vec::new(),
+                limiter: crate::log::OutputLimiter::new(Instant::now()),
+                mapping: mapping.map(Arc::new),
+                hold_out: Default::default(),
+                copies_in: 0,
+                held_in: Default::default(),
+                held_end: None,
+                exit: None,
+                layout: ipc_proto::arena::ArenaLayout::split(sp.shm_size),
+                _arena: sp.arena,
+                exec_status: Some(sp.exec_status),
+                exec_error: None,
+                program: sp.program,
+            },
+        );
+        self.core.on_spawned(proc, pid, Instant::now());
+        crate::log::log(
+            Level::Debug,
+            &format!("pool {pool} worker {slot} spawned (pid {pid})"),
+        );
+        if !ok {
+            self.core
+                .on_protocol_error(proc, "cannot watch its pipes".into(), Instant::now());
+        }
+    }
+
+    /// The exec-status pipe of a worker that exited before `Ready`: a
+    /// record on it means a setup step or the exec failed (the child then
+    /// exits with 127, and its exit carries this reason instead).
+    ///
+    /// The pipe is deliberately not watched in epoll: the exit (SIGCHLD)
+    /// or the `Ready` frame always follows, so reading it then costs the
+    /// loop no extra wakeup per spawn (a wakeup that, on two cores, would
+    /// compete with the starting worker).
+    pub(super) fn on_exec_status(&mut self, proc: ProcId) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let Some(fd) = &w.exec_status else { return };
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        let done = loop {
+            match nix::unistd::read(fd, &mut buf[got..]) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    got += n;
+                    if got == buf.len() {
+                        break true;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break false,
+                Err(_) => break true,
+            }
+        };
+        if got > 0 {
+            let msg = spawn::exec_failure(&w.program, &buf[..got]);
+            let transient = spawn::exec_failure_is_transient(&buf[..got]);
+            crate::error!("pool {} worker {}: {msg}", w.pool, w.slot);
+            w.exec_error = Some((msg, transient));
+        }
+        if done {
+            w.exec_status = None;
+        }
+    }
+
+    pub(super) fn send(&mut self, proc: ProcId, msg: &ToWorker) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        if w.jobs.is_none() {
+            return;
+        }
+        if let Err(e) = encode_frame(msg, &mut w.jobs_out) {
+            crate::error!("cannot encode a message for worker {}: {e}", w.pid);
+            return;
+        }
+        self.dirty_workers.insert(proc);
+    }
+
+    /// Writes pending frames to a worker without ever blocking: what the
+    /// pipe does not take waits for a writable event.
+    pub(super) fn flush_jobs(&mut self, proc: ProcId) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        let Some(fd) = &w.jobs else { return };
+        // Up to the first frame whose arena input is still being copied.
+        let limit = w.hold_out.front().copied().unwrap_or(w.jobs_out.len());
+        while w.jobs_written < limit {
+            match nix::unistd::write(fd, &w.jobs_out[w.jobs_written..limit]) {
+                Ok(n) => w.jobs_written += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    if !w.jobs_writable_armed {
+                        w.jobs_writable_armed = true;
+                        let _ = self.poll.registry().register(
+                            &mut SourceFd(&fd.as_raw_fd()),
+                            token(Kind::Jobs, proc),
+                            Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(_) => {
+                    // EPIPE: the worker closed its end or died; its exit
+                    // (or EOF on results) is handled on its own path.
+                    w.jobs_out.clear();
+                    w.jobs_written = 0;
+                    w.hold_out.iter_mut().for_each(|at| *at = 0);
+                    return;
+                }
+            }
+        }
+        if w.jobs_written < w.jobs_out.len() {
+            // Held behind a copy; `on_copied` flushes again.
+            return;
+        }
+        w.jobs_out.clear();
+        w.jobs_written = 0;
+        // Holds still pending sit at the end (their frames come next).
+        w.hold_out.iter_mut().for_each(|at| *at = 0);
+        if w.jobs_writable_armed {
+            w.jobs_writable_armed = false;
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
+    }
+
+    pub(super) fn on_results(&mut self, proc: ProcId) {
+        let now = Instant::now();
+        let mut msgs = Vec::new();
+        let mut problem: Option<String> = None;
+        let mut eof = false;
+        {
+            let Some(w) = self.procs.get_mut(&proc) else {
+                return;
+            };
+            let Some(fd) = &w.results else { return };
+            loop {
+                match nix::unistd::read(fd, w.decoder.unfilled()) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        w.decoder.filled(n);
+                        loop {
+                            match w.decoder.next_frame() {
+                                Ok(Some(f)) => match decode::<FromWorker>(f) {
+                                    Ok(m) => msgs.push(m),
+                                    Err(e) => {
+                                        problem = Some(e.to_string());
+                                        break;
+                                    }
+                                },
+                                Ok(None) => break,
+                                Err(e) => {
+                                    problem = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        }
+                        if problem.is_some() {
+                            break;
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => {
+                        problem = Some(format!("reading its result pipe: {e}"));
+                        break;
+                    }
+                }
+            }
+            if eof || problem.is_some() {
+                if let Some(fd) = w.results.take() {
+                    let _ = self
+                        .poll
+                        .registry()
+                        .deregister(&mut SourceFd(&fd.as_raw_fd()));
+                }
+                if eof && problem.is_none() {
+                    if let Err(e) = w.decoder.finish() {
+                        problem = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        for m in msgs {
+            match self.procs.get_mut(&proc) {
+                Some(w) if w.copies_in > 0 => w.held_in.push_back(m),
+                _ => self.on_worker_msg(proc, m, now),
+            }
+        }
+        if problem.is_some() || eof {
+            match self.procs.get_mut(&proc) {
+                Some(w) if w.copies_in > 0 => w.held_end = Some(problem),
+                _ => self.on_results_end(proc, problem, now),
+            }
+        }
+    }
+
+    /// The end of a worker's result stream: a protocol error or EOF.
+    pub(super) fn on_results_end(&mut self, proc: ProcId, problem: Option<String>, now: Instant) {
+        if let Some(p) = problem {
+            self.core.on_protocol_error(proc, p, now);
+        } else {
+            self.core.on_channel_closed(proc, now);
+        }
+    }
+
+    /// One message from a worker, in order.
+    pub(super) fn on_worker_msg(&mut self, proc: ProcId, m: FromWorker, now: Instant) {
+        match m {
+            FromWorker::Ready {
+                protocol_version, ..
+            } => {
+                // It runs: the exec worked, nothing will come on the
+                // status pipe.
+                if let Some(w) = self.procs.get_mut(&proc) {
+                    w.exec_status = None;
+                }
+                self.core.on_ready(proc, protocol_version, now)
+            }
+            FromWorker::Done { id, output } => match output {
+                ipc_proto::worker::Payload::Inline(bytes) => {
+                    self.core.on_job_done(proc, id, bytes.0.into(), now)
+                }
+                ipc_proto::worker::Payload::Shm { offset, len } => {
+                    let mapping = match self.output_slot(proc, offset, len) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return self.core.on_protocol_error(
+                                proc,
+                                format!("job {id}: bad shared-memory output: {e}"),
+                                now,
+                            )
+                        }
+                    };
+                    if crate::log::enabled(Level::Debug) {
+                        crate::log::log(
+                            Level::Debug,
+                            &format!("job {id}: {len}-byte output through shared memory"),
+                        );
+                    }
+                    if len < crate::copier::OFFLOAD_MIN {
+                        let bytes = mapping.read_at(offset, len).expect("range checked");
+                        self.send(proc, &ToWorker::Release { offset, len });
+                        self.core.on_job_done(proc, id, bytes, now);
+                    } else {
+                        // Off the loop; this worker's later messages wait.
+                        if let Some(w) = self.procs.get_mut(&proc) {
+                            w.copies_in += 1;
+                        }
+                        let name = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
+                            .then(|| crate::store::output_name(id));
+                        let spares = self.spares.clone();
+                        let dir = Arc::clone(&self.payload_fd);
+                        self.copier.run(move || {
+                            let in_file = name.as_ref().is_some_and(|n| {
+                                output_to_file(&mapping, &spares, &dir, n, offset, len)
+                            });
+                            let output = if in_file {
+                                JobOutput::File(len)
+                            } else {
+                                JobOutput::Mem(mapping.read_at(offset, len).expect("range checked"))
+                            };
+                            Copied::FromArena {
+                                proc,
+                                id,
+                                offset,
+                                len,
+                                output,
+                            }
+                        });
+                    }
+                }
+            },
+            FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
+        }
+    }
+
+    /// Reads one worker output pipe, at most [`OUTPUT_READ_BUDGET`] bytes,
+    /// and logs its lines through the worker's rate limit.
+    pub(super) fn on_output(&mut self, proc: ProcId, is_err: bool) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            self.output_backlog.remove(&(proc, is_err));
+            return;
+        };
+        let WorkerIo {
+            pool,
+            slot,
+            limiter,
+            ..
+        } = w;
+        let (fd_slot, line) = if is_err {
+            (&mut w.stderr, &mut w.stderr_line)
+        } else {
+            (&mut w.stdout, &mut w.stdout_line)
+        };
+        let Some(fd) = fd_slot.as_ref() else {
+            self.output_backlog.remove(&(proc, is_err));
+            return;
+        };
+        let mut buf = [0u8; 64 * 1024];
+        let mut budget = OUTPUT_READ_BUDGET;
+        let mut close = false;
+        let now = Instant::now();
+        while budget > 0 {
+            let want = budget.min(buf.len());
+            match nix::unistd::read(fd, &mut buf[..want]) {
+                Ok(0) => {
+                    close = true;
+                    break;
+                }
+                Ok(n) => {
+                    budget -= n;
+                    crate::log::split_lines(line, &buf[..n], MAX_LOG_LINE, |l| {
+                        match limiter.admit(now) {
+                            crate::log::Admit::Drop => {}
+                            crate::log::Admit::Log { suppressed_before } => {
+                                if suppressed_before > 0 {
+                                    log_suppressed(pool, *slot, suppressed_before);
+                                }
+                                let text = String::from_utf8_lossy(l);
+                                crate::log::log(
+                                    Level::Info,
+                                    &format!("[{pool}/{slot}] {}", text.trim_end_matches('\r')),
+                                );
+                            }
+                        }
+                    });
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if limiter.resume_at().is_some() {
+            self.suppressing.insert(proc);
+        }
+        // Budget spent before EAGAIN: no new edge will come for what is
+        // left, so the loop comes back for it.
+        if budget == 0 && !close {
+            self.output_backlog.insert((proc, is_err));
+        } else {
+            self.output_backlog.remove(&(proc, is_err));
+        }
+        if close {
+            if let Some(fd) = fd_slot.take() {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+        }
+    }
+
+    /// Reads again from worker pipes left at their read budget.
+    pub(super) fn drain_output_backlog(&mut self) {
+        if self.output_backlog.is_empty() {
+            return;
+        }
+        let pending: Vec<(ProcId, bool)> = self.output_backlog.iter().copied().collect();
+        for (proc, is_err) in pending {
+            self.on_output(proc, is_err);
+        }
+    }
+
+    /// Earliest "suppressed" record due for a quiet worker.
+    pub(super) fn suppression_deadline(&self) -> Option<Instant> {
+        self.suppressing
+            .iter()
+            .filter_map(|p| self.procs.get(p)?.limiter.resume_at())
+            .min()
+    }
+
+    /// Collects every exited child. See the module docs for the ordering.
+    pub(super) fn reap(&mut self) {
+        let mut reaped = false;
+        loop {
+            let peek = waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            );
+            let pid = match peek {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(st) => match st.pid() {
+                    Some(p) => p,
+                    None => break,
+                },
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECHILD) => break,
+                Err(e) => {
+                    crate::error!("waitid failed: {e}");
+                    break;
+                }
+            };
+            let known = self.pids.get(&(pid.as_raw() as u32)).copied();
+            if known.is_some() {
+                // The leader is a zombie, so its pgid is still reserved.
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            reaped = true;
+            let Some(proc) = known else {
+                continue; // an adopted orphan: reaped (its children are swept below)
+            };
+            let description = match status {
+                Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    format!(
+                        "killed by {sig}{}",
+                        if core { " (core dumped)" } else { "" }
+                    )
+                }
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            self.worker_gone(
+                proc,
+                ExitInfo {
+                    description,
+                    transient: false,
+                },
+            );
+        }
+        if reaped {
+            // Descendants that escaped the group kill (see orphans.rs).
+            let (pids, procs) = (&self.pids, &self.procs);
+            let killed = crate::orphans::sweep(|pid| {
+                pids.get(&pid)
+                    .and_then(|p| procs.get(p))
+                    .is_some_and(|w| w.exit.is_none())
+            });
+            if !killed.is_empty() {
+                crate::warn!(
+                    "killed worker descendants that outlived their worker: pids {killed:?}"
+                );
+            }
+        }
+    }
+
+    /// A worker process is gone: read what it left in its pipes, drop its
+    /// descriptors, tell the core.
+    pub(super) fn worker_gone(&mut self, proc: ProcId, mut exit: ExitInfo) {
+        self.on_exec_status(proc);
+        if let Some((e, transient)) = self.procs.get_mut(&proc).and_then(|w| w.exec_error.take()) {
+            // "exit status 127" says less than what the child reported.
+            exit.description = e;
+            exit.transient = transient;
+        }
+        // Its last results, then the copies they started: a `Done` that
+        // arrived before the death counts before it. While copies out of its
+        // arena are still running, the death waits in `WorkerIo::exit`
+        // (handled by `on_copied` once the last one is in).
+        self.on_results(proc);
+        if let Some(w) = self.procs.get_mut(&proc).filter(|w| w.copies_in > 0) {
+            w.exit = Some(exit);
+            return;
+        }
+        self.worker_gone_now(proc, exit);
+    }
+
+    /// The rest of [`Reactor::worker_gone`], once the worker's copies are in.
+    pub(super) fn worker_gone_now(&mut self, proc: ProcId, exit: ExitInfo) {
+        self.on_output(proc, false);
+        self.on_output(proc, true);
+        self.output_backlog.remove(&(proc, false));
+        self.output_backlog.remove(&(proc, true));
+        self.suppressing.remove(&proc);
+        if let Some(mut w) = self.procs.remove(&proc) {
+            self.pids.remove(&w.pid);
+            if let Some(n) = w.limiter.finish() {
+                log_suppressed(&w.pool, w.slot, n);
+            }
+            for line in [&mut w.stdout_line, &mut w.stderr_line] {
+                if !line.is_empty() {
+                    let text = String::from_utf8_lossy(line).into_owned();
+                    crate::log::log(Level::Info, &format!("[{}/{}] {}", w.pool, w.slot, text));
+                    line.clear();
+                }
+            }
+            for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr]
+                .into_iter()
+                .flatten()
+            {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+        }
+        self.core.on_exit(proc, exit, Instant::now());
+    }
+}
