@@ -51,6 +51,10 @@ pub const MAX_REQUEST: usize = ipc_proto::control::MAX_REQUEST_LEN;
 /// Largest request before `Hello` (which is a few bytes).
 pub const MAX_GREETING: usize = 1024;
 
+/// The written part of a client's output buffer is dropped once it is this
+/// large (and half the buffer): see `Client::compact`.
+const COMPACT_MIN: usize = 8 << 20;
+
 /// Time a new connection has to send its `Hello`.
 pub const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -536,12 +540,12 @@ impl Client {
     }
 
     /// Drops the written part of the output buffer once it is at least
-    /// half of it (and a mebibyte): a client that keeps reading while
+    /// half of it (and [`COMPACT_MIN`]): a client that keeps reading while
     /// replies keep coming never empties the buffer, and the bytes it has
     /// read must not stay in memory (memory is what is pending, not what was
     /// ever queued). Moves at most as many bytes as were written.
     fn compact(&mut self) {
-        if self.written < (1 << 20) || self.written * 2 < self.out.len() {
+        if self.written < COMPACT_MIN || self.written * 2 < self.out.len() {
             return;
         }
         self.out.drain(..self.written);
@@ -549,7 +553,8 @@ impl Client {
             *at -= self.written;
         }
         self.written = 0;
-        self.out.shrink_to(self.out.len().max(1 << 20) * 2);
+        // Capacity is kept (a reallocation per write would cost more than
+        // the memory); it is at most about twice the high-water mark.
     }
 
     /// Bytes queued but not yet written.
