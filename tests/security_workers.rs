@@ -343,3 +343,160 @@ fn spawn_failing_for_lack_of_descriptors_is_retried_not_a_crash() {
     d.wait_ready("p", 2);
     assert_eq!(d.pool("p")["state"], "running");
 }
+
+/// A delegated cgroup2 directory for the daemon to run in (as systemd makes
+/// one with `Delegate=yes`: the `trusted.delegate` attribute), removed on
+/// drop; `None` (the test skips) without root or a writable cgroup2 mount.
+struct DelegatedCgroup(std::path::PathBuf);
+
+impl DelegatedCgroup {
+    fn make(tag: &str) -> Option<DelegatedCgroup> {
+        if !jobvisor::users::need_root("a delegated cgroup") {
+            return None;
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = mounts.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| pre.split(' ').nth(4).map(std::path::PathBuf::from))
+                .flatten()
+        })?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+        let dir = mount
+            .join(rel.trim_start_matches('/'))
+            .join(format!("jvtest-{tag}-{}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() {
+            eprintln!("SKIPPED: cannot create a cgroup under {}", mount.display());
+            return None;
+        }
+        let set = std::process::Command::new("setfattr")
+            .args(["-n", "trusted.delegate", "-v", "1"])
+            .arg(&dir)
+            .status();
+        if !set.is_ok_and(|s| s.success()) {
+            // No setfattr: the syscall itself.
+            use std::os::unix::ffi::OsStrExt;
+            let p = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+            // SAFETY: NUL-terminated strings and a 1-byte value.
+            let rc = unsafe {
+                libc::setxattr(
+                    p.as_ptr(),
+                    c"trusted.delegate".as_ptr(),
+                    b"1".as_ptr().cast(),
+                    1,
+                    0,
+                )
+            };
+            if rc != 0 {
+                eprintln!("SKIPPED: cannot mark {} delegated", dir.display());
+                let _ = std::fs::remove_dir(&dir);
+                return None;
+            }
+        }
+        Some(DelegatedCgroup(dir))
+    }
+
+    /// Worker cgroups now in it.
+    fn children(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for DelegatedCgroup {
+    fn drop(&mut self) {
+        for c in self.children() {
+            let _ = std::fs::write(self.0.join(&c).join("cgroup.kill"), b"1");
+            let _ = std::fs::remove_dir(self.0.join(c));
+        }
+        let _ = std::fs::write(self.0.join("cgroup.kill"), b"1");
+        let _ = wait_for_quiet(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn wait_for_quiet(dir: &std::path::Path) -> Option<()> {
+    let end = std::time::Instant::now() + DEADLINE;
+    while std::time::Instant::now() < end {
+        if std::fs::read_to_string(dir.join("cgroup.procs")).map_or(true, |s| s.trim().is_empty()) {
+            return Some(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
+}
+
+/// Where the daemon's cgroup is delegated to it, every worker gets a cgroup
+/// of its own: its escaped descendants are in it and are killed with it
+/// (`cgroup.kill`), and the cgroup is removed.
+#[test]
+fn with_a_delegated_cgroup_each_worker_has_its_own() {
+    let Some(cg) = DelegatedCgroup::make("w") else {
+        return;
+    };
+    let m = marker(4);
+    let mut d = Daemon::prepare("cgroup", &escape_cfg(&m));
+    let mut cmd = d.command();
+    let procs = cg.0.join("cgroup.procs");
+    {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(procs.to_str().unwrap()).unwrap();
+        // SAFETY: open/write/close are async-signal-safe; the string was
+        // made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+    d.launch(cmd);
+    wait_for("the daemon to answer", DEADLINE, || {
+        assert!(alive(d.pid()), "{}", d.log_text());
+        (d.ctl(&["status"]).code == 0).then_some(())
+    });
+    assert!(
+        d.log_text().contains("workers run in cgroups of their own"),
+        "{}",
+        d.log_text()
+    );
+    let worker = d.wait_ready("esc", 1)[0];
+    let escapers = start_escapers(&d, &m);
+    let in_cgroup = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let own = in_cgroup(worker);
+    assert!(own.contains("/worker-esc-0-"), "worker in {own}");
+    for p in &escapers {
+        assert_eq!(in_cgroup(*p), own, "escaper {p} left the worker's cgroup");
+    }
+    kill(worker, Signal::SIGKILL);
+    wait_for("the worker's cgroup to be killed", DEADLINE, || {
+        escapers.iter().all(|p| !alive(*p)).then_some(())
+    });
+    let old = own.rsplit('/').next().unwrap().to_string();
+    d.wait_ready("esc", 1);
+    wait_for("the dead worker's cgroup to be removed", DEADLINE, || {
+        (!cg.children().contains(&old)).then_some(())
+    });
+    assert_eq!(cg.children().len(), 1, "{:?}", cg.children());
+    // Shutdown leaves no worker cgroup.
+    assert_eq!(d.ctl(&["shutdown"]).code, 0);
+    d.wait_exit(DEADLINE);
+    assert!(cg.children().is_empty(), "{:?}", cg.children());
+}

@@ -12,6 +12,7 @@
 //! - [`notify`], [`log`]: systemd notification and logging.
 //! - [`private_dir`]: directories the daemon trusts (owner and mode checked, used by descriptor).
 
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod control;

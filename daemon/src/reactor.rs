@@ -201,6 +201,10 @@ pub struct Reactor {
     ),
     /// Wakes the loop (from the store, copier and input threads).
     waker: Arc<mio::Waker>,
+    /// A cgroup per worker, where the daemon's cgroup is delegated to it
+    /// (see `crate::cgroup`), and each live worker's cgroup.
+    cgroups: Option<crate::cgroup::WorkerCgroups>,
+    proc_cgroups: HashMap<ProcId, PathBuf>,
     /// The daemon's descriptor limit (`RLIMIT_NOFILE`, raised to its hard
     /// limit at start).
     fd_limit: usize,
@@ -304,6 +308,8 @@ impl Reactor {
             conns_per_uid: HashMap::default(),
             greeting_deadlines: Default::default(),
             fd_limit: raise_fd_limit(),
+            cgroups: crate::cgroup::WorkerCgroups::detect(),
+            proc_cgroups: HashMap::default(),
             fd_inputs: std::sync::mpsc::channel(),
             waker,
             procs: HashMap::default(),
@@ -336,6 +342,12 @@ impl Reactor {
             self.socket_path.display(),
             self.config.pools.len()
         );
+        if let Some(c) = &self.cgroups {
+            crate::info!(
+                "workers run in cgroups of their own under {} (delegated)",
+                c.dir().display()
+            );
+        }
         self.core.start(Instant::now());
         self.run_actions();
         let mut events = Events::with_capacity(256);
@@ -394,6 +406,9 @@ impl Reactor {
         }
         // Every worker is gone: so is anything they left behind.
         crate::orphans::kill_all_and_reap();
+        if let Some(c) = self.cgroups.as_mut() {
+            c.sweep();
+        }
         // Event streams end cleanly.
         let subs: Vec<u64> = self.subscribers.iter().copied().collect();
         for id in subs {
@@ -539,12 +554,29 @@ impl Reactor {
                     pool,
                     slot,
                     config,
-                } => match spawn::spawn_worker(&pool, slot, &config) {
-                    Ok(sp) => {
-                        self.register_worker(proc, &pool, slot, sp);
+                } => {
+                    let cgroup = self.cgroups.as_mut().and_then(|c| {
+                        c.create(&pool, slot)
+                            .inspect_err(|e| {
+                                crate::warn!("pool {pool} worker {slot}: no cgroup of its own: {e}")
+                            })
+                            .ok()
+                    });
+                    match spawn::spawn_worker(&pool, slot, &config, cgroup.as_ref().map(|c| &c.1)) {
+                        Ok(sp) => {
+                            if let Some((path, _)) = cgroup {
+                                self.proc_cgroups.insert(proc, path);
+                            }
+                            self.register_worker(proc, &pool, slot, sp);
+                        }
+                        Err(e) => {
+                            if let Some((path, _)) = cgroup {
+                                let _ = std::fs::remove_dir(path);
+                            }
+                            self.core.on_spawn_failed(proc, e, Instant::now())
+                        }
                     }
-                    Err(e) => self.core.on_spawn_failed(proc, e, Instant::now()),
-                },
+                }
                 Action::Signal { proc, signal } => {
                     if let Some(w) = self.procs.get(&proc) {
                         if let Err(e) = killpg(Pid::from_raw(w.pid as i32), signal) {

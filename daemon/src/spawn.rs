@@ -233,7 +233,12 @@ fn is_executable(p: &Path) -> bool {
 /// child has called `execve` (or given up): whether that worked is read
 /// later from [`Spawned::exec_status`], only if the worker dies before
 /// `Ready`.
-pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, SpawnError> {
+pub fn spawn_worker(
+    pool: &str,
+    slot: u32,
+    cfg: &PoolConfig,
+    cgroup_procs: Option<&OwnedFd>,
+) -> Result<Spawned, SpawnError> {
     let program = resolve_program(&cfg.command[0], &cfg.cwd)?;
     let ids = user_ids(cfg)?;
     // Everything the child needs is built here, before the clone: after it,
@@ -333,6 +338,7 @@ pub fn spawn_worker(pool: &str, slot: u32, cfg: &PoolConfig) -> Result<Spawned, 
         ],
         status: status_w.as_raw_fd(),
         sync: sync.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
+        cgroup: cgroup_procs.map_or(-1, |fd| fd.as_raw_fd()),
         cwd: cwd.as_ptr(),
         path: path.as_ptr(),
         argv: argv_ptrs.as_ptr(),
@@ -434,6 +440,9 @@ struct ChildPlan {
     /// Write end of the sync pipe (fork path), closed by the child once it
     /// leads its own session; -1 on the vfork path.
     sync: i32,
+    /// The worker's cgroup's `cgroup.procs`, which the child joins first
+    /// (see `crate::cgroup`); -1 without one.
+    cgroup: i32,
     cwd: *const libc::c_char,
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -490,6 +499,7 @@ enum Step {
     Groups,
     Gid,
     Uid,
+    Cgroup,
     Exec,
 }
 
@@ -510,6 +520,7 @@ pub fn exec_failure(program: &Path, bytes: &[u8]) -> String {
         x if x == Step::Groups as u32 => "setgroups",
         x if x == Step::Gid as u32 => "setgid",
         x if x == Step::Uid as u32 => "setuid",
+        x if x == Step::Cgroup as u32 => "joining the worker's cgroup",
         _ => "exec",
     };
     if step >= Step::Exec as u32 {
@@ -568,6 +579,11 @@ unsafe fn child_exec(plan: &ChildPlan) -> ! {
             libc::write(status, msg.as_ptr().cast(), msg.len());
             libc::_exit(127)
         };
+        // Into the worker's own cgroup before anything else: whatever it
+        // starts stays there.
+        if plan.cgroup >= 0 && libc::write(plan.cgroup, b"0".as_ptr().cast(), 1) != 1 {
+            fail(Step::Cgroup);
+        }
         if libc::setsid() < 0 {
             fail(Step::ProcessGroup);
         }

@@ -465,9 +465,17 @@ impl Reactor {
                 }
             };
             let known = self.pids.get(&(pid.as_raw() as u32)).copied();
-            if known.is_some() {
+            if let Some(proc) = known {
                 // The leader is a zombie, so its pgid is still reserved.
                 let _ = killpg(pid, Signal::SIGKILL);
+                // And everything in its cgroup, wherever it went.
+                if let (Some(path), Some(c)) =
+                    (self.proc_cgroups.remove(&proc), self.cgroups.as_mut())
+                {
+                    c.finish(path);
+                }
+            } else if let Some(c) = self.cgroups.as_mut().filter(|c| c.draining() > 0) {
+                c.sweep();
             }
             let status = loop {
                 match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
