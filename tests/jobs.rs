@@ -74,13 +74,7 @@ fn submit_wait_sha256_matches_sha256sum() {
     let f = d.dir.path().join("input.bin");
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&f, &data).unwrap();
-    let r = d.ctl(&[
-        "submit",
-        "sha256",
-        "--input-file",
-        f.to_str().unwrap(),
-        "--wait",
-    ]);
+    let r = d.submit_file_wait("sha256", &f);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, sha256sum(&f));
     // Binary-safe raw output, stdin input.

@@ -146,13 +146,7 @@ fn planted_links_are_never_written_through() {
         symlink(&spare_victim.path, payloads.join(".spare").join(n)).unwrap();
     }
     for k in 1..=4 {
-        let r = d.ctl(&[
-            "submit",
-            "echo",
-            "--input-file",
-            input.to_str().unwrap(),
-            "--wait",
-        ]);
+        let r = d.submit_file_wait("echo", &input);
         assert_eq!(r.code, 0, "job {k}: {r:?}");
         assert!(r.raw == data, "job {k}'s output is not its input");
     }
@@ -216,13 +210,7 @@ fn the_store_is_owner_only_whatever_the_umask() {
     d.wait_ready("echo", 1);
     let input = d.dir.path().join("input");
     std::fs::write(&input, pattern(2 << 20)).unwrap();
-    let r = d.ctl(&[
-        "submit",
-        "echo",
-        "--input-file",
-        input.to_str().unwrap(),
-        "--wait",
-    ]);
+    let r = d.submit_file_wait("echo", &input);
     assert_eq!(r.code, 0, "{r:?}");
     let state = d.dir.path().join("state");
     assert_eq!(mode(&state), 0o700, "state_dir");

@@ -157,7 +157,11 @@ fn a_file_truncated_mid_copy_is_a_clean_error() {
                         "round {round}: a succeeded job has its whole input"
                     );
                 } else {
-                    assert!(!r.stdout.is_empty() || !r.stderr.is_empty(), "{r:?}");
+                    // Failed cleanly, saying its input could not be read.
+                    let j = d.ctl(&["--json", "result", &id.to_string()]).json();
+                    assert_eq!(j["state"], "failed", "round {round}: {j}");
+                    let e = j["error"].as_str().unwrap_or_default();
+                    assert!(e.contains("input"), "round {round}: {e}");
                 }
             }
             Response::Error { message, .. } => {

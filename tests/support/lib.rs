@@ -302,6 +302,13 @@ impl Daemon {
             .unwrap_or_else(|_| panic!("not an id: {r:?}"))
     }
 
+    /// `jobvisorctl submit POOL --input-file FILE --wait`: the job's output
+    /// in `raw`.
+    pub fn submit_file_wait(&self, pool: &str, file: &Path) -> Ctl {
+        let file = file.to_str().expect("a UTF-8 path");
+        self.ctl(&["submit", pool, "--input-file", file, "--wait"])
+    }
+
     /// `status --json` as JSON.
     pub fn status(&self) -> Value {
         let r = self.ctl(&["--json", "status"]);
