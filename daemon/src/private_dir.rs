@@ -17,8 +17,9 @@
 //! later changes nothing.
 
 use nix::fcntl::{open, OFlag};
-use nix::sys::stat::{fchmod, fstat, Mode};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use nix::sys::stat::{fchmod, fstat, FileStat, Mode};
+use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// How strict [`PrivateDir::open`] is about permission bits.
@@ -133,19 +134,6 @@ impl PrivateDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// The directory descriptor, for `openat` and friends.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// A second descriptor of the same directory.
-    pub fn try_clone(&self) -> std::io::Result<PrivateDir> {
-        Ok(PrivateDir {
-            path: self.path.clone(),
-            fd: self.fd.try_clone()?,
-        })
-    }
 }
 
 /// Flags of every open inside a trusted directory: never through a link,
@@ -175,8 +163,6 @@ fn no_link(e: nix::errno::Errno, name: &str) -> io::Error {
     }
 }
 
-use std::io;
-
 impl PrivateDir {
     /// Opens `name` (a plain file name, no `/`) inside the directory for
     /// reading, never through a link; it must be a regular file.
@@ -194,16 +180,10 @@ impl PrivateDir {
         regular(std::fs::File::from(fd), name)
     }
 
-    /// Creates `name` (mode 0600) for writing: with `exclusive`, an
-    /// existing name is `AlreadyExists`; without, an existing regular file
-    /// is truncated (a link or anything else is refused).
-    pub fn create(&self, name: &str, exclusive: bool) -> io::Result<std::fs::File> {
-        let mut flags = OFlag::O_WRONLY | OFlag::O_CREAT | at_flags();
-        flags |= if exclusive {
-            OFlag::O_EXCL
-        } else {
-            OFlag::O_TRUNC
-        };
+    /// Creates the new file `name` (mode 0600) for writing; an existing
+    /// name (a link included) is `AlreadyExists`.
+    pub fn create_new(&self, name: &str) -> io::Result<std::fs::File> {
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | at_flags();
         let fd = nix::fcntl::openat(&self.fd, name, flags, Mode::from_bits_truncate(0o600))
             .map_err(|e| no_link(e, name))?;
         regular(std::fs::File::from(fd), name)
@@ -336,10 +316,19 @@ impl PrivateDir {
     }
 }
 
-impl AsRawFd for PrivateDir {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
+/// The permission bits `strictness` forbids, and the `chmod` that clears
+/// them.
+fn forbidden(strictness: Strictness) -> (u32, &'static str) {
+    match strictness {
+        Strictness::NoForeignWrite => (0o022, "chmod go-w"),
+        Strictness::OwnerOnly => (0o077, "chmod 0700"),
     }
+}
+
+/// Whether a directory with status `st` is owned by one of `owners` and
+/// has none of the bits `strictness` forbids.
+fn fits(st: &FileStat, owners: &[u32], strictness: Strictness) -> bool {
+    owners.contains(&st.st_uid) && st.st_mode & 0o7777 & forbidden(strictness).0 == 0
 }
 
 /// Checks that the directory open as `fd` is owned by the effective uid and
@@ -347,19 +336,12 @@ impl AsRawFd for PrivateDir {
 fn check(fd: &OwnedFd, path: &Path, what: &str, strictness: Strictness) -> Result<(), DirError> {
     let st = fstat(fd).map_err(|e| DirError(format!("cannot stat {}: {e}", path.display())))?;
     let euid = nix::unistd::geteuid().as_raw();
-    let mode = st.st_mode & 0o7777;
-    let forbidden = match strictness {
-        Strictness::NoForeignWrite => 0o022,
-        Strictness::OwnerOnly => 0o077,
-    };
-    if st.st_uid == euid && mode & forbidden == 0 {
+    if fits(&st, &[euid], strictness) {
         return Ok(());
     }
+    let mode = st.st_mode & 0o7777;
     let owner = describe_uid(st.st_uid);
-    let fix_mode = match strictness {
-        Strictness::NoForeignWrite => "chmod go-w",
-        Strictness::OwnerOnly => "chmod 0700",
-    };
+    let fix_mode = forbidden(strictness).1;
     let problem = if st.st_uid != euid {
         format!("owned by {owner}, not by uid {euid} that jobvisord runs as")
     } else {
@@ -412,18 +394,11 @@ pub fn check_existing(
         }
     };
     let st = fstat(&fd).map_err(|e| DirError(format!("cannot stat {}: {e}", path.display())))?;
-    let mode = st.st_mode & 0o7777;
-    let forbidden = match strictness {
-        Strictness::NoForeignWrite => 0o022,
-        Strictness::OwnerOnly => 0o077,
-    };
-    if owners.contains(&st.st_uid) && mode & forbidden == 0 {
+    if fits(&st, owners, strictness) {
         return Ok(true);
     }
-    let fix = match strictness {
-        Strictness::NoForeignWrite => "chmod go-w",
-        Strictness::OwnerOnly => "chmod 0700",
-    };
+    let mode = st.st_mode & 0o7777;
+    let fix = forbidden(strictness).1;
     Err(DirError(format!(
         "refusing to use {what} {}: owner {}, mode {mode:04o}; it must be yours and {} (another user could have put a fake jobvisord there). Remove it and start jobvisord again, or fix it: `{fix} {}`",
         path.display(),

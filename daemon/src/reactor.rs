@@ -219,10 +219,8 @@ pub struct Reactor {
     store: Option<Store>,
     /// Big copies, off the loop.
     copier: crate::copier::Copier<Copied>,
-    /// The store's payload directory (as opened: a reload does not move it),
-    /// for messages; files in it are opened through `payload_fd`.
-    payload_dir: PathBuf,
-    /// The payload directory's descriptor (shared with the store).
+    /// The store's payload directory, open (shared with the store; as
+    /// opened: a reload does not move it).
     payload_fd: Arc<crate::private_dir::PrivateDir>,
     /// Its spare files, for outputs written from arenas.
     spares: crate::store::Spares,
@@ -319,7 +317,6 @@ impl Reactor {
             payload_fd,
             store: Some(store),
             copier,
-            payload_dir: config.daemon.payload_dir(),
             dirty_clients: HashSet::default(),
             dirty_workers: HashSet::default(),
             subscribers: HashSet::default(),

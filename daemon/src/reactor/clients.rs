@@ -15,7 +15,10 @@ const FD_RESERVE_BASE: usize = 64;
 const FD_RESERVE_PER_WORKER: usize = 16;
 /// Requests of one client the core may be working on at once (store
 /// queries, `wait` groups) before its further requests wait.
-pub(super) const MAX_OUTSTANDING: usize = 16;
+const MAX_OUTSTANDING: usize = 16;
+/// Most jobs one `jobs` listing returns (a client asking for more gets
+/// this many: each is a document in memory until it is sent).
+const MAX_LIST_LIMIT: u32 = 100_000;
 
 /// A `SubmitFd`'s input, examined off the loop ([`Reactor::submit_fd`]).
 pub(super) struct FdInput {
@@ -125,10 +128,11 @@ impl Reactor {
         if let Some(why) = self.over_connection_cap(&peer, admin) {
             crate::log::log(
                 Level::Debug,
+                // Plain uids here: a user name would be an NSS lookup
+                // (files, LDAP…) on the loop, per refused connection.
                 &format!(
-                    "control connection of {} (pid {}) refused: {why}",
-                    crate::private_dir::describe_uid(peer.uid),
-                    peer.pid
+                    "control connection of uid {} (pid {}) refused: {why}",
+                    peer.uid, peer.pid
                 ),
             );
             // Best effort, never blocking: the refusal is one small frame
@@ -227,21 +231,16 @@ impl Reactor {
 
     /// Drops connections that did not say `Hello` in time.
     pub(super) fn expire_greetings(&mut self, now: Instant) {
-        while let Some(&(at, id)) = self.greeting_deadlines.front() {
-            if at > now {
-                return;
-            }
-            self.greeting_deadlines.pop_front();
-            if self.clients.get(&id).is_some_and(|c| !c.greeted) {
-                crate::log::log(
-                    Level::Debug,
-                    &format!(
-                        "control client {id}: no Hello within {:?}; closing",
-                        control::GREETING_TIMEOUT
-                    ),
-                );
-                self.drop_client(id);
-            }
+        while self.greeting_deadline().is_some_and(|at| at <= now) {
+            let (_, id) = self.greeting_deadlines.pop_front().expect("just seen");
+            crate::log::log(
+                Level::Debug,
+                &format!(
+                    "control client {id}: no Hello within {:?}; closing",
+                    control::GREETING_TIMEOUT
+                ),
+            );
+            self.drop_client(id);
         }
     }
 
@@ -487,8 +486,12 @@ impl Reactor {
                     None
                 }
                 Request::Jobs { pool, state, limit } => {
-                    self.core
-                        .list_jobs(id, pool, state, limit.unwrap_or(1000).max(1));
+                    self.core.list_jobs(
+                        id,
+                        pool,
+                        state,
+                        limit.unwrap_or(1000).clamp(1, MAX_LIST_LIMIT),
+                    );
                     None
                 }
                 Request::Events => {
@@ -576,9 +579,9 @@ impl Reactor {
         Some(Response::Error {
             kind: ErrorKind::Invalid,
             message: format!(
-                "{what} needs admin rights: run it as root, as {} (the daemon's user) or as {group}; you are {}",
-                crate::private_dir::describe_uid(nix::unistd::geteuid().as_raw()),
-                crate::private_dir::describe_uid(c.peer.uid),
+                "{what} needs admin rights: run it as root, as uid {} (the daemon's user) or as {group}; you are uid {}",
+                nix::unistd::geteuid(),
+                c.peer.uid,
             ),
         })
     }

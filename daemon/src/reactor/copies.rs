@@ -7,7 +7,7 @@ use super::*;
 
 /// The store's payload file of job `id`'s output, if it is there with the
 /// expected length.
-pub(super) fn open_output_file(
+fn open_output_file(
     payload_dir: &crate::private_dir::PrivateDir,
     id: u64,
     len: u64,
@@ -26,7 +26,7 @@ pub(super) fn open_output_file(
 /// never touched; on any failure (it exists, the disk is full) whatever
 /// this call created is removed and the caller takes the in-memory path,
 /// where the store reports errors as usual.
-pub(super) fn output_to_file(
+fn output_to_file(
     mapping: &crate::shm::Mapping,
     spares: &crate::store::Spares,
     dir: &crate::private_dir::PrivateDir,
@@ -49,6 +49,50 @@ pub(super) fn output_to_file(
 }
 
 impl Reactor {
+    /// A worker's output of `len` bytes at `offset` of its arena: copied
+    /// out in place when small (and the slot released); else on the copier
+    /// thread, straight into its payload file when it is one (this
+    /// worker's later messages wait for the copy).
+    pub(super) fn output_from_arena(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        mapping: Arc<crate::shm::Mapping>,
+        offset: u64,
+        len: u64,
+        now: Instant,
+    ) {
+        if len < crate::copier::OFFLOAD_MIN {
+            let bytes = mapping.read_at(offset, len).expect("range checked");
+            self.send(proc, &ToWorker::Release { offset, len });
+            return self.core.on_job_done(proc, id, bytes, now);
+        }
+        if let Some(w) = self.procs.get_mut(&proc) {
+            w.copies_in += 1;
+        }
+        let name =
+            (len >= crate::store::FILE_PAYLOAD_MIN as u64).then(|| crate::store::output_name(id));
+        let spares = self.spares.clone();
+        let dir = Arc::clone(&self.payload_fd);
+        self.copier.run(move || {
+            let in_file = name
+                .as_ref()
+                .is_some_and(|n| output_to_file(&mapping, &spares, &dir, n, offset, len));
+            let output = if in_file {
+                JobOutput::File(len)
+            } else {
+                JobOutput::Mem(mapping.read_at(offset, len).expect("range checked"))
+            };
+            Copied::FromArena {
+                proc,
+                id,
+                offset,
+                len,
+                output,
+            }
+        });
+    }
+
     /// Copies `data` into `proc`'s arena at `offset` (an input slot the
     /// core allocated), before the `Job` frame the core queues next: in
     /// place when small, else on the copier thread, the frame held back
@@ -117,7 +161,7 @@ impl Reactor {
             return;
         };
         self.hold_next_frame(proc);
-        let path = crate::store::input_file(&self.payload_dir, job);
+        let path = crate::store::input_file(self.payload_fd.path(), job);
         let name = crate::store::input_name(job);
         let dir = Arc::clone(&self.payload_fd);
         self.copier.run(move || {
@@ -290,7 +334,7 @@ impl Reactor {
                 // Checked by the store a moment ago; removed since.
                 doc.note_error(format!(
                     "output payload file {} is missing",
-                    crate::store::output_file(&self.payload_dir, doc.id).display()
+                    crate::store::output_file(self.payload_fd.path(), doc.id).display()
                 ));
                 c.send(&Response::Job(doc));
             }

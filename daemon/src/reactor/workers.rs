@@ -2,7 +2,6 @@
 //! its job frames, reading its results and its output (rate-limited into the
 //! log), and noticing its death (reaping, orphans, exec failures).
 
-use super::copies::output_to_file;
 use super::*;
 
 /// The record that ends a stretch of rate-limited worker output.
@@ -312,37 +311,7 @@ impl Reactor {
                             &format!("job {id}: {len}-byte output through shared memory"),
                         );
                     }
-                    if len < crate::copier::OFFLOAD_MIN {
-                        let bytes = mapping.read_at(offset, len).expect("range checked");
-                        self.send(proc, &ToWorker::Release { offset, len });
-                        self.core.on_job_done(proc, id, bytes, now);
-                    } else {
-                        // Off the loop; this worker's later messages wait.
-                        if let Some(w) = self.procs.get_mut(&proc) {
-                            w.copies_in += 1;
-                        }
-                        let name = (len >= crate::store::FILE_PAYLOAD_MIN as u64)
-                            .then(|| crate::store::output_name(id));
-                        let spares = self.spares.clone();
-                        let dir = Arc::clone(&self.payload_fd);
-                        self.copier.run(move || {
-                            let in_file = name.as_ref().is_some_and(|n| {
-                                output_to_file(&mapping, &spares, &dir, n, offset, len)
-                            });
-                            let output = if in_file {
-                                JobOutput::File(len)
-                            } else {
-                                JobOutput::Mem(mapping.read_at(offset, len).expect("range checked"))
-                            };
-                            Copied::FromArena {
-                                proc,
-                                id,
-                                offset,
-                                len,
-                                output,
-                            }
-                        });
-                    }
+                    self.output_from_arena(proc, id, mapping, offset, len, now);
                 }
             },
             FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),

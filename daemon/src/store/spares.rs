@@ -171,7 +171,7 @@ impl Spares {
                     // written through).
                     payload.unlink(name)?;
                 }
-                payload.create(name, true)?
+                payload.create_new(name)?
             }
         };
         file.set_len(len)?;
@@ -366,7 +366,7 @@ impl Spares {
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = format!("fill-{n}");
         let made = (|| {
-            let file = dir.create(&tmp, true)?;
+            let file = dir.create_new(&tmp)?;
             let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
             // SAFETY: plain system call on a descriptor we hold.
             if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {

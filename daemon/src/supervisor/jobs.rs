@@ -121,8 +121,6 @@ struct Job {
     /// Its input is stored in a payload file although small (see
     /// [`QUEUED_INPUT_BUDGET`]), and leaves memory once its insert is durable.
     spilled: bool,
-    /// Bytes of its input counted in [`JobTable::mem_inputs`].
-    counted: u64,
 }
 
 impl Job {
@@ -259,11 +257,12 @@ pub struct Viewer {
 }
 
 impl Viewer {
-    /// What a client the core was not told about counts as: root (the
-    /// core's own tests and internal callers).
-    pub const ROOT: Viewer = Viewer {
-        uid: 0,
-        admin: true,
+    /// What a client the core was not told about counts as: nobody in
+    /// particular, no admin (fail closed: it sees only the jobs it
+    /// submitted itself, which belong to this uid).
+    pub const UNKNOWN: Viewer = Viewer {
+        uid: u32::MAX,
+        admin: false,
     };
 
     /// May this viewer see a job of `owner`'s?
@@ -312,8 +311,9 @@ pub(super) struct JobTable {
     backlog: HashMap<ClientId, usize>,
     /// Who each connected client is ([`Supervisor::set_viewer`]).
     viewers: HashMap<ClientId, Viewer>,
-    /// Bytes of in-memory inputs of the jobs in `jobs` (see
-    /// [`QUEUED_INPUT_BUDGET`]).
+    /// Bytes of in-memory inputs of the jobs in `jobs`: the sum of their
+    /// `input.len()`, kept where an input is set, dropped or its job
+    /// removed (see [`QUEUED_INPUT_BUDGET`]).
     mem_inputs: u64,
     next_group: u64,
     running_keys: HashMap<String, u64>,
@@ -354,10 +354,8 @@ impl Supervisor {
                 order: Reverse(self.jt.tail_order),
                 id: j.id,
             };
-            let counted = j.input.len() as u64;
-            self.jt.mem_inputs += counted;
+            self.jt.mem_inputs += j.input.len() as u64;
             let job = Job {
-                counted,
                 spilled: false,
                 id: j.id,
                 owner: j.owner,
@@ -524,15 +522,13 @@ impl Supervisor {
         self.jt.next_id = id + 1;
         let created_ms = self.wall(now);
         let owner = self.viewer(client).uid;
-        let len = input.len() as u64;
-        // Over the budget, an input that can go through the pool's arena is
-        // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
-        let spill = source.is_none()
-            && len >= SPILL_MIN
+        let len = input.len() as u64; // 0 for a file input
+                                      // Over the budget, an input that can go through the pool's arena is
+                                      // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
+        let spill = len >= SPILL_MIN
             && self.jt.mem_inputs + len > QUEUED_INPUT_BUDGET
             && len <= arena_input_capacity(self.pools[pool_name].config.shm_size);
-        let counted = if source.is_none() { len } else { 0 };
-        self.jt.mem_inputs += counted;
+        self.jt.mem_inputs += len;
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -556,7 +552,6 @@ impl Supervisor {
                 id,
                 owner,
                 spilled: spill,
-                counted,
                 pool: pool_name.to_string(),
                 priority: options.priority,
                 key: options.key,
@@ -644,28 +639,20 @@ impl Supervisor {
     pub fn on_inserts_failed(&mut self, failed: Vec<(u64, crate::store::InsertFailure)>) {
         use crate::store::InsertFailure;
         for (id, why) in failed {
-            let at = self
-                .jt
-                .pending
-                .iter()
-                .position(|(_, p)| matches!(p, Pending::Insert { id: i, .. } if *i == id));
-            if let Some(at) = at {
-                let (seq, p) = &self.jt.pending[at];
-                let (seq, client) = match p {
-                    Pending::Insert { client, .. } => (*seq, *client),
-                    _ => unreachable!("matched above"),
+            let (kind, message) = match why {
+                InsertFailure::Input(m) => (ipc_proto::control::ErrorKind::Invalid, m),
+                InsertFailure::Store(m) => (ipc_proto::control::ErrorKind::Rejected, m),
+            };
+            let pending = self.jt.pending.iter_mut().find_map(|(_, p)| match *p {
+                Pending::Insert { id: i, client, .. } if i == id => Some((p, client)),
+                _ => None,
+            });
+            if let Some((p, client)) = pending {
+                // Its `Submitted` becomes the error, in the same place.
+                *p = Pending::Reply {
+                    client,
+                    resp: Box::new(Response::Error { kind, message }),
                 };
-                let (kind, message) = match why {
-                    InsertFailure::Input(m) => (ipc_proto::control::ErrorKind::Invalid, m),
-                    InsertFailure::Store(m) => (ipc_proto::control::ErrorKind::Rejected, m),
-                };
-                self.jt.pending[at] = (
-                    seq,
-                    Pending::Reply {
-                        client,
-                        resp: Box::new(Response::Error { kind, message }),
-                    },
-                );
             }
             self.forget_unstored(id);
         }
@@ -680,7 +667,7 @@ impl Supervisor {
         match job.phase {
             JobPhase::Queued => {
                 let pool = job.pool.clone();
-                self.jt.mem_inputs -= job.counted;
+                self.jt.mem_inputs -= job.input.len() as u64;
                 self.jt.jobs.remove(&id);
                 if let Some(p) = self.pools.get_mut(&pool) {
                     p.jobs.queued = p.jobs.queued.saturating_sub(1);
@@ -916,8 +903,8 @@ impl Supervisor {
     }
 
     /// Who `client` is: its jobs are its uid's, and it sees only those
-    /// unless it is an admin. A client the core was not told about counts
-    /// as root.
+    /// unless it is an admin. A client the core was not told about is
+    /// [`Viewer::UNKNOWN`].
     pub fn set_viewer(&mut self, client: ClientId, viewer: Viewer) {
         self.jt.viewers.insert(client, viewer);
     }
@@ -927,7 +914,7 @@ impl Supervisor {
             .viewers
             .get(&client)
             .copied()
-            .unwrap_or(Viewer::ROOT)
+            .unwrap_or(Viewer::UNKNOWN)
     }
 
     /// A client disconnected: forget its waiters.
@@ -1270,8 +1257,8 @@ impl Supervisor {
             let len = job.input.len();
             if (len >= crate::store::FILE_PAYLOAD_MIN || job.spilled) && job.input_file.is_none() {
                 job.input_file = Some(len as u64);
+                self.jt.mem_inputs -= len as u64;
                 job.input = Arc::default();
-                self.jt.mem_inputs -= std::mem::take(&mut job.counted);
             }
             // The payload file is there now: let the client's file go.
             job.input_source = None;
@@ -1289,7 +1276,7 @@ impl Supervisor {
         let Some(mut job) = self.jt.jobs.remove(&id) else {
             return;
         };
-        self.jt.mem_inputs -= job.counted;
+        self.jt.mem_inputs -= job.input.len() as u64;
         let Some(waiters) = self.jt.waiters.remove(&id) else {
             return;
         };
@@ -1713,15 +1700,15 @@ impl Supervisor {
             return;
         };
         if job.unstored {
-            self.jt.mem_inputs -= job.counted;
+            self.jt.mem_inputs -= job.input.len() as u64;
             self.jt.jobs.remove(&id);
             return;
         }
         let input_file = job.input_file.is_some()
             || job.spilled
             || job.input.len() >= crate::store::FILE_PAYLOAD_MIN;
+        self.jt.mem_inputs -= job.input.len() as u64;
         job.input = Arc::default();
-        self.jt.mem_inputs -= std::mem::take(&mut job.counted);
         let pool = job.pool.clone();
         let update = JobUpdate {
             drop_input_file: input_file && state.is_terminal(),
