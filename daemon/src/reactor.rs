@@ -67,6 +67,8 @@ const TOKEN_LISTENER: Token = Token(1);
 /// The one waker (mio allows one per poll), shared by the store thread and
 /// the copier thread: on it, both are asked for what they finished.
 const TOKEN_WAKE: Token = Token(2);
+/// `--lifeline` (kind Special, id 1).
+const TOKEN_LIFELINE: Token = Token(8);
 
 /// A client whose unread output exceeds this is not read from (nor its
 /// requests answered) until it catches up: backpressure instead of unbounded
@@ -233,6 +235,10 @@ pub struct Reactor {
     /// Period of `WATCHDOG=1` pings (half of `WATCHDOG_USEC`), if asked for.
     watchdog: Option<std::time::Duration>,
     next_ping: Option<Instant>,
+    /// `--lifeline`: the read end of a pipe held open by the process this
+    /// daemon runs for; its end-of-file stops the daemon at once, and then
+    /// `state_dir` is removed (see [`Reactor::set_lifeline`]).
+    lifeline: Option<OwnedFd>,
 }
 
 impl Reactor {
@@ -327,7 +333,49 @@ impl Reactor {
             terms: 0,
             watchdog: watchdog_period(),
             next_ping: None,
+            lifeline: None,
         })
+    }
+
+    /// Runs this daemon for one process (an embedded `jobvisor.Executor`):
+    /// `fd` is one end of a Unix stream socket pair whose other end only
+    /// that process holds. The daemon writes `listening\n` on it once its
+    /// control socket accepts connections. When the other end closes (the
+    /// process exited, or was `kill -9`ed), the daemon stops at once (as a
+    /// second SIGTERM would), and on exit it removes its `state_dir` with
+    /// everything in it: the jobs belonged to a process that is gone.
+    pub fn set_lifeline(&mut self, fd: OwnedFd) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let st = nix::sys::stat::fstat(&fd).context("--lifeline: fstat")?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            anyhow::bail!(
+                "--lifeline: descriptor {} is not a socket (expected one end of a socketpair)",
+                fd.as_raw_fd()
+            );
+        }
+        self.poll.registry().register(
+            &mut SourceFd(&fd.as_raw_fd()),
+            TOKEN_LIFELINE,
+            Interest::READABLE,
+        )?;
+        self.lifeline = Some(fd);
+        Ok(())
+    }
+
+    /// The lifeline is readable: end-of-file (or a stray byte, which only
+    /// its owner could have written; treated the same).
+    fn on_lifeline(&mut self) {
+        let Some(fd) = self.lifeline.as_ref() else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&fd.as_raw_fd()));
+        crate::info!(
+            "the process this daemon runs for is gone (--lifeline closed): stopping at once"
+        );
+        self.begin_shutdown(true);
     }
 
     /// Runs until shutdown completes.
@@ -343,6 +391,16 @@ impl Reactor {
             crate::info!(
                 "workers run in cgroups of their own under {} (delegated)",
                 c.dir().display()
+            );
+        }
+        if let Some(fd) = &self.lifeline {
+            // The control socket is listening (bound in `new`): the process
+            // we run for may connect now. A full buffer or a closed peer
+            // is not an error here; the closed peer is seen by the loop.
+            let _ = nix::sys::socket::send(
+                fd.as_raw_fd(),
+                b"listening\n",
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
             );
         }
         self.core.start(Instant::now());
@@ -431,6 +489,16 @@ impl Reactor {
             let _ = std::fs::remove_file(&self.socket_path);
         }
         self.notifier.stopping();
+        if self.lifeline.is_some() {
+            // `remove_dir_all` does not follow links (it works through
+            // directory descriptors).
+            if let Err(e) = std::fs::remove_dir_all(&self.config.daemon.state_dir) {
+                crate::warn!(
+                    "removing {} (--lifeline): {e}",
+                    self.config.daemon.state_dir.display()
+                );
+            }
+        }
         crate::info!("jobvisord stopped");
         Ok(())
     }
@@ -478,6 +546,7 @@ impl Reactor {
         match tok {
             TOKEN_SIGNALS => self.on_signals(),
             TOKEN_LISTENER => self.accept(),
+            TOKEN_LIFELINE => self.on_lifeline(),
             TOKEN_WAKE => {
                 self.on_store();
                 self.on_copier();

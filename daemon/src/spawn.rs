@@ -77,7 +77,8 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::unistd::pipe2;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -717,4 +718,25 @@ pub fn cloexec_inherited_fds() {
             }
         }
     }
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the parent (for
+/// `jobvisord --lifeline FD`): it must be open and not 0-2.
+pub fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{fd} is a standard stream; pass the pipe as descriptor 3 or above"),
+        ));
+    }
+    // SAFETY: fcntl(F_GETFD) on an integer only reads the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not open"),
+        ));
+    }
+    // SAFETY: `fd` is open (checked above) and nothing in this process owns
+    // it: it was inherited, and is taken once, before anything else runs.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

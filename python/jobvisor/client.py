@@ -217,6 +217,21 @@ def sealed_memfd(data):
         raise
 
 
+def map_fd(fd, length):
+    """`length` bytes from offset 0 of a payload descriptor, mapped (no
+    copy): a writable copy-on-write ``memoryview`` (writes stay private)."""
+    import mmap
+    if length == 0:
+        return memoryview(bytearray())
+    if os.fstat(fd).st_size < length:  # mapped past its end, it would SIGBUS
+        raise Error("failed", f"the output descriptor holds fewer than {length} bytes")
+    try:
+        m = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError) as e:
+        raise Error("failed", f"cannot map the output descriptor ({length} bytes): {e}") from None
+    return memoryview(m)
+
+
 def read_fd(fd, length):
     """`length` bytes from offset 0 of a payload descriptor."""
     out = bytearray(length)
@@ -320,8 +335,10 @@ class Connection:
 
     MAX_FDS = 8
 
-    def __init__(self, path):
+    def __init__(self, path, map_outputs=False):
         self.path = path
+        # Large outputs (``JobFd``) as mapped views instead of bytes.
+        self.map_outputs = map_outputs
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
@@ -398,7 +415,7 @@ class Connection:
                 raise Error("failed", "protocol error: JobFd without a descriptor")
             fd = self.fds.pop(0)
             try:
-                doc.output = read_fd(fd, length)
+                doc.output = (map_fd if self.map_outputs else read_fd)(fd, length)
             finally:
                 os.close(fd)
             return "job", doc

@@ -1,153 +1,166 @@
-"""``jobvisor.Executor``: a ``concurrent.futures.Executor`` whose calls run on
-a jobvisord pool of ``python3 -m jobvisor.worker --call`` workers.
+"""``jobvisor.Executor``: a drop-in ``concurrent.futures.ProcessPoolExecutor``
+whose calls are durable jobs on supervised workers.
 
-    from jobvisor import Executor
-    with Executor("py") as ex:
+    from jobvisor import Executor          # was: from concurrent.futures import ProcessPoolExecutor
+    with Executor() as ex:
         print(list(ex.map(pow, [2, 3], [10, 10])))   # [1024, 59049]
 
-Each ``submit(fn, *args, **kwargs)`` becomes one durable job whose input is
-the pickled call; the future gets the unpickled return value, or the
-exception the call raised (unpickled too, when it can be; otherwise a
-:class:`RemoteError` carrying the worker's traceback). A job that ends
-another way (dead after its worker crashed ``max_attempts`` times, timed out,
-cancelled) raises :class:`JobError` with its state. ``fn`` must be picklable
-by reference: a module-level function the workers can import.
+**Embedded** (no ``pool``): the Executor starts a private ``jobvisord`` for
+this process with ``max_workers`` workers (default ``os.cpu_count()``)
+running ``sys.executable``, with this process's ``sys.path``, working
+directory, environment and main module (as the spawn start method does:
+functions defined in your script work; code at the script's top level must
+be under ``if __name__ == "__main__":``). ``initializer(*initargs)`` runs
+once in each worker before it takes calls; ``max_tasks_per_child`` replaces
+a worker after that many calls. Everything stops at ``shutdown()``, at
+interpreter exit, and also when this process is killed (``kill -9``
+included): no process or file is left behind.
 
-One connection serves all calls: submits are pipelined (they do not wait for
-each other), and one thread reads the answers. A call is submitted at once, so
-its future is running from the start and ``future.cancel()`` returns False;
-cancel the job itself with ``jobvisorctl cancel`` (or ``Client.cancel``). Options given to the constructor (``timeout`` in seconds,
-``max_attempts``, ``priority``, ``key``) apply to every call.
+**Connected** (``pool="name"``, optional ``socket=``/``config=``): calls run
+on that pool of a shared daemon (its workers run
+``python3 -m jobvisor.worker --call``; they must be able to import your
+functions by module and name).
+
+Each ``submit(fn, *args, **kwargs)`` is one job whose input is the pickled
+call. Large binary arguments and results (``bytes``, ``bytearray``,
+``memoryview``, numpy arrays: anything pickled through
+``pickle.PickleBuffer``) travel out of band through shared memory; a numpy
+argument is a view of the worker's shared memory, valid during the call.
+A call that raises re-raises here with the worker's traceback as
+``__cause__``. Where jobvisor differs from ``ProcessPoolExecutor``, it is
+on purpose:
+
+- a worker that dies during a call (``os._exit``, a segfault, the OOM
+  killer) is replaced and the call retried, up to ``max_attempts`` (3); then
+  the call raises :class:`JobError`, and the executor keeps working
+  (``ProcessPoolExecutor`` breaks for good with ``BrokenProcessPool``);
+- workers that cannot start (an ImportError, a failing initializer) make
+  the calls raise :class:`PoolFailedError` (a ``BrokenProcessPool``) with
+  the workers' own error text;
+- ``future.cancel()`` also works on a call that is running: its job is
+  cancelled and the worker interrupts it.
+
+``mp_context`` is accepted for compatibility and ignored: workers are
+always started fresh (like the spawn method).
 """
 
-import collections
+import atexit
 import concurrent.futures as cf
-import pickle
+import os
 import threading
+import weakref
+from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
+from functools import partial
 
-from . import _wire as w
-from .client import Connection, Error, _options, resolve_socket, submit_request
+from . import _calls, _embedded
+from ._engine import CallFuture, Engine, JobError, PoolFailedError, RemoteError, RemoteTraceback
+from .client import _options, resolve_socket
+
+__all__ = ["Executor", "JobError", "PoolFailedError", "RemoteError", "RemoteTraceback"]
+
+_LIVE = weakref.WeakSet()
 
 
-class RemoteError(Exception):
-    """A call failed on the worker and its exception could not be rebuilt
-    here; the message is the worker's traceback."""
-
-
-class JobError(Exception):
-    """The job of a call did not run to completion (``state``: "dead",
-    "timed_out", "cancelled", ...); ``job`` is its document."""
-
-    def __init__(self, job):
-        super().__init__(f"job {job.id} ended {job.state}" + (f": {job.error}" if job.error else ""))
-        self.job = job
-        self.state = job.state
+def connect(pool, socket, config, max_workers, initializer, initargs, max_tasks_per_child,
+            options):
+    """An :class:`Engine` on `pool` of a shared daemon, or on the pool of a
+    new private daemon when `pool` is None; and that daemon (or None)."""
+    if pool is None:
+        if socket is not None or config is not None:
+            raise TypeError("name the pool to use on that daemon (pool=...)")
+        daemon = _embedded.Daemon(max_workers, initializer=initializer, initargs=initargs,
+                                  max_tasks_per_child=max_tasks_per_child)
+        try:
+            return Engine(_embedded.POOL, daemon.socket, options, sticky_failure=True), daemon
+        except BaseException:
+            daemon.stop()
+            raise
+    if initializer is not None or max_tasks_per_child is not None:
+        raise ValueError("initializer and max_tasks_per_child set up the workers of a private "
+                         "daemon; a shared pool's workers are set up in its configuration")
+    return Engine(pool, resolve_socket(socket, config), options), None
 
 
 class Executor(cf.Executor):
-    def __init__(self, pool, *, socket=None, config=None, timeout=None, max_attempts=None,
-                 priority=0, key=None):
-        self._pool = pool
-        self._options = _options(timeout, max_attempts, priority, key)
-        self._conn = Connection(resolve_socket(socket, config))
-        self._lock = threading.Lock()
-        self._unacked = collections.deque()  # futures whose submit awaits `Submitted`
-        self._by_id = {}  # job id -> future
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 max_tasks_per_child=None, pool=None, socket=None, config=None, timeout=None,
+                 max_attempts=None, priority=0, key=None):
+        if isinstance(max_workers, str):  # Executor("pool"): the shared pool of that name
+            pool, max_workers = max_workers, None
+        if pool is None:
+            if max_workers is None:
+                max_workers = os.cpu_count() or 1
+            elif max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            if max_tasks_per_child is not None:
+                if not isinstance(max_tasks_per_child, int):
+                    raise TypeError("max_tasks_per_child must be an integer")
+                if max_tasks_per_child <= 0:
+                    raise ValueError("max_tasks_per_child must be >= 1")
+        self._max_workers = max_workers
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
         self._closed = False
-        self._broken = None
-        self._reader = threading.Thread(target=self._read, name="jobvisor-executor", daemon=True)
-        self._reader.start()
+        self._engine, self._daemon = connect(
+            pool, socket, config, max_workers, initializer, initargs, max_tasks_per_child,
+            _options(timeout, max_attempts, priority, key))
+        _LIVE.add(self)
 
     def submit(self, fn, /, *args, **kwargs):
-        data = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        future = cf.Future()
-        with submit_request(self._pool, data, self._options, True) as (payload, fd):
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError("cannot schedule new calls after shutdown")
-                if self._broken:
-                    raise self._broken
-                future.set_running_or_notify_cancel()
-                self._unacked.append(future)
-                try:
-                    self._conn.send(payload, fd)
-                except Error as e:
-                    self._unacked.remove(future)
-                    raise e
-        return future
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = CallFuture(self._engine)
+            try:
+                payload = _calls.dumps_call(fn, args, kwargs)
+            except Exception as e:  # unpicklable: the future says so, as in ProcessPoolExecutor
+                future.set_exception(e)
+                return future
+            return self._engine.submit(payload, future)
 
-    def _read(self):
-        try:
-            while True:
-                with self._lock:
-                    if self._closed and not self._unacked and not self._by_id:
-                        self._conn.close()
-                        return
-                kind, value = self._conn.recv()
-                # Only the bookkeeping under the lock; futures are settled
-                # (unpickling, waking waiters) outside it.
-                future = None
-                with self._lock:
-                    if kind == "submitted":
-                        self._by_id[value] = self._unacked.popleft()
-                    elif kind == "error":
-                        # Replies to submits come in request order: an error
-                        # here is the oldest unacknowledged submit's.
-                        if not self._unacked:
-                            raise value
-                        future = self._unacked.popleft()
-                    elif kind == "job":
-                        future = self._by_id.pop(value.id, None)
-                if future is None:
-                    continue
-                if kind == "error":
-                    future.set_exception(value)
-                else:
-                    _settle(future, value)
-        except Exception as e:  # the connection is gone: fail what is left
-            with self._lock:
-                self._broken = e if isinstance(e, Error) else Error("failed", str(e))
-                for future in list(self._unacked) + list(self._by_id.values()):
-                    if not future.done():
-                        future.set_exception(self._broken)
-                self._unacked.clear()
-                self._by_id.clear()
+    submit.__doc__ = cf.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Like ``ProcessPoolExecutor.map``: with ``chunksize`` > 1, each job
+        runs that many calls (fewer jobs, less overhead per call)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        results = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
+                              timeout=timeout)
+        return _chain_from_iterable_of_lists(results)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        """Stops accepting calls; with `wait`, waits for every call made.
-        (`cancel_futures` has nothing to cancel: calls are submitted at once.)
-        The connection closes once no call is pending."""
-        with self._lock:
-            self._closed = True
-            pending = list(self._unacked) + list(self._by_id.values())
-            if not pending:
-                self._conn.close()  # wakes the reader, which then ends
+        """No more calls; with `cancel_futures`, calls not finished are
+        cancelled; with `wait`, returns once every call has finished and the
+        private daemon (if any) has stopped. Without `wait`, that happens in
+        the background (and at the latest at interpreter exit)."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            for f in self._engine.pending():
+                f.cancel()
         if wait:
-            cf.wait(pending)
-            self._conn.close()
-            self._reader.join()
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="jobvisor-shutdown", daemon=True).start()
 
-
-def _settle(future, job):
-    if job.state == "succeeded":
-        try:
-            future.set_result(pickle.loads(job.output or b""))
-        except Exception as e:
-            future.set_exception(RemoteError(f"job {job.id}: cannot unpickle the result: {e}"))
-        return
-    error = job.error or ""
-    if job.state == "failed" and w.PICKLED_EXCEPTION in error:
-        text, _, hexed = error.partition(w.PICKLED_EXCEPTION)
-        try:
-            exc = pickle.loads(bytes.fromhex(hexed.strip()))
-            if isinstance(exc, BaseException):
-                future.set_exception(exc)
+    def _finish(self):
+        self._engine.wait_idle()
+        with self._shutdown_lock:
+            if self._closed:
                 return
-        except Exception:
-            pass
-        future.set_exception(RemoteError(text))
-        return
-    if job.state == "failed":
-        future.set_exception(RemoteError(error))
-        return
-    future.set_exception(JobError(job))
+            self._closed = True
+        self._engine.close()
+        if self._daemon is not None:
+            self._daemon.stop()
+        _LIVE.discard(self)
+
+
+@atexit.register
+def _at_exit():
+    # As ProcessPoolExecutor does: calls made are finished before the
+    # interpreter goes.
+    for ex in list(_LIVE):
+        ex.shutdown(wait=True)

@@ -37,6 +37,7 @@ import sys
 import threading
 import traceback
 
+from . import _calls
 from . import _wire as w
 
 PAGE = 4096
@@ -64,12 +65,13 @@ class _Arena:
             self.map = mmap.mmap(fd, pages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.view = memoryview(self.map)
 
-    def input_view(self, offset, length):
+    def input_view(self, offset, length, writable=False):
         start, end = self.input
         if self.map is None or offset < start or length > end - offset or offset > end:
             raise w.ProtocolError(
                 f"shared-memory input [{offset}, +{length}) is outside the input region [{start}, {end})")
-        return self.view[offset:offset + length].toreadonly()
+        view = self.view[offset:offset + length]
+        return view if writable else view.toreadonly()
 
     def alloc(self, length):
         """The offset of a free output slot of `length` bytes, or None."""
@@ -92,7 +94,7 @@ class _Arena:
 
 
 class Worker:
-    def __init__(self, handler):
+    def __init__(self, handler, writable_input=False):
         fds = os.environ.get("JOBVISOR_FDS", "")
         try:
             self.jobs_fd, self.results_fd, arena_fd = (int(x) for x in fds.split(","))
@@ -106,6 +108,10 @@ class Worker:
         except OSError as e:
             raise SystemExit(_fatal(f"cannot map the shared-memory arena (fd {arena_fd}): {e}"))
         self.handler = handler
+        # `--call`: an argument unpickled from the arena (a numpy array) is
+        # writable, as it is under multiprocessing; the region is the
+        # worker's own input, which the daemon never reads back.
+        self.writable_input = writable_input
         self.frames = w.FrameReader(self.jobs_fd)
         self.inbox = queue.Queue()  # what the reader thread decoded, in order
         self.jobs = collections.deque()  # (id, attempt, deadline_ms, payload)
@@ -127,20 +133,28 @@ class Worker:
         self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION) + w.uvarint(os.getpid()))
 
     def done(self, job_id, output):
-        if len(output) > self.inline_limit:
-            at = self.arena.alloc(len(output))
+        """Answers `Done`; `output` is bytes-like, or a
+        :class:`jobvisor._calls.Payload` copied part by part."""
+        size = output.size if isinstance(output, _calls.Payload) else len(output)
+        if size > self.inline_limit:
+            at = self.arena.alloc(size)
             while at is None and self.arena.live and not self.shutdown:
                 # Wait for the daemon to release earlier outputs.
                 self.handle(self.inbox.get())
-                at = self.arena.alloc(len(output))
+                at = self.arena.alloc(size)
             if at is not None:
-                self.arena.view[at:at + len(output)] = output
-                self.send(b"\x01" + w.uvarint(job_id) + b"\x01" + w.uvarint(at) + w.uvarint(len(output)))
+                if isinstance(output, _calls.Payload):
+                    output.write_into(self.arena.view[at:at + size])
+                else:
+                    self.arena.view[at:at + size] = output
+                self.send(b"\x01" + w.uvarint(job_id) + b"\x01" + w.uvarint(at) + w.uvarint(size))
                 return
-        if len(output) > w.MAX_FRAME_LEN - 32:
-            self.failed(job_id, f"output of {len(output)} bytes fits neither the shared-memory arena "
+        if size > w.MAX_FRAME_LEN - 32:
+            self.failed(job_id, f"output of {size} bytes fits neither the shared-memory arena "
                                 f"nor a frame; raise the pool's shm_size")
             return
+        if isinstance(output, _calls.Payload):
+            output = output.join()
         self.send(b"\x01" + w.uvarint(job_id) + b"\x00" + w.bytes_(output))
 
     def failed(self, job_id, error):
@@ -218,7 +232,7 @@ class Worker:
         if data[0] == "inline":
             job_input = data[1]
         else:
-            job_input = self.arena.input_view(data[1], data[2])
+            job_input = self.arena.input_view(data[1], data[2], self.writable_input)
         try:
             try:
                 self.running = job_id
@@ -229,11 +243,12 @@ class Worker:
                 output = output.encode("utf-8")
             elif output is None:
                 output = b""
-            try:
-                output = memoryview(output).cast("B")
-            except TypeError:
-                raise TypeError(f"the handler returned {type(output).__name__}; return bytes, "
-                                "bytearray, memoryview, str or None") from None
+            if not isinstance(output, _calls.Payload):
+                try:
+                    output = memoryview(output).cast("B")
+                except TypeError:
+                    raise TypeError(f"the handler returned {type(output).__name__}; return bytes, "
+                                    "bytearray, memoryview, str or None") from None
         except _Cancelled:
             self.failed(job_id, "cancelled")
             return
@@ -245,7 +260,12 @@ class Worker:
             return
         finally:
             if isinstance(job_input, memoryview):
-                job_input.release()
+                try:
+                    job_input.release()
+                except BufferError:
+                    # A view of it outlives the call (an argument the call
+                    # kept): the memory is reused by the next job.
+                    pass
         self.done(job_id, output)
 
 
@@ -295,27 +315,68 @@ def _fatal(message):
 
 
 def _call(job_input):
-    """Runs one pickled call, ``(fn, args, kwargs)``, and pickles its result;
-    an exception is re-raised with the pickled original attached."""
-    fn, args, kwargs = pickle.loads(job_input)
+    """Runs one pickled call, ``(fn, args, kwargs)``, and pickles its result
+    (:mod:`jobvisor._calls`); an exception is re-raised as
+    :class:`_CallFailed`."""
+    fn, args, kwargs = _calls.loads(job_input)
     try:
         result = fn(*args, **kwargs)
     except Exception as e:
         raise _CallFailed(e) from None
-    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        del args, kwargs  # views of the arena, if any: not kept past the call
+    return _calls.dumps_result(result)
 
 
 class _CallFailed(Exception):
+    """A call raised: its traceback as text, and the exception pickled (or
+    None when it cannot be)."""
+
     def __init__(self, original):
         tb = "".join(traceback.format_exception(type(original), original, original.__traceback__))
         try:
-            pickled = pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL).hex()
+            pickled = pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
-            pickled = ""
-        super().__init__(tb.rstrip() + (w.PICKLED_EXCEPTION + pickled if pickled else ""))
+            pickled = None
+        super().__init__(tb.rstrip())
+        self.pickled = pickled
 
     def __str__(self):
-        return self.args[0]
+        text = self.args[0]
+        return text + (w.PICKLED_EXCEPTION + self.pickled.hex() if self.pickled else "")
+
+
+# True while a --call worker imports the caller's main module: a
+# `jobvisor.Executor()` or `Pool()` at the top level of that module (not
+# under `if __name__ == "__main__":`) must not start another daemon.
+BOOTSTRAPPING = False
+
+
+def call_setup():
+    """What a ``--call`` worker of an embedded Executor or Pool does before
+    ``Ready``, from the file named by ``$JOBVISOR_CALL_SETUP``: the caller's
+    ``sys.path``, working directory and main module, as multiprocessing's
+    spawn start method prepares a child (``multiprocessing.spawn.prepare``),
+    then the initializer. An exception here ends the worker with its
+    traceback on stderr, which the daemon reports as the pool's error."""
+    global BOOTSTRAPPING
+    path = os.environ.get("JOBVISOR_CALL_SETUP")
+    if not path:
+        return
+    with open(path, "rb") as f:
+        setup = pickle.load(f)
+    prepare = setup.get("prepare")
+    if prepare:
+        from multiprocessing import spawn
+        BOOTSTRAPPING = True
+        try:
+            spawn.prepare(prepare)
+        finally:
+            BOOTSTRAPPING = False
+    init = setup.get("initializer")
+    if init is not None:
+        fn, args = _calls.loads(init)
+        fn(*args)
 
 
 def _load(spec):
@@ -352,6 +413,7 @@ def main(argv=None):
         sys.stderr.write(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "--call":
+        call_setup()
 
         def handler(job_input):
             try:
@@ -363,7 +425,7 @@ def main(argv=None):
     else:
         handler = _load(argv[0])
     try:
-        return Worker(handler).run()
+        return Worker(handler, writable_input=argv[0] == "--call").run()
     except w.ProtocolError as e:
         return _fatal(f"protocol error: {e}")
     except OSError as e:

@@ -17,6 +17,13 @@ struct Args {
     /// Validate the configuration and exit: 0 if valid, 2 if not.
     #[arg(long)]
     check: bool,
+    /// Run for one process: FD is one end of a Unix socketpair whose other
+    /// end that process holds. The daemon writes "listening" on it when
+    /// its control socket is up; when the other end closes, the daemon
+    /// stops at once and removes its state_dir (how `jobvisor.Executor()`
+    /// runs a private daemon).
+    #[arg(long, value_name = "FD")]
+    lifeline: Option<i32>,
 }
 
 fn main() -> ExitCode {
@@ -48,8 +55,23 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Taken before anything else opens descriptors, so that FD is the one
+    // inherited.
+    let lifeline = match args.lifeline.map(daemon::spawn::inherited_fd).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("jobvisord: --lifeline: {e}");
+            return ExitCode::from(2);
+        }
+    };
     daemon::spawn::cloexec_inherited_fds();
-    match daemon::reactor::Reactor::new(cfg).and_then(|r| r.run()) {
+    let run = daemon::reactor::Reactor::new(cfg).and_then(|mut r| {
+        if let Some(fd) = lifeline {
+            r.set_lifeline(fd)?;
+        }
+        r.run()
+    });
+    match run {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jobvisord: {e:#}");

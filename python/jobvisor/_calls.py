@@ -1,0 +1,183 @@
+"""How calls and their results are pickled for ``--call`` workers.
+
+A call is the pickle of ``(fn, args, kwargs)``; a result is the pickle of the
+return value. Both use pickle protocol 5, whose *out-of-band buffers* let
+large binary objects (``bytes``, ``bytearray``, ``memoryview``, numpy arrays
+and anything else that pickles through ``pickle.PickleBuffer``) travel
+beside the pickle stream instead of inside it:
+
+- no out-of-band buffer: the payload is the plain pickle (it starts with the
+  ``PROTO`` opcode, byte 0x80);
+- otherwise: ``b"JVB1"``, a little-endian ``u32`` count N, ``u64`` length of
+  the pickle, N ``u64`` buffer lengths, then the pickle and the N buffers,
+  each buffer starting at a multiple of 64 bytes from the payload's start.
+
+The reader unpickles with ``buffers=`` views of the payload itself, so a
+numpy array in a call's arguments is a view of the worker's shared-memory
+arena (no copy), and a large result is a view of the mapped output
+descriptor in the caller (no copy either). Buffers smaller than
+:data:`OOB_MIN` stay in the pickle: for them a copy is cheaper than the
+bookkeeping.
+"""
+
+import io
+import pickle
+import struct
+
+MAGIC = b"JVB1"
+ALIGN = 64
+# Buffers below this size are pickled in-band.
+OOB_MIN = 64 << 10
+
+try:  # lambdas, closures and interactively defined functions, when available
+    import cloudpickle as _cloudpickle
+except ImportError:  # pragma: no cover - depends on the environment
+    _cloudpickle = None
+
+
+class Payload:
+    """A pickled payload as a list of parts (the header and pickle first,
+    then the buffers) and where each part starts: written out with one
+    ``writev`` or copied part by part into shared memory, never joined."""
+
+    __slots__ = ("parts", "offsets", "size")
+
+    def __init__(self, parts, offsets, size):
+        self.parts = parts
+        self.offsets = offsets
+        self.size = size
+
+    def join(self):
+        out = bytearray(self.size)
+        for part, at in zip(self.parts, self.offsets):
+            n = memoryview(part).nbytes
+            out[at:at + n] = memoryview(part).cast("B")
+        return bytes(out)
+
+    def write_into(self, view):
+        """Copies the payload into `view` (a writable memoryview of at least
+        ``size`` bytes)."""
+        for part, at in zip(self.parts, self.offsets):
+            src = memoryview(part).cast("B")
+            view[at:at + src.nbytes] = src
+
+
+class _Big:
+    """Wraps a large ``bytes`` or ``bytearray`` argument or result: plain
+    pickle never offers those to ``reducer_override``, so this is how one
+    travels out of band (it is unpickled as the same type: one copy on the
+    reading side, since a ``bytes`` owns its memory)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _as_view(buf):
+    return memoryview(buf)
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        # A memoryview has no reduction of its own: it arrives as a view.
+        if type(obj) is memoryview and obj.nbytes >= OOB_MIN:
+            return _as_view, (pickle.PickleBuffer(obj),)
+        return NotImplemented
+
+
+def _wrap(obj):
+    t = type(obj)
+    return _Big(obj) if (t is bytes or t is bytearray) and len(obj) >= OOB_MIN else obj
+
+
+def _dumps(obj, cloud=False):
+    buffers = []
+
+    def keep(buf):
+        # Returning True puts the buffer in-band (small ones); False keeps it
+        # out of band.
+        raw = buf.raw()
+        if raw.nbytes < OOB_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    if cloud:
+        data = _cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    else:
+        f = io.BytesIO()
+        _Pickler(f, protocol=5, buffer_callback=keep).dump(obj)
+        data = f.getvalue()
+    if not buffers:
+        return Payload([data], [0], len(data))
+    header_len = 4 + 4 + 8 + 8 * len(buffers)
+    header = MAGIC + struct.pack(f"<IQ{len(buffers)}Q", len(buffers), len(data),
+                                 *(b.nbytes for b in buffers))
+    parts = [header, data]
+    offsets = [0, header_len]
+    at = header_len + len(data)
+    for b in buffers:
+        at = -(-at // ALIGN) * ALIGN
+        parts.append(b)
+        offsets.append(at)
+        at += b.nbytes
+    return Payload(parts, offsets, at)
+
+
+def dumps(obj):
+    """`obj` pickled (see the module docs); with cloudpickle installed,
+    what plain pickle refuses (a lambda, a closure) is tried with it."""
+    try:
+        return _dumps(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        if _cloudpickle is None:
+            raise
+        return _dumps(obj, cloud=True)
+
+
+def dumps_call(fn, args, kwargs):
+    """A call: large ``bytes`` among the arguments go out of band too."""
+    args = tuple(_wrap(a) for a in args)
+    if kwargs:
+        kwargs = {k: _wrap(v) for k, v in kwargs.items()}
+    return dumps((fn, args, kwargs))
+
+
+def dumps_result(value):
+    return dumps(_wrap(value))
+
+
+def loads(data):
+    """The object in payload `data` (bytes, or a memoryview, whose
+    out-of-band buffers become views of it)."""
+    view = memoryview(data)
+    if view.nbytes >= 4 and view[:4] == MAGIC:
+        if view.nbytes < 16:
+            raise ValueError("truncated jobvisor payload header")
+        count, pickle_len = struct.unpack_from("<IQ", view, 4)
+        header_len = 16 + 8 * count
+        if view.nbytes < header_len:
+            raise ValueError("truncated jobvisor payload header")
+        lengths = struct.unpack_from(f"<{count}Q", view, 16)
+        at = header_len + pickle_len
+        stream = view[header_len:at]
+        buffers = []
+        for n in lengths:
+            at = -(-at // ALIGN) * ALIGN
+            if at + n > view.nbytes:
+                raise ValueError("truncated jobvisor payload")
+            buffers.append(view[at:at + n])
+            at += n
+        return pickle.loads(stream, buffers=buffers)
+    return pickle.loads(view)
+
+
+def run_chunk(fn, items, star):
+    """Runs a chunk of calls in one job (``Pool.map`` with ``chunksize``)."""
+    if star:
+        return [fn(*args) for args in items]
+    return [fn(x) for x in items]

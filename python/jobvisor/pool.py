@@ -1,0 +1,452 @@
+"""``jobvisor.Pool``: a drop-in ``multiprocessing.Pool`` whose tasks are
+durable jobs on supervised workers.
+
+    from jobvisor import Pool              # was: from multiprocessing import Pool
+    with Pool(4) as p:
+        print(p.map(abs, [-1, -2, 3]))     # [1, 2, 3]
+
+Without ``pool=``, a private daemon runs ``processes`` workers (default
+``os.cpu_count()``) for this process, as :class:`jobvisor.Executor` does
+(same rules: functions by reference, ``__main__`` as with the spawn start
+method, everything stops with the pool or the process). With ``pool="name"``
+(and ``socket=``/``config=``), tasks run on that pool of a shared daemon.
+
+``apply``, ``apply_async``, ``map``, ``map_async``, ``imap``,
+``imap_unordered``, ``starmap``, ``starmap_async`` take the same arguments
+as multiprocessing's (``chunksize`` too: that many calls per job), and the
+``AsyncResult`` objects have ``get``, ``wait``, ``ready``, ``successful``.
+Callbacks run in the thread that receives results; keep them short.
+
+Where jobvisor differs, on purpose: a worker that dies during a task is
+replaced and the task retried (up to 3 attempts), then it fails with
+:class:`jobvisor.JobError` (multiprocessing's pool hangs on it); workers
+that cannot start fail the tasks with :class:`jobvisor.PoolFailedError`
+carrying their error text (multiprocessing restarts them forever).
+"""
+
+import collections
+import itertools
+import os
+import threading
+from multiprocessing import TimeoutError
+
+from . import _calls
+from ._engine import CallFuture
+from .client import _options
+from .executor import connect
+
+__all__ = ["Pool", "AsyncResult", "MapResult", "IMapIterator"]
+
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+
+class AsyncResult:
+    """The result of ``apply_async`` (and the base of ``map_async``'s)."""
+
+    def __init__(self, pool, callback, error_callback):
+        self._pool = pool
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = None
+        self._value = None
+
+    def ready(self):
+        return self._event.is_set()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout=None):
+        self._event.wait(timeout)
+
+    def get(self, timeout=None):
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, success, value):
+        self._success, self._value = success, value
+        try:
+            if success and self._callback is not None:
+                self._callback(value)
+            elif not success and self._error_callback is not None:
+                self._error_callback(value)
+        finally:
+            self._event.set()
+            self._pool._task_done(self)
+
+    def _on_future(self, future):
+        if future.cancelled():
+            self._set(False, _terminated())
+            return
+        exc = future.exception()
+        if exc is None:
+            self._set(True, future.result())
+        else:
+            self._set(False, exc)
+
+    __class_getitem__ = classmethod(lambda cls, item: cls)
+
+
+ApplyResult = AsyncResult
+
+
+class MapResult(AsyncResult):
+    """The result of ``map_async``/``starmap_async``: the list, in order, or
+    the first error (of the chunk that failed first)."""
+
+    def __init__(self, pool, n_chunks, callback, error_callback):
+        super().__init__(pool, callback, error_callback)
+        self._chunks = [None] * n_chunks
+        self._left = n_chunks
+        self._lock = threading.Lock()
+        if n_chunks == 0:
+            self._set(True, [])
+
+    def _on_chunk(self, i, future):
+        if future.cancelled():
+            exc = _terminated()
+        else:
+            exc = future.exception()
+        with self._lock:
+            if self._event.is_set() or self._success is False:
+                return
+            if exc is not None:
+                self._success = False
+                last = True
+            else:
+                self._chunks[i] = future.result()
+                self._left -= 1
+                last = self._left == 0
+        if exc is not None:
+            self._set(False, exc)
+        elif last:
+            self._set(True, list(itertools.chain.from_iterable(self._chunks)))
+
+
+class IMapIterator:
+    """What ``imap`` returns: results in order; ``next(timeout)`` raises
+    ``multiprocessing.TimeoutError`` when none is ready in time."""
+
+    def __init__(self, pool, ordered):
+        self._pool = pool
+        self._ordered = ordered
+        self._cond = threading.Condition()
+        self._items = {} if ordered else collections.deque()
+        self._next = 0  # ordered: index of the next result to give
+        self._length = None  # tasks in all, once the input is exhausted
+        self._given = 0
+
+    def __iter__(self):
+        return self
+
+    def _put(self, i, success, value):
+        with self._cond:
+            if self._ordered:
+                self._items[i] = (success, value)
+            else:
+                self._items.append((success, value))
+            self._cond.notify_all()
+
+    def _set_length(self, n):
+        with self._cond:
+            self._length = n
+            self._cond.notify_all()
+
+    def _ready(self):
+        if self._ordered:
+            return self._next in self._items
+        return bool(self._items)
+
+    def next(self, timeout=None):
+        with self._cond:
+            if not self._ready():
+                if self._length is not None and self._given >= self._length:
+                    raise StopIteration
+                self._cond.wait_for(
+                    lambda: self._ready() or (self._length is not None and self._given >= self._length),
+                    timeout)
+                if not self._ready():
+                    if self._length is not None and self._given >= self._length:
+                        raise StopIteration
+                    raise TimeoutError
+            if self._ordered:
+                success, value = self._items.pop(self._next)
+                self._next += 1
+            else:
+                success, value = self._items.popleft()
+            self._given += 1
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+
+class Pool:
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None, *, pool=None, socket=None, config=None, timeout=None,
+                 max_attempts=None, priority=0, key=None):
+        if pool is None:
+            if processes is None:
+                processes = os.cpu_count() or 1
+            if processes < 1:
+                raise ValueError("Number of processes must be at least 1")
+            if maxtasksperchild is not None:
+                if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                    raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._processes = processes
+        self._state = _RUN
+        self._lock = threading.Lock()
+        self._outstanding = set()  # results not yet ready
+        self._idle = threading.Condition(self._lock)
+        self._engine, self._daemon = connect(
+            pool, socket, config, processes, initializer, initargs, maxtasksperchild,
+            _options(timeout, max_attempts, priority, key))
+        self._stopped = False
+
+    def __repr__(self):
+        return f"<{type(self).__name__} state={self._state} pool_size={self._processes}>"
+
+    # -- bookkeeping
+
+    def _check_running(self):
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _track(self, result):
+        with self._lock:
+            self._outstanding.add(result)
+
+    def _task_done(self, result):
+        with self._lock:
+            self._outstanding.discard(result)
+            if not self._outstanding:
+                self._idle.notify_all()
+
+    def _submit(self, fn, args, kwargs, on_done):
+        """One job for ``fn(*args, **kwargs)``; `on_done(future)` when it
+        ends. A call that cannot be pickled fails at once, through on_done."""
+        future = CallFuture(self._engine)
+        try:
+            payload = _calls.dumps_call(fn, args, kwargs)
+        except Exception as e:
+            future.set_exception(e)
+            on_done(future)
+            return future
+        future.add_done_callback(on_done)
+        try:
+            self._engine.submit(payload, future)
+        except Exception as e:
+            if not future.done():
+                future.set_exception(e)
+        return future
+
+    # -- the API
+
+    def apply(self, func, args=(), kwds={}):
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        self._check_running()
+        result = AsyncResult(self, callback, error_callback)
+        self._track(result)
+        self._submit(func, tuple(args), dict(kwds), result._on_future)
+        return result
+
+    def map(self, func, iterable, chunksize=None):
+        return self._map_async(func, iterable, chunksize, False).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        return self._map_async(func, iterable, chunksize, True).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback)
+
+    def _map_async(self, func, iterable, chunksize, star, callback=None, error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:
+            # multiprocessing's rule: about four chunks per worker.
+            chunksize, extra = divmod(len(iterable), (self._processes or 1) * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+        chunks = _chunks(iterable, chunksize) if chunksize else []
+        result = MapResult(self, len(chunks), callback, error_callback)
+        if chunks:
+            self._track(result)
+        for i, chunk in enumerate(chunks):
+            self._submit_chunk(func, chunk, star, partial_chunk(result, i))
+        return result
+
+    def _submit_chunk(self, func, chunk, star, on_done):
+        if len(chunk) == 1 and not star:
+            # One call: no list around it (the worker returns the value).
+            return self._submit(func, (chunk[0],), {}, lambda f: on_done(_Listed(f)))
+        if len(chunk) == 1:
+            return self._submit(func, tuple(chunk[0]), {}, lambda f: on_done(_Listed(f)))
+        return self._submit(_calls.run_chunk, (func, chunk, star), {}, on_done)
+
+    def imap(self, func, iterable, chunksize=1):
+        return self._imap(func, iterable, chunksize, True)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        return self._imap(func, iterable, chunksize, False)
+
+    def _imap(self, func, iterable, chunksize, ordered):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        it = IMapIterator(self, ordered)
+        self._track(it)
+        # Tasks are submitted from a thread, as multiprocessing's task
+        # handler does: results come while a long (or endless) input is
+        # still being read.
+        threading.Thread(target=self._feed, args=(func, iterable, chunksize, it),
+                         name="jobvisor-imap", daemon=True).start()
+        return it
+
+    def _feed(self, func, iterable, chunksize, it):
+        n = 0
+        lock = threading.Lock()
+        state = {"left": 0, "known": False}  # chunks not finished; input exhausted?
+
+        def finished():
+            with lock:
+                state["left"] -= 1
+                last = state["left"] == 0 and state["known"]
+            if last:
+                self._task_done(it)
+
+        try:
+            for index, chunk in enumerate(_ichunks(iterable, chunksize)):
+                with lock:
+                    state["left"] += 1
+
+                def on_done(future, index=index, size=len(chunk)):
+                    self._deliver(it, index, size, future, chunksize)
+                    finished()
+                self._submit_chunk(func, chunk, False, on_done)
+                n += len(chunk)
+        except Exception as e:
+            # The input itself raised: like multiprocessing, the next result
+            # is that error.
+            it._put(n, False, e)
+            n += 1
+        it._set_length(n)
+        with lock:
+            state["known"] = True
+            last = state["left"] == 0
+        if last:
+            self._task_done(it)
+
+    def _deliver(self, it, index, size, future, chunksize):
+        base = index * chunksize
+        if future.cancelled():
+            for k in range(size):
+                it._put(base + k, False, _terminated())
+            return
+        exc = future.exception()
+        if exc is not None:
+            for k in range(size):
+                it._put(base + k, False, exc)
+            return
+        for k, value in enumerate(future.result()):
+            it._put(base + k, True, value)
+
+    # -- the end
+
+    def close(self):
+        """No more tasks; the workers stop once those given are done
+        (``join`` waits for that)."""
+        if self._state == _RUN:
+            self._state = _CLOSE
+
+    def terminate(self):
+        """Stops the workers at once; tasks not finished are abandoned."""
+        self._state = _TERMINATE
+        self._stop(wait_for_tasks=False)
+
+    def join(self):
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        if self._state == _CLOSE:
+            self._stop(wait_for_tasks=True)
+
+    def _stop(self, wait_for_tasks):
+        if wait_for_tasks:
+            with self._lock:
+                self._idle.wait_for(lambda: not self._outstanding)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for f in self._engine.pending():
+            f.cancel()
+        self._engine.close()
+        if self._daemon is not None:
+            self._daemon.stop()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+    def __del__(self):
+        if getattr(self, "_state", _TERMINATE) == _RUN and not getattr(self, "_stopped", True):
+            import warnings
+            warnings.warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                          source=self)
+
+
+class _Listed:
+    """A one-call future seen as a chunk: its result as a one-item list."""
+
+    def __init__(self, future):
+        self._f = future
+
+    def cancelled(self):
+        return self._f.cancelled()
+
+    def exception(self):
+        return self._f.exception()
+
+    def result(self):
+        return [self._f.result()]
+
+
+def partial_chunk(result, i):
+    return lambda future: result._on_chunk(i, future)
+
+
+def _chunks(seq, size):
+    return [list(seq[i:i + size]) for i in range(0, len(seq), size)]
+
+
+def _ichunks(iterable, size):
+    it = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _terminated():
+    return RuntimeError("the pool was terminated before this task finished")
