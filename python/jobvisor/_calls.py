@@ -94,6 +94,9 @@ def _wrap(obj):
     return _Big(obj) if (t is bytes or t is bytearray) and len(obj) >= OOB_MIN else obj
 
 
+_BIG_TYPES = (bytes, bytearray)
+
+
 def _dumps(obj, cloud=False):
     buffers = []
 
@@ -109,11 +112,17 @@ def _dumps(obj, cloud=False):
     if cloud:
         data = _cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
     else:
-        f = io.BytesIO()
-        _Pickler(f, protocol=5, buffer_callback=keep).dump(obj)
-        data = f.getvalue()
+        try:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+        except TypeError:
+            # A memoryview (which only our pickler reduces), or truly
+            # unpicklable (raised again below).
+            buffers.clear()
+            f = io.BytesIO()
+            _Pickler(f, protocol=5, buffer_callback=keep).dump(obj)
+            data = f.getvalue()
     if not buffers:
-        return Payload([data], [0], len(data))
+        return data
     header_len = 4 + 4 + 8 + 8 * len(buffers)
     header = MAGIC + struct.pack(f"<IQ{len(buffers)}Q", len(buffers), len(data),
                                  *(b.nbytes for b in buffers))
@@ -129,8 +138,10 @@ def _dumps(obj, cloud=False):
 
 
 def dumps(obj):
-    """`obj` pickled (see the module docs); with cloudpickle installed,
-    what plain pickle refuses (a lambda, a closure) is tried with it."""
+    """`obj` pickled (see the module docs): ``bytes``, or a
+    :class:`Payload` when there are out-of-band buffers. With cloudpickle
+    installed, what plain pickle refuses (a lambda, a closure) is tried
+    with it."""
     try:
         return _dumps(obj)
     except (pickle.PicklingError, AttributeError, TypeError):
@@ -141,14 +152,28 @@ def dumps(obj):
 
 def dumps_call(fn, args, kwargs):
     """A call: large ``bytes`` among the arguments go out of band too."""
-    args = tuple(_wrap(a) for a in args)
+    for a in args:
+        if type(a) in _BIG_TYPES and len(a) >= OOB_MIN:
+            args = tuple(_wrap(a) for a in args)
+            break
     if kwargs:
         kwargs = {k: _wrap(v) for k, v in kwargs.items()}
     return dumps((fn, args, kwargs))
 
 
 def dumps_result(value):
-    return dumps(_wrap(value))
+    if type(value) in _BIG_TYPES and len(value) >= OOB_MIN:
+        value = _Big(value)
+    return dumps(value)
+
+
+def size(payload):
+    """The length of a payload (bytes or :class:`Payload`)."""
+    return payload.size if type(payload) is Payload else len(payload)
+
+
+def join(payload):
+    return payload.join() if type(payload) is Payload else payload
 
 
 def loads(data):

@@ -85,7 +85,7 @@ class Daemon:
             raise TypeError("initializer must be a callable")
         daemon = _bin.find("jobvisord")
         # Pickled here, so that an unpicklable initializer fails in the caller.
-        init = None if initializer is None else _calls.dumps((initializer, tuple(initargs))).join()
+        init = None if initializer is None else _calls.join(_calls.dumps((initializer, tuple(initargs))))
         from multiprocessing import spawn
         prepare = spawn.get_preparation_data("jobvisor-worker")
         # An AuthenticationString refuses pickling outside multiprocessing's
@@ -112,6 +112,7 @@ class Daemon:
                 "env": {"JOBVISOR_CALL_SETUP": setup_path, "PYTHONPATH": pythonpath},
                 # A whole map is submitted at once, like ProcessPoolExecutor.
                 "queue_capacity": 1 << 40,
+                "prefetch": int(os.environ.get("JV_PREFETCH", "1")),
             }
             if max_tasks_per_child:
                 pool["max_jobs_per_worker"] = int(max_tasks_per_child)

@@ -24,6 +24,8 @@ from . import _wire as w
 from .client import FD_PAYLOAD_MIN, Connection, Error, encode_submit
 
 _ZEROS = bytes(_calls.ALIGN)
+# Submits written together by `submit_many`.
+SUBMIT_BATCH = 512
 
 
 class JobError(Exception):
@@ -70,8 +72,6 @@ class CallFuture(cf.Future):
     """A call's future. Cancelling it (while it is not done) also cancels
     its job: a queued job never runs, a running one is interrupted."""
 
-    __slots__ = ()
-
     def __init__(self, engine):
         super().__init__()
         self._jv_engine = engine
@@ -83,6 +83,76 @@ class CallFuture(cf.Future):
         self._jv_engine.cancel_job(self)
         return True
 
+    # The engine's side (see `Engine`): a target is settled once.
+
+    def _jv_settle(self, job):
+        if not self.done():
+            success, value = outcome(job)
+            if success:
+                self.set_result(value)
+            elif not (job.state == "cancelled" and self.cancelled()):
+                self.set_exception(value)
+
+    def _jv_fail(self, exc):
+        if not self.done():
+            self.set_exception(exc)
+
+    def _jv_abandon(self):
+        self.cancel()
+
+    def _jv_wants_cancel(self):
+        return self.cancelled()
+
+
+class Task:
+    """A lighter target than a future, for :class:`jobvisor.Pool`: when its
+    job ends, ``on_done(success, value)`` is called once (from the reader
+    thread), with the result or the exception."""
+
+    __slots__ = ("_jv_id", "_engine", "_on_done", "_state")
+
+    def __init__(self, engine, on_done):
+        self._jv_id = None
+        self._engine = engine
+        self._on_done = on_done
+        self._state = 0  # 1: done, 2: cancelled
+
+    def _finish(self, success, value, state=1):
+        with _TASK_LOCK:
+            if self._state:
+                return False
+            self._state = state
+        self._on_done(success, value)
+        return True
+
+    def _jv_settle(self, job):
+        if not self._state:
+            self._finish(*outcome(job))
+
+    def _jv_fail(self, exc):
+        self._finish(False, exc)
+
+    def _jv_abandon(self):
+        self.cancel()
+
+    def _jv_wants_cancel(self):
+        return self._state == 2
+
+    def cancel(self):
+        """Ends the task as abandoned (the pool was terminated) and cancels
+        its job."""
+        if self._finish(False, Abandoned("the pool was terminated before this task finished"), 2):
+            self._engine.cancel_job(self)
+            return True
+        return False
+
+
+class Abandoned(RuntimeError):
+    """What a task of a terminated :class:`jobvisor.Pool` ends with."""
+
+
+_TASK_LOCK = threading.Lock()
+
 
 class Engine:
     def __init__(self, pool, socket_path, options, *, sticky_failure=False):
@@ -92,6 +162,9 @@ class Engine:
         # later submits raise at once.
         self.sticky_failure = sticky_failure
         self.socket_path = socket_path
+        # A Submit is head + input + tail (docs/PROTOCOL.md, section 13).
+        self.submit_head = b"\x06" + w.string(pool)
+        self.submit_tail = options + w.boolean(True)
         self.conn = Connection(socket_path, map_outputs=True)
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
@@ -109,14 +182,16 @@ class Engine:
     # -- submitting
 
     def submit(self, payload, future):
-        """Submits `payload` (a :class:`jobvisor._calls.Payload`) as one job
-        whose outcome settles `future`."""
+        """Submits `payload` (from :func:`jobvisor._calls.dumps`) as one job
+        whose outcome settles `future`: a target, which has ``_jv_id`` and
+        the ``_jv_*`` methods of :class:`CallFuture`."""
         fd = None
-        if payload.size >= FD_PAYLOAD_MIN:
+        size = _calls.size(payload)
+        if size >= FD_PAYLOAD_MIN:
             fd = _memfd(payload)
-            request = encode_submit(self.pool, payload.size, self.options, True, True)
+            request = encode_submit(self.pool, size, self.options, True, True)
         else:
-            request = encode_submit(self.pool, payload.join(), self.options, True, False)
+            request = self.inline_request(_calls.join(payload))
         try:
             with self.send_lock:
                 if self.broken is not None:
@@ -138,6 +213,47 @@ class Engine:
             if fd is not None:
                 os.close(fd)
         return future
+
+    def submit_many(self, calls):
+        """Submits ``(payload, future)`` pairs with as few writes as
+        possible: inline requests are sent together, in batches."""
+        batch, futures = [], []
+        for payload, future in calls:
+            if type(payload) is not bytes and _calls.size(payload) >= FD_PAYLOAD_MIN:
+                self._send_batch(batch, futures)
+                batch, futures = [], []
+                self.submit(payload, future)
+                continue
+            batch.append(w.frame(self.inline_request(_calls.join(payload))))
+            futures.append(future)
+            if len(batch) >= SUBMIT_BATCH:
+                self._send_batch(batch, futures)
+                batch, futures = [], []
+        self._send_batch(batch, futures)
+
+    def _send_batch(self, frames, futures):
+        if not frames:
+            return
+        data = b"".join(frames)
+        with self.send_lock:
+            if self.broken is not None:
+                raise self.broken
+            if self.failed is not None:
+                raise self.failed
+            self.unacked.extend(futures)
+            try:
+                self.conn.send_raw(data)
+            except Error:
+                for f in futures:
+                    try:
+                        self.unacked.remove(f)
+                    except ValueError:
+                        pass
+                raise
+
+    def inline_request(self, data):
+        """A ``Submit`` (with ``wait``) of `data`."""
+        return b"".join((self.submit_head, w.uvarint(len(data)), data, self.submit_tail))
 
     def cancel_job(self, future):
         with self.lock:
@@ -178,34 +294,44 @@ class Engine:
     # -- the reader thread
 
     def _read(self):
+        frames = self.conn.frames
         try:
             while True:
-                kind, value = self.conn.recv()
+                # The two answers that come once per call are decoded here,
+                # inline; anything else by the general decoder.
+                payload = frames.next()
+                kind = payload[0] if payload else None
+                if kind == 5:  # Submitted { id }
+                    value, _ = _uv(payload, 1)
+                    kind = "submitted"
+                elif kind == 6 and payload[-1] == 0 and (value := _succeeded(payload)) is not None:
+                    kind = "job"
+                else:
+                    kind, value = self.conn.decode(payload)
                 if kind == "submitted":
-                    future = self.unacked.popleft()
+                    target = self.unacked.popleft()
                     with self.lock:
-                        future._jv_id = value
-                        self.by_id[value] = future
-                    if future.cancelled():
+                        target._jv_id = value
+                        self.by_id[value] = target
+                    if target._jv_wants_cancel():
                         self._queue_cancel(value)
                 elif kind == "job":
                     with self.lock:
-                        future = self.by_id.pop(value.id, None)
+                        target = self.by_id.pop(value.id, None)
                         if not self.by_id and not self.unacked:
                             self.idle.notify_all()
-                    if future is not None and not future.done():
-                        settle(future, value)
+                    if target is not None:
+                        target._jv_settle(value)
                 elif kind == "error":
                     # Replies to submits come in request order: an error
                     # here is the oldest unacknowledged submit's.
                     if not self.unacked:
                         raise value
-                    future = self.unacked.popleft()
+                    target = self.unacked.popleft()
                     with self.lock:
                         if not self.by_id and not self.unacked:
                             self.idle.notify_all()
-                    if not future.done():
-                        future.set_exception(value)
+                    target._jv_fail(value)
                 elif kind == "pool_failed":
                     self._pool_failed(*value)
         except Exception as e:  # the connection is gone: fail what is left
@@ -217,13 +343,11 @@ class Engine:
                 self.unacked.clear()
                 self.by_id.clear()
                 self.idle.notify_all()
-            if not self.closed:
-                for future in pending:
-                    if not future.done():
-                        future.set_exception(broken)
-            else:
-                for future in pending:
-                    future.cancel()
+            for target in pending:
+                if self.closed:
+                    target._jv_abandon()
+                else:
+                    target._jv_fail(broken)
         finally:
             self.cancels.put(None)
 
@@ -236,10 +360,9 @@ class Engine:
                 self.failed = error
         with self.lock:
             pending = [(job_id, f) for job_id, f in self.by_id.items()]
-        for job_id, future in pending:
+        for job_id, target in pending:
             self._queue_cancel(job_id)
-            if not future.done():
-                future.set_exception(error)
+            target._jv_fail(error)
 
     # -- the end
 
@@ -261,23 +384,81 @@ class Engine:
             self.reader.join()
 
 
-def settle(future, job):
-    """Sets `future` from the finished job document `job`."""
+def _uv(p, i):
+    """A bincode varint in `p` at `i`: (value, next index)."""
+    b = p[i]
+    if b < 251:
+        return b, i + 1
+    width = _WIDTHS.get(b)
+    if width is None or i + 1 + width > len(p):
+        raise w.ProtocolError("bad varint")
+    return int.from_bytes(p[i + 1:i + 1 + width], "little"), i + 1 + width
+
+
+_WIDTHS = {251: 2, 252: 4, 253: 8}
+
+
+class _Done:
+    """The part of a succeeded job's document that settling needs."""
+
+    __slots__ = ("id", "state", "output", "error")
+
+    def __init__(self, job_id, output):
+        self.id = job_id
+        self.state = "succeeded"
+        self.output = output
+        self.error = None
+
+
+def _succeeded(p):
+    """A ``Job`` response (variant 6) of a succeeded job with no error
+    text, as a :class:`_Done`; None for anything else (decoded in full by
+    the general decoder). Skips what settling does not use."""
+    job_id, i = _uv(p, 1)
+    n, i = _uv(p, i)  # pool
+    i += n
+    if p[i] != 2:  # state: not succeeded
+        return None
+    _, i = _uv(p, i + 1)  # priority
+    if p[i]:  # key
+        n, i = _uv(p, i + 1)
+        i += n
+    else:
+        i += 1
+    _, i = _uv(p, i)  # created_ms
+    i = _uv(p, i + 1)[1] if p[i] else i + 1  # finished_ms
+    count, i = _uv(p, i)  # attempts
+    for _ in range(count):
+        _, i = _uv(p, i)  # n
+        _, i = _uv(p, i)  # worker
+        _, i = _uv(p, i)  # pid
+        _, i = _uv(p, i)  # started_ms
+        i = _uv(p, i + 1)[1] if p[i] else i + 1  # ended_ms
+        i = _uv(p, i + 1)[1] if p[i] else i + 1  # outcome
+        if p[i]:  # error
+            n, i = _uv(p, i + 1)
+            i += n
+        else:
+            i += 1
+    if not p[i]:
+        return _Done(job_id, None)
+    n, i = _uv(p, i + 1)
+    if i + n + 1 != len(p):  # the output, then error = None and nothing else
+        return None
+    return _Done(job_id, p[i:i + n])
+
+
+def outcome(job):
+    """What a finished call's job document means: ``(True, value)`` or
+    ``(False, exception)``."""
     if job.state == "succeeded":
         try:
-            value = _calls.loads(job.output or b"")
+            return True, _calls.loads(job.output or b"")
         except Exception as e:
-            future.set_exception(RemoteError(f"job {job.id}: cannot unpickle the result: {e}"))
-            return
-        future.set_result(value)
-        return
-    error = job.error or ""
+            return False, RemoteError(f"job {job.id}: cannot unpickle the result: {e}")
     if job.state == "failed":
-        future.set_exception(remote_exception(job, error))
-        return
-    if job.state == "cancelled" and future.cancelled():
-        return
-    future.set_exception(JobError(job))
+        return False, remote_exception(job, job.error or "")
+    return False, JobError(job)
 
 
 def remote_exception(job, error):
@@ -305,6 +486,8 @@ def remote_exception(job, error):
 def _memfd(payload):
     """A sealed memfd holding `payload`, written with one ``writev`` per
     batch of parts (the kernel copies each buffer once)."""
+    if type(payload) is not _calls.Payload:
+        payload = _calls.Payload([payload], [0], len(payload))
     fd = os.memfd_create("jobvisor-call", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         iov = []

@@ -128,14 +128,21 @@ def frame(payload):
 class FrameReader:
     """Reads whole frames from a byte stream, buffering partial reads.
     `read(n)` returns up to n bytes, b"" at the end of the stream: a file
-    descriptor's by default (``FrameReader(fd)``)."""
+    descriptor's by default (``FrameReader(fd)``). Frames are taken from
+    the buffer by position; what was consumed is dropped only when the
+    buffer is refilled (not once per frame: a 64 KiB read of small frames
+    would be moved hundreds of times)."""
 
     def __init__(self, fd=None, read=None):
         self.read = read or (lambda n: os.read(fd, n))
         self.buf = bytearray()
+        self.pos = 0
 
     def _fill(self, want):
-        while len(self.buf) < want:
+        while len(self.buf) - self.pos < want:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
             chunk = self.read(max(1 << 16, want - len(self.buf)))
             if not chunk:
                 if self.buf:
@@ -145,14 +152,19 @@ class FrameReader:
 
     def next(self):
         """The next frame's payload; EOFError at a clean end of stream."""
-        self._fill(4)
-        (n,) = struct.unpack_from("<I", self.buf)
+        if len(self.buf) - self.pos < 4:
+            self._fill(4)
+        (n,) = _U32.unpack_from(self.buf, self.pos)
         if n > MAX_FRAME_LEN:
             raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME_LEN}-byte limit")
-        self._fill(4 + n)
-        payload = bytes(self.buf[4:4 + n])
-        del self.buf[:4 + n]
-        return payload
+        if len(self.buf) - self.pos < 4 + n:
+            self._fill(4 + n)
+        start = self.pos + 4
+        self.pos = start + n
+        return bytes(self.buf[start:self.pos])
+
+
+_U32 = struct.Struct("<I")
 
 
 def write_all(fd, data):

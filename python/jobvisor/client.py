@@ -386,6 +386,13 @@ class Connection:
         except OSError as e:
             raise Error("failed", f"connection to jobvisord lost: {e}") from None
 
+    def send_raw(self, data):
+        """Writes already framed requests."""
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise Error("failed", f"connection to jobvisord lost: {e}") from None
+
     def _read(self, _want):
         """One `recvmsg`: its bytes, its descriptors onto the FIFO."""
         size = socket.CMSG_SPACE(self.MAX_FDS * array.array("i").itemsize)
@@ -406,7 +413,16 @@ class Connection:
         """The next response, decoded; a ``job_fd`` comes back as ("job", Job)
         with its output read from the descriptor."""
         try:
-            kind, value = decode_response(self.frames.next())
+            payload = self.frames.next()
+        except w.ProtocolError as e:
+            raise Error("failed", f"protocol error: {e}") from None
+        return self.decode(payload)
+
+    def decode(self, payload):
+        """Response `payload` (a frame read from this connection), decoded
+        as :meth:`recv` does."""
+        try:
+            kind, value = decode_response(payload)
         except w.ProtocolError as e:
             raise Error("failed", f"protocol error: {e}") from None
         if kind == "job_fd":

@@ -48,6 +48,7 @@ import atexit
 import concurrent.futures as cf
 import os
 import threading
+import time
 import weakref
 from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
 from functools import partial
@@ -122,14 +123,46 @@ class Executor(cf.Executor):
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         """Like ``ProcessPoolExecutor.map``: with ``chunksize`` > 1, each job
-        runs that many calls (fewer jobs, less overhead per call)."""
+        runs that many calls (fewer jobs, less overhead per call). The calls
+        are submitted together, in few writes."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        results = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
-                              timeout=timeout)
+            return self._map(fn, zip(*iterables), timeout)
+        results = self._map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
+                            timeout)
         return _chain_from_iterable_of_lists(results)
+
+    def _map(self, fn, arg_tuples, timeout):
+        end_time = None if timeout is None else timeout + time.monotonic()
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            calls = []
+            for args in arg_tuples:
+                future = CallFuture(self._engine)
+                try:
+                    calls.append((_calls.dumps_call(fn, args, {}), future))
+                except Exception as e:
+                    future.set_exception(e)
+                    calls.append((None, future))
+            fs = [f for _, f in calls]
+            self._engine.submit_many([c for c in calls if c[0] is not None])
+
+        # As concurrent.futures.Executor.map: yield in order, and cancel
+        # what is left if the consumer stops early.
+        def result_iterator():
+            try:
+                fs.reverse()
+                while fs:
+                    if end_time is None:
+                        yield _result(fs.pop())
+                    else:
+                        yield _result(fs.pop(), end_time - time.monotonic())
+            finally:
+                for future in fs:
+                    future.cancel()
+        return result_iterator()
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """No more calls; with `cancel_futures`, calls not finished are
@@ -156,6 +189,16 @@ class Executor(cf.Executor):
         if self._daemon is not None:
             self._daemon.stop()
         _LIVE.discard(self)
+
+
+def _result(future, timeout=None):
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
+    finally:
+        del future
 
 
 @atexit.register

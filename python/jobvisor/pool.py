@@ -31,7 +31,7 @@ import threading
 from multiprocessing import TimeoutError
 
 from . import _calls
-from ._engine import CallFuture
+from ._engine import SUBMIT_BATCH, Task
 from .client import _options
 from .executor import connect
 
@@ -81,15 +81,8 @@ class AsyncResult:
             self._event.set()
             self._pool._task_done(self)
 
-    def _on_future(self, future):
-        if future.cancelled():
-            self._set(False, _terminated())
-            return
-        exc = future.exception()
-        if exc is None:
-            self._set(True, future.result())
-        else:
-            self._set(False, exc)
+    def _on_done(self, success, value):
+        self._set(success, value)
 
     __class_getitem__ = classmethod(lambda cls, item: cls)
 
@@ -109,23 +102,19 @@ class MapResult(AsyncResult):
         if n_chunks == 0:
             self._set(True, [])
 
-    def _on_chunk(self, i, future):
-        if future.cancelled():
-            exc = _terminated()
-        else:
-            exc = future.exception()
+    def _on_chunk(self, i, success, value):
         with self._lock:
             if self._event.is_set() or self._success is False:
                 return
-            if exc is not None:
+            if not success:
                 self._success = False
                 last = True
             else:
-                self._chunks[i] = future.result()
+                self._chunks[i] = value
                 self._left -= 1
                 last = self._left == 0
-        if exc is not None:
-            self._set(False, exc)
+        if not success:
+            self._set(False, value)
         elif last:
             self._set(True, list(itertools.chain.from_iterable(self._chunks)))
 
@@ -232,23 +221,23 @@ class Pool:
             if not self._outstanding:
                 self._idle.notify_all()
 
-    def _submit(self, fn, args, kwargs, on_done):
-        """One job for ``fn(*args, **kwargs)``; `on_done(future)` when it
-        ends. A call that cannot be pickled fails at once, through on_done."""
-        future = CallFuture(self._engine)
+    def _task(self, fn, args, on_done):
+        """``(payload, Task)`` for ``fn(*args)``, or None when the call
+        cannot be pickled (then `on_done` has been told, at once)."""
         try:
-            payload = _calls.dumps_call(fn, args, kwargs)
+            payload = _calls.dumps_call(fn, args, {})
         except Exception as e:
-            future.set_exception(e)
-            on_done(future)
-            return future
-        future.add_done_callback(on_done)
+            on_done(False, e)
+            return None
+        return payload, Task(self._engine, on_done)
+
+    def _submit_all(self, tasks):
+        tasks = [t for t in tasks if t is not None]
         try:
-            self._engine.submit(payload, future)
+            self._engine.submit_many(tasks)
         except Exception as e:
-            if not future.done():
-                future.set_exception(e)
-        return future
+            for _, task in tasks:
+                task._jv_fail(e)
 
     # -- the API
 
@@ -259,7 +248,16 @@ class Pool:
         self._check_running()
         result = AsyncResult(self, callback, error_callback)
         self._track(result)
-        self._submit(func, tuple(args), dict(kwds), result._on_future)
+        try:
+            payload = _calls.dumps_call(func, tuple(args), dict(kwds))
+        except Exception as e:
+            result._on_done(False, e)
+            return result
+        task = Task(self._engine, result._on_done)
+        try:
+            self._engine.submit(payload, task)
+        except Exception as e:
+            task._jv_fail(e)
         return result
 
     def map(self, func, iterable, chunksize=None):
@@ -289,17 +287,17 @@ class Pool:
         result = MapResult(self, len(chunks), callback, error_callback)
         if chunks:
             self._track(result)
-        for i, chunk in enumerate(chunks):
-            self._submit_chunk(func, chunk, star, partial_chunk(result, i))
+        self._submit_all(self._chunk_task(func, chunk, star, partial_chunk(result, i))
+                         for i, chunk in enumerate(chunks))
         return result
 
-    def _submit_chunk(self, func, chunk, star, on_done):
-        if len(chunk) == 1 and not star:
-            # One call: no list around it (the worker returns the value).
-            return self._submit(func, (chunk[0],), {}, lambda f: on_done(_Listed(f)))
+    def _chunk_task(self, func, chunk, star, on_done):
+        """The task of one chunk; `on_done` gets the list of its results."""
         if len(chunk) == 1:
-            return self._submit(func, tuple(chunk[0]), {}, lambda f: on_done(_Listed(f)))
-        return self._submit(_calls.run_chunk, (func, chunk, star), {}, on_done)
+            # One call: no list around it (the worker returns the value).
+            return self._task(func, tuple(chunk[0]) if star else (chunk[0],),
+                              lambda ok, value: on_done(ok, [value] if ok else value))
+        return self._task(_calls.run_chunk, (func, chunk, star), on_done)
 
     def imap(self, func, iterable, chunksize=1):
         return self._imap(func, iterable, chunksize, True)
@@ -321,9 +319,9 @@ class Pool:
         return it
 
     def _feed(self, func, iterable, chunksize, it):
-        n = 0
         lock = threading.Lock()
-        state = {"left": 0, "known": False}  # chunks not finished; input exhausted?
+        # Chunks not finished; input exhausted?; items read.
+        state = {"left": 0, "known": False, "n": 0}
 
         def finished():
             with lock:
@@ -332,41 +330,46 @@ class Pool:
             if last:
                 self._task_done(it)
 
-        try:
-            for index, chunk in enumerate(_ichunks(iterable, chunksize)):
-                with lock:
-                    state["left"] += 1
+        def task(index, chunk):
+            def on_done(success, value):
+                base = index * chunksize
+                if success:
+                    for k, v in enumerate(value):
+                        it._put(base + k, True, v)
+                else:
+                    for k in range(len(chunk)):
+                        it._put(base + k, False, value)
+                finished()
+            with lock:
+                state["left"] += 1
+            state["n"] += len(chunk)
+            return self._chunk_task(func, chunk, False, on_done)
 
-                def on_done(future, index=index, size=len(chunk)):
-                    self._deliver(it, index, size, future, chunksize)
-                    finished()
-                self._submit_chunk(func, chunk, False, on_done)
-                n += len(chunk)
+        # An input with a length is submitted in batches (few writes); one
+        # without, a chunk at a time, as it comes (it may be slow to come).
+        batch = SUBMIT_BATCH if hasattr(iterable, "__len__") else 1
+        try:
+            chunks = enumerate(_ichunks(iterable, chunksize))
+            while True:
+                tasks = []
+                try:
+                    for index, chunk in itertools.islice(chunks, batch):
+                        tasks.append(task(index, chunk))
+                finally:
+                    self._submit_all(tasks)
+                if not tasks:
+                    break
         except Exception as e:
             # The input itself raised: like multiprocessing, the next result
             # is that error.
-            it._put(n, False, e)
-            n += 1
-        it._set_length(n)
+            it._put(state["n"], False, e)
+            state["n"] += 1
+        it._set_length(state["n"])
         with lock:
             state["known"] = True
             last = state["left"] == 0
         if last:
             self._task_done(it)
-
-    def _deliver(self, it, index, size, future, chunksize):
-        base = index * chunksize
-        if future.cancelled():
-            for k in range(size):
-                it._put(base + k, False, _terminated())
-            return
-        exc = future.exception()
-        if exc is not None:
-            for k in range(size):
-                it._put(base + k, False, exc)
-            return
-        for k, value in enumerate(future.result()):
-            it._put(base + k, True, value)
 
     # -- the end
 
@@ -415,24 +418,8 @@ class Pool:
                           source=self)
 
 
-class _Listed:
-    """A one-call future seen as a chunk: its result as a one-item list."""
-
-    def __init__(self, future):
-        self._f = future
-
-    def cancelled(self):
-        return self._f.cancelled()
-
-    def exception(self):
-        return self._f.exception()
-
-    def result(self):
-        return [self._f.result()]
-
-
 def partial_chunk(result, i):
-    return lambda future: result._on_chunk(i, future)
+    return lambda success, value: result._on_chunk(i, success, value)
 
 
 def _chunks(seq, size):
@@ -448,5 +435,3 @@ def _ichunks(iterable, size):
         yield chunk
 
 
-def _terminated():
-    return RuntimeError("the pool was terminated before this task finished")

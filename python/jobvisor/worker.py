@@ -135,7 +135,7 @@ class Worker:
     def done(self, job_id, output):
         """Answers `Done`; `output` is bytes-like, or a
         :class:`jobvisor._calls.Payload` copied part by part."""
-        size = output.size if isinstance(output, _calls.Payload) else len(output)
+        size = _calls.size(output)
         if size > self.inline_limit:
             at = self.arena.alloc(size)
             while at is None and self.arena.live and not self.shutdown:
