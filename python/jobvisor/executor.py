@@ -129,7 +129,7 @@ class Executor(cf.Executor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return self._map(fn, zip(*iterables), timeout)
-        results = self._map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
+        results = self._map(partial(_process_chunk, fn), zip(_get_chunks(*iterables, chunksize=chunksize)),
                             timeout)
         return _chain_from_iterable_of_lists(results)
 
