@@ -11,9 +11,10 @@ it; repeatable), --test-timeout S (per test, default 120), --total-timeout S
 (whole run, default 1200).
 
 Bounded: a watchdog thread fails the run (exit 3) when one test (with the
-class set-up/tear-down around it) exceeds --test-timeout, after printing every
-thread's stack and killing the run's child processes; faulthandler ends the
-run (exit 1) at --total-timeout even if the interpreter is stuck.
+class set-up/tear-down around it) exceeds --test-timeout or the whole run
+exceeds --total-timeout, after printing every thread's stack and killing the
+run's child processes; faulthandler ends the run (exit 1) a minute later
+should the interpreter itself be stuck.
 
 Exit status: 0 all passed, 1 failures, 3 a test timed out.
 
@@ -78,12 +79,23 @@ def _zombie(pid):
 
 
 class Watchdog(threading.Thread):
-    def __init__(self, timeout):
+    def __init__(self, timeout, total_timeout):
         super().__init__(name="compat-watchdog", daemon=True)
         self.timeout = timeout
+        self.total_timeout = total_timeout
+        self.end = time.monotonic() + total_timeout
         self.lock = threading.Lock()
         self.deadline = None
         self.label = None
+        self.fired = threading.Event()
+
+    def hold_if_fired(self):
+        # Once the watchdog fired, the main thread must not go on (killing
+        # the children may unblock it) nor end the run first: it waits for
+        # the watchdog's os._exit(3).
+        if self.fired.is_set():
+            while True:
+                time.sleep(60)
 
     def arm(self, label):
         with self.lock:
@@ -98,11 +110,15 @@ class Watchdog(threading.Thread):
         while True:
             time.sleep(0.5)
             with self.lock:
-                late = self.deadline is not None and time.monotonic() > self.deadline
-                label = self.label
+                now = time.monotonic()
+                late = self.deadline is not None and now > self.deadline
+                label = f"{self.label} exceeded {self.timeout:g} s"
+                if now > self.end:
+                    late = True
+                    label = f"the whole run exceeded {self.total_timeout:g} s (at {self.label})"
             if late:
-                sys.stderr.write(f"\n\nTIMEOUT: {label} exceeded {self.timeout:g} s; "
-                                 "stacks of every thread:\n")
+                self.fired.set()
+                sys.stderr.write(f"\n\nTIMEOUT: {label}; stacks of every thread:\n")
                 sys.stderr.flush()
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 _kill_children()
@@ -114,11 +130,13 @@ class Watchdog(threading.Thread):
 def make_result_class(watchdog, durations):
     class Result(unittest.TextTestResult):
         def startTest(self, test):
+            watchdog.hold_if_fired()
             watchdog.arm(test.id())
             self._t0 = time.monotonic()
             super().startTest(test)
 
         def stopTest(self, test):
+            watchdog.hold_if_fired()
             durations.append((time.monotonic() - self._t0, test.id()))
             super().stopTest(test)
             # Covers the tear-down of this class and the set-up of the next.
@@ -140,7 +158,9 @@ def main():
     if sys.path[0] != HERE:
         sys.path.insert(0, HERE)
     faulthandler.enable()
-    faulthandler.dump_traceback_later(args.total_timeout, exit=True)
+    # The backstop, should the interpreter itself be stuck (the watchdog
+    # thread could not run): exit 1 after printing the stacks.
+    faulthandler.dump_traceback_later(args.total_timeout + 60, exit=True)
 
     import compat_impl
     print(f"compat: --impl {args.impl} (Python {sys.version.split()[0]}, {sys.executable})",
@@ -151,7 +171,7 @@ def main():
         loader.testNamePatterns = [f"*{k}*" for k in args.k]
     suite = unittest.TestSuite(loader.loadTestsFromName(m) for m in MODULES)
 
-    watchdog = Watchdog(args.test_timeout)
+    watchdog = Watchdog(args.test_timeout, args.total_timeout)
     watchdog.arm("loading")
     watchdog.start()
     durations = []
@@ -159,6 +179,7 @@ def main():
                                      resultclass=make_result_class(watchdog, durations))
     t0 = time.monotonic()
     result = runner.run(suite)
+    watchdog.hold_if_fired()
     watchdog.disarm()
     faulthandler.cancel_dump_traceback_later()
     elapsed = time.monotonic() - t0
