@@ -5,9 +5,12 @@
 # rewritten here so that the adaptation does not depend on the `test` package
 # (Debian and other distributions ship Python without it).
 #
-# Copyright (c) 2001-2024 Python Software Foundation; All Rights Reserved
-# (the helpers' behaviour follows Lib/test/support/__init__.py and
-# Lib/test/support/script_helper.py; PSF License, see LICENSE-PSF.txt)
+# Adapted from CPython v3.11.7 Lib/test/support/__init__.py and
+# Lib/test/support/script_helper.py.
+# Copyright (c) 2001, 2002, 2003, 2004, 2005, 2006, 2007, 2008, 2009, 2010,
+# 2011, 2012, 2013, 2014, 2015, 2016, 2017, 2018, 2019, 2020, 2021, 2022, 2023
+# Python Software Foundation; All Rights Reserved
+# PSF License, see LICENSE-PSF.txt.
 
 import contextlib
 import gc
@@ -80,10 +83,10 @@ def swap_attr(obj, attr, new_val):
                 delattr(obj, attr)
 
 
-# Lib/test/support/script_helper.py, reduced: runs `python -X faulthandler
-# -I`-like children is not possible here (the child must import this
-# directory and the jobvisor package), so the child gets the caller's
-# sys.path as PYTHONPATH instead. Bounded: a child that does not exit within
+# Lib/test/support/script_helper.py's assert_python_ok, reduced. CPython's
+# runs the child isolated (-I, no environment); this one cannot (the child
+# must import this directory and the jobvisor package): it gets the caller's
+# environment and sys.path (as PYTHONPATH). Bounded: a child that does not exit within
 # SCRIPT_TIMEOUT seconds is killed and the test fails.
 SCRIPT_TIMEOUT = 120.0
 

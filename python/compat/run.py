@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--test-timeout", type=float, default=120.0)
     ap.add_argument("--total-timeout", type=float, default=1200.0)
     args = ap.parse_args()
+    if sys.version_info < (3, 11):
+        # max_tasks_per_child (ProcessPoolExecutor) is new in 3.11.
+        ap.error(f"needs Python >= 3.11, this is {sys.version.split()[0]}")
 
     # Read by compat_impl, here and in every process the tests start.
     os.environ["JOBVISOR_COMPAT_IMPL"] = args.impl
