@@ -340,7 +340,8 @@ impl Reactor {
     /// Runs this daemon for one process (an embedded `jobvisor.Executor`):
     /// `fd` is one end of a Unix stream socket pair whose other end only
     /// that process holds. The daemon writes `listening\n` on it once its
-    /// control socket accepts connections. When the other end closes (the
+    /// control socket accepts connections, and `ready\n` once every worker
+    /// has started (when it would send systemd `READY=1`). When the other end closes (the
     /// process exited, or was `kill -9`ed), the daemon stops at once (as a
     /// second SIGTERM would), and on exit it removes its `state_dir` with
     /// everything in it: the jobs belonged to a process that is gone.
@@ -516,6 +517,15 @@ impl Reactor {
         let now = Instant::now();
         if !self.ready_sent && self.core.startup_settled() {
             self.ready_sent = true;
+            if let Some(fd) = &self.lifeline {
+                // Every worker has started (or its pool has failed).
+                let _ = nix::sys::socket::send(
+                    fd.as_raw_fd(),
+                    b"ready\n",
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT
+                        | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                );
+            }
             if self.notifier.active() {
                 let status = crate::notify::summary(&self.core, now);
                 self.notifier.ready(status, now);

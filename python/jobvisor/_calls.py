@@ -21,6 +21,7 @@ bookkeeping.
 """
 
 import io
+import os
 import pickle
 import struct
 
@@ -29,10 +30,15 @@ ALIGN = 64
 # Buffers below this size are pickled in-band.
 OOB_MIN = 64 << 10
 
-try:  # lambdas, closures and interactively defined functions, when available
-    import cloudpickle as _cloudpickle
-except ImportError:  # pragma: no cover - depends on the environment
-    _cloudpickle = None
+# Lambdas, closures and interactively defined functions, when cloudpickle is
+# installed (and JOBVISOR_CLOUDPICKLE is not "0": then only plain pickle,
+# exactly as multiprocessing).
+_cloudpickle = None
+if os.environ.get("JOBVISOR_CLOUDPICKLE", "1") != "0":
+    try:
+        import cloudpickle as _cloudpickle
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
 
 
 class Payload:
@@ -199,6 +205,16 @@ def loads(data):
             at += n
         return pickle.loads(stream, buffers=buffers)
     return pickle.loads(view)
+
+
+class UnpicklableResult(pickle.PicklingError):
+    """A call returned, but its result could not be pickled: ``args`` are
+    the pickling error's text and the result's ``repr``.
+    (:class:`jobvisor.Pool` raises it as multiprocessing's
+    ``MaybeEncodingError``.)"""
+
+    def __str__(self):
+        return f"the result {self.args[1]} could not be pickled: {self.args[0]}"
 
 
 def run_chunk(fn, items, star):

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 
 from . import _bin, _calls
@@ -143,23 +144,45 @@ class Daemon:
                     start_new_session=True)
             finally:
                 theirs.close()
-            ours.settimeout(START_TIMEOUT)
-            try:
-                said = ours.recv(64)
-            except socket.timeout:
-                said = None
-            if said != b"listening\n":
+            self._said = b""
+            said = self._wait_for(b"listening", START_TIMEOUT)
+            if said is not True:
                 self.stop()
                 status = self.proc.returncode
                 why = (f"did not start within {START_TIMEOUT:.0f}s" if said is None
                        else f"exited with status {status}" if status is not None
                        else f"said {said!r}")
                 raise Error("failed", f"the private jobvisord ({daemon}) {why}; its error is above")
-            ours.settimeout(None)
             _LIVE.add(self)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_for(self, line, timeout):
+        """Reads the lifeline until the daemon has said `line`: True; None
+        on timeout; what it said instead, if it closed."""
+        end = time.monotonic() + timeout
+        # Whole lines are all but the last piece of the split.
+        while line not in self._said.split(b"\n")[:-1]:
+            left = end - time.monotonic()
+            if left <= 0 or self._lifeline is None:
+                return None
+            self._lifeline.settimeout(left)
+            try:
+                chunk = self._lifeline.recv(64)
+            except (socket.timeout, OSError):
+                return None
+            finally:
+                if self._lifeline is not None:
+                    self._lifeline.settimeout(None)
+            if not chunk:
+                return self._said
+            self._said += chunk
+        return True
+
+    def wait_started(self, timeout=START_TIMEOUT):
+        """Waits until every worker has started (or the pool has failed)."""
+        self._wait_for(b"ready", timeout)
 
     def _forget(self):
         # A fork of this process must not keep the daemon alive.

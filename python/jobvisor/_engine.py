@@ -334,6 +334,9 @@ class Engine:
                     target._jv_fail(value)
                 elif kind == "pool_failed":
                     self._pool_failed(*value)
+                # Nothing of a finished call may stay referenced from here
+                # while the next answer is awaited (its arguments, results).
+                payload = value = target = None
         except Exception as e:  # the connection is gone: fail what is left
             broken = e if isinstance(e, Error) else Error("failed", str(e))
             with self.send_lock:

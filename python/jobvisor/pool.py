@@ -82,7 +82,7 @@ class AsyncResult:
             self._pool._task_done(self)
 
     def _on_done(self, success, value):
-        self._set(success, value)
+        self._set(success, value if success else _encoding_error(value))
 
     __class_getitem__ = classmethod(lambda cls, item: cls)
 
@@ -114,7 +114,7 @@ class MapResult(AsyncResult):
                 self._left -= 1
                 last = self._left == 0
         if not success:
-            self._set(False, value)
+            self._set(False, _encoding_error(value))
         elif last:
             self._set(True, list(itertools.chain.from_iterable(self._chunks)))
 
@@ -274,7 +274,7 @@ class Pool:
 
     def _map_async(self, func, iterable, chunksize, star, callback=None, error_callback=None):
         self._check_running()
-        if not hasattr(iterable, "__len__"):
+        if not isinstance(iterable, (list, tuple)):
             iterable = list(iterable)
         if chunksize is None:
             # multiprocessing's rule: about four chunks per worker.
@@ -337,6 +337,7 @@ class Pool:
                     for k, v in enumerate(value):
                         it._put(base + k, True, v)
                 else:
+                    value = _encoding_error(value)
                     for k in range(len(chunk)):
                         it._put(base + k, False, value)
                 finished()
@@ -394,6 +395,10 @@ class Pool:
         if wait_for_tasks:
             with self._lock:
                 self._idle.wait_for(lambda: not self._outstanding)
+            if self._daemon is not None:
+                # As multiprocessing's workers do, each has run its
+                # initializer before the pool is gone, even with no task.
+                self._daemon.wait_started()
         with self._lock:
             if self._stopped:
                 return
@@ -416,6 +421,15 @@ class Pool:
             import warnings
             warnings.warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                           source=self)
+
+
+def _encoding_error(exc):
+    """A result the worker could not pickle: multiprocessing says so with
+    a MaybeEncodingError."""
+    if isinstance(exc, _calls.UnpicklableResult):
+        from multiprocessing.pool import MaybeEncodingError
+        return MaybeEncodingError(exc.args[0], exc.args[1])
+    return exc
 
 
 def partial_chunk(result, i):

@@ -325,7 +325,15 @@ def _call(job_input):
         raise _CallFailed(e) from None
     finally:
         del args, kwargs  # views of the arena, if any: not kept past the call
-    return _calls.dumps_result(result)
+    try:
+        return _calls.dumps_result(result)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        try:
+            shown = repr(result)
+        except Exception:
+            shown = f"<{type(result).__name__} object>"
+        raise _CallFailed(_calls.UnpicklableResult(text, shown[:1000])) from None
 
 
 class _CallFailed(Exception):
