@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod users;
+pub mod venv;
 
 /// Default deadline for conditions in tests. Generous: CI machines are slow
 /// and shared; a passing test never waits this long.
