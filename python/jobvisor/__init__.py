@@ -9,9 +9,30 @@
   (see :mod:`jobvisor.worker`).
 """
 
-from .client import Client, Error, Job
-from .executor import Executor, JobError, PoolFailedError, RemoteError, RemoteTraceback
-from .pool import Pool
+import importlib
+
+# Imported when first used (PEP 562): a worker (`python -m jobvisor.worker`)
+# needs none of them, and starts faster without concurrent.futures.
+_LAZY = {
+    "Client": "client", "Error": "client", "Job": "client",
+    "Executor": "executor", "JobError": "executor", "PoolFailedError": "executor",
+    "RemoteError": "executor", "RemoteTraceback": "executor",
+    "Pool": "pool",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jobvisor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jobvisor.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = ["Client", "Error", "Executor", "Job", "JobError", "Pool", "PoolFailedError",
            "RemoteError", "RemoteTraceback"]

@@ -30,15 +30,26 @@ ALIGN = 64
 # Buffers below this size are pickled in-band.
 OOB_MIN = 64 << 10
 
-# Lambdas, closures and interactively defined functions, when cloudpickle is
-# installed (and JOBVISOR_CLOUDPICKLE is not "0": then only plain pickle,
-# exactly as multiprocessing).
-_cloudpickle = None
-if os.environ.get("JOBVISOR_CLOUDPICKLE", "1") != "0":
-    try:
-        import cloudpickle as _cloudpickle
-    except ImportError:  # pragma: no cover - depends on the environment
-        pass
+
+
+def _cloud():
+    """cloudpickle, for lambdas, closures and interactively defined
+    functions, when it is installed and JOBVISOR_CLOUDPICKLE is not "0"
+    (then only plain pickle, exactly as multiprocessing); else None.
+    Imported on first need only."""
+    global _CLOUD
+    if _CLOUD is False:
+        _CLOUD = None
+        if os.environ.get("JOBVISOR_CLOUDPICKLE", "1") != "0":
+            try:
+                import cloudpickle
+                _CLOUD = cloudpickle
+            except ImportError:  # depends on the environment
+                pass
+    return _CLOUD
+
+
+_CLOUD = False
 
 
 class Payload:
@@ -116,7 +127,7 @@ def _dumps(obj, cloud=False):
         return False
 
     if cloud:
-        data = _cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        data = _cloud().dumps(obj, protocol=5, buffer_callback=keep)
     else:
         try:
             data = pickle.dumps(obj, protocol=5, buffer_callback=keep)
@@ -151,7 +162,7 @@ def dumps(obj):
     try:
         return _dumps(obj)
     except (pickle.PicklingError, AttributeError, TypeError):
-        if _cloudpickle is None:
+        if _cloud() is None:
             raise
         return _dumps(obj, cloud=True)
 

@@ -113,7 +113,7 @@ class Worker:
         # worker's own input, which the daemon never reads back.
         self.writable_input = writable_input
         self.frames = w.FrameReader(self.jobs_fd)
-        self.inbox = queue.Queue()  # what the reader thread decoded, in order
+        self.inbox = queue.SimpleQueue()  # what the reader thread decoded, in order
         self.jobs = collections.deque()  # (id, attempt, deadline_ms, payload)
         self.shutdown = False
         # The job the handler is running (None between jobs), and the one a
@@ -321,13 +321,19 @@ def _call(job_input):
     fn, args, kwargs = _calls.loads(job_input)
     try:
         result = fn(*args, **kwargs)
-    except Exception as e:
+    except _Cancelled:
+        raise
+    except BaseException as e:
+        # SystemExit and KeyboardInterrupt too: the call's exception, not
+        # the worker's end (as in ProcessPoolExecutor).
         raise _CallFailed(e) from None
     finally:
         del args, kwargs  # views of the arena, if any: not kept past the call
     try:
         return _calls.dumps_result(result)
-    except Exception as e:
+    except _Cancelled:
+        raise
+    except BaseException as e:
         text = f"{type(e).__name__}: {e}"
         try:
             shown = repr(result)
