@@ -24,10 +24,11 @@ that cannot start fail the tasks with :class:`jobvisor.PoolFailedError`
 carrying their error text (multiprocessing restarts them forever).
 """
 
-import collections
 import itertools
 import os
+import queue
 import threading
+import time
 from multiprocessing import TimeoutError
 
 from . import _calls
@@ -120,62 +121,128 @@ class MapResult(AsyncResult):
 
 
 class IMapIterator:
-    """What ``imap`` returns: results in order; ``next(timeout)`` raises
-    ``multiprocessing.TimeoutError`` when none is ready in time."""
+    """What ``imap`` returns: results in order (``imap_unordered``: as they
+    come); ``next(timeout)`` raises ``multiprocessing.TimeoutError`` when
+    none is ready in time. Results arrive through a SimpleQueue, then an
+    end mark once the input is exhausted and every task has ended."""
 
     def __init__(self, pool, ordered):
         self._pool = pool
         self._ordered = ordered
-        self._cond = threading.Condition()
-        self._items = {} if ordered else collections.deque()
+        self._queue = queue.SimpleQueue()  # (index, success, value) or _END
+        self._early = {}  # ordered: results that came before their turn
         self._next = 0  # ordered: index of the next result to give
-        self._length = None  # tasks in all, once the input is exhausted
-        self._given = 0
+        self._ended = False
 
     def __iter__(self):
         return self
 
     def _put(self, i, success, value):
-        with self._cond:
-            if self._ordered:
-                self._items[i] = (success, value)
-            else:
-                self._items.append((success, value))
-            self._cond.notify_all()
+        self._queue.put((i, success, value))
 
-    def _set_length(self, n):
-        with self._cond:
-            self._length = n
-            self._cond.notify_all()
-
-    def _ready(self):
-        if self._ordered:
-            return self._next in self._items
-        return bool(self._items)
+    def _end(self):
+        self._queue.put(_END)
 
     def next(self, timeout=None):
-        with self._cond:
-            if not self._ready():
-                if self._length is not None and self._given >= self._length:
-                    raise StopIteration
-                self._cond.wait_for(
-                    lambda: self._ready() or (self._length is not None and self._given >= self._length),
-                    timeout)
-                if not self._ready():
-                    if self._length is not None and self._given >= self._length:
-                        raise StopIteration
-                    raise TimeoutError
-            if self._ordered:
-                success, value = self._items.pop(self._next)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ordered and self._next in self._early:
+                _, success, value = self._early.pop(self._next)
                 self._next += 1
-            else:
-                success, value = self._items.popleft()
-            self._given += 1
+                break
+            if self._ended:
+                raise StopIteration
+            try:
+                if deadline is None:
+                    item = self._queue.get()
+                else:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError from None
+            if item is _END:
+                self._ended = True
+                continue
+            if not self._ordered:
+                _, success, value = item
+                break
+            self._early[item[0]] = item
         if success:
             return value
         raise value
 
     __next__ = next
+
+
+_END = object()
+
+
+class _Feed:
+    """The chunks of one ``imap``: counts them, delivers their results to
+    the iterator, and ends it once the input is exhausted and every chunk
+    has ended."""
+
+    __slots__ = ("pool", "it", "chunksize", "lock", "left", "known", "n")
+
+    def __init__(self, pool, it, chunksize):
+        self.pool, self.it, self.chunksize = pool, it, chunksize
+        self.lock = threading.Lock()
+        self.left = 0  # chunks not ended
+        self.known = False  # the input is exhausted
+        self.n = 0  # items read
+
+    def add(self, size):
+        with self.lock:
+            self.left += 1
+        self.n += size
+
+    def finished(self):
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0 and self.known
+        if last:
+            self.end()
+
+    def exhausted(self):
+        with self.lock:
+            self.known = True
+            last = self.left == 0
+        if last:
+            self.end()
+
+    def end(self):
+        self.it._end()
+        self.pool._task_done(self.it)
+
+
+class _ChunkDone:
+    """``on_done`` of one chunk of an ``imap``."""
+
+    __slots__ = ("feed", "base", "size")
+
+    def __init__(self, feed, base, size):
+        self.feed, self.base, self.size = feed, base, size
+
+    def __call__(self, success, value):
+        put = self.feed.it._put
+        if success:
+            for k, v in enumerate(value):
+                put(self.base + k, True, v)
+        else:
+            value = _encoding_error(value)
+            for k in range(self.size):
+                put(self.base + k, False, value)
+        self.feed.finished()
+
+
+class _OneDone(_ChunkDone):
+    """``on_done`` of a one-call chunk (``chunksize=1``): the value is not
+    in a list."""
+
+    __slots__ = ()
+
+    def __call__(self, success, value):
+        self.feed.it._put(self.base, success, value if success else _encoding_error(value))
+        self.feed.finished()
 
 
 class Pool:
@@ -319,58 +386,48 @@ class Pool:
         return it
 
     def _feed(self, func, iterable, chunksize, it):
-        lock = threading.Lock()
-        # Chunks not finished; input exhausted?; items read.
-        state = {"left": 0, "known": False, "n": 0}
-
-        def finished():
-            with lock:
-                state["left"] -= 1
-                last = state["left"] == 0 and state["known"]
-            if last:
-                self._task_done(it)
-
-        def task(index, chunk):
-            def on_done(success, value):
-                base = index * chunksize
-                if success:
-                    for k, v in enumerate(value):
-                        it._put(base + k, True, v)
-                else:
-                    value = _encoding_error(value)
-                    for k in range(len(chunk)):
-                        it._put(base + k, False, value)
-                finished()
-            with lock:
-                state["left"] += 1
-            state["n"] += len(chunk)
-            return self._chunk_task(func, chunk, False, on_done)
-
+        feed = _Feed(self, it, chunksize)
         # An input with a length is submitted in batches (few writes); one
         # without, a chunk at a time, as it comes (it may be slow to come).
         batch = SUBMIT_BATCH if hasattr(iterable, "__len__") else 1
+        engine = self._engine
         try:
-            chunks = enumerate(_ichunks(iterable, chunksize))
-            while True:
-                tasks = []
-                try:
-                    for index, chunk in itertools.islice(chunks, batch):
-                        tasks.append(task(index, chunk))
-                finally:
-                    self._submit_all(tasks)
-                if not tasks:
-                    break
+            if chunksize == 1:
+                items = iter(iterable)
+                while True:
+                    tasks = []
+                    start = feed.n
+                    try:
+                        for x in itertools.islice(items, batch):
+                            done = _OneDone(feed, feed.n, 1)
+                            feed.add(1)
+                            try:
+                                tasks.append((_calls.dumps_call(func, (x,), {}), Task(engine, done)))
+                            except Exception as e:  # unpicklable
+                                done(False, e)
+                    finally:
+                        self._submit_all(tasks)
+                    if feed.n == start:
+                        break
+            else:
+                chunks = _ichunks(iterable, chunksize)
+                while True:
+                    tasks = []
+                    try:
+                        for chunk in itertools.islice(chunks, batch):
+                            done = _ChunkDone(feed, feed.n, len(chunk))
+                            feed.add(len(chunk))
+                            tasks.append(self._chunk_task(func, chunk, False, done))
+                    finally:
+                        self._submit_all(tasks)
+                    if not tasks:
+                        break
         except Exception as e:
             # The input itself raised: like multiprocessing, the next result
             # is that error.
-            it._put(state["n"], False, e)
-            state["n"] += 1
-        it._set_length(state["n"])
-        with lock:
-            state["known"] = True
-            last = state["left"] == 0
-        if last:
-            self._task_done(it)
+            it._put(feed.n, False, e)
+            feed.n += 1
+        feed.exhausted()
 
     # -- the end
 
