@@ -135,19 +135,7 @@ class Executor(cf.Executor):
 
     def _map(self, fn, arg_tuples, timeout):
         end_time = None if timeout is None else timeout + time.monotonic()
-        with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            calls = []
-            for args in arg_tuples:
-                future = CallFuture(self._engine)
-                try:
-                    calls.append((_calls.dumps_call(fn, args, {}), future))
-                except Exception as e:
-                    future.set_exception(e)
-                    calls.append((None, future))
-            fs = [f for _, f in calls]
-            self._engine.submit_many([c for c in calls if c[0] is not None])
+        fs = self._submit_each(fn, arg_tuples)
 
         # As concurrent.futures.Executor.map: yield in order, and cancel
         # what is left if the consumer stops early.
@@ -163,6 +151,23 @@ class Executor(cf.Executor):
                 for future in fs:
                     future.cancel()
         return result_iterator()
+
+    def _submit_each(self, fn, arg_tuples):
+        """The futures of ``fn(*args)`` for each of `arg_tuples`, submitted
+        together (few writes)."""
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            calls = []
+            for args in arg_tuples:
+                future = CallFuture(self._engine)
+                try:
+                    calls.append((_calls.dumps_call(fn, args, {}), future))
+                except Exception as e:
+                    future.set_exception(e)
+                    calls.append((None, future))
+            self._engine.submit_many([c for c in calls if c[0] is not None])
+            return [f for _, f in calls]
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """No more calls; with `cancel_futures`, calls not finished are

@@ -500,6 +500,47 @@ class Embedded(unittest.TestCase):
         """)
         self.assertEqual(out.strip(), str([i * i for i in range(10)]))
 
+    def test_the_asyncio_client_and_executor(self):
+        out, _, _ = self.run_script("""
+            import asyncio, json
+            import jobvisor
+            from jobvisor import aio
+
+            def square(x):
+                return x * x
+
+            async def main():
+                r = {}
+                async with aio.Executor(2) as ex:
+                    r["submit"] = await ex.submit(square, 9)
+                    r["map"] = [x async for x in ex.map(square, range(5))]
+                    r["gather"] = await asyncio.gather(*(ex.submit(square, i) for i in range(5)))
+                    # The byte-job client, on the same private daemon.
+                    async with await aio.Client.connect(socket=ex._ex._daemon.socket) as c:
+                        # A `--call` worker fails a byte job that is not a pickled call.
+                        job_id = await c.submit("calls", b"not a pickle")
+                        [job] = await c.wait(job_id)
+                        r["wait"] = job.state
+                        big = bytes(3 << 20)
+                        job = await c.submit("calls", big, wait=True)
+                        r["submit_wait"] = job.state
+                        states = [j.state async for j in c.map("calls", [b"a", b"b", b"c"])]
+                        r["map_states"] = states
+                        r["status"] = [p["name"] for p in await c.status()]
+                print(json.dumps(r))
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+        """)
+        r = json.loads(out)
+        self.assertEqual(r["submit"], 81)
+        self.assertEqual(r["map"], [0, 1, 4, 9, 16])
+        self.assertEqual(r["gather"], [0, 1, 4, 9, 16])
+        self.assertEqual(r["wait"], "failed")
+        self.assertEqual(r["submit_wait"], "failed")
+        self.assertEqual(r["map_states"], ["failed"] * 3)
+        self.assertEqual(r["status"], ["calls"])
+
     def test_large_bytes_arguments_and_results_travel_out_of_band(self):
         out, _, _ = self.run_script("""
             import hashlib
