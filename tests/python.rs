@@ -43,10 +43,15 @@ def handle(data):
 "#;
 
 #[test]
-fn the_python_codec_unit_tests_pass() {
+fn the_python_package_tests_pass() {
+    // Codec and worker unit tests, and the embedded Executor and Pool run
+    // as scripts against the daemon built here (python/tests/).
+    let bin_dir = bin("jobvisord");
     let o = Command::new("python3")
         .args(["-m", "unittest", "discover", "-s", "tests"])
         .current_dir(python_dir())
+        .env("JOBVISOR_BIN_DIR", bin_dir.parent().expect("a directory"))
+        .env("JOBVISOR_REQUIRE_BINARIES", "1")
         .output()
         .expect("python3 (the CI script installs it)");
     let text = String::from_utf8_lossy(&o.stderr);
