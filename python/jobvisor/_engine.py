@@ -375,8 +375,9 @@ class Engine:
             return self.idle.wait_for(lambda: not self.by_id and not self.unacked, timeout)
 
     def pending(self):
+        """The calls not finished, oldest first."""
         with self.lock:
-            return list(self.unacked) + list(self.by_id.values())
+            return list(self.by_id.values()) + list(self.unacked)
 
     def close(self):
         """Closes the connection (pending calls are cancelled: their futures

@@ -106,6 +106,9 @@ class Executor(cf.Executor):
             pool, socket, config, max_workers, initializer, initargs, max_tasks_per_child,
             _options(timeout, max_attempts, priority, key))
         _LIVE.add(self)
+        # An Executor dropped without shutdown() finishes its calls first
+        # (as ProcessPoolExecutor's manager thread does), then stops.
+        weakref.finalize(self, _release, self._engine, self._daemon)
 
     def submit(self, fn, /, *args, **kwargs):
         with self._shutdown_lock:
@@ -170,14 +173,19 @@ class Executor(cf.Executor):
             return [f for _, f in calls]
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        """No more calls; with `cancel_futures`, calls not finished are
-        cancelled; with `wait`, returns once every call has finished and the
+        """No more calls; with `cancel_futures`, calls no worker has taken
+        are cancelled; with `wait`, returns once every call has finished and the
         private daemon (if any) has stopped. Without `wait`, that happens in
         the background (and at the latest at interpreter exit)."""
         with self._shutdown_lock:
             self._shutdown = True
         if cancel_futures:
-            for f in self._engine.pending():
+            # Calls a worker has taken finish, as in ProcessPoolExecutor; the
+            # oldest `max_workers` stand for them (which jobs have started
+            # is the daemon's to know: a shared pool's calls are all
+            # cancelled).
+            pending = self._engine.pending()
+            for f in pending[self._max_workers if self._daemon is not None else 0:]:
                 f.cancel()
         if wait:
             self._finish()
@@ -194,6 +202,20 @@ class Executor(cf.Executor):
         if self._daemon is not None:
             self._daemon.stop()
         _LIVE.discard(self)
+
+
+def _release(engine, daemon):
+    def finish():
+        engine.wait_idle()
+        engine.close()
+        if daemon is not None:
+            daemon.stop()
+    if engine.closed:
+        return
+    try:
+        threading.Thread(target=finish, name="jobvisor-release", daemon=True).start()
+    except RuntimeError:  # at interpreter exit: no new threads
+        finish()
 
 
 def _result(future, timeout=None):
