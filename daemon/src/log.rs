@@ -11,7 +11,8 @@
 //! `jobvisord 2>file` started from a unit's shell), and those would get
 //! `<6>` garbage in a plain file.
 //!
-//! Worker output is captured line by line and logged as `[pool/N] line`.
+//! Worker output is captured line by line and logged as `[pool/N] line`
+//! (or passed on as it is: [`worker_line`]).
 //! A worker printing in a tight loop could otherwise fill the disk through
 //! the journal and, since stderr writes block, slow the event loop down to
 //! the journal's pace. [`OutputLimiter`] is a per-worker token bucket
@@ -29,6 +30,8 @@ use std::time::{Duration, Instant};
 struct Settings {
     max: Level,
     journal: bool,
+    /// `JOBVISOR_WORKER_OUTPUT=plain`: worker lines go out as they are.
+    plain_workers: bool,
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
@@ -53,6 +56,7 @@ fn settings() -> &'static Settings {
         Settings {
             max,
             journal: stderr_is_journal(),
+            plain_workers: std::env::var("JOBVISOR_WORKER_OUTPUT").is_ok_and(|v| v == "plain"),
         }
     })
 }
@@ -106,6 +110,26 @@ pub fn log(level: Level, msg: &str) {
         format!("jobvisord: {tag}: {msg}\n")
     };
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// One line of a worker's output: a record `[pool/slot] line` at level
+/// info; or, with `JOBVISOR_WORKER_OUTPUT=plain` (how an embedded
+/// `jobvisor.Executor` runs its daemon, so that a worker's `print` reads
+/// as it would under multiprocessing), the line as it is, on the daemon's
+/// stdout or stderr like the worker's, whatever the log level.
+pub fn worker_line(pool: &str, slot: u32, stderr: bool, line: &str) {
+    if settings().plain_workers {
+        let mut out = Vec::with_capacity(line.len() + 1);
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+        let _ = if stderr {
+            std::io::stderr().lock().write_all(&out)
+        } else {
+            std::io::stdout().lock().write_all(&out)
+        };
+        return;
+    }
+    log(Level::Info, &format!("[{pool}/{slot}] {line}"));
 }
 
 /// `log(Level::Info, format!(…))`.

@@ -135,6 +135,9 @@ class Daemon:
             # The daemon's own progress lines are not the caller's business;
             # warnings and errors still show. JOBVISOR_LOG=info shows all.
             env.setdefault("JOBVISOR_LOG", "warn")
+            # A worker's print reaches this process's stdout (or stderr) as
+            # under multiprocessing, not as a daemon log record.
+            env.setdefault("JOBVISOR_WORKER_OUTPUT", "plain")
             for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC", "JOBVISOR_SOCKET"):
                 env.pop(k, None)
             try:

@@ -361,9 +361,11 @@ impl Reactor {
                                     log_suppressed(pool, *slot, suppressed_before);
                                 }
                                 let text = String::from_utf8_lossy(l);
-                                crate::log::log(
-                                    Level::Info,
-                                    &format!("[{pool}/{slot}] {}", text.trim_end_matches('\r')),
+                                crate::log::worker_line(
+                                    pool,
+                                    *slot,
+                                    is_err,
+                                    text.trim_end_matches('\r'),
                                 );
                             }
                         }
@@ -524,10 +526,10 @@ impl Reactor {
             if let Some(n) = w.limiter.finish() {
                 log_suppressed(&w.pool, w.slot, n);
             }
-            for line in [&mut w.stdout_line, &mut w.stderr_line] {
+            for (is_err, line) in [(false, &mut w.stdout_line), (true, &mut w.stderr_line)] {
                 if !line.is_empty() {
                     let text = String::from_utf8_lossy(line).into_owned();
-                    crate::log::log(Level::Info, &format!("[{}/{}] {}", w.pool, w.slot, text));
+                    crate::log::worker_line(&w.pool, w.slot, is_err, &text);
                     line.clear();
                 }
             }
