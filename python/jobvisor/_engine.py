@@ -219,7 +219,7 @@ class Engine:
         possible: inline requests are sent together, in batches."""
         batch, futures = [], []
         for payload, future in calls:
-            if type(payload) is not bytes and _calls.size(payload) >= FD_PAYLOAD_MIN:
+            if _calls.size(payload) >= FD_PAYLOAD_MIN:
                 self._send_batch(batch, futures)
                 batch, futures = [], []
                 self.submit(payload, future)
