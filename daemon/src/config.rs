@@ -32,8 +32,6 @@ use nix::sys::signal::Signal;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-/// Jobs in flight per worker when `prefetch` is absent.
-pub const DEFAULT_PREFETCH: u32 = 1;
 /// Largest accepted `prefetch`.
 pub const MAX_PREFETCH: u32 = 1024;
 /// Largest accepted `workers`.
@@ -210,8 +208,9 @@ pub struct PoolConfig {
     pub stop_signal: Signal,
     /// Wait after `stop_signal` before SIGKILL of the process group.
     pub stop_timeout: Duration,
-    /// Jobs in flight per worker, 1..=1024.
-    pub prefetch: u32,
+    /// Jobs in flight per worker, 1..=1024, when set; `None` (the key is
+    /// absent): adaptive, see [`crate::supervisor::ADAPTIVE_PREFETCH_MAX`].
+    pub prefetch: Option<u32>,
     /// Time a new worker has to send `Ready`, > 0.
     pub start_timeout: Duration,
     /// First restart backoff.
@@ -277,7 +276,7 @@ impl PoolConfig {
             group: None,
             stop_signal: Signal::SIGTERM,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
-            prefetch: DEFAULT_PREFETCH,
+            prefetch: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
@@ -742,7 +741,7 @@ impl Walker<'_> {
                 }
                 "stop_timeout" => p.stop_timeout = self.duration(v, key)?,
                 "prefetch" => {
-                    p.prefetch = to_u32(self.int_in(v, key, 1, i64::from(MAX_PREFETCH))?)
+                    p.prefetch = Some(to_u32(self.int_in(v, key, 1, i64::from(MAX_PREFETCH))?))
                 }
                 "start_timeout" => p.start_timeout = self.positive_duration(v, key)?,
                 "backoff_initial" => {

@@ -24,7 +24,9 @@ use ipc_proto::control::{
 };
 use ipc_proto::worker::ToWorker;
 use jobs::{JobTable, PoolJobs};
-pub use jobs::{SubmitInput, Viewer};
+pub use jobs::{
+    SubmitInput, Viewer, ADAPTIVE_AHEAD, ADAPTIVE_LONG_JOB, ADAPTIVE_PREFETCH_MAX, TAKE_BACK_AFTER,
+};
 use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -248,6 +250,9 @@ struct Proc {
     inflight: VecDeque<u64>,
     /// Deadline of the front job (its timeout), if any.
     head_deadline: Option<Instant>,
+    /// Since when the front job counts as running: its dispatch, or the
+    /// result of the job before it (prefetch). `None` with no job in hand.
+    head_since: Option<Instant>,
     /// Jobs this process has finished (for `max_jobs_per_worker`).
     jobs_handled: u64,
     /// Last RSS measurement request (for `max_memory`).
@@ -386,6 +391,9 @@ impl Supervisor {
                     SlotState::Idle => {}
                 }
             }
+            if let Some(t) = pool.jobs.take_back_at {
+                consider(t);
+            }
         }
         if let Some(t) = self.job_deadline() {
             consider(t);
@@ -396,6 +404,15 @@ impl Supervisor {
     /// Handles every deadline that has passed.
     pub fn on_timer(&mut self, now: Instant) {
         self.job_timers(now);
+        // A worker is idle while another's job has now run long enough for
+        // the jobs waiting behind it to be taken back: a dispatch pass
+        // (`pump`) does it.
+        for pool in self.pools.values_mut() {
+            if pool.jobs.take_back_at.is_some_and(|t| t <= now) {
+                pool.jobs.take_back_at = None;
+                pool.jobs.dirty = true;
+            }
+        }
         // Job timeouts and drain limits first: they may stop workers.
         let mut timed_out = Vec::new();
         let mut drain_over = Vec::new();
@@ -1099,6 +1116,7 @@ impl Supervisor {
             },
             inflight: VecDeque::new(),
             head_deadline: None,
+            head_since: None,
             jobs_handled: 0,
             last_rss_check: None,
             solo: false,

@@ -13,9 +13,10 @@ memory arena, not a copy: it is valid only until FUNC returns, so copy it
 (``bytes(view)``) to keep it. A large output is copied once, into the arena.
 
 The worker runs one job at a time, in the order received (docs/PROTOCOL.md,
-section 8). A ``Cancel`` for a job that has not started yet answers it as failed
-("cancelled"). A thread reads fd 3 all the time, so a ``Cancel`` also reaches a
-running job: the main thread gets signal ``SIGRTMIN+3`` (leave it alone), whose
+section 8). A thread reads fd 3 all the time: a ``Cancel`` for a job that has
+not started yet is answered failed ("cancelled") at once, even while another job
+runs (the daemon takes prefetched jobs back so for an idle worker), and a
+``Cancel`` also reaches a running job: the main thread gets signal ``SIGRTMIN+3`` (leave it alone), whose
 handler raises an exception inside FUNC at the next Python bytecode (a blocking
 ``time.sleep`` or read is cut short; C code that holds the GIL finishes first);
 the job is answered "cancelled" and the worker keeps its warm state. ``Shutdown``
@@ -120,12 +121,22 @@ class Worker:
         # Cancel asked to stop: read by the signal handler in the main thread.
         self.running = None
         self.cancelled = None
+        # Ids of jobs received and neither started nor answered. Under
+        # `self.lock`, with `self.running`: whoever takes an id out of it
+        # owns that job (the main thread runs it; the reader thread answers
+        # a Cancel of it).
+        self.pending = set()
+        self.lock = threading.Lock()
+        # Results are written by the main thread, and cancelled queued jobs
+        # by the reader thread: one frame at a time.
+        self.send_lock = threading.Lock()
 
-    # -- sending (main thread only)
+    # -- sending (main thread; the reader thread for cancelled queued jobs)
 
     def send(self, payload):
         try:
-            w.write_all(self.results_fd, w.frame(payload))
+            with self.send_lock:
+                w.write_all(self.results_fd, w.frame(payload))
         except BrokenPipeError:
             raise SystemExit(1)
 
@@ -164,8 +175,10 @@ class Worker:
     # reaches a running job
 
     def read_frames(self):
-        """The reader thread: decodes frames into the inbox; a Cancel of the
-        running job also signals the main thread (see `on_cancel_signal`)."""
+        """The reader thread: decodes frames into the inbox; answers a Cancel
+        of a job not started yet at once, and signals the main thread for a
+        Cancel of the running one (see `on_cancel_signal`)."""
+        shutdown = False
         try:
             while True:
                 try:
@@ -174,9 +187,23 @@ class Worker:
                     self.inbox.put(("shutdown",))
                     return
                 item = decode_to_worker(payload)
-                if item[0] == "cancel" and item[1] == self.running:
-                    self.cancelled = item[1]
-                    signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
+                if item[0] == "job" and not shutdown:
+                    with self.lock:
+                        self.pending.add(item[1])
+                elif item[0] == "shutdown":
+                    shutdown = True
+                elif item[0] == "cancel":
+                    with self.lock:
+                        queued = item[1] in self.pending
+                        self.pending.discard(item[1])
+                        if not queued and item[1] == self.running:
+                            self.cancelled = item[1]
+                            signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
+                    if queued:
+                        try:
+                            self.failed(item[1], "cancelled")
+                        except SystemExit:
+                            return  # the daemon is gone; the main thread sees it too
                 self.inbox.put(item)
         except w.ProtocolError as e:
             self.inbox.put(("error", f"protocol error: {e}", 2))
@@ -195,10 +222,11 @@ class Worker:
             if not self.shutdown:
                 self.jobs.append(item[1:])
         elif kind == "cancel":
+            # A job not started yet was answered by the reader thread.
             for job in list(self.jobs):
                 if job[0] == item[1]:
                     self.jobs.remove(job)
-                    self.failed(item[1], "cancelled")
+                    break
         elif kind == "release":
             self.arena.release(item[1])
         elif kind == "shutdown":
@@ -235,7 +263,13 @@ class Worker:
             job_input = self.arena.input_view(data[1], data[2], self.writable_input)
         try:
             try:
-                self.running = job_id
+                # Inside the `try`: once `running` is set, a Cancel may raise
+                # _Cancelled at any bytecode.
+                with self.lock:
+                    if job_id not in self.pending:
+                        return  # cancelled before it started: answered by the reader thread
+                    self.pending.discard(job_id)
+                    self.running = job_id
                 output = self.handler(job_input)
             finally:
                 self.running = None

@@ -108,6 +108,23 @@ class WorkerProcess(unittest.TestCase):
         self.send(job(8, b"after"))
         self.assertEqual(self.result(), (8, "done", b"AFTER"))
 
+    def test_cancel_of_a_queued_job_is_answered_while_another_runs(self):
+        # How the daemon takes a prefetched job back for an idle worker.
+        self.start()
+        self.send(job(7, b"sleep 30"))
+        ready, _, _ = select.select([self.proc.stderr], [], [], 20)
+        self.assertTrue(ready, "the job did not start")
+        self.assertEqual(self.proc.stderr.readline(), b"started\n")
+        self.send(job(8, b"eight"))
+        self.send(b"\x01" + w.uvarint(8))
+        # Answered by the reader thread while job 7 still sleeps.
+        self.assertEqual(self.result(), (8, "failed", "cancelled"))
+        self.send(b"\x01" + w.uvarint(7))
+        self.assertEqual(self.result(), (7, "failed", "cancelled"))
+        # Sent again, the same id runs.
+        self.send(job(8, b"eight"))
+        self.assertEqual(self.result(), (8, "done", b"EIGHT"))
+
     def test_end_of_stream_exits_0(self):
         self.start()
         os.close(self.jobs_w)

@@ -10,7 +10,16 @@
 //! effect, so a cancel is never lost, and a cancel meant for a job that just
 //! finished never leaks into the next one (the flag is set only for a
 //! matching id and cleared when the job ends).
+//!
+//! The same lock decides who answers a job cancelled before it started: the
+//! reader records every job it forwards as *queued*; a `Cancel` finding its
+//! job still queued takes it out and the reader answers `Failed` at once
+//! (even while the handler is busy with a long job: the daemon may be taking
+//! the job back for an idle worker), and the handler's thread, when it gets
+//! to that job, finds it gone and skips it. Exactly one of the two owns
+//! each job.
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -35,6 +44,8 @@ pub(crate) struct CancelState {
 struct Running {
     id: Option<JobId>,
     cancelled: bool,
+    /// Forwarded by the reader, not yet started or answered.
+    queued: HashSet<JobId>,
 }
 
 impl CancelState {
@@ -70,11 +81,21 @@ impl CancelState {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Handler's thread: job `id` is about to run.
-    pub(crate) fn start(&self, id: JobId) {
+    /// Reader thread: these jobs are being forwarded to the handler's thread.
+    pub(crate) fn queue(&self, ids: impl IntoIterator<Item = JobId>) {
+        self.lock().queued.extend(ids);
+    }
+
+    /// Handler's thread: job `id` is about to run. False if it was cancelled
+    /// (and answered by the reader) while queued: skip it.
+    pub(crate) fn start(&self, id: JobId) -> bool {
         let mut r = self.lock();
+        if !r.queued.remove(&id) {
+            return false;
+        }
         r.id = Some(id);
         r.cancelled = false;
+        true
     }
 
     /// Handler's thread: the running job has ended.
@@ -91,11 +112,15 @@ impl CancelState {
         }
     }
 
-    /// Reader thread: cancel job `id` if it is the running one.
-    pub(crate) fn cancel(&self, id: JobId) {
+    /// Reader thread: cancel job `id` if it is the running one. True if it
+    /// was still queued: it is taken out, and the caller answers it.
+    pub(crate) fn cancel(&self, id: JobId) -> bool {
         let mut r = self.lock();
         if r.id == Some(id) {
             self.cancel_locked(&mut r);
+            false
+        } else {
+            r.queued.remove(&id)
         }
     }
 
@@ -212,8 +237,9 @@ mod tests {
     fn cancel_applies_only_to_the_running_job_and_resets() {
         let state = Arc::new(CancelState::new().unwrap());
         let ctx = JobContext::new(Arc::clone(&state));
-        state.cancel(7); // nothing running: ignored
-        state.start(7);
+        assert!(!state.cancel(7)); // nothing running or queued: ignored
+        state.queue([7, 9]);
+        assert!(state.start(7));
         assert!(!ctx.is_cancelled());
         assert!(!readable(ctx.cancel_fd().unwrap()));
         state.cancel(8); // not the running job
@@ -224,11 +250,18 @@ mod tests {
         state.finish();
         assert!(!ctx.is_cancelled());
         assert!(!readable(ctx.cancel_fd().unwrap()));
-        state.start(8);
+        state.queue([8]);
+        assert!(state.start(8));
         assert!(!ctx.is_cancelled());
         state.cancel_running();
         assert!(ctx.is_cancelled());
         state.finish();
+        // Cancelled while queued: the reader answers it, the handler's
+        // thread skips it, and it cannot be cancelled twice.
+        assert!(state.cancel(9));
+        assert!(!state.cancel(9));
+        assert!(!state.start(9));
+        assert!(!ctx.is_cancelled());
     }
 
     #[test]

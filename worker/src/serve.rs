@@ -8,15 +8,16 @@
 //! - the *reader* thread owns the job stream. It reads in big chunks straight
 //!   into the [`FrameDecoder`], decodes every whole frame, and sends each
 //!   chunk's messages as one batch over a channel. For a `Cancel` it also
-//!   flags the running job (see [`crate::context`] for the race this closes).
+//!   flags the running job, or answers `Failed` at once for a job still
+//!   queued, even while the handler runs another (see [`crate::context`]).
 //!   It checks every shared-memory input reference against the arena's input
 //!   region, and applies `Release`s itself, freeing the output slot and
 //!   waking the calling thread if it waits for room (see [`crate::shm`]).
 //!   End of stream, a read error or a protocol violation (a bad reference, a
 //!   `Release` of a range not handed out) is its last message.
 //! - the *calling* thread runs the handler and writes results. It keeps a
-//!   local queue of received jobs, drains the channel without blocking before
-//!   each job (so a `Cancel` for a queued job is seen before that job starts),
+//!   local queue of received jobs (skipping those the reader answered as
+//!   cancelled), drains the channel without blocking before each job,
 //!   and encodes results into one buffer, shared with the flusher. When an
 //!   output needs room in a full output region, it flushes that buffer (the
 //!   daemon releases only what it has received) and waits on a condition
@@ -236,9 +237,18 @@ where
     let (tx, rx) = mpsc::channel();
     let reader_cancel = Arc::clone(&cancel);
     let reader_shm = shm.clone();
+    let reader_out = Arc::downgrade(&out.shared);
     thread::Builder::new()
         .name("jobvisor-reader".into())
-        .spawn(move || read_jobs(jobs, &tx, &reader_cancel, reader_shm.as_deref()))
+        .spawn(move || {
+            read_jobs(
+                jobs,
+                &tx,
+                &reader_cancel,
+                reader_shm.as_deref(),
+                &reader_out,
+            )
+        })
         .map_err(ServeError::Setup)?;
 
     let sink = Arc::new(Sink {
@@ -254,27 +264,30 @@ where
         if let Some(end) = inbox.take_abort() {
             return out.abort(end);
         }
-        let Some(job) = inbox.next_job(&mut out) else {
+        let Some(job) = inbox.next_job() else {
             out.flush()?;
             if inbox.shutdown {
                 return Ok(Stop::Shutdown);
             }
-            inbox.wait(&mut out);
+            inbox.wait();
             continue;
         };
 
-        cancel.start(job.id);
-        inbox.current = Some(job.id);
-        inbox.current_cancelled = false;
-        // A Cancel sent before the job was marked running is in the channel.
-        inbox.drain(&mut out);
+        if !cancel.start(job.id) {
+            // Cancelled while queued: the reader has answered it.
+            continue;
+        }
+        // An end of the stream that came meanwhile stops it from starting.
+        // (A Cancel that came before it was marked running was answered by
+        // the reader, and `start` said so; one after it sets the flag.)
+        inbox.drain();
         if inbox.aborting() {
             cancel.finish();
             continue;
         }
         out.watch();
         let started = Instant::now();
-        let result = if inbox.current_cancelled || cancel.is_cancelled() {
+        let result = if cancel.is_cancelled() {
             Err(CANCELLED.to_owned())
         } else {
             match input_of(&job, shm.as_deref()) {
@@ -297,7 +310,6 @@ where
             }
         };
         cancel.finish();
-        inbox.current = None;
         let now = Instant::now();
         out.push_result_and_flush_if_due(job.id, result, now, now - started >= SLOW_JOB)?;
     }
@@ -344,15 +356,21 @@ impl End {
     }
 }
 
-/// The reader thread's body: frames in, batches of messages out.
-fn read_jobs<R: Read>(
+/// The reader thread's body: frames in, batches of messages out. It answers
+/// a `Cancel` of a job still queued itself, at once (see [`crate::context`]),
+/// through `out` (weak: it does not keep the result stream open once
+/// [`serve`] is done with it).
+fn read_jobs<R: Read, W: Write>(
     mut jobs: R,
     tx: &Sender<Vec<Incoming>>,
     cancel: &CancelState,
     shm: Option<&Shm>,
+    out: &std::sync::Weak<Shared<W>>,
 ) {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut shutdown = false;
+    // `shutdown` as of the end of the last batch.
+    let mut queued_shutdown = false;
     loop {
         let n = match jobs.read(decoder.unfilled()) {
             // A partial frame left at end of stream means the daemon died
@@ -422,12 +440,36 @@ fn read_jobs<R: Read>(
         if let Some(why) = fatal {
             return send_end(tx, cancel, shm, batch, End::Fatal(why));
         }
+        // The jobs before a `Shutdown` (later ones are ignored).
+        let ids = batch
+            .iter()
+            .take_while(|m| !matches!(m, Incoming::Shutdown))
+            .filter_map(|m| match m {
+                Incoming::Job(job) => Some(job.id),
+                _ => None,
+            });
+        if !queued_shutdown {
+            cancel.queue(ids);
+        }
+        queued_shutdown = shutdown;
         if !batch.is_empty() && tx.send(batch).is_err() {
             return; // serve() has returned
         }
         // Only after the Cancel is in the channel: see `crate::context`.
-        for &id in &cancels {
-            cancel.cancel(id);
+        let answered: Vec<JobId> = cancels
+            .iter()
+            .copied()
+            .filter(|&id| cancel.cancel(id))
+            .collect();
+        if let (false, Some(out)) = (answered.is_empty(), out.upgrade()) {
+            let mut state = out.lock();
+            if !state.closed {
+                let now = Instant::now();
+                for id in answered {
+                    state.encode_result(id, Err(CANCELLED.to_owned()), now);
+                }
+                state.write_out();
+            }
         }
         if let (Some(shm), false) = (shm, cancels.is_empty()) {
             shm.poke();
@@ -458,9 +500,6 @@ fn send_end(
 struct Inbox {
     rx: Receiver<Vec<Incoming>>,
     queue: VecDeque<Job>,
-    /// The job being run, for a `Cancel` drained while it is marked running.
-    current: Option<JobId>,
-    current_cancelled: bool,
     shutdown: bool,
     ignored_after_shutdown: bool,
     end: Option<End>,
@@ -471,8 +510,6 @@ impl Inbox {
         Inbox {
             rx,
             queue: VecDeque::new(),
-            current: None,
-            current_cancelled: false,
             shutdown: false,
             ignored_after_shutdown: false,
             end: None,
@@ -493,9 +530,9 @@ impl Inbox {
 
     /// The next job to run: from the local queue, else from the channel
     /// without blocking.
-    fn next_job<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) -> Option<Job> {
+    fn next_job(&mut self) -> Option<Job> {
         if self.queue.is_empty() {
-            self.drain(out);
+            self.drain();
         }
         if self.aborting() {
             return None;
@@ -504,10 +541,10 @@ impl Inbox {
     }
 
     /// Applies everything already in the channel.
-    fn drain<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) {
+    fn drain(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(batch) => self.apply(batch, out),
+                Ok(batch) => self.apply(batch),
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     self.disconnected();
@@ -518,9 +555,9 @@ impl Inbox {
     }
 
     /// Blocks until the reader sends something (the caller has flushed).
-    fn wait<W: Write + Send + 'static>(&mut self, out: &mut Results<W>) {
+    fn wait(&mut self) {
         match self.rx.recv() {
-            Ok(batch) => self.apply(batch, out),
+            Ok(batch) => self.apply(batch),
             Err(_) => self.disconnected(),
         }
     }
@@ -532,17 +569,15 @@ impl Inbox {
         }
     }
 
-    fn apply<W: Write + Send + 'static>(&mut self, batch: Vec<Incoming>, out: &mut Results<W>) {
+    fn apply(&mut self, batch: Vec<Incoming>) {
         for msg in batch {
-            if let Some(id) = self.apply_one(msg) {
-                out.push_result(id, Err(CANCELLED.to_owned()), Instant::now());
-            }
+            self.apply_one(msg);
         }
     }
 
-    /// Applies one message; returns the id of a queued job it cancelled
-    /// (removed from the queue, to be answered `Failed` by the caller).
-    fn apply_one(&mut self, msg: Incoming) -> Option<JobId> {
+    /// Applies one message. A queued job that is cancelled leaves the
+    /// queue; the reader has answered it (see [`crate::context`]).
+    fn apply_one(&mut self, msg: Incoming) {
         match msg {
             Incoming::Job(job) => {
                 if self.shutdown || self.end.is_some() {
@@ -556,27 +591,17 @@ impl Inbox {
                 } else {
                     self.queue.push_back(job);
                 }
-                None
             }
             Incoming::Cancel(id) => {
-                if self.current == Some(id) {
-                    self.current_cancelled = true;
-                    None
-                } else if let Some(at) = self.queue.iter().position(|j| j.id == id) {
+                // A queued job the reader has answered (the running one was
+                // flagged by the reader): drop it. Else already answered,
+                // or never sent: nothing to do.
+                if let Some(at) = self.queue.iter().position(|j| j.id == id) {
                     self.queue.remove(at);
-                    Some(id)
-                } else {
-                    None // already answered, or never sent: nothing to do
                 }
             }
-            Incoming::Shutdown => {
-                self.shutdown = true;
-                None
-            }
-            Incoming::End(end) => {
-                self.end = Some(end);
-                None
-            }
+            Incoming::Shutdown => self.shutdown = true,
+            Incoming::End(end) => self.end = Some(end),
         }
     }
 }
@@ -726,11 +751,6 @@ impl<W: Write + Send + 'static> Results<W> {
             Ok(t) => self.flusher = Some(t),
             Err(e) => eprintln!("jobvisor worker: cannot start the result flusher thread: {e}"),
         }
-    }
-
-    fn push_result(&mut self, id: JobId, result: Result<Payload, String>, now: Instant) {
-        self.shared.lock().encode_result(id, result, now);
-        self.buffered = true;
     }
 
     /// Buffers a job's result, then flushes if it is worth it now; returns a
@@ -1095,6 +1115,42 @@ mod tests {
         let got = sorted(vec![d.recv(), d.recv()]);
         assert_eq!(got, vec![failed(4, CANCELLED), done(5, b"")]);
         assert_eq!(*ran.lock().unwrap(), vec![1, 3, 5]);
+        d.send(&[ToWorker::Shutdown]);
+        assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
+    }
+
+    /// The daemon takes a prefetched job back (for an idle worker) with a
+    /// `Cancel`: it is answered at once, while the job ahead of it still
+    /// runs, and never run.
+    #[test]
+    fn cancel_of_a_queued_job_is_answered_while_another_runs() {
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let ran2 = Arc::clone(&ran);
+        let (started_tx, started) = mpsc::channel();
+        let (release_tx, release) = mpsc::channel::<()>();
+        let release = Mutex::new(release);
+        let mut d = Daemon::start(move |ctx: &JobContext, _: &[u8]| {
+            ran2.lock().unwrap().push(ctx.id());
+            if ctx.id() == 1 {
+                started_tx.send(()).unwrap();
+                release.lock().unwrap().recv_timeout(DEADLINE).unwrap();
+            }
+            Ok(Vec::new())
+        });
+        d.send(&[job(1, b""), job(2, b""), job(3, b"")]);
+        started.recv_timeout(DEADLINE).unwrap();
+        d.send(&[ToWorker::Cancel { id: 3 }, ToWorker::Cancel { id: 2 }]);
+        // Job 1 is still running: nothing else could have answered.
+        assert_eq!(d.recv(), failed(3, CANCELLED));
+        assert_eq!(d.recv(), failed(2, CANCELLED));
+        // Sent again (the same id may come back), it runs.
+        d.send(&[job(2, b"")]);
+        release_tx.send(()).unwrap();
+        assert_eq!(
+            sorted(vec![d.recv(), d.recv()]),
+            vec![done(1, b""), done(2, b"")]
+        );
+        assert_eq!(*ran.lock().unwrap(), vec![1, 2]);
         d.send(&[ToWorker::Shutdown]);
         assert!(matches!(d.outcome(), Ok(Stop::Shutdown)));
     }

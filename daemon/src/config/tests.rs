@@ -485,7 +485,7 @@ result_retention = "7days"
         group: Some("nogroup".into()),
         stop_signal: Signal::SIGINT,
         stop_timeout: Duration::from_secs(3),
-        prefetch: 4,
+        prefetch: Some(4),
         start_timeout: Duration::from_secs(2),
         backoff_initial: Duration::ZERO,
         backoff_max: Duration::from_secs(120),
@@ -517,8 +517,7 @@ fn defaults_apply_when_keys_are_absent() {
     assert_eq!(p.queue_capacity, 100_000);
     assert_eq!(p.stop_signal, Signal::SIGTERM);
     assert_eq!(p.stop_timeout, Duration::from_secs(10));
-    assert_eq!(p.prefetch, DEFAULT_PREFETCH);
-    assert_eq!(p.prefetch, 1);
+    assert_eq!(p.prefetch, None, "absent: adaptive");
     assert_eq!(p.start_timeout, Duration::from_secs(10));
     assert_eq!(p.backoff_initial, Duration::from_millis(100));
     assert_eq!(p.backoff_max, Duration::from_secs(30));
@@ -684,7 +683,7 @@ fn same_worker_spec_tracks_only_process_shaping_keys() {
     policy.workers = 7;
     policy.timeout = Some(Duration::from_secs(1));
     policy.max_attempts = 9;
-    policy.prefetch = 8;
+    policy.prefetch = Some(8);
     policy.backoff_max = Duration::from_secs(99);
     policy.stop_signal = Signal::SIGINT;
     assert!(base.same_worker_spec(&policy));

@@ -40,6 +40,65 @@ pub const MAX_FINISHED_JOBS: u64 = 1_000_000;
 /// recorded as `lost`.
 pub const RUNNING_PERSIST_DELAY: Duration = Duration::from_millis(20);
 
+/// Adaptive prefetch (a pool without `prefetch`): at most this many jobs in
+/// flight per worker.
+///
+/// The pool keeps an exponentially weighted mean of its jobs' run times
+/// (weight [`RUN_TIME_WEIGHT`] for the newest, each counted up to
+/// [`RUN_TIME_CAP`]). A job's run time is counted from when it became its
+/// worker's front job (its dispatch, or the result of the job before it) to
+/// its result. From that mean, a worker is sent jobs ahead of the one it
+/// runs for about [`ADAPTIVE_AHEAD`] of expected work: depth
+/// `1 + ADAPTIVE_AHEAD / mean`, rounded down to a power of two, at most this.
+/// A pool starts at 1, goes up as soon as the depth doubles and down once it
+/// halves twice (hysteresis: what waits ahead stays under about twice
+/// [`ADAPTIVE_AHEAD`]), and goes to 1 at once when the mean reaches
+/// [`ADAPTIVE_LONG_JOB`]. Each change is logged at debug level.
+pub const ADAPTIVE_PREFETCH_MAX: u32 = 64;
+
+/// Adaptive prefetch: a mean run time this long or longer means one job at
+/// a time per worker (nothing waits behind a job that may run long).
+pub const ADAPTIVE_LONG_JOB: Duration = Duration::from_millis(1);
+
+/// Adaptive prefetch: the expected work sent ahead of a worker's running
+/// job (see [`ADAPTIVE_PREFETCH_MAX`]).
+pub const ADAPTIVE_AHEAD: Duration = Duration::from_millis(1);
+
+/// Adaptive prefetch: once a worker's running job has run this long, it is
+/// sent nothing more ahead, and when a worker of the pool has no job in hand
+/// (and none to take from the queue), the jobs waiting behind that running
+/// one are taken back (`Cancel`, answered `Failed` by the worker for a job
+/// it has not started) and go to the idle worker, with no attempt counted.
+pub const TAKE_BACK_AFTER: Duration = Duration::from_millis(2);
+
+/// Weight of the newest run time in a pool's mean (see
+/// [`ADAPTIVE_PREFETCH_MAX`]).
+const RUN_TIME_WEIGHT: f64 = 1.0 / 8.0;
+
+/// A run time counts up to this much in a pool's mean: anything longer is
+/// long anyway, and a pool whose jobs got short again recovers within tens
+/// of jobs.
+const RUN_TIME_CAP: Duration = Duration::from_secs(1);
+
+/// The adaptive depth after `current` for a mean run time of `mean_ns`
+/// (see [`ADAPTIVE_PREFETCH_MAX`]).
+pub(super) fn adaptive_depth(current: u32, mean_ns: f64) -> u32 {
+    let long = ADAPTIVE_LONG_JOB.as_nanos() as f64;
+    if mean_ns >= long {
+        return 1;
+    }
+    let ahead = ADAPTIVE_AHEAD.as_nanos() as f64 / mean_ns.max(1.0);
+    let raw = (1.0 + ahead).min(f64::from(ADAPTIVE_PREFETCH_MAX)) as u32;
+    // Largest power of two <= raw (raw >= 1).
+    let target = 1u32 << (31 - raw.max(1).leading_zeros());
+    let current = current.max(1);
+    if target > current || target.saturating_mul(4) <= current {
+        target
+    } else {
+        current
+    }
+}
+
 /// A queue entry: higher priority first, then lower `order` (FIFO; jobs
 /// put back after a lost attempt get a negative order: the head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,6 +121,14 @@ pub(super) struct PoolJobs {
     pub(super) failed: u64,
     /// Needs a dispatch pass.
     pub(super) dirty: bool,
+    /// Weighted mean run time of its recent jobs, in nanoseconds (adaptive
+    /// prefetch); `None` before the first result.
+    pub(super) mean_run_ns: Option<f64>,
+    /// Adaptive prefetch depth now (0 until set: read as 1).
+    pub(super) adaptive: u32,
+    /// When a worker is idle while jobs wait behind another's running job
+    /// that has not yet run [`TAKE_BACK_AFTER`]: when that is reached.
+    pub(super) take_back_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -121,6 +188,10 @@ struct Job {
     /// Its input is stored in a payload file although small (see
     /// [`QUEUED_INPUT_BUDGET`]), and leaves memory once its insert is durable.
     spilled: bool,
+    /// Sent ahead to a worker, then asked back (a `Cancel` that is not the
+    /// client's) for an idle worker: a `Failed` answer puts it back in the
+    /// queue with no attempt counted (see [`TAKE_BACK_AFTER`]).
+    taken_back: bool,
 }
 
 impl Job {
@@ -374,6 +445,7 @@ impl Supervisor {
                 holds: false,
                 suspect: false,
                 unstored: false,
+                taken_back: false,
             };
             self.enqueue_entry(&j.pool, entry);
             self.jt.jobs.insert(job.id, job);
@@ -567,6 +639,7 @@ impl Supervisor {
                 holds: false,
                 suspect: false,
                 unstored: false,
+                taken_back: false,
             },
         );
         // Dispatched at once, before the insert is durable: the client is
@@ -877,10 +950,14 @@ impl Supervisor {
                         .get(&job.pool)
                         .map_or(Duration::from_secs(10), |p| p.config.stop_timeout);
                     self.jt.cancel_deadlines.insert((now + stop_timeout, id));
-                    self.actions.push_back(Action::Send {
-                        proc,
-                        msg: ToWorker::Cancel { id },
-                    });
+                    // A job being taken back already has its `Cancel` on
+                    // the way; its answer now ends it as cancelled.
+                    if !job.taken_back {
+                        self.actions.push_back(Action::Send {
+                            proc,
+                            msg: ToWorker::Cancel { id },
+                        });
+                    }
                     Ok(format!(
                         "cancelling job {id}: its worker was asked to stop it (stopped by force after {})",
                         humantime::format_duration(stop_timeout)
@@ -1351,59 +1428,222 @@ impl Supervisor {
         }
     }
 
-    /// Hands queued jobs of `name` to its ready workers, round-robin, up to
-    /// `prefetch` in flight each.
+    /// Hands queued jobs of `name` to its ready workers, then, with adaptive
+    /// prefetch, takes back jobs waiting behind a long-running one for a
+    /// worker left idle.
     fn dispatch(&mut self, name: &str, now: Instant) {
-        self.dispatch_rounds(name, now);
+        self.dispatch_levelled(name, now);
+        self.take_back(name, now);
     }
 
-    fn dispatch_rounds(&mut self, name: &str, now: Instant) {
+    /// Jobs in flight per worker in pool `name` now: its `prefetch`, or the
+    /// adaptive depth (see [`ADAPTIVE_PREFETCH_MAX`]).
+    fn prefetch_now(&self, name: &str) -> usize {
+        let pool = &self.pools[name];
+        match pool.config.prefetch {
+            Some(n) => n as usize,
+            None => pool.jobs.adaptive.max(1) as usize,
+        }
+    }
+
+    /// How many more jobs worker `idx` of `name` may be sent now (0 when it
+    /// is not ready, runs a suspect alone, or, with adaptive prefetch, its
+    /// running job has run [`TAKE_BACK_AFTER`]), and its current count.
+    fn room_for_jobs(
+        &self,
+        name: &str,
+        idx: usize,
+        prefetch: usize,
+        now: Instant,
+    ) -> (usize, usize) {
+        let pool = &self.pools[name];
+        let SlotState::Running(p) = &pool.slots[idx].state else {
+            return (0, 0);
+        };
+        let n = p.inflight.len();
+        if !matches!(p.phase, Phase::Ready) || p.solo {
+            return (0, n);
+        }
+        let long_running = pool.config.prefetch.is_none()
+            && p.head_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= TAKE_BACK_AFTER);
+        let limit = if long_running { 1 } else { prefetch };
+        (limit.saturating_sub(n), n)
+    }
+
+    /// Hands queued jobs of `name` to its ready workers up to the prefetch
+    /// depth each, always to the one with the fewest in flight (ties: in
+    /// slot order), so an idle worker is served first and equal workers
+    /// round-robin.
+    fn dispatch_levelled(&mut self, name: &str, now: Instant) {
         let Some(pool) = self.pools.get(name) else {
             return;
         };
         if pool.removing || pool.jobs.queue.is_empty() {
             return;
         }
-        let prefetch = pool.config.prefetch as usize;
-        let candidates: Vec<usize> = pool
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| matches!(&s.state, SlotState::Running(p) if matches!(p.phase, Phase::Ready)))
-            .map(|(i, _)| i)
+        let prefetch = self.prefetch_now(name);
+        let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..pool.slots.len())
+            .filter_map(|idx| {
+                let (room, n) = self.room_for_jobs(name, idx, prefetch, now);
+                (room > 0).then_some(Reverse((n, idx)))
+            })
             .collect();
-        if candidates.is_empty() {
-            return;
-        }
-        loop {
-            let mut progress = false;
-            for &idx in &candidates {
-                let (full, empty, room) = match &self.pools[name].slots[idx].state {
-                    SlotState::Running(p) => (
-                        !matches!(p.phase, Phase::Ready) || p.solo || p.inflight.len() >= prefetch,
-                        p.inflight.is_empty(),
-                        p.arena.largest_free(),
-                    ),
-                    _ => (true, false, 0),
-                };
-                if full {
-                    continue;
+        // Workers the head job cannot go to (it must run alone, or its input
+        // does not fit their arena): asked again once another job is taken.
+        let mut passed = Vec::new();
+        while let Some(Reverse((n, idx))) = ready.pop() {
+            let (empty, room) = match &self.pools[name].slots[idx].state {
+                SlotState::Running(p) => (p.inflight.is_empty(), p.arena.largest_free()),
+                _ => continue,
+            };
+            match self.next_runnable(name, empty, room) {
+                Next::None => return,
+                Next::NeedsEmptyWorker => passed.push(Reverse((n, idx))),
+                Next::Unrunnable(id, error) => {
+                    self.finish(id, JobState::Failed, None, Some(error), now);
+                    ready.push(Reverse((n, idx)));
+                    ready.extend(passed.drain(..));
                 }
-                match self.next_runnable(name, empty, room) {
-                    Next::None => return,
-                    Next::NeedsEmptyWorker => continue,
-                    Next::Unrunnable(id, error) => {
-                        self.finish(id, JobState::Failed, None, Some(error), now);
-                        progress = true;
+                Next::Job(id) => {
+                    self.assign(name, idx, id, now);
+                    let (room, n) = self.room_for_jobs(name, idx, prefetch, now);
+                    if room > 0 {
+                        ready.push(Reverse((n, idx)));
                     }
-                    Next::Job(id) => {
-                        self.assign(name, idx, id, now);
-                        progress = true;
-                    }
+                    ready.extend(passed.drain(..));
                 }
             }
-            if !progress {
-                return;
+        }
+    }
+
+    /// Adaptive prefetch: if a ready worker of `name` has no job in hand,
+    /// asks back (`Cancel`) the jobs waiting unstarted behind the running
+    /// job of a busy worker once that job has run [`TAKE_BACK_AFTER`] (or
+    /// arms [`PoolJobs::take_back_at`] for when it will have). At most as
+    /// many as the idle workers may hold; the longest-running workers' last
+    /// jobs first. Their answers come back to [`Self::job_result`], which
+    /// requeues them at the head of the queue, uncharged, for the idle
+    /// workers to take.
+    fn take_back(&mut self, name: &str, now: Instant) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        pool.jobs.take_back_at = None;
+        if pool.removing || pool.config.prefetch.is_some() {
+            return;
+        }
+        let ready = |p: &Proc| matches!(p.phase, Phase::Ready);
+        let idle = pool
+            .slots
+            .iter()
+            .filter(
+                |s| matches!(&s.state, SlotState::Running(p) if ready(p) && p.inflight.is_empty()),
+            )
+            .count();
+        if idle == 0 {
+            return;
+        }
+        let mut budget = idle * pool.jobs.adaptive.max(1) as usize;
+        // (since when its front job runs, slot index) of workers with jobs
+        // waiting behind their running one.
+        let mut busy: Vec<(Instant, usize)> = Vec::new();
+        let mut later: Option<Instant> = None;
+        for (idx, slot) in pool.slots.iter().enumerate() {
+            let SlotState::Running(p) = &slot.state else {
+                continue;
+            };
+            let waiting = p.inflight.iter().skip(1).any(|id| {
+                self.jt
+                    .jobs
+                    .get(id)
+                    .is_some_and(|j| !j.taken_back && !j.cancel_requested)
+            });
+            let Some(since) = p.head_since.filter(|_| ready(p) && waiting) else {
+                continue;
+            };
+            let due = since + TAKE_BACK_AFTER;
+            if due <= now {
+                busy.push((since, idx));
+            } else {
+                later = Some(later.map_or(due, |t: Instant| t.min(due)));
+            }
+        }
+        pool.jobs.take_back_at = later;
+        busy.sort();
+        for (since, idx) in busy {
+            if budget == 0 {
+                break;
+            }
+            let SlotState::Running(p) = &self.pools[name].slots[idx].state else {
+                continue;
+            };
+            let (proc, slot_id) = (p.id, self.pools[name].slots[idx].id);
+            let mut ids = Vec::new();
+            for &id in p.inflight.iter().skip(1).rev() {
+                if budget == 0 {
+                    break;
+                }
+                let Some(job) = self.jt.jobs.get_mut(&id) else {
+                    continue;
+                };
+                if job.taken_back || job.cancel_requested {
+                    continue;
+                }
+                job.taken_back = true;
+                budget -= 1;
+                ids.push(id);
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            self.log(
+                Level::Debug,
+                format!(
+                    "pool {name}: taking back {} jobs waiting on worker {slot_id} behind a job running for {} ms, for {idle} idle workers",
+                    ids.len(),
+                    now.saturating_duration_since(since).as_millis()
+                ),
+            );
+            for id in ids {
+                self.actions.push_back(Action::Send {
+                    proc,
+                    msg: ToWorker::Cancel { id },
+                });
+            }
+        }
+    }
+
+    /// Adaptive prefetch: counts a job's run time into its pool's mean and
+    /// adjusts the pool's depth (see [`ADAPTIVE_PREFETCH_MAX`]).
+    fn record_run_time(&mut self, name: &str, run: Duration) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        if pool.config.prefetch.is_some() {
+            return;
+        }
+        let x = run.min(RUN_TIME_CAP).as_nanos() as f64;
+        let mean = match pool.jobs.mean_run_ns {
+            None => x,
+            Some(m) => m + (x - m) * RUN_TIME_WEIGHT,
+        };
+        pool.jobs.mean_run_ns = Some(mean);
+        let current = pool.jobs.adaptive.max(1);
+        let next = adaptive_depth(current, mean);
+        pool.jobs.adaptive = next;
+        if next != current {
+            self.log(
+                Level::Debug,
+                format!(
+                    "pool {name}: adaptive prefetch {current} -> {next} (mean job run time {:.0} us)",
+                    mean / 1000.0
+                ),
+            );
+            if next > current {
+                if let Some(p) = self.pools.get_mut(name) {
+                    p.jobs.dirty = true;
+                }
             }
         }
     }
@@ -1506,7 +1746,9 @@ impl Supervisor {
         });
         if proc.inflight.is_empty() {
             proc.head_deadline = job.timeout.map(|t| now + t);
+            proc.head_since = Some(now);
         }
+        job.taken_back = false;
         proc.inflight.push_back(id);
         if job.suspect {
             proc.solo = true;
@@ -1568,6 +1810,7 @@ impl Supervisor {
         match &mut self.pools.get_mut(name).expect("exists").slots[idx].state {
             SlotState::Running(p) => {
                 p.head_deadline = None;
+                p.head_since = None;
                 p.solo = false;
                 p.inflight.drain(..).collect()
             }
@@ -1665,6 +1908,7 @@ impl Supervisor {
             return;
         };
         job.phase = JobPhase::Queued;
+        job.taken_back = false;
         let entry = QEntry {
             priority: job.priority,
             order: Reverse(order),
@@ -1780,6 +2024,15 @@ impl Supervisor {
             // A stopping worker's late answer for a job already dealt with.
             return;
         };
+        let taken_back = result.is_err()
+            && self
+                .jt
+                .jobs
+                .get(&id)
+                .is_some_and(|j| j.taken_back && !j.cancel_requested);
+        if taken_back {
+            return self.job_returned(&name, idx, pos, id, now);
+        }
         let pool = self.pools.get_mut(&name).expect("exists");
         let max_jobs = pool.config.max_jobs_per_worker;
         let wants_rss = pool.config.max_memory.is_some();
@@ -1798,6 +2051,7 @@ impl Supervisor {
         if p.inflight.is_empty() {
             p.solo = false;
         }
+        let mut run_time = None;
         if pos == 0 {
             p.head_deadline = p
                 .inflight
@@ -1805,6 +2059,8 @@ impl Supervisor {
                 .and_then(|next| self.jt.jobs.get(next))
                 .and_then(|j| j.timeout)
                 .map(|t| now + t);
+            run_time = p.head_since.map(|t| now.saturating_duration_since(t));
+            p.head_since = (!p.inflight.is_empty()).then_some(now);
         }
         let recycle = max_jobs > 0 && p.jobs_handled >= max_jobs;
         let measure = wants_rss
@@ -1815,6 +2071,10 @@ impl Supervisor {
         }
         let drained = matches!(p.phase, Phase::Draining { .. }) && p.inflight.is_empty();
         let cancelled = self.jt.jobs.get(&id).is_some_and(|j| j.cancel_requested);
+        // A cancelled job's run time says nothing about the pool's jobs.
+        if let (Some(run), false) = (run_time, cancelled) {
+            self.record_run_time(&name, run);
+        }
         match result {
             Ok(output) => {
                 self.end_attempt(id, Outcome::Succeeded, None, now);
@@ -1843,6 +2103,43 @@ impl Supervisor {
             self.stop_slot(&name, idx, StopReason::Recycle, now);
         } else if drained {
             self.drained(&name, idx, now);
+        }
+    }
+}
+
+impl Supervisor {
+    /// A job taken back (see [`TAKE_BACK_AFTER`]) was answered `Failed`:
+    /// whatever the text, it goes back to the head of the queue without an
+    /// attempt counted, for an idle worker. (If the worker had started it
+    /// meanwhile and stopped it for the `Cancel`, it runs again: delivery is
+    /// at least once. A `Done` answer is an ordinary success.)
+    fn job_returned(&mut self, name: &str, idx: usize, pos: usize, id: u64, now: Instant) {
+        let pool = self.pools.get_mut(name).expect("exists");
+        let SlotState::Running(p) = &mut pool.slots[idx].state else {
+            return;
+        };
+        p.inflight.remove(pos);
+        if let Some(i) = p.slots.iter().position(|(j, _)| *j == id) {
+            let (_, slot) = p.slots.swap_remove(i);
+            let _ = p.arena.free(slot);
+        }
+        if p.inflight.is_empty() {
+            p.solo = false;
+        }
+        if pos == 0 {
+            // It was running after all (stopped for the `Cancel`).
+            p.head_deadline = p
+                .inflight
+                .front()
+                .and_then(|next| self.jt.jobs.get(next))
+                .and_then(|j| j.timeout)
+                .map(|t| now + t);
+            p.head_since = (!p.inflight.is_empty()).then_some(now);
+        }
+        let drained = matches!(p.phase, Phase::Draining { .. }) && p.inflight.is_empty();
+        self.requeue_unstarted(id);
+        if drained {
+            self.drained(name, idx, now);
         }
     }
 }

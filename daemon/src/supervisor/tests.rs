@@ -773,6 +773,234 @@ mod jobs {
         assert_eq!(order, vec![1, 2, 6, 4, 7, 3, 5]);
     }
 
+    impl JobSim {
+        /// Debug lines logged so far that contain `what`.
+        fn logged(&self, what: &str) -> Vec<String> {
+            self.sim
+                .log
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Log { msg, .. } if msg.contains(what) => Some(msg.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn failed(&mut self, proc: ProcId, id: u64, error: &str) {
+            self.sim
+                .sup
+                .on_job_failed(proc, id, error.into(), self.sim.now);
+            self.pump();
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.sim.now += d;
+            self.sim.sup.on_timer(self.sim.now);
+            self.pump();
+        }
+
+        /// Jobs in flight on `proc` now, front (running) first.
+        fn inflight(&self, pool: &str, proc: ProcId) -> Vec<u64> {
+            self.sim.sup.pools[pool]
+                .slots
+                .iter()
+                .find_map(|s| match &s.state {
+                    SlotState::Running(p) if p.id == proc => {
+                        Some(p.inflight.iter().copied().collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default()
+        }
+
+        fn cancels_sent_to(&self, proc: ProcId) -> Vec<u64> {
+            self.sent
+                .iter()
+                .filter_map(|(p, m)| match m {
+                    ToWorker::Cancel { id } if *p == proc => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn adaptive_depth_follows_the_mean_with_hysteresis() {
+        use crate::supervisor::jobs::adaptive_depth;
+        let us = |n: f64| n * 1_000.0;
+        // Long jobs: one at a time, at once, whatever the current depth.
+        assert_eq!(adaptive_depth(64, us(1_000.0)), 1);
+        assert_eq!(adaptive_depth(2, us(5_000.0)), 1);
+        // Short: 1 + 1ms/mean, a power of two, at most 64.
+        assert_eq!(adaptive_depth(1, us(10.0)), 64);
+        assert_eq!(adaptive_depth(1, us(60.0)), 16);
+        assert_eq!(adaptive_depth(1, us(300.0)), 4);
+        assert_eq!(adaptive_depth(1, us(900.0)), 2);
+        // Up as soon as the depth doubles; down only once it halves twice.
+        assert_eq!(adaptive_depth(16, us(30.0)), 32);
+        assert_eq!(adaptive_depth(64, us(30.0)), 64, "32 is within a halving");
+        assert_eq!(adaptive_depth(64, us(60.0)), 16);
+        assert_eq!(adaptive_depth(4, us(600.0)), 4, "2 is within a halving");
+    }
+
+    #[test]
+    fn short_jobs_raise_the_default_prefetch_and_long_ones_bring_it_back_to_one() {
+        let mut s = JobSim::new(&pool("a", 1, ""));
+        let w = s.sim.procs("a")[0].unwrap();
+        for i in 0..100 {
+            s.submit("a", &format!("j{i}"), JobOptions::default());
+        }
+        assert_eq!(s.inflight("a", w), vec![1], "one at a time until measured");
+        s.sim.now += Duration::from_micros(10);
+        s.done(w, 1);
+        assert_eq!(
+            s.logged("adaptive prefetch 1 -> 64").len(),
+            1,
+            "{:?}",
+            s.logged("adaptive")
+        );
+        assert_eq!(s.inflight("a", w).len(), 64);
+        // Run times are counted from when a job reaches the front: ten
+        // prefetched jobs answered 10 us apart keep it short.
+        for id in 2..12 {
+            s.sim.now += Duration::from_micros(10);
+            s.done(w, id);
+        }
+        assert_eq!(s.inflight("a", w).len(), 64);
+        // Long jobs bring it down: no more is sent until the worker is back
+        // under the new depth.
+        for id in 12..16 {
+            s.sim.now += Duration::from_millis(5);
+            s.done(w, id);
+        }
+        assert!(
+            !s.logged("-> 1 (mean job run time").is_empty(),
+            "{:?}",
+            s.logged("adaptive")
+        );
+        let held = s.inflight("a", w).len();
+        s.sim.now += Duration::from_millis(5);
+        let front = s.inflight("a", w)[0];
+        s.done(w, front);
+        assert_eq!(s.inflight("a", w).len(), held - 1, "nothing more sent");
+    }
+
+    #[test]
+    fn an_explicit_prefetch_is_not_adapted() {
+        let mut s = JobSim::new(&pool("a", 1, "prefetch = 1"));
+        let w = s.sim.procs("a")[0].unwrap();
+        for i in 0..10 {
+            s.submit("a", &format!("j{i}"), JobOptions::default());
+        }
+        for id in 1..=5 {
+            assert_eq!(s.inflight("a", w), vec![id]);
+            s.sim.now += Duration::from_micros(10);
+            s.done(w, id);
+        }
+        assert_eq!(s.inflight("a", w), vec![6]);
+        assert!(s.logged("adaptive").is_empty());
+    }
+
+    /// Two workers at depth 64; jobs 3..=6 spread over both; worker 2 ends
+    /// its jobs while worker 1's front job runs on with job 5 behind it.
+    fn idle_worker_beside_a_long_job(extra: &str) -> (JobSim, ProcId, ProcId) {
+        let mut s = JobSim::new(&pool("a", 2, extra));
+        let (w1, w2) = (s.sim.procs("a")[0].unwrap(), s.sim.procs("a")[1].unwrap());
+        s.submit("a", "warm1", JobOptions::default());
+        s.submit("a", "warm2", JobOptions::default());
+        s.sim.now += Duration::from_micros(10);
+        s.done(w1, 1);
+        s.done(w2, 2);
+        for name in ["long", "x", "y", "z"] {
+            s.submit("a", name, JobOptions::default());
+        }
+        assert_eq!(s.inflight("a", w1), vec![3, 5], "levelled: long and y");
+        assert_eq!(s.inflight("a", w2), vec![4, 6]);
+        s.sim.now += Duration::from_micros(500);
+        s.done(w2, 4);
+        s.done(w2, 6);
+        (s, w1, w2)
+    }
+
+    #[test]
+    fn an_idle_worker_takes_back_jobs_waiting_behind_a_long_one_uncharged() {
+        let (mut s, w1, w2) = idle_worker_beside_a_long_job("");
+        assert!(s.cancels_sent_to(w1).is_empty(), "job 3 is not long yet");
+        // The take-back waits for a timer, not for polling.
+        let due = s.sim.sup.next_deadline().expect("armed");
+        assert!(due <= s.sim.now + TAKE_BACK_AFTER);
+        s.advance(due - s.sim.now);
+        assert_eq!(s.cancels_sent_to(w1), vec![5]);
+        assert!(!s.logged("taking back 1 jobs").is_empty());
+        // The worker answers it as a cancelled queued job: back to the
+        // queue, then to the idle worker, with the same attempt number.
+        s.failed(w1, 5, "cancelled");
+        assert_eq!(s.inflight("a", w1), vec![3]);
+        assert_eq!(s.jobs_sent_to(w2).last(), Some(&(5, 1)));
+        s.done(w2, 5);
+        s.done(w1, 3);
+        s.durable();
+        let doc = s.job_doc(5).unwrap();
+        assert_eq!(doc.state, JobState::Succeeded);
+        assert_eq!(
+            doc.attempts.len(),
+            1,
+            "the returned dispatch is not an attempt"
+        );
+        assert_eq!(doc.attempts[0].worker, 1, "the second worker's");
+    }
+
+    #[test]
+    fn a_taken_back_job_that_finished_meanwhile_or_was_cancelled_stays_so() {
+        // Done crossed the Cancel: an ordinary success.
+        let (mut s, w1, _) = idle_worker_beside_a_long_job("");
+        s.advance(TAKE_BACK_AFTER);
+        assert_eq!(s.cancels_sent_to(w1), vec![5]);
+        s.done(w1, 3);
+        s.done(w1, 5);
+        s.durable();
+        assert_eq!(s.job_doc(5).unwrap().state, JobState::Succeeded);
+        assert_eq!(s.job_doc(5).unwrap().attempts.len(), 1);
+
+        // A client's cancel while it is being taken back: no second Cancel,
+        // and the answer makes it cancelled, not requeued.
+        let (mut s, w1, w2) = idle_worker_beside_a_long_job("");
+        s.advance(TAKE_BACK_AFTER);
+        s.sim.sup.cancel(1, 5, s.sim.now);
+        s.pump();
+        assert_eq!(s.cancels_sent_to(w1), vec![5]);
+        s.failed(w1, 5, "cancelled");
+        s.durable();
+        assert_eq!(s.job_doc(5).unwrap().state, JobState::Cancelled);
+        assert!(!s.jobs_sent_to(w2).contains(&(5, 1)));
+
+        // A client's cancel first: it is not taken back, and stays cancelled.
+        let (mut s, w1, w2) = idle_worker_beside_a_long_job("");
+        s.sim.sup.cancel(1, 5, s.sim.now);
+        s.pump();
+        s.advance(TAKE_BACK_AFTER);
+        assert_eq!(s.cancels_sent_to(w1), vec![5], "the client's only");
+        s.failed(w1, 5, "cancelled");
+        s.durable();
+        assert_eq!(s.job_doc(5).unwrap().state, JobState::Cancelled);
+        assert!(!s.jobs_sent_to(w2).contains(&(5, 1)));
+    }
+
+    #[test]
+    fn an_explicit_prefetch_takes_nothing_back() {
+        let mut s = JobSim::new(&pool("a", 2, "prefetch = 2"));
+        let (w1, w2) = (s.sim.procs("a")[0].unwrap(), s.sim.procs("a")[1].unwrap());
+        for name in ["long", "x", "y", "z"] {
+            s.submit("a", name, JobOptions::default());
+        }
+        assert_eq!(s.inflight("a", w1), vec![1, 3]);
+        s.done(w2, 2);
+        s.done(w2, 4);
+        assert_eq!(s.sim.sup.pools["a"].jobs.take_back_at, None);
+        s.advance(Duration::from_secs(1));
+        assert!(s.cancels_sent_to(w1).is_empty());
+    }
+
     #[test]
     fn lost_attempt_is_retried_at_the_head_then_dead() {
         let mut s = JobSim::new(&pool("a", 1, "backoff_initial = \"0s\"\nmax_attempts = 2"));
