@@ -113,7 +113,6 @@ class Daemon:
                 "env": {"JOBVISOR_CALL_SETUP": setup_path, "PYTHONPATH": pythonpath},
                 # A whole map is submitted at once, like ProcessPoolExecutor.
                 "queue_capacity": 1 << 40,
-                "prefetch": int(os.environ.get("JV_PREFETCH", "1")),
             }
             if max_tasks_per_child:
                 pool["max_jobs_per_worker"] = int(max_tasks_per_child)
