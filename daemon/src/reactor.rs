@@ -346,14 +346,6 @@ impl Reactor {
     /// second SIGTERM would), and on exit it removes its `state_dir` with
     /// everything in it: the jobs belonged to a process that is gone.
     pub fn set_lifeline(&mut self, fd: OwnedFd) -> anyhow::Result<()> {
-        use anyhow::Context;
-        let st = nix::sys::stat::fstat(&fd).context("--lifeline: fstat")?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            anyhow::bail!(
-                "--lifeline: descriptor {} is not a socket (expected one end of a socketpair)",
-                fd.as_raw_fd()
-            );
-        }
         self.poll.registry().register(
             &mut SourceFd(&fd.as_raw_fd()),
             TOKEN_LIFELINE,

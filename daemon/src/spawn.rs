@@ -721,7 +721,7 @@ pub fn cloexec_inherited_fds() {
 }
 
 /// Takes ownership of descriptor `fd`, inherited from the parent (for
-/// `jobvisord --lifeline FD`): it must be open and not 0-2.
+/// `jobvisord --lifeline FD`): it must be an open socket, not 0-2.
 pub fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     if fd < 3 {
         return Err(io::Error::new(
@@ -738,5 +738,13 @@ pub fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is open (checked above) and nothing in this process owns
     // it: it was inherited, and is taken once, before anything else runs.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(&owned).map_err(io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket (expected one end of a socketpair)"),
+        ));
+    }
+    Ok(owned)
 }
