@@ -103,3 +103,40 @@ fn the_installed_package_finds_its_own_binaries() {
         assert_eq!(canonical(found), canonical(venv.bin_dir().join(name)));
     }
 }
+
+/// The issue's first test: a new user's script, with `square` defined in
+/// it, run by the venv's python after `pip install ./python` and nothing
+/// else (no config, no JOBVISOR_BIN_DIR, no PYTHONPATH): Executor and Pool.
+#[test]
+fn a_script_in_the_venv_uses_executor_and_pool_with_nothing_to_configure() {
+    let venv = installed();
+    let dir = TempDir::new("pip-script");
+    let script = dir.path().join("script.py");
+    std::fs::write(
+        &script,
+        r#"
+import jobvisor
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    with jobvisor.Executor() as ex:
+        a = list(ex.map(square, range(1000)))
+    with jobvisor.Pool() as p:
+        b = p.map(square, range(1000))
+    assert a == b == [x * x for x in range(1000)], (a[:5], b[:5])
+    print("ok", sum(a))
+"#,
+    )
+    .expect("write the script");
+    let out = run_ok(
+        venv,
+        &venv.python(),
+        &[script.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(
+        out.trim(),
+        format!("ok {}", (0..1000u64).map(|x| x * x).sum::<u64>())
+    );
+}
