@@ -368,6 +368,8 @@ def _call(job_input):
     except _Cancelled:
         raise
     except BaseException as e:
+        if not isinstance(e, Exception):  # SystemExit while pickling: itself
+            raise _CallFailed(e) from None
         text = f"{type(e).__name__}: {e}"
         try:
             shown = repr(result)
