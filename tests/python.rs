@@ -287,3 +287,146 @@ fn the_python_client_and_executor_drive_a_daemon() {
     );
     assert!(alive(d.pid()));
 }
+
+/// The `python3 -c` a broken pool runs: it imports the package first, so
+/// without it on `PYTHONPATH` the worker dies before `Ready` with a
+/// traceback on stderr.
+const BROKEN_PY_COMMAND: &str = "command = [\"python3\", \"-c\", \"import sys, jobvisor.worker as w; sys.exit(w.main(['jobs:handle']))\"]\nworkers = 1\nbackoff_initial = \"0s\"\nbackoff_max = \"10ms\"\nmax_restarts = 1\n";
+
+const POOL_FAILED_PY: &str = r#"
+import signal, sys
+from jobvisor import Client, Error
+
+signal.alarm(60)  # a deadline: a missing PoolFailed would hang a wait
+
+with Client() as c:
+    for call in (lambda: c.submit("py", b"x", wait=True),
+                 lambda: c.map("py", [b"y"])):
+        try:
+            call()
+            raise SystemExit("a wait on a failed pool returned")
+        except Error as e:
+            assert e.kind == "failed", e
+            assert "pool py failed: worker 0: exit status 1 before Ready: Traceback" in str(e), e
+            assert "No module named 'jobvisor'" in str(e), e
+with Client() as c:
+    try:
+        c.wait(int(sys.argv[1]))
+        raise SystemExit("a wait on a failed pool returned")
+    except Error as e:
+        assert e.kind == "failed" and "jobvisorctl reload" in str(e), e
+print("pool_failed ok")
+"#;
+
+#[test]
+fn a_python_pool_that_cannot_start_says_why_and_a_reload_with_a_fixed_spec_revives_it() {
+    let mut d = Daemon::prepare("py-broken", "");
+    std::fs::write(d.dir.path().join("jobs.py"), JOBS_PY).unwrap();
+    std::fs::write(d.dir.path().join("client.py"), POOL_FAILED_PY).unwrap();
+    // No package on the path: `import jobvisor.worker` fails.
+    let broken = format!(
+        "{}[pools.py]\n{BROKEN_PY_COMMAND}env = {{ PYTHONPATH = \"/nonexistent\" }}\n",
+        daemon_section()
+    );
+    d.write_config(&broken);
+    d.spawn();
+    let p = wait_for("pool py to fail", DEADLINE, || {
+        let p = d.pool("py");
+        (p["state"] == "failed").then_some(p)
+    });
+    // 1. The crash text is the worker's own: its traceback, lines kept.
+    let e = p["last_error"].as_str().unwrap();
+    assert!(
+        e.contains(
+            "; last: worker 0: exit status 1 before Ready: Traceback (most recent call last):\n"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.ends_with("\nModuleNotFoundError: No module named 'jobvisor'"),
+        "{e}"
+    );
+    let human = d.ctl(&["status", "py"]);
+    assert!(
+        human
+            .stdout
+            .contains("\n    ModuleNotFoundError: No module named 'jobvisor'\n"),
+        "{}",
+        human.stdout
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("exited: exit status 1 after")
+            && log.contains("before Ready: Traceback (most recent call last):\\n"),
+        "{log}"
+    );
+    // 5. A plain submit is refused (exit 5); one that waits is queued and
+    // told at once (exit 5, one line, the job id).
+    let r = d.ctl(&["submit", "py", "--input", "plain"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("jobvisorctl reload"), "{r:?}");
+    let r = d.ctl(&["submit", "py", "--input", "first", "--wait"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with(
+            "jobvisorctl: pool py failed: worker 0: exit status 1 before Ready: Traceback (most recent call last): … ModuleNotFoundError: No module named 'jobvisor'; fix its command, then `jobvisorctl reload` (job "
+        ),
+        "{r:?}"
+    );
+    let first: u64 = r
+        .stderr
+        .rsplit("(job ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no job id: {r:?}"));
+    let r = d.ctl(&["wait", &first.to_string()]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("pool py failed: "), "{r:?}");
+    let r = d.ctl_stdin(&["map", "py"], Some(b"a\n"));
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("pool py failed: "), "{r:?}");
+    // The Python client raises at once too.
+    let o = Command::new("python3")
+        .arg(d.dir.path().join("client.py"))
+        .arg(first.to_string())
+        .env("PYTHONPATH", python_dir())
+        .env("JOBVISOR_SOCKET", d.socket())
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success() && out.contains("pool_failed ok"),
+        "{out}\n{err}"
+    );
+    assert_eq!(d.pool("py")["state"], "failed");
+    // 2. A reload that fixes the spec (the env) brings the pool back, with
+    // its queued jobs: no `restart`.
+    let fixed = format!(
+        "{}[pools.py]\n{BROKEN_PY_COMMAND}{}",
+        daemon_section(),
+        pool_env(d.dir.path())
+    );
+    d.write_config(&fixed);
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("cleared the failed state of py"), "{r:?}");
+    let r = d.ctl(&["--json", "wait", &first.to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["state"], "succeeded");
+    let r = d.ctl(&["result", &first.to_string()]);
+    assert_eq!(r.stdout, "FIRST setup=1", "{r:?}");
+    let p = d.pool("py");
+    assert_eq!(p["state"], "running");
+    assert_eq!(p["last_error"], serde_json::Value::Null, "{p}");
+    // Everything queued meanwhile ran (the map's lines, the client's).
+    wait_for("the queued jobs to run", DEADLINE, || {
+        let p = d.pool("py");
+        (p["queued"] == 0 && p["running"] == 0).then_some(())
+    });
+    assert_eq!(d.pool("py")["succeeded"], 4, "{}", d.pool("py"));
+}

@@ -241,6 +241,53 @@ impl OutputLimiter {
     }
 }
 
+/// Lines of a worker's output kept for its crash text (see
+/// [`OutputTail`]).
+pub const TAIL_LINES: usize = 20;
+/// Bytes of a worker's output kept for its crash text.
+pub const TAIL_BYTES: usize = 4096;
+
+/// The last lines a worker wrote (stdout and stderr, in the order read),
+/// at most [`TAIL_LINES`] lines and [`TAIL_BYTES`] bytes: what a worker
+/// that dies before `Ready` said about it (a Python traceback, "command
+/// not found"), for its crash text. Kept whatever the rate limit drops.
+#[derive(Debug, Default)]
+pub struct OutputTail {
+    lines: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl OutputTail {
+    /// Adds one line (without its newline); the oldest lines go when over
+    /// the limits, and a line longer than [`TAIL_BYTES`] keeps its start.
+    pub fn push(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let mut text = text.trim_end_matches(['\r', '\n']).to_owned();
+        if text.len() > TAIL_BYTES {
+            let mut cut = TAIL_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        self.bytes += text.len() + 1;
+        self.lines.push_back(text);
+        while self.lines.len() > TAIL_LINES || self.bytes > TAIL_BYTES + 1 {
+            let old = self.lines.pop_front().expect("not empty");
+            self.bytes -= old.len() + 1;
+        }
+    }
+
+    /// The lines joined by newlines, without leading or trailing blank
+    /// lines; `None` when there is nothing but blanks.
+    pub fn text(&self) -> Option<String> {
+        let first = self.lines.iter().position(|l| !l.trim().is_empty())?;
+        let last = self.lines.iter().rposition(|l| !l.trim().is_empty())?;
+        let lines: Vec<&str> = self.lines.range(first..=last).map(String::as_str).collect();
+        Some(lines.join("\n"))
+    }
+}
+
 /// Cuts `data` into lines, continuing the partial line in `partial` (which
 /// keeps what is left after the last newline). A line longer than `max`
 /// bytes is emitted in `max`-byte pieces, so `partial` never exceeds `max`.
@@ -312,6 +359,45 @@ mod tests {
         let (out, rest) = lines(&[b"abcdefghij\n"], 4);
         assert_eq!(out, ["abcd", "efgh", "ij"]);
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_within_bounds() {
+        let mut t = OutputTail::default();
+        assert_eq!(t.text(), None);
+        t.push(b"");
+        t.push(b"  ");
+        assert_eq!(t.text(), None);
+        for i in 0..100 {
+            t.push(format!("line {i}").as_bytes());
+        }
+        let text = t.text().unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines[0], "line 80");
+        assert_eq!(lines[TAIL_LINES - 1], "line 99");
+        // A trailing blank line counts toward the bound but is not shown.
+        t.push(b"");
+        assert!(t.text().unwrap().starts_with("line 81\n"));
+        assert!(t.text().unwrap().ends_with("\nline 99"));
+        // Long lines: the byte bound wins, a single huge line is cut.
+        for _ in 0..3 {
+            t.push(&[b'x'; 3000]);
+        }
+        assert_eq!(t.text().unwrap(), "x".repeat(3000));
+        t.push("é".repeat(5000).as_bytes());
+        let text = t.text().unwrap();
+        assert!(
+            text.len() <= TAIL_BYTES && text.starts_with('é'),
+            "{}",
+            text.len()
+        );
+        t.push(b"Traceback (most recent call last):\r");
+        t.push(b"ModuleNotFoundError: No module named 'jobvisor'");
+        assert_eq!(
+            t.text().unwrap(),
+            "Traceback (most recent call last):\nModuleNotFoundError: No module named 'jobvisor'"
+        );
     }
 
     #[test]

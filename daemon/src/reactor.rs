@@ -121,13 +121,15 @@ enum Copied {
         unreadable: Option<(u64, String)>,
     },
     /// An output was read out of a worker's arena into memory, or written
-    /// from it straight to its payload file (`JobOutput::File`).
+    /// from it straight to its payload file (`JobOutput::File`); `raised`:
+    /// it is the detail of a `Raised` with this error.
     FromArena {
         proc: ProcId,
         id: u64,
         offset: u64,
         len: u64,
         output: JobOutput,
+        raised: Option<String>,
     },
 }
 
@@ -148,6 +150,8 @@ struct WorkerIo {
     stderr_line: Vec<u8>,
     /// Rate limit of its output lines (stdout and stderr together).
     limiter: crate::log::OutputLimiter,
+    /// Its last output lines, for the crash text of a death before `Ready`.
+    tail: crate::log::OutputTail,
     /// The shared-memory arena; kept open for the worker's lifetime.
     _arena: OwnedFd,
     /// The daemon's mapping of it (`None` if mapping failed: inline only);

@@ -165,6 +165,10 @@ pub struct ExitInfo {
     /// processes or memory (reported on its exec-status pipe): retried like
     /// a transient spawn failure, not counted as a crash.
     pub transient: bool,
+    /// The last lines it wrote on stdout/stderr (bounded, see
+    /// [`crate::log::OutputTail`]): part of the crash text when it died
+    /// before `Ready` (a traceback, "No module named …").
+    pub output_tail: Option<String>,
 }
 
 /// Why a worker is being stopped.
@@ -259,6 +263,8 @@ struct Proc {
     last_rss_check: Option<Instant>,
     /// Runs a suspect job alone: takes no other job until it is done.
     solo: bool,
+    /// It sent `Ready` (a death before it carries its last output).
+    ready: bool,
     /// Input half of its shared-memory arena (boxed: it is large).
     arena: Box<ipc_proto::arena::Allocator>,
     /// Input slots of its in-flight jobs.
@@ -297,6 +303,9 @@ struct Pool {
     /// Crash times within `restart_window`.
     crashes: VecDeque<Instant>,
     last_error: Option<String>,
+    /// While `failed`: the crash that failed it (`worker N: …`), as
+    /// `PoolFailed` tells waiting clients.
+    failure: Option<String>,
     /// Slot currently being replaced by a rolling reload.
     rolling: Option<u32>,
     /// Removed by reload: delete once every process is gone.
@@ -585,6 +594,7 @@ impl Supervisor {
         };
         if let Phase::Starting { .. } = p.phase {
             p.phase = Phase::Ready;
+            p.ready = true;
             pool.jobs.dirty = true;
             let (slot_id, pid) = (slot.id, p.pid);
             self.actions.push_back(Action::Log {
@@ -675,10 +685,20 @@ impl Supervisor {
         } else {
             Level::Warn
         };
+        // A worker that dies before `Ready` (a bad command, a failing
+        // import) has usually said why on stderr: that is its crash text.
+        let said = match (&exit.output_tail, reason) {
+            (Some(tail), None | Some(StopReason::StartTimeout | StopReason::ProtocolError))
+                if !p.ready =>
+            {
+                format!(" before Ready: {tail}")
+            }
+            _ => String::new(),
+        };
         self.actions.push_back(Action::Log {
             level,
             msg: format!(
-                "pool {name} worker {} (pid {}) exited: {} after {}",
+                "pool {name} worker {} (pid {}) exited: {} after {}{said}",
                 slot.id,
                 p.pid.unwrap_or(0),
                 exit.description,
@@ -692,7 +712,7 @@ impl Supervisor {
             Some(&name),
             Some((slot_id, pid)),
             None,
-            Some(exit.description.clone()),
+            Some(format!("{}{said}", exit.description)),
         );
         if self.has_inflight(&name, idx) {
             self.jobs_lost(&name, idx, &format!("exited: {}", exit.description), now);
@@ -722,9 +742,9 @@ impl Supervisor {
             }
             Some(_) | None => {
                 let what = if reason == Some(StopReason::StartTimeout) {
-                    format!("no Ready within start_timeout ({})", exit.description)
+                    format!("no Ready within start_timeout ({}){said}", exit.description)
                 } else {
-                    exit.description
+                    format!("{}{said}", exit.description)
                 };
                 self.handle_death(&name, idx, now, true, what);
             }
@@ -763,16 +783,11 @@ impl Supervisor {
         if pool.removing {
             return Err(CtlError::Rejected(format!("pool {name} is being removed")));
         }
-        let was_failed = pool.state == PoolState::Failed;
-        pool.state = PoolState::Running;
-        pool.crashes.clear();
-        pool.last_error = None;
+        let was_failed = pool.clear_failure();
         pool.rolling = None;
-        let initial = pool.config.backoff_initial;
         let mut n = 0;
         for idx in 0..pool.slots.len() {
             let pool = self.pools.get_mut(name).expect("exists");
-            pool.slots[idx].backoff = initial;
             match pool.slots[idx].state {
                 SlotState::Running(_) => {
                     n += 1;
@@ -802,6 +817,7 @@ impl Supervisor {
         let mut removed = Vec::new();
         let mut replaced = Vec::new();
         let mut updated = Vec::new();
+        let mut revived = Vec::new();
         let mut unchanged = 0;
         let old: Vec<String> = self.pools.keys().cloned().collect();
         for name in &old {
@@ -845,6 +861,13 @@ impl Supervisor {
                         pool.spec_gen += 1;
                         pool.rolling = None;
                         replaced.push(name.clone());
+                        // A new spec is a fix worth trying: a failed pool
+                        // starts afresh (an unchanged spec would only fail
+                        // again, so then it stays failed).
+                        if pool.state == PoolState::Failed {
+                            pool.clear_failure();
+                            revived.push(name.clone());
+                        }
                     }
                     self.fill(name, now);
                     self.shrink(name, now);
@@ -864,8 +887,13 @@ impl Supervisor {
                 v.join(", ")
             }
         };
+        let revived = if revived.is_empty() {
+            String::new()
+        } else {
+            format!(" (cleared the failed state of {})", revived.join(", "))
+        };
         Ok(format!(
-            "reloaded: added {}; removed {}; replacing {}; updated {}; {} unchanged",
+            "reloaded: added {}; removed {}; replacing {}{revived}; updated {}; {} unchanged",
             list(&added),
             list(&removed),
             list(&replaced),
@@ -1120,6 +1148,7 @@ impl Supervisor {
             jobs_handled: 0,
             last_rss_check: None,
             solo: false,
+            ready: false,
             arena: Box::new(ipc_proto::arena::Allocator::new(
                 ipc_proto::arena::ArenaLayout::split(pool.config.shm_size).input,
                 ipc_proto::arena::SLOT_ALIGN,
@@ -1249,12 +1278,15 @@ impl Supervisor {
             pool.crashes.push_back(now);
             if pool.crashes.len() as u32 > cfg.max_restarts {
                 pool.state = PoolState::Failed;
+                let crash = format!("worker {}: {what}", pool.slots[idx].id);
+                // The crash text last: it may be a worker's traceback.
                 let msg = format!(
-                    "pool {name} failed: {} crashes within restart_window ({}), last: {what}; fix the cause, then run `jobvisorctl restart {name}`",
+                    "pool {name} failed: {} crashes within restart_window ({}); fix the cause, then run `jobvisorctl restart {name}` (or fix its command and `jobvisorctl reload`); last: {crash}",
                     pool.crashes.len(),
                     humantime::format_duration(cfg.restart_window)
                 );
                 pool.last_error = Some(msg.clone());
+                pool.failure = Some(crash);
                 for s in &mut pool.slots {
                     if matches!(s.state, SlotState::Backoff { .. }) {
                         s.state = SlotState::Idle;
@@ -1265,6 +1297,7 @@ impl Supervisor {
                     msg: msg.clone(),
                 });
                 self.event(now, "pool_failed", Some(name), None, None, Some(msg));
+                self.tell_pool_failed(name, None, false);
                 return;
             }
         }
@@ -1347,6 +1380,22 @@ impl Supervisor {
 }
 
 impl Pool {
+    /// Back to `running` with a clean crash history and fresh backoffs
+    /// (`restart`, or a reload that changed its worker spec); returns
+    /// whether it was `failed`.
+    fn clear_failure(&mut self) -> bool {
+        let was_failed = self.state == PoolState::Failed;
+        self.state = PoolState::Running;
+        self.crashes.clear();
+        self.last_error = None;
+        self.failure = None;
+        self.jobs.told_failed.clear();
+        for slot in &mut self.slots {
+            slot.backoff = self.config.backoff_initial;
+        }
+        was_failed
+    }
+
     fn new(name: &str, config: PoolConfig) -> Pool {
         Pool {
             name: name.to_string(),
@@ -1357,6 +1406,7 @@ impl Pool {
             slots: Vec::new(),
             crashes: VecDeque::new(),
             last_error: None,
+            failure: None,
             rolling: None,
             removing: false,
             jobs: PoolJobs::default(),

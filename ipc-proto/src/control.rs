@@ -372,6 +372,17 @@ pub enum Response {
         /// Bytes of output in the descriptor.
         output_len: u64,
     },
+    /// Not an answer to one request: `pool` has failed (crash loop) while
+    /// this connection waits for some of its unfinished jobs (a `Submit`
+    /// or `SubmitFd` with `wait`, or a `Wait`). Sent once per connection
+    /// per failure; the waits stay open (if the pool is fixed, by `reload`
+    /// or `restart`, the jobs still run and their documents still come).
+    PoolFailed {
+        /// The pool.
+        pool: String,
+        /// Why it failed (the last crash; may span lines).
+        error: String,
+    },
 }
 
 /// State of a pool.

@@ -2,8 +2,9 @@
 //!
 //! The worker speaks first with [`FromWorker::Ready`]; the daemon then sends
 //! [`ToWorker::Job`]s (several may be in flight: `prefetch`), the worker
-//! answers each with [`FromWorker::Done`] or [`FromWorker::Failed`], in the
-//! order received. See `docs/PROTOCOL.md` for the byte-level description.
+//! answers each with [`FromWorker::Done`], [`FromWorker::Failed`] or
+//! [`FromWorker::Raised`], in the order received. See `docs/PROTOCOL.md`
+//! for the byte-level description.
 //!
 //! Shared memory: fd 5 is an arena split by [`crate::arena::ArenaLayout`]
 //! into the daemon's input half and the worker's output half. An input over
@@ -109,5 +110,19 @@ pub enum FromWorker {
         /// Why, for humans.
         #[serde(deserialize_with = "crate::borrowed_string::deserialize")]
         error: String,
+    },
+    /// The job failed (not retried, exactly like [`FromWorker::Failed`]),
+    /// with machine-readable detail besides the human text: `output` is
+    /// kept as the failed job's output (a Python worker puts the pickled
+    /// exception there). Optional for workers; appended last so that the
+    /// earlier variants keep their indices.
+    Raised {
+        /// The job.
+        id: JobId,
+        /// Why, for humans (a traceback: may span lines).
+        #[serde(deserialize_with = "crate::borrowed_string::deserialize")]
+        error: String,
+        /// The detail, inline or in the worker's output half like `Done`'s.
+        output: Payload,
     },
 }

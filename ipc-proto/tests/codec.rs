@@ -46,6 +46,14 @@ fn samples_from_worker() -> Vec<FromWorker> {
             id: 6,
             error: "boom: ünïcode".into(),
         },
+        FromWorker::Raised {
+            id: 8,
+            error: "Traceback (most recent call last):\nValueError: boom".into(),
+            output: Payload::Shm {
+                offset: 1 << 20,
+                len: 300,
+            },
+        },
     ]
 }
 
@@ -151,7 +159,7 @@ fn oversized_frame_is_refused_before_allocating() {
 fn garbage_and_unknown_variants_are_errors_not_panics() {
     // Unknown enum variant index.
     assert!(decode::<ToWorker>(&[99]).is_err());
-    assert!(decode::<FromWorker>(&[3, 0]).is_err());
+    assert!(decode::<FromWorker>(&[4, 0]).is_err());
     assert!(decode::<Request>(&[250, 1]).is_err());
     // Empty payload.
     assert!(decode::<ToWorker>(&[]).is_err());
@@ -299,4 +307,41 @@ fn descriptor_variants_come_last_and_keep_older_indices() {
     encode_frame(&r, &mut wire).unwrap();
     assert_eq!(wire[4], 8, "JobFd after Event (7)");
     assert_eq!(decode::<Response>(&wire[4..]).unwrap(), r);
+}
+
+/// The byte-exact examples of the messages added later (docs/PROTOCOL.md
+/// section 6 and 13 show them): appended variants keep the earlier indices.
+#[test]
+fn appended_variants_have_the_documented_bytes() {
+    let mut wire = Vec::new();
+    encode_frame(
+        &FromWorker::Raised {
+            id: 7,
+            error: "boom".into(),
+            output: Payload::Inline(Bytes(b"E".to_vec())),
+        },
+        &mut wire,
+    )
+    .unwrap();
+    assert_eq!(
+        wire,
+        [0x0a, 0, 0, 0, 0x03, 0x07, 0x04, b'b', b'o', b'o', b'm', 0x00, 0x01, b'E']
+    );
+    let mut wire = Vec::new();
+    encode_frame(
+        &Response::PoolFailed {
+            pool: "py".into(),
+            error: "x".into(),
+        },
+        &mut wire,
+    )
+    .unwrap();
+    assert_eq!(wire, [0x06, 0, 0, 0, 0x09, 0x02, b'p', b'y', 0x01, b'x']);
+    assert_eq!(
+        decode::<Response>(&wire[4..]).unwrap(),
+        Response::PoolFailed {
+            pool: "py".into(),
+            error: "x".into()
+        }
+    );
 }

@@ -53,6 +53,36 @@ def boolean(b):
     return b"\x01" if b else b"\x00"
 
 
+def payload(output):
+    """A `Payload`: bytes-like travel `Inline`; an ``(offset, length)`` pair
+    names a range of the worker's output half of the arena (`Shm`), filled
+    before the message is sent and left alone until the daemon's `Release`."""
+    if isinstance(output, tuple):
+        offset, length = output
+        return b"\x01" + uvarint(offset) + uvarint(length)
+    return b"\x00" + bytes_(output)
+
+
+def encode_done(job_id, output):
+    """`FromWorker::Done { id, output }` (variant 1); `output` as for
+    `payload`."""
+    return b"\x01" + uvarint(job_id) + payload(output)
+
+
+def encode_failed(job_id, error):
+    """`FromWorker::Failed { id, error }` (variant 2)."""
+    return b"\x02" + uvarint(job_id) + string(error)
+
+
+def encode_raised(job_id, error, output):
+    """`FromWorker::Raised { id, error, output }` (variant 3): the job failed
+    (not retried, like `Failed`) with `error` for humans (a traceback) and
+    `output` kept as the failed job's output (e.g. the pickled exception),
+    inline or in the arena as for `payload`. Needs a daemon that knows the
+    message (docs/PROTOCOL.md section 5); older ones kill the worker."""
+    return b"\x03" + uvarint(job_id) + string(error) + payload(output)
+
+
 _WIDE = {251: ("<H", 2, 16), 252: ("<I", 4, 32), 253: ("<Q", 8, 64)}
 
 

@@ -143,7 +143,9 @@ def _event(m):
 def decode_response(payload):
     """One Response as ``(kind, value)``: ("hello", dict), ("status", [pools]),
     ("ok", message), ("error", Error), ("end", None), ("submitted", id),
-    ("job", Job), ("event", dict), ("job_fd", (Job, output_len))."""
+    ("job", Job), ("event", dict), ("job_fd", (Job, output_len)),
+    ("pool_failed", (pool, error)): not an answer to one request, the pool of
+    jobs this connection waits for has failed (they stay queued)."""
     m = w.Reader(payload)
     kind = m.uvarint(32)
     if kind == 0:
@@ -166,10 +168,20 @@ def decode_response(payload):
     elif kind == 8:
         doc = _job(m)
         value = ("job_fd", (doc, m.uvarint()))
+    elif kind == 9:
+        value = ("pool_failed", (m.string(), m.string()))
     else:
         raise w.ProtocolError(f"unknown response variant {kind}")
     m.end()
     return value
+
+
+def pool_failed_error(value, job_id=None):
+    """The :class:`Error` (kind "failed") for a ``pool_failed`` response."""
+    pool, error = value
+    stays = "" if job_id is None else f" (job {job_id} stays queued)"
+    return Error("failed", f"pool {pool} failed: {error}; fix its command, then "
+                           f"`jobvisorctl reload`{stays}")
 
 
 # -- encoding -----------------------------------------------------------------
@@ -486,7 +498,10 @@ class Client:
     def submit(self, pool, data, *, timeout=None, max_attempts=None, priority=0, key=None,
                wait=False):
         """Submits one job; returns its id once it is durable, or with
-        ``wait=True`` its final :class:`Job` (with the output)."""
+        ``wait=True`` its final :class:`Job` (with the output). If the pool
+        has failed (or fails while waiting), raises :class:`Error` (kind
+        "failed") at once; the job stays queued and runs once the pool is
+        fixed."""
         options = _options(timeout, max_attempts, priority, key)
         with submit_request(pool, data, options, wait) as (payload, fd):
             kind, value = self._call(payload, fd)
@@ -497,6 +512,8 @@ class Client:
         kind, job = self.conn.recv()
         if kind == "error":
             raise job
+        if kind == "pool_failed":
+            raise pool_failed_error(job, value)
         return job
 
     def map(self, pool, inputs, *, timeout=None, max_attempts=None, priority=0, key=None):
@@ -504,7 +521,8 @@ class Client:
         and returns their final :class:`Job` documents (with outputs) in
         input order. Options as for :meth:`submit`. A submit the daemon
         refuses (a full queue, an unknown pool) raises :class:`Error` once
-        the answers of the earlier ones are read."""
+        the answers of the earlier ones are read; a failed pool raises
+        :class:`Error` (kind "failed") at once."""
         opts = _options(timeout, max_attempts, priority, key)
         # `Submitted` (or `Error`) replies come in request order, documents
         # as jobs finish. At most MAP_WINDOW jobs are unfinished at a time,
@@ -520,6 +538,8 @@ class Client:
                 errors.append(value)
             elif kind == "job":
                 docs[value.id] = value
+            elif kind == "pool_failed":
+                raise pool_failed_error(value)
 
         for data in inputs:
             with submit_request(pool, data, opts, True) as (payload, fd):
@@ -552,8 +572,24 @@ class Client:
 
     def wait(self, *ids):
         """The final documents of `ids` (without outputs), in the order they
-        finish."""
-        return list(self._stream(b"\x07" + w.uvarint(len(ids)) + b"".join(w.uvarint(i) for i in ids)))
+        finish. If the pool of a queued one has failed (or fails meanwhile),
+        raises :class:`Error` (kind "failed") at once; the wait is then still
+        open on this connection (close it)."""
+        self.conn.send(b"\x07" + w.uvarint(len(ids)) + b"".join(w.uvarint(i) for i in ids))
+        docs, error = [], None
+        while True:
+            kind, value = self.conn.recv()
+            if kind == "end":
+                break
+            if kind == "error":
+                error = error or value
+            elif kind == "pool_failed":
+                raise pool_failed_error(value)
+            else:
+                docs.append(value)
+        if error is not None:
+            raise error
+        return docs
 
     def result(self, job_id):
         return self._expect("job", b"\x08" + w.uvarint(job_id))

@@ -6,7 +6,7 @@ import threading
 import unittest
 
 from jobvisor import _wire as w
-from jobvisor.client import decode_response, _options, encode_submit, Error
+from jobvisor.client import decode_response, _options, encode_submit, Error, pool_failed_error
 
 
 def h(s):
@@ -51,6 +51,20 @@ class Frames(unittest.TestCase):
         self.assertEqual(w.frame(done), h("06 00 00 00 01 07 00 02 48 49"))
         failed = b"\x02" + w.uvarint(7) + w.string("boom")
         self.assertEqual(w.frame(failed), h("07 00 00 00 02 07 04 62 6f 6f 6d"))
+        self.assertEqual(w.encode_done(7, b"HI"), done)
+        self.assertEqual(w.encode_failed(7, "boom"), failed)
+
+    def test_raised_example_of_the_protocol_document(self):
+        # The bytes of the Rust encoder (ipc-proto/tests/codec.rs).
+        self.assertEqual(w.frame(w.encode_raised(7, "boom", b"E")),
+                         h("0a 00 00 00 03 07 04 62 6f 6f 6d 00 01 45"))
+        # A memoryview detail, and one in the arena: Payload::Shm.
+        self.assertEqual(w.encode_raised(7, "boom", memoryview(b"E")),
+                         w.encode_raised(7, "boom", b"E"))
+        self.assertEqual(w.encode_raised(300, "é\nx", (4096, 65536)),
+                         h("03 fb 2c 01 04 c3 a9 0a 78 01 fb 00 10 fc 00 00 01 00"))
+        self.assertEqual(w.encode_done(8, (4096, 65536)),
+                         h("01 08 01 fb 00 10 fc 00 00 01 00"))
 
     def test_frames_split_and_joined_across_reads(self):
         r, wr = os.pipe()
@@ -105,8 +119,16 @@ class Control(unittest.TestCase):
         self.assertEqual(decode_response(h("04")), ("end", None))
         kind, err = decode_response(b"\x03\x01" + w.string("no such job"))
         self.assertEqual((kind, err.kind, err.exit_code, str(err)), ("error", "not_found", 4, "no such job"))
+        # PoolFailed, the bytes of the Rust encoder (ipc-proto/tests/codec.rs).
+        self.assertEqual(decode_response(h("09 02 70 79 01 78")), ("pool_failed", ("py", "x")))
+        err = pool_failed_error(("py", "worker 0: exit status 1"), 42)
+        self.assertEqual((err.kind, err.exit_code), ("failed", 1))
+        self.assertEqual(str(err), "pool py failed: worker 0: exit status 1; fix its command, "
+                                   "then `jobvisorctl reload` (job 42 stays queued)")
         with self.assertRaises(w.ProtocolError):
-            decode_response(h("09"))
+            decode_response(h("09"))  # truncated
+        with self.assertRaises(w.ProtocolError):
+            decode_response(h("0a"))  # unknown variant
         with self.assertRaises(w.ProtocolError):
             decode_response(h("05 2a 00"))  # trailing byte
 

@@ -885,7 +885,7 @@ fn flush_aged<W: Write>(shared: &Shared<W>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipc_proto::worker::FromWorker::{Done, Failed, Ready};
+    use ipc_proto::worker::FromWorker::{Done, Failed, Raised, Ready};
     use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::os::unix::net::UnixStream;
 
@@ -1068,7 +1068,7 @@ mod tests {
 
     fn sorted(mut msgs: Vec<FromWorker>) -> Vec<FromWorker> {
         msgs.sort_by_key(|m| match m {
-            Done { id, .. } | Failed { id, .. } => *id,
+            Done { id, .. } | Failed { id, .. } | Raised { id, .. } => *id,
             Ready { .. } => 0,
         });
         msgs

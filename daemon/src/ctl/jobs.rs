@@ -2,7 +2,9 @@
 //! `cancel`, `jobs`.
 
 use super::args::{job_options, parse_state, SubmitArgs};
-use super::render::{job_json, jobs_table, state_and_error, state_exit_code};
+use super::render::{
+    failure_text, job_json, jobs_table, pool_failed_line, state_and_error, state_exit_code,
+};
 use super::{warn, Ctx, Failure, Out};
 use ipc_proto::control::{ErrorKind, JobDoc, JobState, Request, Response, FD_PAYLOAD_MIN};
 use ipc_proto::Bytes;
@@ -174,6 +176,12 @@ pub fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8, Failure> {
         f
     };
     let answer = conn.recv_with_fd().map_err(lost)?;
+    if let (Response::PoolFailed { pool, error }, _) = &answer {
+        return Err(Failure::new(
+            ErrorKind::Rejected.exit_code(),
+            format!("{} (job {id} stays queued)", pool_failed_line(pool, error)),
+        ));
+    }
     finished_answer(ctx, "submit", answer, &mut out)
 }
 
@@ -195,6 +203,9 @@ fn finished_answer(
             out.flush()?;
             Ok(0)
         }
+        // A failed job's output (a `Raised` worker's detail) is for
+        // programs: without --json only its error is shown, unread.
+        (Response::JobFd { doc, .. }, _) if !ctx.json => finished_job(ctx, &doc, out),
         (Response::JobFd { doc, output_len }, Some(fd)) => {
             let doc = crate::client::job_with_output(doc, fd, output_len)
                 .map_err(|e| Failure::new(1, format!("{what}: {e}")))?;
@@ -207,7 +218,8 @@ fn finished_answer(
 
 /// Prints a finished job as `submit --wait` and `result` do: the raw output
 /// (or the document with `--json`); a job that did not succeed exits 1 with
-/// one line on stderr.
+/// its error on stderr (one line, then a multi-line error's lines), never
+/// its output.
 fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
     if ctx.json {
         out.line(&job_json(doc, true).to_string())?;
@@ -227,10 +239,7 @@ fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
         out.flush()?;
         return Ok(0);
     }
-    Err(Failure::new(
-        1,
-        format!("job {} {}", doc.id, state_and_error(doc)),
-    ))
+    Err(Failure::new(1, failure_text(doc)))
 }
 
 /// `result ID`.
@@ -348,6 +357,13 @@ pub fn wait(ctx: &Ctx, ids: Vec<u64>) -> Result<u8, Failure> {
                 warn(&format!("wait: {message}"));
             }
             Response::End => break,
+            // Its jobs cannot run for now: say so rather than hang.
+            Response::PoolFailed { pool, error } => {
+                return Err(Failure::new(
+                    ErrorKind::Rejected.exit_code(),
+                    pool_failed_line(&pool, &error),
+                ))
+            }
             other => return Err(Failure::unexpected("wait", &other)),
         }
     }

@@ -35,10 +35,10 @@
 
 use super::args::{job_options, MapArgs};
 use super::jobs::{max_input_len, too_large};
-use super::render::{map_json, state_and_error};
+use super::render::{map_json, pool_failed_line, state_and_error};
 use super::{warn, Ctx, Failure, Out};
 use crate::client::{RequestWriter, ResponseReader};
-use ipc_proto::control::{JobDoc, JobOptions, JobState, Request, Response};
+use ipc_proto::control::{ErrorKind, JobDoc, JobOptions, JobState, Request, Response};
 use ipc_proto::Bytes;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::{HashMap, VecDeque};
@@ -550,6 +550,20 @@ impl Collector {
                     ));
                 }
                 self.deliver(index, Entry::Refused)
+            }
+            // The lines still pending cannot run for now: stop here.
+            Response::PoolFailed { pool, error } => {
+                if let Some(p) = &mut self.progress {
+                    p.clear();
+                }
+                Err(Failure::new(
+                    ErrorKind::Rejected.exit_code(),
+                    format!(
+                        "{}; {} accepted jobs stay queued",
+                        pool_failed_line(&pool, &error),
+                        self.pending.len()
+                    ),
+                ))
             }
             other => Err(Failure::unexpected("map", &other)),
         }

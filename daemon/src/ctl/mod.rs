@@ -122,6 +122,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::Job(_) => "Job",
         Response::JobFd { .. } => "JobFd",
         Response::Event(_) => "Event",
+        Response::PoolFailed { .. } => "PoolFailed",
     }
 }
 

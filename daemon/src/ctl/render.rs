@@ -70,12 +70,58 @@ pub fn map_json(index: u64, doc: &JobDoc) -> Value {
     })
 }
 
-/// `<state>: <error>`, or just `<state>` when there is no error text.
+/// `<state>: <error>`, or just `<state>` when there is no error text; a
+/// multi-line error (a traceback) by its last line (see [`error_summary`]).
 pub fn state_and_error(doc: &JobDoc) -> String {
     match &doc.error {
-        Some(e) => format!("{}: {}", doc.state.as_str(), one_line(e, usize::MAX)),
+        Some(e) => format!(
+            "{}: {}",
+            doc.state.as_str(),
+            one_line(error_summary(e), usize::MAX)
+        ),
         None => doc.state.as_str().to_owned(),
     }
+}
+
+/// The line of an error text that says what happened: its last non-empty
+/// line (a Python traceback ends with `ValueError: boom`, after the
+/// "Traceback (most recent call last):" and the stack).
+pub fn error_summary(error: &str) -> &str {
+    error
+        .lines()
+        .map(str::trim_end)
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+}
+
+/// A failed job as `submit --wait` and `result` print it on stderr: one
+/// line `job ID STATE: <last line>`, then, for a multi-line error, every
+/// line of it indented (without trailing blank lines).
+pub fn failure_text(doc: &JobDoc) -> String {
+    let mut s = format!("job {} {}", doc.id, state_and_error(doc));
+    if let Some(e) = doc.error.as_deref().filter(|e| e.trim_end().contains('\n')) {
+        for line in e.trim_end().lines() {
+            s.push_str("\n  ");
+            s.push_str(line.trim_end());
+        }
+    }
+    s
+}
+
+/// The one line `submit --wait`, `wait` and `map` print when the pool of a
+/// job they wait for has failed (a crash loop): its first and last lines
+/// when the error spans several (a worker's traceback).
+pub fn pool_failed_line(pool: &str, error: &str) -> String {
+    let first = error.lines().map(str::trim).find(|l| !l.is_empty());
+    let last = error_summary(error).trim();
+    let why = match first {
+        Some(first) if first != last => format!("{first} … {last}"),
+        _ => last.to_owned(),
+    };
+    format!(
+        "pool {pool} failed: {}; fix its command, then `jobvisorctl reload`",
+        one_line(&why, usize::MAX)
+    )
 }
 
 /// Exit code for a job's final state: 0 only for success.
@@ -199,10 +245,9 @@ pub fn jobs_table(docs: &[JobDoc], now_ms: u64) -> String {
         "ID", "POOL", "STATE", "ATTEMPTS", "AGE"
     );
     for d in docs {
-        let error = d
-            .error
-            .as_deref()
-            .map_or(String::new(), |e| one_line(e, TABLE_ERROR_WIDTH));
+        let error = d.error.as_deref().map_or(String::new(), |e| {
+            one_line(error_summary(e), TABLE_ERROR_WIDTH)
+        });
         let line = format!(
             "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  {}",
             d.id,
@@ -308,11 +353,34 @@ mod tests {
         );
     }
 
+    const TRACEBACK: &str = "Traceback (most recent call last):\n  File \"jobs.py\", line 3, in f\n    raise ValueError(f\"boom {n}\")\nValueError: boom 7\n\n";
+
     #[test]
-    fn failure_text() {
+    fn failure_lines() {
         assert_eq!(
-            state_and_error(&doc(JobState::TimedOut, None, Some("took 30s\nkilled"))),
+            state_and_error(&doc(JobState::TimedOut, None, Some("took 30s\tkilled"))),
             "timed_out: took 30s killed"
+        );
+        assert_eq!(
+            state_and_error(&doc(JobState::Failed, None, Some(TRACEBACK))),
+            "failed: ValueError: boom 7"
+        );
+        assert_eq!(error_summary("\n \n"), "");
+        assert_eq!(
+            failure_text(&doc(JobState::Failed, Some(b"pickled"), Some(TRACEBACK))),
+            "job 42 failed: ValueError: boom 7\n  Traceback (most recent call last):\n    File \"jobs.py\", line 3, in f\n      raise ValueError(f\"boom {n}\")\n  ValueError: boom 7"
+        );
+        assert_eq!(
+            failure_text(&doc(JobState::Failed, None, Some("boom\n"))),
+            "job 42 failed: boom"
+        );
+        assert_eq!(
+            pool_failed_line("py", "worker 0: exit status 1 before Ready: Traceback (most recent call last):\n  File \"<frozen runpy>\"\nModuleNotFoundError: No module named 'jobvisor'"),
+            "pool py failed: worker 0: exit status 1 before Ready: Traceback (most recent call last): … ModuleNotFoundError: No module named 'jobvisor'; fix its command, then `jobvisorctl reload`"
+        );
+        assert_eq!(
+            pool_failed_line("p", "command not found"),
+            "pool p failed: command not found; fix its command, then `jobvisorctl reload`"
         );
         assert_eq!(
             state_and_error(&doc(JobState::Cancelled, None, None)),
@@ -366,11 +434,14 @@ mod tests {
     fn table_aligns() {
         let mut a = doc(JobState::Failed, None, Some("boom"));
         a.id = 7;
-        let t = jobs_table(&[a, doc(JobState::Succeeded, None, None)], 3_500);
+        let mut b = doc(JobState::Failed, None, Some(TRACEBACK));
+        b.id = 8;
+        let t = jobs_table(&[a, b, doc(JobState::Succeeded, None, None)], 3_500);
         assert_eq!(
             t,
             "ID  POOL  STATE      ATTEMPTS     AGE  ERROR\n\
              \x207  echo  failed            1    2.5s  boom\n\
+             \x208  echo  failed            1    2.5s  ValueError: boom 7\n\
              42  echo  succeeded         1    2.5s\n"
         );
     }

@@ -91,7 +91,8 @@ fn pool_text(s: &mut String, p: &PoolStatus) {
         p.failed
     );
     if let Some(e) = &p.last_error {
-        let _ = writeln!(s, "  last error: {e}");
+        // A worker's last output (a traceback) spans lines: indented.
+        let _ = writeln!(s, "  last error: {}", e.trim_end().replace('\n', "\n    "));
     }
     let _ = writeln!(
         s,

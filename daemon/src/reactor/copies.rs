@@ -49,23 +49,24 @@ fn output_to_file(
 }
 
 impl Reactor {
-    /// A worker's output of `len` bytes at `offset` of its arena: copied
-    /// out in place when small (and the slot released); else on the copier
-    /// thread, straight into its payload file when it is one (this
-    /// worker's later messages wait for the copy).
+    /// A worker's output of `len` bytes at `offset` of its arena (a
+    /// `Done`'s, or with `raised` a `Raised`'s detail): copied out in place
+    /// when small (and the slot released); else on the copier thread,
+    /// straight into its payload file when it is one (this worker's later
+    /// messages wait for the copy).
     pub(super) fn output_from_arena(
         &mut self,
         proc: ProcId,
         id: u64,
         mapping: Arc<crate::shm::Mapping>,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
+        raised: Option<String>,
         now: Instant,
     ) {
         if len < crate::copier::OFFLOAD_MIN {
             let bytes = mapping.read_at(offset, len).expect("range checked");
             self.send(proc, &ToWorker::Release { offset, len });
-            return self.core.on_job_done(proc, id, bytes, now);
+            return self.job_output(proc, id, JobOutput::Mem(bytes), raised, now);
         }
         if let Some(w) = self.procs.get_mut(&proc) {
             w.copies_in += 1;
@@ -89,6 +90,7 @@ impl Reactor {
                 offset,
                 len,
                 output,
+                raised,
             }
         });
     }
@@ -263,16 +265,14 @@ impl Reactor {
                 offset,
                 len,
                 output,
+                raised,
             } => {
                 let Some(w) = self.procs.get_mut(&proc) else {
                     return;
                 };
                 w.copies_in -= 1;
                 self.send(proc, &ToWorker::Release { offset, len });
-                match output {
-                    JobOutput::File(len) => self.core.on_job_done_in_file(proc, id, len, now),
-                    JobOutput::Mem(bytes) => self.core.on_job_done(proc, id, bytes, now),
-                }
+                self.job_output(proc, id, output, raised, now);
                 // What came after it, until the next pending copy.
                 while let Some(w) = self.procs.get_mut(&proc) {
                     if w.copies_in > 0 {

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// Read rounds (of `OUTPUT_READ_BUDGET` each) given to an exited worker's
+/// output pipes for what they still hold.
+const GONE_OUTPUT_ROUNDS: usize = 8;
+
 /// The record that ends a stretch of rate-limited worker output.
 pub(super) fn log_suppressed(pool: &str, slot: u32, lines: u64) {
     crate::warn!(
@@ -65,6 +69,7 @@ impl Reactor {
                 stdout_line: Vec::new(),
                 stderr_line: Vec::new(),
                 limiter: crate::log::OutputLimiter::new(Instant::now()),
+                tail: Default::default(),
                 mapping: mapping.map(Arc::new),
                 hold_out: Default::default(),
                 copies_in: 0,
@@ -290,31 +295,64 @@ impl Reactor {
                 }
                 self.core.on_ready(proc, protocol_version, now)
             }
-            FromWorker::Done { id, output } => match output {
-                ipc_proto::worker::Payload::Inline(bytes) => {
-                    self.core.on_job_done(proc, id, bytes.0.into(), now)
-                }
-                ipc_proto::worker::Payload::Shm { offset, len } => {
-                    let mapping = match self.output_slot(proc, offset, len) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            return self.core.on_protocol_error(
-                                proc,
-                                format!("job {id}: bad shared-memory output: {e}"),
-                                now,
-                            )
-                        }
-                    };
-                    if crate::log::enabled(Level::Debug) {
-                        crate::log::log(
-                            Level::Debug,
-                            &format!("job {id}: {len}-byte output through shared memory"),
-                        );
-                    }
-                    self.output_from_arena(proc, id, mapping, offset, len, now);
-                }
-            },
+            FromWorker::Done { id, output } => self.on_worker_output(proc, id, output, None, now),
             FromWorker::Failed { id, error } => self.core.on_job_failed(proc, id, error, now),
+            FromWorker::Raised { id, error, output } => {
+                self.on_worker_output(proc, id, output, Some(error), now)
+            }
+        }
+    }
+
+    /// The output of a `Done` (or the detail of a `Raised`, with its
+    /// `error`): inline, or copied out of the worker's arena (checked).
+    fn on_worker_output(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        output: ipc_proto::worker::Payload,
+        raised: Option<String>,
+        now: Instant,
+    ) {
+        match output {
+            ipc_proto::worker::Payload::Inline(bytes) => {
+                self.job_output(proc, id, JobOutput::Mem(bytes.0.into()), raised, now)
+            }
+            ipc_proto::worker::Payload::Shm { offset, len } => {
+                let mapping = match self.output_slot(proc, offset, len) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return self.core.on_protocol_error(
+                            proc,
+                            format!("job {id}: bad shared-memory output: {e}"),
+                            now,
+                        )
+                    }
+                };
+                if crate::log::enabled(Level::Debug) {
+                    crate::log::log(
+                        Level::Debug,
+                        &format!("job {id}: {len}-byte output through shared memory"),
+                    );
+                }
+                self.output_from_arena(proc, id, mapping, (offset, len), raised, now);
+            }
+        }
+    }
+
+    /// A job's output is in (memory or its payload file): the job succeeded,
+    /// or with `raised` failed with that error and this detail.
+    pub(super) fn job_output(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        output: JobOutput,
+        raised: Option<String>,
+        now: Instant,
+    ) {
+        match (raised, output) {
+            (Some(error), output) => self.core.on_job_raised(proc, id, error, output, now),
+            (None, JobOutput::File(len)) => self.core.on_job_done_in_file(proc, id, len, now),
+            (None, JobOutput::Mem(bytes)) => self.core.on_job_done(proc, id, bytes, now),
         }
     }
 
@@ -329,6 +367,7 @@ impl Reactor {
             pool,
             slot,
             limiter,
+            tail,
             ..
         } = w;
         let (fd_slot, line) = if is_err {
@@ -354,6 +393,7 @@ impl Reactor {
                 Ok(n) => {
                     budget -= n;
                     crate::log::split_lines(line, &buf[..n], MAX_LOG_LINE, |l| {
+                        tail.push(l);
                         match limiter.admit(now) {
                             crate::log::Admit::Drop => {}
                             crate::log::Admit::Log { suppressed_before } => {
@@ -474,6 +514,7 @@ impl Reactor {
                 ExitInfo {
                     description,
                     transient: false,
+                    output_tail: None,
                 },
             );
         }
@@ -515,9 +556,18 @@ impl Reactor {
     }
 
     /// The rest of [`Reactor::worker_gone`], once the worker's copies are in.
-    pub(super) fn worker_gone_now(&mut self, proc: ProcId, exit: ExitInfo) {
-        self.on_output(proc, false);
-        self.on_output(proc, true);
+    pub(super) fn worker_gone_now(&mut self, proc: ProcId, mut exit: ExitInfo) {
+        // What it wrote last is in its pipes even if the exit was noticed
+        // first: read it all (the writers are gone, so there is at most a
+        // pipe's capacity each; bounded all the same), for its crash text.
+        for is_err in [false, true] {
+            for _ in 0..GONE_OUTPUT_ROUNDS {
+                self.on_output(proc, is_err);
+                if !self.output_backlog.contains(&(proc, is_err)) {
+                    break;
+                }
+            }
+        }
         self.output_backlog.remove(&(proc, false));
         self.output_backlog.remove(&(proc, true));
         self.suppressing.remove(&proc);
@@ -528,11 +578,13 @@ impl Reactor {
             }
             for (is_err, line) in [(false, &mut w.stdout_line), (true, &mut w.stderr_line)] {
                 if !line.is_empty() {
+                    w.tail.push(line);
                     let text = String::from_utf8_lossy(line).into_owned();
                     crate::log::worker_line(&w.pool, w.slot, is_err, &text);
                     line.clear();
                 }
             }
+            exit.output_tail = w.tail.text();
             for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr]
                 .into_iter()
                 .flatten()

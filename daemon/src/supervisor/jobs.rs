@@ -129,6 +129,9 @@ pub(super) struct PoolJobs {
     /// When a worker is idle while jobs wait behind another's running job
     /// that has not yet run [`TAKE_BACK_AFTER`]: when that is reached.
     pub(super) take_back_at: Option<Instant>,
+    /// Clients told (`PoolFailed`) of the pool's current failure: each
+    /// hears of one failure once. Cleared when the pool runs again.
+    pub(super) told_failed: rustc_hash::FxHashSet<ClientId>,
 }
 
 #[derive(Debug)]
@@ -562,10 +565,13 @@ impl Supervisor {
                 "pool {pool_name} is being removed"
             )));
         }
-        if pool.state == PoolState::Failed {
+        // A client that waits is told at once (`PoolFailed`, after its
+        // `Submitted`) and its job runs once the pool is fixed; one that
+        // does not wait would not hear of it: refused.
+        if pool.state == PoolState::Failed && !wait {
             return Err(CtlError::Rejected(format!(
-                "pool {pool_name} has failed ({}); fix it and run `jobvisorctl restart {pool_name}`, then retry",
-                pool.last_error.as_deref().unwrap_or("crash loop")
+                "pool {pool_name} has failed ({}); fix its command and run `jobvisorctl reload` (or fix the cause and run `jobvisorctl restart {pool_name}`), then retry",
+                pool.failure.as_deref().unwrap_or("crash loop")
             )));
         }
         let cap = pool.config.queue_capacity;
@@ -853,15 +859,20 @@ impl Supervisor {
         self.jt.wait_groups.insert(group, (client, ids.len()));
         *self.jt.backlog.entry(client).or_insert(0) += 1;
         let viewer = self.viewer(client);
+        let mut pools = BTreeSet::new();
         for id in ids {
             // Another user's job is answered like an unknown one (by the
             // store, with the owner filter): nothing says it exists.
-            if self.jt.jobs.get(&id).is_some_and(|j| viewer.sees(j.owner)) {
+            if let Some(job) = self.jt.jobs.get(&id).filter(|j| viewer.sees(j.owner)) {
+                let pool = job.pool.clone();
                 self.jt.waiters.entry(id).or_default().push(Waiter {
                     client,
                     with_output: false,
                     group: Some(group),
                 });
+                if matches!(self.jt.jobs[&id].phase, JobPhase::Queued) {
+                    pools.insert(pool);
+                }
             } else {
                 let query = Query::Job {
                     id,
@@ -870,6 +881,10 @@ impl Supervisor {
                 };
                 self.query(query, QueryPurpose::Wait { client, group, id });
             }
+        }
+        // Queued in a failed pool: this request hears so (once per pool).
+        for pool in pools {
+            self.tell_pool_failed(&pool, Some(vec![client]), true);
         }
     }
 
@@ -997,6 +1012,9 @@ impl Supervisor {
     /// A client disconnected: forget its waiters.
     pub fn on_client_gone(&mut self, client: ClientId) {
         self.jt.viewers.remove(&client);
+        for p in self.pools.values_mut() {
+            p.jobs.told_failed.remove(&client);
+        }
         self.jt.waiters.retain(|_, ws| {
             ws.retain(|w| w.client != client);
             !ws.is_empty()
@@ -1022,7 +1040,7 @@ impl Supervisor {
     /// be read (a payload file deleted or damaged behind the daemon's
     /// back): the job fails with `error`; the worker never saw it.
     pub fn on_input_unreadable(&mut self, proc: ProcId, id: u64, error: String, now: Instant) {
-        self.job_result(proc, id, Err(error), now);
+        self.job_result(proc, id, Err((error, None)), now);
     }
 
     /// The worker reported job `id` failed. The error text is the
@@ -1030,7 +1048,22 @@ impl Supervisor {
     /// may carry 64 MiB, which would make the job's document, with its
     /// attempts, too large to send or store).
     pub fn on_job_failed(&mut self, proc: ProcId, id: u64, error: String, now: Instant) {
-        self.job_result(proc, id, Err(cap_error_text(error)), now);
+        self.job_result(proc, id, Err((cap_error_text(error), None)), now);
+    }
+
+    /// The worker reported job `id` failed (`Raised`): like
+    /// [`Supervisor::on_job_failed`], and `output` (the worker's
+    /// machine-readable detail, in memory or already in its payload file)
+    /// is kept as the failed job's output.
+    pub fn on_job_raised(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        error: String,
+        output: JobOutput,
+        now: Instant,
+    ) {
+        self.job_result(proc, id, Err((cap_error_text(error), Some(output))), now);
     }
 
     /// The RSS of `proc` measured after a job (for `max_memory`).
@@ -1340,12 +1373,78 @@ impl Supervisor {
             // The payload file is there now: let the client's file go.
             job.input_source = None;
         }
-        if wait && self.jt.jobs.contains_key(&id) {
+        if let Some(pool) = self
+            .jt
+            .jobs
+            .get(&id)
+            .filter(|_| wait)
+            .map(|j| j.pool.clone())
+        {
             self.jt.waiters.entry(id).or_default().push(Waiter {
                 client,
                 with_output: true,
                 group: None,
             });
+            // A submit that waits on a failed pool hears so after its
+            // `Submitted`, each one (the client cannot know otherwise).
+            if matches!(self.jt.jobs[&id].phase, JobPhase::Queued) {
+                self.tell_pool_failed(&pool, Some(vec![client]), true);
+            }
+        }
+    }
+
+    /// If pool `name` is failed: tells `clients` (by default every client
+    /// waiting for one of its queued jobs) with one `PoolFailed` each:
+    /// once per failure unless `again` (a new request that waits, which is
+    /// answered whatever the connection heard before). Waiters are only
+    /// ever registered for jobs their client may see, so nobody hears of
+    /// another user's jobs.
+    pub(super) fn tell_pool_failed(
+        &mut self,
+        name: &str,
+        clients: Option<Vec<ClientId>>,
+        again: bool,
+    ) {
+        if self
+            .pools
+            .get(name)
+            .is_none_or(|p| p.state != PoolState::Failed)
+        {
+            return;
+        }
+        let clients = clients.unwrap_or_else(|| {
+            let jobs = &self.jt.jobs;
+            let mut cs: Vec<ClientId> = self
+                .jt
+                .waiters
+                .iter()
+                .filter(|(id, _)| {
+                    jobs.get(id)
+                        .is_some_and(|j| j.pool == name && matches!(j.phase, JobPhase::Queued))
+                })
+                .flat_map(|(_, ws)| ws.iter().map(|w| w.client))
+                .collect();
+            cs.sort_unstable();
+            cs.dedup();
+            cs
+        });
+        let pool = self.pools.get_mut(name).expect("checked");
+        let error = pool
+            .failure
+            .clone()
+            .unwrap_or_else(|| "crash loop".to_owned());
+        let fresh: Vec<ClientId> = clients
+            .into_iter()
+            .filter(|c| pool.jobs.told_failed.insert(*c) || again)
+            .collect();
+        for client in fresh {
+            self.reply(
+                client,
+                Response::PoolFailed {
+                    pool: name.to_owned(),
+                    error: error.clone(),
+                },
+            );
         }
     }
 
@@ -1918,6 +2017,17 @@ impl Supervisor {
         let update = JobUpdate::progress(id, JobState::Queued, job.attempts.clone());
         self.store(Op::Update(update));
         self.enqueue_entry(&pool, entry);
+        // Back in the queue of a pool that failed meanwhile: its waiters
+        // cannot expect it soon.
+        let waiting: Vec<ClientId> = self
+            .jt
+            .waiters
+            .get(&id)
+            .map(|ws| ws.iter().map(|w| w.client).collect())
+            .unwrap_or_default();
+        if !waiting.is_empty() {
+            self.tell_pool_failed(&pool, Some(waiting), false);
+        }
     }
 
     /// A prefetched job that never started goes back without an attempt.
@@ -2000,7 +2110,7 @@ impl Supervisor {
         &mut self,
         proc: ProcId,
         id: u64,
-        result: Result<JobOutput, String>,
+        result: Result<JobOutput, (String, Option<JobOutput>)>,
         now: Instant,
     ) {
         let Some((name, idx)) = self.find_proc(proc) else {
@@ -2080,13 +2190,14 @@ impl Supervisor {
                 self.end_attempt(id, Outcome::Succeeded, None, now);
                 self.finish(id, JobState::Succeeded, Some(output), None, now);
             }
-            Err(error) if cancelled => {
-                self.end_attempt(id, Outcome::Cancelled, Some(error.clone()), now);
-                self.finish(id, JobState::Cancelled, None, Some(error), now);
-            }
-            Err(error) => {
-                self.end_attempt(id, Outcome::Failed, Some(error.clone()), now);
-                self.finish(id, JobState::Failed, None, Some(error), now);
+            Err((error, output)) => {
+                let (outcome, state) = if cancelled {
+                    (Outcome::Cancelled, JobState::Cancelled)
+                } else {
+                    (Outcome::Failed, JobState::Failed)
+                };
+                self.end_attempt(id, outcome, Some(error.clone()), now);
+                self.finish(id, state, output, Some(error), now);
             }
         }
         if measure {

@@ -79,6 +79,7 @@ impl Sim {
             ExitInfo {
                 description: "killed by SIGKILL".into(),
                 transient: false,
+                output_tail: None,
             },
             self.now,
         );
@@ -435,6 +436,7 @@ fn events_about_unknown_processes_are_ignored() {
         ExitInfo {
             description: "again".into(),
             transient: false,
+            output_tail: None,
         },
         s.now,
     );
@@ -539,6 +541,7 @@ fn transient_spawn_failures_back_off_and_are_not_crashes() {
         ExitInfo {
             description: "killed by SIGKILL".into(),
             transient: false,
+            output_tail: None,
         },
         now,
     );
@@ -651,6 +654,7 @@ mod jobs {
                 ExitInfo {
                     description: "killed by SIGKILL".into(),
                     transient: false,
+                    output_tail: None,
                 },
                 self.sim.now,
             );
