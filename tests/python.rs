@@ -430,3 +430,124 @@ fn a_python_pool_that_cannot_start_says_why_and_a_reload_with_a_fixed_spec_reviv
     });
     assert_eq!(d.pool("py")["succeeded"], 4, "{}", d.pool("py"));
 }
+
+/// A worker written against `jobvisor._wire` alone that fails every job
+/// with `Raised`: a traceback as the error, `pickled-<input>` as the
+/// detail; input `big` gets a 2 MiB detail through the arena.
+const RAISING_WORKER_PY: &str = r#"
+import mmap, os
+from jobvisor import _wire as w
+
+jobs_fd, results_fd, arena_fd = (int(x) for x in os.environ["JOBVISOR_FDS"].split(","))
+size = int(os.environ["JOBVISOR_SHM_SIZE"])
+arena = mmap.mmap(arena_fd, size)
+pages = size // 4096
+out_start = (pages - pages // 2) * 4096          # the output half (PROTOCOL.md section 10)
+send = lambda payload: w.write_all(results_fd, w.frame(payload))
+send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION) + w.uvarint(os.getpid()))
+frames = w.FrameReader(jobs_fd)
+while True:
+    try:
+        m = w.Reader(frames.next())
+    except EOFError:
+        break
+    kind = m.uvarint(32)
+    if kind == 2:                                    # Shutdown
+        break
+    if kind != 0:                                    # Cancel, Release: nothing to do
+        continue
+    job_id, _attempt, _deadline = m.uvarint(), m.uvarint(32), m.option(m.uvarint)
+    assert m.uvarint(32) == 0, "inline inputs only"
+    text = m.bytes_().decode()
+    error = ("Traceback (most recent call last):\n  File \"jobs.py\", line 3, in f\n"
+             f"    raise ValueError(\"boom {text}\")\nValueError: boom {text}\n")
+    if text == "big":
+        detail = b"x" * (2 << 20)
+        arena[out_start:out_start + len(detail)] = detail
+        send(w.encode_raised(job_id, error, (out_start, len(detail))))
+    else:
+        send(w.encode_raised(job_id, error, b"pickled-" + text.encode()))
+"#;
+
+#[test]
+fn a_raised_failure_keeps_its_detail_and_the_cli_shows_its_lines() {
+    let mut d = Daemon::prepare("py-raised", "");
+    std::fs::write(d.dir.path().join("raising.py"), RAISING_WORKER_PY).unwrap();
+    let cfg = format!(
+        "{}[pools.raise]\ncommand = [\"python3\", {:?}]\nworkers = 1\nshm_size = \"8MiB\"\nenv = {{ PYTHONPATH = {:?} }}\n",
+        daemon_section(),
+        d.dir.path().join("raising.py").display().to_string(),
+        python_dir().display().to_string()
+    );
+    d.write_config(&cfg);
+    d.spawn();
+    d.wait_ready("raise", 1);
+    // 3. Failed, not retried, error and detail kept.
+    let r = d.ctl(&["--json", "submit", "raise", "--input", "7", "--wait"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(j["output"], "pickled-7", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Traceback (most recent call last):\n"),
+        "{j}"
+    );
+    let id = j["id"].to_string();
+    let r = d.ctl(&["--json", "result", &id]);
+    assert_eq!(r.json()["output"], "pickled-7", "{r:?}");
+    assert_eq!(r.json()["error"], j["error"], "{r:?}");
+    // 4. Without --json: the error's lines, never the detail.
+    let r = d.ctl(&["result", &id]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(r.stdout, "", "{r:?}");
+    assert_eq!(
+        r.stderr,
+        format!(
+            "jobvisorctl: job {id} failed: ValueError: boom 7\n  Traceback (most recent call last):\n    File \"jobs.py\", line 3, in f\n      raise ValueError(\"boom 7\")\n  ValueError: boom 7\n"
+        )
+    );
+    let r = d.ctl(&["jobs"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let line = r.stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        line.trim_start()
+            .starts_with(&format!("{id}  raise  failed"))
+            && line.ends_with("  ValueError: boom 7"),
+        "{r:?}"
+    );
+    let r = d.ctl(&["wait", &id]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (1, format!("{id} failed: ValueError: boom 7\n").as_str()),
+        "{r:?}"
+    );
+    // A detail through the arena, large enough for a payload file and a
+    // descriptor (JobFd): kept whole; the human result shows none of it.
+    let r = d.ctl(&["submit", "raise", "--input", "big", "--wait"]);
+    assert_eq!((r.code, r.raw.len()), (1, 0), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("jobvisorctl: job ")
+            && r.stderr.contains(" failed: ValueError: boom big\n"),
+        "{r:?}"
+    );
+    // The newest job (one JSON document per listed job).
+    let big = d.ctl(&["--json", "jobs", "--limit", "1"]).json()["id"]
+        .as_u64()
+        .expect("a job id");
+    assert_ne!(big.to_string(), id);
+    let r = d.ctl(&["--json", "result", &big.to_string()]);
+    let j = r.json();
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["output"].as_str().unwrap() == "x".repeat(2 << 20),
+        "a 2 MiB detail"
+    );
+    let r = d.ctl(&["result", &big.to_string()]);
+    assert_eq!((r.code, r.raw.len()), (1, 0), "{}", r.stderr);
+    // The worker lives on: a failed job is not a crash.
+    assert_eq!(d.pool("raise")["workers"][0]["restarts"], 0);
+}

@@ -730,3 +730,125 @@ fn user_and_group_apply_to_that_worker_only() {
         );
     }
 }
+
+/// Everything a connection receives, forwarded to a channel by a thread
+/// (so that reads have deadlines).
+fn responses(
+    mut conn: daemon::client::Connection,
+) -> std::sync::mpsc::Receiver<ipc_proto::control::Response> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(r) = conn.recv() {
+            if tx.send(r).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn waiters_hear_at_once_when_their_pool_fails_and_still_get_their_jobs_after_a_fix() {
+    use daemon::client::Connection;
+    use ipc_proto::control::{JobOptions, JobState, Request, Response};
+    let marker = TempDir::new("poolfailed-bin");
+    let broken = marker.path().join("broken");
+    let wrapper = script(
+        marker.path(),
+        "flaky.sh",
+        &format!(
+            "if [ -e {} ]; then echo 'cannot start: broken' >&2; exit 3; fi\nexec {} sleep",
+            broken.display(),
+            bin("jobvisor-test-worker").display()
+        ),
+    );
+    let cfg = format!(
+        "{}[pools.p]\ncommand = [{:?}]\nworkers = 1\nprefetch = 1\nbackoff_initial = \"0s\"\nmax_restarts = 1\nrestart_window = \"60s\"\n",
+        daemon_section(),
+        wrapper.display().to_string()
+    );
+    let d = Daemon::start("poolfailed", &cfg);
+    let pid = d.wait_ready("p", 1)[0];
+    let deadline = DEADLINE;
+    let submit = |conn: &mut Connection, input: &str| -> u64 {
+        conn.send(&Request::Submit {
+            pool: "p".into(),
+            input: ipc_proto::Bytes(input.as_bytes().to_vec()),
+            options: JobOptions::default(),
+            wait: true,
+        })
+        .unwrap();
+        match conn.recv().unwrap() {
+            Response::Submitted { id } => id,
+            other => panic!("{other:?}"),
+        }
+    };
+    // One connection waits for a running and a queued job, another for
+    // the queued one.
+    let mut a = Connection::connect(&d.socket()).unwrap();
+    let running = submit(&mut a, "30000");
+    let queued = submit(&mut a, "10");
+    let a = responses(a);
+    let mut b = Connection::connect(&d.socket()).unwrap();
+    b.send(&Request::Wait { ids: vec![queued] }).unwrap();
+    let b = responses(b);
+    wait_for("the long job to run", DEADLINE, || {
+        (d.pool("p")["running"] == 1).then_some(())
+    });
+    // The pool fails: the worker is killed mid-job, its replacement cannot
+    // start. Each waiting connection hears once, with the worker's words.
+    std::fs::write(&broken, "").unwrap();
+    kill(pid, Signal::SIGKILL);
+    for (name, rx) in [("a", &a), ("b", &b)] {
+        match rx.recv_timeout(deadline) {
+            Ok(Response::PoolFailed { pool, error }) => {
+                assert_eq!(pool, "p");
+                assert!(
+                    error.starts_with("worker 0: exit status 3 before Ready: cannot start: broken"),
+                    "{error}"
+                );
+            }
+            other => panic!("{name}: {other:?}\n{}", d.log_text()),
+        }
+    }
+    assert_eq!(d.pool("p")["state"], "failed");
+    // A new request that waits hears too (after its Submitted).
+    let mut c = Connection::connect(&d.socket()).unwrap();
+    let late = submit(&mut c, "10");
+    assert!(
+        matches!(c.recv().unwrap(), Response::PoolFailed { .. }),
+        "a submit with wait to a failed pool"
+    );
+    // The waits stay open: fixed and restarted, the jobs run and their
+    // documents come; no second PoolFailed.
+    std::fs::remove_file(&broken).unwrap();
+    assert_eq!(d.ctl(&["restart", "p"]).code, 0);
+    wait_for("the long job to run again", DEADLINE, || {
+        (d.pool("p")["running"] == 1).then_some(())
+    });
+    assert_eq!(d.ctl(&["cancel", &running.to_string()]).code, 0);
+    let mut states = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        match a.recv_timeout(deadline) {
+            Ok(Response::Job(doc)) => states.insert(doc.id, doc.state),
+            other => panic!("a: {other:?}"),
+        };
+    }
+    assert_eq!(
+        states,
+        [
+            (running, JobState::Cancelled),
+            (queued, JobState::Succeeded)
+        ]
+        .into()
+    );
+    match b.recv_timeout(deadline) {
+        Ok(Response::Job(doc)) => assert_eq!((doc.id, doc.state), (queued, JobState::Succeeded)),
+        other => panic!("b: {other:?}"),
+    }
+    assert!(matches!(b.recv_timeout(deadline), Ok(Response::End)));
+    match c.recv().unwrap() {
+        Response::Job(doc) => assert_eq!((doc.id, doc.state), (late, JobState::Succeeded)),
+        other => panic!("c: {other:?}"),
+    }
+}

@@ -245,7 +245,8 @@ pub struct JobDoc {
     pub finished_ms: Option<u64>,
     /// Attempts so far.
     pub attempts: Vec<Attempt>,
-    /// Output, when succeeded and requested.
+    /// Output, when requested: a succeeded job's, or the detail a worker
+    /// gave with a failure (`FromWorker::Raised`).
     pub output: Option<Bytes>,
     /// Error of the last attempt, when not succeeded.
     pub error: Option<String>,
@@ -373,10 +374,12 @@ pub enum Response {
         output_len: u64,
     },
     /// Not an answer to one request: `pool` has failed (crash loop) while
-    /// this connection waits for some of its unfinished jobs (a `Submit`
-    /// or `SubmitFd` with `wait`, or a `Wait`). Sent once per connection
-    /// per failure; the waits stay open (if the pool is fixed, by `reload`
-    /// or `restart`, the jobs still run and their documents still come).
+    /// this connection waits for some of its queued jobs (a `Submit` or
+    /// `SubmitFd` with `wait`, or a `Wait`). Sent once per connection when
+    /// the pool fails, and to each new request that waits on a queued job
+    /// of an already failed pool (after its `Submitted`; once per pool in a
+    /// `Wait`). The waits stay open (if the pool is fixed, by `reload` or
+    /// `restart`, the jobs still run and their documents still come).
     PoolFailed {
         /// The pool.
         pool: String,
