@@ -114,6 +114,7 @@ const POOL_KEYS: &[&str] = &[
     "backoff_max",
     "healthy_after",
     "max_restarts",
+    "start_retries",
     "restart_window",
     "inline_limit",
     "shm_size",
@@ -223,6 +224,11 @@ pub struct PoolConfig {
     pub max_restarts: u32,
     /// Window for `max_restarts`, > 0.
     pub restart_window: Duration,
+    /// While no worker of the pool has become ready since it (re)started:
+    /// workers that exit before `Ready` this many times in a row, plus
+    /// one, fail the pool at once. `None` (the default): only
+    /// `max_restarts` applies.
+    pub start_retries: Option<u32>,
     /// Payloads up to this size go inline in frames; <= `shm_size`, < 64 MiB.
     pub inline_limit: u64,
     /// Size of a worker's shared-memory arena, >= 4096.
@@ -282,6 +288,7 @@ impl PoolConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             healthy_after: DEFAULT_HEALTHY_AFTER,
             max_restarts: DEFAULT_MAX_RESTARTS,
+            start_retries: None,
             restart_window: DEFAULT_RESTART_WINDOW,
             inline_limit: DEFAULT_INLINE_LIMIT,
             shm_size: DEFAULT_SHM_SIZE,
@@ -753,6 +760,9 @@ impl Walker<'_> {
                     spans.backoff_max = Some(v.span());
                 }
                 "healthy_after" => p.healthy_after = self.duration(v, key)?,
+                "start_retries" => {
+                    p.start_retries = Some(to_u32(self.int_in(v, key, 0, i64::from(u32::MAX))?))
+                }
                 "max_restarts" => {
                     p.max_restarts = to_u32(self.int_in(v, key, 0, i64::from(u32::MAX))?)
                 }

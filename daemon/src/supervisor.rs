@@ -302,6 +302,11 @@ struct Pool {
     slots: Vec<Slot>,
     /// Crash times within `restart_window`.
     crashes: VecDeque<Instant>,
+    /// A worker has sent `Ready` since the pool (re)started.
+    ever_ready: bool,
+    /// Workers that exited before `Ready`, in a row, while none ever was
+    /// (for `start_retries`).
+    start_failures: u32,
     last_error: Option<String>,
     /// While `failed`: the crash that failed it (`worker N: …`), as
     /// `PoolFailed` tells waiting clients.
@@ -595,6 +600,8 @@ impl Supervisor {
         if let Phase::Starting { .. } = p.phase {
             p.phase = Phase::Ready;
             p.ready = true;
+            pool.ever_ready = true;
+            pool.start_failures = 0;
             pool.jobs.dirty = true;
             let (slot_id, pid) = (slot.id, p.pid);
             self.actions.push_back(Action::Log {
@@ -1254,15 +1261,22 @@ impl Supervisor {
     /// Crash accounting and restart decision for a slot whose process died
     /// (or could not be spawned).
     fn handle_death(&mut self, name: &str, idx: usize, now: Instant, crash: bool, what: String) {
-        let uptime = match &self.pools[name].slots[idx].state {
-            SlotState::Running(p) => now.saturating_duration_since(p.spawned_at),
-            _ => Duration::ZERO,
+        let (uptime, was_ready) = match &self.pools[name].slots[idx].state {
+            SlotState::Running(p) => (now.saturating_duration_since(p.spawned_at), p.ready),
+            _ => (Duration::ZERO, false),
         };
         if !self.release_slot(name, idx) {
             return;
         }
         let pool = self.pools.get_mut(name).expect("exists");
         let cfg = pool.config.clone();
+        if crash && !was_ready && !pool.ever_ready {
+            pool.start_failures += 1;
+        }
+        let never_start = cfg
+            .start_retries
+            .filter(|r| crash && pool.start_failures > *r)
+            .map(|_| pool.start_failures);
         if crash {
             pool.slots[idx].restarts += 1;
             // Shown by `status` while the pool crash-loops, not only once
@@ -1276,14 +1290,23 @@ impl Supervisor {
                 pool.crashes.pop_front();
             }
             pool.crashes.push_back(now);
-            if pool.crashes.len() as u32 > cfg.max_restarts {
+            if pool.crashes.len() as u32 > cfg.max_restarts || never_start.is_some() {
                 pool.state = PoolState::Failed;
                 let crash = format!("worker {}: {what}", pool.slots[idx].id);
+                let why = match never_start {
+                    Some(n) => format!(
+                        "its workers exited before they were ready {n} times in a row (start_retries = {})",
+                        n - 1
+                    ),
+                    None => format!(
+                        "{} crashes within restart_window ({})",
+                        pool.crashes.len(),
+                        humantime::format_duration(cfg.restart_window)
+                    ),
+                };
                 // The crash text last: it may be a worker's traceback.
                 let msg = format!(
-                    "pool {name} failed: {} crashes within restart_window ({}); fix the cause, then run `jobvisorctl restart {name}` (or fix its command and `jobvisorctl reload`); last: {crash}",
-                    pool.crashes.len(),
-                    humantime::format_duration(cfg.restart_window)
+                    "pool {name} failed: {why}; fix the cause, then run `jobvisorctl restart {name}` (or fix its command and `jobvisorctl reload`); last: {crash}"
                 );
                 pool.last_error = Some(msg.clone());
                 pool.failure = Some(crash);
@@ -1387,6 +1410,8 @@ impl Pool {
         let was_failed = self.state == PoolState::Failed;
         self.state = PoolState::Running;
         self.crashes.clear();
+        self.ever_ready = false;
+        self.start_failures = 0;
         self.last_error = None;
         self.failure = None;
         self.jobs.told_failed.clear();
@@ -1405,6 +1430,8 @@ impl Pool {
             state: PoolState::Running,
             slots: Vec::new(),
             crashes: VecDeque::new(),
+            ever_ready: false,
+            start_failures: 0,
             last_error: None,
             failure: None,
             rolling: None,

@@ -26,6 +26,9 @@ import pickle
 import struct
 
 MAGIC = b"JVB1"
+# True while a `--call` worker imports the caller's main module (see
+# jobvisor.worker.call_setup).
+BOOTSTRAPPING = False
 ALIGN = 64
 # Buffers below this size are pickled in-band.
 OOB_MIN = 64 << 10

@@ -68,8 +68,7 @@ def _base_dir():
 
 
 def _check_not_bootstrapping():
-    worker = sys.modules.get("jobvisor.worker")
-    if worker is not None and getattr(worker, "BOOTSTRAPPING", False):
+    if _calls.BOOTSTRAPPING:
         raise RuntimeError(
             "a jobvisor worker, while importing your main module, was asked to start a "
             "jobvisor.Executor or Pool: put that code under `if __name__ == \"__main__\":` "
@@ -113,6 +112,16 @@ class Daemon:
                 "env": {"JOBVISOR_CALL_SETUP": setup_path, "PYTHONPATH": pythonpath},
                 # A whole map is submitted at once, like ProcessPoolExecutor.
                 "queue_capacity": 1 << 40,
+                # Workers that cannot start (ImportError, failing initializer)
+                # fail the calls on the third try; crashes during calls, once
+                # a worker has started, do not fail the pool (their calls are
+                # retried, then end `dead`).
+                "start_retries": 2,
+                "max_restarts": 1000000,
+                # A call that kills its worker is retried on a fresh one within
+                # a second, not after a backoff grown to 30 s.
+                "backoff_max": "1s",
+                "healthy_after": "1s",
             }
             if max_tasks_per_child:
                 pool["max_jobs_per_worker"] = int(max_tasks_per_child)
@@ -131,9 +140,10 @@ class Daemon:
             ours, theirs = socket.socketpair()
             self._lifeline = ours
             env = dict(os.environ)
-            # The daemon's own progress lines are not the caller's business;
-            # warnings and errors still show. JOBVISOR_LOG=info shows all.
-            env.setdefault("JOBVISOR_LOG", "warn")
+            # The daemon's own progress lines are not the caller's business,
+            # nor its warnings about workers (their own output shows, and
+            # the calls raise). JOBVISOR_LOG=info shows all.
+            env.setdefault("JOBVISOR_LOG", "error")
             # A worker's print reaches this process's stdout (or stderr) as
             # under multiprocessing, not as a daemon log record.
             env.setdefault("JOBVISOR_WORKER_OUTPUT", "plain")

@@ -466,25 +466,20 @@ def outcome(job):
 
 
 def remote_exception(job, error):
-    """The exception a failed call raised, rebuilt, with the worker's
-    traceback as its ``__cause__``; a :class:`RemoteError` when it cannot
-    be rebuilt."""
-    text, pickled = error, None
-    if w.PICKLED_EXCEPTION in error:
-        text, _, hexed = error.partition(w.PICKLED_EXCEPTION)
+    """The exception a failed call raised, rebuilt from the job's output
+    (the worker pickled it there), with the worker's traceback (the job's
+    error) as its ``__cause__``; a :class:`RemoteError` carrying that
+    traceback when it cannot be rebuilt."""
+    exc = None
+    if job.output:
         try:
-            pickled = bytes.fromhex(hexed.strip())
-        except ValueError:
-            pickled = None
-    if pickled is not None:
-        try:
-            exc = _calls.loads(pickled)
+            exc = _calls.loads(job.output)
         except Exception:
             exc = None
-        if isinstance(exc, BaseException):
-            exc.__cause__ = RemoteTraceback('\n"""\n' + text.rstrip() + '\n"""')
-            return exc
-    return RemoteError(text)
+    if isinstance(exc, BaseException):
+        exc.__cause__ = RemoteTraceback('\n"""\n' + error.rstrip() + '\n"""')
+        return exc
+    return RemoteError(error)
 
 
 def _memfd(payload):

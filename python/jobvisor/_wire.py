@@ -7,9 +7,6 @@ import struct
 
 MAX_FRAME_LEN = 64 << 20
 PROTOCOL_VERSION = 1
-# Separates the human-readable error of a failed pickled call (the worker's
-# traceback) from the pickled exception that jobvisor.Executor re-raises.
-PICKLED_EXCEPTION = "\n--- jobvisor pickled exception ---\n"
 
 
 class ProtocolError(Exception):

@@ -143,10 +143,13 @@ class Worker:
     def ready(self):
         self.send(b"\x00" + w.uvarint(w.PROTOCOL_VERSION) + w.uvarint(os.getpid()))
 
-    def done(self, job_id, output):
+    def done(self, job_id, output, raised=None):
         """Answers `Done`; `output` is bytes-like, or a
-        :class:`jobvisor._calls.Payload` copied part by part."""
+        :class:`jobvisor._calls.Payload` copied part by part. With `raised`
+        (the error text), answers `Raised`: the job failed, and `output`
+        (a pickled exception) is kept as its output."""
         size = _calls.size(output)
+        placed = None
         if size > self.inline_limit:
             at = self.arena.alloc(size)
             while at is None and self.arena.live and not self.shutdown:
@@ -158,18 +161,22 @@ class Worker:
                     output.write_into(self.arena.view[at:at + size])
                 else:
                     self.arena.view[at:at + size] = output
-                self.send(b"\x01" + w.uvarint(job_id) + b"\x01" + w.uvarint(at) + w.uvarint(size))
+                placed = (at, size)
+        if placed is None:
+            if size > w.MAX_FRAME_LEN - (1 << 20):
+                what = "exception" if raised is not None else "output"
+                self.failed(job_id, (raised + "\n" if raised else "")
+                            + f"the {what} of {size} bytes fits neither the shared-memory arena "
+                            "nor a frame; raise the pool's shm_size")
                 return
-        if size > w.MAX_FRAME_LEN - 32:
-            self.failed(job_id, f"output of {size} bytes fits neither the shared-memory arena "
-                                f"nor a frame; raise the pool's shm_size")
-            return
-        if isinstance(output, _calls.Payload):
-            output = output.join()
-        self.send(b"\x01" + w.uvarint(job_id) + b"\x00" + w.bytes_(output))
+            placed = _calls.join(output)
+        if raised is None:
+            self.send(w.encode_done(job_id, placed))
+        else:
+            self.send(w.encode_raised(job_id, raised, placed))
 
     def failed(self, job_id, error):
-        self.send(b"\x02" + w.uvarint(job_id) + w.string(error))
+        self.send(w.encode_failed(job_id, error))
 
     # -- receiving: a thread reads fd 3 all the time, so that a Cancel
     # reaches a running job
@@ -287,7 +294,10 @@ class Worker:
             self.failed(job_id, "cancelled")
             return
         except _CallFailed as e:
-            self.failed(job_id, str(e))
+            if e.pickled is None:
+                self.failed(job_id, e.text)
+            else:
+                self.done(job_id, e.pickled, raised=e.text)
             return
         except Exception as e:  # the job fails; the worker lives on
             self.failed(job_id, _describe(e))
@@ -379,27 +389,19 @@ def _call(job_input):
 
 
 class _CallFailed(Exception):
-    """A call raised: its traceback as text, and the exception pickled (or
-    None when it cannot be)."""
+    """A call raised: its traceback as text (the job's error: its last line
+    is the exception's), and the exception pickled (the job's output, from
+    which the caller re-raises it; None when it cannot be pickled)."""
 
     def __init__(self, original):
         tb = "".join(traceback.format_exception(type(original), original, original.__traceback__))
         try:
-            pickled = pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL)
+            pickled = _calls.dumps(original)
         except Exception:
             pickled = None
         super().__init__(tb.rstrip())
+        self.text = tb.rstrip()
         self.pickled = pickled
-
-    def __str__(self):
-        text = self.args[0]
-        return text + (w.PICKLED_EXCEPTION + self.pickled.hex() if self.pickled else "")
-
-
-# True while a --call worker imports the caller's main module: a
-# `jobvisor.Executor()` or `Pool()` at the top level of that module (not
-# under `if __name__ == "__main__":`) must not start another daemon.
-BOOTSTRAPPING = False
 
 
 def call_setup():
@@ -409,7 +411,6 @@ def call_setup():
     spawn start method prepares a child (``multiprocessing.spawn.prepare``),
     then the initializer. An exception here ends the worker with its
     traceback on stderr, which the daemon reports as the pool's error."""
-    global BOOTSTRAPPING
     path = os.environ.get("JOBVISOR_CALL_SETUP")
     if not path:
         return
@@ -418,11 +419,16 @@ def call_setup():
     prepare = setup.get("prepare")
     if prepare:
         from multiprocessing import spawn
-        BOOTSTRAPPING = True
+        # A `jobvisor.Executor()` or `Pool()` at the top level of that module
+        # (not under `if __name__ == "__main__":`) must not start another
+        # daemon: jobvisor._embedded refuses while this is set. (The flag
+        # lives in _calls: this module runs as __main__, not as
+        # jobvisor.worker.)
+        _calls.BOOTSTRAPPING = True
         try:
             spawn.prepare(prepare)
         finally:
-            BOOTSTRAPPING = False
+            _calls.BOOTSTRAPPING = False
     init = setup.get("initializer")
     if init is not None:
         fn, args = _calls.loads(init)

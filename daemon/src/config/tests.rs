@@ -491,6 +491,7 @@ result_retention = "7days"
         backoff_max: Duration::from_secs(120),
         healthy_after: Duration::from_millis(250),
         max_restarts: 0,
+        start_retries: None,
         restart_window: Duration::from_secs(600),
         inline_limit: 4096,
         shm_size: 1 << 30,

@@ -1308,3 +1308,44 @@ mod jobs {
         assert!(failed.drop_input_file, "its input file goes");
     }
 }
+
+#[test]
+fn start_retries_fail_a_pool_whose_workers_never_start_and_spare_one_that_did() {
+    // Workers that exit before Ready, while none ever was: the third such
+    // death fails the pool (start_retries = 2), well under max_restarts.
+    let mut s = Sim::new(&cfg(&pool(
+        "a",
+        2,
+        "backoff_initial = \"0s\"\nmax_restarts = 100\nstart_retries = 2",
+    )));
+    let mut deaths = 0;
+    while s.sup.pools["a"].state == PoolState::Running {
+        let p = s.procs("a").into_iter().flatten().next().unwrap();
+        s.advance(Duration::from_millis(10));
+        s.kill(p);
+        deaths += 1;
+        assert!(deaths < 20);
+    }
+    assert_eq!(deaths, 3);
+    let status = s.sup.status(Some("a"), s.now).unwrap();
+    let error = status.pools[0].last_error.clone().unwrap();
+    assert!(
+        error.contains("exited before they were ready 3 times in a row"),
+        "{error}"
+    );
+
+    // Once a worker has been ready, deaths (before Ready or not) count only
+    // toward max_restarts.
+    let mut s = Sim::new(&cfg(&pool(
+        "b",
+        1,
+        "backoff_initial = \"0s\"\nmax_restarts = 100\nstart_retries = 1",
+    )));
+    s.ready_all("b");
+    for _ in 0..10 {
+        let p = s.procs("b").into_iter().flatten().next().unwrap();
+        s.advance(Duration::from_millis(10));
+        s.kill(p);
+    }
+    assert_eq!(s.sup.pools["b"].state, PoolState::Running);
+}
