@@ -551,3 +551,82 @@ fn a_raised_failure_keeps_its_detail_and_the_cli_shows_its_lines() {
     // The worker lives on: a failed job is not a crash.
     assert_eq!(d.pool("raise")["workers"][0]["restarts"], 0);
 }
+
+/// A Python call that raises, as an operator sees it: `jobs` shows the
+/// exception line, `result` the traceback as lines and never the pickled
+/// exception; the caller gets the exception itself with the traceback as
+/// its cause.
+#[test]
+fn a_failed_python_call_shows_its_exception_line_and_traceback() {
+    let mut d = Daemon::prepare("py-raised", "");
+    std::fs::write(
+        d.dir.path().join("calls.py"),
+        "def boom(x):\n    raise ValueError(f\"boom {x}\")\n",
+    )
+    .unwrap();
+    let env = pool_env(d.dir.path());
+    d.write_config(&format!(
+        "{}[pools.call]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"--call\"]\nworkers = 1\n{env}",
+        daemon_section(),
+    ));
+    d.spawn();
+    d.wait_ready("call", 1);
+    let script = r#"
+import calls, jobvisor
+with jobvisor.Executor(pool="call") as ex:
+    try:
+        ex.submit(calls.boom, 7).result(timeout=60)
+    except ValueError as e:
+        assert str(e) == "boom 7", e
+        assert isinstance(e.__cause__, jobvisor.RemoteTraceback), repr(e.__cause__)
+        assert "in boom" in str(e.__cause__), str(e.__cause__)
+        print("raised ok")
+"#;
+    let o = Command::new("python3")
+        .args(["-c", script])
+        .env(
+            "PYTHONPATH",
+            format!("{}:{}", python_dir().display(), d.dir.path().display()),
+        )
+        .env("JOBVISOR_SOCKET", d.socket())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("raised ok"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let jobs = d.ctl(&["jobs", "--pool", "call"]);
+    assert_eq!(jobs.code, 0, "{jobs:?}");
+    assert!(
+        jobs.stdout.contains("ValueError: boom 7"),
+        "{}",
+        jobs.stdout
+    );
+    assert!(!jobs.stdout.contains("Traceback"), "{}", jobs.stdout);
+    let listed = d.ctl(&["--json", "jobs", "--pool", "call"]);
+    let first = listed.stdout.lines().next().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(first).expect("a JSON line per job");
+    let id = v["id"].as_u64().expect("a job id").to_string();
+    let r = d.ctl(&["result", &id]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("Traceback (most recent call last):"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("raise ValueError(f\"boom {x}\")"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("ValueError: boom 7"), "{}", r.stderr);
+    assert!(!r.stderr.contains("pickled"), "{}", r.stderr);
+    assert!(
+        r.stdout.is_empty(),
+        "a failed job's output is not printed: {:?}",
+        r.stdout
+    );
+}

@@ -421,6 +421,61 @@ class Embedded(unittest.TestCase):
         """)
         self.assertEqual(out.split(), ["11", "[10,", "20]"])
 
+    def test_a_broken_import_in_the_workers_raises_its_text_at_once(self):
+        out, _, _ = self.run_script("""
+            import time
+            import jobvisor
+
+            if __name__ == "__mp_main__":   # only in the workers
+                import no_such_module_here
+
+            def square(x):
+                return x * x
+
+            if __name__ == "__main__":
+                t = time.monotonic()
+                with jobvisor.Executor(2) as ex:
+                    try:
+                        ex.submit(square, 3).result(60)
+                    except jobvisor.PoolFailedError as e:
+                        from concurrent.futures.process import BrokenProcessPool
+                        print("Executor", isinstance(e, BrokenProcessPool), time.monotonic() - t < 20)
+                        print(str(e).splitlines()[-1])
+                    try:
+                        ex.submit(square, 4).result(60)
+                    except jobvisor.PoolFailedError:
+                        print("later submits too")
+                with jobvisor.Pool(1) as p:
+                    try:
+                        p.map(square, range(3))
+                    except jobvisor.PoolFailedError as e:
+                        print("Pool", str(e).splitlines()[-1])
+        """)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "Executor True True", out)
+        self.assertEqual(lines[1], "ModuleNotFoundError: No module named 'no_such_module_here'")
+        self.assertEqual(lines[2], "later submits too")
+        self.assertEqual(lines[3], "Pool ModuleNotFoundError: No module named 'no_such_module_here'")
+
+    def test_a_failing_initializer_raises_its_text(self):
+        out, _, _ = self.run_script("""
+            import jobvisor
+
+            def init():
+                raise OSError("no database here")
+
+            def square(x):
+                return x * x
+
+            if __name__ == "__main__":
+                with jobvisor.Executor(1, initializer=init) as ex:
+                    try:
+                        ex.submit(square, 3).result(60)
+                    except jobvisor.PoolFailedError as e:
+                        print(str(e).splitlines()[-1])
+        """)
+        self.assertEqual(out.strip(), "OSError: no database here")
+
     def test_top_level_code_without_a_main_guard_is_refused_in_workers(self):
         _, err, rc = self.run_script("""
             import jobvisor
