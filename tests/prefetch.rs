@@ -138,3 +138,39 @@ fn an_idle_worker_takes_back_a_job_waiting_behind_a_long_one() {
         assert_eq!(doc["attempts"].as_array().unwrap().len(), 1, "{doc}");
     }
 }
+
+/// A worker recycled by `max_jobs_per_worker` while it holds prefetched
+/// jobs finishes them, then is replaced: the stream goes on. (It used to
+/// stay `stopping` for ever: each further result asked to recycle it again
+/// instead of stopping it once drained.)
+#[test]
+fn a_recycled_worker_with_prefetched_jobs_is_replaced_once_they_are_done() {
+    let config = format!(
+        "{}[pools.e]\ncommand = [\"{}\", \"echo\"]\nworkers = 3\nmax_jobs_per_worker = 10\n",
+        daemon_section(),
+        bin("jobvisor-worker").display()
+    );
+    let d = Daemon::start("recycle-prefetch", &config);
+    d.wait_ready("e", 3);
+    let input: String = (0..300).map(|i| format!("{i}\n")).collect();
+    let mut map = Command::new(bin("jobvisorctl"));
+    map.arg("--socket").arg(d.socket()).args(["map", "e"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_with_stdin(map, Some(input.as_bytes())));
+    });
+    // Bounded: without the fix the map never ends.
+    let r = rx
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("the map did not finish; log:\n{}", d.log_text()));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 300);
+    let recycled = d
+        .log_text()
+        .matches("reached max_jobs_per_worker (10); recycling it")
+        .count();
+    assert!(
+        recycled >= 20,
+        "{recycled} recycles for 300 jobs of 10 each"
+    );
+}

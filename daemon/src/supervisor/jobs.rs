@@ -2172,7 +2172,11 @@ impl Supervisor {
             run_time = p.head_since.map(|t| now.saturating_duration_since(t));
             p.head_since = (!p.inflight.is_empty()).then_some(now);
         }
-        let recycle = max_jobs > 0 && p.jobs_handled >= max_jobs;
+        // Once: a recycled worker with prefetched jobs still in hand finishes
+        // them while draining, and is stopped (below) when the last is done.
+        let recycle = max_jobs > 0
+            && p.jobs_handled >= max_jobs
+            && !matches!(p.phase, Phase::Draining { .. });
         let measure = wants_rss
             && p.last_rss_check
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(50));
