@@ -173,4 +173,14 @@ fn a_recycled_worker_with_prefetched_jobs_is_replaced_once_they_are_done() {
         recycled >= 20,
         "{recycled} recycles for 300 jobs of 10 each"
     );
+    // And none ran more than 10: no job is sent ahead past the limit.
+    let listed = d.ctl(&["--json", "jobs", "--pool", "e"]);
+    let mut per_pid = std::collections::HashMap::<u64, u32>::new();
+    for line in listed.stdout.lines() {
+        let job: serde_json::Value = serde_json::from_str(line).expect("a JSON line per job");
+        let pid = job["attempts"][0]["pid"].as_u64().expect("a pid");
+        *per_pid.entry(pid).or_default() += 1;
+    }
+    assert_eq!(per_pid.values().sum::<u32>(), 300);
+    assert!(per_pid.values().all(|&n| n <= 10), "{per_pid:?}");
 }

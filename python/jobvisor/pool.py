@@ -452,6 +452,9 @@ class Pool:
         if wait_for_tasks:
             with self._lock:
                 self._idle.wait_for(lambda: not self._outstanding)
+            # Also the tasks of a result already settled (a map that failed
+            # fast still has other chunks running): join waits for all.
+            self._engine.wait_idle()
             if self._daemon is not None:
                 # As multiprocessing's workers do, each has run its
                 # initializer before the pool is gone, even with no task.

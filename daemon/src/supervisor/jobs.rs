@@ -1566,7 +1566,13 @@ impl Supervisor {
         let long_running = pool.config.prefetch.is_none()
             && p.head_since
                 .is_some_and(|t| now.saturating_duration_since(t) >= TAKE_BACK_AFTER);
-        let limit = if long_running { 1 } else { prefetch };
+        let mut limit = if long_running { 1 } else { prefetch };
+        // A worker is sent no job beyond its max_jobs_per_worker: it is
+        // recycled after that many, not after those it was sent ahead.
+        let max_jobs = pool.config.max_jobs_per_worker;
+        if max_jobs > 0 {
+            limit = limit.min(max_jobs.saturating_sub(p.jobs_handled) as usize);
+        }
         (limit.saturating_sub(n), n)
     }
 
