@@ -74,7 +74,6 @@ fn cpythons_pool_and_executor_tests_pass_against_the_standard_library() {
 }
 
 #[test]
-#[ignore = "enabled when jobvisor.Pool lands"]
 fn cpythons_pool_and_executor_tests_pass_against_jobvisor() {
     let jobvisord = bin("jobvisord");
     let bin_dir = jobvisord.parent().unwrap().display().to_string();
