@@ -13,7 +13,6 @@ writing.
 
 import collections
 import concurrent.futures as cf
-import fcntl
 import os
 import queue
 import threading
@@ -21,9 +20,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 from . import _calls
 from . import _wire as w
-from .client import FD_PAYLOAD_MIN, Connection, Error, encode_submit
+from .client import FD_PAYLOAD_MIN, Connection, Error, encode_submit, sealed_memfd
 
-_ZEROS = bytes(_calls.ALIGN)
 # Submits written together by `submit_many`.
 SUBMIT_BATCH = 512
 
@@ -188,7 +186,7 @@ class Engine:
         fd = None
         size = _calls.size(payload)
         if size >= FD_PAYLOAD_MIN:
-            fd = _memfd(payload)
+            fd = sealed_memfd(payload)
             request = encode_submit(self.pool, size, self.options, True, True)
         else:
             request = self.inline_request(_calls.join(payload))
@@ -480,36 +478,3 @@ def remote_exception(job, error):
         exc.__cause__ = RemoteTraceback('\n"""\n' + error.rstrip() + '\n"""')
         return exc
     return RemoteError(error)
-
-
-def _memfd(payload):
-    """A sealed memfd holding `payload`, written with one ``writev`` per
-    batch of parts (the kernel copies each buffer once)."""
-    if type(payload) is not _calls.Payload:
-        payload = _calls.Payload([payload], [0], len(payload))
-    fd = os.memfd_create("jobvisor-call", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        iov = []
-        at = 0
-        for part, offset in zip(payload.parts, payload.offsets):
-            if offset > at:
-                iov.append(_ZEROS[:offset - at])
-            view = memoryview(part).cast("B")
-            iov.append(view)
-            at = offset + view.nbytes
-        os.ftruncate(fd, payload.size)
-        done = 0
-        while iov:
-            n = os.pwritev(fd, iov[:512], done)
-            done += n
-            while iov and n >= memoryview(iov[0]).nbytes:
-                n -= memoryview(iov[0]).nbytes
-                iov.pop(0)
-            if n and iov:
-                iov[0] = memoryview(iov[0])[n:]
-        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise

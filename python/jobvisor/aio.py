@@ -30,7 +30,7 @@ import os
 import socket
 
 from . import _wire as w
-from .client import (MAP_WINDOW, Error, _options, decode_response, read_fd, resolve_socket,
+from .client import (MAP_WINDOW, Error, _options, decode_with_fd, read_fd, resolve_socket,
                      submit_request)
 
 __all__ = ["Client", "Executor"]
@@ -140,21 +140,7 @@ class _Connection:
             await self._fill()
         payload = bytes(self.buf[4:4 + n])
         del self.buf[:4 + n]
-        try:
-            kind, value = decode_response(payload)
-        except w.ProtocolError as e:
-            raise Error("failed", f"protocol error: {e}") from None
-        if kind == "job_fd":
-            doc, length = value
-            if not self.fds:
-                raise Error("failed", "protocol error: JobFd without a descriptor")
-            fd = self.fds.pop(0)
-            try:
-                doc.output = read_fd(fd, length)
-            finally:
-                os.close(fd)
-            return "job", doc
-        return kind, value
+        return decode_with_fd(payload, self.fds, read_fd)
 
 
 class Client:

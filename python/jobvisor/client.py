@@ -216,17 +216,68 @@ def submit_request(pool, data, options, wait):
 
 
 def sealed_memfd(data):
-    """A memfd holding `data`, sealed against any change."""
+    """A memfd holding `data`, sealed against any change. `data` is
+    bytes-like, or a :class:`jobvisor._calls.Payload` (its parts are written
+    where they belong, with one ``pwritev`` per 512 parts: the kernel copies
+    each buffer once)."""
     import fcntl
+    parts = getattr(data, "parts", None)
+    if parts is None:
+        parts, offsets, size = [data], [0], memoryview(data).nbytes
+    else:
+        offsets, size = data.offsets, data.size
     fd = os.memfd_create("jobvisor-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        w.write_all(fd, data)
+        os.ftruncate(fd, size)
+        # Holes (alignment padding) read as zeros: only the parts are written.
+        iov, at = [], 0
+        for part, offset in zip(parts, offsets):
+            view = memoryview(part).cast("B")
+            if offset != at or len(iov) == 512:
+                _pwrite_all(fd, iov, at - sum(v.nbytes for v in iov))
+                iov = []
+            iov.append(view)
+            at = offset + view.nbytes
+        _pwrite_all(fd, iov, at - sum(v.nbytes for v in iov))
         seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _pwrite_all(fd, iov, offset):
+    """Writes the views of `iov`, back to back, at `offset`."""
+    while iov:
+        n = os.pwritev(fd, iov, offset)
+        offset += n
+        while iov and n >= iov[0].nbytes:
+            n -= iov[0].nbytes
+            iov = iov[1:]
+        if n:
+            iov = [iov[0][n:]] + iov[1:]
+
+
+def decode_with_fd(payload, fds, fetch):
+    """Response `payload` decoded as :func:`decode_response`; a ``job_fd``
+    becomes ("job", Job) with its output taken from the first descriptor of
+    the FIFO `fds` by ``fetch(fd, length)`` (the descriptor is closed)."""
+    try:
+        kind, value = decode_response(payload)
+    except w.ProtocolError as e:
+        raise Error("failed", f"protocol error: {e}") from None
+    if kind != "job_fd":
+        return kind, value
+    doc, length = value
+    if not fds:
+        raise Error("failed", "protocol error: JobFd without a descriptor")
+    fd = fds.pop(0)
+    try:
+        doc.output = fetch(fd, length)
+    finally:
+        os.close(fd)
+    return "job", doc
 
 
 def map_fd(fd, length):
@@ -433,21 +484,7 @@ class Connection:
     def decode(self, payload):
         """Response `payload` (a frame read from this connection), decoded
         as :meth:`recv` does."""
-        try:
-            kind, value = decode_response(payload)
-        except w.ProtocolError as e:
-            raise Error("failed", f"protocol error: {e}") from None
-        if kind == "job_fd":
-            doc, length = value
-            if not self.fds:
-                raise Error("failed", "protocol error: JobFd without a descriptor")
-            fd = self.fds.pop(0)
-            try:
-                doc.output = (map_fd if self.map_outputs else read_fd)(fd, length)
-            finally:
-                os.close(fd)
-            return "job", doc
-        return kind, value
+        return decode_with_fd(payload, self.fds, map_fd if self.map_outputs else read_fd)
 
 
 class Client:
