@@ -12,6 +12,20 @@ fn python_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
 }
 
+/// `python3 ARGS` as a client of `d`: the package and the modules of the
+/// test's directory importable, `JOBVISOR_SOCKET` set.
+fn python_client(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new("python3")
+        .args(args)
+        .env(
+            "PYTHONPATH",
+            format!("{}:{}", python_dir().display(), d.dir.path().display()),
+        )
+        .env("JOBVISOR_SOCKET", d.socket())
+        .output()
+        .expect("python3 (the CI script installs it)")
+}
+
 /// The `env` of a pool whose workers import the package and modules in `dir`.
 fn pool_env(dir: &std::path::Path) -> String {
     format!(
@@ -270,15 +284,7 @@ fn the_python_client_and_executor_drive_a_daemon() {
     d.spawn();
     d.wait_ready("py", 1);
     d.wait_ready("call", 2);
-    let o = Command::new("python3")
-        .arg(d.dir.path().join("client.py"))
-        .env(
-            "PYTHONPATH",
-            format!("{}:{}", python_dir().display(), d.dir.path().display()),
-        )
-        .env("JOBVISOR_SOCKET", d.socket())
-        .output()
-        .unwrap();
+    let o = python_client(&d, &[d.dir.path().join("client.py").to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -582,15 +588,7 @@ with jobvisor.Executor(pool="call") as ex:
         assert "in boom" in str(e.__cause__), str(e.__cause__)
         print("raised ok")
 "#;
-    let o = Command::new("python3")
-        .args(["-c", script])
-        .env(
-            "PYTHONPATH",
-            format!("{}:{}", python_dir().display(), d.dir.path().display()),
-        )
-        .env("JOBVISOR_SOCKET", d.socket())
-        .output()
-        .unwrap();
+    let o = python_client(&d, &["-c", script]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("raised ok"),

@@ -31,7 +31,7 @@ import socket
 
 from . import _wire as w
 from .client import (MAP_WINDOW, Error, _options, decode_with_fd, read_fd, resolve_socket,
-                     submit_request)
+                     submit_request, take_fds)
 
 __all__ = ["Client", "Executor"]
 
@@ -119,11 +119,7 @@ class _Connection:
                 await self._ready(self.loop.add_reader, self.loop.remove_reader)
             except OSError as e:
                 raise Error("failed", f"connection to jobvisord lost: {e}") from None
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
-                self.fds.extend(fds)
+        take_fds(ancdata, self.fds)
         if not data:
             raise Error("failed", "jobvisord closed the connection")
         self.buf += data

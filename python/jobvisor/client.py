@@ -259,6 +259,15 @@ def _pwrite_all(fd, iov, offset):
             iov = [iov[0][n:]] + iov[1:]
 
 
+def take_fds(ancdata, fds):
+    """Appends the descriptors of a `recvmsg`'s ancillary data to `fds`."""
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(cdata[:len(cdata) - (len(cdata) % got.itemsize)])
+            fds.extend(got)
+
+
 def decode_with_fd(payload, fds, fetch):
     """Response `payload` decoded as :func:`decode_response`; a ``job_fd``
     becomes ("job", Job) with its output taken from the first descriptor of
@@ -463,11 +472,7 @@ class Connection:
             data, ancdata, _flags, _addr = self.sock.recvmsg(1 << 16, size, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
         except OSError as e:
             raise Error("failed", f"connection to jobvisord lost: {e}") from None
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
-                self.fds.extend(fds)
+        take_fds(ancdata, self.fds)
         if not data:
             raise Error("failed", "jobvisord closed the connection")
         return data
