@@ -587,11 +587,20 @@ with jobvisor.Executor(pool="call") as ex:
         assert isinstance(e.__cause__, jobvisor.RemoteTraceback), repr(e.__cause__)
         assert "in boom" in str(e.__cause__), str(e.__cause__)
         print("raised ok")
+# The Pool, connected to the same shared pool.
+with jobvisor.Pool(pool="call") as p:
+    assert p.map(abs, [-1, -2, 3]) == [1, 2, 3]
+    assert sorted(p.imap_unordered(abs, range(-5, 0))) == [1, 2, 3, 4, 5]
+    try:
+        p.apply(calls.boom, (8,))
+    except ValueError as e:
+        assert str(e) == "boom 8", e
+        print("pool ok")
 "#;
     let o = python_client(&d, &["-c", script]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        out.contains("raised ok"),
+        out.contains("raised ok") && out.contains("pool ok"),
         "{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
@@ -605,9 +614,14 @@ with jobvisor.Executor(pool="call") as ex:
     );
     assert!(!jobs.stdout.contains("Traceback"), "{}", jobs.stdout);
     let listed = d.ctl(&["--json", "jobs", "--pool", "call"]);
-    let first = listed.stdout.lines().next().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(first).expect("a JSON line per job");
-    let id = v["id"].as_u64().expect("a job id").to_string();
+    let id = listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line per job"))
+        .find(|j| j["error"].as_str().is_some_and(|e| e.ends_with("boom 7")))
+        .and_then(|j| j["id"].as_u64())
+        .expect("the job of boom(7)")
+        .to_string();
     let r = d.ctl(&["result", &id]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
