@@ -72,11 +72,15 @@ def store_bytes(d):
 
 
 def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
-    """`jobvisorctl map echo` of n lines on a fresh daemon, then `submits`
+    """`jobvisorctl map echo` of n lines on a fresh daemon (`prefetch`
+    pinned, or None for the default), then `submits`
     single `submit --wait` calls (0: none). timeout bounds each CLI call
     (seconds; None: unbounded)."""
-    d = start_daemon("jobs-echo", {"command": [os.path.join(BIN, "jobvisor-worker"), "echo"],
-                                   "workers": workers, "prefetch": prefetch, "queue_capacity": 10_000_000})
+    pool = {"command": [os.path.join(BIN, "jobvisor-worker"), "echo"], "workers": workers,
+            "queue_capacity": 10_000_000}
+    if prefetch is not None:  # None: the default (adaptive) prefetch
+        pool["prefetch"] = prefetch
+    d = start_daemon("jobs-echo", pool)
     ctl = [d.bins["jobvisorctl"], "--socket", str(d.socket)]
     try:
         data = "".join(f"{i}\n" for i in range(n)).encode()
