@@ -94,3 +94,38 @@ fn reload_refuses_every_bad_config_and_keeps_running() {
     }
     assert_eq!(d.wait_ready("echo", 1), vec![pid]);
 }
+
+/// After a refused reload the file on disk is invalid, but the daemon runs
+/// on: `jobvisorctl --config FILE` reads only the socket's path from it and
+/// still reaches the daemon. A syntax error (the socket's path cannot be
+/// read at all) is still a usage error.
+#[test]
+fn the_cli_reads_only_the_socket_path_from_a_config_the_daemon_refused() {
+    let good = format!(
+        "{}[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\n",
+        daemon_section(),
+        worker_bin()
+    );
+    let d = Daemon::start("cli-socket-only", &good);
+    d.wait_ready("echo", 1);
+    let ctl = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("jobvisorctl"));
+        c.arg("--config").arg(d.config_path()).args(args);
+        c.env_remove("JOBVISOR_SOCKET");
+        run_with_stdin(c, None)
+    };
+    d.write_config(&good.replace("workers = 1", "workers = 0"));
+    let r = ctl(&["reload"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("workers"), "{r:?}");
+    let r = ctl(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("pool echo: running"), "{r:?}");
+    let r = ctl(&["submit", "echo", "--input", "still here", "--wait"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "still here"), "{r:?}");
+
+    d.write_config("[daemon\ncontrol_socket = \"ctl.sock\"\n");
+    let r = ctl(&["status"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("jobvisor.toml:1:"), "{r:?}");
+}

@@ -380,11 +380,45 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, path)
 }
 
-/// Validates config `text`. `path` is used in messages (as given) and, made absolute,
-/// for [`Config::path`] and for resolving relative paths against its directory.
-pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let abs = absolute(path);
-    let dir = abs
+/// Only `[daemon] control_socket` of the config file at `path`, resolved as
+/// [`load`] does (`None` when the file does not set it): what `jobvisorctl`
+/// needs. The rest of the file is not validated, so that a mistake
+/// elsewhere in it (say, the one a `reload` was refused for) does not keep
+/// the CLI from reaching a daemon that runs fine.
+pub fn control_socket(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let (doc, dir) = parse_toml(&text, path)?;
+    let walker = Walker {
+        text: &text,
+        path,
+        dir: &dir,
+    };
+    let Some((_, daemon)) = in_order(doc.get_ref())
+        .into_iter()
+        .find(|(k, _)| key_str(k) == "daemon")
+    else {
+        return Ok(None);
+    };
+    let t = walker.table(daemon, "daemon")?;
+    match in_order(t)
+        .into_iter()
+        .find(|(k, _)| key_str(k) == "control_socket")
+    {
+        Some((_, v)) => walker.path_value(v, "daemon.control_socket").map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The TOML document of `text` and the directory relative paths are
+/// resolved against; a syntax error as [`ConfigError::Syntax`].
+fn parse_toml<'t>(
+    text: &'t str,
+    path: &Path,
+) -> Result<(toml::Spanned<DeTable<'t>>, PathBuf), ConfigError> {
+    let dir = absolute(path)
         .parent()
         .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
     let doc = DeTable::parse(text).map_err(|e| {
@@ -402,12 +436,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             message,
         }
     })?;
+    Ok((doc, dir))
+}
+
+/// Validates config `text`. `path` is used in messages (as given) and, made absolute,
+/// for [`Config::path`] and for resolving relative paths against its directory.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let (doc, dir) = parse_toml(text, path)?;
     let walker = Walker {
         text,
         path,
         dir: &dir,
     };
-    walker.document(doc.get_ref(), abs)
+    walker.document(doc.get_ref(), absolute(path))
 }
 
 /// Parses a duration such as `"250ms"`, `"30s"`, `"5m"`, `"1h30m"`, `"0s"`.

@@ -256,16 +256,19 @@ fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
         p.exists().then_some(p)
     });
     if let Some(p) = cfg_path {
-        return match crate::config::load(&p) {
+        // Only the socket's path is read from the config: an error in the
+        // rest of it (a refused reload's) is the daemon's business.
+        return match crate::config::control_socket(&p) {
             // A config without `control_socket` means the default socket.
-            Ok(c)
-                if c.daemon.control_socket
+            Ok(None) => default_socket(),
+            Ok(Some(sock))
+                if sock
                     == crate::config::default_runtime_dir()
                         .join(crate::config::SOCKET_FILE_NAME) =>
             {
                 default_socket()
             }
-            Ok(c) => Ok(c.daemon.control_socket),
+            Ok(Some(sock)) => Ok(sock),
             Err(e) => Err(Failure::usage(e.to_string())),
         };
     }
