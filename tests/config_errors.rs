@@ -129,3 +129,46 @@ fn the_cli_reads_only_the_socket_path_from_a_config_the_daemon_refused() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("jobvisor.toml:1:"), "{r:?}");
 }
+
+/// SIGHUP: a refused reload is logged once, at warn (so that
+/// `journalctl -p warning` shows it); a successful one once, at info.
+#[test]
+fn a_sighup_reload_is_logged_once_and_a_refused_one_at_warn() {
+    let good = format!(
+        "{}[pools.echo]\ncommand = [{}, \"echo\"]\nworkers = 1\n",
+        daemon_section(),
+        worker_bin()
+    );
+    let d = Daemon::start("sighup-log", &good);
+    d.wait_ready("echo", 1);
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP")
+    };
+    d.write_config(&good.replace("workers = 1", "workers = 0"));
+    hup();
+    wait_for("the refused reload's log line", DEADLINE, || {
+        d.log_text()
+            .contains("old configuration kept")
+            .then_some(())
+    });
+    let log = d.log_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("old configuration kept"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(
+        refused[0].starts_with("jobvisord: warn: reload: new configuration rejected"),
+        "{log}"
+    );
+
+    d.write_config(&good.replace("workers = 1", "workers = 2"));
+    hup();
+    d.wait_ready("echo", 2);
+    let log = d.log_text();
+    assert_eq!(log.matches("reloaded: ").count(), 1, "{log}");
+}

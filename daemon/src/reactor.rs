@@ -597,11 +597,9 @@ impl Reactor {
                     self.begin_shutdown(now);
                 }
                 SIGHUP => {
-                    let msg = match self.reload() {
-                        Ok(m) => m,
-                        Err((_, m)) => m,
-                    };
-                    crate::info!("SIGHUP: {msg}");
+                    crate::info!("SIGHUP: reloading the configuration");
+                    // `reload` logs the outcome (once), as for `jobvisorctl reload`.
+                    let _ = self.reload();
                 }
                 _ => {}
             }
@@ -756,6 +754,11 @@ impl Reactor {
         self.notifier
             .notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
         let result = self.apply_new_config();
+        if let Err((_, msg)) = &result {
+            // At warn, so that `journalctl -p warning` shows a refused reload
+            // (a successful one is logged at info by `apply_new_config`).
+            crate::warn!("reload: {msg}");
+        }
         self.notifier.notify("READY=1");
         self.notifier.status_changed();
         result
