@@ -237,11 +237,28 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// clap's first line without its `error: ` prefix, plus where to look.
+/// clap's error on one line, without its `error: ` prefix and its usage
+/// block, but with what it lists (the missing arguments) and its tip (the
+/// subcommand meant by a typo), plus where to look.
 fn clap_one_line(rendered: &str) -> String {
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("usage: {first}; see 'jobvisorctl --help'")
+    let mut text = String::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if !text.is_empty() {
+            text.push_str(if text.ends_with(':') { " " } else { "; " });
+        }
+        text.push_str(line);
+    }
+    if text.is_empty() {
+        text.push_str("invalid arguments");
+    }
+    format!("usage: {text}; see 'jobvisorctl --help'")
 }
 
 fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
@@ -372,5 +389,16 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         assert!(line.starts_with("usage: the argument"), "{line}");
         assert!(line.ends_with("see 'jobvisorctl --help'"), "{line}");
+        // A typo gets clap's suggestion; a missing argument is named.
+        let e = Args::try_parse_from(["jobvisorctl", "stauts"]).unwrap_err();
+        let line = clap_one_line(&e.to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.contains("'stauts'") && line.contains("'status'"),
+            "{line}"
+        );
+        let e = Args::try_parse_from(["jobvisorctl", "scale", "p"]).unwrap_err();
+        let line = clap_one_line(&e.to_string());
+        assert!(line.contains("were not provided: <WORKERS>"), "{line}");
     }
 }
