@@ -920,3 +920,39 @@ fn full_disk_refuses_submits_clearly_and_heals() {
         assert_eq!(r.code, 0, "{r:?}");
     }
 }
+
+/// A pool name with a typo is an error (exit 4, naming the configured
+/// pools), not an empty listing or an empty `map`; a pool removed by a
+/// reload still lists its jobs.
+#[test]
+fn an_unknown_pool_is_not_found_in_jobs_and_in_an_empty_map() {
+    let d = Daemon::start("unknown-pool", &echo_cfg(""));
+    d.wait_ready("echo", 2);
+    for args in [&["jobs", "--pool", "ecoh"][..], &["map", "ecoh"][..]] {
+        let r = d.ctl_stdin(args, Some(b""));
+        assert_eq!(r.code, 4, "{args:?}: {r:?}");
+        assert!(
+            r.stderr
+                .contains("no pool named \"ecoh\"; configured pools: echo"),
+            "{args:?}: {r:?}"
+        );
+    }
+    let r = d.ctl_stdin(&["map", "echo"], Some(b""));
+    assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{r:?}");
+    let r = d.ctl(&["jobs", "--pool", "echo"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // Jobs of a pool the config no longer has are still listed.
+    let r = d.ctl(&["submit", "echo", "--input", "x", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    d.write_config(&format!(
+        "{}[pools.other]\ncommand = [{}, \"echo\"]\nworkers = 1\n",
+        daemon_section(),
+        worker_bin()
+    ));
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = d.ctl(&["jobs", "--pool", "echo"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("succeeded"), "{r:?}");
+}

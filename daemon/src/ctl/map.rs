@@ -105,6 +105,7 @@ pub fn run(ctx: &Ctx, a: MapArgs) -> Result<u8, Failure> {
         state: Mutex::new(Shared::default()),
         slot_freed: Condvar::new(),
     });
+    let pool = a.pool.clone();
     let mut submitter = Submitter {
         window: window.clone(),
         conn: writer,
@@ -118,7 +119,23 @@ pub fn run(ctx: &Ctx, a: MapArgs) -> Result<u8, Failure> {
     let mut c = Collector::new(ctx.json, a.ordered);
     // The submitter thread may still be blocked reading stdin when we
     // return (after a refusal); exiting the process ends it.
-    c.run(&window, reader, wake_rx)
+    let code = c.run(&window, reader, wake_rx)?;
+    if window.lock().queued == 0 {
+        // Empty input: nothing was submitted, so nothing said whether the
+        // pool exists. A typo must not pass for an empty success.
+        let mut conn = ctx.connect("map")?;
+        match conn
+            .call(&Request::Status { pool: Some(pool) })
+            .map_err(|e| Failure::client("map", e))?
+        {
+            Response::Status(_) => {}
+            Response::Error { kind, message } => {
+                return Err(Failure::daemon("map", kind, &message))
+            }
+            other => return Err(Failure::unexpected("map", &other)),
+        }
+    }
+    Ok(code)
 }
 
 struct Submitter {

@@ -317,6 +317,9 @@ enum QueryPurpose {
     },
     Jobs {
         client: ClientId,
+        /// The pool asked for, if any: when it is not configured and has
+        /// no jobs, the answer says so (a typo is not an empty list).
+        pool: Option<String>,
     },
 }
 
@@ -356,7 +359,7 @@ impl QueryPurpose {
             QueryPurpose::Wait { client, .. }
             | QueryPurpose::Result { client }
             | QueryPurpose::Cancel { client, .. }
-            | QueryPurpose::Jobs { client } => client,
+            | QueryPurpose::Jobs { client, .. } => client,
         }
     }
 }
@@ -817,7 +820,14 @@ impl Supervisor {
                 ),
                 None => self.reply(client, not_found_job(Some(id))),
             },
-            (QueryPurpose::Jobs { client }, QueryResult::List(docs)) => {
+            (QueryPurpose::Jobs { client, pool }, QueryResult::List(docs)) => {
+                if docs.is_empty() {
+                    if let Some(name) = pool.filter(|p| !self.pools.contains_key(p)) {
+                        // A pool removed by a reload still lists its jobs.
+                        let (kind, message) = self.unknown_pool(&name).parts();
+                        self.reply(client, Response::Error { kind, message });
+                    }
+                }
                 for d in docs {
                     self.reply(client, Response::Job(d));
                 }
@@ -918,12 +928,12 @@ impl Supervisor {
         let owner = self.viewer(client).filter();
         self.query(
             Query::List {
-                pool,
+                pool: pool.clone(),
                 state,
                 limit,
                 owner,
             },
-            QueryPurpose::Jobs { client },
+            QueryPurpose::Jobs { client, pool },
         );
     }
 
