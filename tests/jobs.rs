@@ -956,3 +956,48 @@ fn an_unknown_pool_is_not_found_in_jobs_and_in_an_empty_map() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("succeeded"), "{r:?}");
 }
+
+/// `cancel` takes several ids (one line each; the first error's exit code)
+/// and `--pool P [--state S]` (every queued and running job of the pool).
+#[test]
+fn cancel_takes_several_ids_or_a_whole_pool() {
+    let cfg = format!(
+        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 1\nprefetch = 1\n",
+        daemon_section(),
+        test_worker()
+    );
+    let d = Daemon::start("cancel-many", &cfg);
+    d.wait_ready("s", 1);
+    let ids: Vec<String> = (0..6)
+        .map(|_| d.submit_id(&["s", "--input", "30000"]).to_string())
+        .collect();
+    // Two by id, and one that does not exist: exit 4, the others done.
+    let r = d.ctl(&["cancel", &ids[4], &ids[5], "999999"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 2, "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("999999"), "{r:?}");
+    // Only the queued ones of the pool: the running one goes on.
+    let r = d.ctl(&["cancel", "--pool", "s", "--state", "queued"]);
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, "cancelled 3 jobs of pool s"),
+        "{r:?}"
+    );
+    let r = d.ctl(&["--json", "jobs", "--pool", "s", "--state", "running"]);
+    assert_eq!(r.stdout.lines().count(), 1, "{r:?}");
+    // Then everything left.
+    let r = d.ctl(&["--json", "cancel", "--pool", "s"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect("one JSON document");
+    assert_eq!(v["cancelled"].as_array().map(Vec::len), Some(1), "{r:?}");
+    let r = d.ctl(&["wait", &ids[0]]);
+    assert!(r.stdout.contains("cancelled"), "{r:?}");
+    // Usage and an unknown pool.
+    assert_eq!(d.ctl(&["cancel"]).code, 2);
+    assert_eq!(
+        d.ctl(&["cancel", "--pool", "s", "--state", "failed"]).code,
+        2
+    );
+    assert_eq!(d.ctl(&["cancel", "--pool", "nope"]).code, 4);
+}

@@ -71,10 +71,22 @@ pub enum Cmd {
         /// Job id.
         id: u64,
     },
-    /// Cancel a queued or running job.
+    /// Cancel queued or running jobs: by id, or every one of a pool.
     Cancel {
-        /// Job id.
-        id: u64,
+        /// Job ids.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "pool",
+            conflicts_with = "pool"
+        )]
+        ids: Vec<u64>,
+        /// Every queued and running job of this pool (yours, unless you are
+        /// an admin).
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// With --pool: only the jobs in this state (queued or running).
+        #[arg(long, value_name = "STATE", requires = "pool")]
+        state: Option<String>,
     },
     /// List jobs, newest first.
     Jobs {

@@ -264,10 +264,128 @@ pub fn result(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
     finished_answer(ctx, "result", answer, &mut Out::new())
 }
 
-/// `cancel ID`: the daemon's message.
-pub fn cancel(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
+/// `cancel ID…` or `cancel --pool P [--state S]`. One id: the daemon's
+/// answer, or its error as the failure. Several: a line per job, each
+/// error on stderr, and the exit code of the first error (0 if none).
+pub fn cancel(
+    ctx: &Ctx,
+    ids: Vec<u64>,
+    pool: Option<String>,
+    state: Option<String>,
+) -> Result<u8, Failure> {
     let mut conn = ctx.connect("cancel")?;
     let mut out = Out::new();
+    let Some(pool) = pool else {
+        if let [id] = ids[..] {
+            cancel_one(ctx, &mut conn, &mut out, id)?;
+            out.flush()?;
+            return Ok(0);
+        }
+        let mut code = 0;
+        for id in ids {
+            if let Err(f) = cancel_one(ctx, &mut conn, &mut out, id) {
+                if let Some(msg) = &f.msg {
+                    warn(msg);
+                }
+                if code == 0 {
+                    code = f.code;
+                }
+            }
+        }
+        out.flush()?;
+        return Ok(code);
+    };
+    let states = match state.as_deref() {
+        None => vec![JobState::Queued, JobState::Running],
+        Some(s) => match parse_state(s).map_err(|e| Failure::usage(format!("cancel: {e}")))? {
+            st @ (JobState::Queued | JobState::Running) => vec![st],
+            _ => {
+                return Err(Failure::usage(format!(
+                    "cancel: --state {s}: only queued or running jobs can be cancelled"
+                )))
+            }
+        },
+    };
+    let mut cancelled = Vec::new();
+    let mut code = 0;
+    for st in states {
+        // A listing is capped: list again while a full one made progress.
+        loop {
+            let ids = list_ids(&mut conn, &pool, st)?;
+            let full = ids.len() as u32 >= CANCEL_LIST_LIMIT;
+            let before = cancelled.len();
+            for id in ids {
+                match conn
+                    .call(&Request::Cancel { id })
+                    .map_err(|e| Failure::client("cancel", e))?
+                {
+                    Response::Error { kind, message } => {
+                        // It ended meanwhile: not an error of this command.
+                        if kind != ipc_proto::control::ErrorKind::NotFound
+                            && !message.contains("already")
+                        {
+                            warn(&format!("cancel: job {id}: {message}"));
+                            if code == 0 {
+                                code = Failure::daemon("cancel", kind, &message).code;
+                            }
+                        }
+                    }
+                    _ => cancelled.push(id),
+                }
+            }
+            if !full || cancelled.len() == before {
+                break;
+            }
+        }
+    }
+    if ctx.json {
+        out.line(&json!({ "pool": pool, "cancelled": cancelled }).to_string())?;
+    } else {
+        out.line(&format!(
+            "cancelled {} jobs of pool {pool}",
+            cancelled.len()
+        ))?;
+    }
+    out.flush()?;
+    Ok(code)
+}
+
+/// Most jobs one `cancel --pool` listing asks for.
+const CANCEL_LIST_LIMIT: u32 = 100_000;
+
+/// The ids of `pool`'s jobs in state `st` (the daemon says if there is no
+/// such pool).
+fn list_ids(
+    conn: &mut crate::client::Connection,
+    pool: &str,
+    st: JobState,
+) -> Result<Vec<u64>, Failure> {
+    conn.send(&Request::Jobs {
+        pool: Some(pool.to_owned()),
+        state: Some(st),
+        limit: Some(CANCEL_LIST_LIMIT),
+    })
+    .map_err(|e| Failure::client("cancel", e))?;
+    let mut ids = Vec::new();
+    loop {
+        match conn.recv().map_err(|e| Failure::client("cancel", e))? {
+            Response::Job(doc) => ids.push(doc.id),
+            Response::End => return Ok(ids),
+            Response::Error { kind, message } => {
+                return Err(Failure::daemon("cancel", kind, &message))
+            }
+            other => return Err(Failure::unexpected("cancel", &other)),
+        }
+    }
+}
+
+/// One `Cancel`: its answer printed, or its error as the failure.
+fn cancel_one(
+    ctx: &Ctx,
+    conn: &mut crate::client::Connection,
+    out: &mut Out,
+    id: u64,
+) -> Result<(), Failure> {
     match conn
         .call(&Request::Cancel { id })
         .map_err(|e| Failure::client("cancel", e))?
@@ -290,8 +408,7 @@ pub fn cancel(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
         Response::Error { kind, message } => return Err(Failure::daemon("cancel", kind, &message)),
         other => return Err(Failure::unexpected("cancel", &other)),
     }
-    out.flush()?;
-    Ok(0)
+    Ok(())
 }
 
 /// What `wait` exits with: 0 only if every job succeeded; 4 if an id was

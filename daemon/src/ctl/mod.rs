@@ -339,7 +339,7 @@ fn run(args: Args) -> Result<u8, Failure> {
         Cmd::Map(a) => map::run(&ctx, a),
         Cmd::Wait { ids } => jobs::wait(&ctx, ids),
         Cmd::Result { id } => jobs::result(&ctx, id),
-        Cmd::Cancel { id } => jobs::cancel(&ctx, id),
+        Cmd::Cancel { ids, pool, state } => jobs::cancel(&ctx, ids, pool, state),
         Cmd::Jobs { pool, state, limit } => jobs::list(&ctx, pool, state, limit),
         Cmd::Events => events::run(&ctx),
     }
