@@ -183,7 +183,7 @@ fn no_loss_under_worker_crashes() {
     // attempt and a successful second.
     let r = d.ctl(&["--json", "jobs", "--pool", "chaos", "--limit", "20000"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let all = lines_json(&r.stdout);
+    let all = r.json_list();
     assert_eq!(all.len(), n);
     let retried: Vec<&Value> = all
         .iter()
@@ -727,7 +727,7 @@ fn jobs_lists_by_pool_and_state_and_events_stream() {
     let _ = events.wait();
     let r = d.ctl(&["--json", "jobs", "--pool", "echo", "--state", "succeeded"]);
     assert_eq!(r.code, 0);
-    let docs = lines_json(&r.stdout);
+    let docs = r.json_list();
     assert_eq!(docs.len(), 3);
     for j in docs {
         assert!(j.get("output").is_none() || j["output"].is_null());
@@ -985,7 +985,7 @@ fn cancel_takes_several_ids_or_a_whole_pool() {
         "{r:?}"
     );
     let r = d.ctl(&["--json", "jobs", "--pool", "s", "--state", "running"]);
-    assert_eq!(r.stdout.lines().count(), 1, "{r:?}");
+    assert_eq!(r.json_list().len(), 1, "{r:?}");
     // Then everything left.
     let r = d.ctl(&["--json", "cancel", "--pool", "s"]);
     assert_eq!(r.code, 0, "{r:?}");

@@ -133,8 +133,7 @@ fn an_idle_worker_takes_back_a_job_waiting_behind_a_long_one() {
     // The returned job was not charged an attempt.
     let r = d.ctl(&["--json", "jobs", "--pool", "s", "--limit", "2"]);
     assert_eq!(r.code, 0, "{r:?}");
-    for line in r.stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let doc: serde_json::Value = serde_json::from_str(line).unwrap();
+    for doc in r.json_list() {
         assert_eq!(doc["attempts"].as_array().unwrap().len(), 1, "{doc}");
     }
 }
@@ -176,8 +175,7 @@ fn a_recycled_worker_with_prefetched_jobs_is_replaced_once_they_are_done() {
     // And none ran more than 10: no job is sent ahead past the limit.
     let listed = d.ctl(&["--json", "jobs", "--pool", "e"]);
     let mut per_pid = std::collections::HashMap::<u64, u32>::new();
-    for line in listed.stdout.lines() {
-        let job: serde_json::Value = serde_json::from_str(line).expect("a JSON line per job");
+    for job in listed.json_list() {
         let pid = job["attempts"][0]["pid"].as_u64().expect("a pid");
         *per_pid.entry(pid).or_default() += 1;
     }

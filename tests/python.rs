@@ -541,7 +541,7 @@ fn a_raised_failure_keeps_its_detail_and_the_cli_shows_its_lines() {
         "{r:?}"
     );
     // The newest job (one JSON document per listed job).
-    let big = d.ctl(&["--json", "jobs", "--limit", "1"]).json()["id"]
+    let big = d.ctl(&["--json", "jobs", "--limit", "1"]).json()[0]["id"]
         .as_u64()
         .expect("a job id");
     assert_ne!(big.to_string(), id);
@@ -615,9 +615,8 @@ with jobvisor.Pool(pool="call") as p:
     assert!(!jobs.stdout.contains("Traceback"), "{}", jobs.stdout);
     let listed = d.ctl(&["--json", "jobs", "--pool", "call"]);
     let id = listed
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line per job"))
+        .json_list()
+        .into_iter()
         .find(|j| j["error"].as_str().is_some_and(|e| e.ends_with("boom 7")))
         .and_then(|j| j["id"].as_u64())
         .expect("the job of boom(7)")

@@ -70,8 +70,7 @@ fn payloads_around_inline_limit_round_trip_bit_exact() {
     );
     // Nothing was retried: every job took one attempt.
     let r = d.ctl(&["--json", "jobs"]);
-    for line in r.stdout.lines() {
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
+    for j in r.json_list() {
         assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
     }
 }
@@ -232,11 +231,7 @@ fn a_full_arena_backs_off_instead_of_failing() {
     // Waiting for room is not a failure: one attempt each, no restart.
     let r = d.ctl(&["--json", "jobs"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let jobs: Vec<serde_json::Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let jobs: Vec<serde_json::Value> = r.json_list();
     assert_eq!(jobs.len(), lines.len(), "{}", r.stdout);
     for j in &jobs {
         assert_eq!(j["state"], "succeeded", "{j}");

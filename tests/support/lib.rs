@@ -219,6 +219,14 @@ impl Ctl {
             )
         })
     }
+
+    /// Stdout as one JSON array (a `--json` listing such as `jobs`).
+    pub fn json_list(&self) -> Vec<Value> {
+        match self.json() {
+            Value::Array(items) => items,
+            other => panic!("not a JSON array: {other}"),
+        }
+    }
 }
 
 /// A running `jobvisord` on a temp dir.

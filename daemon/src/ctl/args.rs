@@ -20,7 +20,8 @@ pub struct Args {
     /// Read the control socket path from this configuration file.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Print one JSON document per answer (one per line for streams).
+    /// Print JSON: one document per command (`jobs`: an array of jobs);
+    /// the streams `map`, `wait` and `events` print one object per line.
     #[arg(long, global = true)]
     pub json: bool,
     /// The command.

@@ -515,7 +515,6 @@ pub fn list(
     let mut docs = Vec::new();
     loop {
         match conn.recv().map_err(|e| Failure::client("jobs", e))? {
-            Response::Job(doc) if ctx.json => out.line(&job_json(&doc, false).to_string())?,
             Response::Job(doc) => docs.push(doc),
             Response::End => break,
             Response::Error { kind, message } => {
@@ -524,12 +523,15 @@ pub fn list(
             other => return Err(Failure::unexpected("jobs", &other)),
         }
     }
-    if !ctx.json {
-        if docs.is_empty() {
-            out.line("no jobs")?;
-        } else {
-            out.bytes(jobs_table(&docs, now_ms()).as_bytes())?;
-        }
+    if ctx.json {
+        // A listing is one JSON document (an array), so that it can be
+        // piped to a JSON tool; streams (`events`, `map`) are a line each.
+        let all: Vec<serde_json::Value> = docs.iter().map(|d| job_json(d, false)).collect();
+        out.line(&serde_json::Value::Array(all).to_string())?;
+    } else if docs.is_empty() {
+        out.line("no jobs")?;
+    } else {
+        out.bytes(jobs_table(&docs, now_ms()).as_bytes())?;
     }
     out.flush()?;
     Ok(0)
