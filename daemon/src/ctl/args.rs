@@ -104,6 +104,20 @@ pub enum Cmd {
     },
     /// Stream worker and job events, one line each, until interrupted.
     Events,
+    /// Print a shell completion script (e.g. `source <(jobvisorctl
+    /// completions bash)`, or save it where your shell loads completions).
+    Completions {
+        /// bash, zsh or fish.
+        #[arg(value_name = "SHELL", value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Write the man pages (jobvisorctl.1 and one per command) into DIR,
+    /// e.g. ~/.local/share/man/man1 or /usr/local/share/man/man1.
+    Man {
+        /// The directory (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Options every submitted job may carry.

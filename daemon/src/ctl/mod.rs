@@ -19,6 +19,7 @@
 //! `println!` is not used: it would panic instead.
 
 pub mod args;
+mod docs;
 mod events;
 mod jobs;
 mod map;
@@ -313,6 +314,12 @@ fn default_socket() -> Result<PathBuf, Failure> {
 }
 
 fn run(args: Args) -> Result<u8, Failure> {
+    // These two need no daemon (nor a socket path).
+    match &args.cmd {
+        Cmd::Completions { shell } => return docs::completions(shell),
+        Cmd::Man { dir } => return docs::man_pages(dir),
+        _ => {}
+    }
     let ctx = Ctx {
         socket: socket_path(&args)?,
         json: args.json,
@@ -342,6 +349,7 @@ fn run(args: Args) -> Result<u8, Failure> {
         Cmd::Cancel { ids, pool, state } => jobs::cancel(&ctx, ids, pool, state),
         Cmd::Jobs { pool, state, limit } => jobs::list(&ctx, pool, state, limit),
         Cmd::Events => events::run(&ctx),
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("handled above"),
     }
 }
 
