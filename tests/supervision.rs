@@ -852,3 +852,37 @@ fn waiters_hear_at_once_when_their_pool_fails_and_still_get_their_jobs_after_a_f
         other => panic!("c: {other:?}"),
     }
 }
+
+/// `scale` holds across a reload that leaves the pool as it was, and gives
+/// way to the config's `workers` when a reload changes the pool (as its
+/// `--help` says).
+#[test]
+fn scale_holds_until_a_reload_changes_the_pool() {
+    let config = |extra: &str| format!("{}{}", daemon_section(), echo_pool("p", 1, extra));
+    let d = Daemon::start("scale-reload", &config(""));
+    d.wait_ready("p", 1);
+    assert_eq!(d.ctl(&["scale", "p", "3"]).code, 0);
+    d.wait_ready("p", 3);
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        d.pool("p")["desired_workers"],
+        3,
+        "an unchanged pool keeps its scale"
+    );
+    d.write_config(&config("env = { V = \"2\" }"));
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        d.pool("p")["desired_workers"],
+        1,
+        "a changed pool takes its workers again"
+    );
+    d.wait_ready("p", 1);
+    let help = d.ctl(&["scale", "--help"]);
+    assert!(
+        help.stdout.contains("until a reload changes that"),
+        "{}",
+        help.stdout
+    );
+}

@@ -33,7 +33,8 @@ pub enum Request {
         /// Only this pool.
         pool: Option<String>,
     },
-    /// Set a pool's number of workers (until the next reload).
+    /// Set a pool's number of workers, until a reload changes that pool's
+    /// configuration.
     Scale {
         /// The pool.
         pool: String,

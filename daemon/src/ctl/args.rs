@@ -37,7 +37,9 @@ pub enum Cmd {
         /// Only this pool.
         pool: Option<String>,
     },
-    /// Set a pool's number of workers (until the next reload).
+    /// Set a pool's number of workers. It holds until a reload changes that
+    /// pool's configuration (then its `workers` applies again); a reload
+    /// that leaves the pool as it was keeps it.
     Scale {
         /// The pool.
         pool: String,
