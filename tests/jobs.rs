@@ -1001,3 +1001,41 @@ fn cancel_takes_several_ids_or_a_whole_pool() {
     );
     assert_eq!(d.ctl(&["cancel", "--pool", "nope"]).code, 4);
 }
+
+/// On a terminal, `submit --wait` and `result` end an output that lacks a
+/// final newline, so the prompt does not stick to it; piped, the bytes are
+/// exactly the job's. (The terminal is a pty from `script`.)
+#[test]
+fn on_a_terminal_an_output_ends_its_line() {
+    let d = Daemon::start("tty-newline", &echo_cfg(""));
+    d.wait_ready("echo", 2);
+    let r = d.ctl(&["submit", "echo", "--input", "hi", "--wait"]);
+    assert_eq!(r.raw, b"hi", "piped: exactly the output");
+    let id = d.submit_id(&["echo", "--input", "there"]);
+    let _ = d.ctl(&["wait", &id.to_string()]);
+    let ctl = bin("jobvisorctl");
+    for args in [
+        "submit echo --input hi --wait".to_string(),
+        format!("result {id}"),
+    ] {
+        let o = std::process::Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{} --socket {} {args}; printf PROMPT",
+                ctl.display(),
+                d.socket().display()
+            ))
+            .arg("/dev/null")
+            .output()
+            .expect("script (util-linux)");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.ends_with("\r\nPROMPT") || out.ends_with("\nPROMPT"),
+            "{args}: {out:?}"
+        );
+        assert!(
+            !out.contains("hiPROMPT") && !out.contains("therePROMPT"),
+            "{out:?}"
+        );
+    }
+}

@@ -199,7 +199,10 @@ fn finished_answer(
         (Response::JobFd { doc, output_len }, Some(fd))
             if !ctx.json && doc.state == JobState::Succeeded =>
         {
-            out.copy_from(std::fs::File::from(fd), output_len)?;
+            let file = std::fs::File::from(fd);
+            let last = last_byte(&file, output_len);
+            out.copy_from(file, output_len)?;
+            end_line_on_a_terminal(out, last)?;
             out.flush()?;
             Ok(0)
         }
@@ -235,11 +238,32 @@ fn finished_job(ctx: &Ctx, doc: &JobDoc, out: &mut Out) -> Result<u8, Failure> {
                 format!("job {} succeeded but its output is lost: {error}", doc.id),
             ));
         }
-        out.bytes(doc.output.as_deref().unwrap_or_default())?;
+        let output = doc.output.as_deref().unwrap_or_default();
+        out.bytes(output)?;
+        end_line_on_a_terminal(out, output.last().copied())?;
         out.flush()?;
         return Ok(0);
     }
     Err(Failure::new(1, failure_text(doc)))
+}
+
+/// On a terminal, an output that does not end its last line gets a newline,
+/// so that the shell's prompt does not follow it on the same line. (Piped
+/// or redirected, the bytes stay exactly the job's.)
+fn end_line_on_a_terminal(out: &mut Out, last: Option<u8>) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if last.is_some_and(|b| b != b'\n') && std::io::stdout().is_terminal() {
+        out.bytes(b"\n")?;
+    }
+    Ok(())
+}
+
+/// The last byte of the first `len` bytes of `file` (read at its offset).
+fn last_byte(file: &std::fs::File, len: u64) -> Option<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8];
+    let at = len.checked_sub(1)?;
+    (file.read_at(&mut b, at).ok()? == 1).then_some(b[0])
 }
 
 /// `result ID`.
