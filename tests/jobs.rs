@@ -1039,3 +1039,23 @@ fn on_a_terminal_an_output_ends_its_line() {
         );
     }
 }
+
+/// A listing that reaches its limit says so on stderr (there may be more),
+/// instead of stopping silently; under the limit it says nothing.
+#[test]
+fn a_jobs_listing_at_its_limit_says_there_may_be_more() {
+    let d = Daemon::start("jobs-limit", &echo_cfg(""));
+    d.wait_ready("echo", 2);
+    let r = d.ctl_stdin(&["map", "echo"], Some(b"a\nb\nc\n"));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = d.ctl(&["jobs", "--limit", "2"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout.lines().count(), 3, "a header and 2 jobs: {r:?}");
+    assert!(
+        r.stderr
+            .contains("showing the newest 2 jobs; there may be more"),
+        "{r:?}"
+    );
+    let r = d.ctl(&["jobs", "--limit", "10"]);
+    assert!(r.stderr.is_empty(), "{r:?}");
+}

@@ -808,9 +808,15 @@ impl Supervisor {
         }
         self.fill(name, now);
         Ok(if was_failed {
-            format!("pool {name}: cleared failed state, restarting {n} workers")
+            format!(
+                "pool {name}: cleared failed state, restarting {n} worker{}",
+                if n == 1 { "" } else { "s" }
+            )
         } else {
-            format!("pool {name}: restarting {n} workers")
+            format!(
+                "pool {name}: restarting {n} worker{}",
+                if n == 1 { "" } else { "s" }
+            )
         })
     }
 

@@ -558,6 +558,13 @@ pub fn list(
         out.bytes(jobs_table(&docs, now_ms()).as_bytes())?;
     }
     out.flush()?;
+    if docs.len() as u64 >= u64::from(limit) && !ctx.json {
+        // Not a silent cap: there may be more.
+        warn(&format!(
+            "jobs: showing the newest {} jobs; there may be more (--limit N shows up to N)",
+            docs.len()
+        ));
+    }
     Ok(0)
 }
 
