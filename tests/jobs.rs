@@ -1059,3 +1059,59 @@ fn a_jobs_listing_at_its_limit_says_there_may_be_more() {
     let r = d.ctl(&["jobs", "--limit", "10"]);
     assert!(r.stderr.is_empty(), "{r:?}");
 }
+
+/// Ctrl-C on `map` cancels the jobs it had submitted and that are not
+/// finished, says so with their ids, and exits 130.
+#[test]
+fn ctrl_c_on_map_cancels_its_unfinished_jobs() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let cfg = format!(
+        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 1\nprefetch = 1\n",
+        daemon_section(),
+        test_worker()
+    );
+    let d = Daemon::start("map-ctrl-c", &cfg);
+    d.wait_ready("s", 1);
+    let mut child = Command::new(bin("jobvisorctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["map", "s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jobvisorctl map");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"30000\n30000\n30000\n")
+        .unwrap();
+    wait_for("a job of the map to run", DEADLINE, || {
+        (d.ctl(&["--json", "jobs", "--pool", "s", "--state", "running"])
+            .json_list()
+            .len()
+            == 1)
+            .then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_for("jobvisorctl map to exit", DEADLINE, || {
+        child.try_wait().ok().flatten()
+    });
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted; cancelled 3 of 3 unfinished jobs (ids "),
+        "{err}"
+    );
+    wait_for("every job of the map to be cancelled", DEADLINE, || {
+        let all = d.ctl(&["--json", "jobs", "--pool", "s"]).json_list();
+        all.iter().all(|j| j["state"] == "cancelled").then_some(())
+    });
+}

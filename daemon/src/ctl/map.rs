@@ -112,14 +112,38 @@ pub fn run(ctx: &Ctx, a: MapArgs) -> Result<u8, Failure> {
         pool: a.pool,
         options,
     };
+    // Ctrl-C: stop submitting, then cancel what was accepted and is not
+    // finished (see `Collector::interrupted`). The signal also writes to
+    // the wake socket, so the collector's poll returns whatever thread
+    // the signal lands on. A second Ctrl-C ends the process at once.
+    let interrupts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let on_int = interrupts.clone();
+    let wake_sig = wake_tx
+        .try_clone()
+        .map_err(|e| Failure::new(1, format!("map: cannot clone a socket: {e}")))?;
+    // SAFETY: the handler only bumps an atomic, writes one byte to a socket
+    // with write(2), or exits: all async-signal-safe.
+    unsafe {
+        signal_hook::low_level::register(signal_hook::consts::SIGINT, move || {
+            if on_int.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1 {
+                signal_hook::low_level::exit(130);
+            }
+            let _ = nix::unistd::write(&wake_sig, &[1]);
+        })
+    }
+    .map_err(|e| Failure::new(1, format!("map: cannot handle SIGINT: {e}")))?;
     std::thread::Builder::new()
         .name("map-submit".into())
         .spawn(move || submitter.run(stdin, wake_tx))
         .map_err(|e| Failure::new(1, format!("map: cannot start a thread: {e}")))?;
     let mut c = Collector::new(ctx.json, a.ordered);
+    c.interrupts = Some(interrupts);
     // The submitter thread may still be blocked reading stdin when we
     // return (after a refusal); exiting the process ends it.
     let code = c.run(&window, reader, wake_rx)?;
+    if c.interrupted {
+        return Err(cancel_unfinished(ctx, &c));
+    }
     if window.lock().queued == 0 {
         // Empty input: nothing was submitted, so nothing said whether the
         // pool exists. A typo must not pass for an empty success.
@@ -383,6 +407,37 @@ impl Progress {
     }
 }
 
+/// After Ctrl-C: cancels the jobs `c` saw accepted and not finished, and
+/// says so; exit 130, as for a command killed by SIGINT.
+fn cancel_unfinished(ctx: &Ctx, c: &Collector) -> Failure {
+    let mut ids: Vec<u64> = c.pending.keys().copied().collect();
+    ids.sort_unstable();
+    if ids.is_empty() {
+        return Failure::new(
+            130,
+            "map: interrupted; every accepted job had finished".into(),
+        );
+    }
+    let mut cancelled = 0;
+    if let Ok(mut conn) = ctx.connect("map") {
+        for &id in &ids {
+            if let Ok(Response::Ok { .. } | Response::Job(_)) = conn.call(&Request::Cancel { id }) {
+                cancelled += 1;
+            }
+        }
+    }
+    let shown: Vec<String> = ids.iter().take(20).map(u64::to_string).collect();
+    let more = if ids.len() > 20 { " …" } else { "" };
+    Failure::new(
+        130,
+        format!(
+            "map: interrupted; cancelled {cancelled} of {} unfinished jobs (ids {}{more})",
+            ids.len(),
+            shown.join(" ")
+        ),
+    )
+}
+
 struct Collector {
     json: bool,
     ordered: bool,
@@ -401,6 +456,11 @@ struct Collector {
     /// The first refusal: its exit code.
     refusal: Option<u8>,
     progress: Option<Progress>,
+    /// Ctrl-C count (set by `run`'s SIGINT handler).
+    interrupts: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Interrupted: submitting stopped; the loop ended once every submit
+    /// was answered, leaving `pending` to cancel.
+    interrupted: bool,
 }
 
 impl Collector {
@@ -417,6 +477,8 @@ impl Collector {
             failed: 0,
             refused: 0,
             refusal: None,
+            interrupts: None,
+            interrupted: false,
             // The first update comes after PROGRESS_EVERY: a quick run
             // shows nothing.
             progress: io::stderr().is_terminal().then(|| Progress {
@@ -459,12 +521,24 @@ impl Collector {
             while let Some(r) = conn.try_next().map_err(|e| self.lost(e))? {
                 self.handle(r)?;
             }
+            if !self.interrupted
+                && self
+                    .interrupts
+                    .as_ref()
+                    .is_some_and(|n| n.load(std::sync::atomic::Ordering::SeqCst) > 0)
+            {
+                self.interrupted = true;
+            }
             let (finished, total) = {
                 let mut g = window.lock();
                 let freed = self.released > g.released;
                 g.released = self.released;
-                if self.refusal.is_some() {
+                if self.refusal.is_some() || self.interrupted {
                     g.stop = true;
+                }
+                if self.interrupted && (g.submitter_done || g.stop) && self.answered == g.queued {
+                    // Every submit is answered: the accepted ids are known.
+                    return Ok(());
                 }
                 if g.submitter_waiting && (freed || g.stop) {
                     window.slot_freed.notify_one();
