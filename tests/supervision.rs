@@ -886,3 +886,48 @@ fn scale_holds_until_a_reload_changes_the_pool() {
         help.stdout
     );
 }
+
+/// `restart` returns once every new worker is ready (none of the old
+/// processes left), `shutdown` once the daemon is gone; `--no-wait` returns
+/// at once.
+#[test]
+fn restart_and_shutdown_wait_until_done() {
+    let cfg = format!(
+        "{}{}",
+        daemon_section(),
+        // A slow starter: its workers are ready 300 ms after they start.
+        echo_pool("p", 2, "").replace(
+            "command = [",
+            "command = [\"sh\", \"-c\", \"sleep 0.3; exec \\\"$0\\\" \\\"$@\\\"\", "
+        )
+    );
+    let mut d = Daemon::start("restart-wait", &cfg);
+    let old = d.wait_ready("p", 2);
+    let r = d.ctl(&["restart", "p"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // No wait_for: it is done when the command returns.
+    let ws = d.pool("p")["workers"].as_array().unwrap().clone();
+    assert_eq!(ws.len(), 2);
+    for w in &ws {
+        assert_eq!(w["state"], "ready", "{ws:?}");
+        assert!(
+            !old.contains(&(w["pid"].as_u64().unwrap() as u32)),
+            "{ws:?}"
+        );
+    }
+    let r = d.ctl(&["restart", "p", "--no-wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        d.pool("p")["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] != "ready"),
+        "--no-wait returned after the restart was done"
+    );
+    d.wait_ready("p", 2);
+    let r = d.ctl(&["shutdown"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let st = d.wait_exit(std::time::Duration::from_secs(2));
+    assert!(st.success(), "{st:?}");
+}

@@ -46,18 +46,26 @@ pub enum Cmd {
         /// Number of workers (at least 1).
         workers: u32,
     },
-    /// Replace every worker of a pool; clears the `failed` state.
+    /// Replace every worker of a pool; clears the `failed` state. Returns
+    /// once every new worker is ready (exit 5 if the pool fails instead).
     Restart {
         /// The pool.
         pool: String,
+        /// Return as soon as the daemon has begun.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Re-read the daemon's configuration file.
     Reload,
     /// Stop the daemon: let running jobs finish, then stop workers.
+    /// Returns once the daemon has exited.
     Shutdown {
         /// Stop at once.
         #[arg(long)]
         now: bool,
+        /// Return as soon as the daemon has begun.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Queue one job and print its id (with --wait: its output).
     Submit(SubmitArgs),

@@ -3,7 +3,7 @@
 
 use super::render::{human_duration, human_size};
 use super::{Ctx, Failure, Out};
-use ipc_proto::control::{PoolStatus, Request, Response, StatusReport, WorkerState};
+use ipc_proto::control::{PoolState, PoolStatus, Request, Response, StatusReport, WorkerState};
 use serde_json::json;
 use std::fmt::Write as _;
 
@@ -32,6 +32,16 @@ pub fn status(ctx: &Ctx, pool: Option<String>) -> Result<u8, Failure> {
 /// A request answered by `Ok { message }` or an error.
 pub fn simple(ctx: &Ctx, what: &str, req: Request) -> Result<u8, Failure> {
     let mut conn = ctx.connect(what)?;
+    simple_on(ctx, &mut conn, what, req)?;
+    Ok(0)
+}
+
+fn simple_on(
+    ctx: &Ctx,
+    conn: &mut crate::client::Connection,
+    what: &str,
+    req: Request,
+) -> Result<(), Failure> {
     match conn.call(&req).map_err(|e| Failure::client(what, e))? {
         Response::Ok { message } => {
             let mut out = Out::new();
@@ -41,10 +51,102 @@ pub fn simple(ctx: &Ctx, what: &str, req: Request) -> Result<u8, Failure> {
                 out.line(&message)?;
             }
             out.flush()?;
-            Ok(0)
+            Ok(())
         }
         Response::Error { kind, message } => Err(Failure::daemon(what, kind, &message)),
         other => Err(Failure::unexpected(what, &other)),
+    }
+}
+
+/// `shutdown [--now]`: with `wait`, returns once the daemon has exited
+/// (it closes every connection as it goes), as `systemctl stop` does.
+pub fn shutdown(ctx: &Ctx, now: bool, wait: bool) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("shutdown")?;
+    simple_on(ctx, &mut conn, "shutdown", Request::Shutdown { now })?;
+    if wait {
+        // Anything but the end of the connection is not expected; the end
+        // (or a reset) is the daemon's exit.
+        while conn.recv().is_ok() {}
+    }
+    Ok(0)
+}
+
+/// How often `restart` looks at the pool while it waits.
+const RESTART_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `restart POOL`: with `wait`, returns once the pool has as many ready
+/// workers as it wants, none of them one of the old processes; exit 5 if
+/// the pool fails instead (its error says why).
+pub fn restart(ctx: &Ctx, pool: String, wait: bool) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("restart")?;
+    let old_pids = if wait {
+        worker_pids(&mut conn, &pool)?
+    } else {
+        Vec::new()
+    };
+    simple_on(
+        ctx,
+        &mut conn,
+        "restart",
+        Request::Restart { pool: pool.clone() },
+    )?;
+    if !wait {
+        return Ok(0);
+    }
+    loop {
+        let report = match conn
+            .call(&Request::Status {
+                pool: Some(pool.clone()),
+            })
+            .map_err(|e| Failure::client("restart", e))?
+        {
+            Response::Status(r) => r,
+            Response::Error { kind, message } => {
+                return Err(Failure::daemon("restart", kind, &message))
+            }
+            other => return Err(Failure::unexpected("restart", &other)),
+        };
+        let Some(p) = report.pools.into_iter().next() else {
+            return Err(Failure::new(4, format!("restart: pool {pool} is gone")));
+        };
+        if p.state == PoolState::Failed {
+            return Err(Failure::new(
+                5,
+                format!(
+                    "restart: pool {pool} failed while restarting: {}",
+                    p.last_error.unwrap_or_default()
+                ),
+            ));
+        }
+        let ready: Vec<u32> = p
+            .workers
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy))
+            .filter_map(|w| w.pid)
+            .filter(|pid| !old_pids.contains(pid))
+            .collect();
+        if ready.len() as u32 >= p.desired_workers {
+            return Ok(0);
+        }
+        std::thread::sleep(RESTART_POLL);
+    }
+}
+
+/// The pids of `pool`'s workers.
+fn worker_pids(conn: &mut crate::client::Connection, pool: &str) -> Result<Vec<u32>, Failure> {
+    match conn
+        .call(&Request::Status {
+            pool: Some(pool.to_owned()),
+        })
+        .map_err(|e| Failure::client("restart", e))?
+    {
+        Response::Status(r) => Ok(r
+            .pools
+            .iter()
+            .flat_map(|p| p.workers.iter().filter_map(|w| w.pid))
+            .collect()),
+        Response::Error { kind, message } => Err(Failure::daemon("restart", kind, &message)),
+        other => Err(Failure::unexpected("restart", &other)),
     }
 }
 
