@@ -931,3 +931,44 @@ fn restart_and_shutdown_wait_until_done() {
     let st = d.wait_exit(std::time::Duration::from_secs(2));
     assert!(st.success(), "{st:?}");
 }
+
+/// `reload` returns once the pools run the new configuration: a changed
+/// pool's workers are all replaced and ready; `--no-wait` returns at once.
+#[test]
+fn reload_waits_until_the_pools_run_the_new_config() {
+    let slow = |v: &str| {
+        format!(
+            "{}{}",
+            daemon_section(),
+            echo_pool("p", 2, &format!("env = {{ V = \"{v}\" }}")).replace(
+                "command = [",
+                "command = [\"sh\", \"-c\", \"sleep 0.3; exec \\\"$0\\\" \\\"$@\\\"\", "
+            )
+        )
+    };
+    let d = Daemon::start("reload-wait", &slow("1"));
+    let old = d.wait_ready("p", 2);
+    d.write_config(&slow("2"));
+    let r = d.ctl(&["reload"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let ws = d.pool("p")["workers"].as_array().unwrap().clone();
+    assert_eq!(ws.len(), 2);
+    for w in &ws {
+        assert_eq!(w["state"], "ready", "{ws:?}");
+        assert!(
+            !old.contains(&(w["pid"].as_u64().unwrap() as u32)),
+            "{ws:?}"
+        );
+    }
+    d.write_config(&slow("3"));
+    let r = d.ctl(&["reload", "--no-wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        d.pool("p")["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] != "ready"),
+        "--no-wait returned after the reload was done"
+    );
+}

@@ -55,8 +55,13 @@ pub enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Re-read the daemon's configuration file.
-    Reload,
+    /// Re-read the daemon's configuration file. Returns once every pool's
+    /// workers run the new configuration (exit 5 if a pool fails instead).
+    Reload {
+        /// Return as soon as the daemon has accepted the configuration.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Stop the daemon: let running jobs finish, then stop workers.
     /// Returns once the daemon has exited.
     Shutdown {

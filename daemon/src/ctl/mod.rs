@@ -332,7 +332,7 @@ fn run(args: Args) -> Result<u8, Failure> {
             ipc_proto::control::Request::Scale { pool, workers },
         ),
         Cmd::Restart { pool, no_wait } => supervise::restart(&ctx, pool, !no_wait),
-        Cmd::Reload => supervise::simple(&ctx, "reload", ipc_proto::control::Request::Reload),
+        Cmd::Reload { no_wait } => supervise::reload(&ctx, !no_wait),
         Cmd::Shutdown { now, no_wait } => supervise::shutdown(&ctx, now, !no_wait),
         Cmd::Submit(a) => jobs::submit(&ctx, a),
         Cmd::Map(a) => map::run(&ctx, a),

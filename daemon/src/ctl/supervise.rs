@@ -71,7 +71,73 @@ pub fn shutdown(ctx: &Ctx, now: bool, wait: bool) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// How often `restart` looks at the pool while it waits.
+/// `reload`: with `wait`, returns once no worker of a running pool is
+/// starting, stopping or waiting out a backoff (a rolling replacement is
+/// done, added pools are up, removed ones gone); exit 5 if a pool that had
+/// not failed before fails meanwhile.
+pub fn reload(ctx: &Ctx, wait: bool) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("reload")?;
+    let failed_before: Vec<String> = if wait {
+        status_of(&mut conn, "reload", None)?
+            .pools
+            .into_iter()
+            .filter(|p| p.state == PoolState::Failed)
+            .map(|p| p.name)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    simple_on(ctx, &mut conn, "reload", Request::Reload)?;
+    if !wait {
+        return Ok(0);
+    }
+    loop {
+        let report = status_of(&mut conn, "reload", None)?;
+        if let Some(p) = report
+            .pools
+            .iter()
+            .find(|p| p.state == PoolState::Failed && !failed_before.contains(&p.name))
+        {
+            return Err(Failure::new(
+                5,
+                format!(
+                    "reload: pool {} failed: {}",
+                    p.name,
+                    p.last_error.clone().unwrap_or_default()
+                ),
+            ));
+        }
+        let settled = report.pools.iter().all(|p| {
+            p.state == PoolState::Failed
+                || (p.state == PoolState::Running
+                    && p.workers.len() as u32 == p.desired_workers
+                    && p.workers
+                        .iter()
+                        .all(|w| matches!(w.state, WorkerState::Ready | WorkerState::Busy)))
+        });
+        if settled {
+            return Ok(0);
+        }
+        std::thread::sleep(RESTART_POLL);
+    }
+}
+
+fn status_of(
+    conn: &mut crate::client::Connection,
+    what: &str,
+    pool: Option<String>,
+) -> Result<StatusReport, Failure> {
+    match conn
+        .call(&Request::Status { pool })
+        .map_err(|e| Failure::client(what, e))?
+    {
+        Response::Status(r) => Ok(r),
+        Response::Error { kind, message } => Err(Failure::daemon(what, kind, &message)),
+        other => Err(Failure::unexpected(what, &other)),
+    }
+}
+
+/// How often `restart` and `reload` look at the pools while they wait.
 const RESTART_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// `restart POOL`: with `wait`, returns once the pool has as many ready
@@ -94,18 +160,7 @@ pub fn restart(ctx: &Ctx, pool: String, wait: bool) -> Result<u8, Failure> {
         return Ok(0);
     }
     loop {
-        let report = match conn
-            .call(&Request::Status {
-                pool: Some(pool.clone()),
-            })
-            .map_err(|e| Failure::client("restart", e))?
-        {
-            Response::Status(r) => r,
-            Response::Error { kind, message } => {
-                return Err(Failure::daemon("restart", kind, &message))
-            }
-            other => return Err(Failure::unexpected("restart", &other)),
-        };
+        let report = status_of(&mut conn, "restart", Some(pool.clone()))?;
         let Some(p) = report.pools.into_iter().next() else {
             return Err(Failure::new(4, format!("restart: pool {pool} is gone")));
         };
@@ -134,20 +189,11 @@ pub fn restart(ctx: &Ctx, pool: String, wait: bool) -> Result<u8, Failure> {
 
 /// The pids of `pool`'s workers.
 fn worker_pids(conn: &mut crate::client::Connection, pool: &str) -> Result<Vec<u32>, Failure> {
-    match conn
-        .call(&Request::Status {
-            pool: Some(pool.to_owned()),
-        })
-        .map_err(|e| Failure::client("restart", e))?
-    {
-        Response::Status(r) => Ok(r
-            .pools
-            .iter()
-            .flat_map(|p| p.workers.iter().filter_map(|w| w.pid))
-            .collect()),
-        Response::Error { kind, message } => Err(Failure::daemon("restart", kind, &message)),
-        other => Err(Failure::unexpected("restart", &other)),
-    }
+    Ok(status_of(conn, "restart", Some(pool.to_owned()))?
+        .pools
+        .iter()
+        .flat_map(|p| p.workers.iter().filter_map(|w| w.pid))
+        .collect())
 }
 
 fn status_json(r: &StatusReport) -> serde_json::Value {
