@@ -1115,3 +1115,33 @@ fn ctrl_c_on_map_cancels_its_unfinished_jobs() {
         all.iter().all(|j| j["state"] == "cancelled").then_some(())
     });
 }
+
+/// On a terminal, `map` shows a progress bar with rate and ETA, and a
+/// summary line at the end (the terminal is a pty from `script`).
+#[test]
+fn map_on_a_terminal_shows_a_bar_and_a_summary() {
+    let cfg = format!(
+        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 2\n",
+        daemon_section(),
+        test_worker()
+    );
+    let d = Daemon::start("map-progress", &cfg);
+    d.wait_ready("s", 2);
+    let input = d.dir.path().join("input");
+    std::fs::write(&input, "5\n".repeat(300)).unwrap();
+    let o = std::process::Command::new("script")
+        .arg("-qec")
+        .arg(format!(
+            "{} --socket {} map s < {} > /dev/null",
+            bin("jobvisorctl").display(),
+            d.socket().display(),
+            input.display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .expect("script (util-linux)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("] ") && out.contains("/300 done, 0 failed"), "{out:?}");
+    assert!(out.contains("/s, ETA "), "{out:?}");
+    assert!(out.contains("map: 300 jobs: 300 succeeded, 0 failed in "), "{out:?}");
+}

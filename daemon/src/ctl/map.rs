@@ -377,16 +377,22 @@ enum Entry {
     Refused,
 }
 
-/// `\r1234/5000 done, 3 failed` on a terminal's stderr, at most
-/// every [`PROGRESS_EVERY`].
+/// On a terminal's stderr, at most every [`PROGRESS_EVERY`]:
+/// `[#######.............] 1234/5000 done, 3 failed, 812/s, ETA 4s` (the
+/// bar and the ETA once the input is all read: before, the total is not
+/// known), and a summary line at the end.
 struct Progress {
+    started: Instant,
     last: Instant,
     shown: bool,
     stdout_is_tty: bool,
 }
 
+/// Width of the progress bar, in cells.
+const BAR: u64 = 20;
+
 impl Progress {
-    fn update(&mut self, done: u64, total: u64, failed: u64) {
+    fn update(&mut self, done: u64, total: u64, failed: u64, input_over: bool) {
         let now = Instant::now();
         if now.duration_since(self.last) < PROGRESS_EVERY {
             return;
@@ -395,7 +401,14 @@ impl Progress {
         self.shown = true;
         let _ = write!(
             io::stderr().lock(),
-            "\r{done}/{total} done, {failed} failed\x1b[K"
+            "\r{}\x1b[K",
+            progress_line(
+                done,
+                total,
+                failed,
+                input_over,
+                now.duration_since(self.started)
+            )
         );
     }
 
@@ -404,6 +417,59 @@ impl Progress {
             self.shown = false;
             let _ = write!(io::stderr().lock(), "\r\x1b[K");
         }
+    }
+
+    /// The last word, once everything is answered (shown only after a
+    /// run long enough to have shown progress).
+    fn summary(&self, done: u64, failed: u64, refused: u64) {
+        let secs = self.started.elapsed().as_secs_f64();
+        let mut line = format!(
+            "{done} jobs: {} succeeded, {failed} failed",
+            done.saturating_sub(failed)
+        );
+        if refused > 0 {
+            line.push_str(&format!(", {refused} refused"));
+        }
+        line.push_str(&format!(" in {secs:.1}s"));
+        if secs > 0.0 {
+            line.push_str(&format!(" ({:.0}/s)", done as f64 / secs));
+        }
+        warn(&format!("map: {line}"));
+    }
+}
+
+/// One progress line (see [`Progress`]).
+fn progress_line(
+    done: u64,
+    total: u64,
+    failed: u64,
+    input_over: bool,
+    elapsed: Duration,
+) -> String {
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let mut line = String::new();
+    if input_over && total > 0 {
+        let filled = (done.min(total) * BAR / total) as usize;
+        line.push('[');
+        line.push_str(&"#".repeat(filled));
+        line.push_str(&".".repeat(BAR as usize - filled));
+        line.push_str("] ");
+    }
+    line.push_str(&format!(
+        "{done}/{total} done, {failed} failed, {rate:.0}/s"
+    ));
+    if input_over && total > done && rate > 0.0 {
+        let eta = ((total - done) as f64 / rate).ceil() as u64;
+        line.push_str(&format!(", ETA {}", human_eta(eta)));
+    }
+    line
+}
+
+fn human_eta(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
 
@@ -482,6 +548,7 @@ impl Collector {
             // The first update comes after PROGRESS_EVERY: a quick run
             // shows nothing.
             progress: io::stderr().is_terminal().then(|| Progress {
+                started: Instant::now(),
                 last: Instant::now(),
                 shown: false,
                 stdout_is_tty: io::stdout().is_terminal(),
@@ -497,7 +564,11 @@ impl Collector {
     ) -> Result<u8, Failure> {
         let res = self.collect(window, &mut conn, &wake);
         if let Some(p) = &mut self.progress {
+            let shown = p.shown;
             p.clear();
+            if shown && res.is_ok() && !self.interrupted {
+                p.summary(self.released, self.failed, self.refused);
+            }
         }
         res?;
         self.out.flush()?;
@@ -529,7 +600,7 @@ impl Collector {
             {
                 self.interrupted = true;
             }
-            let (finished, total) = {
+            let (finished, total, input_over) = {
                 let mut g = window.lock();
                 let freed = self.released > g.released;
                 g.released = self.released;
@@ -549,13 +620,14 @@ impl Collector {
                 (
                     input_over && self.answered == g.queued && self.pending.is_empty(),
                     g.queued,
+                    input_over,
                 )
             };
             if finished {
                 return Ok(());
             }
             if let Some(p) = &mut self.progress {
-                p.update(self.released, total, self.failed + self.refused);
+                p.update(self.released, total, self.failed + self.refused, input_over);
                 if p.stdout_is_tty {
                     p.clear();
                 }
@@ -734,6 +806,22 @@ mod tests {
             let (l, _) = lines(b"a\nbb\r\n\nccc", cap);
             assert_eq!(l, strs(&["a", "bb", "", "ccc"]), "cap {cap}");
         }
+    }
+
+    #[test]
+    fn progress_shows_a_bar_rate_and_eta_once_the_total_is_known() {
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            progress_line(250, 1000, 3, true, 2 * second),
+            "[#####...............] 250/1000 done, 3 failed, 125/s, ETA 6s"
+        );
+        // Input still being read: no bar, no ETA.
+        assert_eq!(
+            progress_line(250, 300, 0, false, second),
+            "250/300 done, 0 failed, 250/s"
+        );
+        assert_eq!(human_eta(125), "2m05s");
+        assert_eq!(human_eta(7300), "2h01m");
     }
 
     #[test]
