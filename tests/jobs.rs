@@ -1141,7 +1141,13 @@ fn map_on_a_terminal_shows_a_bar_and_a_summary() {
         .output()
         .expect("script (util-linux)");
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("] ") && out.contains("/300 done, 0 failed"), "{out:?}");
+    assert!(
+        out.contains("] ") && out.contains("/300 done, 0 failed"),
+        "{out:?}"
+    );
     assert!(out.contains("/s, ETA "), "{out:?}");
-    assert!(out.contains("map: 300 jobs: 300 succeeded, 0 failed in "), "{out:?}");
+    assert!(
+        out.contains("map: 300 jobs: 300 succeeded, 0 failed in "),
+        "{out:?}"
+    );
 }

@@ -472,6 +472,8 @@ fn admin_commands_need_admin_rights() {
     for args in [
         &["scale", "echo", "3"][..],
         &["restart", "echo"],
+        &["pause", "echo"],
+        &["resume", "echo"],
         &["reload"],
         &["shutdown", "--now"],
     ] {

@@ -972,3 +972,42 @@ fn reload_waits_until_the_pools_run_the_new_config() {
         "--no-wait returned after the reload was done"
     );
 }
+
+/// `pause` keeps the workers but hands them no job (queued jobs wait,
+/// `status` says `paused`) until `resume`; `scale POOL 0` stops every worker
+/// and jobs wait for a `scale` up. Both are admin commands.
+#[test]
+fn pause_resume_and_scale_to_zero() {
+    let d = Daemon::start(
+        "pause",
+        &format!("{}{}", daemon_section(), echo_pool("p", 2, "")),
+    );
+    let pids = d.wait_ready("p", 2);
+    let r = d.ctl(&["pause", "p"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("paused"), "{r:?}");
+    assert_eq!(d.pool("p")["state"], "paused");
+    let id = d.submit_id(&["p", "--input", "later"]).to_string();
+    // Queued while paused; a bounded look (the job would run in ms).
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    while std::time::Instant::now() < until {
+        let j = d.ctl(&["--json", "result", &id]).json();
+        assert_eq!(j["state"], "queued", "{j}");
+    }
+    assert_eq!(d.wait_ready("p", 2), pids, "the workers stay up");
+    assert_eq!(d.ctl(&["resume", "p"]).code, 0);
+    let r = d.ctl(&["wait", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(d.pool("p")["state"], "running");
+
+    let r = d.ctl(&["scale", "p", "0"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_for("the workers to be gone", DEADLINE, || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+    let id = d.submit_id(&["p", "--input", "after"]).to_string();
+    assert_eq!(d.ctl(&["--json", "result", &id]).json()["state"], "queued");
+    assert_eq!(d.ctl(&["scale", "p", "1"]).code, 0);
+    assert_eq!(d.ctl(&["wait", &id]).code, 0);
+    assert_eq!(d.ctl(&["pause", "nope"]).code, 4);
+}

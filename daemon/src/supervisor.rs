@@ -315,6 +315,8 @@ struct Pool {
     rolling: Option<u32>,
     /// Removed by reload: delete once every process is gone.
     removing: bool,
+    /// `pause`: no job is dispatched until `resume` (workers stay up).
+    paused: bool,
     /// Queue and counters of its jobs.
     jobs: PoolJobs,
 }
@@ -760,11 +762,6 @@ impl Supervisor {
 
     /// `scale POOL N`.
     pub fn scale(&mut self, name: &str, workers: u32, now: Instant) -> Result<String, CtlError> {
-        if workers == 0 {
-            return Err(CtlError::Invalid(
-                "cannot scale to 0 workers; use at least 1 (or remove the pool from the config and reload)".into(),
-            ));
-        }
         if workers > 4096 {
             return Err(CtlError::Invalid(format!(
                 "cannot scale to {workers} workers; the maximum is 4096"
@@ -779,6 +776,23 @@ impl Supervisor {
         self.fill(name, now);
         self.shrink(name, now);
         Ok(format!("pool {name}: {before} -> {workers} workers"))
+    }
+
+    /// `pause POOL` (`paused`) or `resume POOL`: whether the pool's queued
+    /// jobs are handed to its workers. Its workers stay up either way.
+    pub fn pause(&mut self, name: &str, paused: bool) -> Result<String, CtlError> {
+        let pool = self.pool_mut(name)?;
+        if pool.removing || pool.state == PoolState::Stopping {
+            return Err(CtlError::Rejected(format!("pool {name} is stopping")));
+        }
+        let was = std::mem::replace(&mut pool.paused, paused);
+        pool.jobs.dirty = true;
+        Ok(match (was, paused) {
+            (false, true) => format!("pool {name}: paused (running jobs finish; queued ones wait for `jobvisorctl resume {name}`)"),
+            (true, true) => format!("pool {name}: already paused"),
+            (true, false) => format!("pool {name}: resumed"),
+            (false, false) => format!("pool {name}: not paused"),
+        })
     }
 
     /// `restart POOL`: replaces every worker and clears `failed`.
@@ -991,7 +1005,11 @@ impl Supervisor {
             .filter(|p| only.is_none_or(|n| n == p.name))
             .map(|p| PoolStatus {
                 name: p.name.clone(),
-                state: p.state,
+                state: if p.paused && p.state == PoolState::Running {
+                    PoolState::Paused
+                } else {
+                    p.state
+                },
                 desired_workers: p.desired,
                 queued: p.jobs.queued,
                 running: p.jobs.running,
@@ -1442,6 +1460,7 @@ impl Pool {
             failure: None,
             rolling: None,
             removing: false,
+            paused: false,
             jobs: PoolJobs::default(),
         }
     }

@@ -110,6 +110,17 @@ pub enum Request {
         /// Also send the finished job document.
         wait: bool,
     },
+    /// Stop handing jobs to a pool's workers (they stay up, supervised;
+    /// running jobs finish; queued ones wait). Admin only.
+    Pause {
+        /// The pool.
+        pool: String,
+    },
+    /// Undo [`Request::Pause`]. Admin only.
+    Resume {
+        /// The pool.
+        pool: String,
+    },
 }
 
 /// Per-job options of a submit; `None` takes the pool's setting.
@@ -398,6 +409,8 @@ pub enum PoolState {
     Failed,
     /// Being removed (reload) or the daemon is shutting down.
     Stopping,
+    /// Running, but handed no jobs (`pause`) until `resume`.
+    Paused,
 }
 
 impl PoolState {
@@ -407,6 +420,7 @@ impl PoolState {
             PoolState::Running => "running",
             PoolState::Failed => "failed",
             PoolState::Stopping => "stopping",
+            PoolState::Paused => "paused",
         }
     }
 }

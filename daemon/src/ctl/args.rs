@@ -43,7 +43,7 @@ pub enum Cmd {
     Scale {
         /// The pool.
         pool: String,
-        /// Number of workers (at least 1).
+        /// Number of workers (0: none; queued jobs wait).
         workers: u32,
     },
     /// Replace every worker of a pool; clears the `failed` state. Returns
@@ -54,6 +54,17 @@ pub enum Cmd {
         /// Return as soon as the daemon has begun.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Stop handing jobs to a pool's workers: they stay up, running jobs
+    /// finish, queued ones wait (and new ones queue) until `resume`.
+    Pause {
+        /// The pool.
+        pool: String,
+    },
+    /// Hand a paused pool's queued jobs to its workers again.
+    Resume {
+        /// The pool.
+        pool: String,
     },
     /// Re-read the daemon's configuration file. Returns once every pool's
     /// workers run the new configuration (exit 5 if a pool fails instead).

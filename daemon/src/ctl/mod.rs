@@ -333,6 +333,12 @@ fn run(args: Args) -> Result<u8, Failure> {
         ),
         Cmd::Restart { pool, no_wait } => supervise::restart(&ctx, pool, !no_wait),
         Cmd::Reload { no_wait } => supervise::reload(&ctx, !no_wait),
+        Cmd::Pause { pool } => {
+            supervise::simple(&ctx, "pause", ipc_proto::control::Request::Pause { pool })
+        }
+        Cmd::Resume { pool } => {
+            supervise::simple(&ctx, "resume", ipc_proto::control::Request::Resume { pool })
+        }
         Cmd::Shutdown { now, no_wait } => supervise::shutdown(&ctx, now, !no_wait),
         Cmd::Submit(a) => jobs::submit(&ctx, a),
         Cmd::Map(a) => map::run(&ctx, a),

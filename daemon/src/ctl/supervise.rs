@@ -109,7 +109,7 @@ pub fn reload(ctx: &Ctx, wait: bool) -> Result<u8, Failure> {
         }
         let settled = report.pools.iter().all(|p| {
             p.state == PoolState::Failed
-                || (p.state == PoolState::Running
+                || (matches!(p.state, PoolState::Running | PoolState::Paused)
                     && p.workers.len() as u32 == p.desired_workers
                     && p.workers
                         .iter()

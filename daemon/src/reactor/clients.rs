@@ -532,6 +532,8 @@ impl Reactor {
                     ok_or_error(self.core.scale(&pool, workers, now))
                 }
                 Request::Restart { pool } => ok_or_error(self.core.restart(&pool, now)),
+                Request::Pause { pool } => ok_or_error(self.core.pause(&pool, true)),
+                Request::Resume { pool } => ok_or_error(self.core.pause(&pool, false)),
                 Request::Reload => match self.reload() {
                     Ok(message) => Response::Ok { message },
                     Err((kind, message)) => Response::Error { kind, message },
@@ -558,12 +560,15 @@ impl Reactor {
         }
     }
 
-    /// The refusal of an admin command (scale, restart, reload, shutdown)
+    /// The refusal of an admin command (scale, restart, pause, resume,
+    /// reload, shutdown)
     /// to a client that is not an admin; `status` is open to everyone.
     fn refuse_non_admin(&self, id: u64, req: &Request) -> Option<Response> {
         let what = match req {
             Request::Scale { .. } => "scale",
             Request::Restart { .. } => "restart",
+            Request::Pause { .. } => "pause",
+            Request::Resume { .. } => "resume",
             Request::Reload => "reload",
             Request::Shutdown { .. } => "shutdown",
             _ => return None,

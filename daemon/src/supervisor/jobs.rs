@@ -1541,6 +1541,9 @@ impl Supervisor {
     /// prefetch, takes back jobs waiting behind a long-running one for a
     /// worker left idle.
     fn dispatch(&mut self, name: &str, now: Instant) {
+        if self.pools.get(name).is_some_and(|p| p.paused) {
+            return;
+        }
         self.dispatch_levelled(name, now);
         self.take_back(name, now);
     }
