@@ -338,10 +338,10 @@ fn scale_down_stops_the_highest_slots_and_up_adds() {
     s.sup.scale("a", 3, s.now).unwrap();
     assert_eq!(spawns(&s.pump()), 1);
     assert_eq!(s.sup.pools["a"].slots[2].id, 2);
-    assert!(matches!(
-        s.sup.scale("a", 0, s.now),
-        Err(CtlError::Invalid(_))
-    ));
+    // Scaling to 0 stops every worker (jobs then wait for a scale up).
+    assert!(s.sup.scale("a", 0, s.now).is_ok());
+    assert_eq!(s.sup.pools["a"].desired, 0);
+    s.sup.scale("a", 3, s.now).unwrap();
     assert!(matches!(
         s.sup.scale("zz", 1, s.now),
         Err(CtlError::NotFound(_))
