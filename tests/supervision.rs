@@ -903,6 +903,15 @@ fn restart_and_shutdown_wait_until_done() {
     );
     let mut d = Daemon::start("restart-wait", &cfg);
     let old = d.wait_ready("p", 2);
+    let r = d.ctl_stdin(&["map", "p"], Some(b"a\nb\nc\nd\n"));
+    assert_eq!(r.code, 0, "{r:?}");
+    let before: u64 = d.pool("p")["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["jobs_done"].as_u64().unwrap())
+        .sum();
+    assert_eq!(before, 4);
     let r = d.ctl(&["restart", "p"]);
     assert_eq!(r.code, 0, "{r:?}");
     // No wait_for: it is done when the command returns.
@@ -914,6 +923,8 @@ fn restart_and_shutdown_wait_until_done() {
             !old.contains(&(w["pid"].as_u64().unwrap() as u32)),
             "{ws:?}"
         );
+        // JOBS counts the current process's jobs, as max_jobs_per_worker.
+        assert_eq!(w["jobs_done"], 0, "{ws:?}");
     }
     let r = d.ctl(&["restart", "p", "--no-wait"]);
     assert_eq!(r.code, 0, "{r:?}");

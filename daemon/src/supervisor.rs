@@ -284,8 +284,9 @@ enum SlotState {
 #[derive(Debug)]
 struct Slot {
     id: u32,
+    /// Crash restarts of this slot (what `status` shows as RESTARTS: a
+    /// `restart`, a recycling or a reload replacement is not a crash).
     restarts: u32,
-    jobs_done: u64,
     /// Delay before the next restart after a quick death.
     backoff: Duration,
     state: SlotState,
@@ -1043,7 +1044,12 @@ impl Supervisor {
                             state,
                             uptime_ms: uptime.as_millis() as u64,
                             restarts: s.restarts,
-                            jobs_done: s.jobs_done,
+                            // The current process's, as `max_jobs_per_worker`
+                            // counts them: a new process starts at 0.
+                            jobs_done: match &s.state {
+                                SlotState::Running(pr) => pr.jobs_handled,
+                                _ => 0,
+                            },
                             rss_bytes: 0,
                         }
                     })
@@ -1102,7 +1108,6 @@ impl Supervisor {
             pool.slots.push(Slot {
                 id,
                 restarts: 0,
-                jobs_done: 0,
                 backoff: pool.config.backoff_initial,
                 state: SlotState::Idle,
             });

@@ -2166,7 +2166,6 @@ impl Supervisor {
         let max_jobs = pool.config.max_jobs_per_worker;
         let wants_rss = pool.config.max_memory.is_some();
         let slot = &mut pool.slots[idx];
-        slot.jobs_done += 1;
         let SlotState::Running(p) = &mut slot.state else {
             return;
         };
