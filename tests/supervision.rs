@@ -472,7 +472,9 @@ fn scale_up_and_down() {
     wait_for("scaled-down workers to exit", DEADLINE, || {
         up[1..].iter().all(|p| !alive(*p)).then_some(())
     });
-    assert_eq!(d.ctl(&["scale", "echo", "0"]).code, 2);
+    // 0 is allowed (no workers; jobs wait), past the maximum is not.
+    assert_eq!(d.ctl(&["scale", "echo", "0"]).code, 0);
+    assert_eq!(d.ctl(&["scale", "echo", "5000"]).code, 2);
     assert_eq!(d.ctl(&["scale", "nope", "2"]).code, 4);
     assert_eq!(d.ctl(&["restart", "nope"]).code, 4);
     assert_eq!(d.ctl(&["status", "nope"]).code, 4);
