@@ -224,6 +224,20 @@ const TABLE_ERROR_WIDTH: usize = 80;
 
 /// The human `jobs` table: `ID POOL STATE ATTEMPTS AGE ERROR`, ages
 /// relative to `now_ms`.
+/// How long a job has run: from its first attempt's start to its end (or
+/// to now while it runs); `-` if it never started.
+fn run_time(d: &JobDoc, now_ms: u64) -> String {
+    let Some(first) = d.attempts.first() else {
+        return "-".into();
+    };
+    let end = d
+        .finished_ms
+        .or(d.attempts.last().and_then(|a| a.ended_ms))
+        .filter(|_| d.state.is_terminal())
+        .unwrap_or(now_ms);
+    human_duration(end.saturating_sub(first.started_ms))
+}
+
 pub fn jobs_table(docs: &[JobDoc], now_ms: u64) -> String {
     use std::fmt::Write as _;
     let id_w = docs
@@ -241,20 +255,21 @@ pub fn jobs_table(docs: &[JobDoc], now_ms: u64) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  ERROR",
-        "ID", "POOL", "STATE", "ATTEMPTS", "AGE"
+        "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  {:>6}  ERROR",
+        "ID", "POOL", "STATE", "ATTEMPTS", "AGE", "RUN"
     );
     for d in docs {
         let error = d.error.as_deref().map_or(String::new(), |e| {
             one_line(error_summary(e), TABLE_ERROR_WIDTH)
         });
         let line = format!(
-            "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  {}",
+            "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  {:>6}  {}",
             d.id,
             d.pool,
             d.state.as_str(),
             d.attempts.len(),
             human_duration(now_ms.saturating_sub(d.created_ms)),
+            run_time(d, now_ms),
             error
         );
         let _ = writeln!(s, "{}", line.trim_end());
@@ -439,11 +454,24 @@ mod tests {
         let t = jobs_table(&[a, b, doc(JobState::Succeeded, None, None)], 3_500);
         assert_eq!(
             t,
-            "ID  POOL  STATE      ATTEMPTS     AGE  ERROR\n\
-             \x207  echo  failed            1    2.5s  boom\n\
-             \x208  echo  failed            1    2.5s  ValueError: boom 7\n\
-             42  echo  succeeded         1    2.5s\n"
+            "ID  POOL  STATE      ATTEMPTS     AGE     RUN  ERROR\n\
+             \x207  echo  failed            1    2.5s    0.5s  boom\n\
+             \x208  echo  failed            1    2.5s    0.5s  ValueError: boom 7\n\
+             42  echo  succeeded         1    2.5s    0.5s\n"
         );
+    }
+
+    #[test]
+    fn run_time_is_from_the_first_start_to_the_end_or_now() {
+        let done = doc(JobState::Succeeded, None, None);
+        assert_eq!(run_time(&done, 9_000), human_duration(500));
+        let mut running = doc(JobState::Running, None, None);
+        running.finished_ms = None;
+        running.attempts[0].ended_ms = None;
+        assert_eq!(run_time(&running, 4_500), human_duration(3_000));
+        let mut queued = doc(JobState::Queued, None, None);
+        queued.attempts.clear();
+        assert_eq!(run_time(&queued, 4_500), "-");
     }
 
     #[test]
