@@ -71,3 +71,20 @@ fn man_writes_a_page_per_command() {
         assert!(text.contains(".SH NAME"), "{}", page.display());
     }
 }
+
+/// `--help` lists the exit codes (the man page too: it is made from it).
+#[test]
+fn help_lists_the_exit_codes() {
+    let r = ctl(&["--help"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for code in [
+        "0 ok",
+        "1 a job failed",
+        "2 usage",
+        "3 the daemon is unreachable",
+        "4 not found",
+        "5 rejected",
+    ] {
+        assert!(r.stdout.contains(code), "{code}: {}", r.stdout);
+    }
+}

@@ -11,7 +11,15 @@ pub const DEFAULT_JOBS_LIMIT: u32 = 1000;
 
 /// Control a running jobvisord.
 #[derive(Parser, Debug)]
-#[command(name = "jobvisorctl", version)]
+#[command(
+    name = "jobvisorctl",
+    version,
+    after_help = "Exit codes: 0 ok; 1 a job failed (did not succeed); 2 usage or invalid \
+                  input (also: an admin command from a non-admin); 3 the daemon is \
+                  unreachable (not running, or its socket directory cannot be trusted); \
+                  4 not found (no such pool or job); 5 rejected for now (queue full, pool \
+                  failed, shutting down, over a connection cap): retry later."
+)]
 pub struct Args {
     /// Control socket [default: $JOBVISOR_SOCKET, else the config's
     /// daemon.control_socket, else the default runtime path]
