@@ -400,8 +400,34 @@ pub fn run_with_stdin(mut cmd: Command, stdin: Option<&[u8]>) -> Ctl {
             let _ = w.write_all(&data);
         });
     }
-    Ctl::from_output(child.wait_with_output().expect("wait"))
+    // Bounded: a command that never returns (say, a `restart` waiting for
+    // a pool that never gets ready) fails the test instead of hanging it.
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(CTL_DEADLINE)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return true;
+        }
+        false
+    });
+    let output = child.wait_with_output().expect("wait");
+    let _ = done_tx.send(());
+    if watchdog.join().unwrap_or(false) {
+        panic!(
+            "the command did not finish within {CTL_DEADLINE:?} (killed); stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ctl::from_output(output)
 }
+
+/// How long one command run by [`run_with_stdin`] may take.
+pub const CTL_DEADLINE: Duration = Duration::from_secs(300);
 
 /// `n` pseudo-random bytes (xorshift seeded by `n`, so the same `n` always
 /// gives the same bytes); binary, not UTF-8.
