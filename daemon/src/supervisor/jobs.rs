@@ -2169,27 +2169,8 @@ impl Supervisor {
         let SlotState::Running(p) = &mut slot.state else {
             return;
         };
-        p.inflight.remove(pos);
         p.jobs_handled += 1;
-        // The worker is done with its input: the slot may be reused.
-        if let Some(i) = p.slots.iter().position(|(j, _)| *j == id) {
-            let (_, slot) = p.slots.swap_remove(i);
-            let _ = p.arena.free(slot);
-        }
-        if p.inflight.is_empty() {
-            p.solo = false;
-        }
-        let mut run_time = None;
-        if pos == 0 {
-            p.head_deadline = p
-                .inflight
-                .front()
-                .and_then(|next| self.jt.jobs.get(next))
-                .and_then(|j| j.timeout)
-                .map(|t| now + t);
-            run_time = p.head_since.map(|t| now.saturating_duration_since(t));
-            p.head_since = (!p.inflight.is_empty()).then_some(now);
-        }
+        let run_time = leave_worker(p, pos, id, &self.jt.jobs, now);
         // Once: a recycled worker with prefetched jobs still in hand finishes
         // them while draining, and is stopped (below) when the last is done.
         let recycle = max_jobs > 0
@@ -2251,30 +2232,48 @@ impl Supervisor {
         let SlotState::Running(p) = &mut pool.slots[idx].state else {
             return;
         };
-        p.inflight.remove(pos);
-        if let Some(i) = p.slots.iter().position(|(j, _)| *j == id) {
-            let (_, slot) = p.slots.swap_remove(i);
-            let _ = p.arena.free(slot);
-        }
-        if p.inflight.is_empty() {
-            p.solo = false;
-        }
-        if pos == 0 {
-            // It was running after all (stopped for the `Cancel`).
-            p.head_deadline = p
-                .inflight
-                .front()
-                .and_then(|next| self.jt.jobs.get(next))
-                .and_then(|j| j.timeout)
-                .map(|t| now + t);
-            p.head_since = (!p.inflight.is_empty()).then_some(now);
-        }
+        // If it was the front job, it was running after all (stopped for
+        // the `Cancel`); its run time says nothing about the pool's jobs.
+        leave_worker(p, pos, id, &self.jt.jobs, now);
         let drained = matches!(p.phase, Phase::Draining { .. }) && p.inflight.is_empty();
         self.requeue_unstarted(id);
         if drained {
             self.drained(name, idx, now);
         }
     }
+}
+
+/// Job `id`, at `pos` in `p.inflight`, leaves its worker (answered or
+/// taken back): its input slot in the arena is freed, and if it was the
+/// front job, the next one's deadline and run-time clock start now.
+/// Returns how long it ran as the front job (`None` if it was not).
+fn leave_worker(
+    p: &mut Proc,
+    pos: usize,
+    id: u64,
+    jobs: &HashMap<u64, Job>,
+    now: Instant,
+) -> Option<Duration> {
+    p.inflight.remove(pos);
+    if let Some(i) = p.slots.iter().position(|(j, _)| *j == id) {
+        let (_, slot) = p.slots.swap_remove(i);
+        let _ = p.arena.free(slot);
+    }
+    if p.inflight.is_empty() {
+        p.solo = false;
+    }
+    if pos != 0 {
+        return None;
+    }
+    p.head_deadline = p
+        .inflight
+        .front()
+        .and_then(|next| jobs.get(next))
+        .and_then(|j| j.timeout)
+        .map(|t| now + t);
+    let ran = p.head_since.map(|t| now.saturating_duration_since(t));
+    p.head_since = (!p.inflight.is_empty()).then_some(now);
+    ran
 }
 
 fn not_found_job(id: Option<u64>) -> Response {
