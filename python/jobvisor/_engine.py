@@ -191,22 +191,7 @@ class Engine:
         else:
             request = self.inline_request(_calls.join(payload))
         try:
-            with self.send_lock:
-                if self.broken is not None:
-                    raise self.broken
-                if self.failed is not None:
-                    raise self.failed
-                self.unacked.append(future)
-                try:
-                    self.conn.send(request, fd)
-                except Error:
-                    # The reader sees the broken connection too and fails
-                    # what is pending; this future is the caller's to fail.
-                    try:
-                        self.unacked.remove(future)
-                    except ValueError:
-                        pass
-                    raise
+            self._send([future], lambda: self.conn.send(request, fd))
         finally:
             if fd is not None:
                 os.close(fd)
@@ -230,21 +215,28 @@ class Engine:
         self._send_batch(batch, futures)
 
     def _send_batch(self, frames, futures):
-        if not frames:
-            return
-        data = b"".join(frames)
+        if frames:
+            data = b"".join(frames)
+            self._send(futures, lambda: self.conn.send_raw(data))
+
+    def _send(self, targets, send):
+        """Queues `targets` for their `Submitted` answers and calls `send()`,
+        both under the send lock, so that the queue's order is the order of
+        the requests on the connection."""
         with self.send_lock:
             if self.broken is not None:
                 raise self.broken
             if self.failed is not None:
                 raise self.failed
-            self.unacked.extend(futures)
+            self.unacked.extend(targets)
             try:
-                self.conn.send_raw(data)
+                send()
             except Error:
-                for f in futures:
+                # The reader sees the broken connection too and fails what
+                # is pending; these are the caller's to fail.
+                for t in targets:
                     try:
-                        self.unacked.remove(f)
+                        self.unacked.remove(t)
                     except ValueError:
                         pass
                 raise

@@ -607,6 +607,9 @@ class Client:
                 break
             if kind == "error":
                 error = error or value
+            elif kind == "pool_failed":
+                # Only waits hear it: the rest of the stream may never come.
+                raise pool_failed_error(value)
             else:
                 yield value
         if error is not None:
@@ -617,21 +620,7 @@ class Client:
         finish. If the pool of a queued one has failed (or fails meanwhile),
         raises :class:`Error` (kind "failed") at once; the wait is then still
         open on this connection (close it)."""
-        self.conn.send(b"\x07" + w.uvarint(len(ids)) + b"".join(w.uvarint(i) for i in ids))
-        docs, error = [], None
-        while True:
-            kind, value = self.conn.recv()
-            if kind == "end":
-                break
-            if kind == "error":
-                error = error or value
-            elif kind == "pool_failed":
-                raise pool_failed_error(value)
-            else:
-                docs.append(value)
-        if error is not None:
-            raise error
-        return docs
+        return list(self._stream(b"\x07" + w.uvarint(len(ids)) + b"".join(w.uvarint(i) for i in ids)))
 
     def result(self, job_id):
         return self._expect("job", b"\x08" + w.uvarint(job_id))

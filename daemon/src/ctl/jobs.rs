@@ -344,10 +344,11 @@ pub fn cancel(
                     .map_err(|e| Failure::client("cancel", e))?
                 {
                     Response::Error { kind, message } => {
-                        // It ended meanwhile: not an error of this command.
-                        if kind != ipc_proto::control::ErrorKind::NotFound
-                            && !message.contains("already")
-                        {
+                        // Ended meanwhile (`Failed`: "already succeeded") or
+                        // pruned (`NotFound`): nothing left to cancel, not an
+                        // error of this command.
+                        use ipc_proto::control::ErrorKind::{Failed, NotFound};
+                        if !matches!(kind, Failed | NotFound) {
                             warn(&format!("cancel: job {id}: {message}"));
                             if code == 0 {
                                 code = Failure::daemon("cancel", kind, &message).code;
