@@ -961,11 +961,7 @@ fn an_unknown_pool_is_not_found_in_jobs_and_in_an_empty_map() {
 /// and `--pool P [--state S]` (every queued and running job of the pool).
 #[test]
 fn cancel_takes_several_ids_or_a_whole_pool() {
-    let cfg = format!(
-        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 1\nprefetch = 1\n",
-        daemon_section(),
-        test_worker()
-    );
+    let cfg = sleep_pool(1, "prefetch = 1");
     let d = Daemon::start("cancel-many", &cfg);
     d.wait_ready("s", 1);
     let ids: Vec<String> = (0..6)
@@ -1066,11 +1062,7 @@ fn a_jobs_listing_at_its_limit_says_there_may_be_more() {
 fn ctrl_c_on_map_cancels_its_unfinished_jobs() {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let cfg = format!(
-        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 1\nprefetch = 1\n",
-        daemon_section(),
-        test_worker()
-    );
+    let cfg = sleep_pool(1, "prefetch = 1");
     let d = Daemon::start("map-ctrl-c", &cfg);
     d.wait_ready("s", 1);
     let mut child = Command::new(bin("jobvisorctl"))
@@ -1120,11 +1112,7 @@ fn ctrl_c_on_map_cancels_its_unfinished_jobs() {
 /// summary line at the end (the terminal is a pty from `script`).
 #[test]
 fn map_on_a_terminal_shows_a_bar_and_a_summary() {
-    let cfg = format!(
-        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = 2\n",
-        daemon_section(),
-        test_worker()
-    );
+    let cfg = sleep_pool(2, "");
     let d = Daemon::start("map-progress", &cfg);
     d.wait_ready("s", 2);
     let input = d.dir.path().join("input");

@@ -6,14 +6,6 @@ use jobvisor::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn sleep_pool(workers: u32, extra: &str) -> String {
-    format!(
-        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = {workers}\n{extra}\n",
-        daemon_section(),
-        test_worker()
-    )
-}
-
 /// `map s` of `input` (one job per line): its duration; every job must
 /// succeed.
 fn timed_map(d: &Daemon, input: &str) -> Duration {

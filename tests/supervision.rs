@@ -11,6 +11,15 @@ fn echo_pool(name: &str, workers: u32, extra: &str) -> String {
     )
 }
 
+/// `echo_pool` whose workers start slowly: `sh` waits 300 ms before it
+/// execs the worker, so a test can see whether a command waited for them.
+fn slow_echo_pool(name: &str, workers: u32, extra: &str) -> String {
+    echo_pool(name, workers, extra).replace(
+        "command = [",
+        "command = [\"sh\", \"-c\", \"sleep 0.3; exec \\\"$0\\\" \\\"$@\\\"\", ",
+    )
+}
+
 /// A pool `stubborn` of one worker that ignores TERM and outlives the
 /// worker's own clean exit on the Shutdown frame: only SIGKILL ends it.
 fn stubborn_pool(dir: &TempDir, stop_timeout: &str) -> String {
@@ -894,15 +903,7 @@ fn scale_holds_until_a_reload_changes_the_pool() {
 /// at once.
 #[test]
 fn restart_and_shutdown_wait_until_done() {
-    let cfg = format!(
-        "{}{}",
-        daemon_section(),
-        // A slow starter: its workers are ready 300 ms after they start.
-        echo_pool("p", 2, "").replace(
-            "command = [",
-            "command = [\"sh\", \"-c\", \"sleep 0.3; exec \\\"$0\\\" \\\"$@\\\"\", "
-        )
-    );
+    let cfg = format!("{}{}", daemon_section(), slow_echo_pool("p", 2, ""));
     let mut d = Daemon::start("restart-wait", &cfg);
     let old = d.wait_ready("p", 2);
     let r = d.ctl_stdin(&["map", "p"], Some(b"a\nb\nc\nd\n"));
@@ -953,10 +954,7 @@ fn reload_waits_until_the_pools_run_the_new_config() {
         format!(
             "{}{}",
             daemon_section(),
-            echo_pool("p", 2, &format!("env = {{ V = \"{v}\" }}")).replace(
-                "command = [",
-                "command = [\"sh\", \"-c\", \"sleep 0.3; exec \\\"$0\\\" \\\"$@\\\"\", "
-            )
+            slow_echo_pool("p", 2, &format!("env = {{ V = \"{v}\" }}"))
         )
     };
     let d = Daemon::start("reload-wait", &slow("1"));

@@ -472,6 +472,16 @@ pub fn test_worker() -> String {
     format!("{:?}", bin("jobvisor-test-worker").display().to_string())
 }
 
+/// A whole config with one pool `s` of `workers` test workers in `sleep`
+/// mode (each job's input is a number of ms to sleep), plus `extra` keys.
+pub fn sleep_pool(workers: u32, extra: &str) -> String {
+    format!(
+        "{}[pools.s]\ncommand = [{}, \"sleep\"]\nworkers = {workers}\n{extra}\n",
+        daemon_section(),
+        test_worker()
+    )
+}
+
 // ---- systemd integration (tests/systemd.rs) ----
 
 /// A fake systemd notification socket: a datagram socket bound in a test
