@@ -29,6 +29,7 @@ import os
 import queue
 import threading
 import time
+import types
 from multiprocessing import TimeoutError
 
 from . import _calls
@@ -85,7 +86,7 @@ class AsyncResult:
     def _on_done(self, success, value):
         self._set(success, value if success else _encoding_error(value))
 
-    __class_getitem__ = classmethod(lambda cls, item: cls)
+    __class_getitem__ = classmethod(types.GenericAlias)
 
 
 ApplyResult = AsyncResult
