@@ -1,5 +1,6 @@
-//! `jobvisorctl completions SHELL` and `jobvisorctl man DIR`, generated from
-//! the parser's own definitions; neither needs a daemon.
+//! `jobvisorctl` without a daemon: `completions SHELL` and `man DIR`,
+//! generated from the parser's own definitions; usage errors; an
+//! unreachable daemon.
 
 use jobvisor::*;
 use std::process::Command;
@@ -87,4 +88,30 @@ fn help_lists_the_exit_codes() {
     ] {
         assert!(r.stdout.contains(code), "{code}: {}", r.stdout);
     }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(ctl(&["frobnicate"]).code, 2);
+    assert_eq!(ctl(&["scale", "echo", "many"]).code, 2);
+    let r = ctl(&["--help"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("status"), "{r:?}");
+}
+
+#[test]
+fn an_unreachable_daemon_exits_3_with_one_line() {
+    let dir = TempDir::new("unreachable");
+    let sock = dir.path().join("nobody.sock");
+    let mut c = Command::new(bin("jobvisorctl"));
+    c.arg("--socket").arg(&sock).arg("status");
+    let r = run_with_stdin(c, None);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
+    // JOBVISOR_SOCKET is honoured too.
+    let mut c = Command::new(bin("jobvisorctl"));
+    c.arg("status").env("JOBVISOR_SOCKET", &sock);
+    let r = run_with_stdin(c, None);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("nobody.sock"), "{r:?}");
 }

@@ -206,8 +206,8 @@ fn no_loss_under_worker_crashes() {
 
 #[test]
 fn no_loss_under_daemon_kill9() {
-    use daemon::client::Connection;
     use ipc_proto::control::{JobOptions, Request, Response};
+    use jobvisor_client::Connection;
     let cfg = format!(
         "{}{}",
         daemon_section(),

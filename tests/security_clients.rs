@@ -498,7 +498,7 @@ fn admin_commands_need_admin_rights() {
 /// inline one.
 #[test]
 fn descriptor_inputs_keep_reply_order_and_fail_alone() {
-    use daemon::client::Connection;
+    use jobvisor_client::Connection;
     let d = Daemon::start("sec-fdin", &echo_cfg(""));
     d.wait_ready("echo", 2);
     let mut c = Connection::connect(&d.socket()).unwrap();
@@ -514,7 +514,7 @@ fn descriptor_inputs_keep_reply_order_and_fail_alone() {
         options: Default::default(),
         wait: false,
     };
-    let small = daemon::fdpass::sealed_memfd(c"small", b"from a descriptor").unwrap();
+    let small = jobvisor_client::fdpass::sealed_memfd(c"small", b"from a descriptor").unwrap();
     let path = d.dir.path().join("wo");
     std::fs::write(&path, b"0123456789").unwrap();
     let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -650,7 +650,7 @@ fn users_see_and_control_only_their_own_jobs() {
 /// own input.
 #[test]
 fn queued_inputs_under_a_mebibyte_do_not_fill_memory() {
-    use daemon::client::Connection;
+    use jobvisor_client::Connection;
     // The pool's workers never become ready, so every job stays queued
     // until a reload gives it real ones.
     let cfg = |cmd: &str| {

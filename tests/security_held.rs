@@ -7,9 +7,9 @@
 //! garbage frames from workers, arena seals and `kill -9` mid-submit are
 //! covered in `shm.rs`, `jobs.rs` and `supervision.rs`.)
 
-use daemon::client::Connection;
 use ipc_proto::control::{ErrorKind, Request, Response};
 use jobvisor::*;
+use jobvisor_client::Connection;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 

@@ -745,7 +745,7 @@ fn user_and_group_apply_to_that_worker_only() {
 /// Everything a connection receives, forwarded to a channel by a thread
 /// (so that reads have deadlines).
 fn responses(
-    mut conn: daemon::client::Connection,
+    mut conn: jobvisor_client::Connection,
 ) -> std::sync::mpsc::Receiver<ipc_proto::control::Response> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -760,8 +760,8 @@ fn responses(
 
 #[test]
 fn waiters_hear_at_once_when_their_pool_fails_and_still_get_their_jobs_after_a_fix() {
-    use daemon::client::Connection;
     use ipc_proto::control::{JobOptions, JobState, Request, Response};
+    use jobvisor_client::Connection;
     let marker = TempDir::new("poolfailed-bin");
     let broken = marker.path().join("broken");
     let wrapper = script(

@@ -25,12 +25,15 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::ops::Range;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
+
+use jobvisor_client::paths::{abs_dir, absolute, clean, first_dir, line_col, one_line};
+pub use jobvisor_client::paths::{default_runtime_dir, SOCKET_FILE_NAME};
 
 /// Largest accepted `prefetch`.
 pub const MAX_PREFETCH: u32 = 1024;
@@ -75,8 +78,6 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 32;
 /// Largest `max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: u32 = 65_536;
-/// File name of the control socket inside [`default_runtime_dir`].
-pub const SOCKET_FILE_NAME: &str = "jobvisor.sock";
 /// Longest socket path `bind(2)` accepts: `sun_path` is 108 bytes including the NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 /// Longest pool or semaphore name.
@@ -380,40 +381,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, path)
 }
 
-/// Only `[daemon] control_socket` of the config file at `path`, resolved as
-/// [`load`] does (`None` when the file does not set it): what `jobvisorctl`
-/// needs. The rest of the file is not validated, so that a mistake
-/// elsewhere in it (say, the one a `reload` was refused for) does not keep
-/// the CLI from reaching a daemon that runs fine.
-pub fn control_socket(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
-        path: path.to_path_buf(),
-        reason,
-    })?;
-    let (doc, dir) = parse_toml(&text, path)?;
-    let walker = Walker {
-        text: &text,
-        path,
-        dir: &dir,
-    };
-    let Some((_, daemon)) = in_order(doc.get_ref())
-        .into_iter()
-        .find(|(k, _)| key_str(k) == "daemon")
-    else {
-        return Ok(None);
-    };
-    let t = walker.table(daemon, "daemon")?;
-    match in_order(t)
-        .into_iter()
-        .find(|(k, _)| key_str(k) == "control_socket")
-    {
-        Some((_, v)) => walker.path_value(v, "daemon.control_socket").map(Some),
-        None => Ok(None),
-    }
-}
-
-/// The TOML document of `text` and the directory relative paths are
-/// resolved against; a syntax error as [`ConfigError::Syntax`].
 fn parse_toml<'t>(
     text: &'t str,
     path: &Path,
@@ -511,46 +478,12 @@ fn resolve_group(name: &str) -> Option<u32> {
         .map(|g| g.gid.as_raw())
 }
 
-/// Directory for the control socket when the config does not say: `$RUNTIME_DIRECTORY`
-/// (systemd), else `/run/jobvisor` for root, else `$XDG_RUNTIME_DIR/jobvisor`, else
-/// `/tmp/jobvisor-$UID`.
-pub fn default_runtime_dir() -> PathBuf {
-    let euid = nix::unistd::geteuid();
-    runtime_dir_from(|k| std::env::var_os(k), euid.as_raw())
-}
-
 /// Directory for the job store when the config does not say: `$STATE_DIRECTORY`
 /// (systemd), else `/var/lib/jobvisor` for root, else `$XDG_STATE_HOME/jobvisor`, else
 /// `$HOME/.local/state/jobvisor`.
 pub fn default_state_dir() -> PathBuf {
     let euid = nix::unistd::geteuid();
     state_dir_from(|k| std::env::var_os(k), euid.as_raw())
-}
-
-/// The first absolute entry of a systemd-style, colon-separated directory list.
-fn first_dir(v: Option<OsString>) -> Option<PathBuf> {
-    let v = v?;
-    let s = v.to_str()?;
-    s.split(':').map(PathBuf::from).find(|p| p.is_absolute())
-}
-
-/// An absolute directory from an environment variable (XDG requires absolute paths
-/// and says relative ones must be ignored).
-fn abs_dir(v: Option<OsString>) -> Option<PathBuf> {
-    v.map(PathBuf::from).filter(|p| p.is_absolute())
-}
-
-fn runtime_dir_from(env: impl Fn(&str) -> Option<OsString>, euid: u32) -> PathBuf {
-    if let Some(d) = first_dir(env("RUNTIME_DIRECTORY")) {
-        return d;
-    }
-    if euid == 0 {
-        return PathBuf::from("/run/jobvisor");
-    }
-    match abs_dir(env("XDG_RUNTIME_DIR")) {
-        Some(d) => d.join("jobvisor"),
-        None => PathBuf::from(format!("/tmp/jobvisor-{euid}")),
-    }
 }
 
 fn state_dir_from(env: impl Fn(&str) -> Option<OsString>, euid: u32) -> PathBuf {
@@ -1300,41 +1233,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before[line_start..].chars().count() + 1;
-    (line, column)
-}
-
-/// toml's messages may span lines; the contract wants one.
-fn one_line(s: &str) -> String {
-    s.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn absolute(path: &Path) -> PathBuf {
-    let p = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    clean(&p)
-}
-
-/// Drops `.` components (`/etc/jobvisor/./state` → `/etc/jobvisor/state`). `..` is
-/// kept: with symlinks it cannot be resolved lexically.
-fn clean(p: &Path) -> PathBuf {
-    p.components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect()
 }
 
 #[cfg(test)]

@@ -17,22 +17,13 @@
 //! later changes nothing.
 
 use nix::fcntl::{open, OFlag};
-use nix::sys::stat::{fchmod, fstat, FileStat, Mode};
+use nix::sys::stat::{fchmod, fstat, Mode};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-/// How strict [`PrivateDir::open`] is about permission bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strictness {
-    /// Not writable by group or others (`mode & 0o022 == 0`): `state_dir`,
-    /// `payload_dir`, a configured socket directory.
-    NoForeignWrite,
-    /// No access at all for group or others (`mode & 0o077 == 0`), as tmux
-    /// and ssh-agent demand of their directory under `/tmp`: the default
-    /// socket directory of a non-root user.
-    OwnerOnly,
-}
+pub use jobvisor_client::trust::{check_existing, describe_uid, DirError, Strictness};
+use jobvisor_client::trust::{fits, forbidden};
 
 /// An open, checked directory.
 #[derive(Debug)]
@@ -40,11 +31,6 @@ pub struct PrivateDir {
     path: PathBuf,
     fd: OwnedFd,
 }
-
-/// Why a directory is not trusted (or could not be made).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DirError(pub String);
 
 impl PrivateDir {
     /// Opens `path` (creating it 0700 first when `create` is set and it is
@@ -316,21 +302,6 @@ impl PrivateDir {
     }
 }
 
-/// The permission bits `strictness` forbids, and the `chmod` that clears
-/// them.
-fn forbidden(strictness: Strictness) -> (u32, &'static str) {
-    match strictness {
-        Strictness::NoForeignWrite => (0o022, "chmod go-w"),
-        Strictness::OwnerOnly => (0o077, "chmod 0700"),
-    }
-}
-
-/// Whether a directory with status `st` is owned by one of `owners` and
-/// has none of the bits `strictness` forbids.
-fn fits(st: &FileStat, owners: &[u32], strictness: Strictness) -> bool {
-    owners.contains(&st.st_uid) && st.st_mode & 0o7777 & forbidden(strictness).0 == 0
-}
-
 /// Checks that the directory open as `fd` is owned by the effective uid and
 /// has no forbidden permission bits.
 fn check(fd: &OwnedFd, path: &Path, what: &str, strictness: Strictness) -> Result<(), DirError> {
@@ -355,68 +326,6 @@ fn check(fd: &OwnedFd, path: &Path, what: &str, strictness: Strictness) -> Resul
         path.display(),
         p = path.display(),
     )))
-}
-
-/// Checks, without creating or keeping anything, that the directory at
-/// `path` is one a client may trust to hold the daemon's socket: owned by
-/// the client's euid (or root) and, with [`Strictness::OwnerOnly`], closed to
-/// group and others. `Ok(false)` if it does not exist.
-pub fn check_existing(
-    path: &Path,
-    what: &str,
-    strictness: Strictness,
-    owners: &[u32],
-) -> Result<bool, DirError> {
-    let fd = match open(
-        path,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(false),
-        Err(nix::errno::Errno::ELOOP) => {
-            return Err(DirError(format!(
-                "refusing to use {what} {}: it is a symbolic link; another user could have made it",
-                path.display()
-            )))
-        }
-        Err(nix::errno::Errno::ENOTDIR) if path.is_symlink() => {
-            return Err(DirError(format!(
-                "refusing to use {what} {}: it is a symbolic link; another user could have made it",
-                path.display()
-            )))
-        }
-        Err(e) => {
-            return Err(DirError(format!(
-                "cannot open {what} {}: {e}",
-                path.display()
-            )))
-        }
-    };
-    let st = fstat(&fd).map_err(|e| DirError(format!("cannot stat {}: {e}", path.display())))?;
-    if fits(&st, owners, strictness) {
-        return Ok(true);
-    }
-    let mode = st.st_mode & 0o7777;
-    let fix = forbidden(strictness).1;
-    Err(DirError(format!(
-        "refusing to use {what} {}: owner {}, mode {mode:04o}; it must be yours and {} (another user could have put a fake jobvisord there). Remove it and start jobvisord again, or fix it: `{fix} {}`",
-        path.display(),
-        describe_uid(st.st_uid),
-        match strictness {
-            Strictness::NoForeignWrite => "not writable by group or others",
-            Strictness::OwnerOnly => "closed to group and others (0700)",
-        },
-        path.display()
-    )))
-}
-
-/// `uid 1001 (alice)`.
-pub fn describe_uid(uid: u32) -> String {
-    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(u)) => format!("uid {uid} ({})", u.name),
-        _ => format!("uid {uid}"),
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Command-line contract of the two binaries that needs no running daemon:
-//! `--check`, usage errors, and an unreachable daemon. (Tests with a live
+//! Command-line contract of `jobvisord` that needs no running daemon:
+//! `--check` and usage errors (`jobvisorctl`'s: `ctl/tests/cli.rs`). (Tests with a live
 //! daemon are the black-box suite in the repository's `tests/`.)
 
 use std::process::Command;
@@ -61,34 +61,4 @@ fn check_reports_a_missing_file() {
 fn usage_errors_exit_2() {
     let (code, _, _) = run(env!("CARGO_BIN_EXE_jobvisord"), &["--bogus"]);
     assert_eq!(code, 2);
-    let (code, _, _) = run(env!("CARGO_BIN_EXE_jobvisorctl"), &["frobnicate"]);
-    assert_eq!(code, 2);
-    let (code, _, _) = run(
-        env!("CARGO_BIN_EXE_jobvisorctl"),
-        &["scale", "echo", "many"],
-    );
-    assert_eq!(code, 2);
-    let (code, out, _) = run(env!("CARGO_BIN_EXE_jobvisorctl"), &["--help"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("status"));
-}
-
-#[test]
-fn unreachable_daemon_exits_3_with_one_line() {
-    let d = scratch("unreach");
-    let sock = d.join("nobody.sock");
-    let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_jobvisorctl"),
-        &["--socket", sock.to_str().unwrap(), "status"],
-    );
-    assert_eq!(code, 3);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    // JOBVISOR_SOCKET is honoured too.
-    let o = Command::new(env!("CARGO_BIN_EXE_jobvisorctl"))
-        .arg("status")
-        .env("JOBVISOR_SOCKET", &sock)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("nobody.sock"));
 }

@@ -1,4 +1,5 @@
 use super::*;
+use jobvisor_client::paths::runtime_dir_from;
 
 const FILE: &str = "/etc/jobvisor/cfg.toml";
 

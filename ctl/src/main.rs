@@ -26,10 +26,13 @@ mod map;
 pub mod render;
 mod supervise;
 
+use jobvisor_client::{connection as client, fdpass};
+
 use crate::client::{ClientError, Connection};
 use args::{Args, Cmd};
 use clap::Parser;
 use ipc_proto::control::{ErrorKind, Response};
+use jobvisor_client::paths;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -205,7 +208,7 @@ impl Ctx {
 }
 
 /// Entry point of the `jobvisorctl` binary.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => return clap_exit(e),
@@ -270,24 +273,22 @@ fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
         return Ok(PathBuf::from(p));
     }
     let cfg_path = args.config.clone().or_else(|| {
-        let p = crate::default_config_path();
+        let p = paths::default_config_path();
         p.exists().then_some(p)
     });
     if let Some(p) = cfg_path {
         // Only the socket's path is read from the config: an error in the
         // rest of it (a refused reload's) is the daemon's business.
-        return match crate::config::control_socket(&p) {
+        return match paths::control_socket(&p) {
             // A config without `control_socket` means the default socket.
             Ok(None) => default_socket(),
             Ok(Some(sock))
-                if sock
-                    == crate::config::default_runtime_dir()
-                        .join(crate::config::SOCKET_FILE_NAME) =>
+                if sock == paths::default_runtime_dir().join(paths::SOCKET_FILE_NAME) =>
             {
                 default_socket()
             }
             Ok(Some(sock)) => Ok(sock),
-            Err(e) => Err(Failure::usage(e.to_string())),
+            Err(e) => Err(Failure::usage(e)),
         };
     }
     default_socket()
@@ -300,8 +301,8 @@ fn socket_path(args: &Args) -> Result<PathBuf, Failure> {
 /// writable by others. (An explicit `--socket`, `$JOBVISOR_SOCKET` or a
 /// config's `control_socket` is the user's own choice and is not checked.)
 fn default_socket() -> Result<PathBuf, Failure> {
-    use crate::private_dir::{check_existing, Strictness};
-    let dir = crate::config::default_runtime_dir();
+    use jobvisor_client::trust::{check_existing, Strictness};
+    let dir = paths::default_runtime_dir();
     let euid = nix::unistd::geteuid().as_raw();
     let strictness = if euid == 0 {
         Strictness::NoForeignWrite
@@ -310,7 +311,7 @@ fn default_socket() -> Result<PathBuf, Failure> {
     };
     check_existing(&dir, "the default socket directory", strictness, &[euid])
         .map_err(|e| Failure::new(3, e.0))?;
-    Ok(dir.join(crate::config::SOCKET_FILE_NAME))
+    Ok(dir.join(paths::SOCKET_FILE_NAME))
 }
 
 fn run(args: Args) -> Result<u8, Failure> {
