@@ -134,6 +134,11 @@ fn unknown_pool_unknown_job_and_oversized_input_are_clear_errors() {
         let r = d.ctl(&cmd);
         assert_eq!(r.code, 4, "{cmd:?}: {r:?}");
         assert_eq!(r.stderr.trim().lines().count(), 1, "{cmd:?}: {r:?}");
+        // Every command names the job it did not find, in the same words.
+        assert!(
+            r.stderr.contains("no job 999999 (never submitted"),
+            "{cmd:?}: {r:?}"
+        );
     }
     // Over half of the default shm_size (256 MiB): refused before the
     // daemon reads any of it (a sparse file: nothing to read anyway).

@@ -583,8 +583,9 @@ fn users_see_and_control_only_their_own_jobs() {
         let r = bob.ctl(&s, args);
         assert_eq!(r.code, 4, "bob {args:?}: {r:?}");
         assert!(!r.stdout.contains("secret") && !r.stderr.contains("secret"));
+        // The same words as for a job that was never submitted.
         assert!(
-            r.stderr.contains(&format!("no job {a}")) || r.stderr.contains("no such job"),
+            r.stderr.contains(&format!("no job {a} (never submitted")),
             "{r:?}"
         );
     }

@@ -310,6 +310,7 @@ enum QueryPurpose {
     },
     Result {
         client: ClientId,
+        id: u64,
     },
     Cancel {
         client: ClientId,
@@ -357,7 +358,7 @@ impl QueryPurpose {
     fn client(&self) -> ClientId {
         match *self {
             QueryPurpose::Wait { client, .. }
-            | QueryPurpose::Result { client }
+            | QueryPurpose::Result { client, .. }
             | QueryPurpose::Cancel { client, .. }
             | QueryPurpose::Jobs { client, .. } => client,
         }
@@ -793,20 +794,22 @@ impl Supervisor {
                         d.output = None;
                         self.reply(client, Response::Job(d));
                     }
-                    None => self.reply(client, not_found_job(Some(id))),
+                    None => self.reply(client, not_found_job(id)),
                 }
                 self.group_done(group);
             }
-            (QueryPurpose::Result { client }, QueryResult::Job(doc)) => match (doc, output_file) {
-                // The output stays in its file; the client gets that.
-                (Some(doc), Some(len)) => self.actions.push_back(Action::ReplyJob {
-                    client,
-                    doc,
-                    output: JobOutput::File(len),
-                }),
-                (Some(d), None) => self.reply(client, Response::Job(d)),
-                (None, _) => self.reply(client, not_found_job(None)),
-            },
+            (QueryPurpose::Result { client, id }, QueryResult::Job(doc)) => {
+                match (doc, output_file) {
+                    // The output stays in its file; the client gets that.
+                    (Some(doc), Some(len)) => self.actions.push_back(Action::ReplyJob {
+                        client,
+                        doc,
+                        output: JobOutput::File(len),
+                    }),
+                    (Some(d), None) => self.reply(client, Response::Job(d)),
+                    (None, _) => self.reply(client, not_found_job(id)),
+                }
+            }
             (QueryPurpose::Cancel { client, id }, QueryResult::Job(doc)) => match doc {
                 Some(d) => self.reply(
                     client,
@@ -818,7 +821,7 @@ impl Supervisor {
                         ),
                     },
                 ),
-                None => self.reply(client, not_found_job(Some(id))),
+                None => self.reply(client, not_found_job(id)),
             },
             (QueryPurpose::Jobs { client, pool }, QueryResult::List(docs)) => {
                 if docs.is_empty() {
@@ -914,7 +917,7 @@ impl Supervisor {
             owner: viewer.filter(),
             output: true,
         };
-        self.query(query, QueryPurpose::Result { client });
+        self.query(query, QueryPurpose::Result { client, id });
     }
 
     /// `jobs`: newest first, from the store (which has seen every earlier op).
@@ -2276,18 +2279,12 @@ fn leave_worker(
     ran
 }
 
-fn not_found_job(id: Option<u64>) -> Response {
+fn not_found_job(id: u64) -> Response {
     Response::Error {
         kind: ipc_proto::control::ErrorKind::NotFound,
-        message: match id {
-            Some(id) => format!(
-                "no job {id} (never submitted, or its result was pruned after result_retention)"
-            ),
-            None => {
-                "no such job (never submitted, or its result was pruned after result_retention)"
-                    .into()
-            }
-        },
+        message: format!(
+            "no job {id} (never submitted, or its result was pruned after result_retention)"
+        ),
     }
 }
 
