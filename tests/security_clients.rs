@@ -449,8 +449,9 @@ fn connections_are_capped_in_total_with_room_for_admins() {
     }
 }
 
-/// Admin commands need root, the daemon's uid or `admin_group`; `status`
-/// is open to every user of the socket.
+/// Admin commands (and `logs`: worker output may carry anyone's job data)
+/// need root, the daemon's uid or `admin_group`; `status` is open to every
+/// user of the socket.
 #[test]
 fn admin_commands_need_admin_rights() {
     if !need_root("admin_commands_need_admin_rights") {
@@ -476,6 +477,7 @@ fn admin_commands_need_admin_rights() {
         &["resume", "echo"],
         &["reload"],
         &["shutdown", "--now"],
+        &["logs", "echo"],
     ] {
         let r = user.ctl(&s, args);
         assert_eq!(r.code, 2, "{args:?}: {r:?}");
@@ -488,6 +490,9 @@ fn admin_commands_need_admin_rights() {
     assert_eq!(d.pool("echo")["workers"].as_array().unwrap().len(), 2);
     let r = operator.ctl(&s, &["scale", "echo", "3"]);
     assert_eq!(r.code, 0, "a member of admin_group may: {r:?}");
+    let r = operator.ctl(&s, &["logs", "echo"]);
+    assert_eq!(r.code, 0, "a member of admin_group may read logs: {r:?}");
+    assert!(r.stdout.contains("[jobvisord] pid"), "{r:?}");
     d.wait_ready("echo", 3);
     assert_eq!(d.ctl(&["scale", "echo", "2"]).code, 0, "root may");
 }

@@ -126,6 +126,12 @@ impl Connection {
         }
     }
 
+    /// Whether response bytes are buffered already (a caller streaming
+    /// responses flushes its own output when none are).
+    pub fn has_buffered(&self) -> bool {
+        self.decoder.pending() > 0
+    }
+
     /// Sends a request and reads its response.
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         self.send(req)?;

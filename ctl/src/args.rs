@@ -138,6 +138,25 @@ pub enum Cmd {
     },
     /// Stream worker and job events, one line each, until interrupted.
     Events,
+    /// Print the recent output of a pool's workers, oldest first (the
+    /// daemon keeps the last 1,000 lines or 128 KiB of each worker, across
+    /// its restarts); -f then prints new lines as they come.
+    Logs {
+        /// POOL, or POOL/N for worker N only.
+        #[arg(value_name = "POOL[/N]")]
+        target: String,
+        /// Keep printing new lines until interrupted (--json: one object
+        /// per line).
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to print.
+        #[arg(short = 'n', long, value_name = "LINES", default_value_t = 50)]
+        lines: u32,
+        /// Only lines since a time ago (10m, 1h30m) or since a UTC time
+        /// (2026-12-03T10:00:00Z, or "2026-12-03 10:00:00").
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+    },
     /// Print a shell completion script (e.g. `source <(jobvisorctl
     /// completions bash)`, or save it where your shell loads completions).
     Completions {
@@ -232,6 +251,29 @@ pub fn parse_duration_ms(flag: &str, s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| format!("invalid {flag} '{s}': too long"))
 }
 
+/// Parses a `--since`: a duration ago (`10m`) or a UTC time
+/// (`2026-12-03T10:00:00Z`, `2026-12-03 10:00:00`), into ms since the
+/// epoch.
+pub fn parse_since(flag: &str, s: &str) -> Result<u64, String> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let s = s.trim();
+    let at = if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        t
+    } else {
+        let ago = humantime::parse_duration(s).map_err(|_| {
+            format!(
+                "invalid {flag} '{s}': write a time ago (10m, 2h, 1d) or a UTC time (2026-12-03T10:00:00Z)"
+            )
+        })?;
+        SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("invalid {flag} '{s}': too long ago"))?
+    };
+    Ok(at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64))
+}
+
 /// Parses a job state name (`JobState::as_str`); the error lists the valid
 /// ones.
 pub fn parse_state(s: &str) -> Result<JobState, String> {
@@ -288,6 +330,20 @@ mod tests {
         assert!(parse_duration_ms("--timeout", "").is_err());
         let e = parse_duration_ms("--timeout", "0s").unwrap_err();
         assert!(e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn since_takes_an_age_or_a_time() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let t = parse_since("--since", "10m").unwrap();
+        assert!(t <= now - 600_000 && t > now - 610_000, "{t} {now}");
+        assert_eq!(parse_since("--since", "1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_since("--since", "1970-01-01 00:01:00"), Ok(60_000));
+        let e = parse_since("--since", "yesterday").unwrap_err();
+        assert!(e.contains("write a time ago"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - `jobs`: `submit`, `wait`, `result`, `cancel`, `jobs`.
 //! - `map`: one job per stdin line, pipelined on one connection.
 //! - `events`: the live event stream.
+//! - `logs`: the workers' output the daemon kept, and following it.
+//! - [`style`]: colours on a terminal (`NO_COLOR`).
 //! - [`render`]: JSON documents and human lines (pure).
 //!
 //! Every error is one line on stderr, `jobvisorctl: <what>: <why>`, and the
@@ -22,8 +24,10 @@ pub mod args;
 mod docs;
 mod events;
 mod jobs;
+mod logs;
 mod map;
 pub mod render;
+pub mod style;
 mod supervise;
 
 use jobvisor_client::{connection as client, fdpass};
@@ -127,6 +131,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::JobFd { .. } => "JobFd",
         Response::Event(_) => "Event",
         Response::PoolFailed { .. } => "PoolFailed",
+        Response::LogLine(_) => "LogLine",
     }
 }
 
@@ -348,6 +353,18 @@ fn run(args: Args) -> Result<u8, Failure> {
         Cmd::Cancel { ids, pool, state } => jobs::cancel(&ctx, ids, pool, state),
         Cmd::Jobs { pool, state, limit } => jobs::list(&ctx, pool, state, limit),
         Cmd::Events => events::run(&ctx),
+        Cmd::Logs {
+            target,
+            follow,
+            lines,
+            since,
+        } => {
+            let since_ms = since
+                .map(|s| args::parse_since("--since", &s))
+                .transpose()
+                .map_err(Failure::usage)?;
+            logs::run(&ctx, &target, follow, lines, since_ms)
+        }
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("handled above"),
     }
 }

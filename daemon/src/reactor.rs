@@ -58,6 +58,7 @@ use std::time::Instant;
 
 mod clients;
 mod copies;
+mod logs;
 mod workers;
 
 use workers::log_suppressed;
@@ -236,6 +237,8 @@ pub struct Reactor {
     dirty_workers: HashSet<ProcId>,
     /// Clients streaming `events`.
     subscribers: HashSet<u64>,
+    /// Recent worker output, and the clients following it.
+    logs: logs::LogBook,
     /// Period of `WATCHDOG=1` pings (half of `WATCHDOG_USEC`), if asked for.
     watchdog: Option<std::time::Duration>,
     next_ping: Option<Instant>,
@@ -330,6 +333,7 @@ impl Reactor {
             dirty_clients: HashSet::default(),
             dirty_workers: HashSet::default(),
             subscribers: HashSet::default(),
+            logs: Default::default(),
             config,
             notifier: Notifier::from_env(),
             ready_sent: false,
@@ -461,8 +465,14 @@ impl Reactor {
         if let Some(c) = self.cgroups.as_mut() {
             c.sweep();
         }
-        // Event streams end cleanly.
-        let subs: Vec<u64> = self.subscribers.iter().copied().collect();
+        // Event and log streams end cleanly.
+        self.deliver_log_lines();
+        let subs: Vec<u64> = self
+            .subscribers
+            .iter()
+            .copied()
+            .chain(self.logs.followers())
+            .collect();
         for id in subs {
             self.reply(id, &Response::End);
         }
@@ -714,6 +724,7 @@ impl Reactor {
     /// Writes everything queued this turn: one write per worker and per
     /// client, however many frames each got.
     fn flush_dirty(&mut self) {
+        self.deliver_log_lines();
         let workers: Vec<ProcId> = self.dirty_workers.drain().collect();
         for proc in workers {
             self.flush_jobs(proc);
@@ -782,6 +793,7 @@ impl Reactor {
         {
             msg.push_str("; daemon.control_socket/state_dir/payload_dir changes take effect after a restart of jobvisord");
         }
+        self.logs.retain_pools(|name| new.pools.contains_key(name));
         self.config = new;
         crate::info!("{msg}");
         Ok(msg)

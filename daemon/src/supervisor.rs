@@ -1059,6 +1059,14 @@ impl Supervisor {
         Ok(StatusReport { pools })
     }
 
+    /// The number of worker slots of a pool (for `logs`).
+    pub fn pool_slots(&self, name: &str) -> Result<u32, CtlError> {
+        match self.pools.get(name) {
+            Some(p) => Ok(p.slots.len() as u32),
+            None => Err(self.unknown_pool(name)),
+        }
+    }
+
     // ---- internals ----
 
     fn unknown_pool(&self, name: &str) -> CtlError {

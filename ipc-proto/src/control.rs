@@ -121,6 +121,22 @@ pub enum Request {
         /// The pool.
         pool: String,
     },
+    /// The recent output of a pool's workers, as [`Response::LogLine`]s,
+    /// oldest first, then [`Response::End`]; with `follow`, new lines as
+    /// they come instead of the `End` (until the client goes or the daemon
+    /// stops). Admin only (worker output may carry any user's job data).
+    Logs {
+        /// The pool.
+        pool: String,
+        /// Only this worker slot.
+        worker: Option<u32>,
+        /// At most this many of the kept lines (the last ones).
+        lines: u32,
+        /// Only lines logged at or after this time (ms since the epoch).
+        since_ms: Option<u64>,
+        /// Keep streaming new lines.
+        follow: bool,
+    },
 }
 
 /// Per-job options of a submit; `None` takes the pool's setting.
@@ -398,6 +414,46 @@ pub enum Response {
         /// Why it failed (the last crash; may span lines).
         error: String,
     },
+    /// One line of a worker's output (answer to [`Request::Logs`]).
+    LogLine(LogLine),
+}
+
+/// A line a worker wrote, or the daemon's note about that worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the daemon read it, ms since the epoch.
+    pub time_ms: u64,
+    /// The pool.
+    pub pool: String,
+    /// The worker slot.
+    pub worker: u32,
+    /// Where it came from.
+    pub stream: LogStream,
+    /// The text (invalid UTF-8 replaced; at most 4 KiB, longer lines are
+    /// cut into several).
+    pub line: String,
+}
+
+/// Source of a [`LogLine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStream {
+    /// The worker's stdout.
+    Stdout,
+    /// The worker's stderr.
+    Stderr,
+    /// The daemon, about the worker (started, exited).
+    Daemon,
+}
+
+impl LogStream {
+    /// Name used in human and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Daemon => "jobvisord",
+        }
+    }
 }
 
 /// State of a pool.

@@ -87,6 +87,7 @@ impl Reactor {
             }
         }
         self.dirty_clients.remove(&id);
+        self.logs.unfollow(id);
         self.core.on_client_gone(id);
         if self.subscribers.remove(&id) && self.subscribers.is_empty() {
             self.core.set_events_wanted(false);
@@ -499,10 +500,10 @@ impl Reactor {
                     self.core.set_events_wanted(true);
                     None
                 }
-                other => Some(match self.refuse_non_admin(id, &other) {
-                    Some(refusal) => refusal,
-                    None => self.handle_admin(other, now),
-                }),
+                other => match self.refuse_non_admin(id, &other) {
+                    Some(refusal) => Some(refusal),
+                    None => self.handle_admin(id, other, now),
+                },
             }
         };
         if let Some(resp) = resp {
@@ -512,9 +513,11 @@ impl Reactor {
         self.run_actions();
     }
 
-    fn handle_admin(&mut self, req: Request, now: Instant) -> Response {
+    /// Requests answered here rather than by the core (none of them waits
+    /// on the store); `None` when the answer is sent already.
+    fn handle_admin(&mut self, client: u64, req: Request, now: Instant) -> Option<Response> {
         {
-            match req {
+            Some(match req {
                 Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
                     Ok(mut report) => {
                         for p in &mut report.pools {
@@ -538,6 +541,16 @@ impl Reactor {
                     Ok(message) => Response::Ok { message },
                     Err((kind, message)) => Response::Error { kind, message },
                 },
+                Request::Logs {
+                    pool,
+                    worker,
+                    lines,
+                    since_ms,
+                    follow,
+                } => {
+                    self.logs_request(client, pool, worker, lines, since_ms, follow);
+                    return None;
+                }
                 Request::Shutdown { now: immediate } => {
                     self.begin_shutdown(immediate);
                     Response::Ok {
@@ -556,13 +569,13 @@ impl Reactor {
                     kind: ErrorKind::Invalid,
                     message: "unexpected request".into(),
                 },
-            }
+            })
         }
     }
 
     /// The refusal of an admin command (scale, restart, pause, resume,
-    /// reload, shutdown)
-    /// to a client that is not an admin; `status` is open to everyone.
+    /// reload, shutdown, logs) to a client that is not an admin; `status`
+    /// is open to everyone.
     fn refuse_non_admin(&self, id: u64, req: &Request) -> Option<Response> {
         let what = match req {
             Request::Scale { .. } => "scale",
@@ -571,6 +584,7 @@ impl Reactor {
             Request::Resume { .. } => "resume",
             Request::Reload => "reload",
             Request::Shutdown { .. } => "shutdown",
+            Request::Logs { .. } => "logs",
             _ => return None,
         };
         let c = self.clients.get(&id)?;

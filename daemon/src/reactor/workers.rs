@@ -3,6 +3,7 @@
 //! log), and noticing its death (reaping, orphans, exec failures).
 
 use super::*;
+use ipc_proto::control::LogStream;
 
 /// Read rounds (of `OUTPUT_READ_BUDGET` each) given to an exited worker's
 /// output pipes for what they still hold.
@@ -84,6 +85,9 @@ impl Reactor {
             },
         );
         self.core.on_spawned(proc, pid, Instant::now());
+        let note = format!("pid {pid} started");
+        self.logs
+            .push(pool, slot, LogStream::Daemon, logs::now_ms(), &note);
         crate::log::log(
             Level::Debug,
             &format!("pool {pool} worker {slot} spawned (pid {pid})"),
@@ -383,6 +387,13 @@ impl Reactor {
         let mut budget = OUTPUT_READ_BUDGET;
         let mut close = false;
         let now = Instant::now();
+        let time_ms = logs::now_ms();
+        let stream = if is_err {
+            LogStream::Stderr
+        } else {
+            LogStream::Stdout
+        };
+        let book = &mut self.logs;
         while budget > 0 {
             let want = budget.min(buf.len());
             match nix::unistd::read(fd, &mut buf[..want]) {
@@ -394,19 +405,16 @@ impl Reactor {
                     budget -= n;
                     crate::log::split_lines(line, &buf[..n], MAX_LOG_LINE, |l| {
                         tail.push(l);
+                        let text = String::from_utf8_lossy(l);
+                        let text = text.trim_end_matches('\r');
+                        book.push(pool, *slot, stream, time_ms, text);
                         match limiter.admit(now) {
                             crate::log::Admit::Drop => {}
                             crate::log::Admit::Log { suppressed_before } => {
                                 if suppressed_before > 0 {
                                     log_suppressed(pool, *slot, suppressed_before);
                                 }
-                                let text = String::from_utf8_lossy(l);
-                                crate::log::worker_line(
-                                    pool,
-                                    *slot,
-                                    is_err,
-                                    text.trim_end_matches('\r'),
-                                );
+                                crate::log::worker_line(pool, *slot, is_err, text);
                             }
                         }
                     });
@@ -576,14 +584,24 @@ impl Reactor {
             if let Some(n) = w.limiter.finish() {
                 log_suppressed(&w.pool, w.slot, n);
             }
+            let time_ms = logs::now_ms();
             for (is_err, line) in [(false, &mut w.stdout_line), (true, &mut w.stderr_line)] {
                 if !line.is_empty() {
                     w.tail.push(line);
                     let text = String::from_utf8_lossy(line).into_owned();
+                    let stream = if is_err {
+                        LogStream::Stderr
+                    } else {
+                        LogStream::Stdout
+                    };
+                    self.logs.push(&w.pool, w.slot, stream, time_ms, &text);
                     crate::log::worker_line(&w.pool, w.slot, is_err, &text);
                     line.clear();
                 }
             }
+            let note = format!("pid {} exited: {}", w.pid, exit.description);
+            self.logs
+                .push(&w.pool, w.slot, LogStream::Daemon, time_ms, &note);
             exit.output_tail = w.tail.text();
             for fd in [&w.jobs, &w.results, &w.stdout, &w.stderr]
                 .into_iter()

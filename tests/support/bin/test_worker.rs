@@ -3,6 +3,8 @@
 //!
 //! Modes:
 //! - `echo`: output = input.
+//! - `say`: prints `said INPUT` on stdout and `warned INPUT` on stderr,
+//!   then echoes.
 //! - `chaos PCT`: aborts (SIGABRT) on the first attempt of about PCT % of
 //!   inputs (chosen by a hash of the input), echoes otherwise.
 //! - `sleep`: input = milliseconds; sleeps that long, giving up early when
@@ -75,6 +77,12 @@ fn main() -> ExitCode {
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
     match mode.as_str() {
         "echo" => worker::run(|input| Ok(input.to_vec())),
+        "say" => worker::run(|input| {
+            let t = text(input);
+            println!("said {t}");
+            eprintln!("warned {t}");
+            Ok(input.to_vec())
+        }),
         "chaos" => {
             let pct: u64 = arg(1).parse().unwrap_or(1);
             worker::run_with(move |ctx, input| {
