@@ -29,16 +29,11 @@ fn lines_json(out: &str) -> Vec<Value> {
 }
 
 fn job(d: &Daemon, id: u64) -> Value {
-    let r = d.ctl(&["--json", "result", &id.to_string()]);
-    assert!(r.code == 0 || r.code == 1, "{r:?}");
-    r.json()
+    d.job_doc(id)
 }
 
 fn wait_state(d: &Daemon, id: u64, state: &str) -> Value {
-    wait_for(&format!("job {id} to be {state}"), DEADLINE, || {
-        let j = job(d, id);
-        (j["state"] == state).then_some(j)
-    })
+    d.wait_state(id, state)
 }
 
 #[test]
@@ -1054,7 +1049,7 @@ fn a_jobs_listing_at_its_limit_says_there_may_be_more() {
     assert_eq!(r.stdout.lines().count(), 3, "a header and 2 jobs: {r:?}");
     assert!(
         r.stderr
-            .contains("showing the newest 2 jobs; there may be more"),
+            .contains("showing 2 jobs, there may be more; next page: jobvisorctl jobs --before "),
         "{r:?}"
     );
     let r = d.ctl(&["jobs", "--limit", "10"]);

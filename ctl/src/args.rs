@@ -123,18 +123,30 @@ pub enum Cmd {
         #[arg(long, value_name = "STATE", requires = "pool")]
         state: Option<String>,
     },
-    /// List jobs, newest first.
-    Jobs {
+    /// List jobs, newest first, a page at a time (a full page says how to
+    /// get the next one).
+    Jobs(JobsArgs),
+    /// Queue failed, dead, cancelled or timed-out jobs again; their attempts
+    /// are kept, and each gets at least one more.
+    Retry {
+        /// Job ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<u64>,
+    },
+    /// Delete finished jobs from the store (yours; an admin's: everyone's),
+    /// with their outputs. Without options: every finished job.
+    Prune {
+        /// Only jobs that finished before this: a time ago (7d, 12h) or a
+        /// UTC time (2026-12-03T10:00:00Z).
+        #[arg(long, value_name = "WHEN")]
+        before: Option<String>,
+        /// Only jobs in this state (succeeded, failed, cancelled,
+        /// timed_out, dead).
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
         /// Only jobs of this pool.
         #[arg(long, value_name = "POOL")]
         pool: Option<String>,
-        /// Only jobs in this state (queued, running, succeeded, failed,
-        /// cancelled, timed_out, dead).
-        #[arg(long, value_name = "STATE")]
-        state: Option<String>,
-        /// At most this many jobs.
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_JOBS_LIMIT)]
-        limit: u32,
     },
     /// Stream worker and job events, one line each, until interrupted.
     Events,
@@ -171,6 +183,28 @@ pub enum Cmd {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+}
+
+/// `jobs`' arguments.
+#[derive(clap::Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs of this pool.
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+    /// Only jobs in this state (queued, running, succeeded, failed,
+    /// cancelled, timed_out, dead).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// Only jobs submitted since: a time ago (10m, 2h) or a UTC time
+    /// (2026-12-03T10:00:00Z).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only jobs with an id below this one (the next page).
+    #[arg(long, value_name = "ID")]
+    pub before: Option<u64>,
+    /// At most this many jobs (a page).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_JOBS_LIMIT)]
+    pub limit: u32,
 }
 
 /// Options every submitted job may carry.
@@ -418,10 +452,10 @@ mod tests {
         let a = Args::try_parse_from(["jobvisorctl", "jobs"]).unwrap();
         assert!(matches!(
             a.cmd,
-            Cmd::Jobs {
+            Cmd::Jobs(JobsArgs {
                 limit: DEFAULT_JOBS_LIMIT,
                 ..
-            }
+            })
         ));
         let a =
             Args::try_parse_from(["jobvisorctl", "map", "echo", "--ordered", "--json"]).unwrap();

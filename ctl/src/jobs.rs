@@ -297,28 +297,11 @@ pub fn cancel(
     pool: Option<String>,
     state: Option<String>,
 ) -> Result<u8, Failure> {
+    let Some(pool) = pool else {
+        return per_id(ctx, "cancel", ids, |id| Request::Cancel { id });
+    };
     let mut conn = ctx.connect("cancel")?;
     let mut out = Out::new();
-    let Some(pool) = pool else {
-        if let [id] = ids[..] {
-            cancel_one(ctx, &mut conn, &mut out, id)?;
-            out.flush()?;
-            return Ok(0);
-        }
-        let mut code = 0;
-        for id in ids {
-            if let Err(f) = cancel_one(ctx, &mut conn, &mut out, id) {
-                if let Some(msg) = &f.msg {
-                    warn(msg);
-                }
-                if code == 0 {
-                    code = f.code;
-                }
-            }
-        }
-        out.flush()?;
-        return Ok(code);
-    };
     let states = match state.as_deref() {
         None => vec![JobState::Queued, JobState::Running],
         Some(s) => match parse_state(s).map_err(|e| Failure::usage(format!("cancel: {e}")))? {
@@ -389,6 +372,8 @@ fn list_ids(
         pool: Some(pool.to_owned()),
         state: Some(st),
         limit: Some(CANCEL_LIST_LIMIT),
+        before: None,
+        since_ms: None,
     })
     .map_err(|e| Failure::client("cancel", e))?;
     let mut ids = Vec::new();
@@ -404,17 +389,47 @@ fn list_ids(
     }
 }
 
-/// One `Cancel`: its answer printed, or its error as the failure.
-fn cancel_one(
+/// `what` (`cancel`, `retry`) for each id, one request each on one
+/// connection: each answer printed, each error on its own line; the exit
+/// code is the first error's (a single id: its error is the failure).
+pub fn per_id(
+    ctx: &Ctx,
+    what: &str,
+    ids: Vec<u64>,
+    req: impl Fn(u64) -> Request,
+) -> Result<u8, Failure> {
+    let mut conn = ctx.connect(what)?;
+    let mut out = Out::new();
+    if let [id] = ids[..] {
+        one_job_request(ctx, &mut conn, &mut out, what, &req(id))?;
+        out.flush()?;
+        return Ok(0);
+    }
+    let mut code = 0;
+    for id in ids {
+        if let Err(f) = one_job_request(ctx, &mut conn, &mut out, what, &req(id)) {
+            if let Some(msg) = &f.msg {
+                warn(msg);
+            }
+            if code == 0 {
+                code = f.code;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(code)
+}
+
+/// One request about one job: its answer printed, or its error as the
+/// failure.
+fn one_job_request(
     ctx: &Ctx,
     conn: &mut crate::client::Connection,
     out: &mut Out,
-    id: u64,
+    what: &str,
+    req: &Request,
 ) -> Result<(), Failure> {
-    match conn
-        .call(&Request::Cancel { id })
-        .map_err(|e| Failure::client("cancel", e))?
-    {
+    match conn.call(req).map_err(|e| Failure::client(what, e))? {
         Response::Ok { message } => {
             if ctx.json {
                 out.line(&json!({ "ok": true, "message": message }).to_string())?;
@@ -430,8 +445,8 @@ fn cancel_one(
                 out.line(&format!("job {} {}", doc.id, doc.state.as_str()))?;
             }
         }
-        Response::Error { kind, message } => return Err(Failure::daemon("cancel", kind, &message)),
-        other => return Err(Failure::unexpected("cancel", &other)),
+        Response::Error { kind, message } => return Err(Failure::daemon(what, kind, &message)),
+        other => return Err(Failure::unexpected(what, &other)),
     }
     Ok(())
 }
@@ -518,22 +533,30 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `jobs [--pool P] [--state S] [--limit N]`.
-pub fn list(
-    ctx: &Ctx,
-    pool: Option<String>,
-    state: Option<String>,
-    limit: u32,
-) -> Result<u8, Failure> {
+/// `jobs [--pool P] [--state S] [--since WHEN] [--before ID] [--limit N]`.
+pub fn list(ctx: &Ctx, a: crate::args::JobsArgs) -> Result<u8, Failure> {
+    let crate::args::JobsArgs {
+        pool,
+        state,
+        limit,
+        since,
+        before,
+    } = a;
     let state = match state {
         Some(s) => Some(parse_state(&s).map_err(|e| Failure::usage(format!("jobs: {e}")))?),
         None => None,
     };
+    let since_ms = since
+        .map(|s| crate::args::parse_since("--since", &s))
+        .transpose()
+        .map_err(|e| Failure::usage(format!("jobs: {e}")))?;
     let mut conn = ctx.connect("jobs")?;
     conn.send(&Request::Jobs {
-        pool,
+        pool: pool.clone(),
         state,
         limit: Some(limit),
+        before,
+        since_ms,
     })
     .map_err(|e| Failure::client("jobs", e))?;
     let mut out = Out::new();
@@ -560,9 +583,23 @@ pub fn list(
     }
     out.flush()?;
     if docs.len() as u64 >= u64::from(limit) && !ctx.json {
-        // Not a silent cap: there may be more.
+        // Not a silent cap: say how to get the next page.
+        let last = docs.last().map_or(0, |d| d.id);
+        let mut next = format!("jobvisorctl jobs --before {last}");
+        if let Some(p) = &pool {
+            next.push_str(&format!(" --pool {p}"));
+        }
+        if let Some(s) = state {
+            next.push_str(&format!(" --state {}", s.as_str()));
+        }
+        if limit != crate::args::DEFAULT_JOBS_LIMIT {
+            next.push_str(&format!(" --limit {limit}"));
+        }
+        if since_ms.is_some() {
+            next.push_str(" --since …");
+        }
         warn(&format!(
-            "jobs: showing the newest {} jobs; there may be more (--limit N shows up to N)",
+            "jobs: showing {} jobs, there may be more; next page: {next}",
             docs.len()
         ));
     }

@@ -2,7 +2,8 @@
 //!
 //! - [`args`]: the command line, and parsing of durations and states.
 //! - `supervise`: `status`, `scale`, `restart`, `reload`, `shutdown`.
-//! - `jobs`: `submit`, `wait`, `result`, `cancel`, `jobs`.
+//! - `jobs`: `submit`, `wait`, `result`, `cancel`, `retry`, `jobs`.
+//! - `manage`: `prune`.
 //! - `map`: one job per stdin line, pipelined on one connection.
 //! - `events`: the live event stream.
 //! - `logs`: the workers' output the daemon kept, and following it.
@@ -25,6 +26,7 @@ mod docs;
 mod events;
 mod jobs;
 mod logs;
+mod manage;
 mod map;
 pub mod render;
 pub mod style;
@@ -132,6 +134,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::Event(_) => "Event",
         Response::PoolFailed { .. } => "PoolFailed",
         Response::LogLine(_) => "LogLine",
+        Response::Pruned { .. } => "Pruned",
     }
 }
 
@@ -351,7 +354,15 @@ fn run(args: Args) -> Result<u8, Failure> {
         Cmd::Wait { ids } => jobs::wait(&ctx, ids),
         Cmd::Result { id } => jobs::result(&ctx, id),
         Cmd::Cancel { ids, pool, state } => jobs::cancel(&ctx, ids, pool, state),
-        Cmd::Jobs { pool, state, limit } => jobs::list(&ctx, pool, state, limit),
+        Cmd::Jobs(a) => jobs::list(&ctx, a),
+        Cmd::Retry { ids } => jobs::per_id(&ctx, "retry", ids, |id| {
+            ipc_proto::control::Request::Retry { id }
+        }),
+        Cmd::Prune {
+            before,
+            state,
+            pool,
+        } => manage::prune(&ctx, before, state, pool),
         Cmd::Events => events::run(&ctx),
         Cmd::Logs {
             target,

@@ -46,11 +46,12 @@
 //! Only names of the form `<id>.in` / `<id>.out` are touched, and the
 //! `.spare` directory.
 //!
-//! A job's input file goes once the job has ended: its final update
+//! A job's input file goes once the job has succeeded: its final update
 //! ([`JobUpdate::drop_input_file`]) clears the row's reference, and the
-//! file is disposed of after the commit. A job whose insert and final
-//! update share a batch gets no input file at all (nor a row copy of a
-//! large input). Removed input files are recycled
+//! file is disposed of after the commit (a job that ended otherwise keeps
+//! it for a `retry` until it is pruned). A job whose insert and
+//! successful final update share a batch gets no input file at all (nor a
+//! row copy of a large input). Removed input files are recycled
 //! rather than unlinked: see [`Spares`] (new payload files are renamed
 //! spares, which on tmpfs saves allocating and zeroing every page). Output
 //! files are only ever unlinked, never recycled: a client may be reading
@@ -263,9 +264,10 @@ pub struct JobUpdate {
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.
     pub finished_ms: Option<u64>,
-    /// Terminal, and the job's input is a payload file: the row forgets
-    /// it and the file is recycled once the update commits (an ended job
-    /// is never dispatched again).
+    /// Succeeded, and the job's input is a payload file: the row forgets
+    /// it and the file is recycled once the update commits (a job that
+    /// succeeded is never dispatched again; one that ended otherwise keeps
+    /// its input for a `retry`, until it is pruned).
     pub drop_input_file: bool,
 }
 
@@ -334,7 +336,48 @@ pub enum Query {
         limit: u32,
         /// Only jobs of this uid (`None`: everyone's).
         owner: Option<u32>,
+        /// Only ids below this one.
+        before: Option<u64>,
+        /// Only jobs created at or after this time (ms since the epoch).
+        since_ms: Option<u64>,
     },
+    /// Not a pure read: queues a failed, dead, cancelled or timed-out job
+    /// again (one transaction; see [`Retried`]).
+    Retry {
+        /// The job.
+        id: u64,
+        /// Only if it belongs to this uid.
+        owner: Option<u32>,
+    },
+    /// Not a pure read: deletes finished jobs, at most `limit`, and their
+    /// payload files.
+    Prune {
+        /// Only jobs that finished before this time (ms since the epoch).
+        finished_before_ms: u64,
+        /// Only jobs in this state (a finished one).
+        state: Option<JobState>,
+        /// Only jobs of this pool.
+        pool: Option<String>,
+        /// Only jobs of this uid.
+        owner: Option<u32>,
+        /// At most this many.
+        limit: u32,
+    },
+}
+
+/// Answer to [`Query::Retry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retried {
+    /// No such job (or not the client's).
+    NotFound,
+    /// The job is in a state that does not run again (queued, running,
+    /// succeeded).
+    NotRetryable(JobState),
+    /// Its input is no longer stored (a payload file dropped when the job
+    /// ended, before inputs were kept for retries): nothing changed.
+    InputGone,
+    /// Queued again, committed: the job to put in the queue.
+    Queued(RecoveredJob),
 }
 
 /// Answer to a [`Query`].
@@ -350,6 +393,10 @@ pub enum QueryResult {
     JobWithOutputFile(JobDoc, u64),
     /// [`Query::List`]: newest first, `output` always `None`.
     List(Vec<JobDoc>),
+    /// [`Query::Retry`].
+    Retry(Retried),
+    /// [`Query::Prune`]: jobs deleted.
+    Pruned(u64),
 }
 
 /// Why one insert failed alone (see [`Completion::InsertsFailed`]).

@@ -91,6 +91,11 @@ pub enum Request {
         state: Option<JobState>,
         /// At most this many.
         limit: Option<u32>,
+        /// Only jobs with a smaller id (the next page after a listing
+        /// that ended at id `before`).
+        before: Option<u64>,
+        /// Only jobs created at or after this time (ms since the epoch).
+        since_ms: Option<u64>,
     },
     /// Stream live events: [`Response::Event`]s until the client hangs up.
     Events,
@@ -137,7 +142,31 @@ pub enum Request {
         /// Keep streaming new lines.
         follow: bool,
     },
+    /// Queue a failed, dead, cancelled or timed-out job again, its
+    /// attempts kept (it gets at least one more). Answered with
+    /// [`Response::Ok`].
+    Retry {
+        /// The job.
+        id: u64,
+    },
+    /// Delete finished jobs (the client's own; an admin's: everyone's)
+    /// that finished before `finished_before_ms`, at most `limit` in one
+    /// request. Answered with [`Response::Pruned`].
+    Prune {
+        /// Only jobs that finished before this time (ms since the epoch).
+        finished_before_ms: u64,
+        /// Only jobs in this (finished) state.
+        state: Option<JobState>,
+        /// Only jobs of this pool.
+        pool: Option<String>,
+        /// At most this many (the daemon caps it at [`MAX_PRUNE`]).
+        limit: u32,
+    },
 }
+
+/// Most jobs one [`Request::Prune`] deletes; more take more requests (so
+/// that a big prune never holds the store for long).
+pub const MAX_PRUNE: u32 = 10_000;
 
 /// Per-job options of a submit; `None` takes the pool's setting.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +445,11 @@ pub enum Response {
     },
     /// One line of a worker's output (answer to [`Request::Logs`]).
     LogLine(LogLine),
+    /// Answer to [`Request::Prune`].
+    Pruned {
+        /// Jobs deleted.
+        count: u64,
+    },
 }
 
 /// A line a worker wrote, or the daemon's note about that worker.

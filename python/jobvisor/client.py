@@ -628,11 +628,19 @@ class Client:
     def cancel(self, job_id):
         return self._expect("ok", b"\x09" + w.uvarint(job_id))
 
-    def jobs(self, pool=None, state=None, limit=None):
-        """Job documents (without outputs), newest first."""
+    def jobs(self, pool=None, state=None, limit=None, before=None, since_ms=None):
+        """Job documents (without outputs), newest first: at most ``limit``,
+        with an id below ``before``, created at or after ``since_ms`` (ms
+        since the epoch)."""
         st = None if state is None else JOB_STATES.index(state)
         return list(self._stream(b"\x0a" + w.option(pool, w.string) + w.option(st, w.uvarint)
-                                 + w.option(limit, w.uvarint)))
+                                 + w.option(limit, w.uvarint) + w.option(before, w.uvarint)
+                                 + w.option(since_ms, w.uvarint)))
+
+    def retry(self, job_id):
+        """Queues a failed, dead, cancelled or timed-out job again (its
+        attempts kept); returns the daemon's message."""
+        return self._expect("ok", b"\x10" + w.uvarint(job_id))
 
     def events(self):
         """Yields event dicts until the daemon shuts down (or you stop)."""

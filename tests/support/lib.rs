@@ -253,6 +253,21 @@ impl Daemon {
         d
     }
 
+    /// `jobvisorctl --json result ID`: the job's document (exit 0 or 1).
+    pub fn job_doc(&self, id: u64) -> Value {
+        let r = self.ctl(&["--json", "result", &id.to_string()]);
+        assert!(r.code == 0 || r.code == 1, "{r:?}");
+        r.json()
+    }
+
+    /// Waits until job `id` is in `state`; returns its document.
+    pub fn wait_state(&self, id: u64, state: &str) -> Value {
+        wait_for(&format!("job {id} to be {state}"), DEADLINE, || {
+            let j = self.job_doc(id);
+            (j["state"] == state).then_some(j)
+        })
+    }
+
     /// Path of the config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("jobvisor.toml")

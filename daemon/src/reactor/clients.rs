@@ -486,13 +486,34 @@ impl Reactor {
                     self.core.cancel(id, job, now);
                     None
                 }
-                Request::Jobs { pool, state, limit } => {
+                Request::Jobs {
+                    pool,
+                    state,
+                    limit,
+                    before,
+                    since_ms,
+                } => {
                     self.core.list_jobs(
                         id,
                         pool,
                         state,
                         limit.unwrap_or(1000).clamp(1, MAX_LIST_LIMIT),
+                        before,
+                        since_ms,
                     );
+                    None
+                }
+                Request::Retry { id: job } => {
+                    self.core.retry(id, job);
+                    None
+                }
+                Request::Prune {
+                    finished_before_ms,
+                    state,
+                    pool,
+                    limit,
+                } => {
+                    self.core.prune(id, finished_before_ms, state, pool, limit);
                     None
                 }
                 Request::Events => {

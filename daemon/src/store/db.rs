@@ -37,6 +37,8 @@
 //!   table newest first and stops at the limit; that is slow only for a
 //!   rare pool or state in a large store, and only for `jobvisorctl jobs`.
 
+mod manage;
+
 use super::files::{Kind, Payloads, ReadError};
 use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
 use crate::private_dir::{PrivateDir, Strictness};
@@ -148,8 +150,8 @@ const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
      finished_ms = ?6, output_file_len = ?7 WHERE id = ?1";
-/// A job that ended no longer needs its input file (nothing reads the input
-/// of an ended job: it is never dispatched again).
+/// A job that succeeded no longer needs its input file (it is never
+/// dispatched again).
 const DROP_INPUT_FILE: &str =
     "UPDATE jobs SET input_file_len = NULL WHERE id = ?1 AND input_file_len IS NOT NULL";
 const UPDATE_MAX_ID: &str = "UPDATE meta SET value = ?1 WHERE key = 'max_id'";
@@ -170,27 +172,34 @@ pub(super) const SELECT_JOB: &str =
 /// A job without its output (for `wait`): no blob read, no file checked.
 pub(super) const SELECT_JOB_META: &str =
     select_doc!(", NULL, NULL FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
-pub(super) const LIST_ALL: &str =
-    select_doc!(" FROM jobs WHERE (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1");
+pub(super) const LIST_ALL: &str = select_doc!(
+    " FROM jobs WHERE (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
+);
 pub(super) const LIST_POOL: &str = select_doc!(
-    " FROM jobs WHERE pool = ?2 AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+    " FROM jobs WHERE pool = ?2 AND (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
 );
 // `state < 2` is what lets SQLite use the partial index `jobs_active`;
 // `INDEXED BY` makes it use it (or fail at prepare time, caught by a test),
 // rather than walk the whole table to avoid a sort.
 pub(super) const LIST_ACTIVE: &str = select_doc!(
     " FROM jobs INDEXED BY jobs_active WHERE state = ?3 AND state < 2 \
-     AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+     AND (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
 );
 pub(super) const LIST_POOL_ACTIVE: &str = select_doc!(
     " FROM jobs INDEXED BY jobs_active WHERE pool = ?2 AND state = ?3 AND state < 2 \
-     AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+     AND (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
 );
 pub(super) const LIST_FINISHED: &str = select_doc!(
-    " FROM jobs WHERE state = ?3 AND (?4 IS NULL OR owner = ?4) ORDER BY id DESC LIMIT ?1"
+    " FROM jobs WHERE state = ?3 AND (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
 );
 pub(super) const LIST_POOL_FINISHED: &str = select_doc!(
     " FROM jobs WHERE pool = ?2 AND state = ?3 AND (?4 IS NULL OR owner = ?4) \
+     AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) \
      ORDER BY id DESC LIMIT ?1"
 );
 /// Jobs to requeue at startup.
@@ -239,11 +248,15 @@ pub(super) struct PendingInsert {
 }
 
 impl PendingInsert {
-    /// The folded update ends the job, and its input is large enough for a
-    /// payload file: the row stores no input at all and no file is written
-    /// (an ended job is never dispatched again, so nothing would read it).
+    /// The folded update ends the job with success, and its input is large
+    /// enough for a payload file: the row stores no input at all and no
+    /// file is written (it is never dispatched again, so nothing would
+    /// read it; one that ended otherwise keeps its input for a `retry`).
     pub fn input_dropped(&self) -> bool {
-        self.update.as_ref().is_some_and(|u| u.state.is_terminal()) && self.job.input_in_file()
+        self.update
+            .as_ref()
+            .is_some_and(|u| u.state == JobState::Succeeded)
+            && self.job.input_in_file()
     }
 }
 
@@ -923,11 +936,23 @@ impl Db {
                         Some((Ok(doc), None)) => Ok(QueryResult::Job(Some(doc))),
                     })
                 }
+                Query::Retry { id, owner } => self.retry(*id, *owner).map(Ok),
+                Query::Prune {
+                    finished_before_ms,
+                    state,
+                    pool,
+                    owner,
+                    limit,
+                } => self
+                    .prune(*finished_before_ms, *state, pool.as_deref(), *owner, *limit)
+                    .map(|n| Ok(QueryResult::Pruned(n))),
                 Query::List {
                     pool,
                     state,
                     limit,
                     owner,
+                    before,
+                    since_ms,
                 } => {
                     let sql = match (pool, state.map(JobState::is_terminal)) {
                         (None, None) => LIST_ALL,
@@ -946,6 +971,8 @@ impl Db {
                         stmt.raw_bind_parameter(3, state_code(*state))?;
                     }
                     stmt.raw_bind_parameter(4, owner)?;
+                    stmt.raw_bind_parameter(5, before.map(to_sql_u64))?;
+                    stmt.raw_bind_parameter(6, since_ms.map(to_sql_u64))?;
                     let mut rows = stmt.raw_query();
                     let mut docs = Vec::new();
                     while let Some(row) = rows.next()? {

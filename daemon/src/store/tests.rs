@@ -159,6 +159,8 @@ impl Harness {
             state,
             limit,
             owner: None,
+            before: None,
+            since_ms: None,
         };
         match self.query(query) {
             QueryResult::List(docs) => {
@@ -436,6 +438,8 @@ fn queries_see_every_earlier_op() {
             state: None,
             limit: 10,
             owner: None,
+            before: None,
+            since_ms: None,
         },
     });
     drop(release);
@@ -2430,6 +2434,8 @@ fn queries_filter_by_owner() {
         state: Some(JobState::Queued),
         limit: 10,
         owner,
+        before: None,
+        since_ms: None,
     }) {
         QueryResult::List(docs) => docs.iter().map(|d| d.id).collect::<Vec<_>>(),
         r => panic!("unexpected {r:?}"),

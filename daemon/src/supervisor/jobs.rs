@@ -18,6 +18,8 @@
 //! - A job holds its key and its pool's semaphores from dispatch until it
 //!   leaves the worker (finished or requeued).
 
+mod manage;
+
 use super::*;
 use crate::store::{JobUpdate, NewJob, Query, QueryResult, Recovered};
 use ipc_proto::control::{Attempt, JobDoc, JobOptions, Outcome};
@@ -322,6 +324,13 @@ enum QueryPurpose {
         /// no jobs, the answer says so (a typo is not an empty list).
         pool: Option<String>,
     },
+    Retry {
+        client: ClientId,
+        id: u64,
+    },
+    Prune {
+        client: ClientId,
+    },
 }
 
 /// Who a control client is, for authorization: its uid (from
@@ -360,7 +369,9 @@ impl QueryPurpose {
             QueryPurpose::Wait { client, .. }
             | QueryPurpose::Result { client, .. }
             | QueryPurpose::Cancel { client, .. }
-            | QueryPurpose::Jobs { client, .. } => client,
+            | QueryPurpose::Jobs { client, .. }
+            | QueryPurpose::Retry { client, .. }
+            | QueryPurpose::Prune { client } => client,
         }
     }
 }
@@ -423,8 +434,32 @@ impl Supervisor {
                 }
             }
         }
-        let mut n = 0;
+        let n = rec.jobs.len();
         for r in rec.jobs {
+            self.admit_queued(r);
+        }
+        if n > 0 {
+            self.log(
+                Level::Info,
+                format!("recovered {n} unfinished jobs from the store"),
+            );
+        }
+        for (pool, entries) in &self.jt.orphans {
+            self.actions.push_back(Action::Log {
+                level: Level::Warn,
+                msg: format!(
+                    "{} queued jobs belong to pool {pool:?}, which is not configured; they wait until it is added back",
+                    entries.len()
+                ),
+            });
+        }
+        self.push_retention();
+    }
+
+    /// Puts a stored `queued` job (recovered, or retried) in its pool's
+    /// queue, at the tail of its priority.
+    fn admit_queued(&mut self, r: crate::store::RecoveredJob) {
+        {
             let j = r.job;
             self.jt.tail_order += 1;
             let entry = QEntry {
@@ -456,24 +491,7 @@ impl Supervisor {
             };
             self.enqueue_entry(&j.pool, entry);
             self.jt.jobs.insert(job.id, job);
-            n += 1;
         }
-        if n > 0 {
-            self.log(
-                Level::Info,
-                format!("recovered {n} unfinished jobs from the store"),
-            );
-        }
-        for (pool, entries) in &self.jt.orphans {
-            self.actions.push_back(Action::Log {
-                level: Level::Warn,
-                msg: format!(
-                    "{} queued jobs belong to pool {pool:?}, which is not configured; they wait until it is added back",
-                    entries.len()
-                ),
-            });
-        }
-        self.push_retention();
     }
 
     /// Turns `events` broadcasting on or off (off: no event is built).
@@ -836,6 +854,12 @@ impl Supervisor {
                 }
                 self.reply(client, Response::End);
             }
+            (QueryPurpose::Retry { client, id }, QueryResult::Retry(r)) => {
+                self.retried(client, id, r)
+            }
+            (QueryPurpose::Prune { client }, QueryResult::Pruned(count)) => {
+                self.reply(client, Response::Pruned { count })
+            }
             (p, _) => self.log(
                 Level::Error,
                 format!("store answered a query of the wrong kind for {p:?}"),
@@ -927,6 +951,8 @@ impl Supervisor {
         pool: Option<String>,
         state: Option<JobState>,
         limit: u32,
+        before: Option<u64>,
+        since_ms: Option<u64>,
     ) {
         let owner = self.viewer(client).filter();
         self.query(
@@ -935,6 +961,8 @@ impl Supervisor {
                 state,
                 limit,
                 owner,
+                before,
+                since_ms,
             },
             QueryPurpose::Jobs { client, pool },
         );
@@ -2087,7 +2115,8 @@ impl Supervisor {
         job.input = Arc::default();
         let pool = job.pool.clone();
         let update = JobUpdate {
-            drop_input_file: input_file && state.is_terminal(),
+            // Kept for a `retry` unless it succeeded (pruning removes it).
+            drop_input_file: input_file && state == JobState::Succeeded,
             id,
             state,
             attempts: job.attempts.clone(),

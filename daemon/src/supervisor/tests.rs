@@ -1305,7 +1305,8 @@ mod jobs {
         assert_eq!(failed.state, JobState::Failed);
         let error = failed.error.unwrap_or_default();
         assert!(error.contains("raise shm_size"), "{error}");
-        assert!(failed.drop_input_file, "its input file goes");
+        // Kept for a `retry` (with `shm_size` raised); pruning removes it.
+        assert!(!failed.drop_input_file, "its input file stays");
     }
 }
 
