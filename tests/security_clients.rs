@@ -584,6 +584,7 @@ fn users_see_and_control_only_their_own_jobs() {
         &["result", &a.to_string()][..],
         &["wait", &a.to_string()],
         &["cancel", &a.to_string()],
+        &["retry", &a.to_string()],
     ] {
         let r = bob.ctl(&s, args);
         assert_eq!(r.code, 4, "bob {args:?}: {r:?}");
@@ -648,6 +649,17 @@ fn users_see_and_control_only_their_own_jobs() {
     assert_eq!(r.stdout, "alice's secret", "{r:?}");
     let r = operator.ctl(&s, &["--json", "jobs"]);
     assert!(r.stdout.contains(&format!("\"id\":{a}")), "{r:?}");
+    // Bob's prune deletes his finished jobs only; an admin's, anyone's.
+    let r = bob.ctl(&s, &["--json", "prune"]);
+    assert_eq!((r.code, r.json()["pruned"].as_u64()), (0, Some(1)), "{r:?}");
+    assert_eq!(d.ctl(&["result", &a.to_string()]).code, 0, "alice's stays");
+    let r = operator.ctl(&s, &["prune", "--pool", "echo"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        d.ctl(&["result", &a.to_string()]).code,
+        4,
+        "pruned by an admin"
+    );
 }
 
 /// 300 queued inputs of just under 1 MiB each (300 MiB) do not all live in
