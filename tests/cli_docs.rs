@@ -114,4 +114,15 @@ fn an_unreachable_daemon_exits_3_with_one_line() {
     let r = run_with_stdin(c, None);
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("nobody.sock"), "{r:?}");
+    // With --json the error is a JSON object on stderr, exit code included;
+    // a usage error too.
+    for (args, code) in [(&["--json", "status"][..], 3), (&["--json", "stauts"], 2)] {
+        let mut c = Command::new(bin("jobvisorctl"));
+        c.arg("--socket").arg(&sock).args(args);
+        let r = run_with_stdin(c, None);
+        assert_eq!(r.code, code, "{r:?}");
+        let v: serde_json::Value = serde_json::from_str(r.stderr.trim()).expect("JSON error");
+        assert_eq!(v["exit_code"], code, "{r:?}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{r:?}");
+    }
 }

@@ -184,3 +184,43 @@ fn jobs_pages_and_since() {
     let r = d.ctl(&["jobs", "--since", "soon"]);
     assert_eq!(r.code, 2, "{r:?}");
 }
+
+/// On a terminal, states are coloured; not with `NO_COLOR`, nor when piped.
+#[test]
+fn colours_on_a_terminal_only() {
+    let d = Daemon::start("colours", &config());
+    d.wait_ready("echo", 1);
+    let id = d.submit_id(&["echo", "--input", "x"]);
+    d.wait_state(id, "succeeded");
+    // `script` runs the command on a pseudo-terminal of its own.
+    let on_tty = |args: &str, no_color: bool| {
+        let cmd = format!(
+            "{} --socket {} {args}",
+            bin("jobvisorctl").display(),
+            d.socket().display()
+        );
+        let mut c = std::process::Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"]);
+        c.env_remove("NO_COLOR").env("TERM", "xterm");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let r = run_with_stdin(c, None);
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout
+    };
+    let green = "\x1b[32msucceeded";
+    assert!(
+        on_tty("jobs", false).contains(green),
+        "{:?}",
+        on_tty("jobs", false)
+    );
+    assert!(on_tty("status", false).contains("\x1b[32mready"));
+    assert!(!on_tty("jobs", true).contains('\x1b'));
+    assert!(!on_tty("status", true).contains('\x1b'));
+    let r = d.ctl(&["jobs"]);
+    assert!(
+        r.stdout.contains("succeeded") && !r.stdout.contains('\x1b'),
+        "{r:?}"
+    );
+}

@@ -28,8 +28,9 @@ pub struct Args {
     /// Read the control socket path from this configuration file.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Print JSON: one document per command (`jobs`: an array of jobs);
-    /// the streams `map`, `wait` and `events` print one object per line.
+    /// Print JSON: one document per command (`jobs`, `logs`: an array);
+    /// the streams `map`, `wait`, `events` and `logs -f` print one object
+    /// per line; errors are objects {"error", "exit_code"} on stderr.
     #[arg(long, global = true)]
     pub json: bool,
     /// The command.
@@ -123,18 +124,21 @@ pub enum Cmd {
         #[arg(long, value_name = "STATE", requires = "pool")]
         state: Option<String>,
     },
-    /// List jobs, newest first, a page at a time (a full page says how to
-    /// get the next one).
+    /// List jobs, newest first, a page at a time.
+    ///
+    /// A full page ends with the command for the next one on stderr.
     Jobs(JobsArgs),
-    /// Queue failed, dead, cancelled or timed-out jobs again; their attempts
-    /// are kept, and each gets at least one more.
+    /// Queue failed, dead, cancelled or timed-out jobs again.
+    ///
+    /// Their attempts are kept, and each gets at least one more.
     Retry {
         /// Job ids.
         #[arg(required = true, value_name = "ID")]
         ids: Vec<u64>,
     },
-    /// Delete finished jobs from the store (yours; an admin's: everyone's),
-    /// with their outputs. Without options: every finished job.
+    /// Delete finished jobs from the store, with their outputs.
+    ///
+    /// Yours; an admin's: everyone's. Without options: every finished job.
     Prune {
         /// Only jobs that finished before this: a time ago (7d, 12h) or a
         /// UTC time (2026-12-03T10:00:00Z).
@@ -150,9 +154,10 @@ pub enum Cmd {
     },
     /// Stream worker and job events, one line each, until interrupted.
     Events,
-    /// Print the recent output of a pool's workers, oldest first (the
-    /// daemon keeps the last 1,000 lines or 128 KiB of each worker, across
-    /// its restarts); -f then prints new lines as they come.
+    /// Print the recent output of a pool's workers; -f follows it.
+    ///
+    /// Oldest first. The daemon keeps the last 1,000 lines or 128 KiB of
+    /// each worker, across its restarts. Admin only.
     Logs {
         /// POOL, or POOL/N for worker N only.
         #[arg(value_name = "POOL[/N]")]

@@ -579,7 +579,7 @@ pub fn list(ctx: &Ctx, a: crate::args::JobsArgs) -> Result<u8, Failure> {
     } else if docs.is_empty() {
         out.line("no jobs")?;
     } else {
-        out.bytes(jobs_table(&docs, now_ms()).as_bytes())?;
+        out.bytes(jobs_table(&docs, now_ms(), crate::style::Style::stdout()).as_bytes())?;
     }
     out.flush()?;
     if docs.len() as u64 >= u64::from(limit) && !ctx.json {

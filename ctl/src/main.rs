@@ -194,10 +194,37 @@ impl Default for Out {
     }
 }
 
-/// One line on stderr, prefixed with the program name. A failing stderr is
-/// ignored: there is nowhere else to report it.
+/// `--json` was given: errors go to stderr as JSON objects too.
+static JSON_ERRORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One line on stderr, prefixed with the program name (with `--json`, one
+/// object `{"error": msg}`). A failing stderr is ignored: there is nowhere
+/// else to report it.
 pub fn warn(msg: &str) {
-    let _ = writeln!(io::stderr().lock(), "jobvisorctl: {msg}");
+    error_line(msg, None);
+}
+
+/// [`warn`], with the exit code the command ends with (`"exit_code"` in
+/// JSON).
+fn error_line(msg: &str, code: Option<u8>) {
+    let line = if JSON_ERRORS.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut v = serde_json::json!({ "error": msg });
+        if let Some(c) = code {
+            v["exit_code"] = c.into();
+        }
+        v.to_string()
+    } else {
+        format!("jobvisorctl: {msg}")
+    };
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
+/// Whether `--json` is among the global options of `args` (looked at
+/// before parsing, so that a usage error is JSON too).
+fn wants_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
 }
 
 /// What every command needs: where the daemon is and how to print.
@@ -217,6 +244,9 @@ impl Ctx {
 
 /// Entry point of the `jobvisorctl` binary.
 fn main() -> ExitCode {
+    if wants_json(std::env::args_os()) {
+        JSON_ERRORS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => return clap_exit(e),
@@ -225,7 +255,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(f) => {
             if let Some(msg) = &f.msg {
-                warn(msg);
+                error_line(msg, Some(f.code));
             }
             f.code
         }
@@ -245,7 +275,7 @@ fn clap_exit(e: clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::from(2);
     }
-    warn(&clap_one_line(&e.to_string()));
+    error_line(&clap_one_line(&e.to_string()), Some(2));
     ExitCode::from(2)
 }
 

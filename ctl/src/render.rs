@@ -238,7 +238,9 @@ fn run_time(d: &JobDoc, now_ms: u64) -> String {
     human_duration(end.saturating_sub(first.started_ms))
 }
 
-pub fn jobs_table(docs: &[JobDoc], now_ms: u64) -> String {
+/// The `jobs` table: id, pool, state (in its colour), attempts, age, run
+/// time and the error's last line.
+pub fn jobs_table(docs: &[JobDoc], now_ms: u64, style: crate::style::Style) -> String {
     use std::fmt::Write as _;
     let id_w = docs
         .iter()
@@ -263,10 +265,10 @@ pub fn jobs_table(docs: &[JobDoc], now_ms: u64) -> String {
             one_line(error_summary(e), TABLE_ERROR_WIDTH)
         });
         let line = format!(
-            "{:>id_w$}  {:<pool_w$}  {:<9}  {:>8}  {:>6}  {:>6}  {}",
+            "{:>id_w$}  {:<pool_w$}  {}  {:>8}  {:>6}  {:>6}  {}",
             d.id,
             d.pool,
-            d.state.as_str(),
+            style.state_cell(d.state.as_str(), 9),
             d.attempts.len(),
             human_duration(now_ms.saturating_sub(d.created_ms)),
             run_time(d, now_ms),
@@ -451,7 +453,11 @@ mod tests {
         a.id = 7;
         let mut b = doc(JobState::Failed, None, Some(TRACEBACK));
         b.id = 8;
-        let t = jobs_table(&[a, b, doc(JobState::Succeeded, None, None)], 3_500);
+        let t = jobs_table(
+            &[a, b, doc(JobState::Succeeded, None, None)],
+            3_500,
+            crate::style::Style::plain(),
+        );
         assert_eq!(
             t,
             "ID  POOL  STATE      ATTEMPTS     AGE     RUN  ERROR\n\

@@ -73,13 +73,20 @@ impl Style {
     /// A job, pool or worker state in its colour (red for what went wrong,
     /// yellow for what waits, green for success).
     pub fn state(self, state: &str) -> String {
+        self.state_cell(state, 0)
+    }
+
+    /// [`Style::state`] padded to `width` columns first (escape codes take
+    /// no room on the screen, so they must not count in the padding).
+    pub fn state_cell(self, state: &str, width: usize) -> String {
+        let cell = format!("{state:<width$}");
         let colour = match state {
             "failed" | "dead" | "timed_out" | "cancelled" | "backoff" => Colour::Red,
             "queued" | "paused" | "starting" | "stopping" => Colour::Yellow,
             "succeeded" | "running" | "ready" | "busy" => Colour::Green,
-            _ => return state.to_string(),
+            _ => return cell,
         };
-        self.paint(colour, state)
+        self.paint(colour, &cell)
     }
 }
 
@@ -95,5 +102,7 @@ mod tests {
         assert_eq!(on.paint(Colour::Red, "x"), "\x1b[31mx\x1b[0m");
         assert_eq!(on.state("succeeded"), "\x1b[32msucceeded\x1b[0m");
         assert_eq!(on.state("other"), "other");
+        assert_eq!(on.state_cell("dead", 6), "\x1b[31mdead  \x1b[0m");
+        assert_eq!(Style::plain().state_cell("dead", 6), "dead  ");
     }
 }

@@ -2,6 +2,7 @@
 //! `restart`, `reload`, `shutdown`.
 
 use super::render::{human_duration, human_size};
+use super::style::{Colour, Style};
 use super::{Ctx, Failure, Out};
 use ipc_proto::control::{PoolState, PoolStatus, Request, Response, StatusReport, WorkerState};
 use serde_json::json;
@@ -19,7 +20,7 @@ pub fn status(ctx: &Ctx, pool: Option<String>) -> Result<u8, Failure> {
             if ctx.json {
                 out.line(&status_json(&report).to_string())?;
             } else {
-                out.bytes(status_text(&report).as_bytes())?;
+                out.bytes(status_text(&report, Style::stdout()).as_bytes())?;
             }
             out.flush()?;
             Ok(0)
@@ -220,7 +221,7 @@ fn status_json(r: &StatusReport) -> serde_json::Value {
     })
 }
 
-fn pool_text(s: &mut String, p: &PoolStatus) {
+fn pool_text(s: &mut String, p: &PoolStatus, style: Style) {
     let ready = p
         .workers
         .iter()
@@ -230,7 +231,7 @@ fn pool_text(s: &mut String, p: &PoolStatus) {
         s,
         "pool {}: {}, {}/{} workers ready, queued {}, running {}, succeeded {}, failed {}",
         p.name,
-        p.state.as_str(),
+        style.state(p.state.as_str()),
         ready,
         p.desired_workers,
         p.queued,
@@ -240,7 +241,8 @@ fn pool_text(s: &mut String, p: &PoolStatus) {
     );
     if let Some(e) = &p.last_error {
         // A worker's last output (a traceback) spans lines: indented.
-        let _ = writeln!(s, "  last error: {}", e.trim_end().replace('\n', "\n    "));
+        let e = e.trim_end().replace('\n', "\n    ");
+        let _ = writeln!(s, "  {} {e}", style.paint(Colour::Red, "last error:"));
     }
     let _ = writeln!(
         s,
@@ -250,10 +252,10 @@ fn pool_text(s: &mut String, p: &PoolStatus) {
     for w in &p.workers {
         let _ = writeln!(
             s,
-            "  {:>4}  {:>8}  {:<9} {:>9}  {:>8}  {:>9}  {:>9}",
+            "  {:>4}  {:>8}  {} {:>9}  {:>8}  {:>9}  {:>9}",
             w.id,
             w.pid.map_or("-".to_string(), |p| p.to_string()),
-            w.state.as_str(),
+            style.state_cell(w.state.as_str(), 9),
             if w.pid.is_some() {
                 human_duration(w.uptime_ms)
             } else {
@@ -266,13 +268,13 @@ fn pool_text(s: &mut String, p: &PoolStatus) {
     }
 }
 
-fn status_text(r: &StatusReport) -> String {
+fn status_text(r: &StatusReport, style: Style) -> String {
     let mut s = String::new();
     if r.pools.is_empty() {
         s.push_str("no pools configured\n");
     }
     for p in &r.pools {
-        pool_text(&mut s, p);
+        pool_text(&mut s, p, style);
     }
     s
 }
