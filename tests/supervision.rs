@@ -173,7 +173,16 @@ fn crash_looping_pool_fails_alone_and_restart_brings_it_back() {
         .sum();
     assert_eq!(before, after);
     assert_eq!(again["state"], "failed");
-    // `restart` without a fix fails again; with the fix it comes back.
+    // `restart` without a fix fails again (exit 5, the reason said once);
+    // with the fix it comes back.
+    let r = d.ctl(&["restart", "bad"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(
+        r.stderr
+            .starts_with("jobvisorctl: restart: pool bad failed: "),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.matches("pool bad failed").count(), 1, "{r:?}");
     std::fs::write(dir_marker.path().join("fixed"), "").unwrap();
     let r = d.ctl(&["restart", "bad"]);
     assert_eq!(r.code, 0, "{r:?}");

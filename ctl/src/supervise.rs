@@ -99,14 +99,7 @@ pub fn reload(ctx: &Ctx, wait: bool) -> Result<u8, Failure> {
             .iter()
             .find(|p| p.state == PoolState::Failed && !failed_before.contains(&p.name))
         {
-            return Err(Failure::new(
-                5,
-                format!(
-                    "reload: pool {} failed: {}",
-                    p.name,
-                    p.last_error.clone().unwrap_or_default()
-                ),
-            ));
+            return Err(Failure::new(5, format!("reload: {}", failed_pool_text(p))));
         }
         let settled = report.pools.iter().all(|p| {
             p.state == PoolState::Failed
@@ -168,10 +161,7 @@ pub fn restart(ctx: &Ctx, pool: String, wait: bool) -> Result<u8, Failure> {
         if p.state == PoolState::Failed {
             return Err(Failure::new(
                 5,
-                format!(
-                    "restart: pool {pool} failed while restarting: {}",
-                    p.last_error.unwrap_or_default()
-                ),
+                format!("restart: {}", failed_pool_text(&p)),
             ));
         }
         let ready: Vec<u32> = p
@@ -219,6 +209,14 @@ fn status_json(r: &StatusReport) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>()
     })
+}
+
+/// `pool P failed: why` of a failed pool, once (the daemon's `last_error`
+/// already starts with `pool P failed: `).
+fn failed_pool_text(p: &PoolStatus) -> String {
+    let head = format!("pool {} failed: ", p.name);
+    let why = p.last_error.as_deref().unwrap_or("no reason recorded");
+    format!("{head}{}", why.strip_prefix(&head).unwrap_or(why))
 }
 
 fn pool_text(s: &mut String, p: &PoolStatus, style: Style) {
