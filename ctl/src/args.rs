@@ -174,6 +174,10 @@ pub enum Cmd {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
+    /// Print the daemon's metrics in the Prometheus text format.
+    ///
+    /// The same text as the HTTP listener's /metrics (daemon.metrics_listen).
+    Metrics,
     /// Print a shell completion script (e.g. `source <(jobvisorctl
     /// completions bash)`, or save it where your shell loads completions).
     Completions {

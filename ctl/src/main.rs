@@ -3,7 +3,7 @@
 //! - [`args`]: the command line, and parsing of durations and states.
 //! - `supervise`: `status`, `scale`, `restart`, `reload`, `shutdown`.
 //! - `jobs`: `submit`, `wait`, `result`, `cancel`, `retry`, `jobs`.
-//! - `manage`: `prune`.
+//! - `manage`: `prune`, `metrics`.
 //! - `map`: one job per stdin line, pipelined on one connection.
 //! - `events`: the live event stream.
 //! - `logs`: the workers' output the daemon kept, and following it.
@@ -135,6 +135,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::PoolFailed { .. } => "PoolFailed",
         Response::LogLine(_) => "LogLine",
         Response::Pruned { .. } => "Pruned",
+        Response::Metrics { .. } => "Metrics",
     }
 }
 
@@ -394,6 +395,7 @@ fn run(args: Args) -> Result<u8, Failure> {
             pool,
         } => manage::prune(&ctx, before, state, pool),
         Cmd::Events => events::run(&ctx),
+        Cmd::Metrics => manage::metrics(&ctx),
         Cmd::Logs {
             target,
             follow,

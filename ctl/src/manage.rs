@@ -1,6 +1,7 @@
 //! `prune [--before WHEN] [--state S] [--pool P]`: deletes finished jobs,
 //! in requests of at most `MAX_PRUNE` jobs each (so the store commits
-//! other work in between), until one deletes fewer.
+//! other work in between), until one deletes fewer. `metrics`: the
+//! Prometheus text, as the daemon wrote it (`--json` does not apply).
 
 use super::args::{parse_since, parse_state};
 use super::{Ctx, Failure, Out};
@@ -63,4 +64,22 @@ pub fn prune(
     }
     out.flush()?;
     Ok(0)
+}
+
+/// `metrics`.
+pub fn metrics(ctx: &Ctx) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("metrics")?;
+    match conn
+        .call(&Request::Metrics)
+        .map_err(|e| Failure::client("metrics", e))?
+    {
+        Response::Metrics { text } => {
+            let mut out = Out::new();
+            out.bytes(text.as_bytes())?;
+            out.flush()?;
+            Ok(0)
+        }
+        Response::Error { kind, message } => Err(Failure::daemon("metrics", kind, &message)),
+        other => Err(Failure::unexpected("metrics", &other)),
+    }
 }

@@ -10,6 +10,7 @@
 //! - [`control`]: the control socket (binding, client connections).
 //! - [`fdpass`]: descriptors on the control socket (from `jobvisor-client`).
 //! - [`notify`], [`log`]: systemd notification and logging.
+//! - [`metrics`]: the Prometheus text of the daemon's figures.
 //! - [`private_dir`]: directories the daemon trusts (owner and mode checked, used by descriptor).
 
 pub mod cgroup;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod copier;
 pub mod log;
+pub mod metrics;
 pub mod notify;
 pub mod orphans;
 pub mod private_dir;

@@ -237,6 +237,8 @@ pub struct Reactor {
     dirty_workers: HashSet<ProcId>,
     /// Clients streaming `events`.
     subscribers: HashSet<u64>,
+    /// When the daemon started, seconds since the epoch (for metrics).
+    started_at: f64,
     /// Recent worker output, and the clients following it.
     logs: logs::LogBook,
     /// Period of `WATCHDOG=1` pings (half of `WATCHDOG_USEC`), if asked for.
@@ -333,6 +335,7 @@ impl Reactor {
             dirty_clients: HashSet::default(),
             dirty_workers: HashSet::default(),
             subscribers: HashSet::default(),
+            started_at: now_nanos() as f64 / 1e9,
             logs: Default::default(),
             config,
             notifier: Notifier::from_env(),

@@ -110,6 +110,7 @@
 mod committer;
 mod db;
 mod files;
+pub mod latency;
 mod spares;
 
 pub use spares::Spares;
@@ -566,6 +567,8 @@ pub struct Store {
     /// The payload directory's spare files, shared with the daemon's
     /// writer of output files.
     spares: Spares,
+    /// Commit latency, recorded by the store thread.
+    latency: Arc<latency::CommitLatency>,
     /// Keeps the waker's eventfd open as long as the handle lives: if the
     /// store thread held the last reference, its final wake (after a panic)
     /// would be followed by the close, and closing an fd drops its pending
@@ -627,7 +630,15 @@ impl Store {
         let (ops_tx, ops_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let wake_on_exit = WakeOnDrop(Arc::clone(&waker));
-        let committer = Committer::new(db, ops_rx, done_tx, Arc::clone(&waker), tuning);
+        let latency = Arc::new(latency::CommitLatency::default());
+        let committer = Committer::new(
+            db,
+            ops_rx,
+            done_tx,
+            Arc::clone(&waker),
+            tuning,
+            Arc::clone(&latency),
+        );
         let thread = std::thread::Builder::new()
             .name("jobvisor-store".into())
             .spawn(move || {
@@ -649,6 +660,7 @@ impl Store {
             next_seq: 1,
             pending: RefCell::default(),
             spares,
+            latency,
             _waker: waker,
         };
         Ok((store, recovered))
@@ -664,6 +676,11 @@ impl Store {
     /// arena) comes from, see [`Spares::create`].
     pub fn spares(&self) -> &Spares {
         &self.spares
+    }
+
+    /// How long the store's commits took so far.
+    pub fn commit_latency(&self) -> crate::supervisor::metrics::Histogram {
+        self.latency.snapshot()
     }
 
     /// Queues an op and returns its sequence number (1, 2, 3…). Never blocks.

@@ -1567,6 +1567,7 @@ fn fmt_ms(d: Duration) -> String {
 }
 
 mod jobs;
+pub mod metrics;
 
 #[cfg(test)]
 mod tests;

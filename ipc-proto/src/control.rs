@@ -162,6 +162,9 @@ pub enum Request {
         /// At most this many (the daemon caps it at [`MAX_PRUNE`]).
         limit: u32,
     },
+    /// The Prometheus text exposition of the daemon's metrics, answered
+    /// with [`Response::Metrics`]. Open to every user (aggregates only).
+    Metrics,
 }
 
 /// Most jobs one [`Request::Prune`] deletes; more take more requests (so
@@ -449,6 +452,11 @@ pub enum Response {
     Pruned {
         /// Jobs deleted.
         count: u64,
+    },
+    /// Answer to [`Request::Metrics`].
+    Metrics {
+        /// Prometheus text format 0.0.4.
+        text: String,
     },
 }
 

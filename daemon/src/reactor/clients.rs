@@ -68,7 +68,34 @@ fn peer_groups(stream: &mio::net::UnixStream) -> Vec<u32> {
     groups
 }
 
+/// Fills in the RSS of the workers that have a process.
+fn fill_rss(workers: &mut [ipc_proto::control::WorkerStatus]) {
+    for w in workers {
+        if let Some(pid) = w.pid {
+            w.rss_bytes = rss_bytes(pid);
+        }
+    }
+}
+
 impl Reactor {
+    /// The Prometheus text of the daemon's figures now.
+    pub(super) fn metrics_text(&self, now: Instant) -> String {
+        let mut core = self.core.metrics(now);
+        for p in &mut core.pools {
+            fill_rss(&mut p.status.workers);
+        }
+        crate::metrics::render(crate::metrics::Scrape {
+            core,
+            commit: self
+                .store
+                .as_ref()
+                .map(|s| s.commit_latency())
+                .unwrap_or_default(),
+            daemon_rss: rss_bytes(std::process::id()),
+            start_time: self.started_at,
+        })
+    }
+
     pub(super) fn reply(&mut self, client: u64, resp: &Response) {
         if let Some(c) = self.clients.get_mut(&client) {
             c.send(resp);
@@ -542,15 +569,14 @@ impl Reactor {
                 Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
                     Ok(mut report) => {
                         for p in &mut report.pools {
-                            for w in &mut p.workers {
-                                if let Some(pid) = w.pid {
-                                    w.rss_bytes = rss_bytes(pid);
-                                }
-                            }
+                            fill_rss(&mut p.workers);
                         }
                         Response::Status(report)
                     }
                     Err(e) => e.into_response(),
+                },
+                Request::Metrics => Response::Metrics {
+                    text: self.metrics_text(now),
                 },
                 Request::Scale { pool, workers } => {
                     ok_or_error(self.core.scale(&pool, workers, now))

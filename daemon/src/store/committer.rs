@@ -302,6 +302,8 @@ pub(super) struct Committer {
     /// [`Committer::write_inputs_alone`]), reported before the batch's
     /// outcome.
     failed_inserts: Vec<(u64, InsertFailure)>,
+    /// How long committed batches took (for metrics).
+    latency: Arc<super::latency::CommitLatency>,
     #[cfg(test)]
     stats: Stats,
 }
@@ -313,6 +315,7 @@ impl Committer {
         done: Sender<Completion>,
         waker: Arc<Waker>,
         tuning: Tuning,
+        latency: Arc<super::latency::CommitLatency>,
     ) -> Committer {
         Committer {
             db,
@@ -339,6 +342,7 @@ impl Committer {
                 work: None,
             },
             failed_inserts: Vec::new(),
+            latency,
             #[cfg(test)]
             stats: Stats::default(),
         }
@@ -479,9 +483,11 @@ impl Committer {
         // that acknowledgements never wait on renames and unlinks.
         let mut unreferenced = DeletedFiles::new();
         if self.batch.has_writes() {
-            #[cfg(test)]
             let start = Instant::now();
             let written = self.write_batch();
+            if written.is_ok() {
+                self.latency.observe(start.elapsed());
+            }
             #[cfg(test)]
             {
                 self.stats.busy += start.elapsed();

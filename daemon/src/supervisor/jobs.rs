@@ -134,6 +134,8 @@ pub(super) struct PoolJobs {
     /// Clients told (`PoolFailed`) of the pool's current failure: each
     /// hears of one failure once. Cleared when the pool runs again.
     pub(super) told_failed: rustc_hash::FxHashSet<ClientId>,
+    /// For metrics: finished jobs by state, run times.
+    pub(super) stats: super::metrics::PoolStats,
 }
 
 #[derive(Debug)]
@@ -1581,7 +1583,7 @@ impl Supervisor {
 
     /// Jobs in flight per worker in pool `name` now: its `prefetch`, or the
     /// adaptive depth (see [`ADAPTIVE_PREFETCH_MAX`]).
-    fn prefetch_now(&self, name: &str) -> usize {
+    pub(super) fn prefetch_now(&self, name: &str) -> usize {
         let pool = &self.pools[name];
         match pool.config.prefetch {
             Some(n) => n as usize,
@@ -2114,6 +2116,10 @@ impl Supervisor {
         self.jt.mem_inputs -= job.input.len() as u64;
         job.input = Arc::default();
         let pool = job.pool.clone();
+        let run_ms = job
+            .attempts
+            .last()
+            .and_then(|a| Some(a.ended_ms?.saturating_sub(a.started_ms)));
         let update = JobUpdate {
             // Kept for a `retry` unless it succeeded (pruning removes it).
             drop_input_file: input_file && state == JobState::Succeeded,
@@ -2144,6 +2150,7 @@ impl Supervisor {
             } else {
                 p.jobs.failed += 1;
             }
+            p.jobs.stats.finished(state, run_ms);
         }
         let seq = self.store(Op::Update(update));
         self.jt.pending.push_back((seq, Pending::Final { id }));
