@@ -93,6 +93,7 @@ const DAEMON_KEYS: &[&str] = &[
     "admin_group",
     "max_connections",
     "max_connections_per_user",
+    "metrics_listen",
 ];
 const POOL_KEYS: &[&str] = &[
     "command",
@@ -175,6 +176,8 @@ pub struct DaemonConfig {
     pub max_connections: u32,
     /// Control connections open at once per uid (admins excepted).
     pub max_connections_per_user: u32,
+    /// Where to serve metrics and the status page over HTTP (opt-in).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// One `[pools.NAME]` section. See DESIGN section 6 and `config.example.toml`.
@@ -259,6 +262,7 @@ impl DaemonConfig {
             admin_group: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            metrics_listen: None,
         }
     }
 }
@@ -628,6 +632,16 @@ impl Walker<'_> {
                 "max_connections_per_user" => {
                     d.max_connections_per_user =
                         to_u32(self.int_in(v, &key, 1, i64::from(MAX_CONNECTIONS_LIMIT))?)
+                }
+                "metrics_listen" => {
+                    let s = self.string(v, &key)?;
+                    d.metrics_listen = Some(s.parse().map_err(|_| {
+                        self.err(
+                            v.span(),
+                            &key,
+                            format!("invalid address {s:?}; expected an IP address and port such as \"127.0.0.1:9187\" or \"[::1]:9187\""),
+                        )
+                    })?);
                 }
                 other => return Err(self.unknown_key(k, "daemon", other, DAEMON_KEYS)),
             }

@@ -64,6 +64,8 @@ const LISTEN_FDS_START: RawFd = 3;
 const LISTEN_FDS_MAX: RawFd = 1024;
 /// `FileDescriptorName=` that picks our socket when several are passed.
 pub const LISTEN_FD_NAME: &str = "control";
+/// `FileDescriptorName=` of a TCP socket for the metrics listener.
+pub const METRICS_FD_NAME: &str = "metrics";
 
 /// The control listener and where it came from.
 pub struct ControlListener {
@@ -74,6 +76,17 @@ pub struct ControlListener {
     /// Passed in by the service manager: the path is systemd's, not ours
     /// to unlink.
     pub activated: bool,
+    /// A listening TCP socket named [`METRICS_FD_NAME`] passed by the
+    /// service manager, for the metrics listener.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// What the service manager passed: the control socket and the metrics
+/// socket, each with the descriptor number it came as.
+#[derive(Default)]
+struct Passed {
+    control: Option<(OwnedFd, RawFd)>,
+    metrics: Option<(OwnedFd, RawFd)>,
 }
 
 /// The control listener: the one passed by the service manager if any
@@ -83,18 +96,51 @@ pub struct ControlListener {
 /// Must run before the daemon starts any thread: it removes the
 /// `LISTEN_*` variables from the process environment.
 pub fn listen(path: &Path, mode: u32) -> anyhow::Result<ControlListener> {
-    if let Some(l) = activated_listener()? {
+    let passed = passed_sockets()?;
+    let metrics = match passed.metrics {
+        Some((fd, raw)) => Some(tcp_listener(fd, raw)?),
+        None => None,
+    };
+    if let Some((fd, raw)) = passed.control {
+        let mut l = control_listener(fd, raw)?;
+        l.metrics = metrics;
         return Ok(l);
     }
     Ok(ControlListener {
         listener: bind(path, mode)?,
         path: path.to_path_buf(),
         activated: false,
+        metrics,
     })
 }
 
-/// Takes the socket passed with `LISTEN_FDS`, if it is meant for us.
-fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
+/// A passed metrics socket, checked to be a listening TCP socket.
+fn tcp_listener(fd: OwnedFd, raw: RawFd) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context;
+    use nix::sys::socket::{
+        getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
+    };
+    use std::os::fd::AsRawFd;
+    let what = || format!("fd {raw} ({METRICS_FD_NAME:?}) passed by the service manager");
+    let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .map_err(|e| anyhow::anyhow!("not a socket ({e})"))
+        .with_context(what)?;
+    if !matches!(
+        addr.family(),
+        Some(AddressFamily::Inet | AddressFamily::Inet6)
+    ) {
+        anyhow::bail!("{}: not a TCP socket; use ListenStream=PORT or ADDRESS:PORT", what());
+    }
+    if getsockopt(&fd, sockopt::SockType)? != SockType::Stream
+        || !getsockopt(&fd, sockopt::AcceptConn)?
+    {
+        anyhow::bail!("{}: not a listening stream socket (Accept=no is required)", what());
+    }
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Takes the sockets passed with `LISTEN_FDS`, if they are meant for us.
+fn passed_sockets() -> anyhow::Result<Passed> {
     use anyhow::Context;
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
@@ -105,14 +151,14 @@ fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
         std::env::remove_var(k);
     }
     let (Some(pid), Some(count)) = (pid, count) else {
-        return Ok(None);
+        return Ok(Passed::default());
     };
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
         crate::log::log(
             crate::supervisor::Level::Debug,
             &format!("ignoring LISTEN_FDS: LISTEN_PID={pid} is not our pid"),
         );
-        return Ok(None);
+        return Ok(Passed::default());
     }
     let n: RawFd = count
         .trim()
@@ -121,7 +167,7 @@ fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
         .filter(|n| (0..=LISTEN_FDS_MAX).contains(n))
         .with_context(|| format!("invalid LISTEN_FDS={count:?} from the service manager"))?;
     if n == 0 {
-        return Ok(None);
+        return Ok(Passed::default());
     }
     let names: Vec<&str> = names
         .as_deref()
@@ -143,21 +189,37 @@ fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         )
         .with_context(|| format!("fcntl(FD_CLOEXEC) on passed fd {fd}"))?;
-        fds.push(owned);
+        fds.push(Some(owned));
     }
-    let index = match names.iter().position(|&name| name == LISTEN_FD_NAME) {
-        Some(i) if i < fds.len() => i,
-        _ if fds.len() == 1 => 0,
-        _ => anyhow::bail!(
+    let named = |name: &str| names.iter().position(|&n| n == name).filter(|&i| i < fds.len());
+    let metrics = named(METRICS_FD_NAME);
+    let control = match named(LISTEN_FD_NAME) {
+        Some(i) => Some(i),
+        // One unnamed socket is the control socket.
+        None if fds.len() == 1 && metrics.is_none() => Some(0),
+        // Only the metrics socket: the control socket is bound as usual.
+        None if fds.len() == 1 => None,
+        None => anyhow::bail!(
             "the service manager passed {} sockets and none is named {LISTEN_FD_NAME:?} (LISTEN_FDNAMES={:?}); set FileDescriptorName={LISTEN_FD_NAME} on the control socket",
             fds.len(),
             names.join(":")
         ),
     };
+    let mut take = |i: Option<usize>| {
+        i.and_then(|i| Some((fds[i].take()?, LISTEN_FDS_START + i as RawFd)))
+    };
+    let passed = Passed {
+        control: take(control),
+        metrics: take(metrics),
+    };
     // The others are not ours to use; closing them is all we can do.
-    let fd = fds.swap_remove(index);
     drop(fds);
-    let raw = LISTEN_FDS_START + index as RawFd;
+    Ok(passed)
+}
+
+/// The control listener from a passed socket, checked.
+fn control_listener(fd: OwnedFd, raw: RawFd) -> anyhow::Result<ControlListener> {
+    use anyhow::Context;
     check_listening_unix_stream(&fd)
         .with_context(|| format!("fd {raw} passed by the service manager"))?;
     let std_listener = std::os::unix::net::UnixListener::from(fd);
@@ -169,11 +231,12 @@ fn activated_listener() -> anyhow::Result<Option<ControlListener>> {
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from(format!("<fd {raw} from the service manager>")));
-    Ok(Some(ControlListener {
+    Ok(ControlListener {
         listener: mio::net::UnixListener::from_std(std_listener),
         path,
         activated: true,
-    }))
+        metrics: None,
+    })
 }
 
 fn check_listening_unix_stream(fd: &OwnedFd) -> anyhow::Result<()> {

@@ -10,13 +10,15 @@
 //! - [`control`]: the control socket (binding, client connections).
 //! - [`fdpass`]: descriptors on the control socket (from `jobvisor-client`).
 //! - [`notify`], [`log`]: systemd notification and logging.
-//! - [`metrics`]: the Prometheus text of the daemon's figures.
+//! - [`metrics`]: the Prometheus text of the daemon's figures; [`http`]:
+//!   the opt-in HTTP listener serving it and a status page.
 //! - [`private_dir`]: directories the daemon trusts (owner and mode checked, used by descriptor).
 
 pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod copier;
+pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod notify;

@@ -272,7 +272,26 @@ impl Reactor {
             mut listener,
             path: socket_path,
             activated: socket_activated,
+            metrics,
         } = control::listen(&config.daemon.control_socket, config.daemon.socket_mode)?;
+        let metrics = match (metrics, config.daemon.metrics_listen) {
+            (Some(passed), configured) => {
+                if let Some(addr) = configured {
+                    crate::info!(
+                        "using the metrics socket passed by the service manager; daemon.metrics_listen ({addr}) is not used"
+                    );
+                }
+                Some(passed)
+            }
+            (None, Some(addr)) => Some(std::net::TcpListener::bind(addr).with_context(|| {
+                format!("cannot listen on daemon.metrics_listen = \"{addr}\" (in use, or not an address of this host?)")
+            })?),
+            (None, None) => None,
+        };
+        if let Some(l) = metrics {
+            crate::http::start(l, socket_path.clone())
+                .context("starting the metrics listener's thread")?;
+        }
         if socket_activated && socket_path != config.daemon.control_socket {
             crate::info!(
                 "using the control socket passed by the service manager ({}); daemon.control_socket ({}) is not used",
