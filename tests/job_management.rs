@@ -8,12 +8,7 @@ use jobvisor::*;
 use nix::sys::signal::Signal;
 
 fn config() -> String {
-    format!(
-        "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\n\
-         [pools.fail]\ncommand = [{w}, \"fail\"]\nworkers = 1\nmax_attempts = 2\n",
-        daemon_section(),
-        w = test_worker()
-    )
+    echo_fail_pools(1, "max_attempts = 2\n")
 }
 
 #[test]

@@ -9,7 +9,6 @@ use nix::sys::signal::Signal;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -205,44 +204,10 @@ fn watchdog_meant_for_another_pid_is_ignored() {
     );
 }
 
-/// Starts jobvisord the way systemd does for a socket unit: `listener` as
-/// fd 3, `LISTEN_FDS=1`, `LISTEN_FDNAMES=control`, and `LISTEN_PID` = the
-/// daemon's own pid. That pid is unknown before the fork, and the
-/// environment cannot be changed between fork and exec (`setenv` is not
-/// async-signal-safe, and std has built `envp` already), so `sh` sets it:
-/// `$$` is the shell's pid, which `exec` hands on to jobvisord.
+/// Starts jobvisord the way systemd does for a socket unit (see
+/// [`socket_activated`]), with `listener` as its control socket.
 fn activated(d: &Daemon, listener: &UnixListener) -> Command {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
-        .arg(bin("jobvisord"))
-        .arg("--config")
-        .arg(d.config_path())
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "control")
-        .env("JOBVISOR_LOG", "debug")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_PID");
-    let fd = listener.as_raw_fd();
-    // SAFETY: the closure runs in the child between fork and exec and only
-    // calls dup2/fcntl (async-signal-safe) on integers; `listener` is open
-    // in the parent for the whole spawn, so `fd` is valid in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the copy; a listener that is
-            // already fd 3 needs the flag cleared by hand.
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
+    socket_activated(&d.config_path(), listener.as_raw_fd(), "control")
 }
 
 /// Speaks `Hello` over a raw connection; returns the daemon's pid.

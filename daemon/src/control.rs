@@ -129,12 +129,18 @@ fn tcp_listener(fd: OwnedFd, raw: RawFd) -> anyhow::Result<std::net::TcpListener
         addr.family(),
         Some(AddressFamily::Inet | AddressFamily::Inet6)
     ) {
-        anyhow::bail!("{}: not a TCP socket; use ListenStream=PORT or ADDRESS:PORT", what());
+        anyhow::bail!(
+            "{}: not a TCP socket; use ListenStream=PORT or ADDRESS:PORT",
+            what()
+        );
     }
     if getsockopt(&fd, sockopt::SockType)? != SockType::Stream
         || !getsockopt(&fd, sockopt::AcceptConn)?
     {
-        anyhow::bail!("{}: not a listening stream socket (Accept=no is required)", what());
+        anyhow::bail!(
+            "{}: not a listening stream socket (Accept=no is required)",
+            what()
+        );
     }
     Ok(std::net::TcpListener::from(fd))
 }
@@ -191,7 +197,12 @@ fn passed_sockets() -> anyhow::Result<Passed> {
         .with_context(|| format!("fcntl(FD_CLOEXEC) on passed fd {fd}"))?;
         fds.push(Some(owned));
     }
-    let named = |name: &str| names.iter().position(|&n| n == name).filter(|&i| i < fds.len());
+    let named = |name: &str| {
+        names
+            .iter()
+            .position(|&n| n == name)
+            .filter(|&i| i < fds.len())
+    };
     let metrics = named(METRICS_FD_NAME);
     let control = match named(LISTEN_FD_NAME) {
         Some(i) => Some(i),
@@ -205,9 +216,8 @@ fn passed_sockets() -> anyhow::Result<Passed> {
             names.join(":")
         ),
     };
-    let mut take = |i: Option<usize>| {
-        i.and_then(|i| Some((fds[i].take()?, LISTEN_FDS_START + i as RawFd)))
-    };
+    let mut take =
+        |i: Option<usize>| i.and_then(|i| Some((fds[i].take()?, LISTEN_FDS_START + i as RawFd)));
     let passed = Passed {
         control: take(control),
         metrics: take(metrics),

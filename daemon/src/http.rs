@@ -7,9 +7,10 @@
 //! like `jobvisorctl` (as the daemon's uid, so an admin): the event loop
 //! never waits on a browser or a scraper, and sees these requests as it
 //! sees any other. Hostile clients are bounded: at most
-//! [`MAX_CONNECTIONS`] at once (more get a 503 at once), a request head of
-//! at most [`MAX_HEAD`] bytes, [`DEADLINE`] to send it and to read the
-//! answer, `GET` and `HEAD` only, `Connection: close`. Nothing a client
+//! [`MAX_CONNECTIONS`] are served at once (the next ones wait in the
+//! kernel's accept queue until a slot frees, at most [`DEADLINE`]), a
+//! request head of at most [`MAX_HEAD`] bytes, [`DEADLINE`] to send it and
+//! to read the answer, `GET` and `HEAD` only, `Connection: close`. Nothing a client
 //! sends is used but the method and the path, and the path only to pick one
 //! of the fixed pages.
 
@@ -19,8 +20,7 @@ use serde_json::{json, Value};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// HTTP connections served at once.
@@ -42,42 +42,59 @@ pub fn start(listener: TcpListener, socket: PathBuf) -> io::Result<()> {
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let busy = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::default());
     std::thread::Builder::new()
         .name("jobvisor-http".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(stream) = conn else {
+        .spawn(move || loop {
+            // Accept only with a slot free: the others wait in the
+            // kernel's queue, not in threads of ours.
+            slots.take();
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    slots.give();
                     // EMFILE and the like: the next accept may succeed.
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
-                };
-                if busy.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    refuse_busy(stream);
-                    continue;
                 }
-                busy.fetch_add(1, Ordering::Relaxed);
-                let (busy2, socket) = (Arc::clone(&busy), socket.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("jobvisor-http-conn".into())
-                    .spawn(move || {
-                        serve(stream, &socket);
-                        busy2.fetch_sub(1, Ordering::Relaxed);
-                    });
-                if spawned.is_err() {
-                    busy.fetch_sub(1, Ordering::Relaxed);
-                }
+            };
+            let (slots2, socket) = (Arc::clone(&slots), socket.clone());
+            let spawned = std::thread::Builder::new()
+                .name("jobvisor-http-conn".into())
+                .spawn(move || {
+                    serve(stream, &socket);
+                    slots2.give();
+                });
+            if spawned.is_err() {
+                slots.give();
             }
         })?;
     crate::info!("serving metrics and the status page on http://{addr}/");
     Ok(())
 }
 
-fn refuse_busy(mut stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = stream.write_all(
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
-    );
+/// Connections being served, at most [`MAX_CONNECTIONS`].
+#[derive(Default)]
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    /// Waits for a free slot and takes it.
+    fn take(&self) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= MAX_CONNECTIONS {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += 1;
+    }
+
+    fn give(&self) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= 1;
+        self.freed.notify_one();
+    }
 }
 
 /// One answer.
@@ -115,10 +132,7 @@ fn serve(mut stream: TcpStream, socket: &std::path::Path) {
 
 /// Reads the request head; `Ok(None)` if the client went away, `Err` for
 /// an answer to give instead (too large, too slow, malformed).
-fn read_head(
-    stream: &mut TcpStream,
-    start: Instant,
-) -> Result<Option<(String, String)>, Answer> {
+fn read_head(stream: &mut TcpStream, start: Instant) -> Result<Option<(String, String)>, Answer> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -203,7 +217,9 @@ fn unavailable(r: Result<Response, String>) -> Answer {
 }
 
 fn respond(stream: &mut TcpStream, a: &Answer, head_only: bool, start: Instant) {
-    let left = DEADLINE.saturating_sub(start.elapsed()).max(Duration::from_millis(100));
+    let left = DEADLINE
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(100));
     let _ = stream.set_write_timeout(Some(left));
     let mut head = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\

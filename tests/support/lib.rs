@@ -497,6 +497,18 @@ pub fn sleep_pool(workers: u32, extra: &str) -> String {
     )
 }
 
+/// A whole config with a pool `echo` of `echo_workers` test workers in
+/// `echo` mode and a pool `fail` of one in `fail` mode (each job fails
+/// with its input as error), plus `fail_extra` keys for `fail`.
+pub fn echo_fail_pools(echo_workers: u32, fail_extra: &str) -> String {
+    format!(
+        "{}[pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = {echo_workers}\n\
+         [pools.fail]\ncommand = [{w}, \"fail\"]\nworkers = 1\n{fail_extra}",
+        daemon_section(),
+        w = test_worker()
+    )
+}
+
 // ---- systemd integration (tests/systemd.rs) ----
 
 /// A fake systemd notification socket: a datagram socket bound in a test
@@ -681,4 +693,45 @@ pub fn with_umask(cmd: &mut Command, mask: u32) {
             Ok(())
         });
     }
+}
+
+/// Starts jobvisord the way systemd does for a socket unit: `fd` as fd 3,
+/// `LISTEN_FDS=1`, `LISTEN_FDNAMES=name`, and `LISTEN_PID` = the daemon's
+/// own pid. That pid is unknown before the fork, and the environment cannot
+/// be changed between fork and exec (`setenv` is not async-signal-safe, and
+/// std has built `envp` already), so `sh` sets it: `$$` is the shell's pid,
+/// which `exec` hands on to jobvisord. `fd` must stay open until spawned.
+pub fn socket_activated(config: &Path, fd: std::os::fd::RawFd, name: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
+        .arg(bin("jobvisord"))
+        .arg("--config")
+        .arg(config)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", name)
+        .env("JOBVISOR_LOG", "debug")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_PID");
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls dup2/fcntl (async-signal-safe) on integers; the caller keeps
+    // `fd` open in the parent for the whole spawn, so it is valid in the
+    // child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears close-on-exec on the copy; a descriptor that is
+            // already fd 3 needs the flag cleared by hand.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }

@@ -155,6 +155,12 @@ const REJECTED: &[(&str, &str, &str, &str)] = &[
         "invalid mode \"rw\"; expected octal permission bits such as \"0660\"",
     ),
     (
+        "metrics_listen without a port",
+        "[daemon]\nmetrics_listen = \"localhost\"\n",
+        "2:18: daemon.metrics_listen: ",
+        "invalid address \"localhost\"; expected an IP address and port such as \"127.0.0.1:9187\"",
+    ),
+    (
         "socket_mode with digit 9",
         "[daemon]\nsocket_mode = \"0999\"\n",
         "2:15: daemon.socket_mode: ",
@@ -418,6 +424,7 @@ drain_timeout = "1m"
 admin_group = "root"
 max_connections = 100
 max_connections_per_user = 8
+metrics_listen = "[::1]:9187"
 
 [semaphores]
 gpu = 2
@@ -461,6 +468,7 @@ result_retention = "7days"
             admin_group: Some(("root".into(), 0)),
             max_connections: 100,
             max_connections_per_user: 8,
+            metrics_listen: Some("[::1]:9187".parse().unwrap()),
         }
     );
     assert_eq!(

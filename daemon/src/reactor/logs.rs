@@ -21,28 +21,78 @@ pub(super) const RING_BYTES: usize = 128 << 10;
 /// dropped (the worker's output does not wait for it).
 pub(super) const FOLLOW_BACKLOG_LIMIT: usize = 8 << 20;
 
+/// One kept line; its text is the next `len` bytes of [`Ring::text`].
 struct Entry {
     time_ms: u64,
     stream: LogStream,
-    line: Box<str>,
+    len: u32,
 }
 
+/// A slot's lines: their texts back to back in one buffer, so that keeping
+/// a line costs no allocation (a flooding worker writes millions).
 #[derive(Default)]
 struct Ring {
     lines: VecDeque<Entry>,
-    bytes: usize,
+    text: VecDeque<u8>,
 }
 
 impl Ring {
-    fn push(&mut self, e: Entry) {
-        self.bytes += e.line.len();
-        self.lines.push_back(e);
-        while self.lines.len() > RING_LINES || self.bytes > RING_BYTES {
+    fn push(&mut self, time_ms: u64, stream: LogStream, line: &str) {
+        self.text.extend(line.as_bytes());
+        self.lines.push_back(Entry {
+            time_ms,
+            stream,
+            len: line.len() as u32,
+        });
+        while self.lines.len() > RING_LINES || self.text.len() > RING_BYTES {
             match self.lines.pop_front() {
-                Some(old) => self.bytes -= old.line.len(),
+                Some(old) => drop(self.text.drain(..old.len as usize)),
                 None => break,
             }
         }
+    }
+
+    /// Each line with its text.
+    fn iter(&self) -> impl Iterator<Item = (&Entry, String)> + '_ {
+        let mut at = 0;
+        self.lines.iter().map(move |e| {
+            let end = at + e.len as usize;
+            let bytes: Vec<u8> = self.text.range(at..end).copied().collect();
+            at = end;
+            // Pushed as `&str`, so valid UTF-8.
+            (e, String::from_utf8_lossy(&bytes).into_owned())
+        })
+    }
+}
+
+/// Where one read of a worker's pipe puts its lines (see
+/// [`LogBook::writer`]).
+pub(super) struct Writer<'a> {
+    ring: &'a mut Ring,
+    pool: &'a str,
+    slot: u32,
+    followers: &'a HashMap<u64, Follower>,
+    outbox: &'a mut Vec<(u64, LogLine)>,
+}
+
+impl Writer<'_> {
+    /// Keeps one line (and queues it for the clients following it).
+    pub(super) fn push(&mut self, stream: LogStream, time_ms: u64, line: &str) {
+        for (client, f) in self.followers {
+            if f.pool == self.pool && f.worker.is_none_or(|w| w == self.slot) {
+                self.outbox.push((
+                    *client,
+                    LogLine {
+                        time_ms,
+                        pool: self.pool.to_string(),
+                        worker: self.slot,
+                        stream,
+                        line: line.to_string(),
+                    },
+                ));
+            }
+        }
+        self.ring.push(time_ms, stream, line);
     }
 }
 
@@ -64,6 +114,22 @@ pub(super) struct LogBook {
 }
 
 impl LogBook {
+    /// Where the lines of `pool`'s worker `slot` go (looked up once per
+    /// read, not per line).
+    pub(super) fn writer<'a>(&'a mut self, pool: &'a str, slot: u32) -> Writer<'a> {
+        if !self.rings.contains_key(pool) {
+            self.rings.insert(pool.to_string(), BTreeMap::new());
+        }
+        let slots = self.rings.get_mut(pool).expect("inserted above");
+        Writer {
+            ring: slots.entry(slot).or_default(),
+            pool,
+            slot,
+            followers: &self.followers,
+            outbox: &mut self.outbox,
+        }
+    }
+
     /// Keeps one line of `pool`'s worker `slot` (and queues it for the
     /// clients following it).
     pub(super) fn push(
@@ -74,29 +140,7 @@ impl LogBook {
         time_ms: u64,
         line: &str,
     ) {
-        for (client, f) in &self.followers {
-            if f.pool == pool && f.worker.is_none_or(|w| w == slot) {
-                self.outbox.push((
-                    *client,
-                    LogLine {
-                        time_ms,
-                        pool: pool.to_string(),
-                        worker: slot,
-                        stream,
-                        line: line.to_string(),
-                    },
-                ));
-            }
-        }
-        let slots = match self.rings.get_mut(pool) {
-            Some(s) => s,
-            None => self.rings.entry(pool.to_string()).or_default(),
-        };
-        slots.entry(slot).or_default().push(Entry {
-            time_ms,
-            stream,
-            line: line.into(),
-        });
+        self.writer(pool, slot).push(stream, time_ms, line);
     }
 
     /// Whether `pool` has kept lines of worker `slot` (a slot that a
@@ -117,26 +161,25 @@ impl LogBook {
         let Some(slots) = self.rings.get(pool) else {
             return Vec::new();
         };
-        let mut picked: Vec<(u32, &Entry)> = slots
+        let mut picked: Vec<LogLine> = slots
             .iter()
             .filter(|(id, _)| worker.is_none_or(|w| w == **id))
-            .flat_map(|(id, ring)| ring.lines.iter().map(move |e| (*id, e)))
-            .filter(|(_, e)| since_ms.is_none_or(|s| e.time_ms >= s))
+            .flat_map(|(id, ring)| {
+                ring.iter().map(move |(e, line)| LogLine {
+                    time_ms: e.time_ms,
+                    pool: pool.to_string(),
+                    worker: *id,
+                    stream: e.stream,
+                    line,
+                })
+            })
+            .filter(|l| since_ms.is_none_or(|s| l.time_ms >= s))
             .collect();
         // Stable: a slot's own lines keep their order at equal times.
-        picked.sort_by_key(|(_, e)| e.time_ms);
+        picked.sort_by_key(|l| l.time_ms);
         let skip = picked.len().saturating_sub(lines);
+        picked.drain(..skip);
         picked
-            .into_iter()
-            .skip(skip)
-            .map(|(id, e)| LogLine {
-                time_ms: e.time_ms,
-                pool: pool.to_string(),
-                worker: id,
-                stream: e.stream,
-                line: e.line.to_string(),
-            })
-            .collect()
     }
 
     pub(super) fn follow(&mut self, client: u64, pool: String, worker: Option<u32>) {

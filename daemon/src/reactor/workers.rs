@@ -393,7 +393,7 @@ impl Reactor {
         } else {
             LogStream::Stdout
         };
-        let book = &mut self.logs;
+        let mut book = self.logs.writer(pool, *slot);
         while budget > 0 {
             let want = budget.min(buf.len());
             match nix::unistd::read(fd, &mut buf[..want]) {
@@ -407,7 +407,7 @@ impl Reactor {
                         tail.push(l);
                         let text = String::from_utf8_lossy(l);
                         let text = text.trim_end_matches('\r');
-                        book.push(pool, *slot, stream, time_ms, text);
+                        book.push(stream, time_ms, text);
                         match limiter.admit(now) {
                             crate::log::Admit::Drop => {}
                             crate::log::Admit::Log { suppressed_before } => {
