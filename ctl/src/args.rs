@@ -174,6 +174,15 @@ pub enum Cmd {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
+    /// Live view of pools, workers, queues and rates; q quits.
+    ///
+    /// Redraws every --interval, and sooner when something happens. When
+    /// stdout is not a terminal: one snapshot.
+    Top {
+        /// How often to refresh, e.g. 1s, 500ms.
+        #[arg(long, value_name = "DURATION", default_value = "1s")]
+        interval: String,
+    },
     /// Print the daemon's metrics in the Prometheus text format.
     ///
     /// The same text as the HTTP listener's /metrics (daemon.metrics_listen).

@@ -8,6 +8,7 @@
 //! - `events`: the live event stream.
 //! - `logs`: the workers' output the daemon kept, and following it.
 //! - [`style`]: colours on a terminal (`NO_COLOR`).
+//! - `top`: the live terminal view.
 //! - [`render`]: JSON documents and human lines (pure).
 //!
 //! Every error is one line on stderr, `jobvisorctl: <what>: <why>`, and the
@@ -31,6 +32,7 @@ mod map;
 pub mod render;
 pub mod style;
 mod supervise;
+mod top;
 
 use jobvisor_client::{connection as client, fdpass};
 
@@ -396,6 +398,10 @@ fn run(args: Args) -> Result<u8, Failure> {
         } => manage::prune(&ctx, before, state, pool),
         Cmd::Events => events::run(&ctx),
         Cmd::Metrics => manage::metrics(&ctx),
+        Cmd::Top { interval } => {
+            let ms = args::parse_duration_ms("--interval", &interval).map_err(Failure::usage)?;
+            top::run(&ctx, ms)
+        }
         Cmd::Logs {
             target,
             follow,
