@@ -796,6 +796,50 @@ fn shutdown_leaves_queued_jobs_in_the_store() {
     }
 }
 
+/// PROTOCOL.md §9, "Jobs in hand at Shutdown": when `drain_timeout` cuts
+/// the drain short, a job still in hand is the worker's; its answer, sent
+/// after `Shutdown` but before the worker exits, is recorded (the job is
+/// not run again). The worker ignores `stop_signal` (USR1) so that it can
+/// finish.
+#[test]
+fn an_answer_after_shutdown_at_the_drain_timeout_is_recorded() {
+    let dir = TempDir::new("drain-cut-script");
+    let w = script(
+        dir.path(),
+        "w.sh",
+        &format!(
+            "trap '' USR1\nexec {} sleep",
+            bin("jobvisor-test-worker").display()
+        ),
+    );
+    let cfg = format!(
+        "{}drain_timeout = \"100ms\"\n{}",
+        daemon_section(),
+        pool(
+            "slow",
+            &format!("{:?}", w.display().to_string()),
+            1,
+            "stop_signal = \"USR1\"\nstop_timeout = \"20s\""
+        )
+    );
+    let mut d = Daemon::start("drain-cut", &cfg);
+    d.wait_ready("slow", 1);
+    let id = d.submit_id(&["slow", "--input", "1500"]);
+    wait_state(&d, id, "running");
+    assert_eq!(d.ctl(&["shutdown"]).code, 0);
+    assert!(d.wait_exit(DEADLINE).success());
+    assert!(
+        d.log_text()
+            .contains("drain_timeout over with 1 jobs in hand"),
+        "{}",
+        d.log_text()
+    );
+    d.spawn();
+    let j = job(&d, id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 1, "{j}");
+}
+
 #[test]
 fn unwritable_state_dir_is_a_clear_startup_error() {
     use std::os::unix::fs::PermissionsExt;

@@ -226,7 +226,11 @@ fn workers_have_exactly_fds_0_to_5_and_the_env() {
         &format!(
             "{}{}",
             daemon_section(),
-            echo_pool("echo", 2, "env = { EXTRA = \"x y\" }")
+            echo_pool(
+                "echo",
+                2,
+                "env = { EXTRA = \"x y\" }\nstop_signal = \"SIGINT\""
+            )
         ),
     );
     for (slot, pid) in d.wait_ready("echo", 2).into_iter().enumerate() {
@@ -250,6 +254,10 @@ fn workers_have_exactly_fds_0_to_5_and_the_env() {
         assert!(env.contains(&"JOBVISOR_POOL=echo".to_string()));
         assert!(env.contains(&format!("JOBVISOR_WORKER_ID={slot}")));
         assert!(env.contains(&"EXTRA=x y".to_string()));
+        assert!(
+            env.contains(&"JOBVISOR_STOP_SIGNAL=SIGINT".to_string()),
+            "{env:?}"
+        );
         // Its own process group.
         let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).unwrap();
         assert_eq!(pgid.as_raw() as u32, pid);

@@ -4,7 +4,7 @@
 //! - [`config`]: the TOML configuration, validated with `file:line:col`.
 //! - [`supervisor`]: the sans-IO supervision core (state machine).
 //! - [`reactor`]: the epoll event loop that executes the core's actions.
-//! - [`spawn`]: fork+exec of workers with exactly the right descriptors.
+//! - [`spawn`]: clone+exec of workers with exactly the right descriptors.
 //! - [`orphans`]: no worker descendant outlives its worker or the daemon.
 //! - [`shm`]: the daemon's mapping of each worker's shared-memory arena.
 //! - [`control`]: the control socket (binding, client connections).

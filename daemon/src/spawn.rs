@@ -268,6 +268,12 @@ pub fn spawn_worker(
         cfg.inline_limit.to_string().into(),
     );
     env.insert("JOBVISOR_SHM_SIZE".into(), cfg.shm_size.to_string().into());
+    // The signal that comes with `Shutdown`, for a worker that wants to
+    // catch it and stop cleanly (e.g. `SIGTERM`).
+    env.insert(
+        "JOBVISOR_STOP_SIGNAL".into(),
+        cfg.stop_signal.as_str().into(),
+    );
     let envp: Vec<CString> = env
         .iter()
         .map(|(k, v)| {
