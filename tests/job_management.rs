@@ -219,3 +219,44 @@ fn colours_on_a_terminal_only() {
         "{r:?}"
     );
 }
+
+/// `map` on a terminal: a progress bar with rate and ETA on stderr while
+/// it runs, and a summary line at the end (stdout keeps only the outputs).
+#[test]
+fn map_shows_progress_and_a_summary_on_a_terminal() {
+    let d = Daemon::start("map-tty", &sleep_pool(1, ""));
+    d.wait_ready("s", 1);
+    let input = d.dir.path().join("in");
+    std::fs::write(&input, "60\n".repeat(12)).unwrap();
+    let out = d.dir.path().join("out");
+    // `script` gives the command a pseudo-terminal (stderr on it; stdout
+    // to a file).
+    let cmd = format!(
+        "{} --socket {} map s < {} > {}",
+        bin("jobvisorctl").display(),
+        d.socket().display(),
+        input.display(),
+        out.display()
+    );
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec", &cmd, "/dev/null"]);
+    c.env_remove("NO_COLOR").env("TERM", "xterm");
+    let r = run_with_stdin(c, None);
+    assert_eq!(r.code, 0, "{r:?}");
+    let tty = r.stdout;
+    assert!(
+        tty.contains("12/12 done") || tty.contains("/12 done"),
+        "{tty:?}"
+    );
+    assert!(
+        tty.contains("[#") && tty.contains("/s, ETA "),
+        "a bar with rate and ETA: {tty:?}"
+    );
+    assert!(
+        tty.contains("map: 12 jobs: 12 succeeded, 0 failed in "),
+        "{tty:?}"
+    );
+    let outputs = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(outputs.lines().count(), 12, "{outputs:?}");
+    assert!(outputs.lines().all(|l| l == "slept 60"), "{outputs:?}");
+}
