@@ -38,7 +38,7 @@ pub struct Args {
     pub cmd: Cmd,
 }
 
-/// `jobvisorctl`'s commands (DESIGN.md section 7).
+/// `jobvisorctl`'s commands (documented in README.md).
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Pools and workers.

@@ -12,7 +12,7 @@
 //! - [`render`]: JSON documents and human lines (pure).
 //!
 //! Every error is one line on stderr, `jobvisorctl: <what>: <why>`, and the
-//! exit code follows DESIGN.md section 7: 0 ok, 1 job failed, 2 usage or
+//! exit code is one of the contract's (README.md, "Control"): 0 ok, 1 job failed, 2 usage or
 //! invalid input, 3 daemon unreachable, 4 not found, 5 rejected for now.
 //!
 //! Rust ignores SIGPIPE, so a closed stdout (`jobvisorctl map … | head -1`)
@@ -52,7 +52,7 @@ pub const EXIT_BROKEN_PIPE: u8 = 141;
 /// print on stderr (`None`: exit quietly).
 #[derive(Debug)]
 pub struct Failure {
-    /// Exit code (DESIGN.md section 7).
+    /// Exit code (see the module docs).
     pub code: u8,
     /// The line after `jobvisorctl: `.
     pub msg: Option<String>,

@@ -1,4 +1,4 @@
-//! How answers look: the JSON documents of DESIGN.md section 7 and the
+//! How answers look: the JSON documents of the CLI contract and the
 //! human one-liners and tables. Pure functions, no I/O.
 
 use base64::Engine as _;

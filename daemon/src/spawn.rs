@@ -184,7 +184,7 @@ impl std::fmt::Display for SpawnError {
     }
 }
 
-/// Finds `program` like DESIGN.md says: a path with a `/` is taken as is
+/// Finds `program` as the README says: a path with a `/` is taken as is
 /// (relative to `base`), a bare name is searched in `PATH`, then next to the
 /// running `jobvisord`.
 pub fn resolve_program(program: &str, base: &Path) -> Result<PathBuf, String> {
