@@ -157,6 +157,27 @@ fn jobs_pages_and_since() {
         (ids, r.stderr)
     };
     assert_eq!(listed(&[]).0, ids.iter().rev().copied().collect::<Vec<_>>());
+    // Times: each row's age and run time; the JSON has the timestamps.
+    for id in &ids {
+        d.wait_state(*id, "succeeded");
+    }
+    let r = d.ctl(&["jobs"]);
+    let mut rows = r.stdout.lines();
+    let head: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        head,
+        ["ID", "POOL", "STATE", "ATTEMPTS", "AGE", "RUN", "ERROR"]
+    );
+    for row in rows {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert!(cells[4].ends_with('s') && cells[5].ends_with('s'), "{row}");
+    }
+    let r = d.ctl(&["--json", "jobs"]);
+    for j in r.json_list() {
+        assert!(j["created_ms"].as_u64().unwrap() <= j["finished_ms"].as_u64().unwrap());
+        let a = &j["attempts"][0];
+        assert!(a["started_ms"].as_u64().unwrap() <= a["ended_ms"].as_u64().unwrap());
+    }
     // A full page names the next one.
     let r = d.ctl(&["jobs", "--limit", "2", "--pool", "echo"]);
     assert_eq!(r.code, 0, "{r:?}");
