@@ -71,6 +71,24 @@ def store_bytes(d):
     return sum(f.stat().st_size for f in (d.dir / "state").iterdir())
 
 
+def thread_cpu(pid):
+    """CPU seconds (user + system) of each thread of process pid, summed by
+    thread name (the daemon's loop is `jobvisord`, its store thread
+    `jobvisor-store`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
     """`jobvisorctl map echo` of n lines on a fresh daemon (`prefetch`
     pinned, or None for the default), then `submits`
@@ -84,15 +102,22 @@ def bench_jobvisor(n, prefetch, submits=200, timeout=None, workers=2):
     ctl = [d.bins["jobvisorctl"], "--socket", str(d.socket)]
     try:
         data = "".join(f"{i}\n" for i in range(n)).encode()
+        cpu0 = thread_cpu(d.pid)
         t = time.perf_counter()
         r = subprocess.run(ctl + ["map", "echo"], input=data,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
         dt = time.perf_counter() - t
+        cpu1 = thread_cpu(d.pid)
         lines = r.stdout.count(b"\n")
         if r.returncode != 0 or lines != n:
             raise RuntimeError(f"map failed: rc={r.returncode} lines={lines} {r.stderr[:300]!r}")
         before = store_bytes(d)
-        res = {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before}
+        res = {"jobs_per_s": n / dt, "seconds": dt, "store_bytes": before,
+               # CPU per job of the event loop and of the store thread
+               # (clock ticks: coarse, hence a large N).
+               "loop_us_per_job": (cpu1.get("jobvisord", 0) - cpu0.get("jobvisord", 0)) / n * 1e6,
+               "store_us_per_job":
+                   (cpu1.get("jobvisor-store", 0) - cpu0.get("jobvisor-store", 0)) / n * 1e6}
         # Single submits: latency of a whole CLI call (spawn, connect,
         # durable insert, run, durable result).
         lat = []

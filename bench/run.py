@@ -188,6 +188,9 @@ def repeat(fn, reps, budget=90.0):
     out = {"jobs_per_s": statistics.median(vals), "runs_jobs_per_s": vals, "reps_done": len(runs)}
     if "store_bytes" in runs[0]:
         out["store_bytes"] = runs[0]["store_bytes"]
+    for k in ("loop_us_per_job", "store_us_per_job"):
+        if k in runs[0]:
+            out[k] = statistics.median(r[k] for r in runs)
     return out
 
 
@@ -237,7 +240,8 @@ def sec_tiny(ctx, res):
         rate = m[key].get("jobs_per_s")
         if rate:
             rows.append((f"jobvisorctl map echo (2 workers, {what}, durable), N={n:,}",
-                         f"{rate:,.0f} jobs/s", "", None))
+                         f"{rate:,.0f} jobs/s; CPU/job: loop {m[key]['loop_us_per_job']:.1f} us, "
+                         f"store thread {m[key]['store_us_per_job']:.1f} us", "", None))
         else:
             rows.append((f"jobvisorctl map echo (2 workers, {what})", "error: " + short(m[key]["error"]), "", False))
     for key, label, nn, _ in peers:

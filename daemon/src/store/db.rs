@@ -38,6 +38,11 @@
 //!   rare pool or state in a large store, and only for `jobvisorctl jobs`.
 
 mod manage;
+mod write;
+
+pub(super) use write::{PendingInsert, PendingUpdate};
+#[cfg(test)]
+pub(super) use write::{INSERT_MANY, UPDATE_MANY};
 
 use super::files::{Kind, Payloads, ReadError};
 use super::{JobUpdate, NewJob, Query, QueryResult, Recovered, RecoveredJob, StoreError};
@@ -235,38 +240,6 @@ pub(super) const DELETE_OLDEST: &str =
     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs NOT INDEXED \
      WHERE finished_ms IS NOT NULL AND state >= 2 ORDER BY id LIMIT ?1) \
      RETURNING id, input_file_len, output_file_len";
-
-/// A job to insert, with the last update of the same batch folded in.
-#[derive(Debug)]
-pub(super) struct PendingInsert {
-    pub job: NewJob,
-    pub update: Option<JobUpdate>,
-    /// The input is in its payload file (written before the transaction).
-    pub input_file: bool,
-    /// The output is in its payload file (likewise).
-    pub output_file: bool,
-}
-
-impl PendingInsert {
-    /// The folded update ends the job with success, and its input is large
-    /// enough for a payload file: the row stores no input at all and no
-    /// file is written (it is never dispatched again, so nothing would
-    /// read it; one that ended otherwise keeps its input for a `retry`).
-    pub fn input_dropped(&self) -> bool {
-        self.update
-            .as_ref()
-            .is_some_and(|u| u.state == JobState::Succeeded)
-            && self.job.input_in_file()
-    }
-}
-
-/// An update of a job stored before this batch.
-#[derive(Debug)]
-pub(super) struct PendingUpdate {
-    pub update: JobUpdate,
-    /// The output is in its payload file (written before the transaction).
-    pub output_file: bool,
-}
 
 /// The connection and what the store thread keeps next to it.
 pub(super) struct Db {
@@ -755,159 +728,6 @@ impl Db {
         })
     }
 
-    /// Applies one batch in one transaction and commits it. On error the
-    /// transaction is rolled back: nothing of the batch is stored. The
-    /// payload files the rows reference must already be on disk.
-    ///
-    /// Returns the files the committed rows no longer reference: inputs of
-    /// jobs that ended, and outputs written for updates that matched no row
-    /// (their insert was lost), for the caller to dispose of.
-    pub fn write(
-        &mut self,
-        inserts: &[PendingInsert],
-        updates: &[PendingUpdate],
-        now_ms: u64,
-    ) -> rusqlite::Result<DeletedFiles> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = self
-            .write_rows(inserts, updates, now_ms)
-            .and_then(|done| self.conn.execute_batch("COMMIT").map(|()| done));
-        match result {
-            Ok((max_id, unreferenced)) => {
-                self.max_id = max_id;
-                Ok(unreferenced)
-            }
-            Err(e) => {
-                self.rollback();
-                Err(e)
-            }
-        }
-    }
-
-    /// Ends a failed transaction, if SQLite has not already done so.
-    fn rollback(&self) {
-        if !self.conn.is_autocommit() {
-            // If even ROLLBACK fails, SQLite rolls back when the next BEGIN
-            // finds a hot journal; nothing more to do here.
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-    }
-
-    /// Executes the batch's statements; returns the new id high-water mark
-    /// and the files the rows no longer reference (see [`Db::write`]).
-    fn write_rows(
-        &mut self,
-        inserts: &[PendingInsert],
-        updates: &[PendingUpdate],
-        now_ms: u64,
-    ) -> rusqlite::Result<(u64, DeletedFiles)> {
-        let Db {
-            conn, json, max_id, ..
-        } = self;
-        let mut new_max = *max_id;
-        let mut unreferenced = DeletedFiles::new();
-        if !inserts.is_empty() {
-            let mut insert = conn.prepare_cached(INSERT_JOB)?;
-            let mut insert_input = conn.prepare_cached(INSERT_INPUT)?;
-            for p in inserts {
-                let job = &p.job;
-                let (state, attempts, error, finished) = match &p.update {
-                    Some(u) => {
-                        encode_attempts(json, &u.attempts)?;
-                        (
-                            u.state,
-                            json.as_slice(),
-                            u.error.as_deref(),
-                            finished_ms(u.state, u.finished_ms, now_ms),
-                        )
-                    }
-                    None => (JobState::Queued, &b"[]"[..], None, None),
-                };
-                let (output, output_file_len) = match &p.update {
-                    Some(u) => output_columns(u, p.output_file),
-                    None => (None, None),
-                };
-                let dropped = p.input_dropped();
-                // An input from a client's file goes to its payload file
-                // unless the id's row already references payload files
-                // (`plan_files` does not replace them): then this insert
-                // fails on the id anyway. Fail it here, without reading the
-                // client's file into memory for a row never stored.
-                if job.input_source.is_some() && !p.input_file && !dropped {
-                    return Err(rusqlite::Error::ToSqlConversionFailure(
-                        format!(
-                            "job {}: input file not copied to a payload file (id already stored?)",
-                            job.id
-                        )
-                        .into(),
-                    ));
-                }
-                let (input, input_file_len) = match &job.input_source {
-                    // Inserted already ended: its large input is not kept.
-                    _ if dropped => (None, None),
-                    Some(src) => (None, Some(to_sql_u64(src.len))),
-                    None => in_file(Some(&job.input[..]), p.input_file),
-                };
-                let inline = input.filter(|i| i.len() <= INLINE_INPUT_MAX);
-                insert.execute(params![
-                    to_sql_u64(job.id),
-                    job.pool,
-                    state_code(state),
-                    job.priority,
-                    job.key,
-                    job.max_attempts,
-                    job.timeout_ms.map(to_sql_u64),
-                    to_sql_u64(job.created_ms),
-                    finished,
-                    error,
-                    text(attempts),
-                    input_file_len,
-                    output_file_len,
-                    output,
-                    inline,
-                    job.owner,
-                ])?;
-                if let Some(input) = input.filter(|_| inline.is_none()) {
-                    insert_input.execute(params![to_sql_u64(job.id), input])?;
-                }
-                new_max = new_max.max(job.id);
-            }
-        }
-        if !updates.is_empty() {
-            let mut update = conn.prepare_cached(UPDATE_JOB)?;
-            let mut drop_input = conn.prepare_cached(DROP_INPUT_FILE)?;
-            for p in updates {
-                let u = &p.update;
-                encode_attempts(json, &u.attempts)?;
-                let (output, output_file_len) = output_columns(u, p.output_file);
-                let changed = update.execute(params![
-                    to_sql_u64(u.id),
-                    state_code(u.state),
-                    text(json),
-                    output,
-                    u.error,
-                    finished_ms(u.state, u.finished_ms, now_ms),
-                    output_file_len,
-                ])?;
-                if changed == 0 && p.output_file {
-                    unreferenced.push((u.id, Kind::Output));
-                }
-                if changed > 0
-                    && u.drop_input_file
-                    && u.state.is_terminal()
-                    && drop_input.execute([to_sql_u64(u.id)])? > 0
-                {
-                    unreferenced.push((u.id, Kind::Input));
-                }
-            }
-        }
-        if new_max > *max_id {
-            conn.prepare_cached(UPDATE_MAX_ID)?
-                .execute([to_sql_u64(new_max)])?;
-        }
-        Ok((new_max, unreferenced))
-    }
-
     /// Answers a query from committed data.
     pub fn query(&self, query: &Query) -> Result<QueryResult, String> {
         let run = || -> rusqlite::Result<Result<QueryResult, String>> {
@@ -1086,25 +906,6 @@ fn deleted_files(mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<(usize, Delet
     Ok((n, files))
 }
 
-/// A payload's column values: the bytes for the database, or (if it is in
-/// its file) the length to record instead.
-fn in_file(payload: Option<&[u8]>, file: bool) -> (Option<&[u8]>, Option<i64>) {
-    match payload {
-        Some(p) if file => (None, Some(to_sql_u64(p.len() as u64))),
-        p => (p, None),
-    }
-}
-
-/// An update's `(output, output_file_len)` columns: the length of the
-/// payload file the daemon wrote itself ([`JobUpdate::output_file_len`]),
-/// else as [`in_file`] (`file`: the store wrote the output to its file).
-fn output_columns(update: &JobUpdate, file: bool) -> (Option<&[u8]>, Option<i64>) {
-    match update.output_file_len {
-        Some(len) => (None, Some(to_sql_u64(len))),
-        None => in_file(update.output.as_deref(), file),
-    }
-}
-
 /// Checks access ourselves first: SQLite would only say "unable to open
 /// database file", where the user needs to hear "Permission denied".
 fn check_access(dir: &PrivateDir, path: &Path) -> Result<(), StoreError> {
@@ -1255,12 +1056,6 @@ fn from_sql_u64(v: i64) -> u64 {
 
 fn text(bytes: &[u8]) -> ToSqlOutput<'_> {
     ToSqlOutput::Borrowed(ValueRef::Text(bytes))
-}
-
-fn encode_attempts(buf: &mut Vec<u8>, attempts: &[Attempt]) -> rusqlite::Result<()> {
-    buf.clear();
-    serde_json::to_writer(&mut *buf, attempts)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
 fn parse_attempts(value: ValueRef<'_>) -> Result<Vec<Attempt>, String> {

@@ -1093,6 +1093,16 @@ fn query_plans_use_the_intended_indexes() {
     uses(COUNT_FINISHED, "jobs_finished");
     uses(SELECT_JOB, "INTEGER PRIMARY KEY");
     uses(UPDATE_JOB, "INTEGER PRIMARY KEY");
+    // The multi-row update walks its VALUES and seeks each row: never a
+    // scan of `jobs`.
+    for sql in UPDATE_MANY.iter() {
+        uses(sql, "SEARCH jobs USING INTEGER PRIMARY KEY");
+        let plan = db.plan(sql).expect("plan");
+        assert!(!plan.contains("SCAN jobs"), "{sql}:\n{plan}");
+    }
+    for sql in INSERT_MANY.iter() {
+        db.plan(sql).expect("the multi-row insert prepares");
+    }
     // Newest first along the rowid, stopping at the limit: no sort.
     for sql in [
         LIST_ALL,

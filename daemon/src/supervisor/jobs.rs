@@ -1504,11 +1504,20 @@ impl Supervisor {
             _ => None,
         };
         let doc = self.doc(&job);
-        for w in waiters {
-            if w.with_output {
-                self.reply_doc(w.client, doc.clone(), output.clone());
+        // Almost always one waiter: the last one takes the document and
+        // the output rather than copies.
+        let mut last = Some((doc, output));
+        let n = waiters.len();
+        for (i, w) in waiters.into_iter().enumerate() {
+            let (doc, output) = if i + 1 == n {
+                last.take().expect("taken once")
             } else {
-                self.reply(w.client, Response::Job(doc.clone()));
+                last.clone().expect("not yet taken")
+            };
+            if w.with_output {
+                self.reply_doc(w.client, doc, output);
+            } else {
+                self.reply(w.client, Response::Job(doc));
             }
             if let Some(g) = w.group {
                 self.group_done(g);
