@@ -210,6 +210,15 @@ with Client() as c:
     big = bytes(range(256)) * 8192                      # 2 MiB: a memfd both ways
     job = c.submit("py", big, wait=True)
     assert job.output == big[::-1], len(job.output or b"")
+    assert type(job.output) is bytes
+with Client(map_outputs=True) as m:
+    # A large output is the mapped descriptor (no copy), a small one bytes.
+    job = m.submit("py", big, wait=True)
+    assert isinstance(job.output, memoryview) and job.output == big[::-1], type(job.output)
+    job.output[0] = 0                                   # copy-on-write: private
+    assert m.submit("py", b"small", wait=True).output == b"SMALL setup=1"
+    assert m.map("py", [big])[0].output == big[::-1]
+with Client() as c:
     try:
         c.submit("nope", b"x")
         raise SystemExit("unknown pool accepted")

@@ -495,8 +495,13 @@ class Connection:
 class Client:
     """A connection to jobvisord (see the module docs)."""
 
-    def __init__(self, socket=None, config=None):
-        self.conn = Connection(resolve_socket(socket, config))
+    def __init__(self, socket=None, config=None, *, map_outputs=False):
+        """``map_outputs=True``: large outputs (those the daemon hands over
+        as a descriptor, 1 MiB and up) come as a read-only-backed, writable
+        copy-on-write ``memoryview`` of the mapped descriptor rather than as
+        ``bytes``: no copy, whatever the size. Smaller outputs are ``bytes``
+        either way."""
+        self.conn = Connection(resolve_socket(socket, config), map_outputs=map_outputs)
         self.daemon = self.conn.hello
 
     def close(self):
