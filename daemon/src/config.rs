@@ -121,6 +121,7 @@ const POOL_KEYS: &[&str] = &[
     "inline_limit",
     "shm_size",
     "result_retention",
+    "payloads",
 ];
 
 /// Signals accepted for `stop_signal`, by name without the `SIG` prefix.
@@ -239,6 +240,19 @@ pub struct PoolConfig {
     pub shm_size: u64,
     /// How long finished jobs' results are kept.
     pub result_retention: Duration,
+    /// Where large payloads live (`payloads = "durable" | "memory"`).
+    pub payloads: PayloadMode,
+}
+
+/// Where a pool's large payloads (those that would be payload files) live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadMode {
+    /// In `payload_dir`, synced before the job is acknowledged.
+    #[default]
+    Durable,
+    /// Only in the daemon's memory: a job whose large input is lost with
+    /// the daemon ends `dead` at the next start, never rerun without it.
+    Memory,
 }
 
 impl DaemonConfig {
@@ -298,6 +312,7 @@ impl PoolConfig {
             inline_limit: DEFAULT_INLINE_LIMIT,
             shm_size: DEFAULT_SHM_SIZE,
             result_retention: DEFAULT_RESULT_RETENTION,
+            payloads: PayloadMode::Durable,
         }
     }
 
@@ -720,6 +735,20 @@ impl Walker<'_> {
                 "cwd" => p.cwd = self.path_value(v, key)?,
                 "user" => p.user = Some(self.name_value(v, key, "user")?),
                 "group" => p.group = Some(self.name_value(v, key, "group")?),
+                "payloads" => {
+                    p.payloads =
+                        match self.string(v, key)? {
+                            "durable" => PayloadMode::Durable,
+                            "memory" => PayloadMode::Memory,
+                            other => return Err(self.err(
+                                v.span(),
+                                key,
+                                format!(
+                                    "unknown mode {other:?}; expected \"durable\" or \"memory\""
+                                ),
+                            )),
+                        }
+                }
                 "stop_signal" => {
                     let s = self.string(v, key)?;
                     p.stop_signal = parse_signal(s).ok_or_else(|| {
@@ -1210,7 +1239,7 @@ fn to_u32(n: i64) -> u32 {
 }
 
 /// `12345` → "12345 bytes", `65536` → "64KiB".
-fn show_size(n: u64) -> String {
+pub(crate) fn show_size(n: u64) -> String {
     const UNITS: &[(u64, &str)] = &[
         (1 << 40, "TiB"),
         (1 << 30, "GiB"),

@@ -205,12 +205,17 @@ pub struct NewJob {
     /// [`FILE_PAYLOAD_MIN`]: the daemon holds too much queued input in
     /// memory already, so this one leaves memory once stored.
     pub spill: bool,
+    /// The pool has `payloads = "memory"` and the input is large: it is not
+    /// stored at all (no payload file, no row copy); the row records its
+    /// length in `input_memory_len`. The daemon keeps it (or the client's
+    /// file) in memory until the job ends.
+    pub memory: bool,
 }
 
 impl NewJob {
     /// Whether the input is stored as a payload file (large, or spilled).
     pub fn input_in_file(&self) -> bool {
-        self.spill || self.input_len() >= FILE_PAYLOAD_MIN as u64
+        !self.memory && (self.spill || self.input_len() >= FILE_PAYLOAD_MIN as u64)
     }
 
     /// Bytes of input, in memory or in its source file.

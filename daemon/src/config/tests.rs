@@ -251,6 +251,12 @@ const REJECTED: &[(&str, &str, &str, &str)] = &[
         "unknown signal \"SIGFOO\"; expected one of TERM, INT, QUIT, HUP, USR1, USR2, KILL",
     ),
     (
+        "bad payloads",
+        "[pools.echo]\ncommand = [\"w\"]\npayloads = \"disk\"\n",
+        "3:12: pools.echo.payloads: ",
+        "unknown mode \"disk\"; expected \"durable\" or \"memory\"",
+    ),
+    (
         "env value not a string",
         "[pools.echo]\ncommand = [\"w\"]\nenv = { A = \"x\", N = 1 }\n",
         "3:22: pools.echo.env.N: ",
@@ -455,6 +461,7 @@ restart_window = "10m"
 inline_limit = 4096
 shm_size = "1GiB"
 result_retention = "7days"
+payloads = "memory"
 "#);
     assert_eq!(c.path, PathBuf::from(FILE));
     assert_eq!(
@@ -505,6 +512,7 @@ result_retention = "7days"
         inline_limit: 4096,
         shm_size: 1 << 30,
         result_retention: Duration::from_secs(7 * 86_400),
+        payloads: PayloadMode::Memory,
     };
     assert_eq!(c.pools.len(), 1);
     assert_eq!(c.pools["echo"], want);

@@ -3,8 +3,8 @@
 //! pruning statements. The payload files' I/O is in `files.rs`; this module
 //! checks them (there, with the recorded length) where a row says so.
 //!
-//! Schema version 3 (version 3 added `owner`, the submitter's uid, for
-//! authorization). Where a payload lives:
+//! Schema version 4 (version 3 added `owner`, the submitter's uid, for
+//! authorization; version 4 `input_memory_len`). Where a payload lives:
 //! - Inputs up to [`INLINE_INPUT_MAX`] bytes: the `jobs.input` column.
 //! - Larger inputs: `job_inputs`. SQLite rewrites a whole row on every
 //!   update, and a job is updated several times, so a large input stored
@@ -15,6 +15,9 @@
 //!   and records the length, which recovery and [`Query::Job`] check.
 //! - Smaller outputs: the `jobs.output` column (written once, with the
 //!   final state).
+//! - Large inputs of a `payloads = "memory"` pool: nowhere on disk. The
+//!   row's `input_memory_len` records the length, and recovery ends such a
+//!   job `dead` ([`MEMORY_INPUT_LOST`]).
 //!
 //! Version 1 had no `*_file_len` columns: it is migrated in place by adding
 //! them (`ALTER TABLE`, NULL for every existing row, so its payloads stay
@@ -63,13 +66,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 /// `PRAGMA application_id` of a jobvisor store: "JVST".
 pub(super) const APPLICATION_ID: i64 = 0x4A56_5354;
 /// Page size of a new store.
 const PAGE_SIZE: i64 = 16384;
 /// Inputs up to this size are stored in the `jobs` row itself.
 pub(super) const INLINE_INPUT_MAX: usize = 1024;
+/// Error of a job whose input was only in memory when the daemon stopped.
+pub(super) const MEMORY_INPUT_LOST: &str =
+    "input lost: payloads = memory, and the daemon stopped before the job ended; submit it again";
 /// Error of an attempt cut short by a daemon restart.
 pub(super) const LOST_ON_RESTART: &str = "daemon restarted while the job was running";
 
@@ -91,6 +97,7 @@ CREATE TABLE jobs (
     input_file_len  INTEGER,
     output_file_len INTEGER,
     owner           INTEGER NOT NULL DEFAULT 0,
+    input_memory_len INTEGER,
     output          BLOB,
     input           BLOB
 );
@@ -107,6 +114,16 @@ INSERT INTO meta VALUES ('max_id', 0);
 
 /// Proves the tables have the columns this build uses.
 const CHECK_COLUMNS: &str = "
+SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
+       finished_ms, error, attempts, input_file_len, output_file_len, owner,
+       input_memory_len, output, input
+       FROM jobs LIMIT 0;
+SELECT id, input FROM job_inputs LIMIT 0;
+SELECT value FROM meta WHERE key = 'max_id';
+";
+
+/// Proves a version 3 store has the columns the migration expects.
+const CHECK_COLUMNS_V3: &str = "
 SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
        finished_ms, error, attempts, input_file_len, output_file_len, owner, output, input
        FROM jobs LIMIT 0;
@@ -146,11 +163,19 @@ ALTER TABLE jobs ADD COLUMN owner INTEGER NOT NULL DEFAULT 0;
 PRAGMA user_version = 3;
 ";
 
+/// Version 3 to 4: a large input may live only in the daemon's memory
+/// (`payloads = "memory"`): the row records its length, to say at the next
+/// start that it is lost.
+const MIGRATE_V3_V4: &str = "
+ALTER TABLE jobs ADD COLUMN input_memory_len INTEGER;
+PRAGMA user_version = 4;
+";
+
 pub(super) const INSERT_JOB: &str =
     "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
      timeout_ms, created_ms, finished_ms, error, attempts, input_file_len, \
-     output_file_len, output, input, owner) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+     output_file_len, output, input, owner, input_memory_len) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
@@ -211,7 +236,7 @@ pub(super) const LIST_POOL_FINISHED: &str = select_doc!(
 pub(super) const SELECT_ACTIVE: &str =
     "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, \
      created_ms, attempts, COALESCE(input, (SELECT input FROM job_inputs WHERE id = jobs.id)), \
-     input_file_len, owner FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
+     input_file_len, owner, input_memory_len FROM jobs INDEXED BY jobs_active WHERE state < 2 ORDER BY id";
 /// Which payload files a row references.
 pub(super) const SELECT_FILES: &str =
     "SELECT input_file_len, output_file_len FROM jobs WHERE id = ?1";
@@ -403,6 +428,7 @@ impl Db {
             let check = match version {
                 1 => Some(CHECK_COLUMNS_V1),
                 2 => Some(CHECK_COLUMNS_V2),
+                3 => Some(CHECK_COLUMNS_V3),
                 _ => None,
             };
             if let Some(check) = check {
@@ -464,6 +490,9 @@ impl Db {
             }
             if version <= 2 {
                 self.migrate(MIGRATE_V2_V3, "cannot migrate the schema to version 3")?;
+            }
+            if version <= 3 {
+                self.migrate(MIGRATE_V3_V4, "cannot migrate the schema to version 4")?;
             }
             if let Err(e) = self.conn.execute_batch(CHECK_COLUMNS) {
                 return Err(self.not_a_store(format!("schema version {version} but {e}")));
@@ -584,7 +613,14 @@ impl Db {
                 let file_len: Option<i64> = row.get(10).map_err(fail)?;
                 let input_file = file_len.map(from_sql_u64);
                 let mut unusable = None;
+                let in_memory: Option<i64> = row.get(12).map_err(fail)?;
                 let input: Arc<[u8]> = match (file_len, row.get_ref(9).map_err(fail)?) {
+                    // Its input was only in the memory of the daemon that
+                    // stopped: never rerun without it.
+                    _ if in_memory.is_some() => {
+                        unusable = Some(MEMORY_INPUT_LOST.to_string());
+                        Arc::default()
+                    }
                     // Checked, not read: the daemon reads it into a
                     // worker's arena when the job runs.
                     (Some(len), _) => {
@@ -623,6 +659,7 @@ impl Db {
                     created_ms: from_sql_u64(row.get(7).map_err(fail)?),
                     owner: row.get(11).map_err(fail)?,
                     spill: false,
+                    memory: false,
                 };
                 let mut attempts = attempts;
                 if state == JobState::Running {

@@ -222,6 +222,7 @@ fn new_job(id: u64, pool: &str) -> NewJob {
         created_ms: 1_700_000_000_000 + id,
         owner: 1000,
         spill: false,
+        memory: false,
     }
 }
 
@@ -1905,7 +1906,14 @@ fn a_version_1_store_is_migrated_in_place() {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
+        // Jobs from before memory-mode payloads have their inputs stored.
+        let in_memory: Option<i64> = conn
+            .query_row("SELECT input_memory_len FROM jobs WHERE id = 3", [], |r| {
+                r.get(0)
+            })
+            .expect("input_memory_len");
+        assert_eq!(in_memory, None);
         // Jobs from before owners are root's (only admins see them).
         let owner: i64 = conn
             .query_row("SELECT owner FROM jobs WHERE id = 3", [], |r| r.get(0))
@@ -2471,6 +2479,7 @@ fn a_spilled_small_input_is_a_payload_file() {
     let small = pattern(4096, 7);
     let seq = h.submit(Op::Insert(NewJob {
         spill: true,
+        memory: false,
         ..job_with_input(1, &small)
     }));
     h.wait_durable(seq);
@@ -2481,5 +2490,69 @@ fn a_spilled_small_input_is_a_payload_file() {
     assert!(rec.jobs[0].job.input.is_empty(), "not loaded into memory");
     assert_eq!(rec.jobs[0].input_file, Some(4096));
     assert!(*input_of(&dir, &rec.jobs[0]) == *small);
+    h.close();
+}
+
+// ---------------------------------------------------------------------------
+// payloads = "memory"
+
+#[test]
+fn memory_mode_inputs_are_never_stored_and_end_dead_after_a_restart() {
+    let dir = TempDir::new("memory");
+    let (mut h, _) = Harness::open(dir.path());
+    let big = pattern(FILE_PAYLOAD_MIN, 7);
+    let memory = |id| NewJob {
+        memory: true,
+        ..job_with_input(id, &big)
+    };
+    // 1 queued, 2 running, 3 succeeded (in a later batch), 4 durable.
+    for id in 1..=3 {
+        h.submit(Op::Insert(memory(id)));
+    }
+    h.submit(Op::Insert(job_with_input(4, &big)));
+    let seq = h.submit(running(2, vec![attempt(1, None)]));
+    h.wait_durable(seq);
+    let seq = h.submit(succeeded_with(3, b"small output"));
+    h.wait_durable(seq);
+    // Only the durable job's input is a file; no row holds a memory input.
+    assert_eq!(payload_names(&dir), vec!["4.in".to_string()]);
+    h.close();
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("open");
+        let rows: Vec<(i64, Option<i64>, bool)> = conn
+            .prepare(
+                "SELECT id, input_memory_len, \
+                 input IS NULL AND input_file_len IS NULL \
+                 AND NOT EXISTS (SELECT 1 FROM job_inputs WHERE id = jobs.id) \
+                 FROM jobs ORDER BY id",
+            )
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let len = FILE_PAYLOAD_MIN as i64;
+        assert_eq!(
+            rows,
+            vec![
+                (1, Some(len), true),
+                (2, Some(len), true),
+                (3, Some(len), true),
+                (4, None, false)
+            ]
+        );
+    }
+
+    let (mut h, rec) = Harness::open(dir.path());
+    // The durable job is queued again; the queued and running memory jobs
+    // are dead, saying why; the one that had succeeded stays so.
+    assert_eq!(ids(&rec), vec![4]);
+    for id in [1, 2] {
+        let doc = h.job(id).expect("memory job");
+        assert_eq!(doc.state, JobState::Dead, "job {id}");
+        assert_eq!(doc.error.as_deref(), Some(db::MEMORY_INPUT_LOST));
+    }
+    assert_eq!(h.job(3).expect("job 3").state, JobState::Succeeded);
+    assert!(db::MEMORY_INPUT_LOST.starts_with("input lost: payloads = memory"));
     h.close();
 }

@@ -177,8 +177,15 @@ struct Job {
     /// arena when the job runs (`Action::WriteArenaFromFile`).
     input_file: Option<u64>,
     /// With `input_file`, until the insert is durable: the client's file
-    /// the input is read from (the payload file may not exist yet).
+    /// the input is read from (the payload file may not exist yet). In a
+    /// `payloads = "memory"` pool, until the job ends.
     input_source: Option<Arc<std::fs::File>>,
+    /// The large input is kept only in memory (`payloads = "memory"`):
+    /// `input`, or the client's file in `input_source` with `held`.
+    memory: bool,
+    /// Counts `input_source` among the descriptors memory-mode jobs hold
+    /// (see [`MAX_HELD_SOURCES`]).
+    held: Option<HeldSource>,
     attempts: Vec<Attempt>,
     created_ms: u64,
     phase: JobPhase,
@@ -221,6 +228,32 @@ impl Job {
 /// leaves memory once stored: a flood of just-under-a-mebibyte inputs, or a
 /// restart with a deep queue of them, cannot fill the daemon's memory.
 pub const QUEUED_INPUT_BUDGET: u64 = 64 << 20;
+
+/// At most this many client files are held for `payloads = "memory"` jobs
+/// at once (one descriptor each, until the job ends); more are refused
+/// until some end.
+pub const MAX_HELD_SOURCES: usize = 1024;
+
+/// At most this many bytes of large inputs sent as bytes (not as a
+/// descriptor) are held for `payloads = "memory"` jobs at once.
+pub const MEMORY_BYTES_BUDGET: u64 = 1 << 30;
+
+/// One of the client files memory-mode jobs hold: counted while it lives.
+#[derive(Debug)]
+struct HeldSource(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl HeldSource {
+    fn new(count: &std::rc::Rc<std::cell::Cell<usize>>) -> HeldSource {
+        count.set(count.get() + 1);
+        HeldSource(std::rc::Rc::clone(count))
+    }
+}
+
+impl Drop for HeldSource {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
 
 /// Inputs smaller than this always stay in memory (and in the job's row):
 /// a payload file would cost more than it saves.
@@ -406,6 +439,11 @@ pub(super) struct JobTable {
     /// `input.len()`, kept where an input is set, dropped or its job
     /// removed (see [`QUEUED_INPUT_BUDGET`]).
     mem_inputs: u64,
+    /// Bytes of `mem_inputs` that are memory-mode inputs (see
+    /// [`MEMORY_BYTES_BUDGET`]).
+    memory_bytes: u64,
+    /// Client files held by memory-mode jobs (see [`MAX_HELD_SOURCES`]).
+    held_sources: std::rc::Rc<std::cell::Cell<usize>>,
     next_group: u64,
     running_keys: HashMap<String, u64>,
     /// Entries popped while their key was busy, per key, with their pool.
@@ -482,6 +520,8 @@ impl Supervisor {
                 input: j.input,
                 input_file: r.input_file,
                 input_source: None,
+                memory: false,
+                held: None,
                 attempts: r.attempts,
                 created_ms: j.created_ms,
                 phase: JobPhase::Queued,
@@ -625,12 +665,29 @@ impl Supervisor {
         let created_ms = self.wall(now);
         let owner = self.viewer(client).uid;
         let len = input.len() as u64; // 0 for a file input
-                                      // Over the budget, an input that can go through the pool's arena is
-                                      // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
-        let spill = len >= SPILL_MIN
+        let memory = self.pools[pool_name].config.payloads == crate::config::PayloadMode::Memory
+            && (source.is_some() || len >= crate::store::FILE_PAYLOAD_MIN as u64);
+        if memory && source.is_some() && self.jt.held_sources.get() >= MAX_HELD_SOURCES {
+            return Err(CtlError::Rejected(format!(
+                "pool {pool_name} has payloads = \"memory\" and the daemon already holds the input files of {MAX_HELD_SOURCES} of its jobs; retry once some have ended"
+            )));
+        }
+        if memory && self.jt.memory_bytes + len > MEMORY_BYTES_BUDGET {
+            return Err(CtlError::Rejected(format!(
+                "pool {pool_name} has payloads = \"memory\" and the daemon already holds {} of large inputs sent as bytes; retry once some jobs have ended, or pass large inputs as a descriptor (a file or memfd)",
+                crate::config::show_size(self.jt.memory_bytes)
+            )));
+        }
+        // Over the budget, an input that can go through the pool's arena is
+        // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
+        let spill = !memory
+            && len >= SPILL_MIN
             && self.jt.mem_inputs + len > QUEUED_INPUT_BUDGET
             && len <= arena_input_capacity(self.pools[pool_name].config.shm_size);
         self.jt.mem_inputs += len;
+        if memory {
+            self.jt.memory_bytes += len;
+        }
         let op = Op::Insert(NewJob {
             id,
             pool: pool_name.to_string(),
@@ -643,6 +700,7 @@ impl Supervisor {
             created_ms,
             owner,
             spill,
+            memory,
         });
         let seq = self.store(op);
         self.jt
@@ -661,7 +719,9 @@ impl Supervisor {
                 timeout,
                 input,
                 input_file: source.as_ref().map(|s| s.len),
+                held: (memory && source.is_some()).then(|| HeldSource::new(&self.jt.held_sources)),
                 input_source: source.map(|s| s.file),
+                memory,
                 attempts: Vec::new(),
                 created_ms,
                 phase: JobPhase::Queued,
@@ -771,6 +831,9 @@ impl Supervisor {
             JobPhase::Queued => {
                 let pool = job.pool.clone();
                 self.jt.mem_inputs -= job.input.len() as u64;
+                if job.memory {
+                    self.jt.memory_bytes -= job.input.len() as u64;
+                }
                 self.jt.jobs.remove(&id);
                 if let Some(p) = self.pools.get_mut(&pool) {
                     p.jobs.queued = p.jobs.queued.saturating_sub(1);
@@ -1406,7 +1469,7 @@ impl Supervisor {
         self.reply(client, Response::Submitted { id });
         // Its input is in a payload file now: let go of the memory (a
         // worker's arena is filled from the file instead).
-        if let Some(job) = self.jt.jobs.get_mut(&id) {
+        if let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| !j.memory) {
             let len = job.input.len();
             if (len >= crate::store::FILE_PAYLOAD_MIN || job.spilled) && job.input_file.is_none() {
                 job.input_file = Some(len as u64);
@@ -1496,6 +1559,9 @@ impl Supervisor {
             return;
         };
         self.jt.mem_inputs -= job.input.len() as u64;
+        if job.memory {
+            self.jt.memory_bytes -= job.input.len() as u64;
+        }
         let Some(waiters) = self.jt.waiters.remove(&id) else {
             return;
         };
@@ -2116,13 +2182,24 @@ impl Supervisor {
         };
         if job.unstored {
             self.jt.mem_inputs -= job.input.len() as u64;
+            if job.memory {
+                self.jt.memory_bytes -= job.input.len() as u64;
+            }
             self.jt.jobs.remove(&id);
             return;
         }
-        let input_file = job.input_file.is_some()
-            || job.spilled
-            || job.input.len() >= crate::store::FILE_PAYLOAD_MIN;
+        let input_file = !job.memory
+            && (job.input_file.is_some()
+                || job.spilled
+                || job.input.len() >= crate::store::FILE_PAYLOAD_MIN);
         self.jt.mem_inputs -= job.input.len() as u64;
+        if job.memory {
+            self.jt.memory_bytes -= job.input.len() as u64;
+            // Its input (bytes or the client's file) goes with it: a
+            // memory-mode job is never run again.
+            job.input_source = None;
+            job.held = None;
+        }
         job.input = Arc::default();
         let pool = job.pool.clone();
         let run_ms = job

@@ -1277,6 +1277,7 @@ mod jobs {
                     created_ms: 1,
                     owner: 0,
                     spill: false,
+                    memory: false,
                 },
                 attempts: Vec::new(),
                 input_file,

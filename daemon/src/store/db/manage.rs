@@ -79,6 +79,7 @@ impl Db {
                 created_ms: from_sql_u64(row.get(7)?),
                 owner: row.get(11)?,
                 spill: false,
+                memory: false,
             };
             dropped_output = row.get::<_, Option<i64>>(12)?.is_some();
             drop(rows);

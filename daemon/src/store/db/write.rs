@@ -21,7 +21,7 @@ use std::sync::LazyLock;
 const CHUNKS: [usize; 3] = [64, 8, 1];
 
 /// Columns of [`INSERT_JOB`], in its order.
-const INSERT_COLUMNS: usize = 16;
+const INSERT_COLUMNS: usize = 17;
 /// Values of one row of [`UPDATE_MANY`]: the id, then [`UPDATE_JOB`]'s
 /// `?2`..`?7` in its order.
 const UPDATE_COLUMNS: usize = 7;
@@ -119,6 +119,8 @@ struct InsertRow<'a> {
     input_file_len: Option<i64>,
     output: Option<&'a [u8]>,
     output_file_len: Option<i64>,
+    /// `payloads = "memory"`: the length of the input kept only in memory.
+    input_memory_len: Option<i64>,
 }
 
 impl Db {
@@ -290,7 +292,7 @@ fn insert_row<'a>(
     // id's row already references payload files (`plan_files` does not
     // replace them): then this insert fails on the id anyway. Fail it here,
     // without reading the client's file into memory for a row never stored.
-    if job.input_source.is_some() && !p.input_file && !dropped {
+    if job.input_source.is_some() && !p.input_file && !dropped && !job.memory {
         return Err(rusqlite::Error::ToSqlConversionFailure(
             format!(
                 "job {}: input file not copied to a payload file (id already stored?)",
@@ -302,6 +304,8 @@ fn insert_row<'a>(
     let (input, input_file_len) = match &job.input_source {
         // Inserted already ended: its large input is not kept.
         _ if dropped => (None, None),
+        // Kept by the daemon only.
+        _ if job.memory => (None, None),
         Some(src) => (None, Some(to_sql_u64(src.len))),
         None => in_file(Some(&job.input[..]), p.input_file),
     };
@@ -315,6 +319,7 @@ fn insert_row<'a>(
         input_file_len,
         output,
         output_file_len,
+        input_memory_len: job.memory.then(|| to_sql_u64(job.input_len())),
     })
 }
 
@@ -342,6 +347,7 @@ fn bind_insert(
     stmt.raw_bind_parameter(at + 14, row.output)?;
     stmt.raw_bind_parameter(at + 15, row.input.filter(|i| !too_long(i)))?;
     stmt.raw_bind_parameter(at + 16, job.owner)?;
+    stmt.raw_bind_parameter(at + 17, row.input_memory_len)?;
     Ok(())
 }
 

@@ -51,7 +51,7 @@ impl Supervisor {
             Retried::InputGone => Response::Error {
                 kind: ErrorKind::Failed,
                 message: format!(
-                    "job {id}'s input is no longer stored (a large input was dropped when the job ended); submit it again"
+                    "job {id}'s input is no longer stored (a large input was dropped when the job ended, or its pool has payloads = \"memory\"); submit it again"
                 ),
             },
             Retried::Queued(job) => {
