@@ -736,18 +736,19 @@ impl Walker<'_> {
                 "user" => p.user = Some(self.name_value(v, key, "user")?),
                 "group" => p.group = Some(self.name_value(v, key, "group")?),
                 "payloads" => {
-                    p.payloads =
-                        match self.string(v, key)? {
-                            "durable" => PayloadMode::Durable,
-                            "memory" => PayloadMode::Memory,
-                            other => return Err(self.err(
+                    p.payloads = match self.string(v, key)? {
+                        "durable" => PayloadMode::Durable,
+                        "memory" => PayloadMode::Memory,
+                        other => {
+                            return Err(self.err(
                                 v.span(),
                                 key,
                                 format!(
                                     "unknown mode {other:?}; expected \"durable\" or \"memory\""
                                 ),
-                            )),
+                            ))
                         }
+                    }
                 }
                 "stop_signal" => {
                     let s = self.string(v, key)?;

@@ -1149,6 +1149,60 @@ mod jobs {
     }
 
     #[test]
+    fn memory_mode_holds_a_bounded_number_of_client_files() {
+        use crate::supervisor::jobs::MAX_HELD_SOURCES;
+        let mut s = JobSim::new(&pool(
+            "a",
+            1,
+            "payloads = \"memory\"\nqueue_capacity = 100000\nprefetch = 1",
+        ));
+        let file = Arc::new(std::fs::File::open("/dev/null").expect("/dev/null"));
+        let source = || crate::store::InputSource {
+            file: Arc::clone(&file),
+            len: 2 << 20,
+        };
+        let mut submit = |s: &mut JobSim| {
+            s.sim
+                .sup
+                .submit(1, "a", source(), JobOptions::default(), false, s.sim.now);
+            s.pump();
+        };
+        for _ in 0..=MAX_HELD_SOURCES {
+            submit(&mut s);
+        }
+        s.durable();
+        let refused = |s: &JobSim| {
+            s.replies
+                .iter()
+                .filter(|(_, r)| {
+                    matches!(r, Response::Error { kind, message }
+                        if *kind == ipc_proto::control::ErrorKind::Rejected
+                            && message.contains("payloads = \"memory\"")
+                            && message.contains(&MAX_HELD_SOURCES.to_string()))
+                })
+                .count()
+        };
+        assert_eq!(refused(&s), 1, "the one past the bound is refused");
+        let submitted = |s: &JobSim| {
+            s.replies
+                .iter()
+                .filter(|(_, r)| matches!(r, Response::Submitted { .. }))
+                .count()
+        };
+        assert_eq!(submitted(&s), MAX_HELD_SOURCES);
+        // Once a job ends, its file is let go: one more fits, and only one.
+        let w = s.sim.procs("a")[0].unwrap();
+        let first = s.jobs_sent_to(w)[0].0;
+        s.done(w, first);
+        s.durable();
+        submit(&mut s);
+        submit(&mut s);
+        s.durable();
+        assert_eq!(submitted(&s), MAX_HELD_SOURCES + 1);
+        assert_eq!(refused(&s), 2);
+    }
+
+    #[test]
     fn ignored_cancel_stops_the_worker_and_requeues_its_other_jobs() {
         let mut s = JobSim::new(&pool(
             "a",
