@@ -1161,7 +1161,7 @@ mod jobs {
             file: Arc::clone(&file),
             len: 2 << 20,
         };
-        let mut submit = |s: &mut JobSim| {
+        let submit = |s: &mut JobSim| {
             s.sim
                 .sup
                 .submit(1, "a", source(), JobOptions::default(), false, s.sim.now);
