@@ -1,6 +1,7 @@
-//! `payloads = "memory"`: a pool's large inputs never reach `payload_dir`;
-//! they round-trip bit-exact, and a `kill -9` of the daemon ends the memory
-//! jobs it held `dead` with a clear error while durable jobs recover.
+//! `payloads = "memory"`: a pool's large inputs and outputs never reach
+//! `payload_dir`; they round-trip bit-exact, an output nobody waited for is
+//! said to be gone, and a `kill -9` of the daemon ends the memory jobs it
+//! held `dead` with a clear error while durable jobs recover.
 
 use jobvisor::*;
 use nix::sys::signal::Signal;
@@ -18,13 +19,13 @@ fn cfg() -> String {
     )
 }
 
-/// Input files (`*.in`) in the payload directory.
-fn input_files(payloads: &Path) -> Vec<String> {
+/// Payload files (`*.in` and `*.out`) in the payload directory.
+fn payload_files(payloads: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(payloads)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".in"))
+                .filter(|n| n.ends_with(".in") || n.ends_with(".out"))
                 .collect()
         })
         .unwrap_or_default();
@@ -58,7 +59,29 @@ fn memory_mode_round_trips_bit_exact_without_touching_payload_dir() {
         "stdin: output differs ({} bytes)",
         r.raw.len()
     );
-    assert_eq!(input_files(&payloads), Vec::<String>::new());
+    assert_eq!(payload_files(&payloads), Vec::<String>::new());
+
+    // Nobody waiting when it ended: the large output went nowhere, and
+    // `result` says so (the small ones are kept as usual).
+    let f = d.dir.path().join("in-2m");
+    std::fs::write(&f, pattern(2 << 20)).unwrap();
+    let id = d.submit_id(&["mecho", "--input-file", f.to_str().unwrap()]);
+    d.wait_state(id, "succeeded");
+    let r = d.ctl(&["--json", "result", &id.to_string()]);
+    let j = r.json();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let e = j["error"].as_str().unwrap_or_default();
+    assert!(e.starts_with("output not kept: payloads = memory"), "{j}");
+    let small = d.submit_id(&["mecho", "--input", "small"]);
+    d.wait_state(small, "succeeded");
+    let r = d.ctl(&["result", &small.to_string()]);
+    assert_eq!(
+        (r.code, r.raw.as_slice()),
+        (0, &b"small"[..]),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(payload_files(&payloads), Vec::<String>::new());
 }
 
 #[test]
@@ -90,7 +113,7 @@ fn kill9_ends_memory_jobs_dead_and_durable_jobs_recover() {
         (d.pool("msleep")["running"] == 1).then_some(())
     });
     let payloads = d.dir.path().join("big");
-    assert_eq!(input_files(&payloads), vec![format!("{durable}.in")]);
+    assert_eq!(payload_files(&payloads), vec![format!("{durable}.in")]);
 
     kill(d.pid(), Signal::SIGKILL);
     d.wait_exit(DEADLINE);

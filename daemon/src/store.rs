@@ -266,6 +266,10 @@ pub struct JobUpdate {
     /// committed row referenced it). The store only records it; a failed
     /// batch leaves it for the retry.
     pub output_file_len: Option<u64>,
+    /// `Some(len)` (with `output` `None`): a large output of a `payloads =
+    /// "memory"` pool, handed only to the clients waiting on the job; the
+    /// row records its length, to say so later.
+    pub output_memory_len: Option<u64>,
     /// Error of the last attempt.
     pub error: Option<String>,
     /// End time, ms since the Unix epoch, once terminal.
@@ -287,6 +291,7 @@ impl JobUpdate {
             attempts,
             output: None,
             output_file_len: None,
+            output_memory_len: None,
             error: None,
             finished_ms: None,
             drop_input_file: false,

@@ -1502,7 +1502,25 @@ pub enum JobOutput {
     /// Only in the store's payload file, of this length
     /// ([`crate::store::output_file`]).
     File(u64),
+    /// A sealed memfd the daemon filled from the worker's arena
+    /// (`payloads = "memory"`): handed to the waiting clients, never stored.
+    Memfd(OutputMemfd),
 }
+
+/// A sealed memfd holding a job's output (see [`JobOutput::Memfd`]).
+#[derive(Debug, Clone)]
+pub struct OutputMemfd {
+    pub file: std::sync::Arc<std::fs::File>,
+    pub len: u64,
+}
+
+impl PartialEq for OutputMemfd {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.file, &other.file) && self.len == other.len
+    }
+}
+
+impl Eq for OutputMemfd {}
 
 /// The last rung at once: SIGKILL to the process group, for a worker that
 /// broke the rules (no Ready in time, protocol error).

@@ -48,6 +48,35 @@ fn output_to_file(
     synced
 }
 
+/// Copies a large output from a worker's arena into a new memfd, sealed
+/// against any change, for the clients waiting on the job (`payloads =
+/// "memory"`). `None` on any failure: the caller takes the in-memory path.
+fn output_to_memfd(
+    mapping: &crate::shm::Mapping,
+    offset: u64,
+    len: u64,
+) -> Option<crate::supervisor::OutputMemfd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        c"jobvisor-output",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .ok()?;
+    let file = std::fs::File::from(fd);
+    file.set_len(len).ok()?;
+    // `write` from the arena at the file's offset 0, then back to 0 for
+    // readers that use the shared offset.
+    if !mapping.write_to(&file, offset, len).is_ok_and(|ok| ok) {
+        return None;
+    }
+    jobvisor_client::fdpass::seal(&file).ok()?;
+    std::io::Seek::rewind(&mut &file).ok()?;
+    Some(crate::supervisor::OutputMemfd {
+        file: Arc::new(file),
+        len,
+    })
+}
+
 impl Reactor {
     /// A worker's output of `len` bytes at `offset` of its arena (a
     /// `Done`'s, or with `raised` a `Raised`'s detail): copied out in place
@@ -71,15 +100,24 @@ impl Reactor {
         if let Some(w) = self.procs.get_mut(&proc) {
             w.copies_in += 1;
         }
-        let name =
-            (len >= crate::store::FILE_PAYLOAD_MIN as u64).then(|| crate::store::output_name(id));
+        let large = len >= crate::store::FILE_PAYLOAD_MIN as u64;
+        // `payloads = "memory"`: a large output goes to a sealed memfd for
+        // the waiting clients, never to the store.
+        let memfd = large && self.core.output_in_memory(id);
+        let name = (large && !memfd).then(|| crate::store::output_name(id));
         let spares = self.spares.clone();
         let dir = Arc::clone(&self.payload_fd);
         self.copier.run(move || {
-            let in_file = name
-                .as_ref()
-                .is_some_and(|n| output_to_file(&mapping, &spares, &dir, n, offset, len));
-            let output = if in_file {
+            let in_memfd = memfd
+                .then(|| output_to_memfd(&mapping, offset, len))
+                .flatten();
+            let in_file = in_memfd.is_none()
+                && name
+                    .as_ref()
+                    .is_some_and(|n| output_to_file(&mapping, &spares, &dir, n, offset, len));
+            let output = if let Some(m) = in_memfd {
+                JobOutput::Memfd(m)
+            } else if in_file {
                 JobOutput::File(len)
             } else {
                 JobOutput::Mem(mapping.read_at(offset, len).expect("range checked"))
@@ -324,12 +362,24 @@ impl Reactor {
         let len = match &output {
             JobOutput::Mem(o) => o.len() as u64,
             JobOutput::File(len) => *len,
+            JobOutput::Memfd(m) => {
+                // Each waiter gets its own descriptor of the one sealed memfd.
+                match m.file.try_clone() {
+                    Ok(f) => c.send_job_fd(&doc, m.len, f.into()),
+                    Err(e) => {
+                        doc.note_error(format!("cannot pass the output's memfd ({e})"));
+                        c.send(&Response::Job(doc));
+                    }
+                }
+                return;
+            }
         };
         if let Some(file) = open_output_file(&self.payload_fd, doc.id, len) {
             return c.send_job_fd(&doc, len, file.into());
         }
         match output {
             JobOutput::Mem(o) => c.send_job_output(&doc, &o),
+            JobOutput::Memfd(_) => unreachable!("answered above"),
             JobOutput::File(_) => {
                 // Checked by the store a moment ago; removed since.
                 doc.note_error(format!(

@@ -357,6 +357,7 @@ impl Reactor {
             (Some(error), output) => self.core.on_job_raised(proc, id, error, output, now),
             (None, JobOutput::File(len)) => self.core.on_job_done_in_file(proc, id, len, now),
             (None, JobOutput::Mem(bytes)) => self.core.on_job_done(proc, id, bytes, now),
+            (None, JobOutput::Memfd(m)) => self.core.on_job_done_in_memfd(proc, id, m, now),
         }
     }
 

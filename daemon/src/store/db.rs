@@ -76,6 +76,10 @@ pub(super) const INLINE_INPUT_MAX: usize = 1024;
 /// Error of a job whose input was only in memory when the daemon stopped.
 pub(super) const MEMORY_INPUT_LOST: &str =
     "input lost: payloads = memory, and the daemon stopped before the job ended; submit it again";
+/// Noted on the document of a job whose large output was only handed to
+/// the clients waiting for it when it ended.
+pub(super) const MEMORY_OUTPUT_NOT_KEPT: &str =
+    "output not kept: payloads = memory (a large output goes only to the clients waiting on the job when it ends)";
 /// Error of an attempt cut short by a daemon restart.
 pub(super) const LOST_ON_RESTART: &str = "daemon restarted while the job was running";
 
@@ -98,6 +102,7 @@ CREATE TABLE jobs (
     output_file_len INTEGER,
     owner           INTEGER NOT NULL DEFAULT 0,
     input_memory_len INTEGER,
+    output_memory_len INTEGER,
     output          BLOB,
     input           BLOB
 );
@@ -116,7 +121,7 @@ INSERT INTO meta VALUES ('max_id', 0);
 const CHECK_COLUMNS: &str = "
 SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms,
        finished_ms, error, attempts, input_file_len, output_file_len, owner,
-       input_memory_len, output, input
+       input_memory_len, output_memory_len, output, input
        FROM jobs LIMIT 0;
 SELECT id, input FROM job_inputs LIMIT 0;
 SELECT value FROM meta WHERE key = 'max_id';
@@ -168,18 +173,19 @@ PRAGMA user_version = 3;
 /// start that it is lost.
 const MIGRATE_V3_V4: &str = "
 ALTER TABLE jobs ADD COLUMN input_memory_len INTEGER;
+ALTER TABLE jobs ADD COLUMN output_memory_len INTEGER;
 PRAGMA user_version = 4;
 ";
 
 pub(super) const INSERT_JOB: &str =
     "INSERT INTO jobs (id, pool, state, priority, key, max_attempts, \
      timeout_ms, created_ms, finished_ms, error, attempts, input_file_len, \
-     output_file_len, output, input, owner, input_memory_len) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+     output_file_len, output, input, owner, input_memory_len, output_memory_len) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 const INSERT_INPUT: &str = "INSERT INTO job_inputs (id, input) VALUES (?1, ?2)";
 pub(super) const UPDATE_JOB: &str =
     "UPDATE jobs SET state = ?2, attempts = ?3, output = ?4, error = ?5, \
-     finished_ms = ?6, output_file_len = ?7 WHERE id = ?1";
+     finished_ms = ?6, output_file_len = ?7, output_memory_len = ?8 WHERE id = ?1";
 /// A job that succeeded no longer needs its input file (it is never
 /// dispatched again).
 const DROP_INPUT_FILE: &str =
@@ -198,10 +204,10 @@ macro_rules! select_doc {
 // `?4`, the owner filter, is NULL for an admin (every job) and a uid
 // otherwise; every listing binds it.
 pub(super) const SELECT_JOB: &str =
-    select_doc!(", output, output_file_len FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
+    select_doc!(", output, output_file_len, output_memory_len FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
 /// A job without its output (for `wait`): no blob read, no file checked.
 pub(super) const SELECT_JOB_META: &str =
-    select_doc!(", NULL, NULL FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
+    select_doc!(", NULL, NULL, NULL FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)");
 pub(super) const LIST_ALL: &str = select_doc!(
     " FROM jobs WHERE (?4 IS NULL OR owner = ?4) \
      AND (?5 IS NULL OR id < ?5) AND (?6 IS NULL OR created_ms >= ?6) ORDER BY id DESC LIMIT ?1"
@@ -774,9 +780,22 @@ impl Db {
                     let mut stmt = self.conn.prepare_cached(sql)?;
                     let found = stmt
                         .query_row(params![to_sql_u64(*id), owner], |row| {
-                            Ok((doc_from_row(row, true), row.get::<_, Option<i64>>(10)?))
+                            Ok((
+                                doc_from_row(row, true),
+                                row.get::<_, Option<i64>>(10)?,
+                                row.get::<_, Option<i64>>(11)?,
+                            ))
                         })
                         .optional()?;
+                    let found = found.map(|(doc, file, in_memory)| {
+                        let doc = doc.map(|mut doc| {
+                            if in_memory.is_some() && *output {
+                                doc.note_error(MEMORY_OUTPUT_NOT_KEPT.to_string());
+                            }
+                            doc
+                        });
+                        (doc, file)
+                    });
                     Ok(match found {
                         None => Ok(QueryResult::Job(None)),
                         Some((Err(e), _)) => Err(e),

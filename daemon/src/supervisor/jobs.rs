@@ -1135,6 +1135,29 @@ impl Supervisor {
         self.job_result(proc, id, Ok(JobOutput::Mem(output)), now);
     }
 
+    /// Whether a large output of job `id` stays out of the store: its pool
+    /// has `payloads = "memory"`.
+    pub fn output_in_memory(&self, id: u64) -> bool {
+        self.jt
+            .jobs
+            .get(&id)
+            .and_then(|j| self.pools.get(&j.pool))
+            .is_some_and(|p| p.config.payloads == crate::config::PayloadMode::Memory)
+    }
+
+    /// The worker finished job `id`, and the daemon has already written its
+    /// output to a sealed memfd, straight from the worker's arena
+    /// (`payloads = "memory"`).
+    pub fn on_job_done_in_memfd(
+        &mut self,
+        proc: ProcId,
+        id: u64,
+        output: super::OutputMemfd,
+        now: Instant,
+    ) {
+        self.job_result(proc, id, Ok(JobOutput::Memfd(output)), now);
+    }
+
     /// The worker finished job `id`, and the daemon has already written its
     /// output (`len` bytes) to the store's payload file, straight from the
     /// worker's arena (see `JobUpdate::output_file_len`).
@@ -2219,6 +2242,10 @@ impl Supervisor {
             },
             output_file_len: match &output {
                 Some(JobOutput::File(len)) => Some(*len),
+                _ => None,
+            },
+            output_memory_len: match &output {
+                Some(JobOutput::Memfd(m)) => Some(m.len),
                 _ => None,
             },
             error: error.clone(),

@@ -21,10 +21,10 @@ use std::sync::LazyLock;
 const CHUNKS: [usize; 3] = [64, 8, 1];
 
 /// Columns of [`INSERT_JOB`], in its order.
-const INSERT_COLUMNS: usize = 17;
+const INSERT_COLUMNS: usize = 18;
 /// Values of one row of [`UPDATE_MANY`]: the id, then [`UPDATE_JOB`]'s
 /// `?2`..`?7` in its order.
-const UPDATE_COLUMNS: usize = 7;
+const UPDATE_COLUMNS: usize = 8;
 
 /// `INSERT_JOB` with `n` rows, for each size of [`CHUNKS`].
 pub(in crate::store) static INSERT_MANY: LazyLock<[String; 3]> = LazyLock::new(|| {
@@ -44,7 +44,8 @@ pub(in crate::store) static UPDATE_MANY: LazyLock<[String; 3]> = LazyLock::new(|
     CHUNKS.map(|n| {
         format!(
             "UPDATE jobs SET state = v.column2, attempts = v.column3, output = v.column4, \
-             error = v.column5, finished_ms = v.column6, output_file_len = v.column7 \
+             error = v.column5, finished_ms = v.column6, output_file_len = v.column7, \
+             output_memory_len = v.column8 \
              FROM (VALUES {}) AS v WHERE jobs.id = v.column1",
             rows_sql(n, UPDATE_COLUMNS)
         )
@@ -121,6 +122,8 @@ struct InsertRow<'a> {
     output_file_len: Option<i64>,
     /// `payloads = "memory"`: the length of the input kept only in memory.
     input_memory_len: Option<i64>,
+    /// Likewise for a large output, handed only to waiting clients.
+    output_memory_len: Option<i64>,
 }
 
 impl Db {
@@ -216,6 +219,7 @@ impl Db {
                 stmt.raw_bind_parameter(at + 5, u.error.as_deref())?;
                 stmt.raw_bind_parameter(at + 6, finished_ms(u.state, u.finished_ms, now_ms))?;
                 stmt.raw_bind_parameter(at + 7, output_file_len)?;
+                stmt.raw_bind_parameter(at + 8, u.output_memory_len.map(to_sql_u64))?;
             }
             stmt.raw_execute()?;
         }
@@ -235,6 +239,7 @@ impl Db {
                     u.error,
                     finished_ms(u.state, u.finished_ms, now_ms),
                     output_file_len,
+                    u.output_memory_len.map(to_sql_u64),
                 ])?;
                 if changed == 0 && p.output_file {
                     unreferenced.push((u.id, Kind::Output));
@@ -320,6 +325,11 @@ fn insert_row<'a>(
         output,
         output_file_len,
         input_memory_len: job.memory.then(|| to_sql_u64(job.input_len())),
+        output_memory_len: p
+            .update
+            .as_ref()
+            .and_then(|u| u.output_memory_len)
+            .map(to_sql_u64),
     })
 }
 
@@ -348,6 +358,7 @@ fn bind_insert(
     stmt.raw_bind_parameter(at + 15, row.input.filter(|i| !too_long(i)))?;
     stmt.raw_bind_parameter(at + 16, job.owner)?;
     stmt.raw_bind_parameter(at + 17, row.input_memory_len)?;
+    stmt.raw_bind_parameter(at + 18, row.output_memory_len)?;
     Ok(())
 }
 
