@@ -218,6 +218,24 @@ with Client(map_outputs=True) as m:
     job.output[0] = 0                                   # copy-on-write: private
     assert m.submit("py", b"small", wait=True).output == b"SMALL setup=1"
     assert m.map("py", [big])[0].output == big[::-1]
+    # submit(wait=True) reuses one input memfd: inputs that grow, shrink
+    # and differ come back whole, and a refused submit drops the buffer.
+    fd_of = lambda: m._input.fd
+    sizes = [3 << 20, 1 << 20, (2 << 20) + 7, 3 << 20]
+    for i, n in enumerate(sizes):
+        data = bytes([i + 1]) * n
+        job = m.submit("py", data, wait=True)
+        assert job.output == data[::-1], (n, len(job.output))
+        if i == 0:
+            first = fd_of()
+        assert fd_of() == first, "the buffer is reused"
+    try:
+        m.submit("nope", big, wait=True)
+        raise SystemExit("unknown pool accepted")
+    except Error:
+        pass
+    assert fd_of() is None, "a buffer whose job did not end is dropped"
+    assert m.submit("py", big, wait=True).output == big[::-1]
 with Client() as c:
     try:
         c.submit("nope", b"x")
