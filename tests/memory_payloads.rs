@@ -10,7 +10,8 @@ use std::path::Path;
 fn cfg() -> String {
     format!(
         "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\npayload_dir = \"big\"\n\
-         [pools.mecho]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\npayloads = \"memory\"\n\
+         [pools.mecho]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"520MiB\"\npayloads = \"memory\"\n\
+         [pools.mchaos]\ncommand = [{t}, \"chaos\", \"100\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.msleep]\ncommand = [{t}, \"sleep\"]\nworkers = 1\nshm_size = \"8MiB\"\npayloads = \"memory\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
          [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
@@ -61,6 +62,16 @@ fn memory_mode_round_trips_bit_exact_without_touching_payload_dir() {
     );
     assert_eq!(payload_files(&payloads), Vec::<String>::new());
 
+    // A worker that dies with the job (every first attempt aborts): the
+    // retry reads the input the daemon still holds.
+    d.wait_ready("mchaos", 1);
+    let data = pattern(5 << 20);
+    let f = d.dir.path().join("in-chaos");
+    std::fs::write(&f, &data).unwrap();
+    let r = d.submit_file_wait("mchaos", &f);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.raw == data, "retried job's output differs");
+
     // Nobody waiting when it ended: the large output went nowhere, and
     // `result` says so (the small ones are kept as usual).
     let f = d.dir.path().join("in-2m");
@@ -82,6 +93,28 @@ fn memory_mode_round_trips_bit_exact_without_touching_payload_dir() {
         r.stderr
     );
     assert_eq!(payload_files(&payloads), Vec::<String>::new());
+}
+
+#[test]
+fn memory_mode_round_trips_64_and_256_mib_bit_exact() {
+    let d = Daemon::start("memory-big", &cfg());
+    d.wait_ready("mecho", 1);
+    for len in [64 << 20, 256 << 20] {
+        let data = pattern(len);
+        let f = d.dir.path().join("in-big");
+        std::fs::write(&f, &data).unwrap();
+        let r = d.submit_file_wait("mecho", &f);
+        assert_eq!(r.code, 0, "{len} bytes: {}", r.stderr);
+        assert!(
+            r.raw == data,
+            "{len} bytes: output differs ({} bytes)",
+            r.raw.len()
+        );
+    }
+    assert_eq!(
+        payload_files(&d.dir.path().join("big")),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
