@@ -40,16 +40,7 @@ fn memory_mode_round_trips_bit_exact_without_touching_payload_dir() {
     d.wait_ready("mecho", 1);
     let payloads = d.dir.path().join("big");
     for len in [0, 65_535, 65_536, 65_537, 1 << 20, 3 << 20] {
-        let data = pattern(len);
-        let f = d.dir.path().join(format!("in-{len}"));
-        std::fs::write(&f, &data).unwrap();
-        let r = d.submit_file_wait("mecho", &f);
-        assert_eq!(r.code, 0, "{len} bytes: {}", r.stderr);
-        assert!(
-            r.raw == data,
-            "{len} bytes: output differs ({} bytes)",
-            r.raw.len()
-        );
+        d.assert_echo_round_trip("mecho", &pattern(len));
     }
     // From stdin: the CLI fills a sealed memfd and passes it.
     let data = pattern(2 << 20);
@@ -65,12 +56,7 @@ fn memory_mode_round_trips_bit_exact_without_touching_payload_dir() {
     // A worker that dies with the job (every first attempt aborts): the
     // retry reads the input the daemon still holds.
     d.wait_ready("mchaos", 1);
-    let data = pattern(5 << 20);
-    let f = d.dir.path().join("in-chaos");
-    std::fs::write(&f, &data).unwrap();
-    let r = d.submit_file_wait("mchaos", &f);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.raw == data, "retried job's output differs");
+    d.assert_echo_round_trip("mchaos", &pattern(5 << 20));
 
     // Nobody waiting when it ended: the large output went nowhere, and
     // `result` says so (the small ones are kept as usual).
@@ -100,16 +86,7 @@ fn memory_mode_round_trips_64_and_256_mib_bit_exact() {
     let d = Daemon::start("memory-big", &cfg());
     d.wait_ready("mecho", 1);
     for len in [64 << 20, 256 << 20] {
-        let data = pattern(len);
-        let f = d.dir.path().join("in-big");
-        std::fs::write(&f, &data).unwrap();
-        let r = d.submit_file_wait("mecho", &f);
-        assert_eq!(r.code, 0, "{len} bytes: {}", r.stderr);
-        assert!(
-            r.raw == data,
-            "{len} bytes: output differs ({} bytes)",
-            r.raw.len()
-        );
+        d.assert_echo_round_trip("mecho", &pattern(len));
     }
     assert_eq!(
         payload_files(&d.dir.path().join("big")),

@@ -333,6 +333,23 @@ impl Daemon {
         self.ctl(&["submit", pool, "--input-file", file, "--wait"])
     }
 
+    /// Writes `data` to a file in the daemon's directory, submits it to
+    /// `pool` with `--input-file … --wait` and asserts that the job
+    /// succeeded with `data` back, bit-exact.
+    pub fn assert_echo_round_trip(&self, pool: &str, data: &[u8]) {
+        let f = self.dir.path().join(format!("round-trip-{}", data.len()));
+        std::fs::write(&f, data).expect("write the input file");
+        let r = self.submit_file_wait(pool, &f);
+        assert_eq!(r.code, 0, "{} bytes to {pool}: {}", data.len(), r.stderr);
+        assert!(
+            r.raw == data,
+            "{} bytes to {pool}: output differs ({} bytes)",
+            data.len(),
+            r.raw.len()
+        );
+        let _ = std::fs::remove_file(&f);
+    }
+
     /// `status --json` as JSON.
     pub fn status(&self) -> Value {
         let r = self.ctl(&["--json", "status"]);
