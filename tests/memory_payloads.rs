@@ -206,3 +206,59 @@ fn daemon_rss_stays_flat_across_a_thousand_16_mib_memory_jobs() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_client_that_lets_go_of_its_file_early_loses_nothing_and_a_shrunk_file_is_a_clear_error() {
+    let d = Daemon::start("memory-early", &cfg());
+    for pool in ["mecho", "slow"] {
+        d.wait_ready(pool, 1);
+    }
+    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
+    wait_for("the blocker to run", DEADLINE, || {
+        (d.pool("slow")["running"] == 1).then_some(())
+    });
+    // The CLI exits (closing its descriptor) and the file is removed
+    // before the job runs: the daemon's descriptor keeps the input.
+    let gone = d.dir.path().join("in-gone");
+    std::fs::write(&gone, pattern(2 << 20)).unwrap();
+    let kept = d.submit_id(&[
+        "mecho",
+        "--key",
+        "k",
+        "--input-file",
+        gone.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&gone).unwrap();
+    // A plain file (not sealed) that shrinks after the submit.
+    let shrunk = d.dir.path().join("in-shrunk");
+    std::fs::write(&shrunk, pattern(2 << 20)).unwrap();
+    let short = d.submit_id(&[
+        "mecho",
+        "--key",
+        "k",
+        "--input-file",
+        shrunk.to_str().unwrap(),
+    ]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shrunk)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
+    let doc = d.wait_state(kept, "succeeded");
+    assert_eq!(doc["attempts"].as_array().map(Vec::len), Some(1), "{doc}");
+    let doc = wait_for("the shrunk job to end", DEADLINE, || {
+        let doc = d.job_doc(short);
+        (doc["state"] != "queued" && doc["state"] != "running").then_some(doc)
+    });
+    assert_ne!(doc["state"], "succeeded", "{doc}");
+    let e = doc["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("cannot be read from the file it was submitted from"),
+        "{doc}"
+    );
+    // The daemon is fine, and so is the next job.
+    assert!(alive(d.pid()));
+    d.assert_echo_round_trip("mecho", &pattern(3 << 20));
+}
