@@ -101,10 +101,7 @@ fn kill9_ends_memory_jobs_dead_and_durable_jobs_recover() {
         d.wait_ready(pool, 1);
     }
     // A blocker holds key k: jobs with --key k stay queued.
-    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
-    wait_for("the blocker to run", DEADLINE, || {
-        (d.pool("slow")["running"] == 1).then_some(())
-    });
+    let blocker = d.hold_key_k();
     let data = pattern(3 << 20);
     let f = d.dir.path().join("in-3m");
     std::fs::write(&f, &data).unwrap();
@@ -213,32 +210,20 @@ fn a_client_that_lets_go_of_its_file_early_loses_nothing_and_a_shrunk_file_is_a_
     for pool in ["mecho", "slow"] {
         d.wait_ready(pool, 1);
     }
-    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
-    wait_for("the blocker to run", DEADLINE, || {
-        (d.pool("slow")["running"] == 1).then_some(())
-    });
+    let blocker = d.hold_key_k();
+    // Submits 2 MiB from the file `name`, queued behind the blocker.
+    let submit_held = |name: &str| {
+        let f = d.dir.path().join(name);
+        std::fs::write(&f, pattern(2 << 20)).unwrap();
+        let args = ["mecho", "--key", "k", "--input-file", f.to_str().unwrap()];
+        (d.submit_id(&args), f)
+    };
     // The CLI exits (closing its descriptor) and the file is removed
     // before the job runs: the daemon's descriptor keeps the input.
-    let gone = d.dir.path().join("in-gone");
-    std::fs::write(&gone, pattern(2 << 20)).unwrap();
-    let kept = d.submit_id(&[
-        "mecho",
-        "--key",
-        "k",
-        "--input-file",
-        gone.to_str().unwrap(),
-    ]);
+    let (kept, gone) = submit_held("in-gone");
     std::fs::remove_file(&gone).unwrap();
     // A plain file (not sealed) that shrinks after the submit.
-    let shrunk = d.dir.path().join("in-shrunk");
-    std::fs::write(&shrunk, pattern(2 << 20)).unwrap();
-    let short = d.submit_id(&[
-        "mecho",
-        "--key",
-        "k",
-        "--input-file",
-        shrunk.to_str().unwrap(),
-    ]);
+    let (short, shrunk) = submit_held("in-shrunk");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&shrunk)

@@ -13,16 +13,6 @@ fn cfg(extra_echo: &str) -> String {
     )
 }
 
-/// Starts a long job in pool `slow` that holds key `k` and waits until it
-/// runs: jobs submitted with `--key k` then stay queued. Returns its id.
-fn hold_key_k(d: &Daemon) -> u64 {
-    let blocker = d.submit_id(&["slow", "--key", "k", "--input", "600000"]);
-    wait_for("the blocker to run", DEADLINE, || {
-        (d.pool("slow")["running"] == 1).then_some(())
-    });
-    blocker
-}
-
 /// `map POOL --ordered` of `input` (its `lines`, newline-terminated) must
 /// give back every line whole and in order.
 fn map_ordered_round_trip(d: &Daemon, pool: &str, input: &str, lines: &[String]) {
@@ -379,7 +369,7 @@ fn large_payloads_survive_kill9_and_a_lost_payload_file_is_a_clear_error() {
     let mut d = Daemon::start("shm-durable", &cfg);
     d.wait_ready("echo", 1);
     d.wait_ready("slow", 1);
-    let blocker = hold_key_k(&d);
+    let blocker = d.hold_key_k();
     let data = pattern(5 << 20);
     let f = d.dir.path().join("in-5m");
     std::fs::write(&f, &data).unwrap();
@@ -516,7 +506,7 @@ fn queued_large_inputs_live_in_their_files_not_in_memory() {
     let d = Daemon::start("shm-queued-files", &cfg);
     d.wait_ready("echo", 1);
     d.wait_ready("slow", 1);
-    let blocker = hold_key_k(&d);
+    let blocker = d.hold_key_k();
     let size = 40 << 20;
     let before = rss_kib(d.pid());
     let mut ids = Vec::new();

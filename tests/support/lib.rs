@@ -333,6 +333,17 @@ impl Daemon {
         self.ctl(&["submit", pool, "--input-file", file, "--wait"])
     }
 
+    /// Starts a long job in pool `slow` (a `sleep` test worker) that holds
+    /// key `k` and waits until it runs: jobs submitted with `--key k` then
+    /// stay queued. Returns its id.
+    pub fn hold_key_k(&self) -> u64 {
+        let blocker = self.submit_id(&["slow", "--key", "k", "--input", "600000"]);
+        wait_for("the blocker to run", DEADLINE, || {
+            (self.pool("slow")["running"] == 1).then_some(())
+        });
+        blocker
+    }
+
     /// Writes `data` to a file in the daemon's directory, submits it to
     /// `pool` with `--input-file … --wait` and asserts that the job
     /// succeeded with `data` back, bit-exact.
