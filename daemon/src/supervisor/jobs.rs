@@ -186,6 +186,10 @@ struct Job {
     /// Counts `input_source` among the descriptors memory-mode jobs hold
     /// (see [`MAX_HELD_SOURCES`]).
     held: Option<HeldSource>,
+    /// Its pool had `payloads = "memory"` when the job was submitted (or
+    /// recovered): a large output goes only to its waiters. Fixed for the
+    /// job's life, whatever a reload changes.
+    outputs_in_memory: bool,
     attempts: Vec<Attempt>,
     created_ms: u64,
     phase: JobPhase,
@@ -522,6 +526,7 @@ impl Supervisor {
                 input_source: None,
                 memory: false,
                 held: None,
+                outputs_in_memory: self.pool_keeps_payloads_in_memory(&j.pool),
                 attempts: r.attempts,
                 created_ms: j.created_ms,
                 phase: JobPhase::Queued,
@@ -665,7 +670,7 @@ impl Supervisor {
         let created_ms = self.wall(now);
         let owner = self.viewer(client).uid;
         let len = input.len() as u64; // 0 for a file input
-        let memory = self.pools[pool_name].config.payloads == crate::config::PayloadMode::Memory
+        let memory = self.pool_keeps_payloads_in_memory(pool_name)
             && (source.is_some() || len >= crate::store::FILE_PAYLOAD_MIN as u64);
         if memory && source.is_some() && self.jt.held_sources.get() >= MAX_HELD_SOURCES {
             return Err(CtlError::Rejected(format!(
@@ -720,6 +725,7 @@ impl Supervisor {
                 input,
                 input_file: source.as_ref().map(|s| s.len),
                 held: (memory && source.is_some()).then(|| HeldSource::new(&self.jt.held_sources)),
+                outputs_in_memory: self.pool_keeps_payloads_in_memory(pool_name),
                 input_source: source.map(|s| s.file),
                 memory,
                 attempts: Vec::new(),
@@ -1136,12 +1142,14 @@ impl Supervisor {
     }
 
     /// Whether a large output of job `id` stays out of the store: its pool
-    /// has `payloads = "memory"`.
+    /// had `payloads = "memory"` when the job came in.
     pub fn output_in_memory(&self, id: u64) -> bool {
-        self.jt
-            .jobs
-            .get(&id)
-            .and_then(|j| self.pools.get(&j.pool))
+        self.jt.jobs.get(&id).is_some_and(|j| j.outputs_in_memory)
+    }
+
+    fn pool_keeps_payloads_in_memory(&self, pool: &str) -> bool {
+        self.pools
+            .get(pool)
             .is_some_and(|p| p.config.payloads == crate::config::PayloadMode::Memory)
     }
 

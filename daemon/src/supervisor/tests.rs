@@ -1203,6 +1203,19 @@ mod jobs {
     }
 
     #[test]
+    fn a_jobs_payload_mode_is_fixed_when_it_is_submitted() {
+        let mut s = JobSim::new(&pool("a", 1, "payloads = \"memory\""));
+        s.submit("a", "under memory", JobOptions::default());
+        s.sim
+            .sup
+            .reload(&cfg(&pool("a", 1, "")), s.sim.now)
+            .expect("reload");
+        s.submit("a", "under durable", JobOptions::default());
+        assert!(s.sim.sup.output_in_memory(1), "submitted under memory");
+        assert!(!s.sim.sup.output_in_memory(2), "submitted under durable");
+    }
+
+    #[test]
     fn ignored_cancel_stops_the_worker_and_requeues_its_other_jobs() {
         let mut s = JobSim::new(&pool(
             "a",
