@@ -222,9 +222,10 @@ def submit_request(pool, data, options, wait, reuse=None):
 
 class InputBuffer:
     """One unsealed memfd that a connection reuses for the large inputs of
-    ``submit(..., wait=True)``. Once a job's result is in, the daemon never
-    reads its input again (every copy out of it ended before the worker
-    answered, and a durable store copied it before ``Submitted``), so the
+    ``submit(..., wait=True)``. Once a job's result is in, nothing the
+    daemon reads from its input is used any more (see PROTOCOL.md, "Control
+    protocol": the attempt that produced the result read it before its
+    worker answered, and a durable store copied it before ``Submitted``), so the
     next input overwrites the same pages instead of faulting in fresh ones:
     a new 64 MiB memfd costs ~35 ms here, a rewrite ~10 ms. A buffer whose
     job did not end normally (an error or an interruption before the
