@@ -230,6 +230,20 @@ fn a_client_that_lets_go_of_its_file_early_loses_nothing_and_a_shrunk_file_is_a_
         .unwrap()
         .set_len(1000)
         .unwrap();
+    // Both files are held (metrics say so), until their jobs end.
+    let held = |d: &Daemon| {
+        let r = d.ctl(&["metrics"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let text = r.stdout;
+        assert!(
+            text.contains("\njobvisor_memory_payload_files_max 1024\n"),
+            "{text}"
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("jobvisor_memory_payload_files "))
+            .map(|n| n.to_string())
+    };
+    assert_eq!(held(&d).as_deref(), Some("2"));
     assert_eq!(d.ctl(&["cancel", &blocker.to_string()]).code, 0);
     let doc = d.wait_state(kept, "succeeded");
     assert_eq!(doc["attempts"].as_array().map(Vec::len), Some(1), "{doc}");
@@ -243,6 +257,7 @@ fn a_client_that_lets_go_of_its_file_early_loses_nothing_and_a_shrunk_file_is_a_
         e.contains("cannot be read from the file it was submitted from"),
         "{doc}"
     );
+    assert_eq!(held(&d).as_deref(), Some("0"));
     // The daemon is fine, and so is the next job.
     assert!(alive(d.pid()));
     d.assert_echo_round_trip("mecho", &pattern(3 << 20));

@@ -247,6 +247,36 @@ impl Collector for Scrape {
             Hist,
             one(Hgram(self.commit.clone())),
         )?;
+        let (files, files_max) = self.core.memory_files_held;
+        family(
+            &mut enc,
+            "jobvisor_memory_payload_files",
+            "Client files held for payloads = \"memory\" jobs until they end.",
+            Gauge,
+            one(Int(files as i64)),
+        )?;
+        family(
+            &mut enc,
+            "jobvisor_memory_payload_files_max",
+            "Most client files held for payloads = \"memory\" jobs; more submits are refused.",
+            Gauge,
+            one(Int(files_max as i64)),
+        )?;
+        let (bytes, bytes_max) = self.core.memory_bytes_held;
+        family(
+            &mut enc,
+            "jobvisor_memory_payload_bytes",
+            "Bytes of large inputs sent as bytes, held for payloads = \"memory\" jobs.",
+            Gauge,
+            one(Int(bytes as i64)),
+        )?;
+        family(
+            &mut enc,
+            "jobvisor_memory_payload_bytes_max",
+            "Most such bytes held; more submits are refused.",
+            Gauge,
+            one(Int(bytes_max as i64)),
+        )?;
         family(
             &mut enc,
             "jobvisor_daemon_resident_bytes",

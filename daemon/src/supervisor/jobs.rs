@@ -1147,6 +1147,17 @@ impl Supervisor {
         self.jt.jobs.get(&id).is_some_and(|j| j.outputs_in_memory)
     }
 
+    /// Client files held by memory-mode jobs, and [`MAX_HELD_SOURCES`].
+    pub fn memory_files_held(&self) -> (usize, usize) {
+        (self.jt.held_sources.get(), MAX_HELD_SOURCES)
+    }
+
+    /// Bytes of memory-mode inputs held as bytes, and
+    /// [`MEMORY_BYTES_BUDGET`].
+    pub fn memory_bytes_held(&self) -> (u64, u64) {
+        (self.jt.memory_bytes, MEMORY_BYTES_BUDGET)
+    }
+
     fn pool_keeps_payloads_in_memory(&self, pool: &str) -> bool {
         self.pools
             .get(pool)

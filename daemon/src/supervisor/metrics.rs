@@ -114,6 +114,10 @@ pub struct PoolMetrics {
 pub struct MetricsSnapshot {
     /// Per pool, in name order.
     pub pools: Vec<PoolMetrics>,
+    /// Client files held for `payloads = "memory"` jobs, and the bound.
+    pub memory_files_held: (usize, usize),
+    /// Bytes of large memory-mode inputs sent as bytes, and the bound.
+    pub memory_bytes_held: (u64, u64),
 }
 
 impl Supervisor {
@@ -134,7 +138,11 @@ impl Supervisor {
                 }
             })
             .collect();
-        MetricsSnapshot { pools }
+        MetricsSnapshot {
+            pools,
+            memory_files_held: self.memory_files_held(),
+            memory_bytes_held: self.memory_bytes_held(),
+        }
     }
 }
 
