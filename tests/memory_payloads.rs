@@ -13,6 +13,8 @@ fn cfg() -> String {
          [pools.mecho]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"520MiB\"\npayloads = \"memory\"\n\
          [pools.mchaos]\ncommand = [{t}, \"chaos\", \"100\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.msleep]\ncommand = [{t}, \"sleep\"]\nworkers = 1\nshm_size = \"8MiB\"\npayloads = \"memory\"\n\
+         [pools.mdie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
+         [pools.ddie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\nbackoff_initial = \"0s\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
          [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         w = worker_bin(),
@@ -261,4 +263,24 @@ fn a_client_that_lets_go_of_its_file_early_loses_nothing_and_a_shrunk_file_is_a_
     // The daemon is fine, and so is the next job.
     assert!(alive(d.pid()));
     d.assert_echo_round_trip("mecho", &pattern(3 << 20));
+}
+
+#[test]
+fn a_worker_that_dies_right_after_its_shared_memory_answer_loses_nothing() {
+    let d = Daemon::start("memory-die", &cfg());
+    // Its `Done` names a range of the arena and it aborts at once: the
+    // daemon copies the output from its own mapping, after the worker is
+    // gone, into a memfd (memory) or a payload file (durable).
+    for pool in ["mdie", "ddie"] {
+        d.wait_ready(pool, 1);
+        let data = pattern(3 << 20);
+        let f = d.dir.path().join(format!("in-{pool}"));
+        std::fs::write(&f, &data).unwrap();
+        let id = d.submit_id(&[pool, "--input-file", f.to_str().unwrap()]);
+        let doc = d.wait_state(id, "succeeded");
+        assert_eq!(doc["attempts"].as_array().map(Vec::len), Some(1), "{doc}");
+        d.wait_ready(pool, 1); // restarted after the abort
+        d.assert_echo_round_trip(pool, &data);
+    }
+    assert!(alive(d.pid()));
 }

@@ -23,6 +23,9 @@
 //! - `fail`: the job fails with the input as error text.
 //! - `badshm`: on the first attempt answers with a shared-memory reference
 //!   far outside its arena; echoes otherwise.
+//! - `done-then-die`: on the first attempt writes the input into the
+//!   arena's output region, answers `Done` with that reference and aborts
+//!   at once; echoes otherwise.
 //! - `fail-big`: input = MiB; the job fails with an error text that long
 //!   (`BEGIN`, then two-byte `é`s, then `END`).
 //! - `stop-spawns COMM` (not a worker: a hostile process for the security
@@ -208,6 +211,54 @@ fn main() -> ExitCode {
                     libc::write(4, frame.as_ptr().cast(), frame.len());
                 }
                 std::thread::sleep(Duration::from_secs(30));
+            }
+            Ok(input.to_vec())
+        }),
+        "done-then-die" => worker::run_with(|ctx, input| {
+            if ctx.attempt() == 1 {
+                // Puts the output in the arena's output region itself,
+                // answers `Done` with that reference, and dies at once:
+                // the daemon copies the output after its worker is gone.
+                let size: u64 = std::env::var("JOBVISOR_SHM_SIZE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .expect("JOBVISOR_SHM_SIZE");
+                let offset = ipc_proto::arena::ArenaLayout::split(size).output.start;
+                let mut done = 0;
+                while done < input.len() {
+                    // SAFETY: writes from a live byte slice into fd 5, the
+                    // arena the daemon gave us (its output half is ours).
+                    let n = unsafe {
+                        libc::pwrite(
+                            5,
+                            input[done..].as_ptr().cast(),
+                            input.len() - done,
+                            (offset + done as u64) as libc::off_t,
+                        )
+                    };
+                    assert!(n > 0, "pwrite to the arena failed");
+                    done += n as usize;
+                }
+                let mut frame = Vec::new();
+                let answer = ipc_proto::worker::FromWorker::Done {
+                    id: ctx.id(),
+                    output: ipc_proto::worker::Payload::Shm {
+                        offset,
+                        len: input.len() as u64,
+                    },
+                };
+                ipc_proto::encode_frame(&answer, &mut frame).expect("encodes");
+                let mut sent = 0;
+                while sent < frame.len() {
+                    // SAFETY: writes a byte slice to fd 4, which the daemon
+                    // gave us; the library has nothing buffered now.
+                    let n = unsafe {
+                        libc::write(4, frame[sent..].as_ptr().cast(), frame.len() - sent)
+                    };
+                    assert!(n > 0, "write to fd 4 failed");
+                    sent += n as usize;
+                }
+                std::process::abort();
             }
             Ok(input.to_vec())
         }),
