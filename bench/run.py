@@ -303,6 +303,15 @@ def disk_tmp_dir():
     return tempfile.gettempdir()
 
 
+def round_trip_row(label, r, failed_verdict):
+    """A payload row: the round trip's median, GB/s and share of memcpy, or
+    the row's error (with `failed_verdict` in the verdict column)."""
+    if "error" in r:
+        return (label, "error: " + short(r["error"], 130), "", failed_verdict)
+    return (label, f"{r['round_trip_ms']:.1f} ms, {r['GBps']:.2f} GB/s, "
+            f"{r['fraction_of_memcpy']:.2f}x memcpy", "", None)
+
+
 def sec_payload(ctx, res):
     bins, runs = ctx["bins"], ctx["runs"]
     m, rows = res["metrics"], res["rows"]
@@ -487,12 +496,7 @@ def sec_payload(ctx, res):
             shutil.rmtree(state, ignore_errors=True)
             shutil.rmtree(payloads, ignore_errors=True)
     for key, _, _, label in py_rows:
-        r = m[key]
-        if "error" in r:
-            rows.append((label, "error: " + short(r["error"], 130), "", False))
-        else:
-            rows.append((label, f"{r['round_trip_ms']:.1f} ms, {r['GBps']:.2f} GB/s, "
-                         f"{r['fraction_of_memcpy']:.2f}x memcpy", "", None))
+        rows.append(round_trip_row(label, m[key], False))
 
     mpctx = multiprocessing.get_context("fork")
 
@@ -567,12 +571,7 @@ def sec_payload(ctx, res):
 
     for key, label in (("mp_pool_apply", "multiprocessing.Pool(1).apply(echo, 64 MiB)"),
                        ("shared_memory", "shared_memory persistent segment, 64 MiB (child copies in->out)")):
-        r = m[key]
-        if "error" in r:
-            rows.append((label, "error: " + short(r["error"], 130), "", None))
-        else:
-            rows.append((label, f"{r['round_trip_ms']:.1f} ms, {r['GBps']:.2f} GB/s, "
-                         f"{r['fraction_of_memcpy']:.2f}x memcpy", "", None))
+        rows.append(round_trip_row(label, m[key], None))
 
     # -- a floor of the CLI round trip, same run: `submit --wait > out` ends
     # with the client writing the output into a new file; on tmpfs that
