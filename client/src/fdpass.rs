@@ -94,14 +94,23 @@ fn bad(msg: &str) -> io::Error {
 /// A sealed memfd holding `data`: the receiver may rely on its size and
 /// contents never changing.
 pub fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+    sealed_memfd_filled(name, |mut file| file.write_all(data)).map(Into::into)
+}
+
+/// A memfd that `fill` writes from its offset 0, then sealed against any
+/// change and rewound (readers that use the shared offset start at the
+/// beginning).
+pub fn sealed_memfd_filled(
+    name: &std::ffi::CStr,
+    fill: impl FnOnce(&std::fs::File) -> io::Result<()>,
+) -> io::Result<std::fs::File> {
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(data)?;
+    let file = std::fs::File::from(fd);
+    fill(&file)?;
     seal(&file)?;
-    // Readers that use the shared offset start at the beginning.
-    std::io::Seek::rewind(&mut file)?;
-    Ok(file.into())
+    std::io::Seek::rewind(&mut &file)?;
+    Ok(file)
 }
 
 /// Seals a memfd against any change of size or contents.

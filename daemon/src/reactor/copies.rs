@@ -56,21 +56,15 @@ fn output_to_memfd(
     offset: u64,
     len: u64,
 ) -> Option<crate::supervisor::OutputMemfd> {
-    use nix::sys::memfd::{memfd_create, MFdFlags};
-    let fd = memfd_create(
-        c"jobvisor-output",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )
+    let file = jobvisor_client::fdpass::sealed_memfd_filled(c"jobvisor-output", |file| {
+        file.set_len(len)?;
+        // `write` from the arena at the file's offset 0.
+        match mapping.write_to(file, offset, len)? {
+            true => Ok(()),
+            false => Err(std::io::Error::other("range outside the arena")),
+        }
+    })
     .ok()?;
-    let file = std::fs::File::from(fd);
-    file.set_len(len).ok()?;
-    // `write` from the arena at the file's offset 0, then back to 0 for
-    // readers that use the shared offset.
-    if !mapping.write_to(&file, offset, len).is_ok_and(|ok| ok) {
-        return None;
-    }
-    jobvisor_client::fdpass::seal(&file).ok()?;
-    std::io::Seek::rewind(&mut &file).ok()?;
     Some(crate::supervisor::OutputMemfd {
         file: Arc::new(file),
         len,
