@@ -69,8 +69,18 @@ pub fn recv(sock: impl AsFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io:
 /// Returns how many bytes were written (the rest goes out with plain
 /// writes; the descriptor is sent once the first byte is).
 pub fn send(sock: impl AsFd, bytes: &[u8], fd: &impl AsFd) -> io::Result<usize> {
+    send_fds(sock, bytes, &[fd.as_fd()])
+}
+
+/// Like [`send`], with several descriptors attached to the first byte (in
+/// this order).
+pub fn send_fds(
+    sock: impl AsFd,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
     debug_assert!(!bytes.is_empty());
-    let raw = [fd.as_fd().as_raw_fd()];
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     loop {
         match sendmsg::<UnixAddr>(
@@ -111,6 +121,58 @@ pub fn sealed_memfd_filled(
     seal(&file)?;
     std::io::Seek::rewind(&mut &file)?;
     Ok(file)
+}
+
+/// The seals of a memfd (`F_GET_SEALS`); `None` for a descriptor that
+/// cannot carry seals (anything but a memfd or another shmem file).
+pub fn seals(fd: &impl AsFd) -> Option<nix::fcntl::SealFlag> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let bits = fcntl(fd.as_fd(), FcntlArg::F_GET_SEALS).ok()?;
+    Some(SealFlag::from_bits_retain(bits))
+}
+
+/// `F_SEAL_FUTURE_WRITE` (Linux 5.1): no new write through any descriptor
+/// or writable mapping; mappings made before keep writing. (Not in nix.)
+pub const F_SEAL_FUTURE_WRITE: i32 = 0x0010;
+
+/// Whether a memfd may be handed to another process to map for reading
+/// without a copy: sealed against shrinking (a mapping never faults) and
+/// against writes through the receiver (`F_SEAL_WRITE`, or
+/// `F_SEAL_FUTURE_WRITE`, with which its owner may still write through a
+/// mapping it made before).
+pub fn shareable_for_reading(fd: &impl AsFd) -> bool {
+    use nix::fcntl::SealFlag;
+    seals(fd).is_some_and(|s| {
+        s.contains(SealFlag::F_SEAL_SHRINK)
+            && (s.contains(SealFlag::F_SEAL_WRITE) || s.bits() & F_SEAL_FUTURE_WRITE != 0)
+    })
+}
+
+/// Checks a client's output buffer: a memfd open read-write, sealed
+/// against shrinking but open to writes (so whoever writes the output into
+/// it, mapping it, never faults, and may grow it unless `F_SEAL_GROW`).
+pub fn check_output_buffer(fd: &impl AsFd) -> Result<(), String> {
+    use nix::fcntl::{OFlag, SealFlag};
+    const HOW: &str = "pass a memfd opened read-write, sealed with F_SEAL_SHRINK only";
+    let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| format!("cannot inspect the output buffer's descriptor: {e}"))?;
+    if OFlag::from_bits_retain(flags) & OFlag::O_ACCMODE != OFlag::O_RDWR {
+        return Err(format!(
+            "the output buffer is not open for reading and writing; {HOW}"
+        ));
+    }
+    let Some(seals) = seals(fd) else {
+        return Err(format!("the output buffer is not a memfd; {HOW}"));
+    };
+    if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+        return Err(format!(
+            "the output buffer is not sealed against shrinking; {HOW}"
+        ));
+    }
+    if seals.contains(SealFlag::F_SEAL_WRITE) || seals.bits() & F_SEAL_FUTURE_WRITE != 0 {
+        return Err(format!("the output buffer is sealed against writes; {HOW}"));
+    }
+    Ok(())
 }
 
 /// Seals a memfd against any change of size or contents.

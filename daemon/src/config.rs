@@ -244,16 +244,9 @@ pub struct PoolConfig {
     pub payloads: PayloadMode,
 }
 
-/// Where a pool's large payloads (those that would be payload files) live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PayloadMode {
-    /// In `payload_dir`, synced before the job is acknowledged.
-    #[default]
-    Durable,
-    /// Only in the daemon's memory: a job whose large input is lost with
-    /// the daemon ends `dead` at the next start, never rerun without it.
-    Memory,
-}
+/// Where a pool's large payloads (those that would be payload files) live:
+/// the protocol's type (a submit may override the pool's choice).
+pub use ipc_proto::control::PayloadMode;
 
 impl DaemonConfig {
     /// Where large payloads are stored: `payload_dir`, else

@@ -422,6 +422,8 @@ impl Peer {
 pub struct Incoming {
     pub req: Request,
     pub fd: Option<OwnedFd>,
+    /// A `SubmitWith`'s output buffer.
+    pub buffer: Option<OwnedFd>,
 }
 
 /// What [`Client::next_request`] found.
@@ -496,15 +498,31 @@ impl Client {
             return Ok(None);
         };
         let req = decode::<Request>(frame).map_err(|e| e.to_string())?;
-        let fd = match req {
-            Request::SubmitFd { .. } => Some(
-                self.fds_in
-                    .pop_front()
-                    .ok_or("SubmitFd without a file descriptor")?,
-            ),
-            _ => None,
+        let mut pop = |what: &str| {
+            self.fds_in
+                .pop_front()
+                .ok_or_else(|| format!("{what} without its file descriptor"))
         };
-        Ok(Some(Incoming { req, fd }))
+        let (fd, buffer) = match &req {
+            Request::SubmitFd { .. } => (Some(pop("SubmitFd")?), None),
+            Request::SubmitWith {
+                input,
+                output_buffer,
+                ..
+            } => {
+                let fd = match input {
+                    ipc_proto::control::SubmitPayload::Fd { .. } => Some(pop("SubmitWith")?),
+                    ipc_proto::control::SubmitPayload::Inline(_) => None,
+                };
+                let buffer = match output_buffer {
+                    true => Some(pop("SubmitWith's output buffer")?),
+                    false => None,
+                };
+                (fd, buffer)
+            }
+            _ => (None, None),
+        };
+        Ok(Some(Incoming { req, fd, buffer }))
     }
 
     /// Memory held for this connection's input (its frame buffer).

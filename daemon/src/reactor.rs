@@ -162,6 +162,9 @@ struct WorkerIo {
     /// still writing into the arena: nothing from the first one on is
     /// written to the pipe yet (frames keep their order).
     hold_out: std::collections::VecDeque<usize>,
+    /// Descriptors to attach to `jobs_out` (worker protocol 2), in order:
+    /// each at the offset of the frame that carries them.
+    fds_out: std::collections::VecDeque<(usize, Vec<Arc<std::fs::File>>)>,
     /// Outputs the copier is reading out of the arena; while any is, the
     /// worker's later messages wait in `held_in`.
     copies_in: usize,
@@ -689,6 +692,7 @@ impl Reactor {
                     }
                 }
                 Action::Send { proc, msg } => self.send(proc, &msg),
+                Action::SendFds { proc, msg, fds } => self.send_fds(proc, &msg, fds),
                 Action::Log { level, msg } => crate::log::log(level, &msg),
                 Action::Exit => self.exiting = true,
                 Action::Store(op) => {

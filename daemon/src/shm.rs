@@ -114,6 +114,34 @@ impl Mapping {
         })
     }
 
+    /// Like [`Self::write_to`], with `pwrite` at `at` in the file (its
+    /// own offset, which the client shares, is left alone).
+    pub fn pwrite_to(
+        &self,
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+        at: u64,
+    ) -> std::io::Result<bool> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+        self.transfer(
+            offset,
+            len,
+            std::io::ErrorKind::WriteZero,
+            |ptr, done, n| {
+                let Ok(pos) = libc::off_t::try_from(at + done as u64) else {
+                    // SAFETY: sets errno only.
+                    unsafe { *libc::__errno_location() = libc::EFBIG };
+                    return -1;
+                };
+                // SAFETY: as in `write_to`: `ptr..ptr + n` lies in the mapping,
+                // in a range the worker does not write until it is released;
+                // `pwrite` only reads it.
+                unsafe { libc::pwrite(fd, ptr.cast(), n, pos) }
+            },
+        )
+    }
+
     /// Moves `len` bytes at `offset` with `step(pointer, done, remaining)`
     /// (a `read`/`write`-like call) until all are done. `Ok(false)` if the
     /// range does not fit; `short` if a step moves nothing.

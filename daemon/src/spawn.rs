@@ -3,7 +3,7 @@
 //! few setup calls.
 //!
 //! The child gets stdin = `/dev/null`, stdout/stderr = pipes the daemon
-//! reads, fd 3 = job pipe (read end), fd 4 = result pipe (write end), fd 5 =
+//! reads, fd 3 = job socket (the worker's end), fd 4 = result pipe (write end), fd 5 =
 //! its shared-memory arena (memfd), and nothing else: every descriptor the
 //! daemon holds is `O_CLOEXEC`, and the child additionally marks everything
 //! from fd 6 up close-on-exec (`close_range(CLOSE_RANGE_CLOEXEC)`), which
@@ -74,6 +74,7 @@
 use crate::config::PoolConfig;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::socket::{shutdown, socketpair, AddressFamily, Shutdown, SockFlag, SockType};
 use nix::unistd::pipe2;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
@@ -99,7 +100,7 @@ const SCRUBBED_ENV: &[&str] = &[
 pub struct Spawned {
     /// The worker's pid (also its process group id).
     pub pid: u32,
-    /// Write end of the job pipe (worker's fd 3).
+    /// The daemon's end of the job socket (worker's fd 3).
     pub jobs: OwnedFd,
     /// Read end of the result pipe (worker's fd 4).
     pub results: OwnedFd,
@@ -296,7 +297,18 @@ pub fn spawn_worker(
         .collect();
 
     let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| SpawnError::os("pipe", e));
-    let (job_r, job_w) = pipe()?;
+    // The job channel is a stream socket rather than a pipe, so that it can
+    // carry descriptors (worker protocol 2); to a worker that only reads it,
+    // it behaves as the pipe did. One way only: the daemon never reads it.
+    let (job_w, job_r) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| SpawnError::os("socketpair", e))?;
+    shutdown(job_w.as_raw_fd(), Shutdown::Read).map_err(|e| SpawnError::os("shutdown", e))?;
+    shutdown(job_r.as_raw_fd(), Shutdown::Write).map_err(|e| SpawnError::os("shutdown", e))?;
     let (res_r, res_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;

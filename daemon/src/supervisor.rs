@@ -25,7 +25,8 @@ use ipc_proto::control::{
 use ipc_proto::worker::ToWorker;
 use jobs::{JobTable, PoolJobs};
 pub use jobs::{
-    SubmitInput, Viewer, ADAPTIVE_AHEAD, ADAPTIVE_LONG_JOB, ADAPTIVE_PREFETCH_MAX, TAKE_BACK_AFTER,
+    SubmitExtra, SubmitInput, Viewer, ADAPTIVE_AHEAD, ADAPTIVE_LONG_JOB, ADAPTIVE_PREFETCH_MAX,
+    TAKE_BACK_AFTER,
 };
 use nix::sys::signal::Signal;
 use std::collections::{BTreeMap, VecDeque};
@@ -81,6 +82,17 @@ pub enum Action {
         proc: ProcId,
         /// Message.
         msg: ToWorker,
+    },
+    /// Send a frame with descriptors attached (worker protocol 2: a
+    /// `Payload::Fd` input, then an output buffer; see
+    /// [`ToWorker::descriptors`]).
+    SendFds {
+        /// Target.
+        proc: ProcId,
+        /// Message.
+        msg: ToWorker,
+        /// The descriptors, in order.
+        fds: Vec<PassedFd>,
     },
     /// Write a log line.
     Log {
@@ -265,6 +277,9 @@ struct Proc {
     solo: bool,
     /// It sent `Ready` (a death before it carries its last output).
     ready: bool,
+    /// It speaks worker protocol 2: it takes inputs and output buffers as
+    /// descriptors.
+    takes_fds: bool,
     /// Input half of its shared-memory arena (boxed: it is large).
     arena: Box<ipc_proto::arena::Allocator>,
     /// Input slots of its in-flight jobs.
@@ -584,12 +599,15 @@ impl Supervisor {
         let Some((name, idx)) = self.find_proc(proc) else {
             return;
         };
-        if protocol_version != ipc_proto::PROTOCOL_VERSION {
+        if !(ipc_proto::PROTOCOL_VERSION..=ipc_proto::WORKER_PROTOCOL_FDS)
+            .contains(&protocol_version)
+        {
             self.on_protocol_error(
                 proc,
                 format!(
-                    "worker speaks protocol version {protocol_version}, daemon speaks {}",
-                    ipc_proto::PROTOCOL_VERSION
+                    "worker speaks protocol version {protocol_version}, daemon speaks {} and {}",
+                    ipc_proto::PROTOCOL_VERSION,
+                    ipc_proto::WORKER_PROTOCOL_FDS
                 ),
                 now,
             );
@@ -601,6 +619,7 @@ impl Supervisor {
             return;
         };
         if let Phase::Starting { .. } = p.phase {
+            p.takes_fds = protocol_version >= ipc_proto::WORKER_PROTOCOL_FDS;
             p.phase = Phase::Ready;
             p.ready = true;
             pool.ever_ready = true;
@@ -1193,6 +1212,7 @@ impl Supervisor {
             last_rss_check: None,
             solo: false,
             ready: false,
+            takes_fds: false,
             arena: Box::new(ipc_proto::arena::Allocator::new(
                 ipc_proto::arena::ArenaLayout::split(pool.config.shm_size).input,
                 ipc_proto::arena::SLOT_ALIGN,
@@ -1507,11 +1527,22 @@ pub enum JobOutput {
     Memfd(OutputMemfd),
 }
 
-/// A sealed memfd holding a job's output (see [`JobOutput::Memfd`]).
+/// A memfd holding a job's output (see [`JobOutput::Memfd`]): one the
+/// daemon filled and sealed, or the client's own output buffer.
 #[derive(Debug, Clone)]
 pub struct OutputMemfd {
     pub file: std::sync::Arc<std::fs::File>,
     pub len: u64,
+}
+
+/// A client's descriptor handed on to a worker ([`Action::SendFds`]).
+#[derive(Debug, Clone)]
+pub struct PassedFd(pub std::sync::Arc<std::fs::File>);
+
+impl PartialEq for PassedFd {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl PartialEq for OutputMemfd {

@@ -165,6 +165,55 @@ pub enum Request {
     /// The Prometheus text exposition of the daemon's metrics, answered
     /// with [`Response::Metrics`]. Open to every user (aggregates only).
     Metrics,
+    /// A submit with choices the older requests cannot carry: the input
+    /// inline or as a descriptor ([`SubmitPayload`]), a per-job
+    /// `payloads` mode, and an output buffer. Descriptors attached to the
+    /// frame's first byte, in this order: the input's (with
+    /// [`SubmitPayload::Fd`]), then the output buffer's (with
+    /// `output_buffer`). Answered like [`Request::Submit`].
+    SubmitWith {
+        /// Target pool.
+        pool: String,
+        /// The input.
+        input: SubmitPayload,
+        /// Per-job options.
+        options: JobOptions,
+        /// Also send the finished job document.
+        wait: bool,
+        /// Overrides the pool's `payloads` for this job.
+        payloads: Option<PayloadMode>,
+        /// An output buffer comes with the request: a memfd open
+        /// read-write and sealed against shrinking (`F_SEAL_SHRINK`). When
+        /// the job's outputs are kept in memory (`payloads = "memory"`), a
+        /// large output is written into it (by the worker itself, with
+        /// worker protocol 2) and the finished document comes as
+        /// [`Response::JobFd`] with that buffer's descriptor; otherwise it
+        /// is not used. Needs `wait`.
+        output_buffer: bool,
+    },
+}
+
+/// The input of a [`Request::SubmitWith`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitPayload {
+    /// The bytes (as [`Request::Submit`]'s `input`).
+    Inline(Bytes),
+    /// The first `len` bytes of the first descriptor attached (as
+    /// [`Request::SubmitFd`]).
+    Fd {
+        /// Bytes of input in the descriptor.
+        len: u64,
+    },
+}
+
+/// Where a job's large payloads live (the pool key `payloads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadMode {
+    /// In the store's payload files, durable before acknowledgement.
+    Durable,
+    /// Only in memory: a job whose large input is lost with the daemon
+    /// ends `dead`.
+    Memory,
 }
 
 /// Most jobs one [`Request::Prune`] deletes; more take more requests (so

@@ -24,6 +24,13 @@ pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 /// different version is refused at the handshake.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Worker protocol 2: version 1 plus descriptors. Fd 3 is a Unix stream
+/// socket; a worker that announces this version in `Ready` may be sent
+/// inputs as memfds ([`worker::Payload::Fd`]) and output buffers
+/// ([`worker::ToWorker::JobOut`]), attached to the frames with
+/// `SCM_RIGHTS`. A worker announcing 1 never gets a descriptor.
+pub const WORKER_PROTOCOL_FDS: u32 = 2;
+
 /// A pool's `inline_limit` when its configuration does not say: payloads
 /// above it go through the worker's shared-memory arena. The daemon's
 /// default, and the worker library's when `JOBVISOR_INLINE_LIMIT` is unset.

@@ -33,6 +33,14 @@ pub enum Payload {
         /// Length in bytes.
         len: u64,
     },
+    /// Worker protocol 2 only. In a `Job`'s input: the first `len` bytes
+    /// of the memfd attached to the frame (sealed against shrinking and
+    /// writing). In a `Done`/`Raised`: the first `len` bytes of the job's
+    /// output buffer ([`ToWorker::JobOut`]).
+    Fd {
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl Payload {
@@ -40,7 +48,7 @@ impl Payload {
     pub fn len(&self) -> u64 {
         match self {
             Payload::Inline(b) => b.len() as u64,
-            Payload::Shm { len, .. } => *len,
+            Payload::Shm { len, .. } | Payload::Fd { len } => *len,
         }
     }
 
@@ -84,6 +92,25 @@ pub enum ToWorker {
         /// Length the worker reported in `Done`.
         len: u64,
     },
+    /// Worker protocol 2 only: run this job like [`ToWorker::Job`]; the
+    /// last descriptor attached to the frame is its **output buffer**, a
+    /// memfd open read-write, sealed against shrinking only. The worker
+    /// may put the output there (growing the memfd as needed) and answer
+    /// `Payload::Fd { len }`, or answer as for `Job`.
+    JobOut(Job),
+}
+
+impl ToWorker {
+    /// Descriptors the daemon attaches to this message's frame (worker
+    /// protocol 2): the input's with a `Payload::Fd` input, then the
+    /// output buffer's with `JobOut`.
+    pub fn descriptors(&self) -> usize {
+        match self {
+            ToWorker::Job(job) => usize::from(matches!(job.input, Payload::Fd { .. })),
+            ToWorker::JobOut(job) => 1 + usize::from(matches!(job.input, Payload::Fd { .. })),
+            _ => 0,
+        }
+    }
 }
 
 /// Worker → daemon (fd 4).
@@ -91,7 +118,8 @@ pub enum ToWorker {
 pub enum FromWorker {
     /// First message: the worker is initialised and can take jobs.
     Ready {
-        /// Must equal [`crate::PROTOCOL_VERSION`].
+        /// [`crate::PROTOCOL_VERSION`] (1), or [`crate::WORKER_PROTOCOL_FDS`]
+        /// (2) from a worker that takes descriptors on fd 3 (a socket).
         protocol_version: u32,
         /// The worker's own pid (for a wrapper that execs, the final one).
         pid: u32,

@@ -198,20 +198,33 @@ def encode_submit(pool, length_or_data, options, wait, fd):
     return b"\x06" + w.string(pool) + w.bytes_(length_or_data) + options + w.boolean(wait)
 
 
+PAYLOAD_MODES = ("durable", "memory")
+
+
+def encode_submit_with(pool, length_or_data, options, wait, fd, payloads, output_buffer):
+    """``SubmitWith``: the input inline or (`fd`) as the first descriptor,
+    a per-job ``payloads`` mode ("durable", "memory" or None for the pool's),
+    and with `output_buffer` an output buffer as the next descriptor."""
+    if payloads is not None and payloads not in PAYLOAD_MODES:
+        raise ValueError(f"payloads must be one of {PAYLOAD_MODES} or None, not {payloads!r}")
+    if fd:
+        given = b"\x01" + w.uvarint(length_or_data)
+    else:
+        given = b"\x00" + w.bytes_(length_or_data)
+    mode = w.option(None if payloads is None else PAYLOAD_MODES.index(payloads), w.uvarint)
+    return (b"\x13" + w.string(pool) + given + options + w.boolean(wait) + mode
+            + w.boolean(output_buffer))
+
+
 @contextlib.contextmanager
-def submit_request(pool, data, options, wait, reuse=None):
+def submit_request(pool, data, options, wait):
     """The request submitting `data`: yields ``(payload, fd)``, a ``Submit``
     with the bytes inline and ``fd`` None, or for 1 MiB or more a
-    ``SubmitFd`` and a sealed memfd holding them (closed afterwards), or
-    with `reuse` (an :class:`InputBuffer`) that buffer's memfd."""
+    ``SubmitFd`` and a sealed memfd holding them (closed afterwards)."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     if len(data) < FD_PAYLOAD_MIN:
         yield encode_submit(pool, data, options, wait, False), None
-        return
-    if reuse is not None and getattr(data, "parts", None) is None:
-        fd = reuse.fill(data)
-        yield encode_submit(pool, memoryview(data).nbytes, options, wait, True), fd
         return
     fd = sealed_memfd(data)
     try:
@@ -220,36 +233,128 @@ def submit_request(pool, data, options, wait, reuse=None):
         os.close(fd)
 
 
+# F_SEAL_FUTURE_WRITE (Linux 5.1; not in the fcntl module): no new writes,
+# except through mappings made before.
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+def _round_up(n, to=1 << 20):
+    return max(to, (n + to - 1) // to * to)
+
+
 class InputBuffer:
-    """One unsealed memfd that a connection reuses for the large inputs of
-    ``submit(..., wait=True)``. Once a job's result is in, nothing the
-    daemon reads from its input is used any more (see PROTOCOL.md, "Control
-    protocol": the attempt that produced the result read it before its
-    worker answered, and a durable store copied it before ``Submitted``), so the
+    """A memfd that a connection reuses for the large inputs of
+    ``submit(..., wait=True)`` to one pool. Once a job's result is in,
+    nothing reads its input any more (see PROTOCOL.md, "Control protocol":
+    the attempt that produced the result read it before its worker
+    answered, and a durable store copied it before ``Submitted``), so the
     next input overwrites the same pages instead of faulting in fresh ones:
-    a new 64 MiB memfd costs ~35 ms here, a rewrite ~10 ms. A buffer whose
-    job did not end normally (an error or an interruption before the
-    result) is dropped, never reused: the daemon may still read it."""
+    a new 64 MiB memfd costs ~35 ms here, a rewrite ~10 ms.
+
+    It is sealed against shrinking, growing and writing through any new
+    descriptor or mapping (``F_SEAL_FUTURE_WRITE``), and written through the
+    one mapping made before the seals: the daemon may then hand the
+    descriptor itself to a worker of a ``payloads = "memory"`` pool, which
+    maps it with no copy and cannot change it (a worker may keep the
+    descriptor, so a buffer serves one pool only). It has a capacity (whole
+    MiB); a larger input replaces it. A buffer whose job did not end
+    normally (an error or an interruption before the result) is dropped,
+    never reused: the daemon or a worker may still read it."""
 
     def __init__(self):
         self.fd = None
+        self.map = None
+        self.capacity = 0
 
     def fill(self, data):
-        if self.fd is None:
-            self.fd = os.memfd_create("jobvisor-input", os.MFD_CLOEXEC)
+        import mmap
         view = memoryview(data).cast("B")
+        n = view.nbytes
         try:
-            os.ftruncate(self.fd, view.nbytes)
-            _pwrite_all(self.fd, [view], 0)
+            if self.fd is None or n > self.capacity:
+                self.drop()
+                self._create(_round_up(n))
+            self.map[:n] = view
         except BaseException:
             self.drop()
             raise
         return self.fd
 
+    def _create(self, capacity):
+        import fcntl
+        import mmap
+        self.fd = os.memfd_create("jobvisor-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.capacity = capacity
+        os.ftruncate(self.fd, capacity)
+        self.map = mmap.mmap(self.fd, capacity, flags=mmap.MAP_SHARED,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE)
+        except OSError:
+            pass  # a kernel before 5.1: unsealed, the daemon copies it
+
+    def drop(self):
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.capacity = 0
+
+
+class OutputBuffer:
+    """A memfd a connection passes with ``submit(..., wait=True)`` to one
+    pool, for the job's large output: where the job's outputs stay in
+    memory (``payloads = "memory"``), the worker writes its output straight
+    into it (the daemon does, for a worker of the older protocol), and the
+    result's output is read or mapped from it. Sealed against shrinking
+    only, so that the writer may grow it. Reused while the caller holds no
+    view of the last output mapped from it (``map_outputs=True``); otherwise
+    replaced by a new one, the old pages living on in the caller's view."""
+
+    def __init__(self):
+        self.fd = None
+        # The mapping behind the last output handed out (map_outputs).
+        self.last = None
+
+    def get(self):
+        import fcntl
+        if self.fd is not None and self.last is not None:
+            try:
+                self.last.close()  # refused while the caller holds a view
+                self.last = None
+            except BufferError:
+                self.drop()
+        if self.fd is None:
+            self.fd = os.memfd_create("jobvisor-output", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return self.fd
+
+    def handed_out(self, output):
+        """Notes the output of the job that used this buffer."""
+        import mmap
+        obj = getattr(output, "obj", None)
+        self.last = obj if isinstance(obj, mmap.mmap) else None
+
     def drop(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self.last = None
+
+
+class PoolBuffers:
+    """The input and output buffers a connection reuses for one pool."""
+
+    def __init__(self):
+        self.input = InputBuffer()
+        self.output = OutputBuffer()
+
+    def drop(self):
+        self.input.drop()
+        self.output.drop()
 
 
 def sealed_memfd(data):
@@ -483,14 +588,16 @@ class Connection:
         self.sock.close()
 
     def send(self, payload, fd=None):
+        """Sends one frame; `fd` (a descriptor or a list of them) goes
+        with its first byte."""
         data = w.frame(payload)
+        fds = [] if fd is None else fd if isinstance(fd, (list, tuple)) else [fd]
         try:
-            if fd is None:
+            if not fds:
                 self.sock.sendall(data)
             else:
-                # The descriptor goes with the frame's first byte.
                 sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", [fd]))])
+                                                   array.array("i", fds))])
                 self.sock.sendall(data[sent:])
         except OSError as e:
             raise Error("failed", f"connection to jobvisord lost: {e}") from None
@@ -540,10 +647,13 @@ class Client:
         either way."""
         self.conn = Connection(resolve_socket(socket, config), map_outputs=map_outputs)
         self.daemon = self.conn.hello
-        self._input = InputBuffer()
+        # Per pool: the buffers of large submits that wait (see PoolBuffers).
+        self._buffers = {}
 
     def close(self):
-        self._input.drop()
+        for b in self._buffers.values():
+            b.drop()
+        self._buffers = {}
         self.conn.close()
 
     def __enter__(self):
@@ -582,20 +692,46 @@ class Client:
         return self._expect("ok", b"\x05" + w.boolean(now))
 
     def submit(self, pool, data, *, timeout=None, max_attempts=None, priority=0, key=None,
-               wait=False):
+               wait=False, payloads=None):
         """Submits one job; returns its id once it is durable, or with
         ``wait=True`` its final :class:`Job` (with the output). If the pool
         has failed (or fails while waiting), raises :class:`Error` (kind
         "failed") at once; the job stays queued and runs once the pool is
-        fixed."""
+        fixed. ``payloads`` ("durable" or "memory") overrides the pool's
+        ``payloads`` for this job.
+
+        A large input (1 MiB or more) submitted with ``wait=True`` goes
+        through this connection's input buffer for the pool, and comes with
+        its output buffer (see :class:`InputBuffer`, :class:`OutputBuffer`):
+        in a ``payloads = "memory"`` pool the bytes are then copied about
+        once each way."""
         options = _options(timeout, max_attempts, priority, key)
-        # Waiting, the job has ended when this returns normally: its input
-        # buffer can take the next input (see InputBuffer).
-        reuse = self._input if wait else None
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        buffers = None
+        if wait and getattr(data, "parts", None) is None \
+                and memoryview(data).nbytes >= FD_PAYLOAD_MIN:
+            buffers = self._buffers.get(pool)
+            if buffers is None:
+                buffers = self._buffers[pool] = PoolBuffers()
+        # Waiting, the job has ended when this returns normally: its
+        # buffers can take the next job (see InputBuffer).
         ended = False
         try:
-            with submit_request(pool, data, options, wait, reuse) as (payload, fd):
-                kind, value = self._call(payload, fd)
+            if buffers is not None:
+                fds = [buffers.input.fill(data), buffers.output.get()]
+                payload = encode_submit_with(pool, memoryview(data).nbytes, options, wait, True,
+                                             payloads, True)
+                kind, value = self._call(payload, fds)
+            elif payloads is not None:
+                with submit_request(pool, data, options, wait) as (_, fd):
+                    length = len(data) if fd is not None else data
+                    payload = encode_submit_with(pool, length, options, wait, fd is not None,
+                                                 payloads, False)
+                    kind, value = self._call(payload, fd)
+            else:
+                with submit_request(pool, data, options, wait) as (payload, fd):
+                    kind, value = self._call(payload, fd)
             if kind != "submitted":
                 raise Error("failed", f"unexpected answer to a submit: {kind}")
             if not wait:
@@ -606,10 +742,13 @@ class Client:
             if kind == "pool_failed":
                 raise pool_failed_error(job, value)
             ended = True
+            if buffers is not None:
+                buffers.output.handed_out(job.output)
             return job
         finally:
-            if reuse is not None and not ended:
-                reuse.drop()
+            if buffers is not None and not ended:
+                buffers.drop()
+                del self._buffers[pool]
 
     def map(self, pool, inputs, *, timeout=None, max_attempts=None, priority=0, key=None):
         """Submits one job per input, pipelined (like ``jobvisorctl map``),

@@ -17,9 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::context::JobContext;
 use crate::output::Output;
 use crate::serve::{
-    serve_with_output, vec_handler, ServeConfig, ServeError, Stop, DEFAULT_INLINE_LIMIT,
+    serve_stream, serve_with_output, vec_handler, ServeConfig, ServeError, Stop,
+    DEFAULT_INLINE_LIMIT,
 };
 use crate::shm::Arena;
+use ipc_proto::WORKER_PROTOCOL_FDS;
 
 /// The environment variable naming the worker's descriptors.
 pub const FDS_ENV: &str = "JOBVISOR_FDS";
@@ -142,6 +144,12 @@ impl Channel {
         let config = ServeConfig::default()
             .arena(self.arena)
             .inline_limit(self.inline_limit);
+        // A socket on fd 3 can carry descriptors: protocol 2 (see
+        // `crate::fds`). A pipe (an older daemon): protocol 1.
+        if crate::fds::is_socket(&self.jobs) {
+            let jobs = crate::fds::FdSocket(self.jobs);
+            return serve_stream(jobs, self.results, config, WORKER_PROTOCOL_FDS, handler);
+        }
         serve_with_output(self.jobs, self.results, config, handler)
     }
 }

@@ -88,6 +88,7 @@
 
 mod channel;
 mod context;
+mod fds;
 pub mod handlers;
 mod output;
 mod serve;

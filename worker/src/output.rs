@@ -17,6 +17,12 @@
 //! `Release`s (see [`crate::serve_with_output`] for the bound on that wait).
 //! An output larger than the whole output region stays a `Vec` and is sent
 //! inline if it fits in a frame; otherwise the job fails.
+//!
+//! A job that came with an output buffer (worker protocol 2, see
+//! [`crate::fds`]) uses it instead of the arena: past the inline limit the
+//! output moves into the buffer (grown as needed, never copied again), and
+//! is answered as `Payload::Fd`. If the buffer cannot grow, the output goes
+//! on as above.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +33,7 @@ use ipc_proto::worker::Payload;
 use ipc_proto::MAX_FRAME_LEN;
 
 use crate::context::CancelState;
+use crate::fds::Mapped;
 use crate::shm::{NoRoom, Shm};
 
 /// The largest output sent inline: the frame limit minus room for the rest
@@ -70,6 +77,8 @@ pub struct Output {
     /// A wait for room failed during this job: no more tries, go inline.
     gave_up: bool,
     sink: Option<Arc<Sink>>,
+    /// The job's output buffer, if it came with one.
+    buffer: Option<Mapped>,
 }
 
 enum Data {
@@ -77,6 +86,10 @@ enum Data {
     /// The first `len` bytes of `slot` (`len <= slot.len()`), not handed out.
     Shared {
         slot: Slot,
+        len: usize,
+    },
+    /// The first `len` bytes of `buffer` (`len <= buffer.capacity()`).
+    Buffer {
         len: usize,
     },
 }
@@ -92,6 +105,7 @@ impl Output {
             hint: 0,
             gave_up: false,
             sink: None,
+            buffer: None,
         }
     }
 
@@ -101,14 +115,20 @@ impl Output {
             hint: 0,
             gave_up: false,
             sink: Some(sink),
+            buffer: None,
         }
+    }
+
+    /// Gives the output the job's output buffer (see [`crate::fds`]).
+    pub(crate) fn use_buffer(&mut self, buffer: Mapped) {
+        self.buffer = Some(buffer);
     }
 
     /// Bytes written so far.
     pub fn len(&self) -> usize {
         match &self.data {
             Data::Heap(v) => v.len(),
-            Data::Shared { len, .. } => *len,
+            Data::Shared { len, .. } | Data::Buffer { len } => *len,
         }
     }
 
@@ -117,10 +137,10 @@ impl Output {
         self.len() == 0
     }
 
-    /// True while the output is held in the shared-memory arena rather than
-    /// in process memory.
+    /// True while the output is held in shared memory (the arena, or the
+    /// client's output buffer) rather than in process memory.
     pub fn is_shared(&self) -> bool {
-        matches!(self.data, Data::Shared { .. })
+        !matches!(self.data, Data::Heap(_))
     }
 
     /// The bytes written so far.
@@ -139,6 +159,7 @@ impl Output {
                 // and the slot.
                 unsafe { std::slice::from_raw_parts(shm.arena.ptr_at(slot.offset()), *len) }
             }
+            Data::Buffer { len } => &self.buffer.as_ref().expect("has a buffer").bytes()[..*len],
         }
     }
 
@@ -154,6 +175,9 @@ impl Output {
                 // daemon nor any other slot's user writes these bytes.
                 unsafe { std::slice::from_raw_parts_mut(shm.arena.ptr_at(slot.offset()), *len) }
             }
+            Data::Buffer { len } => {
+                &mut self.buffer.as_mut().expect("has a buffer").bytes_mut()[..*len]
+            }
         }
     }
 
@@ -164,7 +188,7 @@ impl Output {
         self.make_room(bytes.len());
         match &mut self.data {
             Data::Heap(v) => v.extend_from_slice(bytes),
-            Data::Shared { len, .. } => {
+            Data::Shared { len, .. } | Data::Buffer { len } => {
                 *len = start + bytes.len();
                 self.as_mut_slice()[start..].copy_from_slice(bytes);
             }
@@ -182,7 +206,7 @@ impl Output {
         self.make_room(len);
         match &mut self.data {
             Data::Heap(v) => v.resize(end, 0),
-            Data::Shared { len, .. } => *len = end,
+            Data::Shared { len, .. } | Data::Buffer { len } => *len = end,
         }
         &mut self.as_mut_slice()[start..]
     }
@@ -207,7 +231,7 @@ impl Output {
     pub fn truncate(&mut self, len: usize) {
         match &mut self.data {
             Data::Heap(v) => v.truncate(len),
-            Data::Shared { len: l, .. } => *l = (*l).min(len),
+            Data::Shared { len: l, .. } | Data::Buffer { len: l } => *l = (*l).min(len),
         }
     }
 
@@ -225,6 +249,9 @@ impl Output {
     /// slot, or back to a `Vec` if it cannot be in the arena any more.
     /// Afterwards a `Shared` output has room for `len + extra` bytes.
     fn make_room(&mut self, extra: usize) {
+        if self.buffer.is_some() && self.buffer_room(extra) {
+            return;
+        }
         let Some(sink) = &self.sink else { return };
         let Some(shm) = &sink.shm else { return };
         let len = self.len();
@@ -243,6 +270,8 @@ impl Output {
                 }
                 Some((slot.len(), slot.capacity()))
             }
+            // `buffer_room` demotes a buffer it cannot grow.
+            Data::Buffer { .. } => return,
         };
         let shm = Arc::clone(shm);
         let needed64 = needed as u64;
@@ -290,6 +319,37 @@ impl Output {
                 }
             }
         }
+    }
+
+    /// [`Self::make_room`] with an output buffer: true when the output is
+    /// (or has just moved) in the buffer with room for `extra` more bytes,
+    /// or stays a `Vec` under the inline limit. False when the buffer cannot
+    /// grow: it is dropped, the output is a `Vec` again, and the arena's
+    /// rules apply.
+    fn buffer_room(&mut self, extra: usize) -> bool {
+        let limit = self.sink.as_ref().map_or(usize::MAX, |s| s.inline_limit);
+        let len = self.len();
+        let needed = len.checked_add(extra).expect("output length overflows");
+        let buffer = self.buffer.as_mut().expect("checked by the caller");
+        let want = match self.data {
+            Data::Buffer { .. } if needed <= buffer.capacity() => return true,
+            Data::Buffer { .. } => needed.max(len.saturating_mul(2)).max(self.hint),
+            Data::Heap(_) if needed <= limit => return true,
+            Data::Heap(_) => needed.max(self.hint),
+            Data::Shared { .. } => return false,
+        };
+        if buffer.ensure(want).is_ok() {
+            if let Data::Heap(v) = std::mem::replace(&mut self.data, Data::Buffer { len }) {
+                buffer.bytes_mut()[..len].copy_from_slice(&v);
+            }
+            return true;
+        }
+        if let Data::Buffer { .. } = self.data {
+            let v = self.as_slice().to_vec();
+            self.data = Data::Heap(v);
+        }
+        self.buffer = None;
+        false
     }
 
     /// Moves a shared output back into a `Vec` of capacity `capacity`.
@@ -355,12 +415,39 @@ impl Output {
         }
     }
 
+    /// With an output buffer: the payload for an output over the inline
+    /// limit, in the buffer (a `Vec` is copied there once). `None` when the
+    /// arena's rules apply (no buffer, a small output, a buffer that cannot
+    /// grow).
+    fn finish_in_buffer(&mut self, limit: usize) -> Option<Payload> {
+        let len = self.len();
+        if self.buffer.is_none() || len <= limit {
+            return None;
+        }
+        if let Data::Heap(v) = &self.data {
+            let buffer = self.buffer.as_mut().expect("checked");
+            buffer.ensure(len).ok()?;
+            buffer.bytes_mut()[..len].copy_from_slice(v);
+            self.data = Data::Buffer { len };
+        }
+        match self.data {
+            Data::Buffer { len } => {
+                self.data = Data::Heap(Vec::new());
+                Some(Payload::Fd { len: len as u64 })
+            }
+            _ => None,
+        }
+    }
+
     /// The payload for `Done` (or the error for `Failed`); leaves the output
     /// empty. A shared-memory payload is handed out here: its slot is the
     /// daemon's until `Release`. (The serving loop makes a fresh `Output`
     /// per job, so nothing else needs resetting.)
     pub(crate) fn finish(&mut self) -> Result<Payload, String> {
         let limit = self.sink.as_ref().map_or(usize::MAX, |s| s.inline_limit);
+        if let Some(payload) = self.finish_in_buffer(limit) {
+            return Ok(payload);
+        }
         let shm = self.sink.as_ref().and_then(|s| s.shm.clone());
         if self.is_shared() && self.len() <= limit {
             // Shrunk back under the limit: inline after all, and the slot
@@ -374,6 +461,7 @@ impl Output {
                 let shm = shm.expect("a shared output has an arena");
                 Ok(shm.hand_out(slot, len as u64))
             }
+            Data::Buffer { .. } => unreachable!("answered by finish_in_buffer"),
             Data::Heap(v) => {
                 let len = v.len();
                 let Some(shm) = shm else {

@@ -60,6 +60,7 @@ use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 use crate::context::{CancelState, JobContext};
+use crate::fds::{JobFds, JobStream, Mapped, Plain};
 use crate::output::{FlushResults, Output, Sink};
 use crate::shm::{Arena, Shm};
 
@@ -210,10 +211,27 @@ pub fn serve_with_output<R, W, F>(
     jobs: R,
     results: W,
     config: ServeConfig,
-    mut handler: F,
+    handler: F,
 ) -> Result<Stop, ServeError>
 where
     R: Read + Send + 'static,
+    W: Write + Send + 'static,
+    F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
+{
+    serve_stream(Plain(jobs), results, config, PROTOCOL_VERSION, handler)
+}
+
+/// [`serve_with_output`] on a job stream that may carry descriptors,
+/// announcing `protocol_version` (2 for a [`crate::fds::FdSocket`]).
+pub(crate) fn serve_stream<J, W, F>(
+    jobs: J,
+    results: W,
+    config: ServeConfig,
+    protocol_version: u32,
+    mut handler: F,
+) -> Result<Stop, ServeError>
+where
+    J: JobStream,
     W: Write + Send + 'static,
     F: FnMut(&JobContext, &[u8], &mut Output) -> Result<(), String>,
 {
@@ -223,7 +241,7 @@ where
     let mut results = results;
     let mut ready = Vec::new();
     let hello = FromWorker::Ready {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version,
         pid: std::process::id(),
     };
     encode_frame(&hello, &mut ready)
@@ -264,7 +282,7 @@ where
         if let Some(end) = inbox.take_abort() {
             return out.abort(end);
         }
-        let Some(job) = inbox.next_job() else {
+        let Some((job, fds)) = inbox.next_job() else {
             out.flush()?;
             if inbox.shutdown {
                 return Ok(Stop::Shutdown);
@@ -290,12 +308,15 @@ where
         let result = if cancel.is_cancelled() {
             Err(CANCELLED.to_owned())
         } else {
-            match input_of(&job, shm.as_deref()) {
+            match input_of(&job, shm.as_deref(), fds.input.as_ref()) {
                 Ok(input) => {
                     ctx.set_job(&job);
                     // A fresh one per job: whatever the handler does with
                     // the last one, it cannot affect the next job.
                     let mut output = Output::attached(Arc::clone(&sink));
+                    if let Some(fd) = fds.output {
+                        output.use_buffer(Mapped::output(fd));
+                    }
                     match handler(&ctx, input, &mut output) {
                         // Before `cancel.finish()`: a wait for room in the
                         // arena gives up when this job is cancelled.
@@ -318,9 +339,18 @@ where
 /// The job's input bytes: inline, or in place in the arena. The reader has
 /// already checked a shared-memory reference; the bytes stay valid until the
 /// job is answered, which happens only after the handler returns.
-fn input_of<'a>(job: &'a Job, shm: Option<&'a Shm>) -> Result<&'a [u8], String> {
+fn input_of<'a>(
+    job: &'a Job,
+    shm: Option<&'a Shm>,
+    mapped: Option<&'a Result<Mapped, String>>,
+) -> Result<&'a [u8], String> {
     match &job.input {
         Payload::Inline(input) => Ok(input),
+        Payload::Fd { len } => match mapped {
+            Some(Ok(m)) => Ok(&m.bytes()[..*len as usize]),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("a descriptor input without its descriptor".to_owned()),
+        },
         Payload::Shm { offset, len } => match shm {
             Some(shm) => shm.arena.input(*offset, *len).map_err(|e| e.to_string()),
             // The reader refuses these before they get here.
@@ -331,7 +361,7 @@ fn input_of<'a>(job: &'a Job, shm: Option<&'a Shm>) -> Result<&'a [u8], String> 
 
 /// One message from the reader thread.
 enum Incoming {
-    Job(Job),
+    Job(Job, JobFds),
     Cancel(JobId),
     Shutdown,
     /// Always the last message.
@@ -360,19 +390,20 @@ impl End {
 /// a `Cancel` of a job still queued itself, at once (see [`crate::context`]),
 /// through `out` (weak: it does not keep the result stream open once
 /// [`serve`] is done with it).
-fn read_jobs<R: Read, W: Write>(
-    mut jobs: R,
+fn read_jobs<J: JobStream, W: Write>(
+    mut jobs: J,
     tx: &Sender<Vec<Incoming>>,
     cancel: &CancelState,
     shm: Option<&Shm>,
     out: &std::sync::Weak<Shared<W>>,
 ) {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut fifo = VecDeque::new();
     let mut shutdown = false;
     // `shutdown` as of the end of the last batch.
     let mut queued_shutdown = false;
     loop {
-        let n = match jobs.read(decoder.unfilled()) {
+        let n = match jobs.read_fds(decoder.unfilled(), &mut fifo) {
             // A partial frame left at end of stream means the daemon died
             // mid-write: the daemon is gone either way.
             Ok(0) => {
@@ -393,8 +424,14 @@ fn read_jobs<R: Read, W: Write>(
                 Ok(None) => break None,
                 Err(e) => break Some(format!("bad frame: {e}")),
             };
-            match decode::<ToWorker>(payload) {
-                Ok(ToWorker::Job(job)) => {
+            let msg = decode::<ToWorker>(payload);
+            let fds = match msg.as_ref().map(|m| JobFds::take(m, &mut fifo)) {
+                Ok(Ok(fds)) => fds,
+                Ok(Err(why)) => break Some(why),
+                Err(_) => JobFds::default(),
+            };
+            match msg {
+                Ok(ToWorker::Job(job) | ToWorker::JobOut(job)) => {
                     if let Payload::Shm { offset, len } = job.input {
                         let checked = match shm {
                             Some(shm) => shm.arena.check_input(offset, len).map_err(|e| {
@@ -410,7 +447,7 @@ fn read_jobs<R: Read, W: Write>(
                             break Some(why);
                         }
                     }
-                    batch.push(Incoming::Job(job));
+                    batch.push(Incoming::Job(job, fds));
                 }
                 Ok(ToWorker::Cancel { id }) => {
                     batch.push(Incoming::Cancel(id));
@@ -445,7 +482,7 @@ fn read_jobs<R: Read, W: Write>(
             .iter()
             .take_while(|m| !matches!(m, Incoming::Shutdown))
             .filter_map(|m| match m {
-                Incoming::Job(job) => Some(job.id),
+                Incoming::Job(job, _) => Some(job.id),
                 _ => None,
             });
         if !queued_shutdown {
@@ -499,7 +536,7 @@ fn send_end(
 /// Jobs received and not yet run, and what the reader has told so far.
 struct Inbox {
     rx: Receiver<Vec<Incoming>>,
-    queue: VecDeque<Job>,
+    queue: VecDeque<(Job, JobFds)>,
     shutdown: bool,
     ignored_after_shutdown: bool,
     end: Option<End>,
@@ -530,7 +567,7 @@ impl Inbox {
 
     /// The next job to run: from the local queue, else from the channel
     /// without blocking.
-    fn next_job(&mut self) -> Option<Job> {
+    fn next_job(&mut self) -> Option<(Job, JobFds)> {
         if self.queue.is_empty() {
             self.drain();
         }
@@ -579,7 +616,7 @@ impl Inbox {
     /// queue; the reader has answered it (see [`crate::context`]).
     fn apply_one(&mut self, msg: Incoming) {
         match msg {
-            Incoming::Job(job) => {
+            Incoming::Job(job, fds) => {
                 if self.shutdown || self.end.is_some() {
                     if !self.ignored_after_shutdown {
                         self.ignored_after_shutdown = true;
@@ -589,14 +626,14 @@ impl Inbox {
                         );
                     }
                 } else {
-                    self.queue.push_back(job);
+                    self.queue.push_back((job, fds));
                 }
             }
             Incoming::Cancel(id) => {
                 // A queued job the reader has answered (the running one was
                 // flagged by the reader): drop it. Else already answered,
                 // or never sent: nothing to do.
-                if let Some(at) = self.queue.iter().position(|j| j.id == id) {
+                if let Some(at) = self.queue.iter().position(|(j, _)| j.id == id) {
                     self.queue.remove(at);
                 }
             }

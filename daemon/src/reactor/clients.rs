@@ -26,6 +26,7 @@ pub(super) struct FdInput {
     pool: String,
     options: ipc_proto::control::JobOptions,
     wait: bool,
+    extra: crate::supervisor::SubmitExtra,
     input: Result<crate::supervisor::SubmitInput, String>,
 }
 
@@ -33,7 +34,12 @@ pub(super) struct FdInput {
 /// (under a mebibyte); a large one is never read: the store copies the file
 /// into the job's payload file in the kernel, and a worker's arena is
 /// filled from it (see `SubmitInput::Source`).
-fn prepare_fd_input(fd: OwnedFd, len: u64) -> Result<crate::supervisor::SubmitInput, String> {
+fn prepare_fd_input(
+    fd: OwnedFd,
+    len: u64,
+    extra: &mut crate::supervisor::SubmitExtra,
+) -> Result<crate::supervisor::SubmitInput, String> {
+    extra.input_shareable = crate::fdpass::shareable_for_reading(&fd);
     if len < crate::store::FILE_PAYLOAD_MIN as u64 {
         return crate::fdpass::read_payload(fd, len, "input").map(Into::into);
     }
@@ -361,7 +367,9 @@ impl Reactor {
                 return Ok(());
             }
             match c.next_request() {
-                Next::Request(Incoming { req, fd }) => self.handle_request(id, req, fd),
+                Next::Request(Incoming { req, fd, buffer }) => {
+                    self.handle_request(id, req, fd, buffer)
+                }
                 Next::WouldBlock => return Ok(()),
                 Next::Closed => return Err(None),
                 Next::Broken(e) => return Err(Some(e)),
@@ -383,6 +391,7 @@ impl Reactor {
         options: ipc_proto::control::JobOptions,
         wait: bool,
         fd: OwnedFd,
+        mut extra: crate::supervisor::SubmitExtra,
     ) {
         if let Err(e) = self.core.check_input_len(&pool, len) {
             return self.core.refuse_submit(id, e);
@@ -392,12 +401,13 @@ impl Reactor {
         let spawned = std::thread::Builder::new()
             .name("jobvisor-input".into())
             .spawn(move || {
-                let input = prepare_fd_input(fd, len);
+                let input = prepare_fd_input(fd, len, &mut extra);
                 let _ = tx.send(FdInput {
                     client: id,
                     pool,
                     options,
                     wait,
+                    extra,
                     input,
                 });
                 let _ = waker.wake();
@@ -429,7 +439,7 @@ impl Reactor {
             match r.input {
                 Ok(input) => self
                     .core
-                    .submit(r.client, &r.pool, input, r.options, r.wait, now),
+                    .submit_with(r.client, &r.pool, input, r.options, r.wait, r.extra, now),
                 Err(e) => self
                     .core
                     .refuse_submit(r.client, CtlError::Invalid(format!("submit: {e}"))),
@@ -441,7 +451,13 @@ impl Reactor {
 
     /// One request (and, for a `SubmitFd`, its descriptor): `Hello` first,
     /// then anything.
-    fn handle_request(&mut self, id: u64, req: Request, fd: Option<OwnedFd>) {
+    fn handle_request(
+        &mut self,
+        id: u64,
+        req: Request,
+        fd: Option<OwnedFd>,
+        buffer: Option<OwnedFd>,
+    ) {
         let greeted = self.clients.get(&id).is_some_and(|c| c.greeted);
         let resp = if !greeted {
             Some(match req {
@@ -498,7 +514,48 @@ impl Reactor {
                     // `control::Client` pairs every SubmitFd with its
                     // descriptor or drops the connection.
                     let fd = fd.expect("a SubmitFd comes with its descriptor");
-                    self.submit_fd(id, pool, len, options, wait, fd);
+                    let extra = Default::default();
+                    self.submit_fd(id, pool, len, options, wait, fd, extra);
+                    None
+                }
+                Request::SubmitWith {
+                    pool,
+                    input,
+                    options,
+                    wait,
+                    payloads,
+                    output_buffer: _,
+                } => {
+                    // The buffer is only checked here (`fcntl`s, which
+                    // never wait on a filesystem).
+                    let output_buffer = match buffer.map(|b| {
+                        crate::fdpass::check_output_buffer(&b)
+                            .map(|()| Arc::new(std::fs::File::from(b)))
+                    }) {
+                        Some(Err(e)) => {
+                            self.core
+                                .refuse_submit(id, CtlError::Invalid(format!("submit: {e}")));
+                            self.run_actions();
+                            return;
+                        }
+                        Some(Ok(b)) => Some(b),
+                        None => None,
+                    };
+                    let extra = crate::supervisor::SubmitExtra {
+                        payloads,
+                        output_buffer,
+                        input_shareable: false,
+                    };
+                    match input {
+                        ipc_proto::control::SubmitPayload::Inline(bytes) => self
+                            .core
+                            .submit_with(id, &pool, bytes.0, options, wait, extra, now),
+                        ipc_proto::control::SubmitPayload::Fd { len } => {
+                            // `control::Client` pairs it with its descriptor.
+                            let fd = fd.expect("a SubmitWith Fd comes with its descriptor");
+                            self.submit_fd(id, pool, len, options, wait, fd, extra)
+                        }
+                    }
                     None
                 }
                 Request::Wait { ids } => {

@@ -48,6 +48,24 @@ fn output_to_file(
     synced
 }
 
+/// Copies a large output from a worker's arena into the client's output
+/// buffer (`pwrite` at offset 0, growing it if needed: no mapping, so a
+/// client that shrinks its buffer anyway cannot fault the daemon). `None`
+/// if it cannot take it (sealed against growing, say): the caller makes
+/// a memfd of its own.
+fn output_to_buffer(
+    mapping: &crate::shm::Mapping,
+    buffer: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+) -> Option<crate::supervisor::OutputMemfd> {
+    mapping
+        .pwrite_to(&buffer, offset, len, 0)
+        .ok()?
+        .then_some(())?;
+    Some(crate::supervisor::OutputMemfd { file: buffer, len })
+}
+
 /// Copies a large output from a worker's arena into a new memfd, sealed
 /// against any change, for the clients waiting on the job (`payloads =
 /// "memory"`). `None` on any failure: the caller takes the in-memory path.
@@ -98,13 +116,19 @@ impl Reactor {
         // `payloads = "memory"`: a large output goes to a sealed memfd for
         // the waiting clients, never to the store.
         let memfd = large && self.core.output_in_memory(id);
+        // The client's own buffer when it gave one: its pages are reused.
+        let buffer = self.core.output_buffer(id).filter(|_| memfd);
         let name = (large && !memfd).then(|| crate::store::output_name(id));
         let spares = self.spares.clone();
         let dir = Arc::clone(&self.payload_fd);
         self.copier.run(move || {
-            let in_memfd = memfd
-                .then(|| output_to_memfd(&mapping, offset, len))
-                .flatten();
+            let in_memfd = buffer
+                .and_then(|b| output_to_buffer(&mapping, b, offset, len))
+                .or_else(|| {
+                    memfd
+                        .then(|| output_to_memfd(&mapping, offset, len))
+                        .flatten()
+                });
             let in_file = in_memfd.is_none()
                 && name
                     .as_ref()
@@ -279,6 +303,12 @@ impl Reactor {
                         w.jobs_out.drain(at..end);
                         let cut = end - at;
                         w.hold_out.iter_mut().for_each(|h| *h -= cut);
+                        // Its descriptors (an output buffer) go with it.
+                        w.fds_out.retain(|(f, _)| *f != at);
+                        w.fds_out
+                            .iter_mut()
+                            .filter(|(f, _)| *f > at)
+                            .for_each(|(f, _)| *f -= cut);
                     }
                     self.core.on_input_unreadable(proc, job, error, now);
                     return self.run_actions();

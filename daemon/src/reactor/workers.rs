@@ -4,6 +4,7 @@
 
 use super::*;
 use ipc_proto::control::LogStream;
+use std::os::fd::AsFd;
 
 /// Read rounds (of `OUTPUT_READ_BUDGET` each) given to an exited worker's
 /// output pipes for what they still hold.
@@ -73,6 +74,7 @@ impl Reactor {
                 tail: Default::default(),
                 mapping: mapping.map(Arc::new),
                 hold_out: Default::default(),
+                fds_out: Default::default(),
                 copies_in: 0,
                 held_in: Default::default(),
                 held_end: None,
@@ -152,8 +154,33 @@ impl Reactor {
         self.dirty_workers.insert(proc);
     }
 
+    /// [`Self::send`] with descriptors attached to the frame (worker
+    /// protocol 2: a `Payload::Fd` input, an output buffer).
+    pub(super) fn send_fds(
+        &mut self,
+        proc: ProcId,
+        msg: &ToWorker,
+        fds: Vec<crate::supervisor::PassedFd>,
+    ) {
+        let Some(w) = self.procs.get_mut(&proc) else {
+            return;
+        };
+        if w.jobs.is_none() {
+            return;
+        }
+        let at = w.jobs_out.len();
+        if let Err(e) = encode_frame(msg, &mut w.jobs_out) {
+            crate::error!("cannot encode a message for worker {}: {e}", w.pid);
+            return;
+        }
+        w.fds_out
+            .push_back((at, fds.into_iter().map(|f| f.0).collect()));
+        self.dirty_workers.insert(proc);
+    }
+
     /// Writes pending frames to a worker without ever blocking: what the
-    /// pipe does not take waits for a writable event.
+    /// socket does not take waits for a writable event. Descriptors go
+    /// with the first byte of their frame (`sendmsg`).
     pub(super) fn flush_jobs(&mut self, proc: ProcId) {
         let Some(w) = self.procs.get_mut(&proc) else {
             return;
@@ -162,7 +189,24 @@ impl Reactor {
         // Up to the first frame whose arena input is still being copied.
         let limit = w.hold_out.front().copied().unwrap_or(w.jobs_out.len());
         while w.jobs_written < limit {
-            match nix::unistd::write(fd, &w.jobs_out[w.jobs_written..limit]) {
+            let next_fds = w.fds_out.front().map(|(at, _)| *at);
+            let written = match next_fds {
+                Some(at) if at == w.jobs_written => {
+                    let files = &w.fds_out.front().expect("checked").1;
+                    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+                    crate::fdpass::send_fds(fd, &w.jobs_out[w.jobs_written..limit], &fds)
+                        .map_err(|e| {
+                            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+                        })
+                        .inspect(|_| {
+                            w.fds_out.pop_front();
+                        })
+                }
+                // Up to the frame that carries descriptors.
+                Some(at) if at < limit => nix::unistd::write(fd, &w.jobs_out[w.jobs_written..at]),
+                _ => nix::unistd::write(fd, &w.jobs_out[w.jobs_written..limit]),
+            };
+            match written {
                 Ok(n) => w.jobs_written += n,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => {
@@ -182,6 +226,7 @@ impl Reactor {
                     w.jobs_out.clear();
                     w.jobs_written = 0;
                     w.hold_out.iter_mut().for_each(|at| *at = 0);
+                    w.fds_out.clear();
                     return;
                 }
             }
@@ -339,6 +384,43 @@ impl Reactor {
                     );
                 }
                 self.output_from_arena(proc, id, mapping, (offset, len), raised, now);
+            }
+            ipc_proto::worker::Payload::Fd { len } => {
+                // In the output buffer it was sent with; checked against
+                // the buffer's size, so a client never maps past its end.
+                let Some(file) = self.core.output_buffer_sent(proc, id) else {
+                    return self.core.on_protocol_error(
+                        proc,
+                        format!("job {id}: an output in a buffer it was not given (Payload::Fd)"),
+                        now,
+                    );
+                };
+                match file.metadata() {
+                    Ok(m) if m.len() >= len => {}
+                    Ok(m) => return self.core.on_protocol_error(
+                        proc,
+                        format!(
+                            "job {id}: an output of {len} bytes in an output buffer of {} bytes",
+                            m.len()
+                        ),
+                        now,
+                    ),
+                    Err(e) => {
+                        return self.core.on_protocol_error(
+                            proc,
+                            format!("job {id}: cannot check its output buffer ({e})"),
+                            now,
+                        )
+                    }
+                }
+                if crate::log::enabled(Level::Debug) {
+                    crate::log::log(
+                        Level::Debug,
+                        &format!("job {id}: {len}-byte output in the client's buffer"),
+                    );
+                }
+                let output = JobOutput::Memfd(crate::supervisor::OutputMemfd { file, len });
+                self.job_output(proc, id, output, raised, now);
             }
         }
     }

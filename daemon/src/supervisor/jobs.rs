@@ -186,6 +186,16 @@ struct Job {
     /// Counts `input_source` among the descriptors memory-mode jobs hold
     /// (see [`MAX_HELD_SOURCES`]).
     held: Option<HeldSource>,
+    /// `input_source` is a memfd sealed so that a worker may map it
+    /// (see `fdpass::shareable_for_reading`): a worker that takes
+    /// descriptors gets it as is, with no copy into its arena.
+    input_shareable: bool,
+    /// The client's output buffer (a memfd), for a job whose outputs stay
+    /// in memory: a large output is written there (by a worker that takes
+    /// descriptors, else by the daemon from the arena) and the buffer is
+    /// what the waiting clients receive. Counted in `held_buffer`.
+    output_buffer: Option<Arc<std::fs::File>>,
+    held_buffer: Option<HeldSource>,
     /// Its pool had `payloads = "memory"` when the job was submitted (or
     /// recovered): a large output goes only to its waiters. Fixed for the
     /// job's life, whatever a reload changes.
@@ -224,6 +234,31 @@ impl Job {
     fn through_arena(&self, inline_limit: u64) -> bool {
         self.input_file.is_some() || self.input.len() as u64 > inline_limit
     }
+
+    /// Whether a worker that takes descriptors (`takes_fds`) gets the
+    /// input as the client's memfd itself (`Payload::Fd`), not through its
+    /// arena.
+    fn input_by_fd(&self, takes_fds: bool) -> bool {
+        takes_fds && self.memory && self.input_shareable && self.input_source.is_some()
+    }
+
+    /// Whether it needs `len` bytes of a worker's arena for its input.
+    fn needs_arena(&self, inline_limit: u64, takes_fds: bool) -> bool {
+        self.through_arena(inline_limit) && !self.input_by_fd(takes_fds)
+    }
+}
+
+/// What a submit may add to the basic request (`SubmitWith`).
+#[derive(Debug, Default)]
+pub struct SubmitExtra {
+    /// Overrides the pool's `payloads` for this job.
+    pub payloads: Option<crate::config::PayloadMode>,
+    /// The client's output buffer, checked
+    /// (`fdpass::check_output_buffer`).
+    pub output_buffer: Option<Arc<std::fs::File>>,
+    /// The input descriptor may be handed to a worker to map
+    /// (`fdpass::shareable_for_reading`).
+    pub input_shareable: bool,
 }
 
 /// In-memory inputs of jobs the daemon holds (queued, or in a worker's
@@ -526,6 +561,9 @@ impl Supervisor {
                 input_source: None,
                 memory: false,
                 held: None,
+                input_shareable: false,
+                output_buffer: None,
+                held_buffer: None,
                 outputs_in_memory: self.pool_keeps_payloads_in_memory(&j.pool),
                 attempts: r.attempts,
                 created_ms: j.created_ms,
@@ -557,8 +595,24 @@ impl Supervisor {
         wait: bool,
         now: Instant,
     ) {
+        let extra = SubmitExtra::default();
+        self.submit_with(client, pool_name, input, options, wait, extra, now)
+    }
+
+    /// [`Self::submit`] with the choices of a `SubmitWith`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_with(
+        &mut self,
+        client: ClientId,
+        pool_name: &str,
+        input: impl Into<SubmitInput>,
+        options: JobOptions,
+        wait: bool,
+        extra: SubmitExtra,
+        now: Instant,
+    ) {
         let input = input.into();
-        if let Err(e) = self.try_submit(client, pool_name, input, options, wait, now) {
+        if let Err(e) = self.try_submit(client, pool_name, input, options, wait, extra, now) {
             self.refuse_submit(client, e);
         }
     }
@@ -607,6 +661,7 @@ impl Supervisor {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn try_submit(
         &mut self,
         client: ClientId,
@@ -614,6 +669,7 @@ impl Supervisor {
         input: SubmitInput,
         options: JobOptions,
         wait: bool,
+        extra: SubmitExtra,
         now: Instant,
     ) -> Result<(), CtlError> {
         let (input, source) = match input {
@@ -670,9 +726,21 @@ impl Supervisor {
         let created_ms = self.wall(now);
         let owner = self.viewer(client).uid;
         let len = input.len() as u64; // 0 for a file input
-        let memory = self.pool_keeps_payloads_in_memory(pool_name)
-            && (source.is_some() || len >= crate::store::FILE_PAYLOAD_MIN as u64);
-        if memory && source.is_some() && self.jt.held_sources.get() >= MAX_HELD_SOURCES {
+        let in_memory = match extra.payloads {
+            Some(mode) => mode == crate::config::PayloadMode::Memory,
+            None => self.pool_keeps_payloads_in_memory(pool_name),
+        };
+        if extra.output_buffer.is_some() && !wait {
+            return Err(CtlError::Invalid(
+                "an output buffer needs a submit that waits for the result".into(),
+            ));
+        }
+        // Only where outputs stay in memory; elsewhere they go to the store.
+        let output_buffer = extra.output_buffer.filter(|_| in_memory);
+        let memory =
+            in_memory && (source.is_some() || len >= crate::store::FILE_PAYLOAD_MIN as u64);
+        let files = usize::from(memory && source.is_some()) + usize::from(output_buffer.is_some());
+        if files > 0 && self.jt.held_sources.get() + files > MAX_HELD_SOURCES {
             return Err(CtlError::Rejected(format!(
                 "pool {pool_name} has payloads = \"memory\" and the daemon already holds the input files of {MAX_HELD_SOURCES} of its jobs; retry once some have ended"
             )));
@@ -725,7 +793,12 @@ impl Supervisor {
                 input,
                 input_file: source.as_ref().map(|s| s.len),
                 held: (memory && source.is_some()).then(|| HeldSource::new(&self.jt.held_sources)),
-                outputs_in_memory: self.pool_keeps_payloads_in_memory(pool_name),
+                outputs_in_memory: in_memory,
+                input_shareable: extra.input_shareable && memory && source.is_some(),
+                held_buffer: output_buffer
+                    .is_some()
+                    .then(|| HeldSource::new(&self.jt.held_sources)),
+                output_buffer,
                 input_source: source.map(|s| s.file),
                 memory,
                 attempts: Vec::new(),
@@ -1145,6 +1218,27 @@ impl Supervisor {
     /// had `payloads = "memory"` when the job came in.
     pub fn output_in_memory(&self, id: u64) -> bool {
         self.jt.jobs.get(&id).is_some_and(|j| j.outputs_in_memory)
+    }
+
+    /// The output buffer the client of job `id` passed, if any (see
+    /// `SubmitExtra::output_buffer`).
+    pub fn output_buffer(&self, id: u64) -> Option<Arc<std::fs::File>> {
+        self.jt.jobs.get(&id)?.output_buffer.clone()
+    }
+
+    /// The output buffer job `id` was sent to worker `proc` with
+    /// (`ToWorker::JobOut`), which a `Payload::Fd` output refers to; `None`
+    /// if it has none there (such an output is then a protocol error).
+    pub fn output_buffer_sent(&self, proc: ProcId, id: u64) -> Option<Arc<std::fs::File>> {
+        let job = self.jt.jobs.get(&id)?;
+        if !matches!(job.phase, JobPhase::Running { proc: p } if p == proc) {
+            return None;
+        }
+        let (name, idx) = self.find_proc(proc)?;
+        match &self.pools[&name].slots[idx].state {
+            SlotState::Running(p) if p.takes_fds => job.output_buffer.clone(),
+            _ => None,
+        }
     }
 
     /// Client files held by memory-mode jobs, and [`MAX_HELD_SOURCES`].
@@ -1761,11 +1855,13 @@ impl Supervisor {
         // does not fit their arena): asked again once another job is taken.
         let mut passed = Vec::new();
         while let Some(Reverse((n, idx))) = ready.pop() {
-            let (empty, room) = match &self.pools[name].slots[idx].state {
-                SlotState::Running(p) => (p.inflight.is_empty(), p.arena.largest_free()),
+            let (empty, room, fds) = match &self.pools[name].slots[idx].state {
+                SlotState::Running(p) => {
+                    (p.inflight.is_empty(), p.arena.largest_free(), p.takes_fds)
+                }
                 _ => continue,
             };
-            match self.next_runnable(name, empty, room) {
+            match self.next_runnable(name, empty, room, fds) {
                 Next::None => return,
                 Next::NeedsEmptyWorker => passed.push(Reverse((n, idx))),
                 Next::Unrunnable(id, error) => {
@@ -1920,7 +2016,7 @@ impl Supervisor {
     /// whose key is busy, and stops when a semaphore of the pool is full.
     /// `room` is the largest free input slot of the worker asking (only
     /// inputs over `inline_limit` need one).
-    fn next_runnable(&mut self, name: &str, worker_empty: bool, room: u64) -> Next {
+    fn next_runnable(&mut self, name: &str, worker_empty: bool, room: u64, fds: bool) -> Next {
         let inline_limit = self.pools[name].config.inline_limit;
         let capacity = arena_input_capacity(self.pools[name].config.shm_size);
         let sems = self.pools[name].config.semaphores.clone();
@@ -1959,7 +2055,7 @@ impl Supervisor {
                 // Its input goes through shared memory and this worker's
                 // arena is full of in-flight inputs: back off (another
                 // worker, or this one once a job finishes).
-                Some(j) if j.through_arena(inline_limit) && j.input_len() > room => {
+                Some(j) if j.needs_arena(inline_limit, fds) && j.input_len() > room => {
                     return Next::NeedsEmptyWorker
                 }
                 Some(_) => {
@@ -2021,7 +2117,14 @@ impl Supervisor {
         if job.suspect {
             proc.solo = true;
         }
-        let input = if job.through_arena(inline_limit) {
+        let mut fds = Vec::new();
+        let input = if job.input_by_fd(proc.takes_fds) {
+            let file = job.input_source.clone().expect("checked by input_by_fd");
+            fds.push(super::PassedFd(file));
+            Payload::Fd {
+                len: job.input_len(),
+            }
+        } else if job.through_arena(inline_limit) {
             let len = job.input_len();
             // Checked by `next_runnable`: the slot exists.
             let slot = proc.arena.alloc(len).expect("room checked before popping");
@@ -2048,15 +2151,33 @@ impl Supervisor {
         } else {
             Payload::Inline(Bytes(job.input.to_vec()))
         };
-        let msg = ToWorker::Job(WireJob {
+        let wire = WireJob {
             id,
             attempt: n,
             deadline_ms: job.timeout.map(|t| wall + t.as_millis() as u64),
             input,
-        });
+        };
+        // A worker that takes descriptors writes a large output straight
+        // into the client's buffer.
+        let buffer = job.output_buffer.clone().filter(|_| proc.takes_fds);
+        let msg = match buffer {
+            Some(b) => {
+                fds.push(super::PassedFd(b));
+                ToWorker::JobOut(wire)
+            }
+            None => ToWorker::Job(wire),
+        };
         let pid = proc.pid;
         let proc_id = proc.id;
-        self.actions.push_back(Action::Send { proc: proc_id, msg });
+        self.actions.push_back(if fds.is_empty() {
+            Action::Send { proc: proc_id, msg }
+        } else {
+            Action::SendFds {
+                proc: proc_id,
+                msg,
+                fds,
+            }
+        });
         // The `running` row is written only if the job is still running a
         // moment later: most jobs finish first, and their final row is then
         // the only write (see RUNNING_PERSIST_DELAY).
@@ -2242,6 +2363,8 @@ impl Supervisor {
             job.input_source = None;
             job.held = None;
         }
+        job.output_buffer = None;
+        job.held_buffer = None;
         job.input = Arc::default();
         let pool = job.pool.clone();
         let run_ms = job
