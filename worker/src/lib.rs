@@ -94,6 +94,8 @@ mod output;
 mod serve;
 mod shm;
 #[cfg(test)]
+mod tests_fds;
+#[cfg(test)]
 mod tests_shm;
 
 use std::process::ExitCode;

@@ -33,7 +33,7 @@ use ipc_proto::worker::Payload;
 use ipc_proto::MAX_FRAME_LEN;
 
 use crate::context::CancelState;
-use crate::fds::Mapped;
+use crate::fds::OutputBuffer;
 use crate::shm::{NoRoom, Shm};
 
 /// The largest output sent inline: the frame limit minus room for the rest
@@ -78,7 +78,7 @@ pub struct Output {
     gave_up: bool,
     sink: Option<Arc<Sink>>,
     /// The job's output buffer, if it came with one.
-    buffer: Option<Mapped>,
+    buffer: Option<OutputBuffer>,
 }
 
 enum Data {
@@ -120,7 +120,7 @@ impl Output {
     }
 
     /// Gives the output the job's output buffer (see [`crate::fds`]).
-    pub(crate) fn use_buffer(&mut self, buffer: Mapped) {
+    pub(crate) fn use_buffer(&mut self, buffer: OutputBuffer) {
         self.buffer = Some(buffer);
     }
 

@@ -60,7 +60,7 @@ use ipc_proto::worker::{FromWorker, Job, JobId, Payload, ToWorker};
 use ipc_proto::{decode, encode_frame, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 use crate::context::{CancelState, JobContext};
-use crate::fds::{JobFds, JobStream, Mapped, Plain};
+use crate::fds::{map_input, JobFds, JobStream, OutputBuffer, Plain, SharedCache};
 use crate::output::{FlushResults, Output, Sink};
 use crate::shm::{Arena, Shm};
 
@@ -277,6 +277,8 @@ where
         cancel: Arc::clone(&cancel),
     });
     let mut inbox = Inbox::new(rx);
+    // Mappings of the memfds jobs come with (worker protocol 2).
+    let cache = SharedCache::default();
     let mut ctx = JobContext::new(Arc::clone(&cancel));
     loop {
         if let Some(end) = inbox.take_abort() {
@@ -308,14 +310,21 @@ where
         let result = if cancel.is_cancelled() {
             Err(CANCELLED.to_owned())
         } else {
-            match input_of(&job, shm.as_deref(), fds.input.as_ref()) {
+            let mapped = match (&job.input, fds.input) {
+                (Payload::Fd { len }, Some(fd)) => Some(
+                    map_input(&cache, fd, *len)
+                        .map_err(|e| format!("its input descriptor cannot be used: {e}")),
+                ),
+                _ => None,
+            };
+            match input_of(&job, shm.as_deref(), mapped.as_ref()) {
                 Ok(input) => {
                     ctx.set_job(&job);
                     // A fresh one per job: whatever the handler does with
                     // the last one, it cannot affect the next job.
                     let mut output = Output::attached(Arc::clone(&sink));
                     if let Some(fd) = fds.output {
-                        output.use_buffer(Mapped::output(fd));
+                        output.use_buffer(OutputBuffer::new(fd, Arc::clone(&cache)));
                     }
                     match handler(&ctx, input, &mut output) {
                         // Before `cancel.finish()`: a wait for room in the
@@ -342,7 +351,7 @@ where
 fn input_of<'a>(
     job: &'a Job,
     shm: Option<&'a Shm>,
-    mapped: Option<&'a Result<Mapped, String>>,
+    mapped: Option<&'a Result<crate::fds::Input, String>>,
 ) -> Result<&'a [u8], String> {
     match &job.input {
         Payload::Inline(input) => Ok(input),

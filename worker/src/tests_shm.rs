@@ -284,6 +284,7 @@ fn outputs_over_the_limit_come_back_in_the_output_region() {
                     assert_eq!(offset % 64, 0);
                     d.release(&payload);
                 }
+                Payload::Fd { .. } => panic!("{name}: a descriptor output, never asked for"),
             }
         }
         d.send(&[ToWorker::Shutdown]);

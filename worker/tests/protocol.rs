@@ -447,6 +447,7 @@ fn echo_round_trips_through_shared_memory() {
                     assert_eq!(l, len as u64);
                     w.release(&payload);
                 }
+                Payload::Fd { .. } => panic!("{len} bytes: a descriptor output, never asked for"),
             }
         }
     }

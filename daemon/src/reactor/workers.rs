@@ -397,14 +397,16 @@ impl Reactor {
                 };
                 match file.metadata() {
                     Ok(m) if m.len() >= len => {}
-                    Ok(m) => return self.core.on_protocol_error(
-                        proc,
-                        format!(
+                    Ok(m) => {
+                        return self.core.on_protocol_error(
+                            proc,
+                            format!(
                             "job {id}: an output of {len} bytes in an output buffer of {} bytes",
                             m.len()
                         ),
-                        now,
-                    ),
+                            now,
+                        )
+                    }
                     Err(e) => {
                         return self.core.on_protocol_error(
                             proc,

@@ -58,6 +58,7 @@ impl Mem {
         match payload {
             Payload::Inline(b) => b.to_vec(),
             Payload::Shm { offset, len } => self.read(*offset, *len),
+            Payload::Fd { .. } => panic!("a descriptor output without an output buffer"),
         }
     }
 
@@ -98,7 +99,7 @@ unsafe impl Send for Mem {}
 pub fn release_of(payload: &Payload) -> Option<ToWorker> {
     match *payload {
         Payload::Shm { offset, len } => Some(ToWorker::Release { offset, len }),
-        Payload::Inline(_) => None,
+        Payload::Inline(_) | Payload::Fd { .. } => None,
     }
 }
 
