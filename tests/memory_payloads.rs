@@ -15,6 +15,7 @@ fn cfg() -> String {
          [pools.msleep]\ncommand = [{t}, \"sleep\"]\nworkers = 1\nshm_size = \"8MiB\"\npayloads = \"memory\"\n\
          [pools.mdie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.ddie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\nbackoff_initial = \"0s\"\n\
+         [pools.mlie]\ncommand = [{t}, \"fd-lie\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
          [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
         w = worker_bin(),
@@ -283,4 +284,153 @@ fn a_worker_that_dies_right_after_its_shared_memory_answer_loses_nothing() {
         d.assert_echo_round_trip(pool, &data);
     }
     assert!(alive(d.pid()));
+}
+
+/// `python3 -c SCRIPT ARGS…` as a client of `d` (the checkout's package
+/// importable); panics unless it prints "ok".
+fn python_client(d: &Daemon, script: &str, args: &[&str]) {
+    let o = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("python"),
+        )
+        .env("JOBVISOR_SOCKET", d.socket())
+        .output()
+        .expect("python3 (the CI script installs it)");
+    assert!(
+        o.status.success() && o.stdout.starts_with(b"ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Round trips through the Python client's buffers: bit-exact at every
+/// size, both output forms; each large output in the client's own output
+/// buffer; the buffers reused while no view of an output is held, replaced
+/// while one is.
+const BUFFERS_PY: &str = r#"
+import os, sys
+from jobvisor import Client
+pool = sys.argv[1]
+sizes = [0, 65535, 65536, 65537, 1 << 20, 64 << 20, 256 << 20]
+for mapped in (False, True):
+    with Client(map_outputs=mapped) as c:
+        for n in sizes:
+            data = os.urandom(n)
+            job = c.submit(pool, data, wait=True)
+            assert job.state == "succeeded", (n, job.state, job.error)
+            assert job.output == data, f"{n} bytes: output differs"
+            if n >= 1 << 20:
+                b = c._buffers[pool]
+                got = os.pread(b.output.fd, n, 0)
+                assert got == data, f"{n} bytes: not in the output buffer"
+            del job
+        b = c._buffers[pool]
+        ino = lambda fd: os.fstat(fd).st_ino
+        inodes = (ino(b.input.fd), ino(b.output.fd))
+        data = os.urandom(3 << 20)
+        assert c.submit(pool, data, wait=True).output == data
+        assert (ino(b.input.fd), ino(b.output.fd)) == inodes, "buffers not reused"
+        if mapped:
+            kept = c.submit(pool, data, wait=True)      # a view held ...
+            other = os.urandom(3 << 20)
+            assert c.submit(pool, other, wait=True).output == other
+            assert kept.output == data, "a held output was overwritten"
+            assert ino(b.output.fd) != inodes[1], "... yet the buffer was reused"
+print("ok")
+"#;
+
+#[test]
+fn python_buffers_round_trip_through_descriptor_and_copy_workers() {
+    let py =
+        format!(
+        "[pools.mpy]\ncommand = [\"python3\", \"-m\", \"jobvisor.worker\", \"echo_mod:echo\"]\n\
+         workers = 1\nshm_size = \"520MiB\"\npayloads = \"memory\"\n\
+         env = {{ PYTHONPATH = \"{}:.\" }}\n",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("python").display()
+    );
+    let mut d = Daemon::prepare("memory-buffers", &format!("{}{py}", cfg()));
+    std::fs::write(
+        d.dir.path().join("echo_mod.py"),
+        "def echo(x):\n    return bytes(x)\n",
+    )
+    .unwrap();
+    d.spawn();
+    d.wait_ready("mecho", 1);
+    d.wait_ready("mpy", 1);
+    // The Rust worker speaks protocol 2: the input reaches it as the
+    // client's memfd, and it writes each large output into the client's
+    // buffer itself (the daemon logs each such answer).
+    python_client(&d, BUFFERS_PY, &["mecho"]);
+    let log = d.log_text();
+    let in_buffer = log.matches("output in the client's buffer").count();
+    assert!(in_buffer >= 10, "{in_buffer} outputs in buffers:\n{log}");
+    // The Python worker speaks protocol 1: the daemon copies through its
+    // arena, and into the client's buffer.
+    python_client(&d, BUFFERS_PY, &["mpy"]);
+    assert_eq!(
+        d.log_text()
+            .matches("output in the client's buffer")
+            .count(),
+        in_buffer,
+        "a protocol-1 worker answered with a descriptor"
+    );
+    assert_eq!(
+        payload_files(&d.dir.path().join("big")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn output_buffers_are_checked_and_a_worker_that_lies_about_one_is_replaced() {
+    let d = Daemon::start("memory-buffer-checks", &cfg());
+    d.wait_ready("mlie", 1);
+    // A buffer that could shrink under a mapping, one sealed against
+    // writes, and one given to a submit that does not wait: refused (2).
+    python_client(
+        &d,
+        r#"
+import fcntl, os
+from jobvisor import Client, client
+def submit(c, fd, wait=True, data=b"x" * (2 << 20)):
+    inp = client.sealed_memfd(data)
+    try:
+        c.conn.send(client.encode_submit_with("mlie", len(data), client._options(None, None, 0, None),
+                                               wait, True, None, True), [inp, fd])
+    finally:
+        os.close(inp)
+    return c.conn.recv()
+with Client() as c:
+    plain = os.memfd_create("b", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    kind, e = submit(c, plain)
+    assert kind == "error" and e.exit_code == 2 and "not sealed against shrinking" in str(e), (kind, e)
+    fcntl.fcntl(plain, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+    kind, e = submit(c, plain)
+    assert kind == "error" and "sealed against writes" in str(e), (kind, e)
+    ok = os.memfd_create("b", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(ok, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    kind, e = submit(c, ok, wait=False)
+    assert kind == "error" and "needs a submit that waits" in str(e), (kind, e)
+    # A worker that claims a 1 TiB output in the buffer (or in one it was
+    # never given) breaks the protocol: it is replaced, the job retried.
+    for data in (os.urandom(3 << 20), b"small"):
+        job = c.submit("mlie", data, wait=True)
+        assert job.state == "succeeded" and job.output == data, (job.state, job.error)
+print("ok")
+"#,
+        &[],
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("an output of 1099511627776 bytes in an output buffer of"),
+        "{log}"
+    );
+    assert!(
+        log.contains("an output in a buffer it was not given"),
+        "{log}"
+    );
 }

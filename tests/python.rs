@@ -218,9 +218,10 @@ with Client(map_outputs=True) as m:
     job.output[0] = 0                                   # copy-on-write: private
     assert m.submit("py", b"small", wait=True).output == b"SMALL setup=1"
     assert m.map("py", [big])[0].output == big[::-1]
-    # submit(wait=True) reuses one input memfd: inputs that grow, shrink
-    # and differ come back whole, and a refused submit drops the buffer.
-    fd_of = lambda: m._input.fd
+    # submit(wait=True) reuses one input memfd per pool: inputs that grow,
+    # shrink and differ come back whole, and a refused submit drops the
+    # buffers of its pool only.
+    fd_of = lambda pool="py": m._buffers[pool].input.fd if pool in m._buffers else None
     sizes = [3 << 20, 1 << 20, (2 << 20) + 7, 3 << 20]
     for i, n in enumerate(sizes):
         data = bytes([i + 1]) * n
@@ -234,7 +235,8 @@ with Client(map_outputs=True) as m:
         raise SystemExit("unknown pool accepted")
     except Error:
         pass
-    assert fd_of() is None, "a buffer whose job did not end is dropped"
+    assert fd_of("nope") is None, "a buffer whose job did not end is dropped"
+    assert fd_of() == first, "another pool's buffer stays"
     assert m.submit("py", big, wait=True).output == big[::-1]
 with Client() as c:
     try:

@@ -214,6 +214,25 @@ fn main() -> ExitCode {
             }
             Ok(input.to_vec())
         }),
+        "fd-lie" => worker::run_with(|ctx, input| {
+            if ctx.attempt() == 1 {
+                // Claims an output in an output buffer far larger than any
+                // (worker protocol 2), whether or not the job came with one.
+                let mut frame = Vec::new();
+                let lie = ipc_proto::worker::FromWorker::Done {
+                    id: ctx.id(),
+                    output: ipc_proto::worker::Payload::Fd { len: 1 << 40 },
+                };
+                ipc_proto::encode_frame(&lie, &mut frame).expect("encodes");
+                // SAFETY: writes a byte slice to fd 4, which the daemon gave
+                // us; the library has nothing buffered at this point.
+                unsafe {
+                    libc::write(4, frame.as_ptr().cast(), frame.len());
+                }
+                std::thread::sleep(Duration::from_secs(30));
+            }
+            Ok(input.to_vec())
+        }),
         "done-then-die" => worker::run_with(|ctx, input| {
             if ctx.attempt() == 1 {
                 // Puts the output in the arena's output region itself,
