@@ -434,3 +434,43 @@ print("ok")
         "{log}"
     );
 }
+
+#[test]
+fn a_submit_chooses_memory_payloads_for_one_job_of_a_durable_pool() {
+    let d = Daemon::start("memory-per-job", &cfg());
+    d.wait_ready("echo", 1);
+    let payloads = d.dir.path().join("big");
+    let data = pattern(2 << 20);
+    let f = d.dir.path().join("in-2m");
+    std::fs::write(&f, &data).unwrap();
+    let file = f.to_str().unwrap();
+    let r = d.ctl(&[
+        "submit",
+        "echo",
+        "--input-file",
+        file,
+        "--payloads",
+        "memory",
+        "--wait",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.raw == data, "output differs ({} bytes)", r.raw.len());
+    assert_eq!(payload_files(&payloads), Vec::<String>::new());
+    // Not waited for: the output went nowhere, as in a memory pool.
+    let id = d.submit_id(&["echo", "--input-file", file, "--payloads", "memory"]);
+    d.wait_state(id, "succeeded");
+    let j = d.ctl(&["--json", "result", &id.to_string()]).json();
+    let e = j["error"].as_str().unwrap_or_default();
+    assert!(e.starts_with("output not kept: payloads = memory"), "{j}");
+    // The pool's own default still stores: its payload files appear.
+    let durable = d.submit_id(&["echo", "--input-file", file]);
+    d.wait_state(durable, "succeeded");
+    let files = payload_files(&payloads);
+    assert!(
+        files.contains(&format!("{durable}.out"))
+            && files.iter().all(|n| n.starts_with(&format!("{durable}."))),
+        "{files:?}"
+    );
+    let r = d.ctl(&["submit", "echo", "--payloads", "fast"]);
+    assert_eq!(r.code, 2, "{r:?}");
+}

@@ -264,9 +264,9 @@ fn socket_activation_serves_the_passed_socket_across_restarts() {
     // is the daemon's fd 3), and it sees no LISTEN_* variable.
     let wpid = first_worker_pid(&path, "echo");
     let fd3 = std::fs::read_link(format!("/proc/{wpid}/fd/3")).unwrap();
-    let listener = std::fs::read_link(format!("/proc/{}/fd/3", d.pid())).unwrap();
+    let own_fd3 = std::fs::read_link(format!("/proc/{}/fd/3", d.pid())).unwrap();
     assert!(fd3.to_string_lossy().starts_with("socket:"), "{fd3:?}");
-    assert_ne!(fd3, listener, "the worker got the listening socket");
+    assert_ne!(fd3, own_fd3, "the worker got the listening socket");
     assert!(
         !environ(wpid).iter().any(|e| e.starts_with("LISTEN_")),
         "worker sees LISTEN_*"

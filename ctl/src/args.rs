@@ -269,6 +269,11 @@ pub struct SubmitArgs {
     /// Wait for the job and print its output; exit 1 if it did not succeed.
     #[arg(long)]
     pub wait: bool,
+    /// Where this job's large payloads live, instead of the pool's
+    /// `payloads`: `memory` (never in payload_dir; lost with the daemon)
+    /// or `durable`.
+    #[arg(long, value_name = "MODE", value_parser = ["durable", "memory"])]
+    pub payloads: Option<String>,
 }
 
 /// `map`'s arguments.

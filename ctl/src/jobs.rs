@@ -6,7 +6,9 @@ use super::render::{
     failure_text, job_json, jobs_table, pool_failed_line, state_and_error, state_exit_code,
 };
 use super::{warn, Ctx, Failure, Out};
-use ipc_proto::control::{ErrorKind, JobDoc, JobState, Request, Response, FD_PAYLOAD_MIN};
+use ipc_proto::control::{
+    ErrorKind, JobDoc, JobState, PayloadMode, Request, Response, SubmitPayload, FD_PAYLOAD_MIN,
+};
 use ipc_proto::Bytes;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -133,19 +135,42 @@ pub fn submit(ctx: &Ctx, a: SubmitArgs) -> Result<u8, Failure> {
     let options = job_options(&a.opts, a.key.clone())?;
     let input = read_input(&a, max_input_len(&a.pool, a.key.as_deref()))?;
     let mut conn = ctx.connect("submit")?;
-    let sent = match input {
-        Input::Inline(input) => conn.send(&Request::Submit {
+    let payloads = a.payloads.as_deref().map(|m| match m {
+        "memory" => PayloadMode::Memory,
+        _ => PayloadMode::Durable,
+    });
+    let sent = match (input, payloads) {
+        (Input::Inline(input), None) => conn.send(&Request::Submit {
             pool: a.pool,
             input: Bytes(input),
             options,
             wait: a.wait,
         }),
-        Input::Fd(file, len) => conn.send_with_fd(
+        (Input::Fd(file, len), None) => conn.send_with_fd(
             &Request::SubmitFd {
                 pool: a.pool,
                 len,
                 options,
                 wait: a.wait,
+            },
+            &file,
+        ),
+        (Input::Inline(input), Some(mode)) => conn.send(&Request::SubmitWith {
+            pool: a.pool,
+            input: SubmitPayload::Inline(Bytes(input)),
+            options,
+            wait: a.wait,
+            payloads: Some(mode),
+            output_buffer: false,
+        }),
+        (Input::Fd(file, len), Some(mode)) => conn.send_with_fd(
+            &Request::SubmitWith {
+                pool: a.pool,
+                input: SubmitPayload::Fd { len },
+                options,
+                wait: a.wait,
+                payloads: Some(mode),
+                output_buffer: false,
             },
             &file,
         ),

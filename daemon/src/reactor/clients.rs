@@ -383,6 +383,7 @@ impl Reactor {
     /// client's file, which may sit on a slow or hostile filesystem (FUSE,
     /// NFS) where even an `fstat` can hang. Until that thread answers, the
     /// client's later requests wait, so replies keep their order.
+    #[allow(clippy::too_many_arguments)]
     fn submit_fd(
         &mut self,
         id: u64,
