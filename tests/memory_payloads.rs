@@ -15,6 +15,7 @@ fn cfg() -> String {
          [pools.msleep]\ncommand = [{t}, \"sleep\"]\nworkers = 1\nshm_size = \"8MiB\"\npayloads = \"memory\"\n\
          [pools.mdie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.ddie]\ncommand = [{t}, \"done-then-die\"]\nworkers = 1\nshm_size = \"16MiB\"\nbackoff_initial = \"0s\"\n\
+         [pools.mhalf]\ncommand = [{t}, \"half-then-die\"]\nworkers = 1\nshm_size = \"64MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.mlie]\ncommand = [{t}, \"fd-lie\"]\nworkers = 1\nshm_size = \"16MiB\"\npayloads = \"memory\"\nbackoff_initial = \"0s\"\n\
          [pools.echo]\ncommand = [{w}, \"echo\"]\nworkers = 1\nshm_size = \"64MiB\"\n\
          [pools.slow]\ncommand = [{t}, \"sleep\"]\nworkers = 1\n",
@@ -473,4 +474,66 @@ fn a_submit_chooses_memory_payloads_for_one_job_of_a_durable_pool() {
     );
     let r = d.ctl(&["submit", "echo", "--payloads", "fast"]);
     assert_eq!(r.code, 2, "{r:?}");
+    // The Python clients choose it the same way.
+    python_client(
+        &d,
+        r#"
+import asyncio, os
+from jobvisor import Client, aio
+data = os.urandom(3 << 20)
+with Client() as c:
+    job = c.submit("echo", data, wait=True, payloads="memory")
+    assert job.output == data, len(job.output or b"")
+    job = c.submit("echo", b"small", wait=True, payloads="durable")
+    assert job.output == b"small", job.output
+    try:
+        c.submit("echo", b"x", payloads="fast")
+        raise SystemExit("an unknown mode accepted")
+    except ValueError:
+        pass
+async def main():
+    async with await aio.Client.connect() as a:
+        job = await a.submit("echo", data, wait=True, payloads="memory")
+        assert job.output == data
+asyncio.run(main())
+print("ok")
+"#,
+        &[],
+    );
+    assert_eq!(
+        payload_files(&payloads)
+            .iter()
+            .filter(|n| !n.starts_with(&format!("{durable}.")))
+            .count(),
+        0,
+        "a memory job wrote payload files: {:?}",
+        payload_files(&payloads)
+    );
+}
+
+#[test]
+fn a_worker_that_dies_half_way_through_writing_into_the_buffer_loses_nothing() {
+    let d = Daemon::start("memory-half", &cfg());
+    d.wait_ready("mhalf", 1);
+    // Through the Python client: the first attempt writes half the output
+    // into the client's output buffer, then garbage, and aborts; the retry
+    // writes it whole. Twice, reusing the buffers.
+    python_client(
+        &d,
+        r#"
+import os
+from jobvisor import Client
+with Client(map_outputs=True) as c:
+    for n in (8 << 20, 5 << 20):
+        data = os.urandom(n)
+        job = c.submit("mhalf", data, wait=True)
+        assert job.state == "succeeded", (job.state, job.error)
+        assert len(job.attempts) == 2, job.attempts
+        assert job.output == data, "output differs"
+        del job
+print("ok")
+"#,
+        &[],
+    );
+    assert!(d.log_text().contains("output in the client's buffer"));
 }

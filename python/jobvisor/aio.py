@@ -31,7 +31,7 @@ import socket
 
 from . import _wire as w
 from .client import (MAP_WINDOW, Error, _options, decode_with_fd, read_fd, resolve_socket,
-                     submit_request, take_fds)
+                     submit_request, encode_submit_with, take_fds)
 
 __all__ = ["Client", "Executor"]
 
@@ -175,12 +175,20 @@ class Client:
         return value
 
     async def submit(self, pool, data, *, timeout=None, max_attempts=None, priority=0, key=None,
-                     wait=False):
+                     wait=False, payloads=None):
         """Submits one job; returns its id once it is durable, or with
-        ``wait=True`` its final :class:`jobvisor.Job` (with the output)."""
+        ``wait=True`` its final :class:`jobvisor.Job` (with the output).
+        ``payloads`` ("durable" or "memory") overrides the pool's for this
+        job."""
         options = _options(timeout, max_attempts, priority, key)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
         async with self._lock:
             with submit_request(pool, data, options, wait) as (payload, fd):
+                if payloads is not None:
+                    length = len(data) if fd is not None else data
+                    payload = encode_submit_with(pool, length, options, wait, fd is not None,
+                                                 payloads, False)
                 kind, value = await self._call(payload, fd)
             if kind != "submitted":
                 raise Error("failed", f"unexpected answer to a submit: {kind}")

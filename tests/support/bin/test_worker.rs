@@ -214,6 +214,18 @@ fn main() -> ExitCode {
             }
             Ok(input.to_vec())
         }),
+        "half-then-die" => worker::run_with_output(|ctx, input, out| {
+            // The first attempt writes half its output (into the client's
+            // output buffer, with protocol 2) and dies mid-way.
+            out.size_hint(input.len());
+            if ctx.attempt() == 1 {
+                out.write_all(&input[..input.len() / 2]);
+                out.write_all(b"garbage from a dying attempt");
+                std::process::abort();
+            }
+            out.write_all(input);
+            Ok(())
+        }),
         "fd-lie" => worker::run_with(|ctx, input| {
             if ctx.attempt() == 1 {
                 // Claims an output in an output buffer far larger than any
