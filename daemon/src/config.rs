@@ -83,7 +83,7 @@ pub const MAX_SOCKET_PATH_LEN: usize = 107;
 /// Longest pool or semaphore name.
 pub const MAX_NAME_LEN: usize = 64;
 
-const TOP_KEYS: &[&str] = &["daemon", "semaphores", "pools"];
+const TOP_KEYS: &[&str] = &["daemon", "store", "semaphores", "pools"];
 const DAEMON_KEYS: &[&str] = &[
     "control_socket",
     "state_dir",
@@ -150,6 +150,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The `[daemon]` section (defaults when absent).
     pub daemon: DaemonConfig,
+    /// The `[store]` section (SQLite when absent).
+    pub store: StoreConfig,
     /// `[semaphores]`: name → number of holders allowed at once (each >= 1).
     pub semaphores: BTreeMap<String, u32>,
     /// `[pools.NAME]` sections, by name.
@@ -550,11 +552,13 @@ impl Walker<'_> {
 
     fn document(&self, doc: &DeTable<'_>, path: PathBuf) -> Result<Config, ConfigError> {
         let mut daemon = None;
+        let mut store = StoreConfig::default();
         let mut semaphores = BTreeMap::new();
         let mut pools_value = None;
         for (k, v) in in_order(doc) {
             match key_str(k) {
                 "daemon" => daemon = Some(self.daemon(self.table(v, "daemon")?)?),
+                "store" => store = self.store(self.table(v, "store")?)?,
                 "semaphores" => semaphores = self.semaphores(self.table(v, "semaphores")?)?,
                 "pools" => pools_value = Some(v),
                 other => return Err(self.unknown_key(k, "", other, TOP_KEYS)),
@@ -592,6 +596,7 @@ impl Walker<'_> {
         Ok(Config {
             path,
             daemon,
+            store,
             semaphores,
             pools,
         })
@@ -1271,6 +1276,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     }
     prev[b.len()]
 }
+
+mod store;
+pub use store::StoreConfig;
 
 #[cfg(test)]
 mod tests;

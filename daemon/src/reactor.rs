@@ -134,6 +134,13 @@ enum Copied {
     },
 }
 
+/// The store's payload files, as the loop reaches them.
+#[derive(Clone)]
+struct PayloadFiles {
+    dir: Arc<crate::private_dir::PrivateDir>,
+    spares: crate::store::Spares,
+}
+
 /// The daemon's ends of one worker's channels.
 struct WorkerIo {
     pid: u32,
@@ -230,10 +237,10 @@ pub struct Reactor {
     /// Big copies, off the loop.
     copier: crate::copier::Copier<Copied>,
     /// The store's payload directory, open (shared with the store; as
-    /// opened: a reload does not move it).
-    payload_fd: Arc<crate::private_dir::PrivateDir>,
-    /// Its spare files, for outputs written from arenas.
-    spares: crate::store::Spares,
+    /// opened: a reload does not move it), and its spare files, for
+    /// outputs written from arenas; `None` for a store without payload
+    /// files (PostgreSQL).
+    files: Option<PayloadFiles>,
     /// Clients with output queued this turn.
     dirty_clients: HashSet<u64>,
     /// Workers with frames queued this turn.
@@ -308,11 +315,15 @@ impl Reactor {
             Arc::new(mio::Waker::new(poll.registry(), TOKEN_WAKE).context("creating the waker")?);
         let copier = crate::copier::Copier::start(Arc::clone(&waker))
             .context("starting the copier thread")?;
-        let (store, recovered) = match Store::open_with_payload_dir(
-            &config.daemon.state_dir,
-            &config.daemon.payload_dir(),
-            Arc::clone(&waker),
-        ) {
+        let opened = match &config.store.url {
+            Some(url) => Store::open_postgres(url, Arc::clone(&waker)),
+            None => Store::open_with_payload_dir(
+                &config.daemon.state_dir,
+                &config.daemon.payload_dir(),
+                Arc::clone(&waker),
+            ),
+        };
+        let (store, recovered) = match opened {
             Ok(s) => s,
             Err(e) => {
                 // We bound the socket a moment ago: leave nothing behind.
@@ -322,10 +333,15 @@ impl Reactor {
                 return Err(anyhow::anyhow!("{e}"));
             }
         };
-        let payload_fd = store
-            .spares()
-            .payload_dir()
-            .context("opening the payload directory")?;
+        let files = match store.spares() {
+            Some(spares) => Some(PayloadFiles {
+                dir: spares
+                    .payload_dir()
+                    .context("opening the payload directory")?,
+                spares: spares.clone(),
+            }),
+            None => None,
+        };
         let seed = std::process::id() as u64 ^ now_nanos();
         let now = Instant::now();
         let mut core = Supervisor::new(&config, seed, now, now_nanos() / 1_000_000);
@@ -350,8 +366,7 @@ impl Reactor {
             procs: HashMap::default(),
             pids: HashMap::default(),
             core,
-            spares: store.spares().clone(),
-            payload_fd,
+            files,
             store: Some(store),
             copier,
             dirty_clients: HashSet::default(),
@@ -816,8 +831,9 @@ impl Reactor {
         if new.daemon.control_socket != self.config.daemon.control_socket
             || new.daemon.state_dir != self.config.daemon.state_dir
             || new.daemon.payload_dir() != self.config.daemon.payload_dir()
+            || new.store != self.config.store
         {
-            msg.push_str("; daemon.control_socket/state_dir/payload_dir changes take effect after a restart of jobvisord");
+            msg.push_str("; daemon.control_socket/state_dir/payload_dir and [store] changes take effect after a restart of jobvisord");
         }
         self.logs.retain_pools(|name| new.pools.contains_key(name));
         self.config = new;

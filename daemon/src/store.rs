@@ -111,7 +111,10 @@ mod committer;
 mod db;
 mod files;
 pub mod latency;
+mod pg;
 mod spares;
+
+pub use pg::redact as redact_url;
 
 pub use spares::Spares;
 
@@ -527,7 +530,7 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// Written by a newer jobvisord.
-    #[error("{} has schema version {found}, newer than this jobvisord supports ({supported}); upgrade jobvisord or set daemon.state_dir to another directory", .path.display())]
+    #[error("{} has schema version {found}, newer than this jobvisord supports ({supported}); upgrade jobvisord, or point it at another store (daemon.state_dir, or [store] url)", .path.display())]
     TooNew {
         /// The database file.
         path: PathBuf,
@@ -556,6 +559,22 @@ pub enum StoreError {
         /// The SQLite error.
         source: rusqlite::Error,
     },
+    /// Another daemon uses the PostgreSQL database.
+    #[error("store {url} is in use by another jobvisord (one daemon per database for now); stop it or set [store] url to another database")]
+    PostgresInUse {
+        /// The URL, password hidden.
+        url: String,
+    },
+    /// A PostgreSQL store cannot be reached or used.
+    #[error("store {url}: {what}: {detail}; check [store] url, that the server runs and accepts this user, then restart jobvisord")]
+    Postgres {
+        /// The URL, password hidden.
+        url: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error, one line.
+        detail: String,
+    },
     /// The store thread could not be started, or died.
     #[error("store {}: the store thread {reason}; restart jobvisord (acknowledged jobs are safe)", .path.display())]
     Thread {
@@ -575,8 +594,9 @@ pub struct Store {
     next_seq: u64,
     pending: RefCell<Pending>,
     /// The payload directory's spare files, shared with the daemon's
-    /// writer of output files.
-    spares: Spares,
+    /// writer of output files; `None` for a PostgreSQL store, which keeps
+    /// payloads in its rows.
+    spares: Option<Spares>,
     /// Commit latency, recorded by the store thread.
     latency: Arc<latency::CommitLatency>,
     /// Keeps the waker's eventfd open as long as the handle lives: if the
@@ -637,32 +657,67 @@ impl Store {
         let recovered = db.recover(db::now_ms())?;
         let path = db.path().to_path_buf();
         let spares = db.payloads().spares().clone();
+        let store = Store::start(
+            path,
+            Some(spares),
+            waker,
+            move |ops, done, waker, latency| {
+                Committer::new(db, ops, done, waker, tuning, latency).run()
+            },
+        )?;
+        Ok((store, recovered))
+    }
+
+    /// Opens the PostgreSQL store at `url` (see the `pg` module): connects,
+    /// takes the database's node lock, creates or migrates the schema, runs
+    /// recovery and starts the store thread.
+    pub fn open_postgres(
+        url: &str,
+        waker: Arc<mio::Waker>,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let mut pg = pg::Pg::open(url)?;
+        let recovered = pg.recover(db::now_ms())?;
+        let path = PathBuf::from(pg.display());
+        let store = Store::start(path, None, waker, move |ops, done, waker, latency| {
+            pg::run(pg, ops, done, waker, latency)
+        })?;
+        Ok((store, recovered))
+    }
+
+    /// Starts the store thread running `body` (a backend's loop) and
+    /// returns its handle.
+    fn start(
+        path: PathBuf,
+        spares: Option<Spares>,
+        waker: Arc<mio::Waker>,
+        body: impl FnOnce(
+                mpsc::Receiver<Msg>,
+                mpsc::Sender<Completion>,
+                Arc<mio::Waker>,
+                Arc<latency::CommitLatency>,
+            ) -> Result<(), StoreError>
+            + Send
+            + 'static,
+    ) -> Result<Store, StoreError> {
         let (ops_tx, ops_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let wake_on_exit = WakeOnDrop(Arc::clone(&waker));
         let latency = Arc::new(latency::CommitLatency::default());
-        let committer = Committer::new(
-            db,
-            ops_rx,
-            done_tx,
-            Arc::clone(&waker),
-            tuning,
-            Arc::clone(&latency),
-        );
+        let (thread_waker, thread_latency) = (Arc::clone(&waker), Arc::clone(&latency));
         let thread = std::thread::Builder::new()
             .name("jobvisor-store".into())
             .spawn(move || {
                 // Declared first, dropped last: after a panic has dropped the
-                // committer (and its completion sender), the loop is woken
-                // to find the channel disconnected.
+                // backend (and its completion sender), the loop is woken to
+                // find the channel disconnected.
                 let _wake_on_exit = wake_on_exit;
-                committer.run()
+                body(ops_rx, done_tx, thread_waker, thread_latency)
             })
             .map_err(|e| StoreError::Thread {
                 path: path.clone(),
                 reason: format!("could not be started ({e})"),
             })?;
-        let store = Store {
+        Ok(Store {
             path,
             ops: ops_tx,
             completions: done_rx,
@@ -672,8 +727,7 @@ impl Store {
             spares,
             latency,
             _waker: waker,
-        };
-        Ok((store, recovered))
+        })
     }
 
     /// The database file.
@@ -684,8 +738,8 @@ impl Store {
     /// The payload directory's spare files: where a payload file written
     /// outside the store thread (an output straight from a worker's
     /// arena) comes from, see [`Spares::create`].
-    pub fn spares(&self) -> &Spares {
-        &self.spares
+    pub fn spares(&self) -> Option<&Spares> {
+        self.spares.as_ref()
     }
 
     /// How long the store's commits took so far.

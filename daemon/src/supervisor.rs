@@ -356,6 +356,9 @@ pub struct Supervisor {
     /// When the shutdown drain ends (`drain_timeout`).
     drain_deadline: Option<Instant>,
     drain_timeout: Duration,
+    /// The store keeps large payloads in payload files (SQLite); without
+    /// them (PostgreSQL) inputs stay in memory until their job ends.
+    payload_files: bool,
 }
 
 impl Supervisor {
@@ -377,6 +380,7 @@ impl Supervisor {
             events_wanted: false,
             drain_deadline: None,
             drain_timeout: config.daemon.drain_timeout,
+            payload_files: config.store.url.is_none(),
         };
         for (name, pc) in &config.pools {
             s.pools.insert(name.clone(), Pool::new(name, pc.clone()));

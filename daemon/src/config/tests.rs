@@ -26,7 +26,7 @@ const REJECTED: &[(&str, &str, &str, &str)] = &[
         "unknown top-level key",
         "[daemon]\n\n[deamon]\n",
         "3:2: deamon: ",
-        "unknown key (did you mean `daemon`?); expected one of daemon, semaphores, pools",
+        "unknown key (did you mean `daemon`?); expected one of daemon, store, semaphores, pools",
     ),
     (
         "unknown key in [daemon]",
@@ -829,4 +829,53 @@ fn admin_group_must_exist_and_caps_be_positive() {
     assert!(e.contains("daemon.max_connections"), "{e}");
     let e = err("[daemon]\nmax_connections_per_user = -1\n").to_string();
     assert!(e.contains("daemon.max_connections_per_user"), "{e}");
+}
+
+#[test]
+fn store_url_is_sqlite_by_default_or_a_postgres_url() {
+    assert_eq!(ok(P).store.url, None);
+    assert_eq!(
+        ok(&format!("[store]\nurl = \"sqlite\"\n{P}")).store.url,
+        None
+    );
+    for url in [
+        "postgres://jobvisor@db.example:5433/jobs?connect_timeout=5",
+        "postgresql://u:secret@127.0.0.1/db",
+        "postgres://u@%2Frun%2Fpostgresql/db",
+    ] {
+        let c = ok(&format!("[store]\nurl = \"{url}\"\n{P}"));
+        assert_eq!(c.store.url.as_deref(), Some(url));
+    }
+    // A Unix socket directory, percent-encoded, is one.
+    let unix: postgres::Config = "postgres://u@%2Frun%2Fpostgresql/db".parse().unwrap();
+    assert!(matches!(
+        unix.get_hosts(),
+        [postgres::config::Host::Unix(p)] if p == Path::new("/run/postgresql")
+    ));
+    // The password never shows in messages.
+    let c = ok(&format!(
+        "[store]\nurl = \"postgresql://u:secret@127.0.0.1/db\"\n{P}"
+    ));
+    assert_eq!(
+        c.store.display_url().as_deref(),
+        Some("postgresql://u:***@127.0.0.1/db")
+    );
+    for (text, fragment) in [
+        (
+            "[store]\nurl = \"mysql://x/y\"\n",
+            "2:7: store.url: expected \"sqlite\"",
+        ),
+        (
+            "[store]\nurl = \"postgres://u@h:notaport/db\"\n",
+            "store.url: not a valid PostgreSQL URL",
+        ),
+        ("[store]\nurl = 5\n", "store.url: "),
+        (
+            "[store]\nuri = \"sqlite\"\n",
+            "store.uri: unknown key (did you mean `url`?)",
+        ),
+    ] {
+        let e = err(&format!("{text}{P}")).to_string();
+        assert!(e.contains(fragment), "{e}");
+    }
 }

@@ -38,9 +38,12 @@ fn prepare_fd_input(
     fd: OwnedFd,
     len: u64,
     extra: &mut crate::supervisor::SubmitExtra,
+    read_all: bool,
 ) -> Result<crate::supervisor::SubmitInput, String> {
     extra.input_shareable = crate::fdpass::shareable_for_reading(&fd);
-    if len < crate::store::FILE_PAYLOAD_MIN as u64 {
+    // A store without payload files (PostgreSQL) keeps inputs in its rows:
+    // the daemon holds the bytes, not the client's file.
+    if read_all || len < crate::store::FILE_PAYLOAD_MIN as u64 {
         return crate::fdpass::read_payload(fd, len, "input").map(Into::into);
     }
     let (file, _) = crate::fdpass::payload_file(fd, len, "input")?;
@@ -399,10 +402,11 @@ impl Reactor {
         }
         let tx = self.fd_inputs.0.clone();
         let waker = Arc::clone(&self.waker);
+        let read_all = self.files.is_none();
         let spawned = std::thread::Builder::new()
             .name("jobvisor-input".into())
             .spawn(move || {
-                let input = prepare_fd_input(fd, len, &mut extra);
+                let input = prepare_fd_input(fd, len, &mut extra, read_all);
                 let _ = tx.send(FdInput {
                     client: id,
                     pool,

@@ -118,9 +118,9 @@ impl Reactor {
         let memfd = large && self.core.output_in_memory(id);
         // The client's own buffer when it gave one: its pages are reused.
         let buffer = self.core.output_buffer(id).filter(|_| memfd);
-        let name = (large && !memfd).then(|| crate::store::output_name(id));
-        let spares = self.spares.clone();
-        let dir = Arc::clone(&self.payload_fd);
+        // A store without payload files keeps the output in its row.
+        let files = self.files.clone().filter(|_| large && !memfd);
+        let name = files.as_ref().map(|_| crate::store::output_name(id));
         self.copier.run(move || {
             let in_memfd = buffer
                 .and_then(|b| output_to_buffer(&mapping, b, offset, len))
@@ -130,9 +130,9 @@ impl Reactor {
                         .flatten()
                 });
             let in_file = in_memfd.is_none()
-                && name
-                    .as_ref()
-                    .is_some_and(|n| output_to_file(&mapping, &spares, &dir, n, offset, len));
+                && name.as_ref().zip(files.as_ref()).is_some_and(|(n, f)| {
+                    output_to_file(&mapping, &f.spares, &f.dir, n, offset, len)
+                });
             let output = if let Some(m) = in_memfd {
                 JobOutput::Memfd(m)
             } else if in_file {
@@ -219,14 +219,18 @@ impl Reactor {
             return;
         };
         self.hold_next_frame(proc);
-        let path = crate::store::input_file(self.payload_fd.path(), job);
+        let dir = self.files.as_ref().map(|f| Arc::clone(&f.dir));
+        let path = dir
+            .as_ref()
+            .map(|d| crate::store::input_file(d.path(), job))
+            .unwrap_or_default();
         let name = crate::store::input_name(job);
-        let dir = Arc::clone(&self.payload_fd);
         self.copier.run(move || {
-            let read = match &source {
+            let read = match (&source, dir) {
                 // Not durable yet: the client's own file.
-                Some(src) => mapping.fill_from(&src.file, offset, len),
-                None => dir.open_read(&name).and_then(|f| {
+                (Some(src), _) => mapping.fill_from(&src.file, offset, len),
+                (None, None) => Err(std::io::Error::other("the store keeps no payload files")),
+                (None, Some(dir)) => dir.open_read(&name).and_then(|f| {
                     use std::os::unix::fs::MetadataExt;
                     let meta = f.metadata()?;
                     if meta.len() != len {
@@ -398,7 +402,11 @@ impl Reactor {
                 return;
             }
         };
-        if let Some(file) = open_output_file(&self.payload_fd, doc.id, len) {
+        let file = self
+            .files
+            .as_ref()
+            .and_then(|f| open_output_file(&f.dir, doc.id, len));
+        if let Some(file) = file {
             return c.send_job_fd(&doc, len, file.into());
         }
         match output {
@@ -406,9 +414,10 @@ impl Reactor {
             JobOutput::Memfd(_) => unreachable!("answered above"),
             JobOutput::File(_) => {
                 // Checked by the store a moment ago; removed since.
+                let dir = self.files.as_ref().map(|f| f.dir.path().to_path_buf());
                 doc.note_error(format!(
                     "output payload file {} is missing",
-                    crate::store::output_file(self.payload_fd.path(), doc.id).display()
+                    crate::store::output_file(&dir.unwrap_or_default(), doc.id).display()
                 ));
                 c.send(&Response::Job(doc));
             }

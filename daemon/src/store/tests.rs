@@ -2359,7 +2359,7 @@ fn ended_inputs_become_spares_and_outputs_never_do() {
     std::fs::write(dir.payloads().join(".spare/99"), b"left by a crash").expect("write");
     h.close();
     let (mut h, _) = Harness::open(dir.path());
-    let spares = h.store.spares().clone();
+    let spares = h.store.spares().expect("SQLite has spares").clone();
     assert!(
         spares.list().is_empty(),
         "the spares of a previous run go at open"
@@ -2420,7 +2420,7 @@ fn a_job_recovered_dead_drops_its_input_file() {
     let doc = h.job(1).expect("job 1");
     assert_eq!(doc.state, JobState::Dead);
     assert_eq!(payload_names(&dir), ["2.in"]);
-    let spares = h.store.spares().clone();
+    let spares = h.store.spares().expect("SQLite has spares").clone();
     assert!(
         spares.list().iter().any(|(p, _)| inode(p) == ino),
         "recycled"
@@ -2559,3 +2559,6 @@ fn memory_mode_inputs_are_never_stored_and_end_dead_after_a_restart() {
     assert!(db::MEMORY_INPUT_LOST.starts_with("input lost: payloads = memory"));
     h.close();
 }
+
+#[path = "pg_tests.rs"]
+mod pg;

@@ -268,6 +268,11 @@ pub struct SubmitExtra {
 /// restart with a deep queue of them, cannot fill the daemon's memory.
 pub const QUEUED_INPUT_BUDGET: u64 = 64 << 20;
 
+/// With a store that keeps no payload files (PostgreSQL), the inputs of
+/// the jobs the daemon holds stay in its memory, up to this much; a submit
+/// past it is refused until some end.
+pub const STORE_INPUT_BUDGET: u64 = 1 << 30;
+
 /// At most this many client files are held for `payloads = "memory"` jobs
 /// at once (one descriptor each, until the job ends); more are refused
 /// until some end.
@@ -753,7 +758,15 @@ impl Supervisor {
         }
         // Over the budget, an input that can go through the pool's arena is
         // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
+        if !self.payload_files && !memory && self.jt.mem_inputs + len > STORE_INPUT_BUDGET {
+            return Err(CtlError::Rejected(format!(
+                "the daemon already holds {} of inputs of queued and running jobs (a PostgreSQL store keeps them in memory until their jobs end, at most {}); retry once some have ended",
+                crate::config::show_size(self.jt.mem_inputs),
+                crate::config::show_size(STORE_INPUT_BUDGET)
+            )));
+        }
         let spill = !memory
+            && self.payload_files
             && len >= SPILL_MIN
             && self.jt.mem_inputs + len > QUEUED_INPUT_BUDGET
             && len <= arena_input_capacity(self.pools[pool_name].config.shm_size);
@@ -1605,7 +1618,8 @@ impl Supervisor {
         self.reply(client, Response::Submitted { id });
         // Its input is in a payload file now: let go of the memory (a
         // worker's arena is filled from the file instead).
-        if let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| !j.memory) {
+        let files = self.payload_files;
+        if let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| !j.memory && files) {
             let len = job.input.len();
             if (len >= crate::store::FILE_PAYLOAD_MIN || job.spilled) && job.input_file.is_none() {
                 job.input_file = Some(len as u64);

@@ -1,0 +1,826 @@
+//! The PostgreSQL backend of the store (`[store] url = "postgres://…"`):
+//! the same [`Op`]s in, the same [`Completion`]s out, the same invariants as
+//! the SQLite store (an op is reported durable only once its transaction has
+//! committed; queries see every op submitted before them), on a server the
+//! operator runs.
+//!
+//! Differences from SQLite:
+//! - Payloads live in the database (`bytea`), never in payload files: the
+//!   daemon keeps large inputs of queued jobs in memory (bounded by the
+//!   core's budget) and stores large outputs in the row.
+//! - The store thread's connection holds a session advisory lock: one daemon
+//!   per database for now (nodes sharing queues come with claiming).
+//! - When the server goes away (a restart, a network cut) the thread
+//!   reconnects by itself, with backoff; inserts of a batch that cannot
+//!   commit are reported lost (their clients get an error), updates are
+//!   kept and retried until a commit succeeds, exactly as with SQLite.
+//!
+//! Schema versions are in `jobvisor_schema`; an older one is migrated on
+//! start in one transaction, a newer one refused.
+
+use super::committer::Msg;
+use super::{
+    Completion, InsertFailure, NewJob, Op, Query, QueryResult, Recovered, RecoveredJob, Retried,
+    StoreError, MAX_BATCH_OPS,
+};
+use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
+use ipc_proto::Bytes;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: i32 = 1;
+
+/// How long a reconnection may take, and a check that the connection is
+/// alive, before the store thread gives up for this round (and retries).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Key of the session advisory lock a daemon holds on its database.
+const NODE_LOCK: i64 = 0x6a6f_6276_6973_6f72; // "jobvisor"
+
+const SCHEMA_V1: &str = "
+CREATE TABLE jobvisor_jobs (
+    id                bigint   PRIMARY KEY,
+    pool              text     NOT NULL,
+    state             smallint NOT NULL,
+    priority          integer  NOT NULL,
+    key               text,
+    max_attempts      integer  NOT NULL,
+    timeout_ms        bigint,
+    created_ms        bigint   NOT NULL,
+    finished_ms       bigint,
+    error             text,
+    attempts          text     NOT NULL,
+    owner             bigint   NOT NULL,
+    input             bytea    NOT NULL,
+    input_memory_len  bigint,
+    output            bytea,
+    output_memory_len bigint
+);
+CREATE INDEX jobvisor_jobs_active ON jobvisor_jobs (state, id) WHERE state < 2;
+CREATE INDEX jobvisor_jobs_finished ON jobvisor_jobs (pool, finished_ms)
+    WHERE finished_ms IS NOT NULL;
+CREATE TABLE jobvisor_meta (name text PRIMARY KEY, value bigint NOT NULL);
+INSERT INTO jobvisor_meta VALUES ('max_id', 0);
+";
+
+const INSERT: &str = "INSERT INTO jobvisor_jobs (id, pool, state, priority, key, max_attempts, \
+     timeout_ms, created_ms, attempts, owner, input, input_memory_len) \
+     VALUES ($1, $2, 0, $3, $4, $5, $6, $7, '[]', $8, $9, $10)";
+const UPDATE: &str = "UPDATE jobvisor_jobs SET state = $2, attempts = $3, output = $4, \
+     error = $5, finished_ms = $6, output_memory_len = $7 WHERE id = $1";
+const SELECT_DOC: &str = "SELECT id, pool, state, priority, key, created_ms, finished_ms, error, \
+     attempts, output, output_memory_len FROM jobvisor_jobs";
+
+/// A connection string without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn pg_error(url: &str, what: &'static str, e: postgres::Error) -> StoreError {
+    StoreError::Postgres {
+        url: redact(url),
+        what,
+        detail: one_line(&e),
+    }
+}
+
+/// A PostgreSQL error as one line (the server's message when there is one).
+fn one_line(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s = format!("{s}: {inner}");
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn state_from(code: i16) -> Option<JobState> {
+    JobState::ALL
+        .into_iter()
+        .find(|s| super::db::state_code(*s) == i64::from(code))
+}
+
+fn code(state: JobState) -> i16 {
+    super::db::state_code(state) as i16
+}
+
+fn attempts_from(text: &str) -> Result<Vec<Attempt>, String> {
+    serde_json::from_str(text).map_err(|e| format!("unreadable attempts ({e})"))
+}
+
+fn attempts_text(attempts: &[Attempt]) -> String {
+    serde_json::to_string(attempts).expect("attempts serialize")
+}
+
+/// The store's connection and what it knows.
+pub(super) struct Pg {
+    url: String,
+    client: Client,
+    max_id: u64,
+    /// A statement failed: the connection may be gone; reconnect before
+    /// the next one.
+    suspect: bool,
+}
+
+impl Pg {
+    /// Connects, takes the node lock, creates or migrates the schema.
+    pub(super) fn open(url: &str) -> Result<Pg, StoreError> {
+        let client = Client::connect(url, NoTls).map_err(|e| pg_error(url, "cannot connect", e))?;
+        let mut pg = Pg {
+            url: url.to_string(),
+            client,
+            max_id: 0,
+            suspect: false,
+        };
+        pg.lock()?;
+        pg.migrate()?;
+        Ok(pg)
+    }
+
+    /// The URL, password hidden.
+    pub(super) fn display(&self) -> String {
+        redact(&self.url)
+    }
+
+    fn lock(&mut self) -> Result<(), StoreError> {
+        let got: bool = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
+            .map_err(|e| pg_error(&self.url, "cannot take the node lock", e))?
+            .get(0);
+        if !got {
+            return Err(StoreError::PostgresInUse {
+                url: self.display(),
+            });
+        }
+        Ok(())
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let url = self.url.as_str();
+        let fail = |what: &'static str| move |e| pg_error(url, what, e);
+        let mut tx = self
+            .client
+            .transaction()
+            .map_err(fail("cannot start the schema transaction"))?;
+        // Serialises concurrent first starts.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(NODE_LOCK + 1)])
+            .map_err(fail("cannot lock the schema"))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS jobvisor_schema (version integer NOT NULL)")
+            .map_err(fail("cannot create jobvisor_schema"))?;
+        let found: Option<i32> = tx
+            .query_opt("SELECT max(version) FROM jobvisor_schema", &[])
+            .map_err(fail("cannot read the schema version"))?
+            .and_then(|r| r.get(0));
+        match found {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::TooNew {
+                    path: redact(&self.url).into(),
+                    found: i64::from(v),
+                    supported: i64::from(SCHEMA_VERSION),
+                })
+            }
+            Some(_) => {}
+            None => {
+                tx.batch_execute(SCHEMA_V1)
+                    .map_err(fail("cannot create the tables"))?;
+                tx.execute(
+                    "INSERT INTO jobvisor_schema VALUES ($1)",
+                    &[&SCHEMA_VERSION],
+                )
+                .map_err(fail("cannot record the schema version"))?;
+            }
+        }
+        tx.commit().map_err(fail("cannot commit the schema"))?;
+        let row = self
+            .client
+            .query_one(
+                "SELECT GREATEST((SELECT value FROM jobvisor_meta WHERE name = 'max_id'), \
+                 (SELECT COALESCE(max(id), 0) FROM jobvisor_jobs))",
+                &[],
+            )
+            .map_err(|e| pg_error(&self.url, "cannot read the highest job id", e))?;
+        self.max_id = to_u64(row.get(0));
+        Ok(())
+    }
+
+    /// Requeues (or declares dead) the jobs that were running when the
+    /// daemon died, in one transaction, and returns what the daemon needs
+    /// (see the SQLite store's `recover`).
+    pub(super) fn recover(&mut self, now_ms: u64) -> Result<Recovered, StoreError> {
+        let url = self.url.clone();
+        let fail = |e| pg_error(&url, "recovery failed", e);
+        let mut tx = self.client.transaction().map_err(fail)?;
+        let rows = tx
+            .query(
+                "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
+                 attempts, owner, input, input_memory_len FROM jobvisor_jobs \
+                 WHERE state < 2 ORDER BY id",
+                &[],
+            )
+            .map_err(fail)?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let id = to_u64(row.get(0));
+            let state = state_from(row.get(2)).unwrap_or(JobState::Dead);
+            let mut attempts = attempts_from(row.get(8)).unwrap_or_default();
+            let max_attempts: i32 = row.get(5);
+            let in_memory: Option<i64> = row.get(11);
+            if state == JobState::Running {
+                if let Some(last) = attempts.last_mut().filter(|a| a.outcome.is_none()) {
+                    last.ended_ms = Some(now_ms);
+                    last.outcome = Some(Outcome::Lost);
+                    last.error = Some(super::db::LOST_ON_RESTART.to_string());
+                }
+            }
+            let dead = if in_memory.is_some() {
+                Some(super::db::MEMORY_INPUT_LOST)
+            } else if state == JobState::Running && attempts.len() >= max_attempts.max(1) as usize {
+                Some(super::db::LOST_ON_RESTART)
+            } else {
+                None
+            };
+            if let Some(error) = dead {
+                tx.execute(
+                    "UPDATE jobvisor_jobs SET state = $2, attempts = $3, finished_ms = $4, \
+                     error = $5 WHERE id = $1",
+                    &[
+                        &to_i64(id),
+                        &code(JobState::Dead),
+                        &attempts_text(&attempts),
+                        &to_i64(now_ms),
+                        &error,
+                    ],
+                )
+                .map_err(fail)?;
+                continue;
+            }
+            if state == JobState::Running {
+                tx.execute(
+                    "UPDATE jobvisor_jobs SET state = $2, attempts = $3 WHERE id = $1",
+                    &[
+                        &to_i64(id),
+                        &code(JobState::Queued),
+                        &attempts_text(&attempts),
+                    ],
+                )
+                .map_err(fail)?;
+            }
+            let input: Vec<u8> = row.get(10);
+            jobs.push(RecoveredJob {
+                job: NewJob {
+                    id,
+                    pool: row.get(1),
+                    priority: row.get(3),
+                    key: row.get(4),
+                    max_attempts: max_attempts.max(1) as u32,
+                    timeout_ms: row.get::<_, Option<i64>>(6).map(to_u64),
+                    input: input.into(),
+                    input_source: None,
+                    created_ms: to_u64(row.get(7)),
+                    owner: u32::try_from(row.get::<_, i64>(9)).unwrap_or(0),
+                    spill: false,
+                    memory: false,
+                },
+                attempts,
+                input_file: None,
+            });
+        }
+        let mut counts: BTreeMap<String, HashMap<JobState, u64>> = BTreeMap::new();
+        for row in tx
+            .query(
+                "SELECT pool, state, count(*) FROM jobvisor_jobs GROUP BY pool, state",
+                &[],
+            )
+            .map_err(fail)?
+        {
+            if let Some(state) = state_from(row.get(1)) {
+                counts
+                    .entry(row.get(0))
+                    .or_default()
+                    .insert(state, to_u64(row.get(2)));
+            }
+        }
+        tx.commit().map_err(fail)?;
+        Ok(Recovered {
+            jobs,
+            next_id: self.max_id + 1,
+            counts,
+        })
+    }
+
+    /// Reconnects (and takes the node lock again) if the connection is
+    /// gone.
+    fn ensure_connected(&mut self) -> Result<(), String> {
+        if self.suspect && !self.client.is_closed() && self.client.is_valid(PING_TIMEOUT).is_ok() {
+            self.suspect = false;
+        }
+        if !self.suspect && !self.client.is_closed() {
+            return Ok(());
+        }
+        let mut config: postgres::Config = self.url.parse().map_err(|e| one_line(&e))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        self.client = config.connect(NoTls).map_err(|e| one_line(&e))?;
+        self.suspect = false;
+        self.lock().map_err(|e| e.to_string())
+    }
+
+    /// Applies one batch in one transaction: inserts (`Err` per insert
+    /// whose input file cannot be read: left out), then updates, in order.
+    fn apply(
+        &mut self,
+        ops: &[(u64, Op)],
+        failed: &mut Vec<(u64, InsertFailure)>,
+    ) -> Result<(), String> {
+        self.ensure_connected()?;
+        let mut tx = self.client.transaction().map_err(|e| one_line(&e))?;
+        let insert = tx.prepare(INSERT).map_err(|e| one_line(&e))?;
+        let update = tx.prepare(UPDATE).map_err(|e| one_line(&e))?;
+        let mut max_id = self.max_id;
+        for (_, op) in ops {
+            match op {
+                Op::Insert(job) => {
+                    let input = match input_bytes(job) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            failed.push((job.id, e));
+                            continue;
+                        }
+                    };
+                    let memory_len = job.memory.then(|| to_i64(job.input_len()));
+                    let params: [&(dyn ToSql + Sync); 10] = [
+                        &to_i64(job.id),
+                        &job.pool,
+                        &job.priority,
+                        &job.key,
+                        &(job.max_attempts.min(i32::MAX as u32) as i32),
+                        &job.timeout_ms.map(to_i64),
+                        &to_i64(job.created_ms),
+                        &i64::from(job.owner),
+                        &input.as_ref(),
+                        &memory_len,
+                    ];
+                    tx.execute(&insert, &params).map_err(|e| one_line(&e))?;
+                    max_id = max_id.max(job.id);
+                }
+                Op::Update(u) => {
+                    if u.output_file_len.is_some() {
+                        return Err("an output in a payload file, which a PostgreSQL store \
+                                    does not use (a daemon bug)"
+                            .into());
+                    }
+                    let finished = u
+                        .state
+                        .is_terminal()
+                        .then(|| to_i64(u.finished_ms.unwrap_or_else(super::db::now_ms)));
+                    let output: Option<&[u8]> = u.output.as_deref();
+                    let params: [&(dyn ToSql + Sync); 7] = [
+                        &to_i64(u.id),
+                        &code(u.state),
+                        &attempts_text(&u.attempts),
+                        &output,
+                        &u.error,
+                        &finished,
+                        &u.output_memory_len.map(to_i64),
+                    ];
+                    tx.execute(&update, &params).map_err(|e| one_line(&e))?;
+                }
+                Op::Query { .. } | Op::Retention { .. } => {}
+            }
+        }
+        if max_id > self.max_id {
+            tx.execute(
+                "UPDATE jobvisor_meta SET value = GREATEST(value, $1) WHERE name = 'max_id'",
+                &[&to_i64(max_id)],
+            )
+            .map_err(|e| one_line(&e))?;
+        }
+        tx.commit().map_err(|e| one_line(&e))?;
+        self.max_id = max_id;
+        Ok(())
+    }
+
+    /// Answers a query from committed data.
+    fn query(&mut self, query: &Query) -> Result<QueryResult, String> {
+        self.ensure_connected()?;
+        let read = |e: postgres::Error| format!("cannot read the job store: {}", one_line(&e));
+        match query {
+            Query::Job { id, owner, output } => {
+                let row = self
+                    .client
+                    .query_opt(
+                        &format!(
+                            "{SELECT_DOC} WHERE id = $1 AND ($2::bigint IS NULL OR owner = $2)"
+                        ),
+                        &[&to_i64(*id), &owner.map(i64::from)],
+                    )
+                    .map_err(read)?;
+                let Some(row) = row else {
+                    return Ok(QueryResult::Job(None));
+                };
+                let mut doc = doc_from_row(&row, *output)?;
+                if *output && row.get::<_, Option<i64>>(10).is_some() {
+                    doc.note_error(super::db::MEMORY_OUTPUT_NOT_KEPT.to_string());
+                }
+                Ok(QueryResult::Job(Some(doc)))
+            }
+            Query::List {
+                pool,
+                state,
+                limit,
+                owner,
+                before,
+                since_ms,
+            } => {
+                let sql = format!(
+                    "{SELECT_DOC} WHERE ($1::text IS NULL OR pool = $1) \
+                     AND ($2::smallint IS NULL OR state = $2) \
+                     AND ($3::bigint IS NULL OR owner = $3) AND ($4::bigint IS NULL OR id < $4) \
+                     AND ($5::bigint IS NULL OR created_ms >= $5) ORDER BY id DESC LIMIT $6"
+                );
+                let rows = self
+                    .client
+                    .query(
+                        &sql,
+                        &[
+                            pool,
+                            &state.map(code),
+                            &owner.map(i64::from),
+                            &before.map(to_i64),
+                            &since_ms.map(to_i64),
+                            &i64::from(*limit),
+                        ],
+                    )
+                    .map_err(read)?;
+                let docs = rows
+                    .iter()
+                    .map(|r| doc_from_row(r, false))
+                    .collect::<Result<_, _>>()?;
+                Ok(QueryResult::List(docs))
+            }
+            Query::Retry { id, owner } => self.retry(*id, *owner).map_err(read),
+            Query::Prune {
+                finished_before_ms,
+                state,
+                pool,
+                owner,
+                limit,
+            } => {
+                let n = self
+                    .client
+                    .execute(
+                        "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
+                         WHERE finished_ms IS NOT NULL AND finished_ms < $1 AND state >= 2 \
+                         AND ($2::smallint IS NULL OR state = $2) AND ($3::text IS NULL OR pool = $3) \
+                         AND ($4::bigint IS NULL OR owner = $4) LIMIT $5)",
+                        &[
+                            &to_i64(*finished_before_ms),
+                            &state.map(code),
+                            pool,
+                            &owner.map(i64::from),
+                            &i64::from(*limit),
+                        ],
+                    )
+                    .map_err(read)?;
+                Ok(QueryResult::Pruned(n))
+            }
+        }
+    }
+
+    fn retry(&mut self, id: u64, owner: Option<u32>) -> Result<QueryResult, postgres::Error> {
+        let mut tx = self.client.transaction()?;
+        let row = tx.query_opt(
+            "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
+             attempts, input, owner, input_memory_len FROM jobvisor_jobs \
+             WHERE id = $1 AND ($2::bigint IS NULL OR owner = $2) FOR UPDATE",
+            &[&to_i64(id), &owner.map(i64::from)],
+        )?;
+        let Some(row) = row else {
+            return Ok(QueryResult::Retry(Retried::NotFound));
+        };
+        let state = state_from(row.get(2)).unwrap_or(JobState::Dead);
+        if !matches!(
+            state,
+            JobState::Failed | JobState::Cancelled | JobState::TimedOut | JobState::Dead
+        ) {
+            return Ok(QueryResult::Retry(Retried::NotRetryable(state)));
+        }
+        if row.get::<_, Option<i64>>(11).is_some() {
+            return Ok(QueryResult::Retry(Retried::InputGone));
+        }
+        let attempts = attempts_from(row.get(8)).unwrap_or_default();
+        let max_attempts = (row.get::<_, i32>(5).max(1) as u32).max(attempts.len() as u32 + 1);
+        tx.execute(
+            "UPDATE jobvisor_jobs SET state = $2, max_attempts = $3, finished_ms = NULL, \
+             error = NULL, output = NULL, output_memory_len = NULL WHERE id = $1",
+            &[&to_i64(id), &code(JobState::Queued), &(max_attempts as i32)],
+        )?;
+        tx.commit()?;
+        let input: Vec<u8> = row.get(9);
+        Ok(QueryResult::Retry(Retried::Queued(RecoveredJob {
+            job: NewJob {
+                id,
+                pool: row.get(1),
+                priority: row.get(3),
+                key: row.get(4),
+                max_attempts,
+                timeout_ms: row.get::<_, Option<i64>>(6).map(to_u64),
+                input: input.into(),
+                input_source: None,
+                created_ms: to_u64(row.get(7)),
+                owner: u32::try_from(row.get::<_, i64>(10)).unwrap_or(0),
+                spill: false,
+                memory: false,
+            },
+            attempts,
+            input_file: None,
+        })))
+    }
+
+    /// Deletes finished jobs past their retention, at most `chunk` per
+    /// statement; true if there may be more.
+    fn prune_step(&mut self, retention: &Retention, chunk: u32) -> Result<bool, String> {
+        self.ensure_connected()?;
+        let now = super::db::now_ms();
+        let mut more = false;
+        let keep = |d: &Duration| to_i64(now.saturating_sub(d.as_millis() as u64));
+        let pools: Vec<String> = self
+            .client
+            .query(
+                "SELECT DISTINCT pool FROM jobvisor_jobs WHERE finished_ms IS NOT NULL",
+                &[],
+            )
+            .map_err(|e| one_line(&e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for pool in pools {
+            let cutoff = keep(retention.per_pool.get(&pool).unwrap_or(&retention.default));
+            let n = self
+                .client
+                .execute(
+                    "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
+                     WHERE pool = $1 AND finished_ms IS NOT NULL AND finished_ms < $2 LIMIT $3)",
+                    &[&pool, &cutoff, &i64::from(chunk)],
+                )
+                .map_err(|e| one_line(&e))?;
+            more |= n == u64::from(chunk);
+        }
+        let finished: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM jobvisor_jobs WHERE finished_ms IS NOT NULL",
+                &[],
+            )
+            .map_err(|e| one_line(&e))?
+            .get(0);
+        let over = to_u64(finished).saturating_sub(retention.max_finished);
+        if over > 0 {
+            let n = over.min(u64::from(chunk)) as i64;
+            self.client
+                .execute(
+                    "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
+                     WHERE finished_ms IS NOT NULL ORDER BY id LIMIT $1)",
+                    &[&n],
+                )
+                .map_err(|e| one_line(&e))?;
+            more |= over > u64::from(chunk);
+        }
+        Ok(more)
+    }
+}
+
+/// A job's input as bytes: in memory, or read from the client's file (on
+/// this thread: the event loop never reads it).
+fn input_bytes(job: &NewJob) -> Result<Arc<[u8]>, InsertFailure> {
+    if job.memory {
+        return Ok(Arc::default());
+    }
+    let Some(src) = &job.input_source else {
+        return Ok(Arc::clone(&job.input));
+    };
+    let len = usize::try_from(src.len)
+        .map_err(|_| InsertFailure::Input("the input is too large".into()))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| InsertFailure::Store(format!("cannot allocate {len} bytes for the input")))?;
+    buf.resize(len, 0);
+    src.file.read_exact_at(&mut buf, 0).map_err(|e| {
+        InsertFailure::Input(format!(
+            "its input cannot be read from the file it was submitted from ({e}); submit it again"
+        ))
+    })?;
+    Ok(buf.into())
+}
+
+fn doc_from_row(row: &postgres::Row, with_output: bool) -> Result<JobDoc, String> {
+    let id = to_u64(row.get(0));
+    let state = state_from(row.get(2)).ok_or_else(|| format!("job {id}: unknown state"))?;
+    let attempts = attempts_from(row.get(8)).map_err(|e| format!("job {id}: {e}"))?;
+    Ok(JobDoc {
+        id,
+        pool: row.get(1),
+        state,
+        priority: row.get(3),
+        key: row.get(4),
+        created_ms: to_u64(row.get(5)),
+        finished_ms: row.get::<_, Option<i64>>(6).map(to_u64),
+        attempts,
+        output: if with_output {
+            row.get::<_, Option<Vec<u8>>>(9).map(Bytes)
+        } else {
+            None
+        },
+        error: row.get(7),
+    })
+}
+
+/// The latest [`Op::Retention`].
+struct Retention {
+    per_pool: BTreeMap<String, Duration>,
+    default: Duration,
+    max_finished: u64,
+}
+
+/// Pruning runs at most this often, one chunk per statement.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+const PRUNE_CHUNK: u32 = super::PRUNE_CHUNK;
+
+/// The store thread's body: batches of ops in one transaction each, like
+/// the SQLite committer (see the module docs of `store`).
+pub(super) fn run(
+    mut pg: Pg,
+    ops: mpsc::Receiver<Msg>,
+    done: mpsc::Sender<Completion>,
+    waker: Arc<mio::Waker>,
+    latency: Arc<super::latency::CommitLatency>,
+) -> Result<(), StoreError> {
+    // Updates of failed batches, retried first.
+    let mut retry: VecDeque<(u64, Op)> = VecDeque::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut retry_at: Option<Instant> = None;
+    let mut retention = Retention {
+        per_pool: BTreeMap::new(),
+        default: super::DEFAULT_RETENTION,
+        max_finished: u64::MAX,
+    };
+    let mut prune_at = Instant::now() + PRUNE_EVERY;
+    let mut closing = false;
+    loop {
+        let deadline = retry_at.unwrap_or(prune_at);
+        let first = match ops.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(m) => Some(m),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let mut batch: Vec<(u64, Op)> = retry.drain(..).collect();
+        let mut take = |m: Msg, batch: &mut Vec<(u64, Op)>| match m {
+            Msg::Op { seq, op } => batch.push((seq, op)),
+            Msg::Close => closing = true,
+            #[cfg(test)]
+            Msg::Test(_) => {}
+        };
+        if let Some(m) = first {
+            take(m, &mut batch);
+            while batch.len() < MAX_BATCH_OPS {
+                match ops.try_recv() {
+                    Ok(m) => take(m, &mut batch),
+                    Err(_) => break,
+                }
+            }
+        }
+        if batch.is_empty() && !closing {
+            if Instant::now() >= prune_at {
+                let step = pg.prune_step(&retention, PRUNE_CHUNK);
+                pg.suspect |= step.is_err();
+                let more = step.unwrap_or(false);
+                prune_at = Instant::now()
+                    + if more {
+                        Duration::from_millis(10)
+                    } else {
+                        PRUNE_EVERY
+                    };
+            }
+            continue;
+        }
+        for (_, op) in &batch {
+            if let Op::Retention {
+                per_pool,
+                default,
+                max_finished,
+            } = op
+            {
+                retention = Retention {
+                    per_pool: per_pool.clone(),
+                    default: *default,
+                    max_finished: *max_finished,
+                };
+            }
+        }
+        let upto = batch.iter().map(|(s, _)| *s).max().unwrap_or(0);
+        let mut failed = Vec::new();
+        let started = Instant::now();
+        let result = pg.apply(&batch, &mut failed);
+        pg.suspect |= result.is_err();
+        latency.observe(started.elapsed());
+        match result {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                retry_at = None;
+                if !failed.is_empty() {
+                    let _ = done.send(Completion::InsertsFailed { failed });
+                }
+                if upto > 0 {
+                    let _ = done.send(Completion::Durable { upto });
+                }
+                for (_, op) in &batch {
+                    if let Op::Query { token, query } = op {
+                        let result = pg.query(query);
+                        pg.suspect |= result.is_err();
+                        let _ = done.send(Completion::Query {
+                            token: *token,
+                            result,
+                        });
+                    }
+                }
+            }
+            Err(error) => {
+                let lost_inserts = batch
+                    .iter()
+                    .filter_map(|(_, op)| match op {
+                        Op::Insert(j) => Some(j.id),
+                        _ => None,
+                    })
+                    .collect();
+                for (seq, op) in batch {
+                    match op {
+                        Op::Update(_) | Op::Retention { .. } => retry.push_back((seq, op)),
+                        Op::Query { token, .. } => {
+                            let _ = done.send(Completion::Query {
+                                token,
+                                result: Err(format!(
+                                    "job store {} unavailable: {error}",
+                                    pg.display()
+                                )),
+                            });
+                        }
+                        Op::Insert(_) => {}
+                    }
+                }
+                let _ = done.send(Completion::Failed {
+                    upto,
+                    lost_inserts,
+                    error: format!("job store {}: {error}", pg.display()),
+                });
+                retry_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        let _ = waker.wake();
+        if closing {
+            return if retry.is_empty() {
+                Ok(())
+            } else {
+                Err(StoreError::Postgres {
+                    url: pg.display(),
+                    what: "the last updates could not be committed",
+                    detail: "the server is unreachable".into(),
+                })
+            };
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The PostgreSQL store on a real, throwaway server (`tests/support/pg.rs`):
+//! the same ops and answers as the SQLite store, recovery, a second daemon
+//! refused, a newer schema refused, and a server restart survived.
+
+use super::*;
+
+#[path = "../../../tests/support/pg.rs"]
+mod testpg;
+use testpg::TestPg;
+
+impl Harness {
+    fn open_pg(url: &str) -> (Harness, Recovered) {
+        let poll = Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
+        let (store, recovered) = match Store::open_postgres(url, waker) {
+            Ok(x) => x,
+            Err(e) => panic!("open {url}: {e}"),
+        };
+        let h = Harness {
+            store,
+            payloads: PathBuf::new(),
+            poll,
+            events: Events::with_capacity(8),
+            next_token: 1_000_000,
+        };
+        (h, recovered)
+    }
+}
+
+#[test]
+fn jobs_round_trip_and_recover_on_postgres() {
+    let Some((pg, url)) = TestPg::with_db("store-rt") else {
+        return;
+    };
+    let (mut h, recovered) = Harness::open_pg(&url);
+    assert_eq!((recovered.jobs.len(), recovered.next_id), (0, 1));
+    // Three jobs: one finishes with a large output, one is left running,
+    // one queued.
+    for id in 1..=3 {
+        h.submit(Op::Insert(new_job(id, "p")));
+    }
+    let big: Arc<[u8]> = (0..3 << 20).map(|i| i as u8).collect::<Vec<u8>>().into();
+    let mut done = finished_update(1, JobState::Succeeded, 1_700_000_003_000);
+    done.output = Some(Arc::clone(&big));
+    h.submit(Op::Update(done));
+    let seq = h.submit(running(2, vec![attempt(1, None)]));
+    h.wait_durable(seq);
+    let doc = h.job(1).expect("job 1");
+    assert_eq!(doc.state, JobState::Succeeded);
+    assert_eq!(doc.output.as_ref().map(|b| b.0.as_slice()), Some(&big[..]));
+    assert_eq!(h.list(Some("p"), None, 10), vec![3, 2, 1]);
+    assert_eq!(h.list(None, Some(JobState::Running), 10), vec![2]);
+    assert!(h.job(99).is_none());
+    // The daemon dies (no close): the next one requeues the running job
+    // with its attempt lost, and keeps ids growing.
+    drop(h);
+    let (mut h, recovered) = Harness::open_pg(&url);
+    let ids: Vec<u64> = recovered.jobs.iter().map(|j| j.job.id).collect();
+    assert_eq!(ids, vec![2, 3]);
+    let two = &recovered.jobs[0];
+    assert_eq!(two.attempts[0].outcome, Some(Outcome::Lost));
+    assert_eq!(two.job.input.as_ref(), b"input 2");
+    assert_eq!(recovered.next_id, 4);
+    assert_eq!(recovered.counts["p"][&JobState::Succeeded], 1);
+    assert_eq!(recovered.counts["p"][&JobState::Queued], 2);
+    // Retry of a finished job, prune.
+    let seq = h.submit(finished(3, JobState::Failed, 1_700_000_004_000));
+    h.wait_durable(seq);
+    match h.query(Query::Retry { id: 3, owner: None }) {
+        QueryResult::Retry(Retried::Queued(j)) => assert_eq!(j.job.max_attempts, 3),
+        r => panic!("{r:?}"),
+    }
+    match h.query(Query::Retry { id: 1, owner: None }) {
+        QueryResult::Retry(Retried::NotRetryable(JobState::Succeeded)) => {}
+        r => panic!("{r:?}"),
+    }
+    match h.query(Query::Prune {
+        finished_before_ms: u64::MAX,
+        state: None,
+        pool: None,
+        owner: None,
+        limit: 100,
+    }) {
+        QueryResult::Pruned(1) => {}
+        r => panic!("{r:?}"),
+    }
+    assert!(h.job(1).is_none());
+    drop(pg);
+}
+
+#[test]
+fn a_second_daemon_and_a_newer_schema_are_refused() {
+    let Some((pg, url)) = TestPg::with_db("store-refuse") else {
+        return;
+    };
+    let (h, _) = Harness::open_pg(&url);
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+    match Store::open_postgres(&url, Arc::clone(&waker)) {
+        Err(e @ StoreError::PostgresInUse { .. }) => {
+            assert!(e.to_string().contains("in use by another jobvisord"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second daemon opened the same database"),
+    }
+    drop(h);
+    pg.psql("jv", "INSERT INTO jobvisor_schema VALUES (99)");
+    match Store::open_postgres(&url, waker) {
+        Err(e @ StoreError::TooNew { .. }) => {
+            assert!(e.to_string().contains("schema version 99"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a newer schema was used"),
+    }
+    let bad = format!("postgres://jobvisor@127.0.0.1:{}/nope", pg.port());
+    let poll2 = Poll::new().unwrap();
+    match Store::open_postgres(
+        &bad,
+        Arc::new(Waker::new(poll2.registry(), Token(1)).unwrap()),
+    ) {
+        Err(e @ StoreError::Postgres { .. }) => {
+            assert!(e.to_string().contains("cannot connect"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a missing database was used"),
+    }
+}
+
+#[test]
+fn a_server_restart_loses_no_acknowledged_job_and_the_store_reconnects() {
+    let Some((pg, url)) = TestPg::with_db("store-restart") else {
+        return;
+    };
+    let (mut h, _) = Harness::open_pg(&url);
+    let seq = h.submit(Op::Insert(new_job(1, "p")));
+    h.wait_durable(seq);
+    pg.restart_immediate();
+    // The first batch after the restart may fail (the connection is
+    // gone): its insert is reported lost, its update is kept and retried.
+    h.submit(Op::Insert(new_job(2, "p")));
+    let update = h.submit(finished(1, JobState::Succeeded, 1_700_000_005_000));
+    let mut lost = Vec::new();
+    loop {
+        match h.next() {
+            Completion::Durable { upto } if upto >= update => break,
+            Completion::Failed { lost_inserts, .. } => lost.extend(lost_inserts),
+            _ => {}
+        }
+    }
+    assert!(lost.is_empty() || lost == vec![2], "{lost:?}");
+    assert_eq!(h.job(1).expect("job 1").state, JobState::Succeeded);
+    // Job 2 is stored unless its client was told it was lost.
+    assert_eq!(h.job(2).is_some(), lost.is_empty());
+}

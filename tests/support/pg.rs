@@ -1,0 +1,273 @@
+//! A throwaway PostgreSQL server for tests: `initdb` into a temporary
+//! directory, `pg_ctl start` on a free loopback port, trust authentication,
+//! superuser `jobvisor`; stopped (`-m immediate`) and removed on drop.
+//!
+//! The binaries come from `$JOBVISOR_PG_BIN`, else the newest
+//! `/usr/lib/postgresql/*/bin` (Debian's `postgresql` package, which
+//! `.ci/run` installs), else `PATH`. PostgreSQL refuses to run as root: as
+//! root the server runs as the `postgres` user (or `nobody`), which gets the
+//! directory. Without PostgreSQL, [`TestPg::start`] returns `None` after
+//! printing why, and the caller skips, except under CI (`$CI` set), where
+//! that is a failure.
+//!
+//! Shared by the daemon's unit tests and the black-box tests (`#[path]`).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A running server.
+pub struct TestPg {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    uid: Option<(u32, u32)>,
+}
+
+fn find_bin() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("JOBVISOR_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+    })
+}
+
+/// The uid and gid the server runs as when the tests run as root.
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for name in ["postgres", "nobody"] {
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() > 3 && f[0] == name {
+                if let (Ok(u), Ok(g)) = (f[2].parse(), f[3].parse()) {
+                    return Some((u, g));
+                }
+            }
+        }
+    }
+    Some((65534, 65534))
+}
+
+fn chown_tree(path: &Path, (uid, gid): (u32, u32)) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown for the test server");
+}
+
+impl TestPg {
+    /// [`Self::start`], with an empty database `jv` created: the server and
+    /// that database's URL.
+    pub fn with_db(tag: &str) -> Option<(TestPg, String)> {
+        let pg = TestPg::start(tag)?;
+        pg.create_db("jv");
+        let url = pg.url("jv");
+        Some((pg, url))
+    }
+
+    /// Starts a server, or says why it cannot and returns `None` (a panic
+    /// under CI).
+    pub fn start(tag: &str) -> Option<TestPg> {
+        let Some(bin) = find_bin() else {
+            let why = "no PostgreSQL binaries (install Debian's postgresql package, or set JOBVISOR_PG_BIN)";
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED ({tag}): {why}");
+            return None;
+        };
+        let base = std::env::temp_dir().join(format!(
+            "jvpg-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&base).unwrap();
+        let uid = server_user();
+        if let Some(u) = uid {
+            chown_tree(&base, u);
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = TestPg {
+            dir: base,
+            bin,
+            port,
+            uid,
+        };
+        let data = pg.dir.join("data");
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "jobvisor",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=100",
+            pg.dir.display()
+        );
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                pg.dir.join("server.log").to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(tool));
+        if let Some((uid, gid)) = self.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(&self.dir).stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL of database `db` (created by [`Self::create_db`], or the
+    /// `postgres` database).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://jobvisor@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates database `name` (empty).
+    pub fn create_db(&self, name: &str) {
+        let port = self.port.to_string();
+        self.run(
+            "createdb",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "jobvisor", name],
+        );
+    }
+
+    /// `psql -c SQL` on database `db`; its output (unaligned, tuples only).
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let out = self
+            .command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "jobvisor",
+                "-d",
+                db,
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Restarts the server with `pg_ctl restart -m immediate` (a crash for
+    /// it: recovery from its WAL on start).
+    pub fn restart_immediate(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                // Else the server's output is pg_ctl's, and `output()`
+                // waits for it to end.
+                "-l",
+                self.dir.join("server.log").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
