@@ -844,7 +844,7 @@ fn newer_schema_is_refused_untouched() {
         err.to_string(),
         format!(
             "{} has schema version 99, newer than this jobvisord supports ({SCHEMA_VERSION}); \
-             upgrade jobvisord or set daemon.state_dir to another directory",
+             upgrade jobvisord, or point it at another store (daemon.state_dir, or [store] url)",
             dir.db().display()
         )
     );
