@@ -20,12 +20,11 @@
 
 use super::committer::Msg;
 use super::{
-    Completion, InsertFailure, NewJob, Op, Query, QueryResult, Recovered, RecoveredJob, Retried,
-    StoreError, MAX_BATCH_OPS,
+    Completion, InsertFailure, JobUpdate, NewJob, Op, Query, QueryResult, Recovered, RecoveredJob,
+    Retried, StoreError, MAX_BATCH_OPS,
 };
 use ipc_proto::control::{Attempt, JobDoc, JobState, Outcome};
 use ipc_proto::Bytes;
-use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
@@ -69,11 +68,20 @@ CREATE TABLE jobvisor_meta (name text PRIMARY KEY, value bigint NOT NULL);
 INSERT INTO jobvisor_meta VALUES ('max_id', 0);
 ";
 
-const INSERT: &str = "INSERT INTO jobvisor_jobs (id, pool, state, priority, key, max_attempts, \
-     timeout_ms, created_ms, attempts, owner, input, input_memory_len) \
-     VALUES ($1, $2, 0, $3, $4, $5, $6, $7, '[]', $8, $9, $10)";
-const UPDATE: &str = "UPDATE jobvisor_jobs SET state = $2, attempts = $3, output = $4, \
-     error = $5, finished_ms = $6, output_memory_len = $7 WHERE id = $1";
+/// A batch's inserts, one array per column (`UNNEST`).
+const INSERT_MANY: &str = "INSERT INTO jobvisor_jobs (id, pool, state, priority, key, \
+     max_attempts, timeout_ms, created_ms, attempts, owner, input, input_memory_len) \
+     SELECT id, pool, 0, priority, key, max_attempts, timeout_ms, created_ms, '[]', owner, \
+     input, memory_len FROM UNNEST($1::bigint[], $2::text[], $3::integer[], $4::text[], \
+     $5::integer[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bytea[], $10::bigint[]) \
+     AS t(id, pool, priority, key, max_attempts, timeout_ms, created_ms, owner, input, \
+     memory_len)";
+/// A batch's updates (one per job), one array per column.
+const UPDATE_MANY: &str = "UPDATE jobvisor_jobs AS j SET state = t.state, \
+     attempts = t.attempts, output = t.output, error = t.error, finished_ms = t.finished_ms, \
+     output_memory_len = t.memory_len FROM UNNEST($1::bigint[], $2::smallint[], $3::text[], \
+     $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
+     AS t(id, state, attempts, output, error, finished_ms, memory_len) WHERE j.id = t.id";
 const SELECT_DOC: &str = "SELECT id, pool, state, priority, key, created_ms, finished_ms, error, \
      attempts, output, output_memory_len FROM jobvisor_jobs";
 
@@ -367,69 +375,88 @@ impl Pg {
         failed: &mut Vec<(u64, InsertFailure)>,
     ) -> Result<(), String> {
         self.ensure_connected()?;
-        let mut tx = self.client.transaction().map_err(|e| one_line(&e))?;
-        let insert = tx.prepare(INSERT).map_err(|e| one_line(&e))?;
-        let update = tx.prepare(UPDATE).map_err(|e| one_line(&e))?;
-        let mut max_id = self.max_id;
+        let err = |e: postgres::Error| one_line(&e);
+        // Columns of the batch's inserts, then of its updates, each sent as
+        // one array per column: one statement for all the inserts and one
+        // for all the updates, whatever the batch's size.
+        let mut ins = Inserts::default();
+        // The last update of each job only (each is a full replacement).
+        let mut last_update: HashMap<u64, &JobUpdate> = HashMap::new();
+        let mut update_order = Vec::new();
         for (_, op) in ops {
             match op {
-                Op::Insert(job) => {
-                    let input = match input_bytes(job) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            failed.push((job.id, e));
-                            continue;
-                        }
-                    };
-                    let memory_len = job.memory.then(|| to_i64(job.input_len()));
-                    let params: [&(dyn ToSql + Sync); 10] = [
-                        &to_i64(job.id),
-                        &job.pool,
-                        &job.priority,
-                        &job.key,
-                        &(job.max_attempts.min(i32::MAX as u32) as i32),
-                        &job.timeout_ms.map(to_i64),
-                        &to_i64(job.created_ms),
-                        &i64::from(job.owner),
-                        &input.as_ref(),
-                        &memory_len,
-                    ];
-                    tx.execute(&insert, &params).map_err(|e| one_line(&e))?;
-                    max_id = max_id.max(job.id);
-                }
+                Op::Insert(job) => match input_bytes(job) {
+                    Ok(input) => ins.push(job, input),
+                    Err(e) => failed.push((job.id, e)),
+                },
                 Op::Update(u) => {
                     if u.output_file_len.is_some() {
                         return Err("an output in a payload file, which a PostgreSQL store \
                                     does not use (a daemon bug)"
                             .into());
                     }
-                    let finished = u
-                        .state
-                        .is_terminal()
-                        .then(|| to_i64(u.finished_ms.unwrap_or_else(super::db::now_ms)));
-                    let output: Option<&[u8]> = u.output.as_deref();
-                    let params: [&(dyn ToSql + Sync); 7] = [
-                        &to_i64(u.id),
-                        &code(u.state),
-                        &attempts_text(&u.attempts),
-                        &output,
-                        &u.error,
-                        &finished,
-                        &u.output_memory_len.map(to_i64),
-                    ];
-                    tx.execute(&update, &params).map_err(|e| one_line(&e))?;
+                    if last_update.insert(u.id, u).is_none() {
+                        update_order.push(u.id);
+                    }
                 }
                 Op::Query { .. } | Op::Retention { .. } => {}
             }
+        }
+        let mut upd = Updates::default();
+        for id in update_order {
+            upd.push(last_update[&id]);
+        }
+        let max_id = ins
+            .id
+            .iter()
+            .copied()
+            .max()
+            .map_or(self.max_id, |m| self.max_id.max(to_u64(m)));
+        let mut tx = self.client.transaction().map_err(err)?;
+        if !ins.id.is_empty() {
+            tx.execute(
+                INSERT_MANY,
+                &[
+                    &ins.id,
+                    &ins.pool,
+                    &ins.priority,
+                    &ins.key,
+                    &ins.max_attempts,
+                    &ins.timeout_ms,
+                    &ins.created_ms,
+                    &ins.owner,
+                    &ins.input.iter().map(|b| b.as_ref()).collect::<Vec<&[u8]>>(),
+                    &ins.memory_len,
+                ],
+            )
+            .map_err(err)?;
+        }
+        if !upd.id.is_empty() {
+            tx.execute(
+                UPDATE_MANY,
+                &[
+                    &upd.id,
+                    &upd.state,
+                    &upd.attempts,
+                    &upd.output
+                        .iter()
+                        .map(|o| o.as_deref())
+                        .collect::<Vec<Option<&[u8]>>>(),
+                    &upd.error,
+                    &upd.finished_ms,
+                    &upd.memory_len,
+                ],
+            )
+            .map_err(err)?;
         }
         if max_id > self.max_id {
             tx.execute(
                 "UPDATE jobvisor_meta SET value = GREATEST(value, $1) WHERE name = 'max_id'",
                 &[&to_i64(max_id)],
             )
-            .map_err(|e| one_line(&e))?;
+            .map_err(err)?;
         }
-        tx.commit().map_err(|e| one_line(&e))?;
+        tx.commit().map_err(err)?;
         self.max_id = max_id;
         Ok(())
     }
@@ -621,6 +648,66 @@ impl Pg {
             more |= over > u64::from(chunk);
         }
         Ok(more)
+    }
+}
+
+/// Columns of a batch's inserts.
+#[derive(Default)]
+struct Inserts {
+    id: Vec<i64>,
+    pool: Vec<String>,
+    priority: Vec<i32>,
+    key: Vec<Option<String>>,
+    max_attempts: Vec<i32>,
+    timeout_ms: Vec<Option<i64>>,
+    created_ms: Vec<i64>,
+    owner: Vec<i64>,
+    input: Vec<Arc<[u8]>>,
+    memory_len: Vec<Option<i64>>,
+}
+
+impl Inserts {
+    fn push(&mut self, job: &NewJob, input: Arc<[u8]>) {
+        self.id.push(to_i64(job.id));
+        self.pool.push(job.pool.clone());
+        self.priority.push(job.priority);
+        self.key.push(job.key.clone());
+        self.max_attempts
+            .push(job.max_attempts.min(i32::MAX as u32) as i32);
+        self.timeout_ms.push(job.timeout_ms.map(to_i64));
+        self.created_ms.push(to_i64(job.created_ms));
+        self.owner.push(i64::from(job.owner));
+        self.input.push(input);
+        self.memory_len
+            .push(job.memory.then(|| to_i64(job.input_len())));
+    }
+}
+
+/// Columns of a batch's updates.
+#[derive(Default)]
+struct Updates {
+    id: Vec<i64>,
+    state: Vec<i16>,
+    attempts: Vec<String>,
+    output: Vec<Option<Arc<[u8]>>>,
+    error: Vec<Option<String>>,
+    finished_ms: Vec<Option<i64>>,
+    memory_len: Vec<Option<i64>>,
+}
+
+impl Updates {
+    fn push(&mut self, u: &JobUpdate) {
+        self.id.push(to_i64(u.id));
+        self.state.push(code(u.state));
+        self.attempts.push(attempts_text(&u.attempts));
+        self.output.push(u.output.clone());
+        self.error.push(u.error.clone());
+        self.finished_ms.push(
+            u.state
+                .is_terminal()
+                .then(|| to_i64(u.finished_ms.unwrap_or_else(super::db::now_ms))),
+        );
+        self.memory_len.push(u.output_memory_len.map(to_i64));
     }
 }
 

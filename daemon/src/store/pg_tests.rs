@@ -152,3 +152,30 @@ fn a_server_restart_loses_no_acknowledged_job_and_the_store_reconnects() {
     // Job 2 is stored unless its client was told it was lost.
     assert_eq!(h.job(2).is_some(), lost.is_empty());
 }
+
+#[test]
+fn a_flood_of_inserts_and_updates_is_batched_and_the_last_update_wins() {
+    let Some((_pg, url)) = TestPg::with_db("store-flood") else {
+        return;
+    };
+    let (mut h, _) = Harness::open_pg(&url);
+    // Submitted back to back: batches hold a job's insert and several of
+    // its updates together (one statement each for inserts and updates:
+    // only a job's last update may be applied).
+    let mut last = 0;
+    for id in 1..=3000 {
+        h.submit(Op::Insert(new_job(id, "p")));
+        h.submit(running(id, vec![attempt(1, None)]));
+        let mut done = finished_update(id, JobState::Succeeded, 1_700_000_009_000);
+        done.output = Some(format!("out {id}").into_bytes().into());
+        last = h.submit(Op::Update(done));
+    }
+    h.wait_durable(last);
+    assert_eq!(h.list(None, Some(JobState::Succeeded), 5000).len(), 3000);
+    for id in [1, 1500, 3000] {
+        let doc = h.job(id).expect("stored");
+        assert_eq!(doc.state, JobState::Succeeded);
+        assert_eq!(doc.output.unwrap().0, format!("out {id}").into_bytes());
+        assert_eq!(doc.attempts[0].outcome, Some(Outcome::Succeeded));
+    }
+}
