@@ -32,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 1;
+pub(super) const SCHEMA_VERSION: i32 = 2;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -42,7 +42,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Key of the session advisory lock a daemon holds on its database.
 const NODE_LOCK: i64 = 0x6a6f_6276_6973_6f72; // "jobvisor"
 
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE jobvisor_jobs (
     id                bigint   PRIMARY KEY,
     pool              text     NOT NULL,
@@ -68,6 +68,52 @@ CREATE TABLE jobvisor_meta (name text PRIMARY KEY, value bigint NOT NULL);
 INSERT INTO jobvisor_meta VALUES ('max_id', 0);
 ";
 
+/// Version 2: finished jobs leave the queue table for `jobvisor_done`,
+/// partitioned by day of `finished_ms` (retention drops whole partitions),
+/// so the table claims and updates touch holds only queued and running
+/// jobs. The rows are moved by [`Pg::migrate`].
+const SCHEMA_V2: &str = "
+CREATE TABLE jobvisor_done (
+    id                bigint   NOT NULL,
+    pool              text     NOT NULL,
+    state             smallint NOT NULL,
+    priority          integer  NOT NULL,
+    key               text,
+    max_attempts      integer  NOT NULL,
+    timeout_ms        bigint,
+    created_ms        bigint   NOT NULL,
+    finished_ms       bigint   NOT NULL,
+    error             text,
+    attempts          text     NOT NULL,
+    owner             bigint   NOT NULL,
+    input             bytea    NOT NULL,
+    input_memory_len  bigint,
+    output            bytea,
+    output_memory_len bigint
+) PARTITION BY RANGE (finished_ms);
+CREATE INDEX jobvisor_done_id ON jobvisor_done (id);
+CREATE INDEX jobvisor_done_pool ON jobvisor_done (pool, finished_ms);
+DROP INDEX jobvisor_jobs_finished;
+ALTER TABLE jobvisor_jobs SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
+CREATE VIEW jobvisor_all AS
+    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
+           error, attempts, owner, input, input_memory_len, output, output_memory_len
+      FROM jobvisor_jobs
+    UNION ALL
+    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
+           error, attempts, owner, input, input_memory_len, output, output_memory_len
+      FROM jobvisor_done;
+";
+
+/// Columns of a finished row, in `jobvisor_done`'s order.
+const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
+     created_ms, finished_ms, error, attempts, owner, input, input_memory_len, output, \
+     output_memory_len";
+
+/// One day of `finished_ms`, the span of a `jobvisor_done` partition.
+const DAY_MS: i64 = 86_400_000;
+
 /// A batch's inserts, one array per column (`UNNEST`).
 const INSERT_MANY: &str = "INSERT INTO jobvisor_jobs (id, pool, state, priority, key, \
      max_attempts, timeout_ms, created_ms, attempts, owner, input, input_memory_len) \
@@ -82,8 +128,31 @@ const UPDATE_MANY: &str = "UPDATE jobvisor_jobs AS j SET state = t.state, \
      output_memory_len = t.memory_len FROM UNNEST($1::bigint[], $2::smallint[], $3::text[], \
      $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
      AS t(id, state, attempts, output, error, finished_ms, memory_len) WHERE j.id = t.id";
+/// A batch's final updates of jobs in the queue table: each row moves to
+/// `jobvisor_done` with its new values; the ids moved come back.
+const MOVE_MANY: &str = "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::smallint[], \
+     $3::text[], $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
+     AS t(id, state, attempts, output, error, finished_ms, memory_len)), \
+     m AS (DELETE FROM jobvisor_jobs j USING t WHERE j.id = t.id RETURNING j.*) \
+     INSERT INTO jobvisor_done SELECT m.id, m.pool, t.state, m.priority, m.key, \
+     m.max_attempts, m.timeout_ms, m.created_ms, t.finished_ms, t.error, t.attempts, m.owner, \
+     m.input, m.input_memory_len, t.output, t.memory_len FROM m JOIN t ON t.id = m.id \
+     RETURNING id";
+/// Final updates of jobs already finished (a later replacement).
+const DONE_UPDATE_MANY: &str = "UPDATE jobvisor_done AS j SET state = t.state, \
+     attempts = t.attempts, output = t.output, error = t.error, finished_ms = t.finished_ms, \
+     output_memory_len = t.memory_len FROM UNNEST($1::bigint[], $2::smallint[], $3::text[], \
+     $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
+     AS t(id, state, attempts, output, error, finished_ms, memory_len) WHERE j.id = t.id";
+/// Jobs inserted and finished in one batch go straight to `jobvisor_done`.
+const DONE_INSERT_MANY: &str = "INSERT INTO jobvisor_done (id, pool, state, priority, key, \
+     max_attempts, timeout_ms, created_ms, finished_ms, error, attempts, owner, input, \
+     input_memory_len, output, output_memory_len) \
+     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::smallint[], $4::integer[], $5::text[], \
+     $6::integer[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[], \
+     $12::bigint[], $13::bytea[], $14::bigint[], $15::bytea[], $16::bigint[])";
 const SELECT_DOC: &str = "SELECT id, pool, state, priority, key, created_ms, finished_ms, error, \
-     attempts, output, output_memory_len FROM jobvisor_jobs";
+     attempts, output, output_memory_len FROM jobvisor_all";
 
 /// A connection string without its password, for messages.
 pub fn redact(url: &str) -> String {
@@ -136,6 +205,17 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// Creates the `jobvisor_done` partition of `day` (if another session has
+/// not).
+fn create_partition(tx: &mut postgres::Transaction<'_>, day: i64) -> Result<(), postgres::Error> {
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS jobvisor_done_d{day} PARTITION OF jobvisor_done \
+         FOR VALUES FROM ({}) TO ({})",
+        day * DAY_MS,
+        (day + 1) * DAY_MS
+    ))
+}
+
 fn state_from(code: i16) -> Option<JobState> {
     JobState::ALL
         .into_iter()
@@ -162,6 +242,8 @@ pub(super) struct Pg {
     /// A statement failed: the connection may be gone; reconnect before
     /// the next one.
     suspect: bool,
+    /// Days (`finished_ms / DAY_MS`) that have a `jobvisor_done` partition.
+    days: std::collections::BTreeSet<i64>,
 }
 
 impl Pg {
@@ -173,6 +255,7 @@ impl Pg {
             client,
             max_id: 0,
             suspect: false,
+            days: Default::default(),
         };
         pg.lock()?;
         pg.migrate()?;
@@ -214,7 +297,7 @@ impl Pg {
             .query_opt("SELECT max(version) FROM jobvisor_schema", &[])
             .map_err(fail("cannot read the schema version"))?
             .and_then(|r| r.get(0));
-        match found {
+        let version = match found {
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::TooNew {
                     path: redact(&self.url).into(),
@@ -222,27 +305,75 @@ impl Pg {
                     supported: i64::from(SCHEMA_VERSION),
                 })
             }
-            Some(_) => {}
+            Some(v) => v,
             None => {
                 tx.batch_execute(SCHEMA_V1)
                     .map_err(fail("cannot create the tables"))?;
-                tx.execute(
-                    "INSERT INTO jobvisor_schema VALUES ($1)",
-                    &[&SCHEMA_VERSION],
-                )
-                .map_err(fail("cannot record the schema version"))?;
+                1
             }
+        };
+        if version < 2 {
+            tx.batch_execute(SCHEMA_V2)
+                .map_err(fail("cannot migrate the schema to version 2"))?;
+            let days: Vec<i64> = tx
+                .query(
+                    "SELECT DISTINCT finished_ms / $1 FROM jobvisor_jobs \
+                     WHERE finished_ms IS NOT NULL",
+                    &[&DAY_MS],
+                )
+                .map_err(fail("cannot migrate the schema to version 2"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for day in days {
+                create_partition(&mut tx, day)
+                    .map_err(fail("cannot migrate the schema to version 2"))?;
+            }
+            tx.batch_execute(&format!(
+                "WITH m AS (DELETE FROM jobvisor_jobs WHERE finished_ms IS NOT NULL RETURNING *) \
+                 INSERT INTO jobvisor_done SELECT {DONE_COLUMNS} FROM m"
+            ))
+            .map_err(fail("cannot move the finished jobs to jobvisor_done"))?;
+        }
+        if version < SCHEMA_VERSION {
+            tx.execute(
+                "INSERT INTO jobvisor_schema VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .map_err(fail("cannot record the schema version"))?;
         }
         tx.commit().map_err(fail("cannot commit the schema"))?;
+        self.load_days()
+            .map_err(|e| pg_error(&self.url, "cannot list the partitions", e))?;
         let row = self
             .client
             .query_one(
                 "SELECT GREATEST((SELECT value FROM jobvisor_meta WHERE name = 'max_id'), \
-                 (SELECT COALESCE(max(id), 0) FROM jobvisor_jobs))",
+                 (SELECT COALESCE(max(id), 0) FROM jobvisor_all))",
                 &[],
             )
             .map_err(|e| pg_error(&self.url, "cannot read the highest job id", e))?;
         self.max_id = to_u64(row.get(0));
+        Ok(())
+    }
+
+    /// Reads which days have a partition.
+    fn load_days(&mut self) -> Result<(), postgres::Error> {
+        self.days = self
+            .client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'jobvisor_done'::regclass",
+                &[],
+            )?
+            .iter()
+            .filter_map(|r| {
+                r.get::<_, String>(0)
+                    .strip_prefix("jobvisor_done_d")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
         Ok(())
     }
 
@@ -283,15 +414,23 @@ impl Pg {
                 None
             };
             if let Some(error) = dead {
+                let day = to_i64(now_ms) / DAY_MS;
+                if !self.days.contains(&day) {
+                    create_partition(&mut tx, day).map_err(fail)?;
+                    self.days.insert(day);
+                }
+                let attempts = attempts_text(&attempts);
+                let output: Option<&[u8]> = None;
                 tx.execute(
-                    "UPDATE jobvisor_jobs SET state = $2, attempts = $3, finished_ms = $4, \
-                     error = $5 WHERE id = $1",
+                    MOVE_MANY,
                     &[
-                        &to_i64(id),
-                        &code(JobState::Dead),
-                        &attempts_text(&attempts),
-                        &to_i64(now_ms),
-                        &error,
+                        &vec![to_i64(id)],
+                        &vec![code(JobState::Dead)],
+                        &vec![attempts.as_str()],
+                        &vec![output],
+                        &vec![Some(error)],
+                        &vec![to_i64(now_ms)],
+                        &vec![None::<i64>],
                     ],
                 )
                 .map_err(fail)?;
@@ -331,7 +470,7 @@ impl Pg {
         let mut counts: BTreeMap<String, HashMap<JobState, u64>> = BTreeMap::new();
         for row in tx
             .query(
-                "SELECT pool, state, count(*) FROM jobvisor_jobs GROUP BY pool, state",
+                "SELECT pool, state, count(*) FROM jobvisor_all GROUP BY pool, state",
                 &[],
             )
             .map_err(fail)?
@@ -376,44 +515,82 @@ impl Pg {
     ) -> Result<(), String> {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
-        // Columns of the batch's inserts, then of its updates, each sent as
-        // one array per column: one statement for all the inserts and one
-        // for all the updates, whatever the batch's size.
-        let mut ins = Inserts::default();
         // The last update of each job only (each is a full replacement).
         let mut last_update: HashMap<u64, &JobUpdate> = HashMap::new();
         let mut update_order = Vec::new();
         for (_, op) in ops {
-            match op {
-                Op::Insert(job) => match input_bytes(job) {
-                    Ok(input) => ins.push(job, input),
-                    Err(e) => failed.push((job.id, e)),
-                },
-                Op::Update(u) => {
-                    if u.output_file_len.is_some() {
-                        return Err("an output in a payload file, which a PostgreSQL store \
-                                    does not use (a daemon bug)"
-                            .into());
-                    }
-                    if last_update.insert(u.id, u).is_none() {
-                        update_order.push(u.id);
-                    }
+            if let Op::Update(u) = op {
+                if u.output_file_len.is_some() {
+                    return Err("an output in a payload file, which a PostgreSQL store \
+                                does not use (a daemon bug)"
+                        .into());
                 }
-                Op::Query { .. } | Op::Retention { .. } => {}
+                if last_update.insert(u.id, u).is_none() {
+                    update_order.push(u.id);
+                }
             }
         }
-        let mut upd = Updates::default();
+        // Each kind of write is one statement for the whole batch, its
+        // columns sent as arrays: inserts of jobs still active, inserts of
+        // jobs that also finished in the batch (straight to
+        // `jobvisor_done`), updates of active jobs, moves of jobs that
+        // finished.
+        let mut ins = Inserts::default();
+        let mut done = Inserts::default();
+        let mut done_upd = Updates::default();
+        let mut inserted = std::collections::HashSet::new();
+        for (_, op) in ops {
+            if let Op::Insert(job) = op {
+                let input = match input_bytes(job) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        failed.push((job.id, e));
+                        continue;
+                    }
+                };
+                match last_update.get(&job.id).filter(|u| u.state.is_terminal()) {
+                    Some(u) => {
+                        done.push(job, input);
+                        done_upd.push(u);
+                    }
+                    None => ins.push(job, input),
+                }
+                inserted.insert(job.id);
+            }
+        }
+        let mut active = Updates::default();
+        let mut finished = Updates::default();
         for id in update_order {
-            upd.push(last_update[&id]);
+            let u = last_update[&id];
+            if u.state.is_terminal() {
+                if !inserted.contains(&id) {
+                    finished.push(u);
+                }
+            } else if !failed.iter().any(|(f, _)| *f == id) {
+                active.push(u);
+            }
         }
         let max_id = ins
             .id
             .iter()
+            .chain(&done.id)
             .copied()
             .max()
             .map_or(self.max_id, |m| self.max_id.max(to_u64(m)));
+        let days: std::collections::BTreeSet<i64> = finished
+            .finished_ms
+            .iter()
+            .chain(&done_upd.finished_ms)
+            .flatten()
+            .map(|ms| ms / DAY_MS)
+            .filter(|d| !self.days.contains(d))
+            .collect();
         let mut tx = self.client.transaction().map_err(err)?;
+        for &day in &days {
+            create_partition(&mut tx, day).map_err(err)?;
+        }
         if !ins.id.is_empty() {
+            let input: Vec<&[u8]> = ins.input.iter().map(|b| b.as_ref()).collect();
             tx.execute(
                 INSERT_MANY,
                 &[
@@ -425,29 +602,61 @@ impl Pg {
                     &ins.timeout_ms,
                     &ins.created_ms,
                     &ins.owner,
-                    &ins.input.iter().map(|b| b.as_ref()).collect::<Vec<&[u8]>>(),
+                    &input,
                     &ins.memory_len,
                 ],
             )
             .map_err(err)?;
         }
-        if !upd.id.is_empty() {
+        if !done.id.is_empty() {
+            let input: Vec<&[u8]> = done.input.iter().map(|b| b.as_ref()).collect();
+            let output = done_upd.outputs();
             tx.execute(
-                UPDATE_MANY,
+                DONE_INSERT_MANY,
                 &[
-                    &upd.id,
-                    &upd.state,
-                    &upd.attempts,
-                    &upd.output
-                        .iter()
-                        .map(|o| o.as_deref())
-                        .collect::<Vec<Option<&[u8]>>>(),
-                    &upd.error,
-                    &upd.finished_ms,
-                    &upd.memory_len,
+                    &done.id,
+                    &done.pool,
+                    &done_upd.state,
+                    &done.priority,
+                    &done.key,
+                    &done.max_attempts,
+                    &done.timeout_ms,
+                    &done.created_ms,
+                    &done_upd.finished_ms,
+                    &done_upd.error,
+                    &done_upd.attempts,
+                    &done.owner,
+                    &input,
+                    &done.memory_len,
+                    &output,
+                    &done_upd.memory_len,
                 ],
             )
             .map_err(err)?;
+        }
+        if !active.id.is_empty() {
+            tx.execute(UPDATE_MANY, &active.params(&active.outputs()))
+                .map_err(err)?;
+        }
+        if !finished.id.is_empty() {
+            let output = finished.outputs();
+            let moved: std::collections::HashSet<i64> = tx
+                .query(MOVE_MANY, &finished.params(&output))
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Jobs already in `jobvisor_done`: replaced there.
+            if moved.len() < finished.id.len() {
+                let mut later = Updates::default();
+                for (i, id) in finished.id.iter().enumerate() {
+                    if !moved.contains(id) {
+                        later.take(&finished, i);
+                    }
+                }
+                tx.execute(DONE_UPDATE_MANY, &later.params(&later.outputs()))
+                    .map_err(err)?;
+            }
         }
         if max_id > self.max_id {
             tx.execute(
@@ -458,6 +667,7 @@ impl Pg {
         }
         tx.commit().map_err(err)?;
         self.max_id = max_id;
+        self.days.extend(days);
         Ok(())
     }
 
@@ -530,8 +740,8 @@ impl Pg {
                 let n = self
                     .client
                     .execute(
-                        "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
-                         WHERE finished_ms IS NOT NULL AND finished_ms < $1 AND state >= 2 \
+                        "DELETE FROM jobvisor_done WHERE id IN (SELECT id FROM jobvisor_done \
+                         WHERE finished_ms < $1 \
                          AND ($2::smallint IS NULL OR state = $2) AND ($3::text IS NULL OR pool = $3) \
                          AND ($4::bigint IS NULL OR owner = $4) LIMIT $5)",
                         &[
@@ -550,14 +760,24 @@ impl Pg {
 
     fn retry(&mut self, id: u64, owner: Option<u32>) -> Result<QueryResult, postgres::Error> {
         let mut tx = self.client.transaction()?;
+        let owner = owner.map(i64::from);
         let row = tx.query_opt(
             "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
-             attempts, input, owner, input_memory_len FROM jobvisor_jobs \
+             attempts, input, owner, input_memory_len FROM jobvisor_done \
              WHERE id = $1 AND ($2::bigint IS NULL OR owner = $2) FOR UPDATE",
-            &[&to_i64(id), &owner.map(i64::from)],
+            &[&to_i64(id), &owner],
         )?;
         let Some(row) = row else {
-            return Ok(QueryResult::Retry(Retried::NotFound));
+            // Active (not retryable), or unknown.
+            let active = tx.query_opt(
+                "SELECT state FROM jobvisor_jobs WHERE id = $1 \
+                 AND ($2::bigint IS NULL OR owner = $2)",
+                &[&to_i64(id), &owner],
+            )?;
+            return Ok(QueryResult::Retry(match active {
+                Some(r) => Retried::NotRetryable(state_from(r.get(0)).unwrap_or(JobState::Queued)),
+                None => Retried::NotFound,
+            }));
         };
         let state = state_from(row.get(2)).unwrap_or(JobState::Dead);
         if !matches!(
@@ -571,9 +791,13 @@ impl Pg {
         }
         let attempts = attempts_from(row.get(8)).unwrap_or_default();
         let max_attempts = (row.get::<_, i32>(5).max(1) as u32).max(attempts.len() as u32 + 1);
+        // Back to the queue table, queued, its attempts kept.
         tx.execute(
-            "UPDATE jobvisor_jobs SET state = $2, max_attempts = $3, finished_ms = NULL, \
-             error = NULL, output = NULL, output_memory_len = NULL WHERE id = $1",
+            "WITH m AS (DELETE FROM jobvisor_done WHERE id = $1 RETURNING *) \
+             INSERT INTO jobvisor_jobs (id, pool, state, priority, key, max_attempts, \
+             timeout_ms, created_ms, attempts, owner, input, input_memory_len) \
+             SELECT id, pool, $2, priority, key, $3, timeout_ms, created_ms, attempts, owner, \
+             input, input_memory_len FROM m",
             &[&to_i64(id), &code(JobState::Queued), &(max_attempts as i32)],
         )?;
         tx.commit()?;
@@ -598,54 +822,89 @@ impl Pg {
         })))
     }
 
-    /// Deletes finished jobs past their retention, at most `chunk` per
-    /// statement; true if there may be more.
+    /// Applies the retention: drops the partitions of `jobvisor_done` older
+    /// than every pool's retention (whole days, no row deleted), deletes
+    /// the rows of pools whose retention is shorter, and the oldest rows
+    /// past `max_finished`, at most `chunk` rows per statement; true if
+    /// there may be more.
     fn prune_step(&mut self, retention: &Retention, chunk: u32) -> Result<bool, String> {
         self.ensure_connected()?;
+        let err = |e: postgres::Error| one_line(&e);
         let now = super::db::now_ms();
-        let mut more = false;
-        let keep = |d: &Duration| to_i64(now.saturating_sub(d.as_millis() as u64));
-        let pools: Vec<String> = self
-            .client
-            .query(
-                "SELECT DISTINCT pool FROM jobvisor_jobs WHERE finished_ms IS NOT NULL",
-                &[],
-            )
-            .map_err(|e| one_line(&e))?
+        let cutoff = |d: &Duration| to_i64(now.saturating_sub(d.as_millis() as u64));
+        let longest = retention
+            .per_pool
+            .values()
+            .chain([&retention.default])
+            .max()
+            .copied()
+            .unwrap_or(retention.default);
+        let all_gone = cutoff(&longest);
+        let old: Vec<i64> = self
+            .days
             .iter()
-            .map(|r| r.get(0))
+            .copied()
+            .filter(|d| (d + 1) * DAY_MS <= all_gone)
             .collect();
-        for pool in pools {
-            let cutoff = keep(retention.per_pool.get(&pool).unwrap_or(&retention.default));
+        for day in old {
+            self.client
+                .batch_execute(&format!("DROP TABLE IF EXISTS jobvisor_done_d{day}"))
+                .map_err(err)?;
+            self.days.remove(&day);
+        }
+        let mut more = false;
+        let limit = i64::from(chunk);
+        for (pool, keep) in &retention.per_pool {
             let n = self
                 .client
                 .execute(
-                    "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
-                     WHERE pool = $1 AND finished_ms IS NOT NULL AND finished_ms < $2 LIMIT $3)",
-                    &[&pool, &cutoff, &i64::from(chunk)],
+                    "DELETE FROM jobvisor_done WHERE id IN (SELECT id FROM jobvisor_done \
+                     WHERE pool = $1 AND finished_ms < $2 LIMIT $3)",
+                    &[pool, &cutoff(keep), &limit],
                 )
-                .map_err(|e| one_line(&e))?;
+                .map_err(err)?;
             more |= n == u64::from(chunk);
         }
-        let finished: i64 = self
+        let named: Vec<&str> = retention.per_pool.keys().map(String::as_str).collect();
+        let n = self
             .client
-            .query_one(
-                "SELECT count(*) FROM jobvisor_jobs WHERE finished_ms IS NOT NULL",
-                &[],
+            .execute(
+                "DELETE FROM jobvisor_done WHERE id IN (SELECT id FROM jobvisor_done \
+                 WHERE NOT (pool = ANY($1)) AND finished_ms < $2 LIMIT $3)",
+                &[&named, &cutoff(&retention.default), &limit],
             )
-            .map_err(|e| one_line(&e))?
-            .get(0);
-        let over = to_u64(finished).saturating_sub(retention.max_finished);
-        if over > 0 {
-            let n = over.min(u64::from(chunk)) as i64;
-            self.client
-                .execute(
-                    "DELETE FROM jobvisor_jobs WHERE id IN (SELECT id FROM jobvisor_jobs \
-                     WHERE finished_ms IS NOT NULL ORDER BY id LIMIT $1)",
-                    &[&n],
+            .map_err(err)?;
+        more |= n == u64::from(chunk);
+        if retention.max_finished < u64::MAX {
+            // The planner's estimate first: an exact count only near the cap.
+            let estimate: f64 = self
+                .client
+                .query_one(
+                    "SELECT COALESCE(sum(c.reltuples), 0)::float8 FROM pg_inherits i \
+                     JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = 'jobvisor_done'::regclass",
+                    &[],
                 )
-                .map_err(|e| one_line(&e))?;
-            more |= over > u64::from(chunk);
+                .map_err(err)?
+                .get(0);
+            if estimate >= retention.max_finished as f64 * 0.9 {
+                let finished: i64 = self
+                    .client
+                    .query_one("SELECT count(*) FROM jobvisor_done", &[])
+                    .map_err(err)?
+                    .get(0);
+                let over = to_u64(finished).saturating_sub(retention.max_finished);
+                if over > 0 {
+                    self.client
+                        .execute(
+                            "DELETE FROM jobvisor_done WHERE id IN (SELECT id FROM jobvisor_done \
+                             ORDER BY finished_ms, id LIMIT $1)",
+                            &[&(over.min(u64::from(chunk)) as i64)],
+                        )
+                        .map_err(err)?;
+                    more |= over > u64::from(chunk);
+                }
+            }
         }
         Ok(more)
     }
@@ -696,6 +955,40 @@ struct Updates {
 }
 
 impl Updates {
+    /// The outputs as the statements take them.
+    fn outputs(&self) -> Vec<Option<&[u8]>> {
+        self.output.iter().map(|o| o.as_deref()).collect()
+    }
+
+    /// The parameters of `UPDATE_MANY`, `MOVE_MANY` and `DONE_UPDATE_MANY`
+    /// (`outputs` a `Vec`: the array parameter's own type).
+    #[allow(clippy::ptr_arg)]
+    fn params<'a>(
+        &'a self,
+        outputs: &'a Vec<Option<&'a [u8]>>,
+    ) -> [&'a (dyn postgres::types::ToSql + Sync); 7] {
+        [
+            &self.id,
+            &self.state,
+            &self.attempts,
+            outputs,
+            &self.error,
+            &self.finished_ms,
+            &self.memory_len,
+        ]
+    }
+
+    /// Copies update `i` of `from`.
+    fn take(&mut self, from: &Updates, i: usize) {
+        self.id.push(from.id[i]);
+        self.state.push(from.state[i]);
+        self.attempts.push(from.attempts[i].clone());
+        self.output.push(from.output[i].clone());
+        self.error.push(from.error[i].clone());
+        self.finished_ms.push(from.finished_ms[i]);
+        self.memory_len.push(from.memory_len[i]);
+    }
+
     fn push(&mut self, u: &JobUpdate) {
         self.id.push(to_i64(u.id));
         self.state.push(code(u.state));
@@ -764,7 +1057,11 @@ struct Retention {
 }
 
 /// Pruning runs at most this often, one chunk per statement.
-const PRUNE_EVERY: Duration = Duration::from_secs(10);
+const PRUNE_EVERY: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(10)
+};
 const PRUNE_CHUNK: u32 = super::PRUNE_CHUNK;
 
 /// The store thread's body: batches of ops in one transaction each, like

@@ -40,7 +40,8 @@ fn jobs_round_trip_and_recover_on_postgres() {
         h.submit(Op::Insert(new_job(id, "p")));
     }
     let big: Arc<[u8]> = (0..3 << 20).map(|i| i as u8).collect::<Vec<u8>>().into();
-    let mut done = finished_update(1, JobState::Succeeded, 1_700_000_003_000);
+    // Recent: older finished jobs would be pruned (default retention).
+    let mut done = finished_update(1, JobState::Succeeded, super::super::db::now_ms());
     done.output = Some(Arc::clone(&big));
     h.submit(Op::Update(done));
     let seq = h.submit(running(2, vec![attempt(1, None)]));
@@ -64,7 +65,7 @@ fn jobs_round_trip_and_recover_on_postgres() {
     assert_eq!(recovered.counts["p"][&JobState::Succeeded], 1);
     assert_eq!(recovered.counts["p"][&JobState::Queued], 2);
     // Retry of a finished job, prune.
-    let seq = h.submit(finished(3, JobState::Failed, 1_700_000_004_000));
+    let seq = h.submit(finished(3, JobState::Failed, super::super::db::now_ms()));
     h.wait_durable(seq);
     match h.query(Query::Retry { id: 3, owner: None }) {
         QueryResult::Retry(Retried::Queued(j)) => assert_eq!(j.job.max_attempts, 3),
@@ -166,7 +167,7 @@ fn a_flood_of_inserts_and_updates_is_batched_and_the_last_update_wins() {
     for id in 1..=3000 {
         h.submit(Op::Insert(new_job(id, "p")));
         h.submit(running(id, vec![attempt(1, None)]));
-        let mut done = finished_update(id, JobState::Succeeded, 1_700_000_009_000);
+        let mut done = finished_update(id, JobState::Succeeded, super::super::db::now_ms());
         done.output = Some(format!("out {id}").into_bytes().into());
         last = h.submit(Op::Update(done));
     }
@@ -177,5 +178,97 @@ fn a_flood_of_inserts_and_updates_is_batched_and_the_last_update_wins() {
         assert_eq!(doc.state, JobState::Succeeded);
         assert_eq!(doc.output.unwrap().0, format!("out {id}").into_bytes());
         assert_eq!(doc.attempts[0].outcome, Some(Outcome::Succeeded));
+    }
+}
+
+#[test]
+fn finished_jobs_leave_the_queue_table_and_old_days_are_dropped_whole() {
+    let Some((pg, url)) = TestPg::with_db("store-done") else {
+        return;
+    };
+    // A version 1 store, as the first PostgreSQL release wrote it: one
+    // finished job (two days ago) and one queued job in one table.
+    pg.psql(
+        "jv",
+        &format!(
+            "CREATE TABLE jobvisor_schema (version integer NOT NULL); \
+             INSERT INTO jobvisor_schema VALUES (1); {}",
+            super::super::pg::SCHEMA_V1
+        ),
+    );
+    let two_days_ago = super::super::db::now_ms() - 2 * 86_400_000;
+    pg.psql(
+        "jv",
+        &format!(
+            "INSERT INTO jobvisor_jobs (id, pool, state, priority, max_attempts, created_ms, \
+             finished_ms, attempts, owner, input) VALUES \
+             (1, 'p', 2, 0, 3, 1, {two_days_ago}, '[]', 0, '\\x00'), \
+             (2, 'p', 0, 0, 3, 1, NULL, '[]', 0, '\\x01')"
+        ),
+    );
+    let (mut h, recovered) = Harness::open_pg(&url);
+    assert_eq!(ids(&recovered), vec![2]);
+    assert_eq!(recovered.next_id, 3);
+    assert_eq!(
+        pg.psql("jv", "SELECT max(version) FROM jobvisor_schema"),
+        "2"
+    );
+    assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_jobs"), "1");
+    assert_eq!(pg.psql("jv", "SELECT id FROM jobvisor_done"), "1");
+    assert_eq!(h.job(1).expect("finished job 1").state, JobState::Succeeded);
+    // Jobs that finish now move too; the queue table keeps only the
+    // active ones.
+    let mut last = 0;
+    for id in 3..=10 {
+        h.submit(Op::Insert(new_job(id, "p")));
+    }
+    for id in 3..=10 {
+        last = h.submit(finished(
+            id,
+            JobState::Succeeded,
+            super::super::db::now_ms(),
+        ));
+    }
+    h.wait_durable(last);
+    assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_jobs"), "1");
+    assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_done"), "9");
+    assert_eq!(h.list(Some("p"), None, 100).len(), 10);
+    // A retry brings a finished job back to the queue table.
+    let seq = h.submit(finished(2, JobState::Failed, super::super::db::now_ms()));
+    h.wait_durable(seq);
+    match h.query(Query::Retry { id: 2, owner: None }) {
+        QueryResult::Retry(Retried::Queued(j)) => assert_eq!(j.job.input.as_ref(), b"\x01"),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        pg.psql("jv", "SELECT state FROM jobvisor_jobs WHERE id = 2"),
+        "0"
+    );
+    // A one-day retention drops the partition of two days ago whole (and
+    // its job with it), keeps today's.
+    h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: Duration::from_secs(86_400),
+        max_finished: u64::MAX,
+    });
+    wait_until("the old partition dropped", || {
+        pg.psql(
+            "jv",
+            &format!(
+                "SELECT count(*) FROM pg_class WHERE relname = 'jobvisor_done_d{}'",
+                two_days_ago / 86_400_000
+            ),
+        ) == "0"
+    });
+    assert!(h.job(1).is_none());
+    assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_done"), "8");
+}
+
+/// Waits (polling, bounded) until `f` holds.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
