@@ -139,7 +139,7 @@ fn a_server_restart_loses_no_acknowledged_job_and_the_store_reconnects() {
     // The first batch after the restart may fail (the connection is
     // gone): its insert is reported lost, its update is kept and retried.
     h.submit(Op::Insert(new_job(2, "p")));
-    let update = h.submit(finished(1, JobState::Succeeded, 1_700_000_005_000));
+    let update = h.submit(finished(1, JobState::Succeeded, super::super::db::now_ms()));
     let mut lost = Vec::new();
     loop {
         match h.next() {
@@ -207,6 +207,13 @@ fn finished_jobs_leave_the_queue_table_and_old_days_are_dropped_whole() {
         ),
     );
     let (mut h, recovered) = Harness::open_pg(&url);
+    // A long retention first (the test build prunes every 100 ms), so the
+    // two-day-old job stays until the shorter one below.
+    h.submit(Op::Retention {
+        per_pool: BTreeMap::new(),
+        default: Duration::from_secs(30 * 86_400),
+        max_finished: u64::MAX,
+    });
     assert_eq!(ids(&recovered), vec![2]);
     assert_eq!(recovered.next_id, 3);
     assert_eq!(
