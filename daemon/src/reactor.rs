@@ -793,6 +793,10 @@ impl Reactor {
             } => self.core.on_store_failed(upto, &lost_inserts, &error, now),
             Completion::Query { token, result } => self.core.on_query_result(token, result),
             Completion::InsertsFailed { failed } => self.core.on_inserts_failed(failed),
+            Completion::Claimed { pool, jobs } => self.core.on_claimed(pool, jobs),
+            Completion::RemoteDone { ids } => self.core.on_remote_done(ids),
+            Completion::Fenced { ids } => self.core.on_fenced(ids),
+            Completion::Ids { start, end } => self.core.on_ids(start, end),
         }
     }
 

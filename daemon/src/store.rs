@@ -325,6 +325,25 @@ pub enum Op {
         /// At most this many finished jobs are kept overall (oldest go first).
         max_finished: u64,
     },
+    /// PostgreSQL (nodes sharing queues): claim up to `max` queued jobs of
+    /// `pool` for this node, in priority order, answered with
+    /// [`Completion::Claimed`] once there are any: the demand is held until
+    /// then, and a newer `Claim` of the pool replaces it.
+    Claim {
+        /// The pool.
+        pool: String,
+        /// At most this many.
+        max: u32,
+    },
+    /// PostgreSQL: report [`Completion::RemoteDone`] once job `id`, which
+    /// another node (or this one) runs, has finished.
+    Watch {
+        /// The job.
+        id: u64,
+    },
+    /// PostgreSQL: reserve another block of job ids
+    /// ([`Completion::Ids`]).
+    ReserveIds,
 }
 
 /// A read of the store.
@@ -462,6 +481,34 @@ pub enum Completion {
         /// The answer, or why there is none.
         result: Result<QueryResult, String>,
     },
+    /// Jobs claimed for this node ([`Op::Claim`]), to run: each is queued
+    /// here now, its attempts so far closed (a node that died with it
+    /// left its attempt open: it is `lost`).
+    Claimed {
+        /// The pool.
+        pool: String,
+        /// The jobs, in priority order.
+        jobs: Vec<RecoveredJob>,
+    },
+    /// Watched jobs ([`Op::Watch`]) that have finished.
+    RemoteDone {
+        /// The jobs.
+        ids: Vec<u64>,
+    },
+    /// Updates of these jobs were refused (fencing): the job was given to
+    /// another node meanwhile (this node was declared dead), so this node's
+    /// result is not recorded. Reported before the batch's `Durable`.
+    Fenced {
+        /// The jobs.
+        ids: Vec<u64>,
+    },
+    /// A new block of job ids ([`Op::ReserveIds`]): `start..end`.
+    Ids {
+        /// The first id.
+        start: u64,
+        /// One past the last.
+        end: u64,
+    },
 }
 
 /// The store's contents the daemon needs at startup.
@@ -471,6 +518,10 @@ pub struct Recovered {
     pub jobs: Vec<RecoveredJob>,
     /// Larger than every id ever stored, even of jobs since pruned.
     pub next_id: u64,
+    /// Ids from `next_id` up to this one (excluded) are this daemon's to
+    /// give: `u64::MAX` with SQLite; a block with PostgreSQL, where nodes
+    /// share the ids (more come with [`Op::ReserveIds`]).
+    pub id_end: u64,
     /// Number of jobs per pool per state, over the whole store (after
     /// recovery). States without jobs are absent.
     pub counts: BTreeMap<String, HashMap<JobState, u64>>,
@@ -599,6 +650,9 @@ pub struct Store {
     spares: Option<Spares>,
     /// Commit latency, recorded by the store thread.
     latency: Arc<latency::CommitLatency>,
+    /// Dropped with the handle: a store thread whose channel has other
+    /// senders (the PostgreSQL listener's) sees the handle go this way.
+    _alive: Arc<()>,
     /// Keeps the waker's eventfd open as long as the handle lives: if the
     /// store thread held the last reference, its final wake (after a panic)
     /// would be followed by the close, and closing an fd drops its pending
@@ -661,7 +715,7 @@ impl Store {
             path,
             Some(spares),
             waker,
-            move |ops, done, waker, latency| {
+            move |ops, done, waker, latency, _link| {
                 Committer::new(db, ops, done, waker, tuning, latency).run()
             },
         )?;
@@ -678,8 +732,8 @@ impl Store {
         let mut pg = pg::Pg::open(url)?;
         let recovered = pg.recover(db::now_ms())?;
         let path = PathBuf::from(pg.display());
-        let store = Store::start(path, None, waker, move |ops, done, waker, latency| {
-            pg::run(pg, ops, done, waker, latency)
+        let store = Store::start(path, None, waker, move |ops, done, waker, latency, link| {
+            pg::run(pg, ops, done, waker, latency, link)
         })?;
         Ok((store, recovered))
     }
@@ -695,11 +749,17 @@ impl Store {
                 mpsc::Sender<Completion>,
                 Arc<mio::Waker>,
                 Arc<latency::CommitLatency>,
+                HandleLink,
             ) -> Result<(), StoreError>
             + Send
             + 'static,
     ) -> Result<Store, StoreError> {
         let (ops_tx, ops_rx) = mpsc::channel();
+        let alive = Arc::new(());
+        let link = HandleLink {
+            ops: ops_tx.clone(),
+            alive: Arc::downgrade(&alive),
+        };
         let (done_tx, done_rx) = mpsc::channel();
         let wake_on_exit = WakeOnDrop(Arc::clone(&waker));
         let latency = Arc::new(latency::CommitLatency::default());
@@ -711,7 +771,7 @@ impl Store {
                 // backend (and its completion sender), the loop is woken to
                 // find the channel disconnected.
                 let _wake_on_exit = wake_on_exit;
-                body(ops_rx, done_tx, thread_waker, thread_latency)
+                body(ops_rx, done_tx, thread_waker, thread_latency, link)
             })
             .map_err(|e| StoreError::Thread {
                 path: path.clone(),
@@ -727,6 +787,7 @@ impl Store {
             spares,
             latency,
             _waker: waker,
+            _alive: alive,
         })
     }
 
@@ -755,7 +816,11 @@ impl Store {
         match &op {
             Op::Insert(job) => pending.inserts.push_back((seq, job.id)),
             Op::Query { token, .. } => pending.queries.push_back(*token),
-            Op::Update(_) | Op::Retention { .. } => {}
+            Op::Update(_)
+            | Op::Retention { .. }
+            | Op::Claim { .. }
+            | Op::Watch { .. }
+            | Op::ReserveIds => {}
         }
         // A send fails only if the thread is gone; `try_completion` then
         // fails this op along with every other pending one.
@@ -782,7 +847,11 @@ impl Store {
                     Completion::Query { .. } => {
                         pending.queries.pop_front();
                     }
-                    Completion::InsertsFailed { .. } => {}
+                    Completion::InsertsFailed { .. }
+                    | Completion::Claimed { .. }
+                    | Completion::RemoteDone { .. }
+                    | Completion::Fenced { .. }
+                    | Completion::Ids { .. } => {}
                 }
                 Some(c)
             }
@@ -860,6 +929,14 @@ impl Store {
     fn test_hook(&self, hook: committer::TestHook) {
         let _ = self.ops.send(Msg::Test(hook));
     }
+}
+
+/// What a store thread may keep of its handle: a sender into its own
+/// channel (for a helper thread's messages) and a sign of the handle's
+/// life (the channel does not disconnect while that sender lives).
+pub(in crate::store) struct HandleLink {
+    pub(in crate::store) ops: mpsc::Sender<Msg>,
+    pub(in crate::store) alive: std::sync::Weak<()>,
 }
 
 /// Wakes the event loop when the store thread ends, however it ends.

@@ -359,6 +359,8 @@ pub struct Supervisor {
     /// The store keeps large payloads in payload files (SQLite); without
     /// them (PostgreSQL) inputs stay in memory until their job ends.
     payload_files: bool,
+    /// Nodes share the queues (a PostgreSQL store): see `jobs::cluster`.
+    cluster: bool,
 }
 
 impl Supervisor {
@@ -374,13 +376,14 @@ impl Supervisor {
             shutting_down: false,
             exit_sent: false,
             rng: fastrand::Rng::with_seed(seed),
-            jt: JobTable::default(),
+            jt: JobTable::new(),
             wall_base_ms: wall_ms,
             instant_base: now,
             events_wanted: false,
             drain_deadline: None,
             drain_timeout: config.daemon.drain_timeout,
             payload_files: config.store.url.is_none(),
+            cluster: config.store.url.is_some(),
         };
         for (name, pc) in &config.pools {
             s.pools.insert(name.clone(), Pool::new(name, pc.clone()));

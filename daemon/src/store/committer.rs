@@ -25,6 +25,8 @@ pub(super) enum Msg {
     Op { seq: u64, op: Op },
     /// Commit what is queued, then stop.
     Close,
+    /// A wake-up from the PostgreSQL listener (unused with SQLite).
+    Notify(super::pg::Notice),
     /// Test instrumentation.
     #[cfg(test)]
     Test(TestHook),
@@ -128,7 +130,11 @@ fn payload_bytes(op: &Op) -> usize {
     match op {
         Op::Insert(job) => job.input_len() as usize,
         Op::Update(update) => update.output.as_ref().map_or(0, |o| o.len()),
-        Op::Query { .. } | Op::Retention { .. } => 0,
+        Op::Query { .. }
+        | Op::Retention { .. }
+        | Op::Claim { .. }
+        | Op::Watch { .. }
+        | Op::ReserveIds => 0,
     }
 }
 
@@ -364,6 +370,7 @@ impl Committer {
                     }
                 }
                 Some(Msg::Close) => Control::Close,
+                Some(Msg::Notify(_)) => continue,
                 #[cfg(test)]
                 Some(Msg::Test(hook)) => Control::Test(hook),
             };
@@ -438,6 +445,8 @@ impl Committer {
             Op::Insert(job) => self.batch.add_insert(job),
             Op::Update(update) => self.batch.add_update(update),
             Op::Query { token, query } => self.batch.queries.push((token, query)),
+            // Cluster ops: PostgreSQL only, never sent to SQLite.
+            Op::Claim { .. } | Op::Watch { .. } | Op::ReserveIds => {}
             Op::Retention {
                 per_pool,
                 default,
@@ -464,6 +473,7 @@ impl Committer {
                 }
                 Ok(Msg::Op { seq, op }) => self.add(seq, op),
                 Ok(Msg::Close) | Err(TryRecvError::Disconnected) => return Some(Control::Close),
+                Ok(Msg::Notify(_)) => {}
                 #[cfg(test)]
                 Ok(Msg::Test(hook)) => return Some(Control::Test(hook)),
                 Err(TryRecvError::Empty) => return None,

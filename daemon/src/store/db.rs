@@ -767,6 +767,7 @@ impl Db {
         Ok(Recovered {
             jobs,
             next_id: self.max_id + 1,
+            id_end: u64::MAX,
             counts,
         })
     }

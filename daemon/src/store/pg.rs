@@ -32,14 +32,14 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 2;
+pub(super) const SCHEMA_VERSION: i32 = 3;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Key of the session advisory lock a daemon holds on its database.
+/// Base of the keys of the advisory locks jobvisor takes.
 const NODE_LOCK: i64 = 0x6a6f_6276_6973_6f72; // "jobvisor"
 
 pub(super) const SCHEMA_V1: &str = "
@@ -104,6 +104,24 @@ CREATE VIEW jobvisor_all AS
     SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
            error, attempts, owner, input, input_memory_len, output, output_memory_len
       FROM jobvisor_done;
+";
+
+/// Version 3: nodes share the queue (see `cluster`): who holds a job and
+/// with which claim, the nodes and their heartbeats, blocks of ids.
+const SCHEMA_V3: &str = "
+ALTER TABLE jobvisor_jobs ADD COLUMN node bigint, ADD COLUMN claim integer NOT NULL DEFAULT 0;
+CREATE INDEX jobvisor_jobs_queue ON jobvisor_jobs (pool, priority DESC, id)
+    WHERE state = 0 AND node IS NULL;
+CREATE INDEX jobvisor_jobs_node ON jobvisor_jobs (node) WHERE node IS NOT NULL;
+CREATE TABLE jobvisor_nodes (
+    id           bigserial   PRIMARY KEY,
+    host         text        NOT NULL,
+    pid          integer     NOT NULL,
+    started_ms   bigint      NOT NULL,
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    gone         boolean     NOT NULL DEFAULT false
+);
+CREATE SEQUENCE jobvisor_id_blocks;
 ";
 
 /// Columns of a finished row, in `jobvisor_done`'s order.
@@ -204,6 +222,11 @@ pub(super) struct Pg {
     suspect: bool,
     /// Days (`finished_ms / DAY_MS`) that have a `jobvisor_done` partition.
     days: std::collections::BTreeSet<i64>,
+    /// This daemon's row in `jobvisor_nodes`.
+    node: i64,
+    /// Jobs this node claimed and has not finished: their claim numbers,
+    /// which fence their updates.
+    claims: HashMap<u64, i32>,
 }
 
 impl Pg {
@@ -216,29 +239,18 @@ impl Pg {
             max_id: 0,
             suspect: false,
             days: Default::default(),
+            node: 0,
+            claims: HashMap::new(),
         };
-        pg.lock()?;
         pg.migrate()?;
+        pg.register()
+            .map_err(|e| pg_error(url, "cannot register this node", e))?;
         Ok(pg)
     }
 
     /// The URL, password hidden.
     pub(super) fn display(&self) -> String {
         redact(&self.url)
-    }
-
-    fn lock(&mut self) -> Result<(), StoreError> {
-        let got: bool = self
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK])
-            .map_err(|e| pg_error(&self.url, "cannot take the node lock", e))?
-            .get(0);
-        if !got {
-            return Err(StoreError::PostgresInUse {
-                url: self.display(),
-            });
-        }
-        Ok(())
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -295,6 +307,17 @@ impl Pg {
             ))
             .map_err(fail("cannot move the finished jobs to jobvisor_done"))?;
         }
+        if version < 3 {
+            tx.batch_execute(SCHEMA_V3)
+                .map_err(fail("cannot migrate the schema to version 3"))?;
+            // Ids handed out from now on come after every id so far.
+            tx.execute(
+                "SELECT setval('jobvisor_id_blocks', GREATEST((SELECT value FROM jobvisor_meta \
+                 WHERE name = 'max_id'), (SELECT COALESCE(max(id), 0) FROM jobvisor_all)) / $1 + 1)",
+                &[&to_i64(cluster::ID_BLOCK)],
+            )
+            .map_err(fail("cannot migrate the schema to version 3"))?;
+        }
         if version < SCHEMA_VERSION {
             tx.execute(
                 "INSERT INTO jobvisor_schema VALUES ($1)",
@@ -337,98 +360,17 @@ impl Pg {
         Ok(())
     }
 
-    /// Requeues (or declares dead) the jobs that were running when the
-    /// daemon died, in one transaction, and returns what the daemon needs
-    /// (see the SQLite store's `recover`).
-    pub(super) fn recover(&mut self, now_ms: u64) -> Result<Recovered, StoreError> {
+    /// What the daemon needs at start. Nodes share the queue: nothing is
+    /// requeued here (a node that died, this daemon's earlier run included,
+    /// has its jobs requeued by the sweep once its heartbeat is old, see
+    /// `cluster`), and jobs reach this node by claims, so `jobs` is empty.
+    /// `next_id..id_end` is a fresh block of ids.
+    pub(super) fn recover(&mut self, _now_ms: u64) -> Result<Recovered, StoreError> {
         let url = self.url.clone();
         let fail = |e| pg_error(&url, "recovery failed", e);
-        let mut tx = self.client.transaction().map_err(fail)?;
-        let rows = tx
-            .query(
-                "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
-                 attempts, owner, input, input_memory_len FROM jobvisor_jobs \
-                 WHERE state < 2 ORDER BY id",
-                &[],
-            )
-            .map_err(fail)?;
-        let mut jobs = Vec::new();
-        for row in rows {
-            let id = to_u64(row.get(0));
-            let state = state_from(row.get(2)).unwrap_or(JobState::Dead);
-            let mut attempts = attempts_from(row.get(8)).unwrap_or_default();
-            let max_attempts: i32 = row.get(5);
-            let in_memory: Option<i64> = row.get(11);
-            if state == JobState::Running {
-                if let Some(last) = attempts.last_mut().filter(|a| a.outcome.is_none()) {
-                    last.ended_ms = Some(now_ms);
-                    last.outcome = Some(Outcome::Lost);
-                    last.error = Some(super::db::LOST_ON_RESTART.to_string());
-                }
-            }
-            let dead = if in_memory.is_some() {
-                Some(super::db::MEMORY_INPUT_LOST)
-            } else if state == JobState::Running && attempts.len() >= max_attempts.max(1) as usize {
-                Some(super::db::LOST_ON_RESTART)
-            } else {
-                None
-            };
-            if let Some(error) = dead {
-                let day = to_i64(now_ms) / DAY_MS;
-                if !self.days.contains(&day) {
-                    create_partition(&mut tx, day).map_err(fail)?;
-                    self.days.insert(day);
-                }
-                let attempts = attempts_text(&attempts);
-                let output: Option<&[u8]> = None;
-                tx.execute(
-                    MOVE_MANY,
-                    &[
-                        &vec![to_i64(id)],
-                        &vec![code(JobState::Dead)],
-                        &vec![attempts.as_str()],
-                        &vec![output],
-                        &vec![Some(error)],
-                        &vec![to_i64(now_ms)],
-                        &vec![None::<i64>],
-                    ],
-                )
-                .map_err(fail)?;
-                continue;
-            }
-            if state == JobState::Running {
-                tx.execute(
-                    "UPDATE jobvisor_jobs SET state = $2, attempts = $3 WHERE id = $1",
-                    &[
-                        &to_i64(id),
-                        &code(JobState::Queued),
-                        &attempts_text(&attempts),
-                    ],
-                )
-                .map_err(fail)?;
-            }
-            let input: Vec<u8> = row.get(10);
-            jobs.push(RecoveredJob {
-                job: NewJob {
-                    id,
-                    pool: row.get(1),
-                    priority: row.get(3),
-                    key: row.get(4),
-                    max_attempts: max_attempts.max(1) as u32,
-                    timeout_ms: row.get::<_, Option<i64>>(6).map(to_u64),
-                    input: input.into(),
-                    input_source: None,
-                    created_ms: to_u64(row.get(7)),
-                    owner: u32::try_from(row.get::<_, i64>(9)).unwrap_or(0),
-                    spill: false,
-                    memory: false,
-                },
-                attempts,
-                input_file: None,
-            });
-        }
         let mut counts: BTreeMap<String, HashMap<JobState, u64>> = BTreeMap::new();
-        for row in tx
+        for row in self
+            .client
             .query(
                 "SELECT pool, state, count(*) FROM jobvisor_all GROUP BY pool, state",
                 &[],
@@ -442,16 +384,16 @@ impl Pg {
                     .insert(state, to_u64(row.get(2)));
             }
         }
-        tx.commit().map_err(fail)?;
+        let (next_id, id_end) = self.reserve_ids().map_err(fail)?;
         Ok(Recovered {
-            jobs,
-            next_id: self.max_id + 1,
+            jobs: Vec::new(),
+            next_id,
+            id_end,
             counts,
         })
     }
 
-    /// Reconnects (and takes the node lock again) if the connection is
-    /// gone.
+    /// Reconnects if the connection is gone.
     fn ensure_connected(&mut self) -> Result<(), String> {
         if self.suspect && !self.client.is_closed() && self.client.is_valid(PING_TIMEOUT).is_ok() {
             self.suspect = false;
@@ -463,13 +405,14 @@ impl Pg {
         config.connect_timeout(CONNECT_TIMEOUT);
         self.client = config.connect(NoTls).map_err(|e| one_line(&e))?;
         self.suspect = false;
-        self.lock().map_err(|e| e.to_string())
+        Ok(())
     }
 }
 
+mod cluster;
 mod read;
 mod thread;
 mod write;
 
+pub(super) use cluster::Notice;
 pub(super) use thread::run;
-use write::MOVE_MANY;

@@ -9,6 +9,49 @@ mod testpg;
 use testpg::TestPg;
 
 impl Harness {
+    /// Claims jobs of `pool` for this node, waiting until there are some.
+    fn claim(&mut self, pool: &str, max: u32) -> Vec<RecoveredJob> {
+        self.submit(Op::Claim {
+            pool: pool.to_string(),
+            max,
+        });
+        loop {
+            match self.next() {
+                Completion::Claimed { pool: p, jobs } if p == pool => return jobs,
+                Completion::Durable { .. } => {}
+                c => panic!("unexpected {c:?}"),
+            }
+        }
+    }
+
+    /// [`Self::claim`], or nothing if none is queued (the demand is then
+    /// dropped).
+    fn try_claim(&mut self, pool: &str, max: u32) -> Vec<RecoveredJob> {
+        let seq = self.submit(Op::Claim {
+            pool: pool.to_string(),
+            max,
+        });
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut durable = false;
+        loop {
+            if let Some(c) = self.store.try_completion() {
+                match c {
+                    Completion::Claimed { jobs, .. } => return jobs,
+                    Completion::Durable { upto } if upto >= seq => durable = true,
+                    Completion::Durable { .. } => {}
+                    c => panic!("unexpected {c:?}"),
+                }
+                continue;
+            }
+            if durable && Instant::now() >= deadline {
+                return Vec::new();
+            }
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(20)));
+        }
+    }
+
     fn open_pg(url: &str) -> (Harness, Recovered) {
         let poll = Poll::new().expect("poll");
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
@@ -28,50 +71,85 @@ impl Harness {
 }
 
 #[test]
-fn jobs_round_trip_and_recover_on_postgres() {
+fn jobs_are_claimed_run_and_a_dead_nodes_jobs_claimed_again() {
     let Some((pg, url)) = TestPg::with_db("store-rt") else {
         return;
     };
     let (mut h, recovered) = Harness::open_pg(&url);
-    assert_eq!((recovered.jobs.len(), recovered.next_id), (0, 1));
-    // Three jobs: one finishes with a large output, one is left running,
-    // one queued.
-    for id in 1..=3 {
+    assert!(recovered.jobs.is_empty());
+    assert!(recovered.id_end > recovered.next_id, "{recovered:?}");
+    // Ids come in blocks, cluster-wide.
+    let base = recovered.next_id;
+    for id in base..base + 3 {
         h.submit(Op::Insert(new_job(id, "p")));
     }
+    let claimed = h.claim("p", 2);
+    assert_eq!(
+        claimed.iter().map(|j| j.job.id).collect::<Vec<_>>(),
+        vec![base, base + 1]
+    );
     let big: Arc<[u8]> = (0..3 << 20).map(|i| i as u8).collect::<Vec<u8>>().into();
-    // Recent: older finished jobs would be pruned (default retention).
-    let mut done = finished_update(1, JobState::Succeeded, super::super::db::now_ms());
+    let mut done = finished_update(base, JobState::Succeeded, super::super::db::now_ms());
     done.output = Some(Arc::clone(&big));
     h.submit(Op::Update(done));
-    let seq = h.submit(running(2, vec![attempt(1, None)]));
+    let seq = h.submit(running(base + 1, vec![attempt(1, None)]));
     h.wait_durable(seq);
-    let doc = h.job(1).expect("job 1");
+    let doc = h.job(base).expect("the first job");
     assert_eq!(doc.state, JobState::Succeeded);
     assert_eq!(doc.output.as_ref().map(|b| b.0.as_slice()), Some(&big[..]));
-    assert_eq!(h.list(Some("p"), None, 10), vec![3, 2, 1]);
-    assert_eq!(h.list(None, Some(JobState::Running), 10), vec![2]);
-    assert!(h.job(99).is_none());
-    // The daemon dies (no close): the next one requeues the running job
-    // with its attempt lost, and keeps ids growing.
+    assert_eq!(h.list(Some("p"), None, 10), vec![base + 2, base + 1, base]);
+    assert_eq!(h.list(None, Some(JobState::Running), 10), vec![base + 1]);
+    assert!(h.job(1).is_none());
+    // This node dies (no close): another one sweeps it once its heartbeat
+    // is old, and claims its running job (the attempt closed as lost) and
+    // the queued one.
     drop(h);
     let (mut h, recovered) = Harness::open_pg(&url);
-    let ids: Vec<u64> = recovered.jobs.iter().map(|j| j.job.id).collect();
-    assert_eq!(ids, vec![2, 3]);
-    let two = &recovered.jobs[0];
-    assert_eq!(two.attempts[0].outcome, Some(Outcome::Lost));
-    assert_eq!(two.job.input.as_ref(), b"input 2");
-    assert_eq!(recovered.next_id, 4);
+    assert!(
+        recovered.next_id >= base + (1 << 20),
+        "a new block: {recovered:?}"
+    );
     assert_eq!(recovered.counts["p"][&JobState::Succeeded], 1);
-    assert_eq!(recovered.counts["p"][&JobState::Queued], 2);
-    // Retry of a finished job, prune.
-    let seq = h.submit(finished(3, JobState::Failed, super::super::db::now_ms()));
+    let started = Instant::now();
+    // The queued job at once; the dead node's once the sweep has run.
+    let mut got = h.claim("p", 10);
+    while got.len() < 2 {
+        got.extend(h.claim("p", 10));
+    }
+    got.sort_by_key(|j| j.job.id);
+    assert_eq!(
+        got.iter().map(|j| j.job.id).collect::<Vec<_>>(),
+        vec![base + 1, base + 2]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(got[0].attempts[0].outcome, Some(Outcome::Lost));
+    assert_eq!(
+        got[0].job.input.as_ref(),
+        format!("input {}", base + 1).as_bytes()
+    );
+    // Retry of a finished job puts it back in the shared queue; prune.
+    let seq = h.submit(finished(
+        base + 2,
+        JobState::Failed,
+        super::super::db::now_ms(),
+    ));
     h.wait_durable(seq);
-    match h.query(Query::Retry { id: 3, owner: None }) {
+    match h.query(Query::Retry {
+        id: base + 2,
+        owner: None,
+    }) {
         QueryResult::Retry(Retried::Queued(j)) => assert_eq!(j.job.max_attempts, 3),
         r => panic!("{r:?}"),
     }
-    match h.query(Query::Retry { id: 1, owner: None }) {
+    assert_eq!(h.claim("p", 5).len(), 1);
+    match h.query(Query::Retry {
+        id: base,
+        owner: None,
+    }) {
         QueryResult::Retry(Retried::NotRetryable(JobState::Succeeded)) => {}
         r => panic!("{r:?}"),
     }
@@ -85,26 +163,82 @@ fn jobs_round_trip_and_recover_on_postgres() {
         QueryResult::Pruned(1) => {}
         r => panic!("{r:?}"),
     }
-    assert!(h.job(1).is_none());
+    assert!(h.job(base).is_none());
     drop(pg);
 }
 
 #[test]
-fn a_second_daemon_and_a_newer_schema_are_refused() {
+fn two_nodes_never_claim_one_job_twice_and_a_stale_result_is_fenced() {
+    let Some((pg, url)) = TestPg::with_db("store-nodes") else {
+        return;
+    };
+    let (mut a, ra) = Harness::open_pg(&url);
+    let (mut b, rb) = Harness::open_pg(&url);
+    assert!(ra.next_id + (1 << 20) <= rb.next_id || rb.next_id + (1 << 20) <= ra.next_id);
+    let mut last = 0;
+    for id in ra.next_id..ra.next_id + 500 {
+        last = a.submit(Op::Insert(new_job(id, "p")));
+    }
+    a.wait_durable(last);
+    // Both claim in turns until the queue is empty: every job once.
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let (ja, jb) = (a.try_claim("p", 37), b.try_claim("p", 41));
+        if ja.is_empty() && jb.is_empty() {
+            break;
+        }
+        for j in ja.iter().chain(&jb) {
+            assert!(seen.insert(j.job.id), "job {} claimed twice", j.job.id);
+        }
+    }
+    assert_eq!(seen.len(), 500);
+    // Fencing: a job of A's goes to B (as a sweep of a dead A would do);
+    // A's late result is refused, B's recorded.
+    let id = rb.next_id;
+    let seq = b.submit(Op::Insert(new_job(id, "q")));
+    b.wait_durable(seq);
+    assert_eq!(a.claim("q", 1).len(), 1);
+    pg.psql(
+        "jv",
+        &format!("UPDATE jobvisor_jobs SET node = NULL WHERE id = {id}"),
+    );
+    assert_eq!(b.claim("q", 1).len(), 1);
+    a.submit(finished(id, JobState::Failed, super::super::db::now_ms()));
+    let fenced = loop {
+        match a.next() {
+            Completion::Fenced { ids } => break ids,
+            Completion::Durable { .. } => {}
+            c => panic!("unexpected {c:?}"),
+        }
+    };
+    assert_eq!(fenced, vec![id]);
+    let seq = b.submit(finished(
+        id,
+        JobState::Succeeded,
+        super::super::db::now_ms(),
+    ));
+    b.wait_durable(seq);
+    assert_eq!(b.job(id).expect("stored").state, JobState::Succeeded);
+    // A watch on a finished job is answered at once.
+    a.submit(Op::Watch { id });
+    loop {
+        match a.next() {
+            Completion::RemoteDone { ids } => break assert_eq!(ids, vec![id]),
+            Completion::Durable { .. } => {}
+            c => panic!("unexpected {c:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_newer_schema_and_a_bad_url_are_refused() {
     let Some((pg, url)) = TestPg::with_db("store-refuse") else {
         return;
     };
     let (h, _) = Harness::open_pg(&url);
+    drop(h);
     let poll = Poll::new().unwrap();
     let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
-    match Store::open_postgres(&url, Arc::clone(&waker)) {
-        Err(e @ StoreError::PostgresInUse { .. }) => {
-            assert!(e.to_string().contains("in use by another jobvisord"), "{e}")
-        }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("a second daemon opened the same database"),
-    }
-    drop(h);
     pg.psql("jv", "INSERT INTO jobvisor_schema VALUES (99)");
     match Store::open_postgres(&url, waker) {
         Err(e @ StoreError::TooNew { .. }) => {
@@ -214,11 +348,12 @@ fn finished_jobs_leave_the_queue_table_and_old_days_are_dropped_whole() {
         default: Duration::from_secs(30 * 86_400),
         max_finished: u64::MAX,
     });
-    assert_eq!(ids(&recovered), vec![2]);
-    assert_eq!(recovered.next_id, 3);
+    // Nodes claim jobs: none is handed over at start.
+    assert!(recovered.jobs.is_empty());
+    assert!(recovered.next_id > 2, "{recovered:?}");
     assert_eq!(
         pg.psql("jv", "SELECT max(version) FROM jobvisor_schema"),
-        "2"
+        "3"
     );
     assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_jobs"), "1");
     assert_eq!(pg.psql("jv", "SELECT id FROM jobvisor_done"), "1");

@@ -111,7 +111,13 @@ impl Harness {
             match self.next() {
                 Completion::Durable { upto } if upto >= seq => return,
                 Completion::Durable { .. } | Completion::Query { .. } => {}
-                c @ (Completion::Failed { .. } | Completion::InsertsFailed { .. }) => {
+                // Answers to cluster ops, which only their tests wait for.
+                Completion::Claimed { .. }
+                | Completion::RemoteDone { .. }
+                | Completion::Ids { .. } => {}
+                c @ (Completion::Failed { .. }
+                | Completion::InsertsFailed { .. }
+                | Completion::Fenced { .. }) => {
                     panic!("unexpected {c:?}")
                 }
             }

@@ -18,6 +18,7 @@
 //! - A job holds its key and its pool's semaphores from dispatch until it
 //!   leaves the worker (finished or requeued).
 
+mod cluster;
 mod manage;
 
 use super::*;
@@ -131,6 +132,8 @@ pub(super) struct PoolJobs {
     /// When a worker is idle while jobs wait behind another's running job
     /// that has not yet run [`TAKE_BACK_AFTER`]: when that is reached.
     pub(super) take_back_at: Option<Instant>,
+    /// A claim of its jobs is asked of the store (cluster).
+    pub(super) claiming: bool,
     /// Clients told (`PoolFailed`) of the pool's current failure: each
     /// hears of one failure once. Cleared when the pool runs again.
     pub(super) told_failed: rustc_hash::FxHashSet<ClientId>,
@@ -267,6 +270,11 @@ pub struct SubmitExtra {
 /// leaves memory once stored: a flood of just-under-a-mebibyte inputs, or a
 /// restart with a deep queue of them, cannot fill the daemon's memory.
 pub const QUEUED_INPUT_BUDGET: u64 = 64 << 20;
+
+/// A node claims this many times the room its ready workers have, so that
+/// a worker finds its next job here rather than after a round trip to the
+/// database (cluster).
+pub const CLAIM_AHEAD: usize = 4;
 
 /// With a store that keeps no payload files (PostgreSQL), the inputs of
 /// the jobs the daemon holds stay in its memory, up to this much; a submit
@@ -410,6 +418,11 @@ enum QueryPurpose {
     Prune {
         client: ClientId,
     },
+    /// The end of a job that ran elsewhere (cluster), for its waiters.
+    Remote {
+        id: u64,
+        waiters: Vec<Waiter>,
+    },
 }
 
 /// Who a control client is, for authorization: its uid (from
@@ -451,6 +464,7 @@ impl QueryPurpose {
             | QueryPurpose::Jobs { client, .. }
             | QueryPurpose::Retry { client, .. }
             | QueryPurpose::Prune { client } => client,
+            QueryPurpose::Remote { ref waiters, .. } => waiters.first().map_or(0, |w| w.client),
         }
     }
 }
@@ -501,12 +515,31 @@ pub(super) struct JobTable {
     /// Dispatched jobs whose `running` row is not written yet: (when to
     /// write it, job, attempt number), in dispatch order.
     unpersisted: VecDeque<(Instant, u64, u32)>,
+    /// Ids up to this one (excluded) are this daemon's to give (see
+    /// `Recovered::id_end`); then the spare block, asked for in time.
+    id_end: u64,
+    spare_ids: Option<(u64, u64)>,
+    ids_asked: bool,
+    /// Clients waiting for jobs that are not here (a cluster's).
+    remote_waits: HashMap<u64, Vec<Waiter>>,
+}
+
+impl JobTable {
+    /// An empty table; every id is this daemon's until a store says
+    /// otherwise (see `Recovered::id_end`).
+    pub(super) fn new() -> JobTable {
+        JobTable {
+            id_end: u64::MAX,
+            ..JobTable::default()
+        }
+    }
 }
 
 impl Supervisor {
     /// Loads what the store recovered at start-up (call before `start`).
     pub fn recover(&mut self, rec: Recovered) {
         self.jt.next_id = rec.next_id.max(1);
+        self.jt.id_end = rec.id_end;
         for (pool, counts) in &rec.counts {
             if let Some(p) = self.pools.get_mut(pool) {
                 for (state, n) in counts {
@@ -726,15 +759,23 @@ impl Supervisor {
             .timeout_ms
             .map(Duration::from_millis)
             .or(pool.config.timeout);
-        let id = self.jt.next_id.max(1);
-        self.jt.next_id = id + 1;
-        let created_ms = self.wall(now);
-        let owner = self.viewer(client).uid;
-        let len = input.len() as u64; // 0 for a file input
         let in_memory = match extra.payloads {
             Some(mode) => mode == crate::config::PayloadMode::Memory,
             None => self.pool_keeps_payloads_in_memory(pool_name),
         };
+        if self.cluster && in_memory {
+            return Err(CtlError::Invalid(format!(
+                "payloads = \"memory\" (pool {pool_name}'s, or this submit's) cannot be used with a PostgreSQL store: the job may run on another node, which could not get its input; use durable payloads"
+            )));
+        }
+        let Some(id) = self.next_job_id() else {
+            return Err(CtlError::Rejected(
+                "no job ids are reserved for this daemon yet (its store is not answering); retry in a moment".into(),
+            ));
+        };
+        let created_ms = self.wall(now);
+        let owner = self.viewer(client).uid;
+        let len = input.len() as u64; // 0 for a file input
         if extra.output_buffer.is_some() && !wait {
             return Err(CtlError::Invalid(
                 "an output buffer needs a submit that waits for the result".into(),
@@ -758,7 +799,11 @@ impl Supervisor {
         }
         // Over the budget, an input that can go through the pool's arena is
         // kept in a payload file once stored (see QUEUED_INPUT_BUDGET).
-        if !self.payload_files && !memory && self.jt.mem_inputs + len > STORE_INPUT_BUDGET {
+        if !self.payload_files
+            && !self.cluster
+            && !memory
+            && self.jt.mem_inputs + len > STORE_INPUT_BUDGET
+        {
             return Err(CtlError::Rejected(format!(
                 "the daemon already holds {} of inputs of queued and running jobs (a PostgreSQL store keeps them in memory until their jobs end, at most {}); retry once some have ended",
                 crate::config::show_size(self.jt.mem_inputs),
@@ -770,7 +815,9 @@ impl Supervisor {
             && len >= SPILL_MIN
             && self.jt.mem_inputs + len > QUEUED_INPUT_BUDGET
             && len <= arena_input_capacity(self.pools[pool_name].config.shm_size);
-        self.jt.mem_inputs += len;
+        if !self.cluster {
+            self.jt.mem_inputs += len;
+        }
         if memory {
             self.jt.memory_bytes += len;
         }
@@ -792,9 +839,10 @@ impl Supervisor {
         self.jt
             .pending
             .push_back((seq, Pending::Insert { id, client, wait }));
-        self.jt.jobs.insert(
-            id,
-            Job {
+        if !self.cluster {
+            // (With a cluster, it is stored only: whichever node has room
+            // claims it.)
+            let job = Job {
                 id,
                 owner,
                 spilled: spill,
@@ -822,22 +870,9 @@ impl Supervisor {
                 suspect: false,
                 unstored: false,
                 taken_back: false,
-            },
-        );
-        // Dispatched at once, before the insert is durable: the client is
-        // acknowledged (and hears of the result) only after it is, but the
-        // work need not wait for the fsync, and a job that finishes within
-        // one commit window costs a single row write (the store merges the
-        // insert with the final update). If the daemon dies before the
-        // commit, the client never got an id: nothing accepted is lost, the
-        // job may merely have run once unacknowledged (at-least-once).
-        self.jt.tail_order += 1;
-        let entry = QEntry {
-            priority: options.priority,
-            order: Reverse(self.jt.tail_order),
-            id,
-        };
-        self.enqueue_entry(pool_name, entry);
+            };
+            self.queue_submitted(pool_name, job);
+        }
         self.event(
             now,
             "job_queued",
@@ -847,6 +882,26 @@ impl Supervisor {
             None,
         );
         Ok(())
+    }
+
+    /// A submitted job, not stored yet, into the table and its pool's queue.
+    fn queue_submitted(&mut self, pool_name: &str, job: Job) {
+        let (id, priority) = (job.id, job.priority);
+        self.jt.jobs.insert(id, job);
+        // Dispatched at once, before the insert is durable: the client is
+        // acknowledged (and hears of the result) only after it is, but the
+        // work need not wait for the fsync, and a job that finishes within
+        // one commit window costs a single row write (the store merges the
+        // insert with the final update). If the daemon dies before the
+        // commit, the client never got an id: nothing accepted is lost, the
+        // job may merely have run once unacknowledged (at-least-once).
+        self.jt.tail_order += 1;
+        let entry = QEntry {
+            priority,
+            order: Reverse(self.jt.tail_order),
+            id,
+        };
+        self.enqueue_entry(pool_name, entry);
     }
 
     /// Every store op numbered `<= upto` is durable.
@@ -964,6 +1019,19 @@ impl Supervisor {
         };
         match (purpose, result) {
             (QueryPurpose::Wait { client, group, id }, QueryResult::Job(doc)) => {
+                if let Some(d) = doc
+                    .as_ref()
+                    .filter(|d| self.cluster && !d.state.is_terminal())
+                {
+                    // Queued or running on some node: wait for its end.
+                    let waiter = Waiter {
+                        client,
+                        with_output: false,
+                        group: Some(group),
+                    };
+                    let _ = d;
+                    return self.wait_remote(id, waiter);
+                }
                 match doc {
                     Some(mut d) => {
                         d.output = None;
@@ -1016,6 +1084,9 @@ impl Supervisor {
             }
             (QueryPurpose::Prune { client }, QueryResult::Pruned(count)) => {
                 self.reply(client, Response::Pruned { count })
+            }
+            (QueryPurpose::Remote { id, waiters }, QueryResult::Job(doc)) => {
+                self.remote_doc(id, waiters, doc)
             }
             (p, _) => self.log(
                 Level::Error,
@@ -1629,6 +1700,14 @@ impl Supervisor {
             // The payload file is there now: let the client's file go.
             job.input_source = None;
         }
+        if self.cluster && wait && !self.jt.jobs.contains_key(&id) {
+            let waiter = Waiter {
+                client,
+                with_output: true,
+                group: None,
+            };
+            return self.wait_remote(id, waiter);
+        }
         if let Some(pool) = self
             .jt
             .jobs
@@ -1804,6 +1883,14 @@ impl Supervisor {
         }
         self.dispatch_levelled(name, now);
         self.take_back(name, now);
+        if self.cluster && self.pools[name].jobs.queue.is_empty() {
+            // Room left and nothing queued here: claim from the cluster.
+            let prefetch = self.prefetch_now(name);
+            let room: usize = (0..self.pools[name].slots.len())
+                .map(|idx| self.room_for_jobs(name, idx, prefetch, now).0)
+                .sum();
+            self.demand(name, room * CLAIM_AHEAD);
+        }
     }
 
     /// Jobs in flight per worker in pool `name` now: its `prefetch`, or the

@@ -597,6 +597,7 @@ mod jobs {
             sup.recover(Recovered {
                 jobs,
                 next_id,
+                id_end: u64::MAX,
                 counts: Default::default(),
             });
             let now = Instant::now();

@@ -1,5 +1,9 @@
-//! The store thread's loop for PostgreSQL.
+//! The store thread's loop for PostgreSQL: batches of ops in one
+//! transaction each (like the SQLite committer), and between them the
+//! cluster's work: heartbeats and sweeps, held claims retried on a wake-up
+//! or a poll, watched jobs reported when they finish.
 
+use super::cluster::{ClusterState, Notice, HEARTBEAT, POLL};
 use super::read::Retention;
 use super::*;
 
@@ -11,15 +15,36 @@ pub(super) const PRUNE_EVERY: Duration = if cfg!(test) {
 };
 pub(super) const PRUNE_CHUNK: u32 = crate::store::PRUNE_CHUNK;
 
-/// The store thread's body: batches of ops in one transaction each, like
-/// the SQLite committer (see the module docs of `store`).
+/// The store thread's body (see the module docs of `store` and `cluster`).
+/// The listener thread is stopped (through `listener`) when it returns.
 pub(in crate::store) fn run(
     mut pg: Pg,
     ops: mpsc::Receiver<Msg>,
     done: mpsc::Sender<Completion>,
     waker: Arc<mio::Waker>,
     latency: Arc<crate::store::latency::CommitLatency>,
+    link: crate::store::HandleLink,
 ) -> Result<(), StoreError> {
+    struct StopListener(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopListener {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop = StopListener(Arc::clone(&closed));
+    {
+        let (url, tx) = (pg.url.clone(), link.ops.clone());
+        std::thread::Builder::new()
+            .name("jobvisor-listen".into())
+            .spawn(move || super::cluster::listen(url, tx, closed))
+            .map_err(|e| StoreError::Thread {
+                path: pg.display().into(),
+                reason: format!("could not start its listener ({e})"),
+            })?;
+    }
+    drop(link.ops);
+    let alive = link.alive;
     // Updates of failed batches, retried first.
     let mut retry: VecDeque<(u64, Op)> = VecDeque::new();
     let mut backoff = Duration::from_millis(100);
@@ -30,18 +55,33 @@ pub(in crate::store) fn run(
         max_finished: u64::MAX,
     };
     let mut prune_at = Instant::now() + PRUNE_EVERY;
+    let mut beat_at = Instant::now() + HEARTBEAT;
+    let mut poll_at = Instant::now() + POLL;
+    let mut rng = fastrand::Rng::new();
+    let mut cluster = ClusterState::default();
     let mut closing = false;
     loop {
-        let deadline = retry_at.unwrap_or(prune_at);
+        // The handle is gone (dropped without `close`, as when the daemon
+        // dies): stop, as the SQLite committer does on a closed channel.
+        if alive.upgrade().is_none() {
+            return Ok(());
+        }
+        let deadline = [Some(prune_at), Some(beat_at), Some(poll_at), retry_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("some deadline");
         let first = match ops.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(m) => Some(m),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         };
         let mut batch: Vec<(u64, Op)> = retry.drain(..).collect();
+        let mut notices = Vec::new();
         let mut take = |m: Msg, batch: &mut Vec<(u64, Op)>| match m {
             Msg::Op { seq, op } => batch.push((seq, op)),
             Msg::Close => closing = true,
+            Msg::Notify(n) => notices.push(n),
             #[cfg(test)]
             Msg::Test(_) => {}
         };
@@ -54,8 +94,46 @@ pub(in crate::store) fn run(
                 }
             }
         }
+        let now = Instant::now();
+        // The cluster's timers and wake-ups.
+        let mut wake_pools: Vec<String> = Vec::new();
+        let mut poll_all = false;
+        for n in notices {
+            match n {
+                Notice::Queued(pool) => wake_pools.push(pool),
+                Notice::Done(ids) => {
+                    let ids: Vec<u64> = ids
+                        .into_iter()
+                        .filter(|i| cluster.watch.remove(i))
+                        .collect();
+                    if !ids.is_empty() {
+                        let _ = done.send(Completion::RemoteDone { ids });
+                    }
+                }
+                Notice::Reconnected => poll_all = true,
+            }
+        }
+        if now >= beat_at {
+            match pg.heartbeat() {
+                Ok(pools) => wake_pools.extend(pools),
+                Err(e) => {
+                    pg.suspect = true;
+                    crate::warn!("store {}: heartbeat failed: {e}", pg.display());
+                }
+            }
+            beat_at = now + HEARTBEAT;
+        }
+        if now >= poll_at {
+            poll_all = true;
+            let jitter = POLL.as_millis() as u64 / 4;
+            poll_at = now + POLL + Duration::from_millis(rng.u64(0..=jitter));
+        }
         if batch.is_empty() && !closing {
-            if Instant::now() >= prune_at {
+            claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
+            if poll_all && !cluster.watch.is_empty() {
+                report_finished(&mut pg, &mut cluster, &done);
+            }
+            if now >= prune_at {
                 let step = pg.prune_step(&retention, PRUNE_CHUNK);
                 pg.suspect |= step.is_err();
                 let more = step.unwrap_or(false);
@@ -66,6 +144,7 @@ pub(in crate::store) fn run(
                         PRUNE_EVERY
                     };
             }
+            let _ = waker.wake();
             continue;
         }
         for (_, op) in &batch {
@@ -89,25 +168,64 @@ pub(in crate::store) fn run(
         pg.suspect |= result.is_err();
         latency.observe(started.elapsed());
         match result {
-            Ok(()) => {
+            Ok(fenced) => {
                 backoff = Duration::from_millis(100);
                 retry_at = None;
                 if !failed.is_empty() {
                     let _ = done.send(Completion::InsertsFailed { failed });
                 }
+                if !fenced.is_empty() {
+                    crate::warn!(
+                        "store {}: results of jobs {fenced:?} refused: they were given to another node (this one was declared dead meanwhile)",
+                        pg.display()
+                    );
+                    let _ = done.send(Completion::Fenced { ids: fenced });
+                }
                 if upto > 0 {
                     let _ = done.send(Completion::Durable { upto });
                 }
+                let mut watched = false;
                 for (_, op) in &batch {
-                    if let Op::Query { token, query } = op {
-                        let result = pg.query(query);
-                        pg.suspect |= result.is_err();
-                        let _ = done.send(Completion::Query {
-                            token: *token,
-                            result,
-                        });
+                    match op {
+                        Op::Query { token, query } => {
+                            let result = pg.query(query);
+                            pg.suspect |= result.is_err();
+                            let _ = done.send(Completion::Query {
+                                token: *token,
+                                result,
+                            });
+                        }
+                        Op::Claim { pool, max } => {
+                            cluster.demands.insert(pool.clone(), *max);
+                            wake_pools.push(pool.clone());
+                        }
+                        Op::Watch { id } => {
+                            cluster.watch.insert(*id);
+                            watched = true;
+                        }
+                        Op::ReserveIds => match pg.reserve_ids() {
+                            Ok((start, end)) => {
+                                let _ = done.send(Completion::Ids { start, end });
+                            }
+                            Err(e) => {
+                                pg.suspect = true;
+                                crate::warn!(
+                                    "store {}: cannot reserve job ids ({}); retrying",
+                                    pg.display(),
+                                    one_line(&e)
+                                );
+                                retry.push_back((0, Op::ReserveIds));
+                                retry_at = Some(Instant::now() + backoff);
+                            }
+                        },
+                        _ => {}
                     }
                 }
+                // A job may have finished before it was watched.
+                if watched {
+                    report_finished(&mut pg, &mut cluster, &done);
+                }
+                claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
             }
             Err(error) => {
                 let lost_inserts = batch
@@ -119,7 +237,11 @@ pub(in crate::store) fn run(
                     .collect();
                 for (seq, op) in batch {
                     match op {
-                        Op::Update(_) | Op::Retention { .. } => retry.push_back((seq, op)),
+                        Op::Update(_)
+                        | Op::Retention { .. }
+                        | Op::Claim { .. }
+                        | Op::Watch { .. }
+                        | Op::ReserveIds => retry.push_back((seq, op)),
                         Op::Query { token, .. } => {
                             let _ = done.send(Completion::Query {
                                 token,
@@ -143,7 +265,7 @@ pub(in crate::store) fn run(
         }
         let _ = waker.wake();
         if closing {
-            return if retry.is_empty() {
+            return if retry.iter().all(|(_, op)| !matches!(op, Op::Update(_))) {
                 Ok(())
             } else {
                 Err(StoreError::Postgres {
@@ -153,5 +275,55 @@ pub(in crate::store) fn run(
                 })
             };
         }
+    }
+}
+
+/// Tries the held claims of `pools` (all of them with `all`): each that
+/// gets jobs is answered and dropped (the daemon asks again once it has
+/// room).
+fn claim_held(
+    pg: &mut Pg,
+    cluster: &mut ClusterState,
+    done: &mpsc::Sender<Completion>,
+    pools: &[String],
+    all: bool,
+) {
+    let wanted: Vec<(String, u32)> = cluster
+        .demands
+        .iter()
+        .filter(|(p, _)| all || pools.contains(p))
+        .map(|(p, n)| (p.clone(), *n))
+        .collect();
+    for (pool, max) in wanted {
+        match pg.claim(&pool, max) {
+            Ok(jobs) if jobs.is_empty() => {}
+            Ok(jobs) => {
+                cluster.demands.remove(&pool);
+                let _ = done.send(Completion::Claimed { pool, jobs });
+            }
+            Err(e) => {
+                pg.suspect = true;
+                crate::warn!(
+                    "store {}: claiming jobs of pool {pool} failed: {e}",
+                    pg.display()
+                );
+            }
+        }
+    }
+}
+
+/// Reports the watched jobs that have finished (a poll: their
+/// notification may have been missed, or come before the watch).
+fn report_finished(pg: &mut Pg, cluster: &mut ClusterState, done: &mpsc::Sender<Completion>) {
+    let ids: Vec<u64> = cluster.watch.iter().copied().collect();
+    match pg.finished_among(&ids) {
+        Ok(ids) if !ids.is_empty() => {
+            for id in &ids {
+                cluster.watch.remove(id);
+            }
+            let _ = done.send(Completion::RemoteDone { ids });
+        }
+        Ok(_) => {}
+        Err(_) => pg.suspect = true,
     }
 }

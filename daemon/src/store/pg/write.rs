@@ -12,18 +12,23 @@ pub(super) const INSERT_MANY: &str = "INSERT INTO jobvisor_jobs (id, pool, state
      $5::integer[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bytea[], $10::bigint[]) \
      AS t(id, pool, priority, key, max_attempts, timeout_ms, created_ms, owner, input, \
      memory_len)";
-/// A batch's updates (one per job), one array per column.
+/// A batch's updates (one per job), one array per column. Fenced (see
+/// `cluster`): a claimed job's update applies only while the row has this
+/// node (`$8`) and the claim (`$9`); the ids updated come back.
 pub(super) const UPDATE_MANY: &str = "UPDATE jobvisor_jobs AS j SET state = t.state, \
      attempts = t.attempts, output = t.output, error = t.error, finished_ms = t.finished_ms, \
      output_memory_len = t.memory_len FROM UNNEST($1::bigint[], $2::smallint[], $3::text[], \
-     $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
-     AS t(id, state, attempts, output, error, finished_ms, memory_len) WHERE j.id = t.id";
+     $4::bytea[], $5::text[], $6::bigint[], $7::bigint[], $9::integer[]) \
+     AS t(id, state, attempts, output, error, finished_ms, memory_len, claim) \
+     WHERE j.id = t.id AND (t.claim IS NULL OR (j.node = $8 AND j.claim = t.claim)) \
+     RETURNING j.id";
 /// A batch's final updates of jobs in the queue table: each row moves to
 /// `jobvisor_done` with its new values; the ids moved come back.
 pub(super) const MOVE_MANY: &str = "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::smallint[], \
-     $3::text[], $4::bytea[], $5::text[], $6::bigint[], $7::bigint[]) \
-     AS t(id, state, attempts, output, error, finished_ms, memory_len)), \
-     m AS (DELETE FROM jobvisor_jobs j USING t WHERE j.id = t.id RETURNING j.*) \
+     $3::text[], $4::bytea[], $5::text[], $6::bigint[], $7::bigint[], $9::integer[]) \
+     AS t(id, state, attempts, output, error, finished_ms, memory_len, claim)), \
+     m AS (DELETE FROM jobvisor_jobs j USING t WHERE j.id = t.id \
+     AND (t.claim IS NULL OR (j.node = $8 AND j.claim = t.claim)) RETURNING j.*) \
      INSERT INTO jobvisor_done SELECT m.id, m.pool, t.state, m.priority, m.key, \
      m.max_attempts, m.timeout_ms, m.created_ms, t.finished_ms, t.error, t.attempts, m.owner, \
      m.input, m.input_memory_len, t.output, t.memory_len FROM m JOIN t ON t.id = m.id \
@@ -50,7 +55,7 @@ impl Pg {
         &mut self,
         ops: &[(u64, Op)],
         failed: &mut Vec<(u64, InsertFailure)>,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<u64>, String> {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
         // The last update of each job only (each is a full replacement).
@@ -89,7 +94,7 @@ impl Pg {
                 match last_update.get(&job.id).filter(|u| u.state.is_terminal()) {
                     Some(u) => {
                         done.push(job, input);
-                        done_upd.push(u);
+                        done_upd.push(u, None);
                     }
                     None => ins.push(job, input),
                 }
@@ -100,12 +105,13 @@ impl Pg {
         let mut finished = Updates::default();
         for id in update_order {
             let u = last_update[&id];
+            let claim = self.claims.get(&id).copied();
             if u.state.is_terminal() {
                 if !inserted.contains(&id) {
-                    finished.push(u);
+                    finished.push(u, claim);
                 }
             } else if !failed.iter().any(|(f, _)| *f == id) {
-                active.push(u);
+                active.push(u, claim);
             }
         }
         let max_id = ins
@@ -123,6 +129,9 @@ impl Pg {
             .map(|ms| ms / DAY_MS)
             .filter(|d| !self.days.contains(d))
             .collect();
+        let node = self.node;
+        let mut fenced = Vec::new();
+        let mut moved_ids: Vec<i64> = done.id.clone();
         let mut tx = self.client.transaction().map_err(err)?;
         for &day in &days {
             create_partition(&mut tx, day).map_err(err)?;
@@ -145,6 +154,8 @@ impl Pg {
                 ],
             )
             .map_err(err)?;
+            let pools: std::collections::BTreeSet<String> = ins.pool.iter().cloned().collect();
+            cluster::notify_pools(&mut tx, &pools.into_iter().collect::<Vec<_>>()).map_err(err)?;
         }
         if !done.id.is_empty() {
             let input: Vec<&[u8]> = done.input.iter().map(|b| b.as_ref()).collect();
@@ -173,29 +184,46 @@ impl Pg {
             .map_err(err)?;
         }
         if !active.id.is_empty() {
-            tx.execute(UPDATE_MANY, &active.params(&active.outputs()))
-                .map_err(err)?;
-        }
-        if !finished.id.is_empty() {
-            let output = finished.outputs();
-            let moved: std::collections::HashSet<i64> = tx
-                .query(MOVE_MANY, &finished.params(&output))
+            let updated: std::collections::HashSet<i64> = tx
+                .query(UPDATE_MANY, &active.params(&active.outputs(), &node))
                 .map_err(err)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            // Jobs already in `jobvisor_done`: replaced there.
-            if moved.len() < finished.id.len() {
-                let mut later = Updates::default();
-                for (i, id) in finished.id.iter().enumerate() {
-                    if !moved.contains(id) {
-                        later.take(&finished, i);
-                    }
+            for (i, id) in active.id.iter().enumerate() {
+                if active.claim[i].is_some() && !updated.contains(id) {
+                    fenced.push(to_u64(*id));
                 }
-                tx.execute(DONE_UPDATE_MANY, &later.params(&later.outputs()))
-                    .map_err(err)?;
             }
         }
+        if !finished.id.is_empty() {
+            let output = finished.outputs();
+            let moved: std::collections::HashSet<i64> = tx
+                .query(MOVE_MANY, &finished.params(&output, &node))
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Not moved: a claimed job is no longer this node's (fenced);
+            // another is already in `jobvisor_done` (replaced there).
+            let mut later = Updates::default();
+            for (i, id) in finished.id.iter().enumerate() {
+                if moved.contains(id) {
+                    continue;
+                }
+                match finished.claim[i] {
+                    Some(_) => fenced.push(to_u64(*id)),
+                    None => later.take(&finished, i),
+                }
+            }
+            if !later.id.is_empty() {
+                let outputs = later.outputs();
+                tx.execute(DONE_UPDATE_MANY, &later.params(&outputs, &node)[..7])
+                    .map_err(err)?;
+            }
+            moved_ids.extend(moved);
+        }
+        cluster::notify_done(&mut tx, &moved_ids).map_err(err)?;
         if max_id > self.max_id {
             tx.execute(
                 "UPDATE jobvisor_meta SET value = GREATEST(value, $1) WHERE name = 'max_id'",
@@ -206,7 +234,14 @@ impl Pg {
         tx.commit().map_err(err)?;
         self.max_id = max_id;
         self.days.extend(days);
-        Ok(())
+        for id in moved_ids
+            .iter()
+            .map(|&i| to_u64(i))
+            .chain(fenced.iter().copied())
+        {
+            self.claims.remove(&id);
+        }
+        Ok(fenced)
     }
 }
 
@@ -252,6 +287,8 @@ pub(super) struct Updates {
     error: Vec<Option<String>>,
     finished_ms: Vec<Option<i64>>,
     memory_len: Vec<Option<i64>>,
+    /// The claim that fences each update (`None`: not a claimed job).
+    claim: Vec<Option<i32>>,
 }
 
 impl Updates {
@@ -266,7 +303,8 @@ impl Updates {
     fn params<'a>(
         &'a self,
         outputs: &'a Vec<Option<&'a [u8]>>,
-    ) -> [&'a (dyn postgres::types::ToSql + Sync); 7] {
+        node: &'a i64,
+    ) -> [&'a (dyn postgres::types::ToSql + Sync); 9] {
         [
             &self.id,
             &self.state,
@@ -275,6 +313,8 @@ impl Updates {
             &self.error,
             &self.finished_ms,
             &self.memory_len,
+            node,
+            &self.claim,
         ]
     }
 
@@ -287,9 +327,11 @@ impl Updates {
         self.error.push(from.error[i].clone());
         self.finished_ms.push(from.finished_ms[i]);
         self.memory_len.push(from.memory_len[i]);
+        self.claim.push(from.claim[i]);
     }
 
-    fn push(&mut self, u: &JobUpdate) {
+    fn push(&mut self, u: &JobUpdate, claim: Option<i32>) {
+        self.claim.push(claim);
         self.id.push(to_i64(u.id));
         self.state.push(code(u.state));
         self.attempts.push(attempts_text(&u.attempts));

@@ -68,7 +68,15 @@ impl Supervisor {
                 let max = job.job.max_attempts;
                 let pool = job.job.pool.clone();
                 let configured = self.pools.contains_key(&pool);
-                self.admit_queued(job);
+                if self.cluster {
+                    // Back in the shared queue: whichever node has room
+                    // claims it.
+                    if let Some(p) = self.pools.get_mut(&pool) {
+                        p.jobs.dirty = true;
+                    }
+                } else {
+                    self.admit_queued(job);
+                }
                 self.log(
                     Level::Info,
                     format!("job {id} queued again by a retry (attempt {attempt} of {max})"),

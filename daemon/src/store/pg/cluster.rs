@@ -1,0 +1,339 @@
+//! Nodes sharing queues through PostgreSQL: registration and heartbeats,
+//! the sweep of dead nodes' jobs, claims with `FOR UPDATE SKIP LOCKED`,
+//! blocks of job ids, and the listener of wake-ups (LISTEN/NOTIFY).
+//!
+//! - Every daemon is a **node**: a row of `jobvisor_nodes`, registered at
+//!   start, its `heartbeat_at` renewed every [`HEARTBEAT`] by the store
+//!   thread. A node silent for [`DEAD_AFTER_SECS`] is declared dead by
+//!   whichever node sweeps first (a transaction-level advisory lock makes
+//!   the sweeps one at a time): its claimed and running jobs go back to the
+//!   queue (`node` cleared), and the nodes are woken.
+//! - A **claim** takes queued jobs nobody holds, in priority order, skipping
+//!   rows another node is claiming (`SKIP LOCKED`), and stamps them with the
+//!   node and a new claim number. Every update of a claimed job is
+//!   **fenced**: it applies only while the row still has this node and
+//!   that number, so a node declared dead (a partition, a long pause) can
+//!   never record a result over the attempt another node now runs; its
+//!   refused updates come back as [`Completion::Fenced`].
+//! - Wake-ups: an insert notifies `jobvisor_queued` (payload: the pool),
+//!   once per pool per batch; a finished job `jobvisor_done` (payload: ids,
+//!   comma-separated). A listener thread with its own connection forwards
+//!   them to the store thread; a poll every [`POLL`] (jittered) stands in
+//!   for a lost notification (a pooler that drops them, a reconnection).
+
+use super::*;
+use std::collections::HashSet;
+
+/// How often a node renews its heartbeat (and sweeps).
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose heartbeat is older than this is dead.
+pub(super) const DEAD_AFTER_SECS: f64 = 5.0;
+/// Held demands are retried this often without a notification.
+pub(super) const POLL: Duration = Duration::from_secs(1);
+/// Job ids come in blocks of this many.
+pub(super) const ID_BLOCK: u64 = 1 << 20;
+/// One sweep at a time, cluster-wide.
+const SWEEP_LOCK: i64 = NODE_LOCK + 2;
+/// Longest `pg_notify` payload sent (the server's limit is 8000 bytes).
+const NOTIFY_MAX: usize = 7000;
+
+/// Rows a claim returns, in `RETURNING` order (sorted afterwards).
+const CLAIM: &str = "WITH c AS (SELECT id FROM jobvisor_jobs WHERE pool = $1 AND state = 0 \
+     AND node IS NULL ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE jobvisor_jobs j SET node = $3, claim = j.claim + 1 FROM c WHERE j.id = c.id \
+     RETURNING j.id, j.pool, j.priority, j.key, j.max_attempts, j.timeout_ms, j.created_ms, \
+     j.attempts, j.owner, j.input, j.claim";
+
+impl Pg {
+    /// Registers this daemon as a new node.
+    pub(super) fn register(&mut self) -> Result<(), postgres::Error> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let row = self.client.query_one(
+            "INSERT INTO jobvisor_nodes (host, pid, started_ms) VALUES ($1, $2, $3) RETURNING id",
+            &[
+                &host,
+                &(std::process::id() as i32),
+                &to_i64(crate::store::db::now_ms()),
+            ],
+        )?;
+        // Claims of an earlier registration stay: their updates are fenced
+        // (the rows name the old node), never applied unfenced.
+        self.node = row.get(0);
+        Ok(())
+    }
+
+    /// A new block of job ids.
+    pub(super) fn reserve_ids(&mut self) -> Result<(u64, u64), postgres::Error> {
+        let block: i64 = self
+            .client
+            .query_one("SELECT nextval('jobvisor_id_blocks')", &[])?
+            .get(0);
+        let start = to_u64(block) * ID_BLOCK;
+        Ok((start.max(1), start + ID_BLOCK))
+    }
+
+    /// Renews this node's heartbeat (registering again if it was declared
+    /// dead meanwhile: what it held is void) and sweeps dead nodes; returns
+    /// the pools that got jobs back.
+    pub(super) fn heartbeat(&mut self) -> Result<Vec<String>, String> {
+        self.ensure_connected()?;
+        let err = |e: postgres::Error| one_line(&e);
+        let alive = self
+            .client
+            .execute(
+                "UPDATE jobvisor_nodes SET heartbeat_at = now() WHERE id = $1 AND NOT gone",
+                &[&self.node],
+            )
+            .map_err(err)?;
+        if alive == 0 {
+            let old = self.node;
+            self.register().map_err(err)?;
+            crate::warn!(
+                "this node (id {old}) was declared dead by the cluster (no heartbeat for {DEAD_AFTER_SECS} s); its jobs went back to the queue, and it rejoins as node {}",
+                self.node
+            );
+        }
+        let mut tx = self.client.transaction().map_err(err)?;
+        let mine: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
+            .map_err(err)?
+            .get(0);
+        if !mine {
+            return Ok(Vec::new());
+        }
+        let dead: Vec<i64> = tx
+            .query(
+                "UPDATE jobvisor_nodes SET gone = true WHERE NOT gone \
+                 AND heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
+                &[&DEAD_AFTER_SECS],
+            )
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if dead.is_empty() {
+            tx.commit().map_err(err)?;
+            return Ok(Vec::new());
+        }
+        let pools: Vec<String> = tx
+            .query(
+                "UPDATE jobvisor_jobs SET node = NULL, state = 0 WHERE node = ANY($1) \
+                 RETURNING pool",
+                &[&dead],
+            )
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        notify_pools(&mut tx, &pools).map_err(err)?;
+        tx.commit().map_err(err)?;
+        crate::warn!(
+            "nodes {dead:?} stopped their heartbeats for {DEAD_AFTER_SECS} s: declared dead, their jobs are queued again"
+        );
+        Ok(pools)
+    }
+
+    /// Claims up to `max` queued jobs of `pool` for this node. A job that
+    /// a dead node left with an open attempt has it closed as `lost`; one
+    /// whose attempts are then used up ends `dead` instead of running.
+    pub(super) fn claim(&mut self, pool: &str, max: u32) -> Result<Vec<RecoveredJob>, String> {
+        self.ensure_connected()?;
+        let err = |e: postgres::Error| one_line(&e);
+        let now = crate::store::db::now_ms();
+        let mut tx = self.client.transaction().map_err(err)?;
+        let mut rows = tx
+            .query(CLAIM, &[&pool, &i64::from(max.max(1)), &self.node])
+            .map_err(err)?;
+        rows.sort_by_key(|r| (std::cmp::Reverse(r.get::<_, i32>(2)), r.get::<_, i64>(0)));
+        let mut jobs = Vec::new();
+        let mut claims = Vec::new();
+        for row in rows {
+            let id = to_u64(row.get(0));
+            let mut attempts = attempts_from(row.get(7)).unwrap_or_default();
+            if let Some(last) = attempts.last_mut().filter(|a| a.outcome.is_none()) {
+                last.ended_ms = Some(now);
+                last.outcome = Some(Outcome::Lost);
+                last.error = Some("its node stopped (no heartbeat)".to_string());
+            }
+            let max_attempts = row.get::<_, i32>(4).max(1) as u32;
+            let claim: i32 = row.get(10);
+            if attempts.len() >= max_attempts as usize {
+                let day = to_i64(now) / DAY_MS;
+                if !self.days.contains(&day) {
+                    create_partition(&mut tx, day).map_err(err)?;
+                    self.days.insert(day);
+                }
+                let text = attempts_text(&attempts);
+                let output: Option<&[u8]> = None;
+                tx.execute(
+                    write::MOVE_MANY,
+                    &[
+                        &vec![to_i64(id)],
+                        &vec![code(JobState::Dead)],
+                        &vec![text.as_str()],
+                        &vec![output],
+                        &vec![Some("its node stopped (no heartbeat) on its last attempt")],
+                        &vec![to_i64(now)],
+                        &vec![None::<i64>],
+                        &self.node,
+                        &vec![Some(claim)],
+                    ],
+                )
+                .map_err(err)?;
+                notify_done(&mut tx, &[to_i64(id)]).map_err(err)?;
+                continue;
+            }
+            claims.push((id, claim));
+            let input: Vec<u8> = row.get(9);
+            jobs.push(RecoveredJob {
+                job: NewJob {
+                    id,
+                    pool: row.get(1),
+                    priority: row.get(2),
+                    key: row.get(3),
+                    max_attempts,
+                    timeout_ms: row.get::<_, Option<i64>>(5).map(to_u64),
+                    input: input.into(),
+                    input_source: None,
+                    created_ms: to_u64(row.get(6)),
+                    owner: u32::try_from(row.get::<_, i64>(8)).unwrap_or(0),
+                    spill: false,
+                    memory: false,
+                },
+                attempts,
+                input_file: None,
+            });
+        }
+        tx.commit().map_err(err)?;
+        self.claims.extend(claims);
+        Ok(jobs)
+    }
+
+    /// Which of `ids` have finished (are in `jobvisor_done`).
+    pub(super) fn finished_among(&mut self, ids: &[u64]) -> Result<Vec<u64>, String> {
+        self.ensure_connected()?;
+        let ids: Vec<i64> = ids.iter().map(|&i| to_i64(i)).collect();
+        Ok(self
+            .client
+            .query(
+                "SELECT DISTINCT id FROM jobvisor_done WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .map_err(|e| one_line(&e))?
+            .iter()
+            .map(|r| to_u64(r.get(0)))
+            .collect())
+    }
+}
+
+/// Wakes the nodes for `pools` (`jobvisor_queued`).
+pub(super) fn notify_pools(
+    tx: &mut postgres::Transaction<'_>,
+    pools: &[String],
+) -> Result<(), postgres::Error> {
+    if !pools.is_empty() {
+        tx.execute(
+            "SELECT pg_notify('jobvisor_queued', p) FROM unnest($1::text[]) p",
+            &[&pools],
+        )?;
+    }
+    Ok(())
+}
+
+/// Tells the nodes that `ids` finished (`jobvisor_done`).
+pub(super) fn notify_done(
+    tx: &mut postgres::Transaction<'_>,
+    ids: &[i64],
+) -> Result<(), postgres::Error> {
+    let mut payload = String::new();
+    for id in ids {
+        if payload.len() > NOTIFY_MAX {
+            tx.execute("SELECT pg_notify('jobvisor_done', $1)", &[&payload])?;
+            payload.clear();
+        }
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(&id.to_string());
+    }
+    if !payload.is_empty() {
+        tx.execute("SELECT pg_notify('jobvisor_done', $1)", &[&payload])?;
+    }
+    Ok(())
+}
+
+/// The listener thread: its own connection, `LISTEN`ing to both channels,
+/// each notification forwarded to the store thread; reconnects after a
+/// second when the connection is lost, and ends once `closed` is set.
+pub(in crate::store) fn listen(
+    url: String,
+    tx: mpsc::Sender<Msg>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use postgres::fallible_iterator::FallibleIterator;
+    use std::sync::atomic::Ordering;
+    while !closed.load(Ordering::Relaxed) {
+        let connected = url
+            .parse::<postgres::Config>()
+            .and_then(|mut c| c.connect_timeout(CONNECT_TIMEOUT).connect(NoTls))
+            .and_then(|mut c| {
+                c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done")
+                    .map(|()| c)
+            });
+        if let Ok(mut client) = connected {
+            // A (re)connection may have missed notifications: the store
+            // thread polls its demands once at once.
+            if tx.send(Msg::Notify(Notice::Reconnected)).is_err() {
+                return;
+            }
+            let mut notes = client.notifications();
+            let mut iter = notes.timeout_iter(Duration::from_secs(1));
+            loop {
+                match iter.next() {
+                    Ok(Some(n)) => {
+                        let notice = match n.channel() {
+                            "jobvisor_queued" => Notice::Queued(n.payload().to_string()),
+                            _ => Notice::Done(
+                                n.payload()
+                                    .split(',')
+                                    .filter_map(|s| s.parse().ok())
+                                    .collect(),
+                            ),
+                        };
+                        if tx.send(Msg::Notify(notice)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) if closed.load(Ordering::Relaxed) => return,
+                    Ok(None) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// What the listener forwards.
+#[derive(Debug)]
+pub(in crate::store) enum Notice {
+    /// Jobs were queued in this pool.
+    Queued(String),
+    /// These jobs finished.
+    Done(Vec<u64>),
+    /// The listener (re)connected: notifications may have been missed.
+    Reconnected,
+}
+
+/// What the store thread keeps for the cluster.
+#[derive(Default)]
+pub(super) struct ClusterState {
+    /// Held demands: pool → most jobs wanted.
+    pub(super) demands: BTreeMap<String, u32>,
+    /// Jobs whose end someone here waits for.
+    pub(super) watch: HashSet<u64>,
+}
