@@ -17,7 +17,7 @@ fn jobs_run_on_postgres_and_survive_a_daemon_kill() {
     };
     let mut d = Daemon::start("pg-daemon", &node_cfg(&url));
     d.wait_ready("echo", 2);
-    d.wait_ready("slow", 1);
+    d.wait_ready("slow", 2);
     // Small and large inputs (the large one passed as a descriptor, kept
     // in its row, as is its output).
     let r = d.ctl(&["submit", "echo", "--input", "hello", "--wait"]);
