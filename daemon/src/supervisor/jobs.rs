@@ -271,9 +271,16 @@ pub struct SubmitExtra {
 /// restart with a deep queue of them, cannot fill the daemon's memory.
 pub const QUEUED_INPUT_BUDGET: u64 = 64 << 20;
 
-/// A node claims this many times the room its ready workers have, so that
-/// a worker finds its next job here rather than after a round trip to the
-/// database (cluster).
+/// Cluster: a node claims jobs for about this much work per worker with
+/// room (from the pool's mean run time), so that a worker finds its next
+/// job here rather than after a round trip to the database, while long
+/// jobs are not hoarded by one node; between 1 and
+/// [`CLAIM_MAX_PER_WORKER`] each, [`CLAIM_AHEAD`] before any run time is
+/// known.
+pub const CLAIM_WINDOW: Duration = Duration::from_millis(50);
+/// See [`CLAIM_WINDOW`].
+pub const CLAIM_MAX_PER_WORKER: usize = 512;
+/// See [`CLAIM_WINDOW`].
 pub const CLAIM_AHEAD: usize = 4;
 
 /// With a store that keeps no payload files (PostgreSQL), the inputs of
@@ -1886,10 +1893,20 @@ impl Supervisor {
         if self.cluster && self.pools[name].jobs.queue.is_empty() {
             // Room left and nothing queued here: claim from the cluster.
             let prefetch = self.prefetch_now(name);
-            let room: usize = (0..self.pools[name].slots.len())
+            let rooms: Vec<usize> = (0..self.pools[name].slots.len())
                 .map(|idx| self.room_for_jobs(name, idx, prefetch, now).0)
-                .sum();
-            self.demand(name, room * CLAIM_AHEAD);
+                .collect();
+            let room: usize = rooms.iter().sum();
+            // Enough for about CLAIM_WINDOW of work per worker with room
+            // (short jobs: many per round trip; long ones: what fits).
+            let per_worker = match self.pools[name].jobs.mean_run_ns {
+                Some(ns) if ns > 0.0 => {
+                    ((CLAIM_WINDOW.as_nanos() as f64 / ns) as usize).clamp(1, CLAIM_MAX_PER_WORKER)
+                }
+                _ => CLAIM_AHEAD,
+            };
+            let workers = rooms.iter().filter(|r| **r > 0).count();
+            self.demand(name, room.max(workers * per_worker));
         }
     }
 

@@ -131,7 +131,8 @@ pub(in crate::store) fn run(
         if batch.is_empty() && !closing {
             claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
             if poll_all && !cluster.watch.is_empty() {
-                report_finished(&mut pg, &mut cluster, &done);
+                let all: Vec<u64> = cluster.watch.iter().copied().collect();
+                report_finished(&mut pg, &mut cluster, &done, &all);
             }
             if now >= prune_at {
                 let step = pg.prune_step(&retention, PRUNE_CHUNK);
@@ -184,7 +185,7 @@ pub(in crate::store) fn run(
                 if upto > 0 {
                     let _ = done.send(Completion::Durable { upto });
                 }
-                let mut watched = false;
+                let mut watched = Vec::new();
                 for (_, op) in &batch {
                     match op {
                         Op::Query { token, query } => {
@@ -201,7 +202,7 @@ pub(in crate::store) fn run(
                         }
                         Op::Watch { id } => {
                             cluster.watch.insert(*id);
-                            watched = true;
+                            watched.push(*id);
                         }
                         Op::ReserveIds => match pg.reserve_ids() {
                             Ok((start, end)) => {
@@ -222,8 +223,8 @@ pub(in crate::store) fn run(
                     }
                 }
                 // A job may have finished before it was watched.
-                if watched {
-                    report_finished(&mut pg, &mut cluster, &done);
+                if !watched.is_empty() {
+                    report_finished(&mut pg, &mut cluster, &done, &watched);
                 }
                 claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
             }
@@ -312,11 +313,15 @@ fn claim_held(
     }
 }
 
-/// Reports the watched jobs that have finished (a poll: their
-/// notification may have been missed, or come before the watch).
-fn report_finished(pg: &mut Pg, cluster: &mut ClusterState, done: &mpsc::Sender<Completion>) {
-    let ids: Vec<u64> = cluster.watch.iter().copied().collect();
-    match pg.finished_among(&ids) {
+/// Reports which of the watched `ids` have finished (a poll: their
+/// notification may have been missed, or have come before the watch).
+fn report_finished(
+    pg: &mut Pg,
+    cluster: &mut ClusterState,
+    done: &mpsc::Sender<Completion>,
+    ids: &[u64],
+) {
+    match pg.finished_among(ids) {
         Ok(ids) if !ids.is_empty() => {
             for id in &ids {
                 cluster.watch.remove(id);
