@@ -263,4 +263,22 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
     assert_eq!(attempts_of(&b, id), 2, "{j}");
     assert_eq!(j["attempts"][0]["outcome"], "lost", "{j}");
     assert_eq!(j["attempts"][1]["outcome"], "succeeded", "{j}");
+
+    // A clean shutdown hands back at once what the node still holds: a
+    // job it claimed (B is paused, so A takes it) runs on B right away,
+    // not after the sweep's delay.
+    b.ctl(&["pause", "slow"]);
+    let held = a.submit_id(&["slow", "--input", "300000"]);
+    let sql = format!("SELECT node IS NOT NULL FROM jobvisor_jobs WHERE id = {held}");
+    wait_for("A to claim it", DEADLINE, || {
+        (a.job_doc(held)["state"] == "running").then_some(())
+    });
+    assert_eq!(pg.psql("jv", &sql), "t");
+    assert_eq!(a.ctl(&["shutdown", "--now"]).code, 0);
+    a.wait_exit(DEADLINE);
+    assert_eq!(pg.psql("jv", &sql), "f", "still held by the node that left");
+    assert_eq!(
+        pg.psql("jv", "SELECT count(*) FROM jobvisor_nodes WHERE NOT gone"),
+        "1"
+    );
 }

@@ -328,7 +328,8 @@ pub enum Op {
     /// PostgreSQL (nodes sharing queues): claim up to `max` queued jobs of
     /// `pool` for this node, in priority order, answered with
     /// [`Completion::Claimed`] once there are any: the demand is held until
-    /// then, and a newer `Claim` of the pool replaces it.
+    /// then, and a newer `Claim` of the pool replaces it (`max` 0:
+    /// withdraws it).
     Claim {
         /// The pool.
         pool: String,

@@ -814,6 +814,10 @@ impl Supervisor {
         }
         let was = std::mem::replace(&mut pool.paused, paused);
         pool.jobs.dirty = true;
+        if paused {
+            // A paused pool claims nothing more from the cluster.
+            self.withdraw_demand(name);
+        }
         Ok(match (was, paused) {
             (false, true) => format!("pool {name}: paused (running jobs finish; queued ones wait for `jobvisorctl resume {name}`)"),
             (true, true) => format!("pool {name}: already paused"),

@@ -117,19 +117,7 @@ impl Pg {
             tx.commit().map_err(err)?;
             return Ok(Vec::new());
         }
-        let pools: Vec<String> = tx
-            .query(
-                "UPDATE jobvisor_jobs SET node = NULL, state = 0 WHERE node = ANY($1) \
-                 RETURNING pool",
-                &[&dead],
-            )
-            .map_err(err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect::<std::collections::BTreeSet<String>>()
-            .into_iter()
-            .collect();
-        notify_pools(&mut tx, &pools).map_err(err)?;
+        let pools = requeue_nodes(&mut tx, &dead).map_err(err)?;
         tx.commit().map_err(err)?;
         crate::warn!(
             "nodes {dead:?} stopped their heartbeats for {DEAD_AFTER_SECS} s: declared dead, their jobs are queued again"
@@ -213,6 +201,24 @@ impl Pg {
         Ok(jobs)
     }
 
+    /// This node stops (a clean shutdown): the jobs it still holds (claimed
+    /// and not finished) go back to the queue at once, rather than after
+    /// the sweep's delay, and its row is marked gone.
+    pub(super) fn leave(&mut self) -> Result<(), String> {
+        self.ensure_connected()?;
+        let err = |e: postgres::Error| one_line(&e);
+        let mut tx = self.client.transaction().map_err(err)?;
+        requeue_nodes(&mut tx, &[self.node]).map_err(err)?;
+        tx.execute(
+            "UPDATE jobvisor_nodes SET gone = true WHERE id = $1",
+            &[&self.node],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        self.claims.clear();
+        Ok(())
+    }
+
     /// Which of `ids` have finished (are in `jobvisor_done`).
     pub(super) fn finished_among(&mut self, ids: &[u64]) -> Result<Vec<u64>, String> {
         self.ensure_connected()?;
@@ -228,6 +234,26 @@ impl Pg {
             .map(|r| to_u64(r.get(0)))
             .collect())
     }
+}
+
+/// Puts the jobs `nodes` hold back in the queue, and wakes the nodes for
+/// their pools; returns the pools.
+fn requeue_nodes(
+    tx: &mut postgres::Transaction<'_>,
+    nodes: &[i64],
+) -> Result<Vec<String>, postgres::Error> {
+    let pools: Vec<String> = tx
+        .query(
+            "UPDATE jobvisor_jobs SET node = NULL, state = 0 WHERE node = ANY($1) RETURNING pool",
+            &[&nodes],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect::<std::collections::BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    notify_pools(tx, &pools)?;
+    Ok(pools)
 }
 
 /// Wakes the nodes for `pools` (`jobvisor_queued`).

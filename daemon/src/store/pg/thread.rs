@@ -196,6 +196,9 @@ pub(in crate::store) fn run(
                                 result,
                             });
                         }
+                        Op::Claim { pool, max: 0 } => {
+                            cluster.demands.remove(pool);
+                        }
                         Op::Claim { pool, max } => {
                             cluster.demands.insert(pool.clone(), *max);
                             wake_pools.push(pool.clone());
@@ -267,6 +270,12 @@ pub(in crate::store) fn run(
         let _ = waker.wake();
         if closing {
             return if retry.iter().all(|(_, op)| !matches!(op, Op::Update(_))) {
+                if let Err(e) = pg.leave() {
+                    crate::warn!(
+                        "store {}: could not hand this node's jobs back ({e}); other nodes take them once its heartbeat is old",
+                        pg.display()
+                    );
+                }
                 Ok(())
             } else {
                 Err(StoreError::Postgres {

@@ -72,6 +72,19 @@ impl Supervisor {
         });
     }
 
+    /// Withdraws the pool's held demand, if any (`Op::Claim` of 0).
+    pub(in crate::supervisor) fn withdraw_demand(&mut self, name: &str) {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
+        if self.cluster && std::mem::take(&mut pool.jobs.claiming) {
+            self.store(Op::Claim {
+                pool: name.to_string(),
+                max: 0,
+            });
+        }
+    }
+
     /// Jobs the store claimed for this node: queued here, run like any.
     pub fn on_claimed(&mut self, pool: String, jobs: Vec<crate::store::RecoveredJob>) {
         if let Some(p) = self.pools.get_mut(&pool) {
