@@ -106,6 +106,14 @@ fn a_postgres_restart_mid_run_loses_no_acknowledged_job() {
 }
 
 #[test]
+fn status_cluster_without_postgres_says_why() {
+    let d = Daemon::start("pg-no-cluster", &daemon_section());
+    let r = d.ctl(&["status", "--cluster"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("PostgreSQL store"), "{}", r.stderr);
+}
+
+#[test]
 fn a_store_url_that_is_not_postgres_is_a_config_error() {
     let d = Daemon::prepare(
         "pg-badurl",
@@ -195,6 +203,32 @@ fn nodes_share_one_queue_and_run_every_job_exactly_once() {
         (0, &b"seen"[..]),
         "{}",
         r.stderr
+    );
+    // Any node lists the nodes: three alive, four workers each, fresh
+    // heartbeats, this host.
+    let list = nodes[2].ctl(&["--json", "status", "--cluster"]).json();
+    let alive: Vec<&serde_json::Value> = list
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|n| n["alive"] == true)
+        .collect();
+    assert_eq!(alive.len(), 3, "{list}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for n in &alive {
+        assert_eq!(n["workers"], 4, "{n}");
+        assert!(n["heartbeat_age_ms"].as_u64().unwrap() < 5000, "{n}");
+        assert_eq!(n["host"], host.trim(), "{n}");
+    }
+    let pids: Vec<u64> = alive.iter().map(|n| n["pid"].as_u64().unwrap()).collect();
+    for d in &nodes {
+        assert!(pids.contains(&u64::from(d.pid())), "{pids:?}");
+    }
+    let text = nodes[0].ctl(&["status", "--cluster"]);
+    assert!(
+        text.stdout.starts_with("NODE  HOST") && text.stdout.contains("alive"),
+        "{}",
+        text.stdout
     );
 }
 

@@ -45,6 +45,10 @@ pub enum Cmd {
     Status {
         /// Only this pool.
         pool: Option<String>,
+        /// The nodes sharing this daemon's PostgreSQL store instead: host,
+        /// pid, heartbeat age, workers, running and held jobs.
+        #[arg(long, conflicts_with = "pool")]
+        cluster: bool,
     },
     /// Set a pool's number of workers. It holds until a reload changes that
     /// pool's configuration (then its `workers` applies again); a reload

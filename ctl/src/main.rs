@@ -138,6 +138,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::LogLine(_) => "LogLine",
         Response::Pruned { .. } => "Pruned",
         Response::Metrics { .. } => "Metrics",
+        Response::Nodes(_) => "Nodes",
     }
 }
 
@@ -367,7 +368,8 @@ fn run(args: Args) -> Result<u8, Failure> {
         json: args.json,
     };
     match args.cmd {
-        Cmd::Status { pool } => supervise::status(&ctx, pool),
+        Cmd::Status { cluster: true, .. } => supervise::nodes(&ctx),
+        Cmd::Status { pool, .. } => supervise::status(&ctx, pool),
         Cmd::Scale { pool, workers } => supervise::simple(
             &ctx,
             "scale",

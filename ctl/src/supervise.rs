@@ -4,7 +4,9 @@
 use super::render::{human_duration, human_size};
 use super::style::{Colour, Style};
 use super::{Ctx, Failure, Out};
-use ipc_proto::control::{PoolState, PoolStatus, Request, Response, StatusReport, WorkerState};
+use ipc_proto::control::{
+    NodeStatus, PoolState, PoolStatus, Request, Response, StatusReport, WorkerState,
+};
 use serde_json::json;
 use std::fmt::Write as _;
 
@@ -28,6 +30,68 @@ pub fn status(ctx: &Ctx, pool: Option<String>) -> Result<u8, Failure> {
         Response::Error { kind, message } => Err(Failure::daemon("status", kind, &message)),
         other => Err(Failure::unexpected("status", &other)),
     }
+}
+
+/// `status --cluster`: the nodes sharing the daemon's store.
+pub fn nodes(ctx: &Ctx) -> Result<u8, Failure> {
+    let mut conn = ctx.connect("status")?;
+    match conn
+        .call(&Request::Nodes)
+        .map_err(|e| Failure::client("status", e))?
+    {
+        Response::Nodes(nodes) => {
+            let mut out = Out::new();
+            if ctx.json {
+                out.line(&nodes_json(&nodes).to_string())?;
+            } else {
+                out.bytes(nodes_text(&nodes).as_bytes())?;
+            }
+            out.flush()?;
+            Ok(0)
+        }
+        Response::Error { kind, message } => Err(Failure::daemon("status", kind, &message)),
+        other => Err(Failure::unexpected("status", &other)),
+    }
+}
+
+fn nodes_json(nodes: &[NodeStatus]) -> serde_json::Value {
+    nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "host": n.host,
+                "pid": n.pid,
+                "started_ms": n.started_ms,
+                "heartbeat_age_ms": n.heartbeat_age_ms,
+                "alive": n.alive,
+                "workers": n.workers,
+                "running": n.running,
+                "held": n.held,
+            })
+        })
+        .collect()
+}
+
+fn nodes_text(nodes: &[NodeStatus]) -> String {
+    let mut s = String::from(
+        "NODE  HOST                  PID      STATE  HEARTBEAT  WORKERS  RUNNING  HELD\n",
+    );
+    for n in nodes {
+        let _ = writeln!(
+            s,
+            "{:<5} {:<21} {:<8} {:<6} {:<10} {:<8} {:<8} {}",
+            n.id,
+            n.host,
+            n.pid,
+            if n.alive { "alive" } else { "gone" },
+            format!("{} ago", human_duration(n.heartbeat_age_ms)),
+            n.workers,
+            n.running,
+            n.held
+        );
+    }
+    s
 }
 
 /// A request answered by `Ok { message }` or an error.

@@ -667,6 +667,10 @@ impl Reactor {
     // ---- actions ----
 
     fn run_actions(&mut self) {
+        // For a cluster's node list (an atomic store: no cost to speak of).
+        if let Some(s) = &self.store {
+            s.set_workers(self.procs.len());
+        }
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Spawn {

@@ -383,6 +383,8 @@ pub enum Query {
         /// Only if it belongs to this uid.
         owner: Option<u32>,
     },
+    /// The nodes of a cluster (PostgreSQL).
+    Nodes,
     /// Not a pure read: deletes finished jobs, at most `limit`, and their
     /// payload files.
     Prune {
@@ -431,6 +433,8 @@ pub enum QueryResult {
     Retry(Retried),
     /// [`Query::Prune`]: jobs deleted.
     Pruned(u64),
+    /// [`Query::Nodes`].
+    Nodes(Vec<ipc_proto::control::NodeStatus>),
 }
 
 /// Why one insert failed alone (see [`Completion::InsertsFailed`]).
@@ -651,6 +655,8 @@ pub struct Store {
     spares: Option<Spares>,
     /// Commit latency, recorded by the store thread.
     latency: Arc<latency::CommitLatency>,
+    /// The daemon's worker processes, for a cluster's node list.
+    workers: Arc<std::sync::atomic::AtomicU32>,
     /// Dropped with the handle: a store thread whose channel has other
     /// senders (the PostgreSQL listener's) sees the handle go this way.
     _alive: Arc<()>,
@@ -733,9 +739,11 @@ impl Store {
         let mut pg = pg::Pg::open(url)?;
         let recovered = pg.recover(db::now_ms())?;
         let path = PathBuf::from(pg.display());
-        let store = Store::start(path, None, waker, move |ops, done, waker, latency, link| {
+        let workers = Arc::clone(&pg.workers);
+        let mut store = Store::start(path, None, waker, move |ops, done, waker, latency, link| {
             pg::run(pg, ops, done, waker, latency, link)
         })?;
+        store.workers = workers;
         Ok((store, recovered))
     }
 
@@ -789,6 +797,7 @@ impl Store {
             latency,
             _waker: waker,
             _alive: alive,
+            workers: Default::default(),
         })
     }
 
@@ -802,6 +811,13 @@ impl Store {
     /// arena) comes from, see [`Spares::create`].
     pub fn spares(&self) -> Option<&Spares> {
         self.spares.as_ref()
+    }
+
+    /// The daemon runs `n` worker processes (shown in a cluster's node
+    /// list; a plain store of a number).
+    pub fn set_workers(&self, n: usize) {
+        self.workers
+            .store(n as u32, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How long the store's commits took so far.

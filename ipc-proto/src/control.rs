@@ -191,6 +191,34 @@ pub enum Request {
         /// is not used. Needs `wait`.
         output_buffer: bool,
     },
+    /// The nodes sharing this daemon's PostgreSQL store, answered with
+    /// [`Response::Nodes`] (an error with the SQLite store). Open to every
+    /// user.
+    Nodes,
+}
+
+/// One node of a cluster (see [`Request::Nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its id (a daemon that restarts, or rejoins after being declared
+    /// dead, is a new node).
+    pub id: u64,
+    /// Host name.
+    pub host: String,
+    /// The daemon's pid on that host.
+    pub pid: u32,
+    /// When it started, ms since the epoch.
+    pub started_ms: u64,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: u64,
+    /// Not declared dead (or gone after a clean stop).
+    pub alive: bool,
+    /// Its worker processes, as of its last heartbeat.
+    pub workers: u32,
+    /// Jobs it runs.
+    pub running: u64,
+    /// Jobs it holds: running, and claimed not started yet.
+    pub held: u64,
 }
 
 /// The input of a [`Request::SubmitWith`].
@@ -507,6 +535,9 @@ pub enum Response {
         /// Prometheus text format 0.0.4.
         text: String,
     },
+    /// Answer to [`Request::Nodes`]: alive nodes, and those gone within
+    /// the last hour, by id.
+    Nodes(Vec<NodeStatus>),
 }
 
 /// A line a worker wrote, or the daemon's note about that worker.

@@ -605,6 +605,10 @@ impl Reactor {
                     self.core.prune(id, finished_before_ms, state, pool, limit);
                     None
                 }
+                Request::Nodes => {
+                    self.core.nodes(id);
+                    None
+                }
                 Request::Events => {
                     self.subscribers.insert(id);
                     self.core.set_events_wanted(true);

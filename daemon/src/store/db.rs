@@ -814,6 +814,10 @@ impl Db {
                     })
                 }
                 Query::Retry { id, owner } => self.retry(*id, *owner).map(Ok),
+                Query::Nodes => Ok(Err(
+                    "the SQLite store has no other nodes; a cluster needs [store] url = \"postgres://…\""
+                        .to_string(),
+                )),
                 Query::Prune {
                     finished_before_ms,
                     state,

@@ -32,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 3;
+pub(super) const SCHEMA_VERSION: i32 = 4;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -123,6 +123,9 @@ CREATE TABLE jobvisor_nodes (
 );
 CREATE SEQUENCE jobvisor_id_blocks;
 ";
+
+/// Version 4: each node's worker count, as of its last heartbeat.
+const SCHEMA_V4: &str = "ALTER TABLE jobvisor_nodes ADD COLUMN workers integer NOT NULL DEFAULT 0;";
 
 /// Columns of a finished row, in `jobvisor_done`'s order.
 const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
@@ -227,6 +230,9 @@ pub(super) struct Pg {
     /// Jobs this node claimed and has not finished: their claim numbers,
     /// which fence their updates.
     claims: HashMap<u64, i32>,
+    /// The daemon's worker processes (set by the loop, see
+    /// `Store::set_workers`), told with each heartbeat.
+    pub(super) workers: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Pg {
@@ -241,6 +247,7 @@ impl Pg {
             days: Default::default(),
             node: 0,
             claims: HashMap::new(),
+            workers: Default::default(),
         };
         pg.migrate()?;
         pg.register()
@@ -317,6 +324,10 @@ impl Pg {
                 &[&to_i64(cluster::ID_BLOCK)],
             )
             .map_err(fail("cannot migrate the schema to version 3"))?;
+        }
+        if version < 4 {
+            tx.batch_execute(SCHEMA_V4)
+                .map_err(fail("cannot migrate the schema to version 4"))?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(

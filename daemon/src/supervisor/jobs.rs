@@ -425,6 +425,10 @@ enum QueryPurpose {
     Prune {
         client: ClientId,
     },
+    /// `status --cluster`.
+    Nodes {
+        client: ClientId,
+    },
     /// The end of a job that ran elsewhere (cluster), for its waiters.
     Remote {
         id: u64,
@@ -470,7 +474,8 @@ impl QueryPurpose {
             | QueryPurpose::Cancel { client, .. }
             | QueryPurpose::Jobs { client, .. }
             | QueryPurpose::Retry { client, .. }
-            | QueryPurpose::Prune { client } => client,
+            | QueryPurpose::Prune { client }
+            | QueryPurpose::Nodes { client } => client,
             QueryPurpose::Remote { ref waiters, .. } => waiters.first().map_or(0, |w| w.client),
         }
     }
@@ -1094,6 +1099,9 @@ impl Supervisor {
             }
             (QueryPurpose::Remote { id, waiters }, QueryResult::Job(doc)) => {
                 self.remote_doc(id, waiters, doc)
+            }
+            (QueryPurpose::Nodes { client }, QueryResult::Nodes(nodes)) => {
+                self.reply(client, Response::Nodes(nodes))
             }
             (p, _) => self.log(
                 Level::Error,

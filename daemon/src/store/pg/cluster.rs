@@ -83,8 +83,12 @@ impl Pg {
         let alive = self
             .client
             .execute(
-                "UPDATE jobvisor_nodes SET heartbeat_at = now() WHERE id = $1 AND NOT gone",
-                &[&self.node],
+                "UPDATE jobvisor_nodes SET heartbeat_at = now(), workers = $2 \
+                 WHERE id = $1 AND NOT gone",
+                &[
+                    &self.node,
+                    &(self.workers.load(std::sync::atomic::Ordering::Relaxed) as i32),
+                ],
             )
             .map_err(err)?;
         if alive == 0 {
@@ -217,6 +221,33 @@ impl Pg {
         tx.commit().map_err(err)?;
         self.claims.clear();
         Ok(())
+    }
+
+    /// The nodes alive, and those gone within the last hour.
+    pub(super) fn nodes(&mut self) -> Result<Vec<ipc_proto::control::NodeStatus>, postgres::Error> {
+        let rows = self.client.query(
+            "SELECT n.id, n.host, n.pid, n.started_ms, \
+             (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint, NOT n.gone, n.workers, \
+             (SELECT count(*) FROM jobvisor_jobs j WHERE j.node = n.id AND j.state = 1), \
+             (SELECT count(*) FROM jobvisor_jobs j WHERE j.node = n.id) \
+             FROM jobvisor_nodes n WHERE NOT n.gone OR n.heartbeat_at > now() - interval '1 hour' \
+             ORDER BY n.id",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| ipc_proto::control::NodeStatus {
+                id: to_u64(r.get(0)),
+                host: r.get(1),
+                pid: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
+                started_ms: to_u64(r.get(3)),
+                heartbeat_age_ms: to_u64(r.get(4)),
+                alive: r.get(5),
+                workers: u32::try_from(r.get::<_, i32>(6)).unwrap_or(0),
+                running: to_u64(r.get(7)),
+                held: to_u64(r.get(8)),
+            })
+            .collect())
     }
 
     /// Which of `ids` have finished (are in `jobvisor_done`).

@@ -13,6 +13,7 @@ impl Pg {
         self.ensure_connected()?;
         let read = |e: postgres::Error| format!("cannot read the job store: {}", one_line(&e));
         match query {
+            Query::Nodes => self.nodes().map_err(read).map(QueryResult::Nodes),
             Query::Job { id, owner, output } => {
                 let row = self
                     .client

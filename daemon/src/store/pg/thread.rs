@@ -98,6 +98,7 @@ pub(in crate::store) fn run(
         // The cluster's timers and wake-ups.
         let mut wake_pools: Vec<String> = Vec::new();
         let mut poll_all = false;
+        let mut remote_done = false;
         for n in notices {
             match n {
                 Notice::Queued(pool) => wake_pools.push(pool),
@@ -108,6 +109,7 @@ pub(in crate::store) fn run(
                         .collect();
                     if !ids.is_empty() {
                         let _ = done.send(Completion::RemoteDone { ids });
+                        remote_done = true;
                     }
                 }
                 Notice::Reconnected => poll_all = true,
@@ -129,10 +131,13 @@ pub(in crate::store) fn run(
             poll_at = now + POLL + Duration::from_millis(rng.u64(0..=jitter));
         }
         if batch.is_empty() && !closing {
-            claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
+            let mut sent = claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
             if poll_all && !cluster.watch.is_empty() {
                 let all: Vec<u64> = cluster.watch.iter().copied().collect();
-                report_finished(&mut pg, &mut cluster, &done, &all);
+                sent |= report_finished(&mut pg, &mut cluster, &done, &all);
+            }
+            if remote_done {
+                sent = true;
             }
             if now >= prune_at {
                 let step = pg.prune_step(&retention, PRUNE_CHUNK);
@@ -145,7 +150,10 @@ pub(in crate::store) fn run(
                         PRUNE_EVERY
                     };
             }
-            let _ = waker.wake();
+            // The loop sleeps unless there is news for it.
+            if sent {
+                let _ = waker.wake();
+            }
             continue;
         }
         for (_, op) in &batch {
@@ -291,13 +299,15 @@ pub(in crate::store) fn run(
 /// Tries the held claims of `pools` (all of them with `all`): each that
 /// gets jobs is answered and dropped (the daemon asks again once it has
 /// room).
+/// True if it sent a completion.
 fn claim_held(
     pg: &mut Pg,
     cluster: &mut ClusterState,
     done: &mpsc::Sender<Completion>,
     pools: &[String],
     all: bool,
-) {
+) -> bool {
+    let mut sent = false;
     let wanted: Vec<(String, u32)> = cluster
         .demands
         .iter()
@@ -310,6 +320,7 @@ fn claim_held(
             Ok(jobs) => {
                 cluster.demands.remove(&pool);
                 let _ = done.send(Completion::Claimed { pool, jobs });
+                sent = true;
             }
             Err(e) => {
                 pg.suspect = true;
@@ -320,6 +331,7 @@ fn claim_held(
             }
         }
     }
+    sent
 }
 
 /// Reports which of the watched `ids` have finished (a poll: their
@@ -329,15 +341,19 @@ fn report_finished(
     cluster: &mut ClusterState,
     done: &mpsc::Sender<Completion>,
     ids: &[u64],
-) {
+) -> bool {
     match pg.finished_among(ids) {
         Ok(ids) if !ids.is_empty() => {
             for id in &ids {
                 cluster.watch.remove(id);
             }
             let _ = done.send(Completion::RemoteDone { ids });
+            true
         }
-        Ok(_) => {}
-        Err(_) => pg.suspect = true,
+        Ok(_) => false,
+        Err(_) => {
+            pg.suspect = true;
+            false
+        }
     }
 }

@@ -72,6 +72,20 @@ impl Supervisor {
         });
     }
 
+    /// `status --cluster`: the nodes sharing the store.
+    pub fn nodes(&mut self, client: ClientId) {
+        if !self.cluster {
+            return self.reply(
+                client,
+                Response::Error {
+                    kind: ipc_proto::control::ErrorKind::Invalid,
+                    message: "this daemon has no cluster: nodes share queues through a PostgreSQL store ([store] url = \"postgres://…\")".into(),
+                },
+            );
+        }
+        self.query(Query::Nodes, QueryPurpose::Nodes { client });
+    }
+
     /// Withdraws the pool's held demand, if any (`Op::Claim` of 0).
     pub(in crate::supervisor) fn withdraw_demand(&mut self, name: &str) {
         let Some(pool) = self.pools.get_mut(name) else {
