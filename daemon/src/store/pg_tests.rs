@@ -353,7 +353,7 @@ fn finished_jobs_leave_the_queue_table_and_old_days_are_dropped_whole() {
     assert!(recovered.next_id > 2, "{recovered:?}");
     assert_eq!(
         pg.psql("jv", "SELECT max(version) FROM jobvisor_schema"),
-        "3"
+        super::super::pg::SCHEMA_VERSION.to_string()
     );
     assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_jobs"), "1");
     assert_eq!(pg.psql("jv", "SELECT id FROM jobvisor_done"), "1");
