@@ -316,3 +316,32 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
         "1"
     );
 }
+
+#[test]
+fn a_queued_job_of_the_cluster_is_cancelled_from_any_node() {
+    let Some((_pg, url)) = TestPg::with_db("cancel") else {
+        return;
+    };
+    let a = Daemon::start("pg-cancel-a", &node_cfg(&url));
+    let b = Daemon::start("pg-cancel-b", &node_cfg(&url));
+    a.wait_ready("slow", 2);
+    b.wait_ready("slow", 2);
+    // Nobody claims: the job waits in the shared queue.
+    for d in [&a, &b] {
+        assert_eq!(d.ctl(&["pause", "slow"]).code, 0);
+    }
+    let id = a.submit_id(&["slow", "--input", "1"]);
+    let r = b.ctl(&["cancel", &id.to_string()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = a.wait_state(id, "cancelled");
+    assert_eq!(j["error"], "cancelled before it started", "{j}");
+    // A job a node runs is that node's to cancel; the other says so.
+    assert_eq!(a.ctl(&["resume", "slow"]).code, 0);
+    let id = a.submit_id(&["slow", "--input", "300000"]);
+    a.wait_state(id, "running");
+    let r = b.ctl(&["cancel", &id.to_string()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("on another node"), "{}", r.stderr);
+    assert_eq!(a.ctl(&["cancel", &id.to_string()]).code, 0);
+    a.wait_state(id, "cancelled");
+}

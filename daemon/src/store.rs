@@ -385,6 +385,14 @@ pub enum Query {
     },
     /// The nodes of a cluster (PostgreSQL).
     Nodes,
+    /// Not a pure read (PostgreSQL): cancels job `id` if it is queued and
+    /// no node holds it; answered with [`QueryResult::Cancel`].
+    CancelQueued {
+        /// The job.
+        id: u64,
+        /// Only if it belongs to this uid.
+        owner: Option<u32>,
+    },
     /// Not a pure read: deletes finished jobs, at most `limit`, and their
     /// payload files.
     Prune {
@@ -435,6 +443,14 @@ pub enum QueryResult {
     Pruned(u64),
     /// [`Query::Nodes`].
     Nodes(Vec<ipc_proto::control::NodeStatus>),
+    /// [`Query::CancelQueued`]: whether it was cancelled now, and the job's
+    /// document (`None`: unknown, or not the client's).
+    Cancel {
+        /// Cancelled by this query.
+        cancelled: bool,
+        /// The job as it is now.
+        doc: Option<JobDoc>,
+    },
 }
 
 /// Why one insert failed alone (see [`Completion::InsertsFailed`]).

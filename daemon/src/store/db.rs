@@ -814,6 +814,9 @@ impl Db {
                     })
                 }
                 Query::Retry { id, owner } => self.retry(*id, *owner).map(Ok),
+                Query::CancelQueued { .. } => Ok(Err(
+                    "cancelling through the store is for a PostgreSQL store".to_string(),
+                )),
                 Query::Nodes => Ok(Err(
                     "the SQLite store has no other nodes; a cluster needs [store] url = \"postgres://…\""
                         .to_string(),

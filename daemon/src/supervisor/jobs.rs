@@ -1065,7 +1065,35 @@ impl Supervisor {
                     (None, _) => self.reply(client, not_found_job(id)),
                 }
             }
-            (QueryPurpose::Cancel { client, id }, QueryResult::Job(doc)) => match doc {
+            (
+                QueryPurpose::Cancel { client, id },
+                QueryResult::Cancel {
+                    cancelled: true, ..
+                },
+            ) => self.reply(
+                client,
+                Response::Ok {
+                    message: format!("job {id} cancelled"),
+                },
+            ),
+            (
+                QueryPurpose::Cancel { client, id },
+                QueryResult::Cancel {
+                    doc: Some(d),
+                    cancelled: false,
+                },
+            ) if !d.state.is_terminal() => self.reply(
+                client,
+                Response::Error {
+                    kind: ipc_proto::control::ErrorKind::Failed,
+                    message: format!(
+                        "job {id} is {} on another node, which holds it; cancel it there (`jobvisorctl status --cluster` lists the nodes)",
+                        d.state.as_str()
+                    ),
+                },
+            ),
+            (QueryPurpose::Cancel { client, id }, QueryResult::Cancel { doc, .. })
+            | (QueryPurpose::Cancel { client, id }, QueryResult::Job(doc)) => match doc {
                 Some(d) => self.reply(
                     client,
                     Response::Error {
@@ -1215,10 +1243,15 @@ impl Supervisor {
     pub fn cancel(&mut self, client: ClientId, id: u64, now: Instant) {
         let viewer = self.viewer(client);
         let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| viewer.sees(j.owner)) else {
-            let query = Query::Job {
-                id,
-                owner: viewer.filter(),
-                output: false,
+            let owner = viewer.filter();
+            // With a cluster the job may be queued in the shared table.
+            let query = match self.cluster {
+                true => Query::CancelQueued { id, owner },
+                false => Query::Job {
+                    id,
+                    owner,
+                    output: false,
+                },
             };
             self.query(query, QueryPurpose::Cancel { client, id });
             return;

@@ -223,6 +223,39 @@ impl Pg {
         Ok(())
     }
 
+    /// Cancels job `id` if it is queued and no node holds it (it moves to
+    /// `jobvisor_done`, and waiters anywhere hear of it); false otherwise.
+    pub(super) fn cancel_queued(
+        &mut self,
+        id: u64,
+        owner: Option<u32>,
+    ) -> Result<bool, postgres::Error> {
+        let now = to_i64(crate::store::db::now_ms());
+        let mut tx = self.client.transaction()?;
+        let day = now / DAY_MS;
+        if !self.days.contains(&day) {
+            create_partition(&mut tx, day)?;
+        }
+        let moved = tx.query(
+            "WITH m AS (DELETE FROM jobvisor_jobs WHERE id = $1 \
+             AND ($2::bigint IS NULL OR owner = $2) AND state = 0 AND node IS NULL RETURNING *) \
+             INSERT INTO jobvisor_done SELECT id, pool, $3, priority, key, max_attempts, \
+             timeout_ms, created_ms, $4, 'cancelled before it started', attempts, owner, input, \
+             input_memory_len, NULL, NULL FROM m RETURNING id",
+            &[
+                &to_i64(id),
+                &owner.map(i64::from),
+                &code(JobState::Cancelled),
+                &now,
+            ],
+        )?;
+        let ids: Vec<i64> = moved.iter().map(|r| r.get(0)).collect();
+        notify_done(&mut tx, &ids)?;
+        tx.commit()?;
+        self.days.insert(day);
+        Ok(!ids.is_empty())
+    }
+
     /// The nodes alive, and those gone within the last hour.
     pub(super) fn nodes(&mut self) -> Result<Vec<ipc_proto::control::NodeStatus>, postgres::Error> {
         let rows = self.client.query(

@@ -14,6 +14,18 @@ impl Pg {
         let read = |e: postgres::Error| format!("cannot read the job store: {}", one_line(&e));
         match query {
             Query::Nodes => self.nodes().map_err(read).map(QueryResult::Nodes),
+            Query::CancelQueued { id, owner } => {
+                let cancelled = self.cancel_queued(*id, *owner).map_err(read)?;
+                let doc = match self.query(&Query::Job {
+                    id: *id,
+                    owner: *owner,
+                    output: false,
+                })? {
+                    QueryResult::Job(doc) => doc,
+                    _ => None,
+                };
+                Ok(QueryResult::Cancel { cancelled, doc })
+            }
             Query::Job { id, owner, output } => {
                 let row = self
                     .client
