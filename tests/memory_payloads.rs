@@ -169,21 +169,7 @@ with Client(map_outputs=True) as c:
         del job
 print("ok")
 "#;
-    let o = std::process::Command::new("python3")
-        .args(["-c", SCRIPT, &n.to_string()])
-        .env(
-            "PYTHONPATH",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("python"),
-        )
-        .env("JOBVISOR_SOCKET", d.socket())
-        .output()
-        .expect("python3 (the CI script installs it)");
-    assert!(
-        o.status.success() && o.stdout.starts_with(b"ok"),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    python_client(d, SCRIPT, &[&n.to_string()]);
 }
 
 #[test]

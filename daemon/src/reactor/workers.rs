@@ -386,35 +386,14 @@ impl Reactor {
                 self.output_from_arena(proc, id, mapping, (offset, len), raised, now);
             }
             ipc_proto::worker::Payload::Fd { len } => {
-                // In the output buffer it was sent with; checked against
-                // the buffer's size, so a client never maps past its end.
-                let Some(file) = self.core.output_buffer_sent(proc, id) else {
-                    return self.core.on_protocol_error(
-                        proc,
-                        format!("job {id}: an output in a buffer it was not given (Payload::Fd)"),
-                        now,
-                    );
-                };
-                match file.metadata() {
-                    Ok(m) if m.len() >= len => {}
-                    Ok(m) => {
-                        return self.core.on_protocol_error(
-                            proc,
-                            format!(
-                            "job {id}: an output of {len} bytes in an output buffer of {} bytes",
-                            m.len()
-                        ),
-                            now,
-                        )
-                    }
+                let file = match self.buffered_output(proc, id, len) {
+                    Ok(file) => file,
                     Err(e) => {
-                        return self.core.on_protocol_error(
-                            proc,
-                            format!("job {id}: cannot check its output buffer ({e})"),
-                            now,
-                        )
+                        return self
+                            .core
+                            .on_protocol_error(proc, format!("job {id}: {e}"), now)
                     }
-                }
+                };
                 if crate::log::enabled(Level::Debug) {
                     crate::log::log(
                         Level::Debug,
@@ -425,6 +404,31 @@ impl Reactor {
                 self.job_output(proc, id, output, raised, now);
             }
         }
+    }
+
+    /// The output buffer job `id` was sent to `proc` with, if it holds a
+    /// `len`-byte output (`Payload::Fd`): checked against the buffer's size,
+    /// so a client never maps past its end.
+    fn buffered_output(
+        &self,
+        proc: ProcId,
+        id: u64,
+        len: u64,
+    ) -> Result<Arc<std::fs::File>, String> {
+        let file = self
+            .core
+            .output_buffer_sent(proc, id)
+            .ok_or("an output in a buffer it was not given (Payload::Fd)")?;
+        let size = file
+            .metadata()
+            .map_err(|e| format!("cannot check its output buffer ({e})"))?
+            .len();
+        if size < len {
+            return Err(format!(
+                "an output of {len} bytes in an output buffer of {size} bytes"
+            ));
+        }
+        Ok(file)
     }
 
     /// A job's output is in (memory or its payload file): the job succeeded,

@@ -1031,17 +1031,13 @@ impl Supervisor {
         };
         match (purpose, result) {
             (QueryPurpose::Wait { client, group, id }, QueryResult::Job(doc)) => {
-                if let Some(d) = doc
-                    .as_ref()
-                    .filter(|d| self.cluster && !d.state.is_terminal())
-                {
+                if self.cluster && doc.as_ref().is_some_and(|d| !d.state.is_terminal()) {
                     // Queued or running on some node: wait for its end.
                     let waiter = Waiter {
                         client,
                         with_output: false,
                         group: Some(group),
                     };
-                    let _ = d;
                     return self.wait_remote(id, waiter);
                 }
                 match doc {
