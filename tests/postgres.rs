@@ -345,3 +345,58 @@ fn a_queued_job_of_the_cluster_is_cancelled_from_any_node() {
     assert_eq!(a.ctl(&["cancel", &id.to_string()]).code, 0);
     a.wait_state(id, "cancelled");
 }
+
+/// CPU time (user + system, clock ticks) of each thread of `pid`: (tid
+/// and name, ticks).
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name; utime and stime are the
+        // 14th and 15th of the line.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let tid = t.file_name().to_string_lossy().into_owned();
+        out.push((format!("{tid} {}", comm.trim()), f.iter().sum()));
+    }
+    out
+}
+
+#[test]
+fn an_idle_node_uses_no_cpu() {
+    let Some((_pg, url)) = TestPg::with_db("idle") else {
+        return;
+    };
+    let d = Daemon::start("pg-idle", &node_cfg(&url));
+    d.wait_ready("echo", 2);
+    // A few jobs first, so that every thread (store, listener) has worked
+    // and then gone quiet.
+    let id = d.submit_id(&["echo", "--input", "x"]);
+    d.wait_state(id, "succeeded");
+    let before = thread_ticks(d.pid());
+    // The measured window: an idle node heartbeats and polls once a
+    // second; a thread that spins uses the whole window.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let after = thread_ticks(d.pid());
+    for (name, t) in &after {
+        let t0 = before
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, t)| *t);
+        // 100 ticks a second: 30 ticks is a tenth of the window.
+        assert!(
+            t - t0 < 30,
+            "thread {name} used {} ticks of CPU in 3 s of idleness",
+            t - t0
+        );
+    }
+}

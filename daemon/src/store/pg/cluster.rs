@@ -380,10 +380,13 @@ pub(in crate::store) fn listen(
             if tx.send(Msg::Notify(Notice::Reconnected)).is_err() {
                 return;
             }
-            let mut notes = client.notifications();
-            let mut iter = notes.timeout_iter(Duration::from_secs(1));
             loop {
-                match iter.next() {
+                // A new iterator each time: a `TimeoutIter` whose delay has
+                // run out answers `None` at once ever after (its delay is
+                // reset only by a notification), which spun this thread.
+                let mut notes = client.notifications();
+                let next = notes.timeout_iter(Duration::from_secs(1)).next();
+                match next {
                     Ok(Some(n)) => {
                         let notice = match n.channel() {
                             "jobvisor_queued" => Notice::Queued(n.payload().to_string()),
