@@ -400,3 +400,88 @@ fn an_idle_node_uses_no_cpu() {
         );
     }
 }
+
+#[test]
+fn key_mutexes_and_semaphores_hold_across_nodes() {
+    let Some((pg, url)) = TestPg::with_db("holds") else {
+        return;
+    };
+    let keys = TempDir::new("pg-mutexdir");
+    let sems = TempDir::new("pg-semdir");
+    // Two nodes, each with 3 workers per pool: alone, either could run
+    // 3 jobs of a key or of the semaphore at once.
+    let cfg = format!(
+        "{}[store]\nurl = \"{url}\"\n[semaphores]\ngpu = 2\n\
+         [pools.m]\ncommand = [{t}, \"mutex\", {m:?}]\nworkers = 3\n\
+         [pools.g]\ncommand = [{t}, \"sem\", {s:?}, \"2\"]\nworkers = 3\nsemaphores = [\"gpu\"]\n",
+        daemon_section(),
+        t = test_worker(),
+        m = keys.path().display().to_string(),
+        s = sems.path().display().to_string(),
+    );
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::start(&format!("pg-holds-{i}"), &cfg))
+        .collect();
+    for d in &nodes {
+        d.wait_ready("m", 3);
+        d.wait_ready("g", 3);
+    }
+    let mut ids = Vec::new();
+    for i in 0..16 {
+        let d = &nodes[i % 2];
+        let key = ["k1", "k2"][(i / 2) % 2];
+        ids.push(d.submit_id(&["m", "--input", &format!("{key}:40"), "--key", key]));
+        ids.push(d.submit_id(&["g", "--input", "40"]));
+    }
+    for id in &ids {
+        nodes[0].wait_state(*id, "succeeded");
+    }
+    for dir in [&keys, &sems] {
+        assert!(
+            !dir.path().join("violations").exists(),
+            "{}",
+            std::fs::read_to_string(dir.path().join("violations")).unwrap_or_default()
+        );
+    }
+    // The store's own record agrees: the runs of one key never overlap,
+    // and at most 2 jobs of the semaphore ran at any moment.
+    let runs = |sql: &str| -> Vec<(u64, u64)> {
+        pg.psql("jv", sql)
+            .lines()
+            .map(|l| {
+                let (a, b) = l.split_once('|').unwrap();
+                (a.parse().unwrap(), b.parse().unwrap())
+            })
+            .collect()
+    };
+    let attempt = "(attempts::jsonb -> 0 ->> 'started_ms'), (attempts::jsonb -> 0 ->> 'ended_ms')";
+    for key in ["k1", "k2"] {
+        let mut v = runs(&format!(
+            "SELECT {attempt} FROM jobvisor_done WHERE key = '{key}' ORDER BY 1"
+        ));
+        assert_eq!(v.len(), 8);
+        v.sort();
+        for w in v.windows(2) {
+            assert!(w[0].1 <= w[1].0, "key {key}: overlapping {w:?}");
+        }
+    }
+    let v = runs(&format!(
+        "SELECT {attempt} FROM jobvisor_done WHERE pool = 'g'"
+    ));
+    assert_eq!(v.len(), 16);
+    for (s, _) in &v {
+        let at_once = v.iter().filter(|(a, b)| a <= s && s < b).count();
+        assert!(
+            at_once <= 2,
+            "{at_once} jobs of the semaphore at {s}: {v:?}"
+        );
+    }
+    // Nothing is left held.
+    assert_eq!(
+        pg.psql(
+            "jv",
+            "SELECT (SELECT count(*) FROM jobvisor_keys) + (SELECT count(*) FROM jobvisor_sem_holds)"
+        ),
+        "0"
+    );
+}

@@ -335,6 +335,8 @@ pub enum Op {
         pool: String,
         /// At most this many.
         max: u32,
+        /// The pool's semaphores and their limits (held cluster-wide).
+        sems: Vec<(String, u32)>,
     },
     /// PostgreSQL: report [`Completion::RemoteDone`] once job `id`, which
     /// another node (or this one) runs, has finished.

@@ -32,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 4;
+pub(super) const SCHEMA_VERSION: i32 = 5;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -126,6 +126,16 @@ CREATE SEQUENCE jobvisor_id_blocks;
 
 /// Version 4: each node's worker count, as of its last heartbeat.
 const SCHEMA_V4: &str = "ALTER TABLE jobvisor_nodes ADD COLUMN workers integer NOT NULL DEFAULT 0;";
+
+/// Version 5: key mutexes and semaphores cluster-wide (see `cluster`):
+/// the key a claimed job holds (one holder per key), the semaphores it
+/// holds.
+const SCHEMA_V5: &str = "
+CREATE TABLE jobvisor_keys (key text PRIMARY KEY, job bigint NOT NULL);
+CREATE INDEX jobvisor_keys_job ON jobvisor_keys (job);
+CREATE TABLE jobvisor_sem_holds (sem text NOT NULL, job bigint NOT NULL, PRIMARY KEY (sem, job));
+CREATE INDEX jobvisor_sem_holds_job ON jobvisor_sem_holds (job);
+";
 
 /// Columns of a finished row, in `jobvisor_done`'s order.
 const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
@@ -230,6 +240,9 @@ pub(super) struct Pg {
     /// Jobs this node claimed and has not finished: their claim numbers,
     /// which fence their updates.
     claims: HashMap<u64, i32>,
+    /// Claimed jobs that hold a key or semaphores in the store (released
+    /// when they leave this node).
+    holds: std::collections::HashSet<u64>,
     /// The daemon's worker processes (set by the loop, see
     /// `Store::set_workers`), told with each heartbeat.
     pub(super) workers: Arc<std::sync::atomic::AtomicU32>,
@@ -247,6 +260,7 @@ impl Pg {
             days: Default::default(),
             node: 0,
             claims: HashMap::new(),
+            holds: Default::default(),
             workers: Default::default(),
         };
         pg.migrate()?;
@@ -328,6 +342,10 @@ impl Pg {
         if version < 4 {
             tx.batch_execute(SCHEMA_V4)
                 .map_err(fail("cannot migrate the schema to version 4"))?;
+        }
+        if version < 5 {
+            tx.batch_execute(SCHEMA_V5)
+                .map_err(fail("cannot migrate the schema to version 5"))?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(

@@ -14,6 +14,7 @@ impl Harness {
         self.submit(Op::Claim {
             pool: pool.to_string(),
             max,
+            sems: Vec::new(),
         });
         loop {
             match self.next() {
@@ -27,9 +28,16 @@ impl Harness {
     /// [`Self::claim`], or nothing if none is queued (the demand is then
     /// dropped).
     fn try_claim(&mut self, pool: &str, max: u32) -> Vec<RecoveredJob> {
+        self.try_claim_sems(pool, max, &[])
+    }
+
+    /// [`Self::try_claim`] for a pool holding semaphores `sems` (name,
+    /// limit).
+    fn try_claim_sems(&mut self, pool: &str, max: u32, sems: &[(&str, u32)]) -> Vec<RecoveredJob> {
         let seq = self.submit(Op::Claim {
             pool: pool.to_string(),
             max,
+            sems: sems.iter().map(|(n, l)| (n.to_string(), *l)).collect(),
         });
         let deadline = Instant::now() + Duration::from_millis(300);
         let mut durable = false;
@@ -44,6 +52,12 @@ impl Harness {
                 continue;
             }
             if durable && Instant::now() >= deadline {
+                // Withdrawn, so that no later wake-up claims for it.
+                self.submit(Op::Claim {
+                    pool: pool.to_string(),
+                    max: 0,
+                    sems: Vec::new(),
+                });
                 return Vec::new();
             }
             let _ = self
@@ -413,4 +427,81 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The ids of claimed jobs.
+fn ids(jobs: &[RecoveredJob]) -> Vec<u64> {
+    jobs.iter().map(|j| j.job.id).collect()
+}
+
+#[test]
+fn keys_and_semaphores_hold_across_nodes() {
+    let Some((pg, url)) = TestPg::with_db("store-holds") else {
+        return;
+    };
+    let (mut a, ra) = Harness::open_pg(&url);
+    let (mut b, _) = Harness::open_pg(&url);
+    let now = super::super::db::now_ms;
+    // Three jobs with key "k", one without.
+    let base = ra.next_id;
+    let mut last = 0;
+    for (i, key) in [Some("k"), Some("k"), None, Some("k")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut j = new_job(base + i as u64, "p");
+        j.key = key.map(String::from);
+        last = a.submit(Op::Insert(j));
+    }
+    a.wait_durable(last);
+    // One claim takes one job of the key (the first), and the unkeyed one.
+    assert_eq!(ids(&a.try_claim("p", 10)), vec![base, base + 2]);
+    // The key is held: the other node gets nothing, nor does A again.
+    assert!(b.try_claim("p", 10).is_empty());
+    assert!(a.try_claim("p", 10).is_empty());
+    // The holder ends: the next job of the key goes to whoever claims.
+    let seq = a.submit(finished(base, JobState::Succeeded, now()));
+    a.wait_durable(seq);
+    assert_eq!(ids(&b.try_claim("p", 10)), vec![base + 1]);
+    assert!(a.try_claim("p", 10).is_empty());
+    // A holder whose node dies frees the key (the sweep's requeue).
+    pg.psql(
+        "jv",
+        "UPDATE jobvisor_nodes SET heartbeat_at = now() - interval '1 minute'",
+    );
+    wait_until("the sweep of both nodes", || {
+        pg.psql("jv", "SELECT count(*) FROM jobvisor_keys") == "0"
+    });
+
+    // Semaphore "s" of limit 3, held by the jobs of two pools.
+    let (mut c, rc) = Harness::open_pg(&url);
+    let (mut d, _) = Harness::open_pg(&url);
+    let base = rc.next_id;
+    let mut last = 0;
+    for i in 0..8 {
+        let pool = if i % 2 == 0 { "s1" } else { "s2" };
+        last = c.submit(Op::Insert(new_job(base + i, pool)));
+    }
+    c.wait_durable(last);
+    let on_c = ids(&c.try_claim_sems("s1", 2, &[("s", 3)]));
+    assert_eq!(on_c.len(), 2);
+    assert_eq!(d.try_claim_sems("s2", 4, &[("s", 3)]).len(), 1);
+    assert!(d.try_claim_sems("s1", 4, &[("s", 3)]).is_empty());
+    assert!(c.try_claim_sems("s2", 4, &[("s", 3)]).is_empty());
+    assert_eq!(
+        pg.psql("jv", "SELECT count(*) FROM jobvisor_sem_holds"),
+        "3"
+    );
+    // C's two end: two more may run, and no more.
+    let mut last = 0;
+    for id in &on_c {
+        last = c.submit(finished(*id, JobState::Succeeded, now()));
+    }
+    c.wait_durable(last);
+    assert_eq!(d.try_claim_sems("s2", 4, &[("s", 3)]).len(), 2);
+    assert!(c.try_claim_sems("s1", 4, &[("s", 3)]).is_empty());
+    assert_eq!(
+        pg.psql("jv", "SELECT count(*) FROM jobvisor_sem_holds"),
+        "3"
+    );
 }

@@ -37,12 +37,52 @@ const SWEEP_LOCK: i64 = NODE_LOCK + 2;
 /// Longest `pg_notify` payload sent (the server's limit is 8000 bytes).
 const NOTIFY_MAX: usize = 7000;
 
-/// Rows a claim returns, in `RETURNING` order (sorted afterwards).
-const CLAIM: &str = "WITH c AS (SELECT id FROM jobvisor_jobs WHERE pool = $1 AND state = 0 \
-     AND node IS NULL ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-     UPDATE jobvisor_jobs j SET node = $3, claim = j.claim + 1 FROM c WHERE j.id = c.id \
+/// Rows a claim returns, in `RETURNING` order (sorted afterwards). A job
+/// with a key is taken only if it can hold the key: the key's row in
+/// `jobvisor_keys` is inserted in the same statement, and a key another
+/// job holds (or that another claim is inserting: the unique index waits
+/// for it) leaves the job queued. Of several candidates with one key, the
+/// first in priority order is taken.
+const CLAIM: &str = "WITH c AS (SELECT id, key, priority FROM jobvisor_jobs q \
+     WHERE pool = $1 AND state = 0 AND node IS NULL \
+     AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM jobvisor_keys k WHERE k.key = q.key)) \
+     ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     k AS (INSERT INTO jobvisor_keys (key, job) SELECT DISTINCT ON (key) key, id FROM c \
+     WHERE key IS NOT NULL ORDER BY key, priority DESC, id ON CONFLICT DO NOTHING RETURNING job) \
+     UPDATE jobvisor_jobs j SET node = $3, claim = j.claim + 1 FROM c \
+     WHERE j.id = c.id AND (c.key IS NULL OR c.id IN (SELECT job FROM k)) \
      RETURNING j.id, j.pool, j.priority, j.key, j.max_attempts, j.timeout_ms, j.created_ms, \
      j.attempts, j.owner, j.input, j.claim";
+
+/// Frees the keys and semaphores `ids` hold; the ids of the jobs that
+/// held any, how many keys were freed and which semaphores.
+const RELEASE: &str = "WITH k AS (DELETE FROM jobvisor_keys WHERE job = ANY($1) RETURNING job), \
+     s AS (DELETE FROM jobvisor_sem_holds WHERE job = ANY($1) RETURNING sem) \
+     SELECT (SELECT count(*) FROM k), ARRAY(SELECT DISTINCT sem FROM s)";
+
+/// The class of the advisory locks that make the claims of a semaphore
+/// one at a time (the second key is the hash of its name).
+const SEM_LOCK_CLASS: i32 = 0x6a76_7365; // "jvse"
+
+/// Frees what `ids` hold (keys, semaphores) and wakes the nodes that may
+/// now claim: every held demand for a key (`*`: its jobs may be of any
+/// pool), the pools using each semaphore (`sem:NAME`).
+pub(super) fn release_holds(
+    tx: &mut postgres::Transaction<'_>,
+    ids: &[i64],
+) -> Result<(), postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let row = tx.query_one(RELEASE, &[&ids])?;
+    let keys: i64 = row.get(0);
+    let sems: Vec<String> = row.get(1);
+    let mut wake: Vec<String> = sems.into_iter().map(|s| format!("sem:{s}")).collect();
+    if keys > 0 {
+        wake.push("*".into());
+    }
+    notify_pools(tx, &wake)
+}
 
 impl Pg {
     /// Registers this daemon as a new node.
@@ -94,6 +134,8 @@ impl Pg {
         if alive == 0 {
             let old = self.node;
             self.register().map_err(err)?;
+            // The sweep that declared it dead freed its keys and semaphores.
+            self.holds.clear();
             crate::warn!(
                 "this node (id {old}) was declared dead by the cluster (no heartbeat for {DEAD_AFTER_SECS} s); its jobs went back to the queue, and it rejoins as node {}",
                 self.node
@@ -132,17 +174,59 @@ impl Pg {
     /// Claims up to `max` queued jobs of `pool` for this node. A job that
     /// a dead node left with an open attempt has it closed as `lost`; one
     /// whose attempts are then used up ends `dead` instead of running.
-    pub(super) fn claim(&mut self, pool: &str, max: u32) -> Result<Vec<RecoveredJob>, String> {
+    ///
+    /// `sems` are the pool's semaphores and their limits: the claims of a
+    /// semaphore are made one at a time cluster-wide (an advisory lock),
+    /// and take no more jobs than it has free (its holders are the rows of
+    /// `jobvisor_sem_holds`, which every claimed job of a pool using it
+    /// gets, and loses when it leaves its node).
+    pub(super) fn claim(
+        &mut self,
+        pool: &str,
+        max: u32,
+        sems: &[(String, u32)],
+    ) -> Result<Vec<RecoveredJob>, String> {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
         let now = crate::store::db::now_ms();
         let mut tx = self.client.transaction().map_err(err)?;
-        let mut rows = tx
-            .query(CLAIM, &[&pool, &i64::from(max.max(1)), &self.node])
+        let mut max = i64::from(max.max(1));
+        let mut sem_names: Vec<&str> = sems.iter().map(|(n, _)| n.as_str()).collect();
+        sem_names.sort_unstable();
+        for name in &sem_names {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&SEM_LOCK_CLASS, name],
+            )
             .map_err(err)?;
+        }
+        if !sems.is_empty() {
+            // A statement after the locks: it sees every claim committed
+            // before them.
+            let used = tx
+                .query(
+                    "SELECT s, (SELECT count(*) FROM jobvisor_sem_holds h WHERE h.sem = s) \
+                     FROM unnest($1::text[]) s",
+                    &[&sem_names],
+                )
+                .map_err(err)?;
+            for r in used {
+                let name: &str = r.get(0);
+                let held: i64 = r.get(1);
+                let limit = sems.iter().find(|(n, _)| n == name).map_or(0, |(_, l)| *l);
+                max = max.min(i64::from(limit) - held);
+            }
+            if max <= 0 {
+                tx.commit().map_err(err)?;
+                return Ok(Vec::new());
+            }
+        }
+        let mut rows = tx.query(CLAIM, &[&pool, &max, &self.node]).map_err(err)?;
         rows.sort_by_key(|r| (std::cmp::Reverse(r.get::<_, i32>(2)), r.get::<_, i64>(0)));
         let mut jobs = Vec::new();
         let mut claims = Vec::new();
+        let mut holds = Vec::new();
+        let mut ended = Vec::new();
         for row in rows {
             let id = to_u64(row.get(0));
             let mut attempts = attempts_from(row.get(7)).unwrap_or_default();
@@ -177,9 +261,14 @@ impl Pg {
                 )
                 .map_err(err)?;
                 notify_done(&mut tx, &[to_i64(id)]).map_err(err)?;
+                ended.push(to_i64(id));
                 continue;
             }
             claims.push((id, claim));
+            let key: Option<String> = row.get(3);
+            if key.is_some() || !sems.is_empty() {
+                holds.push(id);
+            }
             let input: Vec<u8> = row.get(9);
             jobs.push(RecoveredJob {
                 job: NewJob {
@@ -200,8 +289,20 @@ impl Pg {
                 input_file: None,
             });
         }
+        // The key a job that ended here held.
+        release_holds(&mut tx, &ended).map_err(err)?;
+        if !sems.is_empty() && !jobs.is_empty() {
+            let ids: Vec<i64> = jobs.iter().map(|j| to_i64(j.job.id)).collect();
+            tx.execute(
+                "INSERT INTO jobvisor_sem_holds SELECT s, j \
+                 FROM unnest($1::text[]) s CROSS JOIN unnest($2::bigint[]) j",
+                &[&sem_names, &ids],
+            )
+            .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         self.claims.extend(claims);
+        self.holds.extend(holds);
         Ok(jobs)
     }
 
@@ -220,6 +321,7 @@ impl Pg {
         .map_err(err)?;
         tx.commit().map_err(err)?;
         self.claims.clear();
+        self.holds.clear();
         Ok(())
     }
 
@@ -306,16 +408,18 @@ fn requeue_nodes(
     tx: &mut postgres::Transaction<'_>,
     nodes: &[i64],
 ) -> Result<Vec<String>, postgres::Error> {
-    let pools: Vec<String> = tx
-        .query(
-            "UPDATE jobvisor_jobs SET node = NULL, state = 0 WHERE node = ANY($1) RETURNING pool",
-            &[&nodes],
-        )?
+    let rows = tx.query(
+        "UPDATE jobvisor_jobs SET node = NULL, state = 0 WHERE node = ANY($1) RETURNING id, pool",
+        &[&nodes],
+    )?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let pools: Vec<String> = rows
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get(1))
         .collect::<std::collections::BTreeSet<String>>()
         .into_iter()
         .collect();
+    release_holds(tx, &ids)?;
     notify_pools(tx, &pools)?;
     Ok(pools)
 }
@@ -422,11 +526,15 @@ pub(in crate::store) enum Notice {
     Reconnected,
 }
 
+/// A pool's semaphores and their limits.
+pub(super) type Sems = Vec<(String, u32)>;
+
 /// What the store thread keeps for the cluster.
 #[derive(Default)]
 pub(super) struct ClusterState {
-    /// Held demands: pool → most jobs wanted.
-    pub(super) demands: BTreeMap<String, u32>,
+    /// Held demands: pool → most jobs wanted, and the pool's semaphores
+    /// with their limits.
+    pub(super) demands: BTreeMap<String, (u32, Sems)>,
     /// Jobs whose end someone here waits for.
     pub(super) watch: HashSet<u64>,
 }

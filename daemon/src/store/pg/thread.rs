@@ -101,7 +101,19 @@ pub(in crate::store) fn run(
         let mut remote_done = false;
         for n in notices {
             match n {
-                Notice::Queued(pool) => wake_pools.push(pool),
+                // A key was freed: its jobs may be of any pool.
+                Notice::Queued(pool) if pool == "*" => poll_all = true,
+                Notice::Queued(pool) => match pool.strip_prefix("sem:") {
+                    // A semaphore was freed: the pools using it.
+                    Some(sem) => wake_pools.extend(
+                        cluster
+                            .demands
+                            .iter()
+                            .filter(|(_, (_, sems))| sems.iter().any(|(n, _)| n == sem))
+                            .map(|(p, _)| p.clone()),
+                    ),
+                    None => wake_pools.push(pool),
+                },
                 Notice::Done(ids) => {
                     let ids: Vec<u64> = ids
                         .into_iter()
@@ -204,11 +216,11 @@ pub(in crate::store) fn run(
                                 result,
                             });
                         }
-                        Op::Claim { pool, max: 0 } => {
+                        Op::Claim { pool, max: 0, .. } => {
                             cluster.demands.remove(pool);
                         }
-                        Op::Claim { pool, max } => {
-                            cluster.demands.insert(pool.clone(), *max);
+                        Op::Claim { pool, max, sems } => {
+                            cluster.demands.insert(pool.clone(), (*max, sems.clone()));
                             wake_pools.push(pool.clone());
                         }
                         Op::Watch { id } => {
@@ -308,14 +320,14 @@ fn claim_held(
     all: bool,
 ) -> bool {
     let mut sent = false;
-    let wanted: Vec<(String, u32)> = cluster
+    let wanted: Vec<(String, u32, super::cluster::Sems)> = cluster
         .demands
         .iter()
         .filter(|(p, _)| all || pools.contains(p))
-        .map(|(p, n)| (p.clone(), *n))
+        .map(|(p, (n, sems))| (p.clone(), *n, sems.clone()))
         .collect();
-    for (pool, max) in wanted {
-        match pg.claim(&pool, max) {
+    for (pool, max, sems) in wanted {
+        match pg.claim(&pool, max, &sems) {
             Ok(jobs) if jobs.is_empty() => {}
             Ok(jobs) => {
                 cluster.demands.remove(&pool);

@@ -221,6 +221,13 @@ impl Pg {
                 tx.execute(DONE_UPDATE_MANY, &later.params(&outputs, &node)[..7])
                     .map_err(err)?;
             }
+            // Keys and semaphores of jobs that leave this node.
+            let freed: Vec<i64> = moved
+                .iter()
+                .copied()
+                .filter(|&i| self.holds.contains(&to_u64(i)))
+                .collect();
+            cluster::release_holds(&mut tx, &freed).map_err(err)?;
             moved_ids.extend(moved);
         }
         cluster::notify_done(&mut tx, &moved_ids).map_err(err)?;
@@ -240,6 +247,7 @@ impl Pg {
             .chain(fenced.iter().copied())
         {
             self.claims.remove(&id);
+            self.holds.remove(&id);
         }
         Ok(fenced)
     }

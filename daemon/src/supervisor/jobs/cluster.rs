@@ -66,9 +66,21 @@ impl Supervisor {
             return;
         }
         pool.jobs.claiming = true;
+        let sems = pool
+            .config
+            .semaphores
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    self.semaphores.get(s).copied().unwrap_or(u32::MAX),
+                )
+            })
+            .collect();
         self.store(Op::Claim {
             pool: name.to_string(),
             max: u32::try_from(room).unwrap_or(u32::MAX),
+            sems,
         });
     }
 
@@ -95,6 +107,7 @@ impl Supervisor {
             self.store(Op::Claim {
                 pool: name.to_string(),
                 max: 0,
+                sems: Vec::new(),
             });
         }
     }
