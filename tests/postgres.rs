@@ -485,3 +485,74 @@ fn key_mutexes_and_semaphores_hold_across_nodes() {
         "0"
     );
 }
+
+#[test]
+fn status_warns_of_a_transaction_holding_back_cleanup() {
+    let Some((pg, url)) = TestPg::with_db("xmin") else {
+        return;
+    };
+    let cfg = node_cfg(&url).replace("[store]\n", "[store]\nxmin_warning = \"1s\"\n");
+    let d = Daemon::start("pg-xmin", &cfg);
+    d.wait_ready("echo", 2);
+    let r = d.ctl(&["--json", "status"]).json();
+    assert_eq!(r["warnings"], serde_json::json!([]), "{r}");
+    // A session that opens a snapshot and keeps it.
+    let mut session = pg.psql_session(
+        "jv",
+        "SET application_name = 'forgotten';\n\
+         BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT count(*) FROM jobvisor_jobs;\n",
+    );
+    let text = wait_for("the warning", DEADLINE, || {
+        let r = d.ctl(&["status"]);
+        r.stdout.contains("held back").then_some(r.stdout)
+    });
+    assert!(
+        text.contains("\"forgotten\"") && text.contains("pg_terminate_backend"),
+        "{text}"
+    );
+    let r = d.ctl(&["--json", "status"]).json();
+    assert_eq!(r["warnings"].as_array().map(Vec::len), Some(1), "{r}");
+    // Ended: no more warning.
+    let _ = session.kill();
+    let _ = session.wait();
+    wait_for("the warning to go", DEADLINE, || {
+        let r = d.ctl(&["--json", "status"]).json();
+        (r["warnings"] == serde_json::json!([])).then_some(())
+    });
+}
+
+#[test]
+fn nodes_without_notifications_poll() {
+    let Some((_pg, url)) = TestPg::with_db("nonotify") else {
+        return;
+    };
+    let cfg = node_cfg(&url).replace("[store]\n", "[store]\nnotify = false\n");
+    let a = Daemon::start("pg-nonotify-a", &cfg);
+    let b = Daemon::start("pg-nonotify-b", &cfg);
+    a.wait_ready("echo", 2);
+    b.wait_ready("echo", 2);
+    // No listener: every wake-up is a poll.
+    for d in [&a, &b] {
+        let names: Vec<String> = thread_ticks(d.pid()).into_iter().map(|(n, _)| n).collect();
+        assert!(
+            !names.iter().any(|n| n.ends_with("jobvisor-listen")),
+            "{names:?}"
+        );
+    }
+    // Jobs submitted on either node run, and a node waits for a job that
+    // runs anywhere.
+    let input: String = (0..200).map(|k| format!("x{k}\n")).collect();
+    let r = a.ctl_stdin(&["map", "echo"], Some(input.as_bytes()));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // In the order they finished.
+    let mut got: Vec<&str> = r.stdout.lines().collect();
+    let mut want: Vec<&str> = input.lines().collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    let id = b.submit_id(&["echo", "--input", "polled"]);
+    let r = a.ctl(&["wait", &id.to_string()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = a.ctl(&["result", &id.to_string()]);
+    assert_eq!(r.raw, b"polled");
+}

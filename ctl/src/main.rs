@@ -139,6 +139,7 @@ fn response_name(r: &Response) -> &'static str {
         Response::Pruned { .. } => "Pruned",
         Response::Metrics { .. } => "Metrics",
         Response::Nodes(_) => "Nodes",
+        Response::Warnings(_) => "Warnings",
     }
 }
 

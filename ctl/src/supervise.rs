@@ -18,17 +18,39 @@ pub fn status(ctx: &Ctx, pool: Option<String>) -> Result<u8, Failure> {
         .map_err(|e| Failure::client("status", e))?
     {
         Response::Status(report) => {
+            let warnings = store_warnings(&mut conn);
             let mut out = Out::new();
             if ctx.json {
-                out.line(&status_json(&report).to_string())?;
+                let mut doc = status_json(&report);
+                doc["warnings"] = json!(warnings);
+                out.line(&doc.to_string())?;
             } else {
                 out.bytes(status_text(&report, Style::stdout()).as_bytes())?;
+                let style = Style::stdout();
+                for w in &warnings {
+                    out.bytes(
+                        format!(
+                            "{}\n",
+                            style.paint(crate::style::Colour::Yellow, &format!("warning: {w}"))
+                        )
+                        .as_bytes(),
+                    )?;
+                }
             }
             out.flush()?;
             Ok(0)
         }
         Response::Error { kind, message } => Err(Failure::daemon("status", kind, &message)),
         other => Err(Failure::unexpected("status", &other)),
+    }
+}
+
+/// The store's warnings (a PostgreSQL transaction holding back cleanup);
+/// none from a daemon that does not know the request.
+fn store_warnings(conn: &mut crate::client::Connection) -> Vec<String> {
+    match conn.call(&Request::StoreWarnings) {
+        Ok(Response::Warnings(w)) => w,
+        _ => Vec::new(),
     }
 }
 

@@ -316,7 +316,7 @@ impl Reactor {
         let copier = crate::copier::Copier::start(Arc::clone(&waker))
             .context("starting the copier thread")?;
         let opened = match &config.store.url {
-            Some(url) => Store::open_postgres(url, Arc::clone(&waker)),
+            Some(_) => Store::open_postgres(&config.store, Arc::clone(&waker)),
             None => Store::open_with_payload_dir(
                 &config.daemon.state_dir,
                 &config.daemon.payload_dir(),

@@ -302,6 +302,20 @@ impl JobUpdate {
     }
 }
 
+/// How often a node polls its held demands when `[store] notify = false`
+/// (no LISTEN/NOTIFY): the longest a queued job waits for an idle worker.
+pub const POLL_WITHOUT_NOTIFY: Duration = Duration::from_millis(100);
+
+/// Seconds as a short text: "45s", "12m 5s", "3h 2m".
+pub fn human_secs(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 /// One request to the store thread.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -387,6 +401,8 @@ pub enum Query {
     },
     /// The nodes of a cluster (PostgreSQL).
     Nodes,
+    /// What the operator should know of the store ([`QueryResult::Warnings`]).
+    Warnings,
     /// Not a pure read (PostgreSQL): cancels job `id` if it is queued and
     /// no node holds it; answered with [`QueryResult::Cancel`].
     CancelQueued {
@@ -445,6 +461,8 @@ pub enum QueryResult {
     Pruned(u64),
     /// [`Query::Nodes`].
     Nodes(Vec<ipc_proto::control::NodeStatus>),
+    /// [`Query::Warnings`].
+    Warnings(Vec<String>),
     /// [`Query::CancelQueued`]: whether it was cancelled now, and the job's
     /// document (`None`: unknown, or not the client's).
     Cancel {
@@ -750,11 +768,16 @@ impl Store {
     /// Opens the PostgreSQL store at `url` (see the `pg` module): connects,
     /// takes the database's node lock, creates or migrates the schema, runs
     /// recovery and starts the store thread.
+    /// A PostgreSQL store: connects, migrates, registers this node, and
+    /// starts the store thread (and its listener, unless `notify = false`).
     pub fn open_postgres(
-        url: &str,
+        config: &crate::config::StoreConfig,
         waker: Arc<mio::Waker>,
     ) -> Result<(Store, Recovered), StoreError> {
+        let url = config.url.as_deref().unwrap_or_default();
         let mut pg = pg::Pg::open(url)?;
+        pg.notify = config.notify;
+        pg.xmin_warning = config.xmin_warning;
         let recovered = pg.recover(db::now_ms())?;
         let path = PathBuf::from(pg.display());
         let workers = Arc::clone(&pg.workers);

@@ -195,6 +195,10 @@ pub enum Request {
     /// [`Response::Nodes`] (an error with the SQLite store). Open to every
     /// user.
     Nodes,
+    /// What the daemon's store would have its operator know, answered with
+    /// [`Response::Warnings`] (with PostgreSQL: a transaction holding back
+    /// the server's cleanup; with SQLite: nothing). Open to every user.
+    StoreWarnings,
 }
 
 /// One node of a cluster (see [`Request::Nodes`]).
@@ -538,6 +542,9 @@ pub enum Response {
     /// Answer to [`Request::Nodes`]: alive nodes, and those gone within
     /// the last hour, by id.
     Nodes(Vec<NodeStatus>),
+    /// Answer to [`Request::StoreWarnings`]: one line each, none when all
+    /// is well.
+    Warnings(Vec<String>),
 }
 
 /// A line a worker wrote, or the daemon's note about that worker.

@@ -205,26 +205,35 @@ impl TestPg {
         );
     }
 
+    /// A `psql` session on database `db` that has run `sql` and stays
+    /// open (its transaction too, if `sql` began one) until it is killed.
+    pub fn psql_session(&self, db: &str, sql: &str) -> std::process::Child {
+        use std::io::Write;
+        let mut child = self
+            .psql_command(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("psql");
+        let stdin = child.stdin.as_mut().expect("piped");
+        stdin.write_all(sql.as_bytes()).expect("write to psql");
+        stdin.flush().expect("flush psql");
+        child
+    }
+
+    /// `psql` on database `db` as `jobvisor`, unaligned, tuples only.
+    fn psql_command(&self, db: &str) -> Command {
+        let mut cmd = self.command("psql");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "jobvisor", "-d", db, "-At"]);
+        cmd
+    }
+
     /// `psql -c SQL` on database `db`; its output (unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let port = self.port.to_string();
         let out = self
-            .command("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "jobvisor",
-                "-d",
-                db,
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
+            .psql_command(db)
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .expect("psql");
         assert!(

@@ -3,15 +3,35 @@
 use super::*;
 
 /// Keys of `[store]`.
-const STORE_KEYS: &[&str] = &["url"];
+const STORE_KEYS: &[&str] = &["url", "notify", "xmin_warning"];
+
+/// Default of `xmin_warning`.
+pub const DEFAULT_XMIN_WARNING: Duration = Duration::from_secs(300);
 
 /// The `[store]` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     /// `Some`: a PostgreSQL connection URL (`postgres://` or
     /// `postgresql://`). `None` (absent, or `"sqlite"`): the embedded SQLite
     /// store in `daemon.state_dir`.
     pub url: Option<String>,
+    /// PostgreSQL: wake-ups through LISTEN/NOTIFY (default). `false` for a
+    /// connection pooler that drops notifications (transaction pooling):
+    /// nodes then poll every [`crate::store::POLL_WITHOUT_NOTIFY`].
+    pub notify: bool,
+    /// PostgreSQL: `status` warns of a transaction that has held back the
+    /// server's cleanup (its xmin) for longer than this.
+    pub xmin_warning: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            notify: true,
+            xmin_warning: DEFAULT_XMIN_WARNING,
+        }
+    }
 }
 
 impl StoreConfig {
@@ -51,6 +71,17 @@ impl Walker<'_> {
                     }
                     s.url = Some(url.to_owned());
                 }
+                "notify" => match v.get_ref() {
+                    DeValue::Boolean(b) => s.notify = *b,
+                    other => {
+                        return Err(self.err(
+                            v.span(),
+                            &key,
+                            format!("expected true or false, got {}", type_name(other)),
+                        ))
+                    }
+                },
+                "xmin_warning" => s.xmin_warning = self.positive_duration(v, &key)?,
                 other => return Err(self.unknown_key(k, "store", other, STORE_KEYS)),
             }
         }

@@ -609,6 +609,10 @@ impl Reactor {
                     self.core.nodes(id);
                     None
                 }
+                Request::StoreWarnings => {
+                    self.core.store_warnings(id);
+                    None
+                }
                 Request::Events => {
                     self.subscribers.insert(id);
                     self.core.set_events_wanted(true);

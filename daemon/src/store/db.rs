@@ -817,6 +817,7 @@ impl Db {
                 Query::CancelQueued { .. } => Ok(Err(
                     "cancelling through the store is for a PostgreSQL store".to_string(),
                 )),
+                Query::Warnings => Ok(Ok(QueryResult::Warnings(Vec::new()))),
                 Query::Nodes => Ok(Err(
                     "the SQLite store has no other nodes; a cluster needs [store] url = \"postgres://…\""
                         .to_string(),

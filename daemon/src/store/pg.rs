@@ -243,6 +243,11 @@ pub(super) struct Pg {
     /// Claimed jobs that hold a key or semaphores in the store (released
     /// when they leave this node).
     holds: std::collections::HashSet<u64>,
+    /// Wake-ups through LISTEN/NOTIFY (`[store] notify`); without them,
+    /// held demands are polled every [`crate::store::POLL_WITHOUT_NOTIFY`].
+    pub(super) notify: bool,
+    /// `[store] xmin_warning`.
+    pub(super) xmin_warning: Duration,
     /// The daemon's worker processes (set by the loop, see
     /// `Store::set_workers`), told with each heartbeat.
     pub(super) workers: Arc<std::sync::atomic::AtomicU32>,
@@ -261,6 +266,8 @@ impl Pg {
             node: 0,
             claims: HashMap::new(),
             holds: Default::default(),
+            notify: true,
+            xmin_warning: crate::config::DEFAULT_XMIN_WARNING,
             workers: Default::default(),
         };
         pg.migrate()?;

@@ -69,7 +69,7 @@ impl Harness {
     fn open_pg(url: &str) -> (Harness, Recovered) {
         let poll = Poll::new().expect("poll");
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).expect("waker"));
-        let (store, recovered) = match Store::open_postgres(url, waker) {
+        let (store, recovered) = match Store::open_postgres(&store_config(url), waker) {
             Ok(x) => x,
             Err(e) => panic!("open {url}: {e}"),
         };
@@ -254,7 +254,7 @@ fn a_newer_schema_and_a_bad_url_are_refused() {
     let poll = Poll::new().unwrap();
     let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
     pg.psql("jv", "INSERT INTO jobvisor_schema VALUES (99)");
-    match Store::open_postgres(&url, waker) {
+    match Store::open_postgres(&store_config(&url), waker) {
         Err(e @ StoreError::TooNew { .. }) => {
             assert!(e.to_string().contains("schema version 99"), "{e}")
         }
@@ -264,7 +264,7 @@ fn a_newer_schema_and_a_bad_url_are_refused() {
     let bad = format!("postgres://jobvisor@127.0.0.1:{}/nope", pg.port());
     let poll2 = Poll::new().unwrap();
     match Store::open_postgres(
-        &bad,
+        &store_config(&bad),
         Arc::new(Waker::new(poll2.registry(), Token(1)).unwrap()),
     ) {
         Err(e @ StoreError::Postgres { .. }) => {
@@ -426,6 +426,14 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `[store]` section with `url`.
+fn store_config(url: &str) -> crate::config::StoreConfig {
+    crate::config::StoreConfig {
+        url: Some(url.to_string()),
+        ..Default::default()
     }
 }
 

@@ -429,6 +429,10 @@ enum QueryPurpose {
     Nodes {
         client: ClientId,
     },
+    /// `status`: the store's warnings.
+    Warnings {
+        client: ClientId,
+    },
     /// The end of a job that ran elsewhere (cluster), for its waiters.
     Remote {
         id: u64,
@@ -475,7 +479,8 @@ impl QueryPurpose {
             | QueryPurpose::Jobs { client, .. }
             | QueryPurpose::Retry { client, .. }
             | QueryPurpose::Prune { client }
-            | QueryPurpose::Nodes { client } => client,
+            | QueryPurpose::Nodes { client }
+            | QueryPurpose::Warnings { client } => client,
             QueryPurpose::Remote { ref waiters, .. } => waiters.first().map_or(0, |w| w.client),
         }
     }
@@ -1126,6 +1131,9 @@ impl Supervisor {
             }
             (QueryPurpose::Nodes { client }, QueryResult::Nodes(nodes)) => {
                 self.reply(client, Response::Nodes(nodes))
+            }
+            (QueryPurpose::Warnings { client }, QueryResult::Warnings(lines)) => {
+                self.reply(client, Response::Warnings(lines))
             }
             (p, _) => self.log(
                 Level::Error,

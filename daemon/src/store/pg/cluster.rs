@@ -385,6 +385,48 @@ impl Pg {
             .collect())
     }
 
+    /// Transactions that have held back the server's cleanup (their xmin)
+    /// for longer than `xmin_warning`: while one is open, no dead row of
+    /// `jobvisor_jobs` can be removed, the table and its indexes grow, and
+    /// every claim slows down. Sessions of other roles show only with
+    /// `pg_read_all_stats` (or as a superuser).
+    pub(super) fn warnings(&mut self) -> Result<Vec<String>, postgres::Error> {
+        let secs = self.xmin_warning.as_secs_f64();
+        let mut out = Vec::new();
+        for r in self.client.query(
+            "SELECT pid, COALESCE(application_name, ''), COALESCE(state, ''), \
+             extract(epoch FROM now() - COALESCE(xact_start, backend_start))::bigint \
+             FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() \
+             AND (datname = current_database() OR backend_type = 'walsender') \
+             AND now() - COALESCE(xact_start, backend_start) > make_interval(secs => $1) \
+             ORDER BY 4 DESC LIMIT 5",
+            &[&secs],
+        )? {
+            let pid: i32 = r.get(0);
+            let app: &str = r.get(1);
+            let state: &str = r.get(2);
+            let age: i64 = r.get(3);
+            out.push(format!(
+                "PostgreSQL: backend {pid} (application {app:?}, {state}) has held back the server's cleanup for {}: dead rows of jobvisor_jobs pile up and claims slow down; end it (SELECT pg_terminate_backend({pid})) and fix the client that keeps its transaction open",
+                crate::store::human_secs(age)
+            ));
+        }
+        for r in self.client.query(
+            "SELECT gid, extract(epoch FROM now() - prepared)::bigint FROM pg_prepared_xacts \
+             WHERE database = current_database() \
+             AND now() - prepared > make_interval(secs => $1) ORDER BY 2 DESC LIMIT 5",
+            &[&secs],
+        )? {
+            let gid: &str = r.get(0);
+            let age: i64 = r.get(1);
+            out.push(format!(
+                "PostgreSQL: prepared transaction {gid:?} has held back the server's cleanup for {}: dead rows of jobvisor_jobs pile up; COMMIT PREPARED or ROLLBACK PREPARED it",
+                crate::store::human_secs(age)
+            ));
+        }
+        Ok(out)
+    }
+
     /// Which of `ids` have finished (are in `jobvisor_done`).
     pub(super) fn finished_among(&mut self, ids: &[u64]) -> Result<Vec<u64>, String> {
         self.ensure_connected()?;

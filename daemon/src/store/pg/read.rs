@@ -14,6 +14,7 @@ impl Pg {
         let read = |e: postgres::Error| format!("cannot read the job store: {}", one_line(&e));
         match query {
             Query::Nodes => self.nodes().map_err(read).map(QueryResult::Nodes),
+            Query::Warnings => self.warnings().map_err(read).map(QueryResult::Warnings),
             Query::CancelQueued { id, owner } => {
                 let cancelled = self.cancel_queued(*id, *owner).map_err(read)?;
                 let doc = match self.query(&Query::Job {

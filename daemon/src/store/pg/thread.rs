@@ -33,7 +33,7 @@ pub(in crate::store) fn run(
     }
     let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _stop = StopListener(Arc::clone(&closed));
-    {
+    if pg.notify {
         let (url, tx) = (pg.url.clone(), link.ops.clone());
         std::thread::Builder::new()
             .name("jobvisor-listen".into())
@@ -56,7 +56,13 @@ pub(in crate::store) fn run(
     };
     let mut prune_at = Instant::now() + PRUNE_EVERY;
     let mut beat_at = Instant::now() + HEARTBEAT;
-    let mut poll_at = Instant::now() + POLL;
+    // Without notifications, polling is the only wake-up.
+    let poll = if pg.notify {
+        POLL
+    } else {
+        crate::store::POLL_WITHOUT_NOTIFY
+    };
+    let mut poll_at = Instant::now() + poll;
     let mut rng = fastrand::Rng::new();
     let mut cluster = ClusterState::default();
     let mut closing = false;
@@ -139,8 +145,8 @@ pub(in crate::store) fn run(
         }
         if now >= poll_at {
             poll_all = true;
-            let jitter = POLL.as_millis() as u64 / 4;
-            poll_at = now + POLL + Duration::from_millis(rng.u64(0..=jitter));
+            let jitter = poll.as_millis() as u64 / 4;
+            poll_at = now + poll + Duration::from_millis(rng.u64(0..=jitter));
         }
         if batch.is_empty() && !closing {
             let mut sent = claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);

@@ -98,6 +98,11 @@ impl Supervisor {
         self.query(Query::Nodes, QueryPurpose::Nodes { client });
     }
 
+    /// `status`: what the store would have the operator know.
+    pub fn store_warnings(&mut self, client: ClientId) {
+        self.query(Query::Warnings, QueryPurpose::Warnings { client });
+    }
+
     /// Withdraws the pool's held demand, if any (`Op::Claim` of 0).
     pub(in crate::supervisor) fn withdraw_demand(&mut self, name: &str) {
         let Some(pool) = self.pools.get_mut(name) else {
