@@ -2,9 +2,13 @@
 //! PostgreSQL server (a throwaway one, `tests/support/pg.rs`) and share its
 //! queues: jobs run and are listed as with SQLite, large payloads live in
 //! the rows, a `kill -9` of a node loses no acknowledged job (its running
-//! ones run again), a server restart mid-run loses nothing either, several
-//! nodes run every job exactly once, a stopped node's late result is
-//! refused (fencing), and a bad URL is a config error.
+//! ones run again), a server restart mid-run loses nothing either, three
+//! nodes run 10,000 jobs exactly once, a stopped node's late result is
+//! refused (fencing), and so is a partitioned one's (as root: the node in a
+//! network namespace of its own, its link cut), key mutexes and semaphores
+//! hold across nodes, an idle node uses no CPU, nodes without
+//! notifications poll, `status` warns of a transaction holding back
+//! cleanup, and a bad URL is a config error.
 
 use jobvisor::pg::TestPg;
 use jobvisor::*;
@@ -156,11 +160,23 @@ fn nodes_share_one_queue_and_run_every_job_exactly_once() {
     for d in &nodes {
         d.wait_ready("echo", 2);
     }
-    // 3 × 1,000 jobs, each batch through a different node.
+    // 10,000 jobs, a third through each node, all at once.
+    const SHARE: [usize; 3] = [3334, 3333, 3333];
+    let maps: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let input: String = (0..SHARE[i]).map(|k| format!("n{i}-{k}\n")).collect();
+            let mut cmd = std::process::Command::new(bin("jobvisorctl"));
+            cmd.arg("--socket")
+                .arg(d.socket())
+                .args(["--json", "map", "echo"]);
+            std::thread::spawn(move || run_with_stdin(cmd, Some(input.as_bytes())))
+        })
+        .collect();
     let mut outs = Vec::new();
-    for (i, d) in nodes.iter().enumerate() {
-        let input: String = (0..1000).map(|k| format!("n{i}-{k}\n")).collect();
-        let r = d.ctl_stdin(&["--json", "map", "echo"], Some(input.as_bytes()));
+    for m in maps {
+        let r = m.join().expect("a map");
         assert_eq!(r.code, 0, "{}", r.stderr);
         outs.push(r.stdout);
     }
@@ -169,7 +185,7 @@ fn nodes_share_one_queue_and_run_every_job_exactly_once() {
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON line"))
             .collect();
-        assert_eq!(docs.len(), 1000);
+        assert_eq!(docs.len(), SHARE[i]);
         for doc in &docs {
             let k = doc["index"].as_u64().expect("an index");
             assert_eq!(doc["state"], "succeeded", "{doc}");
@@ -182,7 +198,7 @@ fn nodes_share_one_queue_and_run_every_job_exactly_once() {
         "SELECT count(*), count(DISTINCT id), max(jsonb_array_length(attempts::jsonb)) \
          FROM jobvisor_done WHERE state = 2",
     );
-    assert_eq!(stored, "3000|3000|1");
+    assert_eq!(stored, "10000|10000|1");
     // The work was shared: every node's workers ran some.
     let by_node = pg.psql(
         "jv",
@@ -555,4 +571,197 @@ fn nodes_without_notifications_poll() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = a.ctl(&["result", &id.to_string()]);
     assert_eq!(r.raw, b"polled");
+}
+
+/// A network namespace joined to this one by a veth pair: a host of its
+/// own at `10.213.N.2`, this namespace being `10.213.N.1`, so that a
+/// partition is one `ip link set … down`. Removed on drop.
+struct NetNs {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+impl NetNs {
+    /// Creates it, or says why it cannot (not root, no `ip`) and returns
+    /// `None`; under CI, which runs as root, that is a failure.
+    fn create() -> Option<NetNs> {
+        let skip = |why: String| {
+            if std::env::var_os("CI").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED (partition in a network namespace): {why}");
+            None
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return skip("needs root (network namespaces)".into());
+        }
+        let n = std::process::id() % 250 + 1;
+        let ns = NetNs {
+            name: format!("jvt{}", std::process::id()),
+            host_if: format!("jvh{}", std::process::id()),
+            host_ip: format!("10.213.{n}.1"),
+        };
+        let peer = format!("jvn{}", std::process::id());
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns", "add", &ns.name],
+            vec![
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ],
+            vec!["link", "set", &peer, "netns", &ns.name],
+            vec![
+                "addr",
+                "add",
+                &format!("{}/30", ns.host_ip),
+                "dev",
+                &ns.host_if,
+            ],
+            vec!["link", "set", &ns.host_if, "up"],
+            vec![
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("10.213.{n}.2/30"),
+                "dev",
+                &peer,
+            ],
+            vec!["-n", &ns.name, "link", "set", &peer, "up"],
+            vec!["-n", &ns.name, "link", "set", "lo", "up"],
+        ]
+        .into_iter()
+        .map(|v| v.into_iter().map(String::from).collect())
+        .collect();
+        for args in steps {
+            if let Err(e) = ip(&args) {
+                return skip(e);
+            }
+        }
+        Some(ns)
+    }
+
+    /// The network `10.213.N.0/30`.
+    fn net(&self) -> String {
+        let mut parts: Vec<&str> = self.host_ip.split('.').collect();
+        parts[3] = "0";
+        format!("{}/30", parts.join("."))
+    }
+
+    /// Cuts the link (`up = false`) or restores it.
+    fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["link", "set", &self.host_if, state].map(String::from)).unwrap();
+    }
+
+    /// `cmd` (a built binary and its arguments and environment) run inside
+    /// the namespace, as the same process (`ip netns exec` execs it).
+    fn wrap(&self, cmd: &std::process::Command) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            c.current_dir(dir);
+        }
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = ip(&["netns", "del", &self.name].map(String::from));
+    }
+}
+
+/// `ip ARGS`, or what it said.
+fn ip(args: &[String]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip ({e}): install iproute2"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_partitioned_nodes_jobs_run_elsewhere_and_its_late_result_is_refused() {
+    let Some(ns) = NetNs::create() else {
+        return;
+    };
+    let Some((pg, url)) = TestPg::with_db("partition") else {
+        return;
+    };
+    pg.listen_also(&ns.host_ip, &ns.net());
+    // A reaches the server only through the veth; B on loopback.
+    let url_a = url.replace("127.0.0.1", &ns.host_ip);
+    let mut a = Daemon::prepare("pg-part-a", &node_cfg(&url_a));
+    let cmd = ns.wrap(&a.command());
+    a.launch(cmd);
+    wait_for("A's control socket", DEADLINE, || {
+        (a.ctl(&["status"]).code == 0).then_some(())
+    });
+    a.wait_ready("slow", 2);
+    let b = Daemon::start("pg-part-b", &node_cfg(&url));
+    b.wait_ready("slow", 2);
+    // A runs a job (B is paused meanwhile, so that A claims it).
+    b.ctl(&["pause", "slow"]);
+    let id = a.submit_id(&["slow", "--input", "3000"]);
+    let sql = format!("SELECT state FROM jobvisor_jobs WHERE id = {id}");
+    wait_for("the job running on A", DEADLINE, || {
+        (pg.psql("jv", &sql) == "1").then_some(())
+    });
+    b.ctl(&["resume", "slow"]);
+    // The partition: A's heartbeats stop reaching the server; B's sweep
+    // declares A dead and B runs the job again.
+    let cut = std::time::Instant::now();
+    ns.link(false);
+    wait_for("B to take the job over", DEADLINE, || {
+        (b.job_doc(id)["attempts"].as_array().map(Vec::len) == Some(2)).then_some(())
+    });
+    eprintln!(
+        "the partitioned node's job ran again after {:?}",
+        cut.elapsed()
+    );
+    let j = b.wait_state(id, "succeeded");
+    // A's worker finished its attempt meanwhile; once the link is back,
+    // A's result reaches the server and is refused (fenced), and A rejoins.
+    ns.link(true);
+    wait_for(
+        "A's refusal in its log",
+        std::time::Duration::from_secs(60),
+        || a.log_text().contains("refused").then_some(()),
+    );
+    let j2 = b.job_doc(id);
+    assert_eq!(j2, j, "the job's record changed after A's late result");
+    assert_eq!(j["attempts"][0]["outcome"], "lost", "{j}");
+    assert_eq!(j["attempts"][1]["outcome"], "succeeded", "{j}");
+    // A rejoined: it runs jobs again.
+    wait_for(
+        "A back in the cluster",
+        std::time::Duration::from_secs(60),
+        || a.log_text().contains("rejoins").then_some(()),
+    );
+    b.ctl(&["pause", "slow"]);
+    let again = a.submit_id(&["slow", "--input", "1"]);
+    a.wait_state(again, "succeeded");
 }

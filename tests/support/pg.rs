@@ -133,25 +133,7 @@ impl TestPg {
                 "--no-sync",
             ],
         );
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=100",
-            pg.dir.display()
-        );
-        pg.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                pg.dir.join("server.log").to_str().unwrap(),
-                "-o",
-                &opts,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
+        pg.pg_ctl("start", &["-o", &pg.options("127.0.0.1")]);
         Some(pg)
     }
 
@@ -244,27 +226,50 @@ impl TestPg {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The server's options, listening on `addresses`.
+    fn options(&self, addresses: &str) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses={addresses} -c fsync=on -c max_connections=100",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    /// Restarts the server listening on `addr` too (an address of this
+    /// host, such as a veth's), trusting clients from `net` (CIDR).
+    pub fn listen_also(&self, addr: &str, net: &str) {
+        let data = self.dir.join("data");
+        let hba = data.join("pg_hba.conf");
+        let mut text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        text.push_str(&format!("host all all {net} trust\n"));
+        std::fs::write(&hba, text).expect("write pg_hba.conf");
+        self.pg_ctl(
+            "restart",
+            &[
+                "-o",
+                &self.options(&format!("'127.0.0.1,{addr}'")),
+                "-m",
+                "fast",
+            ],
+        );
+    }
+
     /// Restarts the server with `pg_ctl restart -m immediate` (a crash for
     /// it: recovery from its WAL on start).
     pub fn restart_immediate(&self) {
+        self.pg_ctl("restart", &["-m", "immediate"]);
+    }
+
+    /// `pg_ctl ACTION` on the data directory, its output to the server's
+    /// log (else `output()` would wait for the server to end), waiting up
+    /// to 60 s.
+    fn pg_ctl(&self, action: &str, extra: &[&str]) {
         let data = self.dir.join("data");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                // Else the server's output is pg_ctl's, and `output()`
-                // waits for it to end.
-                "-l",
-                self.dir.join("server.log").to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "-t",
-                "60",
-                "restart",
-            ],
-        );
+        let log = self.dir.join("server.log");
+        let mut args = vec!["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-w", "-t", "60", action]);
+        self.run("pg_ctl", &args);
     }
 }
 

@@ -37,6 +37,8 @@ pub(super) const SCHEMA_VERSION: i32 = 5;
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// See [`connect`].
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Base of the keys of the advisory locks jobvisor takes.
@@ -256,7 +258,7 @@ pub(super) struct Pg {
 impl Pg {
     /// Connects, takes the node lock, creates or migrates the schema.
     pub(super) fn open(url: &str) -> Result<Pg, StoreError> {
-        let client = Client::connect(url, NoTls).map_err(|e| pg_error(url, "cannot connect", e))?;
+        let client = connect(url).map_err(|e| pg_error(url, "cannot connect", e))?;
         let mut pg = Pg {
             url: url.to_string(),
             client,
@@ -429,7 +431,7 @@ impl Pg {
         })
     }
 
-    /// Reconnects if the connection is gone.
+    /// Reconnects if the connection is gone (see [`connect`]).
     fn ensure_connected(&mut self) -> Result<(), String> {
         if self.suspect && !self.client.is_closed() && self.client.is_valid(PING_TIMEOUT).is_ok() {
             self.suspect = false;
@@ -437,12 +439,36 @@ impl Pg {
         if !self.suspect && !self.client.is_closed() {
             return Ok(());
         }
-        let mut config: postgres::Config = self.url.parse().map_err(|e| one_line(&e))?;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        self.client = config.connect(NoTls).map_err(|e| one_line(&e))?;
+        self.client = connect(&self.url).map_err(|e| one_line(&e))?;
         self.suspect = false;
         Ok(())
     }
+}
+
+/// A connection to `url`. Unless the URL sets them: at most
+/// [`CONNECT_TIMEOUT`] to connect; data unacknowledged for
+/// [`TCP_USER_TIMEOUT`] (a partition, a server host gone) breaks the
+/// connection rather than blocking the store thread for the kernel's ~15
+/// minutes; an idle connection (the listener's) is probed after 5 s of
+/// silence, so a lost link is noticed within ~10 s.
+pub(super) fn connect(url: &str) -> Result<Client, postgres::Error> {
+    let mut config: postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(5));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(1));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(5);
+    }
+    config.connect(NoTls)
 }
 
 mod cluster;

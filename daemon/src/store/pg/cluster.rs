@@ -513,13 +513,10 @@ pub(in crate::store) fn listen(
     use postgres::fallible_iterator::FallibleIterator;
     use std::sync::atomic::Ordering;
     while !closed.load(Ordering::Relaxed) {
-        let connected = url
-            .parse::<postgres::Config>()
-            .and_then(|mut c| c.connect_timeout(CONNECT_TIMEOUT).connect(NoTls))
-            .and_then(|mut c| {
-                c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done")
-                    .map(|()| c)
-            });
+        let connected = super::connect(&url).and_then(|mut c| {
+            c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done")
+                .map(|()| c)
+        });
         if let Ok(mut client) = connected {
             // A (re)connection may have missed notifications: the store
             // thread polls its demands once at once.
