@@ -53,6 +53,10 @@ def settings_text(variant: str, procs: int) -> str:
 def make_app(dsn: str, latency_file: str | None = None):
     import procrastinate
 
+    # The app lives in this script, which runs as __main__; procrastinate warns
+    # about that (task lookup by dotted path), irrelevant here: the task has an
+    # explicit name and every process builds the same app.
+    logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
     state: dict = {"fh": None}
 
