@@ -800,6 +800,7 @@ impl Reactor {
             Completion::Claimed { pool, jobs } => self.core.on_claimed(pool, jobs),
             Completion::RemoteDone { ids } => self.core.on_remote_done(ids),
             Completion::Fenced { ids } => self.core.on_fenced(ids),
+            Completion::CancelRequested { ids } => self.core.on_remote_cancel(ids, Instant::now()),
             Completion::Ids { start, end } => self.core.on_ids(start, end),
         }
     }

@@ -404,7 +404,8 @@ pub enum Query {
     /// What the operator should know of the store ([`QueryResult::Warnings`]).
     Warnings,
     /// Not a pure read (PostgreSQL): cancels job `id` if it is queued and
-    /// no node holds it; answered with [`QueryResult::Cancel`].
+    /// no node holds it, else asks the node that holds it to cancel it;
+    /// answered with [`QueryResult::Cancel`].
     CancelQueued {
         /// The job.
         id: u64,
@@ -470,6 +471,8 @@ pub enum QueryResult {
         cancelled: bool,
         /// The job as it is now.
         doc: Option<JobDoc>,
+        /// Not cancelled here: the node that holds it was asked to.
+        requested_on: Option<u64>,
     },
 }
 
@@ -533,6 +536,12 @@ pub enum Completion {
     },
     /// Watched jobs ([`Op::Watch`]) that have finished.
     RemoteDone {
+        /// The jobs.
+        ids: Vec<u64>,
+    },
+    /// Another node asked this one to cancel these jobs, which this node
+    /// holds (`jobvisorctl cancel` there; the client was checked there).
+    CancelRequested {
         /// The jobs.
         ids: Vec<u64>,
     },
@@ -909,6 +918,7 @@ impl Store {
                     | Completion::Claimed { .. }
                     | Completion::RemoteDone { .. }
                     | Completion::Fenced { .. }
+                    | Completion::CancelRequested { .. }
                     | Completion::Ids { .. } => {}
                 }
                 Some(c)

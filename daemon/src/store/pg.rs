@@ -32,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 5;
+pub(super) const SCHEMA_VERSION: i32 = 6;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -138,6 +138,10 @@ CREATE INDEX jobvisor_keys_job ON jobvisor_keys (job);
 CREATE TABLE jobvisor_sem_holds (sem text NOT NULL, job bigint NOT NULL, PRIMARY KEY (sem, job));
 CREATE INDEX jobvisor_sem_holds_job ON jobvisor_sem_holds (job);
 ";
+
+/// Version 6: a node asks the node holding a job to cancel it.
+const SCHEMA_V6: &str =
+    "ALTER TABLE jobvisor_jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;";
 
 /// Columns of a finished row, in `jobvisor_done`'s order.
 const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
@@ -355,6 +359,10 @@ impl Pg {
         if version < 5 {
             tx.batch_execute(SCHEMA_V5)
                 .map_err(fail("cannot migrate the schema to version 5"))?;
+        }
+        if version < 6 {
+            tx.batch_execute(SCHEMA_V6)
+                .map_err(fail("cannot migrate the schema to version 6"))?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(

@@ -114,7 +114,8 @@ impl Harness {
                 // Answers to cluster ops, which only their tests wait for.
                 Completion::Claimed { .. }
                 | Completion::RemoteDone { .. }
-                | Completion::Ids { .. } => {}
+                | Completion::Ids { .. }
+                | Completion::CancelRequested { .. } => {}
                 c @ (Completion::Failed { .. }
                 | Completion::InsertsFailed { .. }
                 | Completion::Fenced { .. }) => {

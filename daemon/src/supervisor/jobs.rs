@@ -1080,16 +1080,14 @@ impl Supervisor {
             (
                 QueryPurpose::Cancel { client, id },
                 QueryResult::Cancel {
-                    doc: Some(d),
-                    cancelled: false,
+                    requested_on: Some(node),
+                    ..
                 },
-            ) if !d.state.is_terminal() => self.reply(
+            ) => self.reply(
                 client,
-                Response::Error {
-                    kind: ipc_proto::control::ErrorKind::Failed,
+                Response::Ok {
                     message: format!(
-                        "job {id} is {} on another node, which holds it; cancel it there (`jobvisorctl status --cluster` lists the nodes)",
-                        d.state.as_str()
+                        "job {id} is held by node {node}, which was asked to cancel it; `jobvisorctl wait {id}` waits for its end"
                     ),
                 },
             ),
@@ -1246,7 +1244,7 @@ impl Supervisor {
     /// `cancel ID`.
     pub fn cancel(&mut self, client: ClientId, id: u64, now: Instant) {
         let viewer = self.viewer(client);
-        let Some(job) = self.jt.jobs.get_mut(&id).filter(|j| viewer.sees(j.owner)) else {
+        if !self.jt.jobs.get(&id).is_some_and(|j| viewer.sees(j.owner)) {
             let owner = viewer.filter();
             // With a cluster the job may be queued in the shared table.
             let query = match self.cluster {
@@ -1259,8 +1257,24 @@ impl Supervisor {
             };
             self.query(query, QueryPurpose::Cancel { client, id });
             return;
+        }
+        let resp = match self.cancel_here(id, now) {
+            Ok(message) => Response::Ok { message },
+            Err(message) => Response::Error {
+                kind: ipc_proto::control::ErrorKind::Failed,
+                message,
+            },
         };
-        let msg = match &job.phase {
+        self.reply(client, resp);
+    }
+
+    /// Cancels job `id`, which is in memory here: a queued one ends at
+    /// once, a running one's worker is asked to stop it.
+    pub(super) fn cancel_here(&mut self, id: u64, now: Instant) -> Result<String, String> {
+        let Some(job) = self.jt.jobs.get_mut(&id) else {
+            return Err(format!("job {id} is not here"));
+        };
+        match &job.phase {
             JobPhase::Queued => {
                 let pool = job.pool.clone();
                 if let Some(p) = self.pools.get_mut(&pool) {
@@ -1304,15 +1318,7 @@ impl Supervisor {
                 "job {id} already {}; nothing to cancel",
                 f.state.as_str()
             )),
-        };
-        let resp = match msg {
-            Ok(message) => Response::Ok { message },
-            Err(message) => Response::Error {
-                kind: ipc_proto::control::ErrorKind::Failed,
-                message,
-            },
-        };
-        self.reply(client, resp);
+        }
     }
 
     /// Who `client` is: its jobs are its uid's, and it sees only those

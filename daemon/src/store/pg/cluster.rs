@@ -190,6 +190,13 @@ impl Pg {
         let err = |e: postgres::Error| one_line(&e);
         let now = crate::store::db::now_ms();
         let mut tx = self.client.transaction().map_err(err)?;
+        // A claim need not wait for the WAL flush: if the server loses it
+        // (a crash), the job is simply unclaimed again, another node may
+        // run it, and this node's result for it is fenced. At least once,
+        // and the record stays the other node's: nothing is lost or
+        // recorded twice. Finished jobs' rows keep the server's setting.
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .map_err(err)?;
         let mut max = i64::from(max.max(1));
         let mut sem_names: Vec<&str> = sems.iter().map(|(n, _)| n.as_str()).collect();
         sem_names.sort_unstable();
@@ -326,12 +333,15 @@ impl Pg {
     }
 
     /// Cancels job `id` if it is queued and no node holds it (it moves to
-    /// `jobvisor_done`, and waiters anywhere hear of it); false otherwise.
+    /// `jobvisor_done`, and waiters anywhere hear of it): `(true, None)`.
+    /// If a node holds it, marks it `cancel_requested` and tells that node
+    /// (`jobvisor_cancel`, payload `NODE:ID`), which cancels it as its own:
+    /// `(false, Some(node))`.
     pub(super) fn cancel_queued(
         &mut self,
         id: u64,
         owner: Option<u32>,
-    ) -> Result<bool, postgres::Error> {
+    ) -> Result<(bool, Option<u64>), postgres::Error> {
         let now = to_i64(crate::store::db::now_ms());
         let mut tx = self.client.transaction()?;
         let day = now / DAY_MS;
@@ -353,9 +363,25 @@ impl Pg {
         )?;
         let ids: Vec<i64> = moved.iter().map(|r| r.get(0)).collect();
         notify_done(&mut tx, &ids)?;
+        let mut requested_on = None;
+        if ids.is_empty() {
+            let held = tx.query_opt(
+                "UPDATE jobvisor_jobs SET cancel_requested = true WHERE id = $1 \
+                 AND ($2::bigint IS NULL OR owner = $2) AND node IS NOT NULL RETURNING node",
+                &[&to_i64(id), &owner.map(i64::from)],
+            )?;
+            if let Some(row) = held {
+                let node: i64 = row.get(0);
+                tx.execute(
+                    "SELECT pg_notify('jobvisor_cancel', $1)",
+                    &[&format!("{node}:{id}")],
+                )?;
+                requested_on = Some(to_u64(node));
+            }
+        }
         tx.commit()?;
         self.days.insert(day);
-        Ok(!ids.is_empty())
+        Ok((!ids.is_empty(), requested_on))
     }
 
     /// The nodes alive, and those gone within the last hour.
@@ -425,6 +451,26 @@ impl Pg {
             ));
         }
         Ok(out)
+    }
+
+    /// The jobs this node holds that another node asked it to cancel.
+    pub(super) fn cancels_requested(&mut self) -> Result<Vec<u64>, String> {
+        self.ensure_connected()?;
+        Ok(self
+            .client
+            .query(
+                "SELECT id FROM jobvisor_jobs WHERE node = $1 AND cancel_requested",
+                &[&self.node],
+            )
+            .map_err(|e| one_line(&e))?
+            .iter()
+            .map(|r| to_u64(r.get(0)))
+            .collect())
+    }
+
+    /// This node's id.
+    pub(super) fn node(&self) -> i64 {
+        self.node
     }
 
     /// Which of `ids` have finished (are in `jobvisor_done`).
@@ -502,7 +548,7 @@ pub(super) fn notify_done(
     Ok(())
 }
 
-/// The listener thread: its own connection, `LISTEN`ing to both channels,
+/// The listener thread: its own connection, `LISTEN`ing to the channels,
 /// each notification forwarded to the store thread; reconnects after a
 /// second when the connection is lost, and ends once `closed` is set.
 pub(in crate::store) fn listen(
@@ -514,7 +560,7 @@ pub(in crate::store) fn listen(
     use std::sync::atomic::Ordering;
     while !closed.load(Ordering::Relaxed) {
         let connected = super::connect(&url).and_then(|mut c| {
-            c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done")
+            c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done; LISTEN jobvisor_cancel")
                 .map(|()| c)
         });
         if let Ok(mut client) = connected {
@@ -533,6 +579,16 @@ pub(in crate::store) fn listen(
                     Ok(Some(n)) => {
                         let notice = match n.channel() {
                             "jobvisor_queued" => Notice::Queued(n.payload().to_string()),
+                            "jobvisor_cancel" => {
+                                let Some((node, id)) = n
+                                    .payload()
+                                    .split_once(':')
+                                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                                else {
+                                    continue;
+                                };
+                                Notice::Cancel { node, id }
+                            }
                             _ => Notice::Done(
                                 n.payload()
                                     .split(',')
@@ -563,6 +619,13 @@ pub(in crate::store) enum Notice {
     Done(Vec<u64>),
     /// The listener (re)connected: notifications may have been missed.
     Reconnected,
+    /// Node `node` is asked to cancel job `id`.
+    Cancel {
+        /// The node holding the job.
+        node: i64,
+        /// The job.
+        id: u64,
+    },
 }
 
 /// A pool's semaphores and their limits.
@@ -576,4 +639,7 @@ pub(super) struct ClusterState {
     pub(super) demands: BTreeMap<String, (u32, Sems)>,
     /// Jobs whose end someone here waits for.
     pub(super) watch: HashSet<u64>,
+    /// Jobs this node was asked to cancel, as of the last poll (each is
+    /// passed on once).
+    pub(super) cancels: HashSet<u64>,
 }

@@ -16,7 +16,7 @@ impl Pg {
             Query::Nodes => self.nodes().map_err(read).map(QueryResult::Nodes),
             Query::Warnings => self.warnings().map_err(read).map(QueryResult::Warnings),
             Query::CancelQueued { id, owner } => {
-                let cancelled = self.cancel_queued(*id, *owner).map_err(read)?;
+                let (cancelled, requested_on) = self.cancel_queued(*id, *owner).map_err(read)?;
                 let doc = match self.query(&Query::Job {
                     id: *id,
                     owner: *owner,
@@ -25,7 +25,11 @@ impl Pg {
                     QueryResult::Job(doc) => doc,
                     _ => None,
                 };
-                Ok(QueryResult::Cancel { cancelled, doc })
+                Ok(QueryResult::Cancel {
+                    cancelled,
+                    doc,
+                    requested_on,
+                })
             }
             Query::Job { id, owner, output } => {
                 let row = self

@@ -6,6 +6,7 @@
 use super::cluster::{ClusterState, Notice, HEARTBEAT, POLL};
 use super::read::Retention;
 use super::*;
+use std::collections::HashSet;
 
 /// Pruning runs at most this often, one chunk per statement.
 pub(super) const PRUNE_EVERY: Duration = if cfg!(test) {
@@ -131,6 +132,13 @@ pub(in crate::store) fn run(
                     }
                 }
                 Notice::Reconnected => poll_all = true,
+                Notice::Cancel { node, id } if node == pg.node() => {
+                    if cluster.cancels.insert(id) {
+                        let _ = done.send(Completion::CancelRequested { ids: vec![id] });
+                        remote_done = true;
+                    }
+                }
+                Notice::Cancel { .. } => {}
             }
         }
         if now >= beat_at {
@@ -150,6 +158,9 @@ pub(in crate::store) fn run(
         }
         if batch.is_empty() && !closing {
             let mut sent = claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
+            if poll_all {
+                sent |= poll_cancels(&mut pg, &mut cluster, &done);
+            }
             if poll_all && !cluster.watch.is_empty() {
                 let all: Vec<u64> = cluster.watch.iter().copied().collect();
                 sent |= report_finished(&mut pg, &mut cluster, &done, &all);
@@ -350,6 +361,23 @@ fn claim_held(
         }
     }
     sent
+}
+
+/// Passes on the cancels asked of this node that were not yet (their
+/// notification missed); true if it sent any.
+fn poll_cancels(pg: &mut Pg, cluster: &mut ClusterState, done: &mpsc::Sender<Completion>) -> bool {
+    let Ok(now) = pg.cancels_requested() else {
+        pg.suspect = true;
+        return false;
+    };
+    let now: HashSet<u64> = now.into_iter().collect();
+    let new: Vec<u64> = now.difference(&cluster.cancels).copied().collect();
+    cluster.cancels = now;
+    if new.is_empty() {
+        return false;
+    }
+    let _ = done.send(Completion::CancelRequested { ids: new });
+    true
 }
 
 /// Reports which of the watched `ids` have finished (a poll: their

@@ -177,6 +177,20 @@ impl Supervisor {
         }
     }
 
+    /// Another node asked this one to cancel jobs it holds (its client was
+    /// checked there): each is cancelled as a local `cancel` would.
+    pub fn on_remote_cancel(&mut self, ids: Vec<u64>, now: Instant) {
+        for id in ids {
+            if !self.jt.jobs.contains_key(&id) {
+                continue;
+            }
+            let what = match self.cancel_here(id, now) {
+                Ok(m) | Err(m) => m,
+            };
+            self.log(Level::Info, format!("cancel from another node: {what}"));
+        }
+    }
+
     /// Final rows the store refused: this node was declared dead while it
     /// ran them, and they run elsewhere; their waiters wait for that.
     pub fn on_fenced(&mut self, ids: Vec<u64>) {
