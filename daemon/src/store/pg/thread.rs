@@ -244,6 +244,12 @@ pub(in crate::store) fn run(
                             cluster.watch.insert(*id);
                             watched.push(*id);
                         }
+                        // Jobs stored here: this node's own demand for
+                        // their pool claims now, not on the notification's
+                        // round trip through the server.
+                        Op::Insert(job) if !wake_pools.contains(&job.pool) => {
+                            wake_pools.push(job.pool.clone());
+                        }
                         Op::ReserveIds => match pg.reserve_ids() {
                             Ok((start, end)) => {
                                 let _ = done.send(Completion::Ids { start, end });
