@@ -15,6 +15,7 @@ fn cases() -> Vec<(&'static str, String, u32, &'static str)> {
         ("unknown daemon key", "[daemon]\ncontrol_socket = \"ctl.sock\"\nstate_dir = \"state\"\nsocket_mod = \"0600\"\n".into(), 4, "daemon.socket_mod"),
         ("unknown pool key", pool("timout = \"5s\""), 6, "pools.echo.timout"),
         ("store.notify not a boolean", format!("{head}[store]\nnotify = \"off\"\n"), 5, "store.notify"),
+        ("store.node_timeout too short", format!("{head}[store]\nnode_timeout = \"1s\"\n"), 5, "store.node_timeout"),
         ("store.xmin_warning of zero", format!("{head}[store]\nxmin_warning = \"0s\"\n"), 5, "store.xmin_warning"),
         ("workers = 0", pool("workers = 0"), 6, "pools.echo.workers"),
         ("workers as string", pool("workers = \"two\""), 6, "pools.echo.workers"),

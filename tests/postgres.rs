@@ -132,6 +132,11 @@ fn a_store_url_that_is_not_postgres_is_a_config_error() {
     );
 }
 
+/// The longest a test waits for a node to take over another's job: the
+/// default `node_timeout` (10 s), a sweep (1 s), a claim, on a loaded
+/// machine.
+const TAKEOVER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A node's config: its own directory, the shared store.
 fn node_cfg(url: &str) -> String {
     format!(
@@ -266,13 +271,13 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
     }
     let b = Daemon::start("pg-fail-b", &node_cfg(&url));
     b.wait_ready("slow", 2);
-    // A is killed: within 20 s B has them (heartbeats stop; a sweep
-    // requeues; B claims), and they succeed there.
+    // A is killed: within 20 s B has them (heartbeats stop; 10 s later a
+    // sweep requeues; B claims), and they succeed there.
     let started = std::time::Instant::now();
     kill(a.pid(), Signal::SIGKILL);
     a.wait_exit(DEADLINE);
     for id in &long {
-        wait_for("the job running on B", DEADLINE, || {
+        wait_for("the job running on B", TAKEOVER, || {
             (b.job_doc(*id)["attempts"].as_array().map(Vec::len) == Some(2)).then_some(())
         });
     }
@@ -302,7 +307,7 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
     });
     b.ctl(&["resume", "slow"]);
     kill(a.pid(), Signal::SIGSTOP);
-    wait_for("B to take the job over", DEADLINE, || {
+    wait_for("B to take the job over", TAKEOVER, || {
         (b.job_doc(id)["attempts"].as_array().map(Vec::len) == Some(2)).then_some(())
     });
     kill(a.pid(), Signal::SIGCONT);
@@ -347,6 +352,10 @@ fn a_queued_job_of_the_cluster_is_cancelled_from_any_node() {
         assert_eq!(d.ctl(&["pause", "slow"]).code, 0);
     }
     let id = a.submit_id(&["slow", "--input", "1"]);
+    // Either node's status counts it: `queued` is the shared queue's.
+    for d in [&a, &b] {
+        assert_eq!(d.pool("slow")["queued"], 1, "{}", d.pool("slow"));
+    }
     let r = b.ctl(&["cancel", &id.to_string()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let j = a.wait_state(id, "cancelled");
@@ -747,7 +756,7 @@ fn a_partitioned_nodes_jobs_run_elsewhere_and_its_late_result_is_refused() {
     // declares A dead and B runs the job again.
     let cut = std::time::Instant::now();
     ns.link(false);
-    wait_for("B to take the job over", DEADLINE, || {
+    wait_for("B to take the job over", TAKEOVER, || {
         (b.job_doc(id)["attempts"].as_array().map(Vec::len) == Some(2)).then_some(())
     });
     eprintln!(

@@ -1278,7 +1278,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 mod store;
-pub use store::{StoreConfig, DEFAULT_XMIN_WARNING};
+pub use store::{StoreConfig, DEFAULT_NODE_TIMEOUT, DEFAULT_XMIN_WARNING};
 
 #[cfg(test)]
 mod tests;

@@ -719,7 +719,15 @@ impl Reactor {
                         store.submit(op);
                     }
                 }
-                Action::Reply { client, resp } => self.reply(client, &resp),
+                Action::Reply { client, mut resp } => {
+                    // A status the core answered after a store query.
+                    if let Response::Status(report) = &mut resp {
+                        for p in &mut report.pools {
+                            clients::fill_rss(&mut p.workers);
+                        }
+                    }
+                    self.reply(client, &resp)
+                }
                 Action::ReplyJob {
                     client,
                     doc,

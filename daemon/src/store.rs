@@ -403,6 +403,9 @@ pub enum Query {
     Nodes,
     /// What the operator should know of the store ([`QueryResult::Warnings`]).
     Warnings,
+    /// PostgreSQL: the jobs queued in the shared queue that no node holds,
+    /// per pool ([`QueryResult::QueueCounts`]).
+    QueueCounts,
     /// Not a pure read (PostgreSQL): cancels job `id` if it is queued and
     /// no node holds it, else asks the node that holds it to cancel it;
     /// answered with [`QueryResult::Cancel`].
@@ -464,6 +467,8 @@ pub enum QueryResult {
     Nodes(Vec<ipc_proto::control::NodeStatus>),
     /// [`Query::Warnings`].
     Warnings(Vec<String>),
+    /// [`Query::QueueCounts`]: (pool, jobs).
+    QueueCounts(Vec<(String, u64)>),
     /// [`Query::CancelQueued`]: whether it was cancelled now, and the job's
     /// document (`None`: unknown, or not the client's).
     Cancel {
@@ -787,6 +792,7 @@ impl Store {
         let mut pg = pg::Pg::open(url)?;
         pg.notify = config.notify;
         pg.xmin_warning = config.xmin_warning;
+        pg.node_timeout = config.node_timeout;
         let recovered = pg.recover(db::now_ms())?;
         let path = PathBuf::from(pg.display());
         let workers = Arc::clone(&pg.workers);

@@ -3,7 +3,10 @@
 use super::*;
 
 /// Keys of `[store]`.
-const STORE_KEYS: &[&str] = &["url", "notify", "xmin_warning"];
+const STORE_KEYS: &[&str] = &["url", "notify", "xmin_warning", "node_timeout"];
+
+/// Default of `node_timeout`.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default of `xmin_warning`.
 pub const DEFAULT_XMIN_WARNING: Duration = Duration::from_secs(300);
@@ -22,6 +25,9 @@ pub struct StoreConfig {
     /// PostgreSQL: `status` warns of a transaction that has held back the
     /// server's cleanup (its xmin) for longer than this.
     pub xmin_warning: Duration,
+    /// PostgreSQL: a node whose last heartbeat (every second) is older than
+    /// this is declared dead and its jobs are queued again.
+    pub node_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -30,6 +36,7 @@ impl Default for StoreConfig {
             url: None,
             notify: true,
             xmin_warning: DEFAULT_XMIN_WARNING,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
         }
     }
 }
@@ -82,6 +89,17 @@ impl Walker<'_> {
                     }
                 },
                 "xmin_warning" => s.xmin_warning = self.positive_duration(v, &key)?,
+                "node_timeout" => {
+                    let d = self.duration(v, &key)?;
+                    if d < Duration::from_secs(3) {
+                        return Err(self.err(
+                            v.span(),
+                            &key,
+                            "must be at least \"3s\" (heartbeats are 1 s apart)",
+                        ));
+                    }
+                    s.node_timeout = d;
+                }
                 other => return Err(self.unknown_key(k, "store", other, STORE_KEYS)),
             }
         }

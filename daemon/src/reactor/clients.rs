@@ -78,7 +78,7 @@ fn peer_groups(stream: &mio::net::UnixStream) -> Vec<u32> {
 }
 
 /// Fills in the RSS of the workers that have a process.
-fn fill_rss(workers: &mut [ipc_proto::control::WorkerStatus]) {
+pub(super) fn fill_rss(workers: &mut [ipc_proto::control::WorkerStatus]) {
     for w in workers {
         if let Some(pid) = w.pid {
             w.rss_bytes = rss_bytes(pid);
@@ -636,6 +636,11 @@ impl Reactor {
     fn handle_admin(&mut self, client: u64, req: Request, now: Instant) -> Option<Response> {
         {
             Some(match req {
+                Request::Status { pool } if self.core.is_cluster() => {
+                    // Its shared queue's counts come from the store.
+                    self.core.status_of_cluster(client, pool, now);
+                    return None;
+                }
                 Request::Status { pool } => match self.core.status(pool.as_deref(), now) {
                     Ok(mut report) => {
                         for p in &mut report.pools {

@@ -818,6 +818,7 @@ impl Db {
                     "cancelling through the store is for a PostgreSQL store".to_string(),
                 )),
                 Query::Warnings => Ok(Ok(QueryResult::Warnings(Vec::new()))),
+                Query::QueueCounts => Ok(Ok(QueryResult::QueueCounts(Vec::new()))),
                 Query::Nodes => Ok(Err(
                     "the SQLite store has no other nodes; a cluster needs [store] url = \"postgres://…\""
                         .to_string(),

@@ -203,8 +203,11 @@ fn to_u64(v: i64) -> u64 {
 }
 
 /// Creates the `jobvisor_done` partition of `day` (if another session has
-/// not).
+/// not). `IF NOT EXISTS` alone is not safe against a concurrent creation
+/// (the second fails, "already exists"): creations take a lock first, held
+/// until their transaction ends.
 fn create_partition(tx: &mut postgres::Transaction<'_>, day: i64) -> Result<(), postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&(NODE_LOCK + 3)])?;
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS jobvisor_done_d{day} PARTITION OF jobvisor_done \
          FOR VALUES FROM ({}) TO ({})",
@@ -254,6 +257,8 @@ pub(super) struct Pg {
     pub(super) notify: bool,
     /// `[store] xmin_warning`.
     pub(super) xmin_warning: Duration,
+    /// `[store] node_timeout`: a node whose heartbeat is older is dead.
+    pub(super) node_timeout: Duration,
     /// The daemon's worker processes (set by the loop, see
     /// `Store::set_workers`), told with each heartbeat.
     pub(super) workers: Arc<std::sync::atomic::AtomicU32>,
@@ -274,6 +279,7 @@ impl Pg {
             holds: Default::default(),
             notify: true,
             xmin_warning: crate::config::DEFAULT_XMIN_WARNING,
+            node_timeout: crate::config::DEFAULT_NODE_TIMEOUT,
             workers: Default::default(),
         };
         pg.migrate()?;
@@ -403,6 +409,21 @@ impl Pg {
                     .ok()
             })
             .collect();
+        // Today's and tomorrow's partitions made ahead, so that finishing
+        // jobs seldom has to (one transaction at a time makes them).
+        let today = to_i64(crate::store::db::now_ms()) / DAY_MS;
+        let missing: Vec<i64> = [today, today + 1]
+            .into_iter()
+            .filter(|d| !self.days.contains(d))
+            .collect();
+        if !missing.is_empty() {
+            let mut tx = self.client.transaction()?;
+            for &day in &missing {
+                create_partition(&mut tx, day)?;
+            }
+            tx.commit()?;
+            self.days.extend(missing);
+        }
         Ok(())
     }
 

@@ -433,6 +433,12 @@ enum QueryPurpose {
     Warnings {
         client: ClientId,
     },
+    /// `status` of a cluster node: this node's report, to which the shared
+    /// queue's counts are added.
+    Status {
+        client: ClientId,
+        report: ipc_proto::control::StatusReport,
+    },
     /// The end of a job that ran elsewhere (cluster), for its waiters.
     Remote {
         id: u64,
@@ -480,7 +486,8 @@ impl QueryPurpose {
             | QueryPurpose::Retry { client, .. }
             | QueryPurpose::Prune { client }
             | QueryPurpose::Nodes { client }
-            | QueryPurpose::Warnings { client } => client,
+            | QueryPurpose::Warnings { client }
+            | QueryPurpose::Status { client, .. } => client,
             QueryPurpose::Remote { ref waiters, .. } => waiters.first().map_or(0, |w| w.client),
         }
     }
@@ -1014,9 +1021,13 @@ impl Supervisor {
             return;
         };
         self.backlog_sub(purpose.client());
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => {
+        let (purpose, result) = match (result, purpose) {
+            (Ok(r), p) => (p, r),
+            // The store is out of reach: this node's own figures still.
+            (Err(_), QueryPurpose::Status { client, report }) => {
+                return self.reply(client, Response::Status(report));
+            }
+            (Err(e), purpose) => {
                 let client = purpose.client();
                 self.reply(
                     client,
@@ -1132,6 +1143,14 @@ impl Supervisor {
             }
             (QueryPurpose::Warnings { client }, QueryResult::Warnings(lines)) => {
                 self.reply(client, Response::Warnings(lines))
+            }
+            (QueryPurpose::Status { client, mut report }, QueryResult::QueueCounts(counts)) => {
+                for p in &mut report.pools {
+                    if let Some((_, n)) = counts.iter().find(|(name, _)| *name == p.name) {
+                        p.queued += n;
+                    }
+                }
+                self.reply(client, Response::Status(report))
             }
             (p, _) => self.log(
                 Level::Error,

@@ -4,7 +4,7 @@
 //!
 //! - Every daemon is a **node**: a row of `jobvisor_nodes`, registered at
 //!   start, its `heartbeat_at` renewed every [`HEARTBEAT`] by the store
-//!   thread. A node silent for [`DEAD_AFTER_SECS`] is declared dead by
+//!   thread. A node silent for `[store] node_timeout` is declared dead by
 //!   whichever node sweeps first (a transaction-level advisory lock makes
 //!   the sweeps one at a time): its claimed and running jobs go back to the
 //!   queue (`node` cleared), and the nodes are woken.
@@ -26,8 +26,6 @@ use std::collections::HashSet;
 
 /// How often a node renews its heartbeat (and sweeps).
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A node whose heartbeat is older than this is dead.
-pub(super) const DEAD_AFTER_SECS: f64 = 5.0;
 /// Held demands are retried this often without a notification.
 pub(super) const POLL: Duration = Duration::from_secs(1);
 /// Job ids come in blocks of this many.
@@ -91,11 +89,13 @@ impl Pg {
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         let row = self.client.query_one(
-            "INSERT INTO jobvisor_nodes (host, pid, started_ms) VALUES ($1, $2, $3) RETURNING id",
+            "INSERT INTO jobvisor_nodes (host, pid, started_ms, workers) VALUES ($1, $2, $3, $4) \
+             RETURNING id",
             &[
                 &host,
                 &(std::process::id() as i32),
                 &to_i64(crate::store::db::now_ms()),
+                &(self.workers.load(std::sync::atomic::Ordering::Relaxed) as i32),
             ],
         )?;
         // Claims of an earlier registration stay: their updates are fenced
@@ -137,7 +137,8 @@ impl Pg {
             // The sweep that declared it dead freed its keys and semaphores.
             self.holds.clear();
             crate::warn!(
-                "this node (id {old}) was declared dead by the cluster (no heartbeat for {DEAD_AFTER_SECS} s); its jobs went back to the queue, and it rejoins as node {}",
+                "this node (id {old}) was declared dead by the cluster (no heartbeat for {:?}: cut off, stopped or starved of CPU); its jobs went back to the queue, and it rejoins as node {}",
+                self.node_timeout,
                 self.node
             );
         }
@@ -153,7 +154,7 @@ impl Pg {
             .query(
                 "UPDATE jobvisor_nodes SET gone = true WHERE NOT gone \
                  AND heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
-                &[&DEAD_AFTER_SECS],
+                &[&self.node_timeout.as_secs_f64()],
             )
             .map_err(err)?
             .iter()
@@ -166,7 +167,8 @@ impl Pg {
         let pools = requeue_nodes(&mut tx, &dead).map_err(err)?;
         tx.commit().map_err(err)?;
         crate::warn!(
-            "nodes {dead:?} stopped their heartbeats for {DEAD_AFTER_SECS} s: declared dead, their jobs are queued again"
+            "nodes {dead:?} sent no heartbeat for {:?}: declared dead, their jobs are queued again",
+            self.node_timeout
         );
         Ok(pools)
     }

@@ -15,6 +15,19 @@ impl Pg {
         match query {
             Query::Nodes => self.nodes().map_err(read).map(QueryResult::Nodes),
             Query::Warnings => self.warnings().map_err(read).map(QueryResult::Warnings),
+            Query::QueueCounts => self
+                .client
+                .query(
+                    "SELECT pool, count(*) FROM jobvisor_jobs WHERE state = 0 AND node IS NULL \
+                     GROUP BY pool",
+                    &[],
+                )
+                .map_err(read)
+                .map(|rows| {
+                    QueryResult::QueueCounts(
+                        rows.iter().map(|r| (r.get(0), to_u64(r.get(1)))).collect(),
+                    )
+                }),
             Query::CancelQueued { id, owner } => {
                 let (cancelled, requested_on) = self.cancel_queued(*id, *owner).map_err(read)?;
                 let doc = match self.query(&Query::Job {

@@ -142,6 +142,14 @@ pub(in crate::store) fn run(
             }
         }
         if now >= beat_at {
+            let late = now - beat_at;
+            if late > HEARTBEAT * 2 {
+                crate::warn!(
+                    "store {}: this node's heartbeat is {late:.1?} late (the machine is overloaded, or the store was slow); past node_timeout ({:?}) the other nodes declare it dead",
+                    pg.display(),
+                    pg.node_timeout
+                );
+            }
             match pg.heartbeat() {
                 Ok(pools) => wake_pools.extend(pools),
                 Err(e) => {

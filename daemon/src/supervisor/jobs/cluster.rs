@@ -98,6 +98,21 @@ impl Supervisor {
         self.query(Query::Nodes, QueryPurpose::Nodes { client });
     }
 
+    /// Whether nodes share the queues (a PostgreSQL store).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// `status` on a cluster node: this node's pools and workers, with
+    /// `queued` counting the jobs of the shared queue that no node holds
+    /// too (asked of the store; if it cannot answer, this node's alone).
+    pub fn status_of_cluster(&mut self, client: ClientId, pool: Option<String>, now: Instant) {
+        match self.status(pool.as_deref(), now) {
+            Ok(report) => self.query(Query::QueueCounts, QueryPurpose::Status { client, report }),
+            Err(e) => self.reply(client, e.into_response()),
+        }
+    }
+
     /// `status`: what the store would have the operator know.
     pub fn store_warnings(&mut self, client: ClientId) {
         self.query(Query::Warnings, QueryPurpose::Warnings { client });
