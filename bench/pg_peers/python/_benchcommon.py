@@ -184,10 +184,12 @@ async def wait_until(
     what: str,
     timeout: float,
     workers: Workers | None = None,
-    progress: Callable[[], str] | None = None,
+    progress: Callable[[], Awaitable[str]] | None = None,
 ) -> float:
     """Poll ``check`` every 100 ms until true; BenchError past ``timeout``.
-    Returns the monotonic time at which the check first succeeded."""
+    ``progress`` (a more expensive count) is only called every 10 s for the
+    log and on failure. Returns the monotonic time at which the check first
+    succeeded."""
     start = time.monotonic()
     deadline = start + timeout
     next_report = start + 10.0
@@ -196,12 +198,12 @@ async def wait_until(
             return time.monotonic()
         now = time.monotonic()
         if now > deadline:
-            extra = f" ({progress()})" if progress else ""
+            extra = f" ({await progress()})" if progress else ""
             raise BenchError(f"{what}: not done after {timeout:.0f}s{extra}")
         if workers is not None:
             workers.check_alive()
         if progress is not None and now >= next_report:
-            log(f"{what}: {progress()} after {now - start:.0f}s")
+            log(f"{what}: {await progress()} after {now - start:.0f}s")
             next_report = now + 10.0
         await asyncio.sleep(POLL_S)
 
