@@ -234,6 +234,29 @@ fn attempts_text(attempts: &[Attempt]) -> String {
     serde_json::to_string(attempts).expect("attempts serialize")
 }
 
+/// The connection's prepared statements, by text: a statement sent as
+/// text is parsed and planned on each call, and costs a round trip more.
+/// Emptied when the connection is replaced. (Prepared statements outlive
+/// the transactions that prepare them.)
+#[derive(Default)]
+pub(super) struct Stmts(HashMap<&'static str, postgres::Statement>);
+
+impl Stmts {
+    /// `sql` prepared on the connection of `tx`.
+    pub(super) fn get(
+        &mut self,
+        tx: &mut postgres::Transaction<'_>,
+        sql: &'static str,
+    ) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = tx.prepare(sql)?;
+        self.0.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
 /// The store's connection and what it knows.
 pub(super) struct Pg {
     url: String,
@@ -249,6 +272,8 @@ pub(super) struct Pg {
     /// Jobs this node claimed and has not finished: their claim numbers,
     /// which fence their updates.
     claims: HashMap<u64, i32>,
+    /// Prepared statements of `client`.
+    stmts: Stmts,
     /// Claimed jobs that hold a key or semaphores in the store (released
     /// when they leave this node).
     holds: std::collections::HashSet<u64>,
@@ -277,6 +302,7 @@ impl Pg {
             node: 0,
             claims: HashMap::new(),
             holds: Default::default(),
+            stmts: Stmts::default(),
             notify: true,
             xmin_warning: crate::config::DEFAULT_XMIN_WARNING,
             node_timeout: crate::config::DEFAULT_NODE_TIMEOUT,
@@ -469,6 +495,7 @@ impl Pg {
             return Ok(());
         }
         self.client = connect(&self.url).map_err(|e| one_line(&e))?;
+        self.stmts = Stmts::default();
         self.suspect = false;
         Ok(())
     }
@@ -497,7 +524,12 @@ pub(super) fn connect(url: &str) -> Result<Client, postgres::Error> {
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(5);
     }
-    config.connect(NoTls)
+    let mut client = config.connect(NoTls)?;
+    // Statements are prepared once (see `Stmts`) but planned on each call:
+    // a generic plan knows neither how many rows an array holds nor which
+    // pool is asked for.
+    client.batch_execute("SET plan_cache_mode = force_custom_plan")?;
+    Ok(client)
 }
 
 mod cluster;

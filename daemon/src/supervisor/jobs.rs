@@ -433,12 +433,9 @@ enum QueryPurpose {
     Warnings {
         client: ClientId,
     },
-    /// `status` of a cluster node: this node's report, to which the shared
-    /// queue's counts are added.
-    Status {
-        client: ClientId,
-        report: ipc_proto::control::StatusReport,
-    },
+    /// `status` of cluster nodes: the shared queue's counts, for the
+    /// reports in `JobTable::status_waiting`.
+    Status,
     /// The end of a job that ran elsewhere (cluster), for its waiters.
     Remote {
         id: u64,
@@ -486,8 +483,9 @@ impl QueryPurpose {
             | QueryPurpose::Retry { client, .. }
             | QueryPurpose::Prune { client }
             | QueryPurpose::Nodes { client }
-            | QueryPurpose::Warnings { client }
-            | QueryPurpose::Status { client, .. } => client,
+            | QueryPurpose::Warnings { client } => client,
+            // No client's: those waiting are counted one by one.
+            QueryPurpose::Status => ClientId::MAX,
             QueryPurpose::Remote { ref waiters, .. } => waiters.first().map_or(0, |w| w.client),
         }
     }
@@ -544,6 +542,13 @@ pub(super) struct JobTable {
     id_end: u64,
     spare_ids: Option<(u64, u64)>,
     ids_asked: bool,
+    /// The shared queue's counts per pool and when they were read (see
+    /// `status_of_cluster`).
+    queue_counts: Option<(Instant, Vec<(String, u64)>)>,
+    /// When the counts being read were asked for.
+    counts_asked: Option<Instant>,
+    /// Statuses waiting for the counts being read.
+    status_waiting: Vec<(ClientId, ipc_proto::control::StatusReport)>,
     /// Clients waiting for jobs that are not here (a cluster's).
     remote_waits: HashMap<u64, Vec<Waiter>>,
 }
@@ -1024,8 +1029,13 @@ impl Supervisor {
         let (purpose, result) = match (result, purpose) {
             (Ok(r), p) => (p, r),
             // The store is out of reach: this node's own figures still.
-            (Err(_), QueryPurpose::Status { client, report }) => {
-                return self.reply(client, Response::Status(report));
+            (Err(_), QueryPurpose::Status) => {
+                self.jt.counts_asked = None;
+                for (client, report) in std::mem::take(&mut self.jt.status_waiting) {
+                    self.backlog_sub(client);
+                    self.reply(client, Response::Status(report));
+                }
+                return;
             }
             (Err(e), purpose) => {
                 let client = purpose.client();
@@ -1144,13 +1154,14 @@ impl Supervisor {
             (QueryPurpose::Warnings { client }, QueryResult::Warnings(lines)) => {
                 self.reply(client, Response::Warnings(lines))
             }
-            (QueryPurpose::Status { client, mut report }, QueryResult::QueueCounts(counts)) => {
-                for p in &mut report.pools {
-                    if let Some((_, n)) = counts.iter().find(|(name, _)| *name == p.name) {
-                        p.queued += n;
-                    }
+            (QueryPurpose::Status, QueryResult::QueueCounts(counts)) => {
+                if let Some(asked) = self.jt.counts_asked.take() {
+                    self.jt.queue_counts = Some((asked, counts));
                 }
-                self.reply(client, Response::Status(report))
+                for (client, report) in std::mem::take(&mut self.jt.status_waiting) {
+                    self.backlog_sub(client);
+                    self.reply_status(client, report);
+                }
             }
             (p, _) => self.log(
                 Level::Error,

@@ -67,6 +67,7 @@ const SEM_LOCK_CLASS: i32 = 0x6a76_7365; // "jvse"
 /// pool), the pools using each semaphore (`sem:NAME`).
 pub(super) fn release_holds(
     tx: &mut postgres::Transaction<'_>,
+    st: &mut Stmts,
     ids: &[i64],
 ) -> Result<(), postgres::Error> {
     if ids.is_empty() {
@@ -79,7 +80,7 @@ pub(super) fn release_holds(
     if keys > 0 {
         wake.push("*".into());
     }
-    notify_pools(tx, &wake)
+    notify_pools(tx, st, &wake)
 }
 
 impl Pg {
@@ -164,7 +165,7 @@ impl Pg {
             tx.commit().map_err(err)?;
             return Ok(Vec::new());
         }
-        let pools = requeue_nodes(&mut tx, &dead).map_err(err)?;
+        let pools = requeue_nodes(&mut tx, &mut self.stmts, &dead).map_err(err)?;
         tx.commit().map_err(err)?;
         crate::warn!(
             "nodes {dead:?} sent no heartbeat for {:?}: declared dead, their jobs are queued again",
@@ -230,7 +231,8 @@ impl Pg {
                 return Ok(Vec::new());
             }
         }
-        let mut rows = tx.query(CLAIM, &[&pool, &max, &self.node]).map_err(err)?;
+        let claim = self.stmts.get(&mut tx, CLAIM).map_err(err)?;
+        let mut rows = tx.query(&claim, &[&pool, &max, &self.node]).map_err(err)?;
         rows.sort_by_key(|r| (std::cmp::Reverse(r.get::<_, i32>(2)), r.get::<_, i64>(0)));
         let mut jobs = Vec::new();
         let mut claims = Vec::new();
@@ -269,7 +271,7 @@ impl Pg {
                     ],
                 )
                 .map_err(err)?;
-                notify_done(&mut tx, &[to_i64(id)]).map_err(err)?;
+                notify_done(&mut tx, &mut self.stmts, &[to_i64(id)]).map_err(err)?;
                 ended.push(to_i64(id));
                 continue;
             }
@@ -299,7 +301,7 @@ impl Pg {
             });
         }
         // The key a job that ended here held.
-        release_holds(&mut tx, &ended).map_err(err)?;
+        release_holds(&mut tx, &mut self.stmts, &ended).map_err(err)?;
         if !sems.is_empty() && !jobs.is_empty() {
             let ids: Vec<i64> = jobs.iter().map(|j| to_i64(j.job.id)).collect();
             tx.execute(
@@ -322,7 +324,7 @@ impl Pg {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
         let mut tx = self.client.transaction().map_err(err)?;
-        requeue_nodes(&mut tx, &[self.node]).map_err(err)?;
+        requeue_nodes(&mut tx, &mut self.stmts, &[self.node]).map_err(err)?;
         tx.execute(
             "UPDATE jobvisor_nodes SET gone = true WHERE id = $1",
             &[&self.node],
@@ -364,7 +366,7 @@ impl Pg {
             ],
         )?;
         let ids: Vec<i64> = moved.iter().map(|r| r.get(0)).collect();
-        notify_done(&mut tx, &ids)?;
+        notify_done(&mut tx, &mut self.stmts, &ids)?;
         let mut requested_on = None;
         if ids.is_empty() {
             let held = tx.query_opt(
@@ -496,6 +498,7 @@ impl Pg {
 /// their pools; returns the pools.
 fn requeue_nodes(
     tx: &mut postgres::Transaction<'_>,
+    st: &mut Stmts,
     nodes: &[i64],
 ) -> Result<Vec<String>, postgres::Error> {
     let rows = tx.query(
@@ -509,46 +512,54 @@ fn requeue_nodes(
         .collect::<std::collections::BTreeSet<String>>()
         .into_iter()
         .collect();
-    release_holds(tx, &ids)?;
-    notify_pools(tx, &pools)?;
+    release_holds(tx, st, &ids)?;
+    notify_pools(tx, st, &pools)?;
     Ok(pools)
 }
 
 /// Wakes the nodes for `pools` (`jobvisor_queued`).
 pub(super) fn notify_pools(
     tx: &mut postgres::Transaction<'_>,
+    st: &mut Stmts,
     pools: &[String],
 ) -> Result<(), postgres::Error> {
     if !pools.is_empty() {
-        tx.execute(
-            "SELECT pg_notify('jobvisor_queued', p) FROM unnest($1::text[]) p",
-            &[&pools],
-        )?;
+        let notify = st.get(tx, NOTIFY_QUEUED)?;
+        tx.execute(&notify, &[&pools])?;
     }
     Ok(())
 }
 
-/// Tells the nodes that `ids` finished (`jobvisor_done`).
+/// Tells the nodes that `ids` finished (`jobvisor_done`): one statement,
+/// the ids comma-separated in payloads of at most [`NOTIFY_MAX`] bytes.
 pub(super) fn notify_done(
     tx: &mut postgres::Transaction<'_>,
+    st: &mut Stmts,
     ids: &[i64],
 ) -> Result<(), postgres::Error> {
-    let mut payload = String::new();
+    let mut payloads = vec![String::new()];
     for id in ids {
-        if payload.len() > NOTIFY_MAX {
-            tx.execute("SELECT pg_notify('jobvisor_done', $1)", &[&payload])?;
-            payload.clear();
+        let p = payloads.last_mut().expect("one at least");
+        if p.len() > NOTIFY_MAX {
+            payloads.push(String::new());
         }
-        if !payload.is_empty() {
-            payload.push(',');
+        let p = payloads.last_mut().expect("one at least");
+        if !p.is_empty() {
+            p.push(',');
         }
-        payload.push_str(&id.to_string());
+        p.push_str(&id.to_string());
     }
-    if !payload.is_empty() {
-        tx.execute("SELECT pg_notify('jobvisor_done', $1)", &[&payload])?;
+    if !ids.is_empty() {
+        let notify = st.get(tx, NOTIFY_DONE)?;
+        tx.execute(&notify, &[&payloads])?;
     }
     Ok(())
 }
+
+/// See [`notify_pools`].
+const NOTIFY_QUEUED: &str = "SELECT pg_notify('jobvisor_queued', p) FROM unnest($1::text[]) p";
+/// See [`notify_done`].
+const NOTIFY_DONE: &str = "SELECT pg_notify('jobvisor_done', p) FROM unnest($1::text[]) p";
 
 /// The listener thread: its own connection, `LISTEN`ing to the channels,
 /// each notification forwarded to the store thread; reconnects after a

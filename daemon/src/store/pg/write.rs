@@ -33,6 +33,8 @@ pub(super) const MOVE_MANY: &str = "WITH t AS (SELECT * FROM UNNEST($1::bigint[]
      m.max_attempts, m.timeout_ms, m.created_ms, t.finished_ms, t.error, t.attempts, m.owner, \
      m.input, m.input_memory_len, t.output, t.memory_len FROM m JOIN t ON t.id = m.id \
      RETURNING id";
+/// The highest id ever given, kept up.
+const MAX_ID: &str = "UPDATE jobvisor_meta SET value = GREATEST(value, $1) WHERE name = 'max_id'";
 /// Final updates of jobs already finished (a later replacement).
 pub(super) const DONE_UPDATE_MANY: &str = "UPDATE jobvisor_done AS j SET state = t.state, \
      attempts = t.attempts, output = t.output, error = t.error, finished_ms = t.finished_ms, \
@@ -138,8 +140,9 @@ impl Pg {
         }
         if !ins.id.is_empty() {
             let input: Vec<&[u8]> = ins.input.iter().map(|b| b.as_ref()).collect();
+            let st = self.stmts.get(&mut tx, INSERT_MANY).map_err(err)?;
             tx.execute(
-                INSERT_MANY,
+                &st,
                 &[
                     &ins.id,
                     &ins.pool,
@@ -155,13 +158,19 @@ impl Pg {
             )
             .map_err(err)?;
             let pools: std::collections::BTreeSet<String> = ins.pool.iter().cloned().collect();
-            cluster::notify_pools(&mut tx, &pools.into_iter().collect::<Vec<_>>()).map_err(err)?;
+            cluster::notify_pools(
+                &mut tx,
+                &mut self.stmts,
+                &pools.into_iter().collect::<Vec<_>>(),
+            )
+            .map_err(err)?;
         }
         if !done.id.is_empty() {
             let input: Vec<&[u8]> = done.input.iter().map(|b| b.as_ref()).collect();
             let output = done_upd.outputs();
+            let st = self.stmts.get(&mut tx, DONE_INSERT_MANY).map_err(err)?;
             tx.execute(
-                DONE_INSERT_MANY,
+                &st,
                 &[
                     &done.id,
                     &done.pool,
@@ -184,8 +193,9 @@ impl Pg {
             .map_err(err)?;
         }
         if !active.id.is_empty() {
+            let st = self.stmts.get(&mut tx, UPDATE_MANY).map_err(err)?;
             let updated: std::collections::HashSet<i64> = tx
-                .query(UPDATE_MANY, &active.params(&active.outputs(), &node))
+                .query(&st, &active.params(&active.outputs(), &node))
                 .map_err(err)?
                 .iter()
                 .map(|r| r.get(0))
@@ -198,8 +208,9 @@ impl Pg {
         }
         if !finished.id.is_empty() {
             let output = finished.outputs();
+            let st = self.stmts.get(&mut tx, MOVE_MANY).map_err(err)?;
             let moved: std::collections::HashSet<i64> = tx
-                .query(MOVE_MANY, &finished.params(&output, &node))
+                .query(&st, &finished.params(&output, &node))
                 .map_err(err)?
                 .iter()
                 .map(|r| r.get(0))
@@ -227,16 +238,13 @@ impl Pg {
                 .copied()
                 .filter(|&i| self.holds.contains(&to_u64(i)))
                 .collect();
-            cluster::release_holds(&mut tx, &freed).map_err(err)?;
+            cluster::release_holds(&mut tx, &mut self.stmts, &freed).map_err(err)?;
             moved_ids.extend(moved);
         }
-        cluster::notify_done(&mut tx, &moved_ids).map_err(err)?;
+        cluster::notify_done(&mut tx, &mut self.stmts, &moved_ids).map_err(err)?;
         if max_id > self.max_id {
-            tx.execute(
-                "UPDATE jobvisor_meta SET value = GREATEST(value, $1) WHERE name = 'max_id'",
-                &[&to_i64(max_id)],
-            )
-            .map_err(err)?;
+            let st = self.stmts.get(&mut tx, MAX_ID).map_err(err)?;
+            tx.execute(&st, &[&to_i64(max_id)]).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         self.max_id = max_id;

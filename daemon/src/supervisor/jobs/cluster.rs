@@ -16,6 +16,9 @@
 
 use super::*;
 
+/// The shared queue's counts in `status` are read again once older.
+const COUNTS_FRESH: Duration = Duration::from_secs(1);
+
 /// Ask for the next block of ids when fewer than this are left.
 const ID_LOW_WATER: u64 = 1 << 16;
 
@@ -105,12 +108,46 @@ impl Supervisor {
 
     /// `status` on a cluster node: this node's pools and workers, with
     /// `queued` counting the jobs of the shared queue that no node holds
-    /// too (asked of the store; if it cannot answer, this node's alone).
+    /// too (if the store cannot answer, this node's alone). Counting is a
+    /// scan of the queue's index, so it is done at most once per
+    /// [`COUNTS_FRESH`] whoever asks: statuses meanwhile share the last
+    /// counts, or wait for the ones being read.
     pub fn status_of_cluster(&mut self, client: ClientId, pool: Option<String>, now: Instant) {
-        match self.status(pool.as_deref(), now) {
-            Ok(report) => self.query(Query::QueueCounts, QueryPurpose::Status { client, report }),
-            Err(e) => self.reply(client, e.into_response()),
+        let report = match self.status(pool.as_deref(), now) {
+            Ok(r) => r,
+            Err(e) => return self.reply(client, e.into_response()),
+        };
+        let fresh = self
+            .jt
+            .queue_counts
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < COUNTS_FRESH);
+        if fresh {
+            return self.reply_status(client, report);
         }
+        *self.jt.backlog.entry(client).or_insert(0) += 1;
+        self.jt.status_waiting.push((client, report));
+        if self.jt.counts_asked.is_none() {
+            self.jt.counts_asked = Some(now);
+            self.query(Query::QueueCounts, QueryPurpose::Status);
+        }
+    }
+
+    /// Replies with `report`, its pools' `queued` counting the shared
+    /// queue's jobs as last read.
+    pub(super) fn reply_status(
+        &mut self,
+        client: ClientId,
+        mut report: ipc_proto::control::StatusReport,
+    ) {
+        if let Some((_, counts)) = &self.jt.queue_counts {
+            for p in &mut report.pools {
+                if let Some((_, n)) = counts.iter().find(|(name, _)| *name == p.name) {
+                    p.queued += n;
+                }
+            }
+        }
+        self.reply(client, Response::Status(report));
     }
 
     /// `status`: what the store would have the operator know.
