@@ -32,7 +32,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 6;
+pub(super) const SCHEMA_VERSION: i32 = 7;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -142,6 +142,19 @@ CREATE INDEX jobvisor_sem_holds_job ON jobvisor_sem_holds (job);
 /// Version 6: a node asks the node holding a job to cancel it.
 const SCHEMA_V6: &str =
     "ALTER TABLE jobvisor_jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;";
+
+/// Version 7: every index of the queue table costs each claim (an update
+/// that cannot be HOT: `node` is in the queue index's predicate) and each
+/// insert. Only the primary key, the queue index and two partial ones
+/// that hold no claimed row stay: `jobvisor_jobs_active` (no query used
+/// it) and `jobvisor_jobs_node` (used by sweeps and `status --cluster`,
+/// which now scan the table: both are rare) go; cancels asked of a node
+/// are found by a partial index of the rows that have one.
+const SCHEMA_V7: &str = "
+DROP INDEX jobvisor_jobs_active;
+DROP INDEX jobvisor_jobs_node;
+CREATE INDEX jobvisor_jobs_cancel ON jobvisor_jobs (node) WHERE cancel_requested;
+";
 
 /// Columns of a finished row, in `jobvisor_done`'s order.
 const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
@@ -395,6 +408,10 @@ impl Pg {
         if version < 6 {
             tx.batch_execute(SCHEMA_V6)
                 .map_err(fail("cannot migrate the schema to version 6"))?;
+        }
+        if version < 7 {
+            tx.batch_execute(SCHEMA_V7)
+                .map_err(fail("cannot migrate the schema to version 7"))?;
         }
         if version < SCHEMA_VERSION {
             tx.execute(

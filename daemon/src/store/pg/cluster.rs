@@ -391,12 +391,13 @@ impl Pg {
     /// The nodes alive, and those gone within the last hour.
     pub(super) fn nodes(&mut self) -> Result<Vec<ipc_proto::control::NodeStatus>, postgres::Error> {
         let rows = self.client.query(
-            "SELECT n.id, n.host, n.pid, n.started_ms, \
+            "WITH h AS (SELECT node, count(*) FILTER (WHERE state = 1) AS running, \
+             count(*) AS held FROM jobvisor_jobs WHERE node IS NOT NULL GROUP BY node) \
+             SELECT n.id, n.host, n.pid, n.started_ms, \
              (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint, NOT n.gone, n.workers, \
-             (SELECT count(*) FROM jobvisor_jobs j WHERE j.node = n.id AND j.state = 1), \
-             (SELECT count(*) FROM jobvisor_jobs j WHERE j.node = n.id) \
-             FROM jobvisor_nodes n WHERE NOT n.gone OR n.heartbeat_at > now() - interval '1 hour' \
-             ORDER BY n.id",
+             COALESCE(h.running, 0), COALESCE(h.held, 0) \
+             FROM jobvisor_nodes n LEFT JOIN h ON h.node = n.id \
+             WHERE NOT n.gone OR n.heartbeat_at > now() - interval '1 hour' ORDER BY n.id",
             &[],
         )?;
         Ok(rows
