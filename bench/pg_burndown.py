@@ -203,7 +203,8 @@ def ensure_venv():
 def driver_argv(system, servers, jobs, latency_jobs, procs):
     common = ["--jobs", str(jobs), "--latency-jobs", str(latency_jobs), "--procs", str(procs)]
     if system == "jobvisor":
-        return [sys.executable, os.path.join(PEERS, "jobvisor_bench.py"),
+        # The venv's python: its psycopg polls for the end, as the peers do.
+        return [ensure_venv(), os.path.join(PEERS, "jobvisor_bench.py"),
                 "--dsn", servers.createdb("jobvisor"), *common]
     if system in ("graphile-worker", "pg-boss"):
         d = ensure_node()

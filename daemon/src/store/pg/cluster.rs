@@ -52,6 +52,9 @@ const CLAIM: &str = "WITH c AS (SELECT id, key, priority FROM jobvisor_jobs q \
      RETURNING j.id, j.pool, j.priority, j.key, j.max_attempts, j.timeout_ms, j.created_ms, \
      j.attempts, j.owner, j.input, j.claim";
 
+/// This node's row, share-locked, if it is not declared dead.
+const NODE_ALIVE: &str = "SELECT 1 FROM jobvisor_nodes WHERE id = $1 AND NOT gone FOR SHARE";
+
 /// Frees the keys and semaphores `ids` hold; the ids of the jobs that
 /// held any, how many keys were freed and which semaphores.
 const RELEASE: &str = "WITH k AS (DELETE FROM jobvisor_keys WHERE job = ANY($1) RETURNING job), \
@@ -200,6 +203,16 @@ impl Pg {
         // recorded twice. Finished jobs' rows keep the server's setting.
         tx.batch_execute("SET LOCAL synchronous_commit = off")
             .map_err(err)?;
+        // Only while this node is alive, and it stays so until this claim
+        // commits: a sweep marking it dead waits for the share lock, then
+        // requeues what the claim took; a claim after the sweep finds the
+        // node gone and takes nothing (else its rows would name a dead
+        // node that no sweep looks at again).
+        let alive = self.stmts.get(&mut tx, NODE_ALIVE).map_err(err)?;
+        if tx.query_opt(&alive, &[&self.node]).map_err(err)?.is_none() {
+            tx.commit().map_err(err)?;
+            return Err("this node was declared dead; it rejoins at its next heartbeat".into());
+        }
         let mut max = i64::from(max.max(1));
         let mut sem_names: Vec<&str> = sems.iter().map(|(n, _)| n.as_str()).collect();
         sem_names.sort_unstable();
