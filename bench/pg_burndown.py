@@ -222,6 +222,15 @@ def driver_argv(system, servers, jobs, latency_jobs, procs):
             servers.createdb(system), *common]
 
 
+def label(row):
+    """The row's system, marked "(tuned)" when its settings are not the
+    library's defaults and its name does not say so already."""
+    name = row["system"]
+    if "tuned" in row.get("settings", "").lower() and "tuned" not in name:
+        name += " (tuned)"
+    return name
+
+
 def run_driver(system, argv):
     log(f"{system}: {' '.join(argv)}")
     t = time.monotonic()
@@ -236,9 +245,11 @@ def run_driver(system, argv):
         line = line.strip()
         if line.startswith("{"):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            row["system"] = label(row)
+            rows.append(row)
     if r.returncode != 0 or not rows:
         tail = (r.stderr or "").strip().splitlines()[-5:]
         rows.append({"system": system, "error": f"exit {r.returncode}: " + " | ".join(tail)})
@@ -330,13 +341,16 @@ def wait_for(what, cond, limit, step=0.05):
 # Documented defaults for the rescue of a dead worker's jobs, from the
 # peers' own documentation (sources in bench/README.md).
 RESCUE_DEFAULTS = [
-    ("Graphile Worker", "4 h (a locked job is unlocked after 4 hours)"),
-    ("pg-boss", "15 min (expireInSeconds default) + the 1 min maintenance/monitor interval"),
-    ("procrastinate", "never by itself: stalled jobs are retried by a call the user makes "
-                      "(retry_stalled_jobs / `procrastinate healthchecks`)"),
-    ("pgqueuer", "never by default (retry_timer off); with a heartbeat/retry_timer set, that"),
-    ("Celery + Redis", "1 h (visibility_timeout) with acks_late; lost with the default early ack"),
-    ("River (not run)", "1 h (RescueStuckJobsAfter)"),
+    ("Graphile Worker", "4 h to 4 h 10 min (a job stays locked 4 h; a sweep every 8-10 min "
+                        "unlocks older ones; not configurable in the open-source version)"),
+    ("pg-boss", "15 to 17 min (expireIn 15 min, checked by maintenance every 2 min in the "
+                "10.4.2 code, 1 min in its docs)"),
+    ("procrastinate", "never by itself (stalled after 30 s without a heartbeat, retried only "
+                      "by a periodic task the user adds; the docs' example runs every 10 min)"),
+    ("pgqueuer", "30 s (heartbeat_timeout: a picked job whose heartbeat is older is picked "
+                 "again)"),
+    ("Celery + Redis", "lost (acks early, the default); with acks_late, 1 h (visibility_timeout)"),
+    ("River (not run)", "1 h (its rescuer's default)"),
 ]
 
 

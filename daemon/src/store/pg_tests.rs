@@ -513,3 +513,26 @@ fn keys_and_semaphores_hold_across_nodes() {
         "3"
     );
 }
+
+#[test]
+fn a_node_declared_dead_claims_nothing() {
+    let Some((pg, url)) = TestPg::with_db("store-dead-claim") else {
+        return;
+    };
+    let (mut a, ra) = Harness::open_pg(&url);
+    // Declared dead by the others (a sweep): until its heartbeat finds
+    // out and it rejoins, its claims take nothing; so the job it claims
+    // is claimed by the node it is after rejoining, never in the name of
+    // the dead one (which no sweep would look at again).
+    pg.psql("jv", "UPDATE jobvisor_nodes SET gone = true");
+    let seq = a.submit(Op::Insert(new_job(ra.next_id, "p")));
+    a.wait_durable(seq);
+    assert_eq!(a.claim("p", 10).len(), 1);
+    assert_eq!(
+        pg.psql(
+            "jv",
+            "SELECT n.gone FROM jobvisor_jobs j JOIN jobvisor_nodes n ON n.id = j.node"
+        ),
+        "f"
+    );
+}
