@@ -7,6 +7,7 @@ procrastinate, pgqueuer, and Celery with a Redis broker (issue 16).
     python3 bench/pg_burndown.py                 # 200,000 jobs each (~15-30 min)
     python3 bench/pg_burndown.py --jobs 20000 --latency-jobs 300    # quicker
     python3 bench/pg_burndown.py --only jobvisor,graphile-worker
+    python3 bench/pg_burndown.py --only jobvisor,pg-boss,pgqueuer --variant tuned
 
 What it does, in one invocation:
   1. starts its own PostgreSQL (the newest /usr/lib/postgresql/*/bin, apt-get
@@ -200,8 +201,10 @@ def ensure_venv():
     return py
 
 
-def driver_argv(system, servers, jobs, latency_jobs, procs):
+def driver_argv(system, servers, jobs, latency_jobs, procs, variant="both"):
     common = ["--jobs", str(jobs), "--latency-jobs", str(latency_jobs), "--procs", str(procs)]
+    if system != "jobvisor":
+        common += ["--variant", variant]
     if system == "jobvisor":
         # The venv's python: its psycopg polls for the end, as the peers do.
         return [ensure_venv(), os.path.join(PEERS, "jobvisor_bench.py"),
@@ -361,6 +364,8 @@ def main():
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--only", default=",".join(SYSTEMS))
     ap.add_argument("--no-requeue", action="store_true")
+    ap.add_argument("--variant", choices=["default", "tuned", "both"], default="both",
+                    help="the peers' variants to run (jobvisor has one: its defaults)")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SYSTEMS]
@@ -382,7 +387,8 @@ def main():
         log(f"{servers.version} on 127.0.0.1:{servers.pg_port}, synchronous_commit = on")
         for system in only:
             try:
-                argv = driver_argv(system, servers, args.jobs, args.latency_jobs, args.procs)
+                argv = driver_argv(system, servers, args.jobs, args.latency_jobs, args.procs,
+                                   args.variant)
             except Exception as e:  # an install that failed
                 rows.append({"system": system, "error": f"cannot set up: {e}"})
                 failed = True
