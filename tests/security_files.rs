@@ -28,13 +28,14 @@ fn refused(tag: &str, config: &str) -> String {
     d.launch(d.command());
     let st = d.wait_exit(DEADLINE);
     assert!(!st.success(), "started: {}", d.log_text());
-    let log = d.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("refusing") || l.contains("cannot use"))
-        .unwrap_or_else(|| panic!("no refusal in: {log}"))
-        .to_string();
-    assert!(!d.socket().exists(), "socket left behind: {log}");
+    // The exit can come before the log reader has the last line.
+    let line = wait_for("the refusal line", DEADLINE, || {
+        d.log_text()
+            .lines()
+            .find(|l| l.contains("refusing") || l.contains("cannot use"))
+            .map(str::to_string)
+    });
+    assert!(!d.socket().exists(), "socket left behind: {}", d.log_text());
     line
 }
 
