@@ -304,3 +304,21 @@ def run_main(system: str, coro_factory: Callable[[], Awaitable[None]]) -> None:
     except BenchError as exc:
         log(f"{system}: FAILED: {exc}")
         sys.exit(2)
+
+
+async def burn_down(script, args, variant, lat_files, workers, all_done, progress, system):
+    """Starts one `script _worker DSN VARIANT LATENCY_FILE` process per
+    latency file and times them from their start until `all_done()`;
+    returns the seconds."""
+    cmds = [
+        [sys.executable, os.path.abspath(script), "_worker", args.dsn, variant, f]
+        for f in lat_files
+    ]
+    tb = time.monotonic()
+    workers.start(cmds, tag=f"{system} worker")
+    t_done = await wait_until(
+        all_done, f"[{variant}] burn-down", args.phase_timeout, workers, progress=progress
+    )
+    burn_s = t_done - tb
+    log(f"[{variant}] burn-down {args.jobs} in {burn_s:.2f}s ({args.jobs / burn_s:.0f}/s)")
+    return burn_s

@@ -158,21 +158,9 @@ async def run_variant(args, variant: str, workdir: str) -> str:
             return f"{await pending()} pending"
 
         # 2. burn-down: from worker start until every job is done
-        cmds = [
-            [sys.executable, os.path.abspath(__file__), "_worker", args.dsn, variant, lat_files[i]]
-            for i in range(procs)
-        ]
-        tb = time.monotonic()
-        workers.start(cmds, tag=f"{SYSTEM} worker")
-        t_done = await bc.wait_until(
-            all_done,
-            f"[{variant}] burn-down",
-            args.phase_timeout,
-            workers,
-            progress=burn_progress,
+        burn_s = await bc.burn_down(
+            __file__, args, variant, lat_files, workers, all_done, burn_progress, SYSTEM
         )
-        burn_s = t_done - tb
-        bc.log(f"[{variant}] burn-down {n} in {burn_s:.2f}s ({n / burn_s:.0f}/s)")
 
         # 3. latency: workers idle, one enqueue at a time at --rate
         await asyncio.sleep(1.0)

@@ -156,6 +156,31 @@ DROP INDEX jobvisor_jobs_node;
 CREATE INDEX jobvisor_jobs_cancel ON jobvisor_jobs (node) WHERE cancel_requested;
 ";
 
+/// The columns [`queued_job`] reads, in its order (a claim's `RETURNING`
+/// lists them too, prefixed).
+const JOB_COLUMNS: &str =
+    "id, pool, priority, key, max_attempts, timeout_ms, created_ms, attempts, owner, input";
+
+/// The job of a row whose first columns are [`JOB_COLUMNS`], queued again
+/// (claimed, or retried) with `max_attempts`.
+fn queued_job(row: &postgres::Row, max_attempts: u32) -> NewJob {
+    let input: Vec<u8> = row.get(9);
+    NewJob {
+        id: to_u64(row.get(0)),
+        pool: row.get(1),
+        priority: row.get(2),
+        key: row.get(3),
+        max_attempts,
+        timeout_ms: row.get::<_, Option<i64>>(5).map(to_u64),
+        input: input.into(),
+        input_source: None,
+        created_ms: to_u64(row.get(6)),
+        owner: u32::try_from(row.get::<_, i64>(8)).unwrap_or(0),
+        spill: false,
+        memory: false,
+    }
+}
+
 /// Columns of a finished row, in `jobvisor_done`'s order.
 const DONE_COLUMNS: &str = "id, pool, state, priority, key, max_attempts, timeout_ms, \
      created_ms, finished_ms, error, attempts, owner, input, input_memory_len, output, \
@@ -397,21 +422,16 @@ impl Pg {
             )
             .map_err(fail("cannot migrate the schema to version 3"))?;
         }
-        if version < 4 {
-            tx.batch_execute(SCHEMA_V4)
-                .map_err(fail("cannot migrate the schema to version 4"))?;
-        }
-        if version < 5 {
-            tx.batch_execute(SCHEMA_V5)
-                .map_err(fail("cannot migrate the schema to version 5"))?;
-        }
-        if version < 6 {
-            tx.batch_execute(SCHEMA_V6)
-                .map_err(fail("cannot migrate the schema to version 6"))?;
-        }
-        if version < 7 {
-            tx.batch_execute(SCHEMA_V7)
-                .map_err(fail("cannot migrate the schema to version 7"))?;
+        // The migrations that are plain DDL.
+        for (to, ddl, what) in [
+            (4, SCHEMA_V4, "cannot migrate the schema to version 4"),
+            (5, SCHEMA_V5, "cannot migrate the schema to version 5"),
+            (6, SCHEMA_V6, "cannot migrate the schema to version 6"),
+            (7, SCHEMA_V7, "cannot migrate the schema to version 7"),
+        ] {
+            if version < to {
+                tx.batch_execute(ddl).map_err(fail(what))?;
+            }
         }
         if version < SCHEMA_VERSION {
             tx.execute(

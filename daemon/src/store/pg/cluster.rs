@@ -50,7 +50,7 @@ const CLAIM: &str = "WITH c AS (SELECT id, key, priority FROM jobvisor_jobs q \
      UPDATE jobvisor_jobs j SET node = $3, claim = j.claim + 1 FROM c \
      WHERE j.id = c.id AND (c.key IS NULL OR c.id IN (SELECT job FROM k)) \
      RETURNING j.id, j.pool, j.priority, j.key, j.max_attempts, j.timeout_ms, j.created_ms, \
-     j.attempts, j.owner, j.input, j.claim";
+     j.attempts, j.owner, j.input, j.claim"; // `JOB_COLUMNS` of `j`, then the claim
 
 /// This node's row, share-locked, if it is not declared dead.
 const NODE_ALIVE: &str = "SELECT 1 FROM jobvisor_nodes WHERE id = $1 AND NOT gone FOR SHARE";
@@ -293,22 +293,8 @@ impl Pg {
             if key.is_some() || !sems.is_empty() {
                 holds.push(id);
             }
-            let input: Vec<u8> = row.get(9);
             jobs.push(RecoveredJob {
-                job: NewJob {
-                    id,
-                    pool: row.get(1),
-                    priority: row.get(2),
-                    key: row.get(3),
-                    max_attempts,
-                    timeout_ms: row.get::<_, Option<i64>>(5).map(to_u64),
-                    input: input.into(),
-                    input_source: None,
-                    created_ms: to_u64(row.get(6)),
-                    owner: u32::try_from(row.get::<_, i64>(8)).unwrap_or(0),
-                    spill: false,
-                    memory: false,
-                },
+                job: queued_job(&row, max_attempts),
                 attempts,
                 input_file: None,
             });
@@ -551,22 +537,21 @@ pub(super) fn notify_done(
     st: &mut Stmts,
     ids: &[i64],
 ) -> Result<(), postgres::Error> {
-    let mut payloads = vec![String::new()];
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut payloads: Vec<String> = Vec::new();
     for id in ids {
-        let p = payloads.last_mut().expect("one at least");
-        if p.len() > NOTIFY_MAX {
-            payloads.push(String::new());
+        match payloads.last_mut() {
+            Some(p) if p.len() <= NOTIFY_MAX => {
+                p.push(',');
+                p.push_str(&id.to_string());
+            }
+            _ => payloads.push(id.to_string()),
         }
-        let p = payloads.last_mut().expect("one at least");
-        if !p.is_empty() {
-            p.push(',');
-        }
-        p.push_str(&id.to_string());
     }
-    if !ids.is_empty() {
-        let notify = st.get(tx, NOTIFY_DONE)?;
-        tx.execute(&notify, &[&payloads])?;
-    }
+    let notify = st.get(tx, NOTIFY_DONE)?;
+    tx.execute(&notify, &[&payloads])?;
     Ok(())
 }
 

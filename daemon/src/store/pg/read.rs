@@ -134,9 +134,10 @@ impl Pg {
         let mut tx = self.client.transaction()?;
         let owner = owner.map(i64::from);
         let row = tx.query_opt(
-            "SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, \
-             attempts, input, owner, input_memory_len FROM jobvisor_done \
-             WHERE id = $1 AND ($2::bigint IS NULL OR owner = $2) FOR UPDATE",
+            &format!(
+                "SELECT {JOB_COLUMNS}, state, input_memory_len FROM jobvisor_done \
+             WHERE id = $1 AND ($2::bigint IS NULL OR owner = $2) FOR UPDATE"
+            ),
             &[&to_i64(id), &owner],
         )?;
         let Some(row) = row else {
@@ -151,7 +152,7 @@ impl Pg {
                 None => Retried::NotFound,
             }));
         };
-        let state = state_from(row.get(2)).unwrap_or(JobState::Dead);
+        let state = state_from(row.get(10)).unwrap_or(JobState::Dead);
         if !matches!(
             state,
             JobState::Failed | JobState::Cancelled | JobState::TimedOut | JobState::Dead
@@ -161,8 +162,8 @@ impl Pg {
         if row.get::<_, Option<i64>>(11).is_some() {
             return Ok(QueryResult::Retry(Retried::InputGone));
         }
-        let attempts = attempts_from(row.get(8)).unwrap_or_default();
-        let max_attempts = (row.get::<_, i32>(5).max(1) as u32).max(attempts.len() as u32 + 1);
+        let attempts = attempts_from(row.get(7)).unwrap_or_default();
+        let max_attempts = (row.get::<_, i32>(4).max(1) as u32).max(attempts.len() as u32 + 1);
         // Back to the queue table, queued, its attempts kept.
         tx.execute(
             "WITH m AS (DELETE FROM jobvisor_done WHERE id = $1 RETURNING *) \
@@ -173,22 +174,8 @@ impl Pg {
             &[&to_i64(id), &code(JobState::Queued), &(max_attempts as i32)],
         )?;
         tx.commit()?;
-        let input: Vec<u8> = row.get(9);
         Ok(QueryResult::Retry(Retried::Queued(RecoveredJob {
-            job: NewJob {
-                id,
-                pool: row.get(1),
-                priority: row.get(3),
-                key: row.get(4),
-                max_attempts,
-                timeout_ms: row.get::<_, Option<i64>>(6).map(to_u64),
-                input: input.into(),
-                input_source: None,
-                created_ms: to_u64(row.get(7)),
-                owner: u32::try_from(row.get::<_, i64>(10)).unwrap_or(0),
-                spill: false,
-                memory: false,
-            },
+            job: queued_job(&row, max_attempts),
             attempts,
             input_file: None,
         })))

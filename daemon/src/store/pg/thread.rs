@@ -105,7 +105,8 @@ pub(in crate::store) fn run(
         // The cluster's timers and wake-ups.
         let mut wake_pools: Vec<String> = Vec::new();
         let mut poll_all = false;
-        let mut remote_done = false;
+        // A completion went to the loop: wake it.
+        let mut told_loop = false;
         for n in notices {
             match n {
                 // A key was freed: its jobs may be of any pool.
@@ -128,14 +129,14 @@ pub(in crate::store) fn run(
                         .collect();
                     if !ids.is_empty() {
                         let _ = done.send(Completion::RemoteDone { ids });
-                        remote_done = true;
+                        told_loop = true;
                     }
                 }
                 Notice::Reconnected => poll_all = true,
                 Notice::Cancel { node, id } if node == pg.node() => {
                     if cluster.cancels.insert(id) {
                         let _ = done.send(Completion::CancelRequested { ids: vec![id] });
-                        remote_done = true;
+                        told_loop = true;
                     }
                 }
                 Notice::Cancel { .. } => {}
@@ -173,7 +174,7 @@ pub(in crate::store) fn run(
                 let all: Vec<u64> = cluster.watch.iter().copied().collect();
                 sent |= report_finished(&mut pg, &mut cluster, &done, &all);
             }
-            if remote_done {
+            if told_loop {
                 sent = true;
             }
             if now >= prune_at {
