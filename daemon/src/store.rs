@@ -779,11 +779,10 @@ impl Store {
         Ok((store, recovered))
     }
 
-    /// Opens the PostgreSQL store at `url` (see the `pg` module): connects,
-    /// takes the database's node lock, creates or migrates the schema, runs
-    /// recovery and starts the store thread.
-    /// A PostgreSQL store: connects, migrates, registers this node, and
-    /// starts the store thread (and its listener, unless `notify = false`).
+    /// Opens the PostgreSQL store of `config` (see the `pg` module):
+    /// connects, creates or migrates the schema, registers this node, opens
+    /// the claim connection and starts the store thread (with its claim
+    /// thread, and its listener unless `notify = false`).
     pub fn open_postgres(
         config: &crate::config::StoreConfig,
         waker: Arc<mio::Waker>,
@@ -794,10 +793,11 @@ impl Store {
         pg.xmin_warning = config.xmin_warning;
         pg.node_timeout = config.node_timeout;
         let recovered = pg.recover(db::now_ms())?;
+        let claims = pg.second()?;
         let path = PathBuf::from(pg.display());
         let workers = Arc::clone(&pg.workers);
         let mut store = Store::start(path, None, waker, move |ops, done, waker, latency, link| {
-            pg::run(pg, ops, done, waker, latency, link)
+            pg::run(pg, claims, ops, done, waker, latency, link)
         })?;
         store.workers = workers;
         Ok((store, recovered))

@@ -8,8 +8,9 @@
 //! - Payloads live in the database (`bytea`), never in payload files: the
 //!   daemon keeps large inputs of queued jobs in memory (bounded by the
 //!   core's budget) and stores large outputs in the row.
-//! - The store thread's connection holds a session advisory lock: one daemon
-//!   per database for now (nodes sharing queues come with claiming).
+//! - Daemons sharing the database are nodes of one cluster (see
+//!   `cluster`); each has two connections, the store thread's and the
+//!   claim thread's (`claimer`).
 //! - When the server goes away (a restart, a network cut) the thread
 //!   reconnects by itself, with backoff; inserts of a batch that cannot
 //!   commit are reported lost (their clients get an error), updates are
@@ -295,7 +296,29 @@ impl Stmts {
     }
 }
 
-/// The store's connection and what it knows.
+/// What a node's two connections share: the store thread's (writes,
+/// heartbeats, queries) and the claim thread's (claims).
+#[derive(Default)]
+pub(super) struct Shared {
+    /// This daemon's row in `jobvisor_nodes` (a new one when it registers
+    /// again, by the store thread).
+    node: std::sync::atomic::AtomicI64,
+    held: std::sync::Mutex<Held>,
+}
+
+/// Jobs this node claimed and has not finished. A claim is recorded before
+/// its jobs are sent to the loop, so before any update of them reaches the
+/// store thread.
+#[derive(Default)]
+pub(super) struct Held {
+    /// Their claim numbers, which fence their updates.
+    claims: HashMap<u64, i32>,
+    /// Those that hold a key or semaphores in the store (released when
+    /// they leave this node).
+    holds: std::collections::HashSet<u64>,
+}
+
+/// One of a node's connections and what it knows.
 pub(super) struct Pg {
     url: String,
     client: Client,
@@ -305,16 +328,11 @@ pub(super) struct Pg {
     suspect: bool,
     /// Days (`finished_ms / DAY_MS`) that have a `jobvisor_done` partition.
     days: std::collections::BTreeSet<i64>,
-    /// This daemon's row in `jobvisor_nodes`.
-    node: i64,
-    /// Jobs this node claimed and has not finished: their claim numbers,
-    /// which fence their updates.
-    claims: HashMap<u64, i32>,
+    /// What this connection shares with the node's other one (see
+    /// [`Shared`]).
+    shared: Arc<Shared>,
     /// Prepared statements of `client`.
     stmts: Stmts,
-    /// Claimed jobs that hold a key or semaphores in the store (released
-    /// when they leave this node).
-    holds: std::collections::HashSet<u64>,
     /// Wake-ups through LISTEN/NOTIFY (`[store] notify`); without them,
     /// held demands are polled every [`crate::store::POLL_WITHOUT_NOTIFY`].
     pub(super) notify: bool,
@@ -328,7 +346,7 @@ pub(super) struct Pg {
 }
 
 impl Pg {
-    /// Connects, takes the node lock, creates or migrates the schema.
+    /// Connects, creates or migrates the schema, registers this node.
     pub(super) fn open(url: &str) -> Result<Pg, StoreError> {
         let client = connect(url).map_err(|e| pg_error(url, "cannot connect", e))?;
         let mut pg = Pg {
@@ -337,9 +355,7 @@ impl Pg {
             max_id: 0,
             suspect: false,
             days: Default::default(),
-            node: 0,
-            claims: HashMap::new(),
-            holds: Default::default(),
+            shared: Default::default(),
             stmts: Stmts::default(),
             notify: true,
             xmin_warning: crate::config::DEFAULT_XMIN_WARNING,
@@ -350,6 +366,40 @@ impl Pg {
         pg.register()
             .map_err(|e| pg_error(url, "cannot register this node", e))?;
         Ok(pg)
+    }
+
+    /// A second connection for this node, sharing its node id, claims and
+    /// holds: the claim thread's (see `claimer`).
+    pub(super) fn second(&self) -> Result<Pg, StoreError> {
+        let client = connect(&self.url)
+            .map_err(|e| pg_error(&self.url, "cannot open the claim connection", e))?;
+        Ok(Pg {
+            url: self.url.clone(),
+            client,
+            max_id: self.max_id,
+            suspect: false,
+            days: self.days.clone(),
+            shared: Arc::clone(&self.shared),
+            stmts: Stmts::default(),
+            notify: self.notify,
+            xmin_warning: self.xmin_warning,
+            node_timeout: self.node_timeout,
+            workers: Arc::clone(&self.workers),
+        })
+    }
+
+    /// This node's id.
+    pub(super) fn node(&self) -> i64 {
+        self.shared.node.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The claims and holds of this node (the lock is held for a few map
+    /// operations at a time, never across a statement).
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.shared
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The URL, password hidden.
@@ -569,6 +619,7 @@ pub(super) fn connect(url: &str) -> Result<Client, postgres::Error> {
     Ok(client)
 }
 
+mod claimer;
 mod cluster;
 mod read;
 mod thread;

@@ -1326,30 +1326,148 @@ mod jobs {
         );
     }
 
+    /// A queued job of `pool` as the store hands it over (recovered or
+    /// claimed).
+    fn stored_job(
+        pool: &str,
+        id: u64,
+        input: &[u8],
+        input_file: Option<u64>,
+    ) -> crate::store::RecoveredJob {
+        crate::store::RecoveredJob {
+            job: crate::store::NewJob {
+                id,
+                pool: pool.into(),
+                priority: 0,
+                key: None,
+                max_attempts: 3,
+                timeout_ms: None,
+                input: input.into(),
+                input_source: None,
+                created_ms: 1,
+                owner: 0,
+                spill: false,
+                memory: false,
+            },
+            attempts: Vec::new(),
+            input_file,
+        }
+    }
+
+    /// Jobs as a cluster's claim hands them over.
+    fn claimed(pool: &str, ids: std::ops::Range<u64>) -> Vec<crate::store::RecoveredJob> {
+        ids.map(|id| stored_job(pool, id, b"x", None)).collect()
+    }
+
+    impl JobSim {
+        /// The sizes of the demands stored since `from` (withdrawals left
+        /// out).
+        fn demands_since(&self, from: usize) -> Vec<u32> {
+            self.stored[from..]
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Claim { max, .. } if *max > 0 => Some(*max),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Finishes the oldest job in hand of any worker of `pool`, after it
+        /// ran for `run`; false if none is.
+        fn finish_one(&mut self, pool: &str, run: Duration) -> bool {
+            let finished: std::collections::HashSet<u64> = self
+                .stored
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Update(u) if u.state.is_terminal() => Some(u.id),
+                    _ => None,
+                })
+                .collect();
+            let procs: Vec<ProcId> = self.sim.procs(pool).into_iter().flatten().collect();
+            let next = procs.iter().find_map(|&p| {
+                self.jobs_sent_to(p)
+                    .into_iter()
+                    .find(|(id, _)| !finished.contains(id))
+                    .map(|(id, _)| (p, id))
+            });
+            let Some((proc, id)) = next else {
+                return false;
+            };
+            self.sim.now += run;
+            self.done(proc, id);
+            self.durable();
+            true
+        }
+    }
+
+    /// On a cluster node, a pool of short jobs asks for the next ones while
+    /// it still has half of what it claimed (the claim's round trip overlaps
+    /// work); a pool of long jobs asks only once a worker has room, so it
+    /// never holds jobs that another node's idle workers could run.
+    #[test]
+    fn a_cluster_pool_claims_ahead_for_short_jobs_and_for_room_only_with_long_ones() {
+        let store = "[store]\nurl = \"postgres://u@127.0.0.1/db\"\n";
+        for (run, ahead) in [
+            (Duration::from_micros(200), true),
+            (Duration::from_millis(200), false),
+        ] {
+            let mut s = JobSim::new(&format!("{store}{}", pool("a", 2, "")));
+            let first = s.demands_since(0);
+            assert_eq!(first.len(), 1, "idle workers ask for jobs: {first:?}");
+            let mut next_id = 1;
+            let mut give = |s: &mut JobSim, n: u32| {
+                let ids = next_id..next_id + u64::from(n);
+                next_id = ids.end;
+                let mark = s.stored.len();
+                s.sim.sup.on_claimed("a".into(), claimed("a", ids));
+                s.pump();
+                mark
+            };
+            let mut mark = give(&mut s, first[0]);
+            // Learn the run time over a few claims.
+            for _ in 0..3 {
+                while s.demands_since(mark).is_empty() {
+                    assert!(s.finish_one("a", run), "no demand before the jobs ran out");
+                }
+                let n = s.demands_since(mark)[0];
+                mark = give(&mut s, n);
+            }
+            // Run the last claim down until the pool asks again.
+            while s.demands_since(mark).is_empty() {
+                assert!(s.finish_one("a", run), "no demand before the jobs ran out");
+            }
+            let queued = s.sim.sup.status(Some("a"), s.sim.now).unwrap().pools[0].queued;
+            let asked = u64::from(s.demands_since(mark)[0]);
+            let held: usize = s.sim.sup.pools["a"]
+                .slots
+                .iter()
+                .map(|sl| match &sl.state {
+                    SlotState::Running(r) => r.inflight.len(),
+                    _ => 0,
+                })
+                .sum();
+            if ahead {
+                // Asked at half: for more than are left.
+                assert!(
+                    queued > 0 && asked > queued,
+                    "short jobs: the next claim ({asked}) while {queued} are still queued"
+                );
+            } else {
+                assert_eq!(queued, 0, "long jobs: nothing is queued when the pool asks");
+                assert!(
+                    held < 2,
+                    "long jobs: a worker has room when the pool asks ({held} held)"
+                );
+            }
+        }
+    }
+
     /// A recovered job whose input no longer fits the arena (shm_size was
     /// lowered) is failed with a clear error instead of blocking the
     /// pool's queue; the job behind it runs.
     #[test]
     fn a_recovered_input_too_large_for_the_arena_fails_and_the_queue_moves() {
-        let recovered =
-            |id: u64, input: &[u8], input_file: Option<u64>| crate::store::RecoveredJob {
-                job: crate::store::NewJob {
-                    id,
-                    pool: "a".into(),
-                    priority: 0,
-                    key: None,
-                    max_attempts: 3,
-                    timeout_ms: None,
-                    input: input.into(),
-                    input_source: None,
-                    created_ms: 1,
-                    owner: 0,
-                    spill: false,
-                    memory: false,
-                },
-                attempts: Vec::new(),
-                input_file,
-            };
+        let recovered = |id, input: &[u8], file| stored_job("a", id, input, file);
         let s = JobSim::with_recovered(
             &pool("a", 1, "shm_size = \"2MiB\""),
             vec![

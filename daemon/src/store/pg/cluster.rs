@@ -104,7 +104,9 @@ impl Pg {
         )?;
         // Claims of an earlier registration stay: their updates are fenced
         // (the rows name the old node), never applied unfenced.
-        self.node = row.get(0);
+        self.shared
+            .node
+            .store(row.get(0), std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -130,20 +132,20 @@ impl Pg {
                 "UPDATE jobvisor_nodes SET heartbeat_at = now(), workers = $2 \
                  WHERE id = $1 AND NOT gone",
                 &[
-                    &self.node,
+                    &self.node(),
                     &(self.workers.load(std::sync::atomic::Ordering::Relaxed) as i32),
                 ],
             )
             .map_err(err)?;
         if alive == 0 {
-            let old = self.node;
+            let old = self.node();
             self.register().map_err(err)?;
             // The sweep that declared it dead freed its keys and semaphores.
-            self.holds.clear();
+            self.held().holds.clear();
             crate::warn!(
                 "this node (id {old}) was declared dead by the cluster (no heartbeat for {:?}: cut off, stopped or starved of CPU); its jobs went back to the queue, and it rejoins as node {}",
                 self.node_timeout,
-                self.node
+                self.node()
             );
         }
         let mut tx = self.client.transaction().map_err(err)?;
@@ -195,6 +197,7 @@ impl Pg {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
         let now = crate::store::db::now_ms();
+        let node = self.node();
         let mut tx = self.client.transaction().map_err(err)?;
         // A claim need not wait for the WAL flush: if the server loses it
         // (a crash), the job is simply unclaimed again, another node may
@@ -209,7 +212,7 @@ impl Pg {
         // node gone and takes nothing (else its rows would name a dead
         // node that no sweep looks at again).
         let alive = self.stmts.get(&mut tx, NODE_ALIVE).map_err(err)?;
-        if tx.query_opt(&alive, &[&self.node]).map_err(err)?.is_none() {
+        if tx.query_opt(&alive, &[&node]).map_err(err)?.is_none() {
             tx.commit().map_err(err)?;
             return Err("this node was declared dead; it rejoins at its next heartbeat".into());
         }
@@ -245,7 +248,7 @@ impl Pg {
             }
         }
         let claim = self.stmts.get(&mut tx, CLAIM).map_err(err)?;
-        let mut rows = tx.query(&claim, &[&pool, &max, &self.node]).map_err(err)?;
+        let mut rows = tx.query(&claim, &[&pool, &max, &node]).map_err(err)?;
         rows.sort_by_key(|r| (std::cmp::Reverse(r.get::<_, i32>(2)), r.get::<_, i64>(0)));
         let mut jobs = Vec::new();
         let mut claims = Vec::new();
@@ -279,7 +282,7 @@ impl Pg {
                         &vec![Some("its node stopped (no heartbeat) on its last attempt")],
                         &vec![to_i64(now)],
                         &vec![None::<i64>],
-                        &self.node,
+                        &node,
                         &vec![Some(claim)],
                     ],
                 )
@@ -311,8 +314,9 @@ impl Pg {
             .map_err(err)?;
         }
         tx.commit().map_err(err)?;
-        self.claims.extend(claims);
-        self.holds.extend(holds);
+        let mut held = self.held();
+        held.claims.extend(claims);
+        held.holds.extend(holds);
         Ok(jobs)
     }
 
@@ -322,16 +326,18 @@ impl Pg {
     pub(super) fn leave(&mut self) -> Result<(), String> {
         self.ensure_connected()?;
         let err = |e: postgres::Error| one_line(&e);
+        let node = self.node();
         let mut tx = self.client.transaction().map_err(err)?;
-        requeue_nodes(&mut tx, &mut self.stmts, &[self.node]).map_err(err)?;
+        requeue_nodes(&mut tx, &mut self.stmts, &[node]).map_err(err)?;
         tx.execute(
             "UPDATE jobvisor_nodes SET gone = true WHERE id = $1",
-            &[&self.node],
+            &[&node],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;
-        self.claims.clear();
-        self.holds.clear();
+        let mut held = self.held();
+        held.claims.clear();
+        held.holds.clear();
         Ok(())
     }
 
@@ -464,17 +470,12 @@ impl Pg {
             .client
             .query(
                 "SELECT id FROM jobvisor_jobs WHERE node = $1 AND cancel_requested",
-                &[&self.node],
+                &[&self.node()],
             )
             .map_err(|e| one_line(&e))?
             .iter()
             .map(|r| to_u64(r.get(0)))
             .collect())
-    }
-
-    /// This node's id.
-    pub(super) fn node(&self) -> i64 {
-        self.node
     }
 
     /// Which of `ids` have finished (are in `jobvisor_done`).
@@ -646,9 +647,6 @@ pub(super) type Sems = Vec<(String, u32)>;
 /// What the store thread keeps for the cluster.
 #[derive(Default)]
 pub(super) struct ClusterState {
-    /// Held demands: pool → most jobs wanted, and the pool's semaphores
-    /// with their limits.
-    pub(super) demands: BTreeMap<String, (u32, Sems)>,
     /// Jobs whose end someone here waits for.
     pub(super) watch: HashSet<u64>,
     /// Jobs this node was asked to cancel, as of the last poll (each is

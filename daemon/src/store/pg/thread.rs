@@ -1,8 +1,10 @@
 //! The store thread's loop for PostgreSQL: batches of ops in one
 //! transaction each (like the SQLite committer), and between them the
-//! cluster's work: heartbeats and sweeps, held claims retried on a wake-up
-//! or a poll, watched jobs reported when they finish.
+//! cluster's work: heartbeats and sweeps, wake-ups and polls passed on to
+//! the claim thread (`claimer`, which holds the demands), watched jobs
+//! reported when they finish.
 
+use super::claimer::ClaimMsg;
 use super::cluster::{ClusterState, Notice, HEARTBEAT, POLL};
 use super::read::Retention;
 use super::*;
@@ -16,10 +18,12 @@ pub(super) const PRUNE_EVERY: Duration = if cfg!(test) {
 };
 pub(super) const PRUNE_CHUNK: u32 = crate::store::PRUNE_CHUNK;
 
-/// The store thread's body (see the module docs of `store` and `cluster`).
-/// The listener thread is stopped (through `listener`) when it returns.
+/// The store thread's body (see the module docs of `store` and `cluster`);
+/// `claims` is the node's second connection, the claim thread's. The
+/// listener thread is stopped when it returns, the claim thread too.
 pub(in crate::store) fn run(
     mut pg: Pg,
+    claims: Pg,
     ops: mpsc::Receiver<Msg>,
     done: mpsc::Sender<Completion>,
     waker: Arc<mio::Waker>,
@@ -45,6 +49,7 @@ pub(in crate::store) fn run(
             })?;
     }
     drop(link.ops);
+    let (claimer, claim_thread) = super::claimer::start(claims, done.clone(), Arc::clone(&waker))?;
     let alive = link.alive;
     // Updates of failed batches, retried first.
     let mut retry: VecDeque<(u64, Op)> = VecDeque::new();
@@ -72,6 +77,14 @@ pub(in crate::store) fn run(
         // dies): stop, as the SQLite committer does on a closed channel.
         if alive.upgrade().is_none() {
             return Ok(());
+        }
+        // A claim thread that stopped (a bug: it panicked) would leave the
+        // node taking no work, silently: fail the store instead.
+        if claim_thread.is_finished() {
+            return Err(StoreError::Thread {
+                path: pg.display().into(),
+                reason: "its claim thread stopped".into(),
+            });
         }
         let deadline = [Some(prune_at), Some(beat_at), Some(poll_at), retry_at]
             .into_iter()
@@ -111,17 +124,9 @@ pub(in crate::store) fn run(
             match n {
                 // A key was freed: its jobs may be of any pool.
                 Notice::Queued(pool) if pool == "*" => poll_all = true,
-                Notice::Queued(pool) => match pool.strip_prefix("sem:") {
-                    // A semaphore was freed: the pools using it.
-                    Some(sem) => wake_pools.extend(
-                        cluster
-                            .demands
-                            .iter()
-                            .filter(|(_, (_, sems))| sems.iter().any(|(n, _)| n == sem))
-                            .map(|(p, _)| p.clone()),
-                    ),
-                    None => wake_pools.push(pool),
-                },
+                // A pool, or `sem:NAME` (a semaphore was freed: the pools
+                // using it; the claim thread knows them).
+                Notice::Queued(pool) => wake_pools.push(pool),
                 Notice::Done(ids) => {
                     let ids: Vec<u64> = ids
                         .into_iter()
@@ -166,7 +171,8 @@ pub(in crate::store) fn run(
             poll_at = now + poll + Duration::from_millis(rng.u64(0..=jitter));
         }
         if batch.is_empty() && !closing {
-            let mut sent = claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
+            wake_claims(&claimer, wake_pools, poll_all);
+            let mut sent = false;
             if poll_all {
                 sent |= poll_cancels(&mut pg, &mut cluster, &done);
             }
@@ -242,12 +248,12 @@ pub(in crate::store) fn run(
                                 result,
                             });
                         }
-                        Op::Claim { pool, max: 0, .. } => {
-                            cluster.demands.remove(pool);
-                        }
                         Op::Claim { pool, max, sems } => {
-                            cluster.demands.insert(pool.clone(), (*max, sems.clone()));
-                            wake_pools.push(pool.clone());
+                            let _ = claimer.send(ClaimMsg::Demand {
+                                pool: pool.clone(),
+                                max: *max,
+                                sems: sems.clone(),
+                            });
                         }
                         Op::Watch { id } => {
                             cluster.watch.insert(*id);
@@ -281,7 +287,7 @@ pub(in crate::store) fn run(
                 if !watched.is_empty() {
                     report_finished(&mut pg, &mut cluster, &done, &watched);
                 }
-                claim_held(&mut pg, &mut cluster, &done, &wake_pools, poll_all);
+                wake_claims(&claimer, wake_pools, poll_all);
             }
             Err(error) => {
                 let lost_inserts = batch
@@ -321,6 +327,9 @@ pub(in crate::store) fn run(
         }
         let _ = waker.wake();
         if closing {
+            // No claim after this node hands its jobs back.
+            drop(claimer);
+            let _ = claim_thread.join();
             return if retry.iter().all(|(_, op)| !matches!(op, Op::Update(_))) {
                 if let Err(e) = pg.leave() {
                     crate::warn!(
@@ -340,42 +349,11 @@ pub(in crate::store) fn run(
     }
 }
 
-/// Tries the held claims of `pools` (all of them with `all`): each that
-/// gets jobs is answered and dropped (the daemon asks again once it has
-/// room).
-/// True if it sent a completion.
-fn claim_held(
-    pg: &mut Pg,
-    cluster: &mut ClusterState,
-    done: &mpsc::Sender<Completion>,
-    pools: &[String],
-    all: bool,
-) -> bool {
-    let mut sent = false;
-    let wanted: Vec<(String, u32, super::cluster::Sems)> = cluster
-        .demands
-        .iter()
-        .filter(|(p, _)| all || pools.contains(p))
-        .map(|(p, (n, sems))| (p.clone(), *n, sems.clone()))
-        .collect();
-    for (pool, max, sems) in wanted {
-        match pg.claim(&pool, max, &sems) {
-            Ok(jobs) if jobs.is_empty() => {}
-            Ok(jobs) => {
-                cluster.demands.remove(&pool);
-                let _ = done.send(Completion::Claimed { pool, jobs });
-                sent = true;
-            }
-            Err(e) => {
-                pg.suspect = true;
-                crate::warn!(
-                    "store {}: claiming jobs of pool {pool} failed: {e}",
-                    pg.display()
-                );
-            }
-        }
+/// Tells the claim thread which demands to try: those of `pools`, or all.
+fn wake_claims(claimer: &mpsc::Sender<ClaimMsg>, pools: Vec<String>, all: bool) {
+    if all || !pools.is_empty() {
+        let _ = claimer.send(ClaimMsg::Wake { pools, all });
     }
-    sent
 }
 
 /// Passes on the cancels asked of this node that were not yet (their

@@ -105,9 +105,10 @@ impl Pg {
         }
         let mut active = Updates::default();
         let mut finished = Updates::default();
+        let held = self.held();
         for id in update_order {
             let u = last_update[&id];
-            let claim = self.claims.get(&id).copied();
+            let claim = held.claims.get(&id).copied();
             if u.state.is_terminal() {
                 if !inserted.contains(&id) {
                     finished.push(u, claim);
@@ -131,7 +132,9 @@ impl Pg {
             .map(|ms| ms / DAY_MS)
             .filter(|d| !self.days.contains(d))
             .collect();
-        let node = self.node;
+        drop(held);
+        let node = self.node();
+        let shared = Arc::clone(&self.shared);
         let mut fenced = Vec::new();
         let mut moved_ids: Vec<i64> = done.id.clone();
         let mut tx = self.client.transaction().map_err(err)?;
@@ -233,11 +236,17 @@ impl Pg {
                     .map_err(err)?;
             }
             // Keys and semaphores of jobs that leave this node.
-            let freed: Vec<i64> = moved
-                .iter()
-                .copied()
-                .filter(|&i| self.holds.contains(&to_u64(i)))
-                .collect();
+            let freed: Vec<i64> = {
+                let held = shared
+                    .held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                moved
+                    .iter()
+                    .copied()
+                    .filter(|&i| held.holds.contains(&to_u64(i)))
+                    .collect()
+            };
             cluster::release_holds(&mut tx, &mut self.stmts, &freed).map_err(err)?;
             moved_ids.extend(moved);
         }
@@ -249,14 +258,16 @@ impl Pg {
         tx.commit().map_err(err)?;
         self.max_id = max_id;
         self.days.extend(days);
+        let mut held = self.held();
         for id in moved_ids
             .iter()
             .map(|&i| to_u64(i))
             .chain(fenced.iter().copied())
         {
-            self.claims.remove(&id);
-            self.holds.remove(&id);
+            held.claims.remove(&id);
+            held.holds.remove(&id);
         }
+        drop(held);
         Ok(fenced)
     }
 }

@@ -6,9 +6,10 @@
 //! What changes in the core when `cluster` is set:
 //! - a submit stores the job and keeps nothing (its waiters become remote
 //!   waits, `Op::Watch`);
-//! - a pool whose local queue runs dry while workers have room asks the
-//!   store for jobs (`Op::Claim`, one demand at a time per pool), and the
-//!   claimed ones are queued here;
+//! - a pool whose local queue runs low (dry, for long jobs) while workers
+//!   have room or are busy with short jobs asks the store for jobs
+//!   (`Op::Claim`, one demand at a time per pool), and the claimed ones
+//!   are queued here;
 //! - a job's final row may be refused (fenced: this node was declared
 //!   dead meanwhile and the job runs elsewhere): its waiters then wait
 //!   for the other node's result;
@@ -59,8 +60,8 @@ impl Supervisor {
         }
     }
 
-    /// Asks the store for jobs of `name` when its local queue is empty and
-    /// its ready workers have room for `room` more.
+    /// Asks the store for up to `room` jobs of `name` (see `claim_ahead`),
+    /// unless a demand of the pool is under way.
     pub(super) fn demand(&mut self, name: &str, room: usize) {
         let Some(pool) = self.pools.get_mut(name) else {
             return;

@@ -14,23 +14,43 @@ impl Supervisor {
         }
         self.dispatch_levelled(name, now);
         self.take_back(name, now);
-        if self.cluster && self.pools[name].jobs.queue.is_empty() {
-            // Room left and nothing queued here: claim from the cluster.
-            let prefetch = self.prefetch_now(name);
-            let rooms: Vec<usize> = (0..self.pools[name].slots.len())
-                .map(|idx| self.room_for_jobs(name, idx, prefetch, now).0)
-                .collect();
-            let room: usize = rooms.iter().sum();
-            // Enough for about CLAIM_WINDOW of work per worker with room
-            // (short jobs: many per round trip; long ones: what fits).
-            let per_worker = match self.pools[name].jobs.mean_run_ns {
-                Some(ns) if ns > 0.0 => {
-                    ((CLAIM_WINDOW.as_nanos() as f64 / ns) as usize).clamp(1, CLAIM_MAX_PER_WORKER)
-                }
-                _ => CLAIM_AHEAD,
-            };
-            let workers = rooms.iter().filter(|r| **r > 0).count();
-            self.demand(name, room.max(workers * per_worker));
+        if self.cluster {
+            self.claim_ahead(name, now);
+        }
+    }
+
+    /// Cluster: asks the store for jobs of `name` once its local queue is
+    /// down to half of what its workers should find here: about
+    /// [`CLAIM_WINDOW`] of work each (short jobs: many per round trip; long
+    /// ones: what fits), or at least the room they have. With short jobs
+    /// the busy workers count too, so the next claim is under way while
+    /// they still have work rather than once they run dry; jobs longer than
+    /// half the window are claimed only for room (not held here while
+    /// another node may have idle workers).
+    fn claim_ahead(&mut self, name: &str, now: Instant) {
+        let prefetch = self.prefetch_now(name);
+        let slots: Vec<(usize, usize)> = (0..self.pools[name].slots.len())
+            .map(|idx| self.room_for_jobs(name, idx, prefetch, now))
+            .collect();
+        let room: usize = slots.iter().map(|(r, _)| r).sum();
+        let per_worker = match self.pools[name].jobs.mean_run_ns {
+            Some(ns) if ns > 0.0 => {
+                ((CLAIM_WINDOW.as_nanos() as f64 / ns) as usize).clamp(1, CLAIM_MAX_PER_WORKER)
+            }
+            _ => CLAIM_AHEAD,
+        };
+        let short = self.pools[name]
+            .jobs
+            .mean_run_ns
+            .is_some_and(|ns| ns < CLAIM_WINDOW.as_nanos() as f64 / 2.0);
+        let workers = slots
+            .iter()
+            .filter(|(r, n)| *r > 0 || (short && *n > 0))
+            .count();
+        let wanted = room.max(workers * per_worker);
+        let queued = self.pools[name].jobs.queue.len();
+        if queued == 0 || queued * 2 < wanted {
+            self.demand(name, wanted.saturating_sub(queued));
         }
     }
 
