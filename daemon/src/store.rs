@@ -707,6 +707,8 @@ pub struct Store {
     latency: Arc<latency::CommitLatency>,
     /// The daemon's worker processes, for a cluster's node list.
     workers: Arc<std::sync::atomic::AtomicU32>,
+    /// The claim thread's channel (PostgreSQL), see `submit`.
+    claims: Option<mpsc::Sender<pg::ClaimMsg>>,
     /// Dropped with the handle: a store thread whose channel has other
     /// senders (the PostgreSQL listener's) sees the handle go this way.
     _alive: Arc<()>,
@@ -793,13 +795,20 @@ impl Store {
         pg.xmin_warning = config.xmin_warning;
         pg.node_timeout = config.node_timeout;
         let recovered = pg.recover(db::now_ms())?;
-        let claims = pg.second()?;
+        let (tx, rx) = mpsc::channel();
+        let to_claimer = tx.clone();
+        let claims = pg::Claims {
+            pg: pg.second()?,
+            tx,
+            rx,
+        };
         let path = PathBuf::from(pg.display());
         let workers = Arc::clone(&pg.workers);
         let mut store = Store::start(path, None, waker, move |ops, done, waker, latency, link| {
             pg::run(pg, claims, ops, done, waker, latency, link)
         })?;
         store.workers = workers;
+        store.claims = Some(to_claimer);
         Ok((store, recovered))
     }
 
@@ -854,6 +863,7 @@ impl Store {
             _waker: waker,
             _alive: alive,
             workers: Default::default(),
+            claims: None,
         })
     }
 
@@ -894,6 +904,16 @@ impl Store {
             | Op::Claim { .. }
             | Op::Watch { .. }
             | Op::ReserveIds => {}
+        }
+        // A demand goes straight to the claim thread (PostgreSQL) too, so
+        // that it never waits behind a batch being committed; the store
+        // thread has it only to report its number durable in order.
+        if let (Op::Claim { pool, max, sems }, Some(claims)) = (&op, &self.claims) {
+            let _ = claims.send(pg::ClaimMsg::Demand {
+                pool: pool.clone(),
+                max: *max,
+                sems: sems.clone(),
+            });
         }
         // A send fails only if the thread is gone; `try_completion` then
         // fails this op along with every other pending one.

@@ -625,5 +625,6 @@ mod read;
 mod thread;
 mod write;
 
+pub(in crate::store) use claimer::{ClaimMsg, Claims};
 pub(super) use cluster::Notice;
 pub(super) use thread::run;

@@ -19,11 +19,11 @@ pub(super) const PRUNE_EVERY: Duration = if cfg!(test) {
 pub(super) const PRUNE_CHUNK: u32 = crate::store::PRUNE_CHUNK;
 
 /// The store thread's body (see the module docs of `store` and `cluster`);
-/// `claims` is the node's second connection, the claim thread's. The
-/// listener thread is stopped when it returns, the claim thread too.
+/// it starts the claim thread on `claims`. The listener thread is stopped
+/// when it returns, the claim thread too.
 pub(in crate::store) fn run(
     mut pg: Pg,
-    claims: Pg,
+    claims: super::claimer::Claims,
     ops: mpsc::Receiver<Msg>,
     done: mpsc::Sender<Completion>,
     waker: Arc<mio::Waker>,
@@ -49,7 +49,16 @@ pub(in crate::store) fn run(
             })?;
     }
     drop(link.ops);
-    let (claimer, claim_thread) = super::claimer::start(claims, done.clone(), Arc::clone(&waker))?;
+    let claimer = claims.tx;
+    struct StopClaims(mpsc::Sender<ClaimMsg>);
+    impl Drop for StopClaims {
+        fn drop(&mut self) {
+            let _ = self.0.send(ClaimMsg::Stop);
+        }
+    }
+    let _stop_claims = StopClaims(claimer.clone());
+    let claim_thread =
+        super::claimer::start(claims.pg, claims.rx, done.clone(), Arc::clone(&waker))?;
     let alive = link.alive;
     // Updates of failed batches, retried first.
     let mut retry: VecDeque<(u64, Op)> = VecDeque::new();
@@ -248,13 +257,6 @@ pub(in crate::store) fn run(
                                 result,
                             });
                         }
-                        Op::Claim { pool, max, sems } => {
-                            let _ = claimer.send(ClaimMsg::Demand {
-                                pool: pool.clone(),
-                                max: *max,
-                                sems: sems.clone(),
-                            });
-                        }
                         Op::Watch { id } => {
                             cluster.watch.insert(*id);
                             watched.push(*id);
@@ -299,6 +301,9 @@ pub(in crate::store) fn run(
                     .collect();
                 for (seq, op) in batch {
                     match op {
+                        // (A claim is a no-op here: the `Store` handle sent
+                        // its demand to the claim thread; only its number is
+                        // reported.)
                         Op::Update(_)
                         | Op::Retention { .. }
                         | Op::Claim { .. }
@@ -328,7 +333,7 @@ pub(in crate::store) fn run(
         let _ = waker.wake();
         if closing {
             // No claim after this node hands its jobs back.
-            drop(claimer);
+            let _ = claimer.send(ClaimMsg::Stop);
             let _ = claim_thread.join();
             return if retry.iter().all(|(_, op)| !matches!(op, Op::Update(_))) {
                 if let Err(e) = pg.leave() {
