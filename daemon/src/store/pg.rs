@@ -33,7 +33,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 7;
+pub(super) const SCHEMA_VERSION: i32 = 8;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -71,11 +71,29 @@ CREATE TABLE jobvisor_meta (name text PRIMARY KEY, value bigint NOT NULL);
 INSERT INTO jobvisor_meta VALUES ('max_id', 0);
 ";
 
+/// The view of every job, queued, running or finished (created by
+/// version 2, made again by version 8).
+macro_rules! jobvisor_all_view {
+    () => {
+        "
+CREATE VIEW jobvisor_all AS
+    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
+           error, attempts, owner, input, input_memory_len, output, output_memory_len
+      FROM jobvisor_jobs
+    UNION ALL
+    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
+           error, attempts, owner, input, input_memory_len, output, output_memory_len
+      FROM jobvisor_done;
+"
+    };
+}
+
 /// Version 2: finished jobs leave the queue table for `jobvisor_done`,
 /// partitioned by day of `finished_ms` (retention drops whole partitions),
 /// so the table claims and updates touch holds only queued and running
 /// jobs. The rows are moved by [`Pg::migrate`].
-const SCHEMA_V2: &str = "
+const SCHEMA_V2: &str = concat!(
+    "
 CREATE TABLE jobvisor_done (
     id                bigint   NOT NULL,
     pool              text     NOT NULL,
@@ -99,15 +117,9 @@ CREATE INDEX jobvisor_done_pool ON jobvisor_done (pool, finished_ms);
 DROP INDEX jobvisor_jobs_finished;
 ALTER TABLE jobvisor_jobs SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_insert_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
-CREATE VIEW jobvisor_all AS
-    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
-           error, attempts, owner, input, input_memory_len, output, output_memory_len
-      FROM jobvisor_jobs
-    UNION ALL
-    SELECT id, pool, state, priority, key, max_attempts, timeout_ms, created_ms, finished_ms,
-           error, attempts, owner, input, input_memory_len, output, output_memory_len
-      FROM jobvisor_done;
-";
+",
+    jobvisor_all_view!()
+);
 
 /// Version 3: nodes share the queue (see `cluster`): who holds a job and
 /// with which claim, the nodes and their heartbeats, blocks of ids.
@@ -156,6 +168,24 @@ DROP INDEX jobvisor_jobs_active;
 DROP INDEX jobvisor_jobs_node;
 CREATE INDEX jobvisor_jobs_cancel ON jobvisor_jobs (node) WHERE cancel_requested;
 ";
+
+/// Version 8: names (pools, keys, semaphores) compare as bytes (`COLLATE
+/// "C"`), not by the database's locale: every insert, claim and move
+/// compares pool names in the indexes, and a locale's comparison costs
+/// several times a byte compare. Changing only the collation rewrites no
+/// table; the indexes on these columns are rebuilt.
+const SCHEMA_V8: &str = concat!(
+    "
+DROP VIEW jobvisor_all;
+ALTER TABLE jobvisor_jobs ALTER COLUMN pool TYPE text COLLATE \"C\",
+    ALTER COLUMN key TYPE text COLLATE \"C\";
+ALTER TABLE jobvisor_done ALTER COLUMN pool TYPE text COLLATE \"C\",
+    ALTER COLUMN key TYPE text COLLATE \"C\";
+ALTER TABLE jobvisor_keys ALTER COLUMN key TYPE text COLLATE \"C\";
+ALTER TABLE jobvisor_sem_holds ALTER COLUMN sem TYPE text COLLATE \"C\";
+",
+    jobvisor_all_view!()
+);
 
 /// The columns [`queued_job`] reads, in its order (a claim's `RETURNING`
 /// lists them too, prefixed).
@@ -478,6 +508,7 @@ impl Pg {
             (5, SCHEMA_V5, "cannot migrate the schema to version 5"),
             (6, SCHEMA_V6, "cannot migrate the schema to version 6"),
             (7, SCHEMA_V7, "cannot migrate the schema to version 7"),
+            (8, SCHEMA_V8, "cannot migrate the schema to version 8"),
         ] {
             if version < to {
                 tx.batch_execute(ddl).map_err(fail(what))?;

@@ -369,6 +369,19 @@ fn finished_jobs_leave_the_queue_table_and_old_days_are_dropped_whole() {
         pg.psql("jv", "SELECT max(version) FROM jobvisor_schema"),
         super::super::pg::SCHEMA_VERSION.to_string()
     );
+    // Names compare as bytes (version 8), in every table that has them.
+    assert_eq!(
+        pg.psql(
+            "jv",
+            "SELECT string_agg(table_name || '.' || column_name || ' ' || \
+             coalesce(collation_name, '?'), ', ' ORDER BY table_name, column_name) \
+             FROM information_schema.columns WHERE table_name LIKE 'jobvisor_%' \
+             AND column_name IN ('pool', 'key', 'sem') \
+             AND table_name NOT LIKE 'jobvisor_done_d%'"
+        ),
+        "jobvisor_all.key C, jobvisor_all.pool C, jobvisor_done.key C, jobvisor_done.pool C, \
+         jobvisor_jobs.key C, jobvisor_jobs.pool C, jobvisor_keys.key C, jobvisor_sem_holds.sem C"
+    );
     assert_eq!(pg.psql("jv", "SELECT count(*) FROM jobvisor_jobs"), "1");
     assert_eq!(pg.psql("jv", "SELECT id FROM jobvisor_done"), "1");
     assert_eq!(h.job(1).expect("finished job 1").state, JobState::Succeeded);
