@@ -8,7 +8,8 @@
 //! network namespace of its own, its link cut), key mutexes and semaphores
 //! hold across nodes, an idle node uses no CPU, nodes without
 //! notifications poll, `status` warns of a transaction holding back
-//! cleanup, and a bad URL is a config error.
+//! cleanup, TLS follows libpq's URL parameters, and a bad URL is a config
+//! error.
 
 use jobvisor::pg::TestPg;
 use jobvisor::*;
@@ -130,6 +131,88 @@ fn a_store_url_that_is_not_postgres_is_a_config_error() {
         err.contains("store.url") && err.contains("PostgreSQL URL"),
         "{err}"
     );
+}
+
+/// TLS as libpq's URL parameters ask: `verify-full` with the server's CA
+/// and a client certificate (the role may log in with that only) runs
+/// jobs, every connection of the node encrypted; `verify-ca` accepts a
+/// certificate that does not name the host connected to, where
+/// `verify-full` refuses it; a CA that signed nothing of the server's is
+/// refused; `require` encrypts without a CA; each refusal is one line
+/// that says why, and the daemon exits 1.
+#[test]
+fn nodes_connect_over_tls_as_libpq_parameters_ask() {
+    let Some((pg, _)) = TestPg::with_db("tls") else {
+        return;
+    };
+    let tls = pg.enable_tls();
+    let (ca, other) = (tls.join("ca.crt"), tls.join("other-ca.crt"));
+    let port = pg.port();
+    let client = format!(
+        "sslcert={}&sslkey={}",
+        tls.join("client.crt").display(),
+        tls.join("client.key").display()
+    );
+    let url = format!(
+        "postgres://certuser@localhost:{port}/jv?sslmode=verify-full&sslrootcert={}&{client}",
+        ca.display()
+    );
+    let d = Daemon::start("pg-tls", &node_cfg(&url));
+    d.wait_ready("echo", 2);
+    let r = d.ctl(&["submit", "echo", "--input", "over tls", "--wait"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "over tls"), "{}", r.stderr);
+    // The store's, the claim thread's and the listener's connections.
+    let sql = "SELECT count(*) FILTER (WHERE s.ssl) || ' of ' || count(*) \
+               FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+               WHERE a.usename = 'certuser'";
+    wait_for("three encrypted connections", DEADLINE, || {
+        (pg.psql("postgres", sql) == "3 of 3").then_some(())
+    });
+    drop(d);
+    let refused = |name: &str, url: String, says: &str| {
+        let d = Daemon::prepare(name, &node_cfg(&url));
+        let out = d.command().output().expect("run jobvisord");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains(says), "{url}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    };
+    // The certificate names localhost, not 127.0.0.1.
+    let by_ip = |mode: &str, root: &std::path::Path| {
+        format!(
+            "postgres://certuser@127.0.0.1:{port}/jv?sslmode={mode}&sslrootcert={}&{client}",
+            root.display()
+        )
+    };
+    refused(
+        "pg-tls-name",
+        by_ip("verify-full", &ca),
+        "certificate not valid for name \"127.0.0.1\"",
+    );
+    refused(
+        "pg-tls-ca",
+        by_ip("verify-ca", &other),
+        "invalid peer certificate: UnknownIssuer",
+    );
+    let d = Daemon::start("pg-tls-verify-ca", &node_cfg(&by_ip("verify-ca", &ca)));
+    d.wait_ready("echo", 2);
+    let r = d.ctl(&["submit", "echo", "--input", "ca only", "--wait"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(d);
+    // `require` without a CA: encrypted, not verified (the role `jobvisor`
+    // logs in without a certificate).
+    let d = Daemon::start(
+        "pg-tls-require",
+        &node_cfg(&format!(
+            "postgres://jobvisor@127.0.0.1:{port}/jv?sslmode=require"
+        )),
+    );
+    d.wait_ready("echo", 2);
+    let r = d.ctl(&["submit", "echo", "--input", "encrypted", "--wait"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let sql = "SELECT bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+               WHERE a.usename = 'jobvisor' AND a.datname = 'jv' AND a.pid <> pg_backend_pid()";
+    assert_eq!(pg.psql("postgres", sql), "t");
 }
 
 /// The longest a test waits for a node to take over another's job: the

@@ -116,6 +116,15 @@ mod spares;
 
 pub use pg::redact as redact_url;
 
+/// Checks a PostgreSQL URL as the store will read it (libpq's TLS
+/// parameters included, see `pg::tls`); the error says what is wrong.
+pub fn check_postgres_url(url: &str) -> Result<(), String> {
+    let (url, _) = pg::tls::split(url)?;
+    url.parse::<postgres::Config>()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 pub use spares::Spares;
 
 /// The name of job `id`'s output in the payload directory when it is a

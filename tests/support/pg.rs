@@ -254,6 +254,112 @@ impl TestPg {
         );
     }
 
+    /// Restarts the server with TLS on (`ssl = on`): a throwaway CA (made
+    /// with the `openssl` command) signs its certificate, which names
+    /// `localhost` only (not 127.0.0.1), and a client certificate for role
+    /// `certuser`, which may log in over TLS with that certificate only
+    /// (`hostssl … cert`; the role is created). Returns the directory of
+    /// `ca.crt`, `client.crt` and `client.key`; `other-ca.crt` there is a CA
+    /// that signed nothing of this server.
+    pub fn enable_tls(&self) -> PathBuf {
+        let tls = self.dir.join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&tls)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl (Debian's openssl package)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (key, crt, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.crt"),
+                format!("/CN=jobvisor test {ca}"),
+            );
+            let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subj];
+            args.extend_from_slice(&ec);
+            args.extend_from_slice(&["-keyout", &key, "-out", &crt]);
+            args.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE"]);
+            args.extend_from_slice(&["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            openssl(&args);
+        }
+        for (name, cn, ext) in [
+            ("server", "localhost", "subjectAltName=DNS:localhost"),
+            ("client", "certuser", "extendedKeyUsage=clientAuth"),
+        ] {
+            let (key, csr, crt) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+            );
+            let subj = format!("/CN={cn}");
+            let mut args = vec!["req", "-subj", &subj];
+            args.extend_from_slice(&ec);
+            args.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+            openssl(&args);
+            let extfile = format!("{name}.ext");
+            std::fs::write(tls.join(&extfile), format!("{ext}\n")).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        // The server reads its key only if no one else may.
+        let key = tls.join("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        if let Some(u) = self.uid {
+            chown_tree(&tls, u);
+            for f in std::fs::read_dir(&tls).unwrap() {
+                chown_tree(&f.unwrap().path(), u);
+            }
+        }
+        self.psql("postgres", "CREATE ROLE certuser LOGIN SUPERUSER");
+        let data = self.dir.join("data");
+        let hba = data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!("hostssl all certuser 127.0.0.1/32 cert\nhost all certuser 127.0.0.1/32 reject\n{text}"),
+        )
+        .expect("write pg_hba.conf");
+        let options = format!(
+            "{} -c ssl=on -c ssl_cert_file={t}/server.crt -c ssl_key_file={t}/server.key \
+             -c ssl_ca_file={t}/ca.crt",
+            self.options("127.0.0.1"),
+            t = tls.display()
+        );
+        self.pg_ctl("restart", &["-o", &options, "-m", "fast"]);
+        tls
+    }
+
     /// Restarts the server with `pg_ctl restart -m immediate` (a crash for
     /// it: recovery from its WAL on start).
     pub fn restart_immediate(&self) {

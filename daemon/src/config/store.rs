@@ -69,7 +69,7 @@ impl Walker<'_> {
                              \"postgres://jobvisor@db.example/jobvisor\"",
                         ));
                     }
-                    if let Err(e) = url.parse::<postgres::Config>() {
+                    if let Err(e) = crate::store::check_postgres_url(url) {
                         return Err(self.err(
                             v.span(),
                             &key,

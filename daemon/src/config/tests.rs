@@ -842,6 +842,8 @@ fn store_url_is_sqlite_by_default_or_a_postgres_url() {
         "postgres://jobvisor@db.example:5433/jobs?connect_timeout=5",
         "postgresql://u:secret@127.0.0.1/db",
         "postgres://u@%2Frun%2Fpostgresql/db",
+        "postgres://u@db.example/jobs?sslmode=verify-full&sslrootcert=system",
+        "postgres://u@db.example/jobs?sslmode=require&sslcert=/etc/c.pem&sslkey=/etc/k.pem",
     ] {
         let c = ok(&format!("[store]\nurl = \"{url}\"\n{P}"));
         assert_eq!(c.store.url.as_deref(), Some(url));
@@ -867,6 +869,14 @@ fn store_url_is_sqlite_by_default_or_a_postgres_url() {
         ),
         (
             "[store]\nurl = \"postgres://u@h:notaport/db\"\n",
+            "store.url: not a valid PostgreSQL URL",
+        ),
+        (
+            "[store]\nurl = \"postgres://u@h/db?sslmode=verify-full\"\n",
+            "store.url: not a valid PostgreSQL URL (sslmode=verify-full: give sslrootcert",
+        ),
+        (
+            "[store]\nurl = \"postgres://u@h/db?sslcrl=/x\"\n",
             "store.url: not a valid PostgreSQL URL",
         ),
         ("[store]\nurl = 5\n", "store.url: "),

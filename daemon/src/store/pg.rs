@@ -240,10 +240,14 @@ pub fn redact(url: &str) -> String {
 }
 
 fn pg_error(url: &str, what: &'static str, e: postgres::Error) -> StoreError {
+    connect_error(url, what, one_line(&e))
+}
+
+fn connect_error(url: &str, what: &'static str, detail: String) -> StoreError {
     StoreError::Postgres {
         url: redact(url),
         what,
-        detail: one_line(&e),
+        detail,
     }
 }
 
@@ -378,7 +382,7 @@ pub(super) struct Pg {
 impl Pg {
     /// Connects, creates or migrates the schema, registers this node.
     pub(super) fn open(url: &str) -> Result<Pg, StoreError> {
-        let client = connect(url).map_err(|e| pg_error(url, "cannot connect", e))?;
+        let client = connect(url).map_err(|e| connect_error(url, "cannot connect", e))?;
         let mut pg = Pg {
             url: url.to_string(),
             client,
@@ -402,7 +406,7 @@ impl Pg {
     /// holds: the claim thread's (see `claimer`).
     pub(super) fn second(&self) -> Result<Pg, StoreError> {
         let client = connect(&self.url)
-            .map_err(|e| pg_error(&self.url, "cannot open the claim connection", e))?;
+            .map_err(|e| connect_error(&self.url, "cannot open the claim connection", e))?;
         Ok(Pg {
             url: self.url.clone(),
             client,
@@ -612,7 +616,7 @@ impl Pg {
         if !self.suspect && !self.client.is_closed() {
             return Ok(());
         }
-        self.client = connect(&self.url).map_err(|e| one_line(&e))?;
+        self.client = connect(&self.url)?;
         self.stmts = Stmts::default();
         self.suspect = false;
         Ok(())
@@ -625,8 +629,9 @@ impl Pg {
 /// connection rather than blocking the store thread for the kernel's ~15
 /// minutes; an idle connection (the listener's) is probed after 5 s of
 /// silence, so a lost link is noticed within ~10 s.
-pub(super) fn connect(url: &str) -> Result<Client, postgres::Error> {
-    let mut config: postgres::Config = url.parse()?;
+pub(super) fn connect(url: &str) -> Result<Client, String> {
+    let (url, tls) = tls::split(url)?;
+    let mut config: postgres::Config = url.parse().map_err(|e| one_line(&e))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -642,11 +647,17 @@ pub(super) fn connect(url: &str) -> Result<Client, postgres::Error> {
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(5);
     }
-    let mut client = config.connect(NoTls)?;
+    let mut client = match tls.connector()? {
+        None => config.connect(NoTls),
+        Some(tls) => config.connect(tls),
+    }
+    .map_err(|e| one_line(&e))?;
     // Statements are prepared once (see `Stmts`) but planned on each call:
     // a generic plan knows neither how many rows an array holds nor which
     // pool is asked for.
-    client.batch_execute("SET plan_cache_mode = force_custom_plan")?;
+    client
+        .batch_execute("SET plan_cache_mode = force_custom_plan")
+        .map_err(|e| one_line(&e))?;
     Ok(client)
 }
 
@@ -654,6 +665,7 @@ mod claimer;
 mod cluster;
 mod read;
 mod thread;
+pub(super) mod tls;
 mod write;
 
 pub(in crate::store) use claimer::{ClaimMsg, Claims};

@@ -575,6 +575,7 @@ pub(in crate::store) fn listen(
         let connected = super::connect(&url).and_then(|mut c| {
             c.batch_execute("LISTEN jobvisor_queued; LISTEN jobvisor_done; LISTEN jobvisor_cancel")
                 .map(|()| c)
+                .map_err(|e| super::one_line(&e))
         });
         if let Ok(mut client) = connected {
             // A (re)connection may have missed notifications: the store
