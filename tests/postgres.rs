@@ -328,9 +328,21 @@ fn nodes_share_one_queue_and_run_every_job_exactly_once() {
     for d in &nodes {
         assert!(pids.contains(&u64::from(d.pid())), "{pids:?}");
     }
+    // One of them leads (holds the lease that declares dead nodes dead).
+    wait_for("one leader", DEADLINE, || {
+        let list = nodes[1].ctl(&["--json", "status", "--cluster"]).json();
+        let leaders = list
+            .as_array()?
+            .iter()
+            .filter(|n| n["leader"] == true)
+            .count();
+        (leaders == 1).then_some(())
+    });
     let text = nodes[0].ctl(&["status", "--cluster"]);
     assert!(
-        text.stdout.starts_with("NODE  HOST") && text.stdout.contains("alive"),
+        text.stdout.starts_with("NODE  HOST")
+            && text.stdout.matches(" alive ").count() == 2
+            && text.stdout.matches(" leader ").count() == 1,
         "{}",
         text.stdout
     );
@@ -354,8 +366,20 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
     }
     let b = Daemon::start("pg-fail-b", &node_cfg(&url));
     b.wait_ready("slow", 2);
-    // A is killed: within 20 s B has them (heartbeats stop; 10 s later a
-    // sweep requeues; B claims), and they succeed there.
+    // A, the first node, holds the leader's lease.
+    let leader = |d: &Daemon| -> Option<u64> {
+        let list = d.ctl(&["--json", "status", "--cluster"]).json();
+        list.as_array()?
+            .iter()
+            .find(|n| n["leader"] == true && n["alive"] == true)?["pid"]
+            .as_u64()
+    };
+    wait_for("A to lead", DEADLINE, || {
+        (leader(&b) == Some(u64::from(a.pid()))).then_some(())
+    });
+    // A is killed: within 20 s B has them (heartbeats stop; B takes the
+    // lease once it has run out, and 10 s after A's last heartbeat sweeps
+    // A's jobs back to the queue; B claims), and they succeed there.
     let started = std::time::Instant::now();
     kill(a.pid(), Signal::SIGKILL);
     a.wait_exit(DEADLINE);
@@ -373,6 +397,7 @@ fn a_killed_nodes_jobs_run_elsewhere_and_a_stopped_nodes_late_result_is_refused(
         let j = b.wait_state(*id, "succeeded");
         assert_eq!(j["attempts"][0]["outcome"], "lost", "{j}");
     }
+    assert_eq!(leader(&b), Some(u64::from(b.pid())), "B leads now");
     eprintln!("a killed node's running jobs ran again after {requeued:?}");
 
     // Fencing: A (back) runs a job, then is stopped (SIGSTOP) past the

@@ -90,6 +90,7 @@ fn nodes_json(nodes: &[NodeStatus]) -> serde_json::Value {
                 "workers": n.workers,
                 "running": n.running,
                 "held": n.held,
+                "leader": n.leader,
             })
         })
         .collect()
@@ -97,16 +98,20 @@ fn nodes_json(nodes: &[NodeStatus]) -> serde_json::Value {
 
 fn nodes_text(nodes: &[NodeStatus]) -> String {
     let mut s = String::from(
-        "NODE  HOST                  PID      STATE  HEARTBEAT  WORKERS  RUNNING  HELD\n",
+        "NODE  HOST                  PID      STATE   HEARTBEAT  WORKERS  RUNNING  HELD\n",
     );
     for n in nodes {
         let _ = writeln!(
             s,
-            "{:<5} {:<21} {:<8} {:<6} {:<10} {:<8} {:<8} {}",
+            "{:<5} {:<21} {:<8} {:<7} {:<10} {:<8} {:<8} {}",
             n.id,
             n.host,
             n.pid,
-            if n.alive { "alive" } else { "gone" },
+            match (n.alive, n.leader) {
+                (true, true) => "leader",
+                (true, false) => "alive",
+                (false, _) => "gone",
+            },
             format!("{} ago", human_duration(n.heartbeat_age_ms)),
             n.workers,
             n.running,

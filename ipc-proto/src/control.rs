@@ -223,6 +223,8 @@ pub struct NodeStatus {
     pub running: u64,
     /// Jobs it holds: running, and claimed not started yet.
     pub held: u64,
+    /// It holds the leader's lease: it declares silent nodes dead.
+    pub leader: bool,
 }
 
 /// The input of a [`Request::SubmitWith`].

@@ -33,7 +33,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i32 = 8;
+pub(super) const SCHEMA_VERSION: i32 = 9;
 
 /// How long a reconnection may take, and a check that the connection is
 /// alive, before the store thread gives up for this round (and retries).
@@ -186,6 +186,17 @@ ALTER TABLE jobvisor_sem_holds ALTER COLUMN sem TYPE text COLLATE \"C\";
 ",
     jobvisor_all_view!()
 );
+
+/// Version 9: the leader's lease (see `cluster`), one row: the node that
+/// holds it declares the dead nodes dead.
+const SCHEMA_V9: &str = "
+CREATE TABLE jobvisor_leader (
+    id    integer     PRIMARY KEY CHECK (id = 1),
+    node  bigint,
+    until timestamptz NOT NULL
+);
+INSERT INTO jobvisor_leader VALUES (1, NULL, '-infinity');
+";
 
 /// The columns [`queued_job`] reads, in its order (a claim's `RETURNING`
 /// lists them too, prefixed).
@@ -513,6 +524,7 @@ impl Pg {
             (6, SCHEMA_V6, "cannot migrate the schema to version 6"),
             (7, SCHEMA_V7, "cannot migrate the schema to version 7"),
             (8, SCHEMA_V8, "cannot migrate the schema to version 8"),
+            (9, SCHEMA_V9, "cannot migrate the schema to version 9"),
         ] {
             if version < to {
                 tx.batch_execute(ddl).map_err(fail(what))?;

@@ -5,9 +5,13 @@
 //! - Every daemon is a **node**: a row of `jobvisor_nodes`, registered at
 //!   start, its `heartbeat_at` renewed every [`HEARTBEAT`] by the store
 //!   thread. A node silent for `[store] node_timeout` is declared dead by
-//!   whichever node sweeps first (a transaction-level advisory lock makes
-//!   the sweeps one at a time): its claimed and running jobs go back to the
-//!   queue (`node` cleared), and the nodes are woken.
+//!   the **leader**, the node that holds the lease row (`jobvisor_leader`):
+//!   each heartbeat of the leader renews it for [`LEASE`], and once it has
+//!   run out any node's heartbeat takes it (the row is locked `SKIP
+//!   LOCKED`, so a heartbeat never waits for another node's). The leader
+//!   sweeps in the transaction that renewed its lease: the dead nodes'
+//!   claimed and running jobs go back to the queue (`node` cleared), and
+//!   the nodes are woken.
 //! - A **claim** takes queued jobs nobody holds, in priority order, skipping
 //!   rows another node is claiming (`SKIP LOCKED`), and stamps them with the
 //!   node and a new claim number. Every update of a claimed job is
@@ -30,8 +34,16 @@ pub(super) const HEARTBEAT: Duration = Duration::from_secs(1);
 pub(super) const POLL: Duration = Duration::from_secs(1);
 /// Job ids come in blocks of this many.
 pub(super) const ID_BLOCK: u64 = 1 << 20;
-/// One sweep at a time, cluster-wide.
-const SWEEP_LOCK: i64 = NODE_LOCK + 2;
+/// How long the leader's lease lasts past its last heartbeat: a few
+/// heartbeats, well under the least `node_timeout` (3 s), so a dead
+/// leader's successor sweeps in time.
+pub(super) const LEASE: Duration = Duration::from_secs(2);
+/// Takes or renews the lease for node `$1` for `$2` seconds, unless another
+/// node holds it (its lease not run out) or is renewing it right now (the
+/// row locked): then no row.
+const TAKE_LEASE: &str = "UPDATE jobvisor_leader SET node = $1, \
+     until = now() + make_interval(secs => $2) WHERE id = (SELECT id FROM jobvisor_leader \
+     WHERE node = $1 OR until < now() FOR UPDATE SKIP LOCKED) RETURNING node";
 /// Longest `pg_notify` payload sent (the server's limit is 8000 bytes).
 const NOTIFY_MAX: usize = 7000;
 
@@ -148,12 +160,15 @@ impl Pg {
                 self.node()
             );
         }
+        let node = self.node();
         let mut tx = self.client.transaction().map_err(err)?;
-        let mine: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SWEEP_LOCK])
+        let lease = self.stmts.get(&mut tx, TAKE_LEASE).map_err(err)?;
+        let leader = tx
+            .query_opt(&lease, &[&node, &LEASE.as_secs_f64()])
             .map_err(err)?
-            .get(0);
-        if !mine {
+            .is_some();
+        if !leader {
+            tx.commit().map_err(err)?;
             return Ok(Vec::new());
         }
         let dead: Vec<i64> = tx
@@ -329,6 +344,12 @@ impl Pg {
         let node = self.node();
         let mut tx = self.client.transaction().map_err(err)?;
         requeue_nodes(&mut tx, &mut self.stmts, &[node]).map_err(err)?;
+        // Its lease, if it leads, is free at once.
+        tx.execute(
+            "UPDATE jobvisor_leader SET until = '-infinity' WHERE node = $1",
+            &[&node],
+        )
+        .map_err(err)?;
         tx.execute(
             "UPDATE jobvisor_nodes SET gone = true WHERE id = $1",
             &[&node],
@@ -400,7 +421,8 @@ impl Pg {
              count(*) AS held FROM jobvisor_jobs WHERE node IS NOT NULL GROUP BY node) \
              SELECT n.id, n.host, n.pid, n.started_ms, \
              (extract(epoch FROM now() - n.heartbeat_at) * 1000)::bigint, NOT n.gone, n.workers, \
-             COALESCE(h.running, 0), COALESCE(h.held, 0) \
+             COALESCE(h.running, 0), COALESCE(h.held, 0), \
+             n.id IS NOT DISTINCT FROM (SELECT node FROM jobvisor_leader WHERE until > now()) \
              FROM jobvisor_nodes n LEFT JOIN h ON h.node = n.id \
              WHERE NOT n.gone OR n.heartbeat_at > now() - interval '1 hour' ORDER BY n.id",
             &[],
@@ -417,6 +439,7 @@ impl Pg {
                 workers: u32::try_from(r.get::<_, i32>(6)).unwrap_or(0),
                 running: to_u64(r.get(7)),
                 held: to_u64(r.get(8)),
+                leader: r.get(9),
             })
             .collect())
     }
