@@ -8,6 +8,7 @@ procrastinate, pgqueuer, and Celery with a Redis broker (issue 16).
     python3 bench/pg_burndown.py --jobs 20000 --latency-jobs 300    # quicker
     python3 bench/pg_burndown.py --only jobvisor,graphile-worker
     python3 bench/pg_burndown.py --only jobvisor,pg-boss,pgqueuer --variant tuned
+    python3 bench/pg_burndown.py --variant tuned --repeat 3   # medians of 3 runs
 
 What it does, in one invocation:
   1. starts its own PostgreSQL (the newest /usr/lib/postgresql/*/bin, apt-get
@@ -201,19 +202,22 @@ def ensure_venv():
     return py
 
 
-def driver_argv(system, servers, jobs, latency_jobs, procs, variant="both"):
+def driver_argv(system, servers, jobs, latency_jobs, procs, variant="both", round_no=1):
+    """The driver's command line; its database is fresh (a suffix per round
+    of --repeat)."""
     common = ["--jobs", str(jobs), "--latency-jobs", str(latency_jobs), "--procs", str(procs)]
+    suffix = "" if round_no == 1 else f"_r{round_no}"
     if system != "jobvisor":
         common += ["--variant", variant]
     if system == "jobvisor":
         # The venv's python: its psycopg polls for the end, as the peers do.
         return [ensure_venv(), os.path.join(PEERS, "jobvisor_bench.py"),
-                "--dsn", servers.createdb("jobvisor"), *common]
+                "--dsn", servers.createdb("jobvisor" + suffix), *common]
     if system in ("graphile-worker", "pg-boss"):
         d = ensure_node()
         script = {"graphile-worker": "graphile.js", "pg-boss": "pgboss.js"}[system]
         return ["node", os.path.join(d, script), "--dsn",
-                servers.createdb(system.replace("-", "_")), *common]
+                servers.createdb(system.replace("-", "_") + suffix), *common]
     py = ensure_venv()
     if system == "celery":
         url = servers.redis_url if getattr(servers, "redis_url", None) else servers.start_redis()
@@ -222,7 +226,7 @@ def driver_argv(system, servers, jobs, latency_jobs, procs, variant="both"):
             check=False)
         return [py, os.path.join(PEERS, "python", "celery_bench.py"), "--redis", url, *common]
     return [py, os.path.join(PEERS, "python", f"{system}_bench.py"), "--dsn",
-            servers.createdb(system), *common]
+            servers.createdb(system + suffix), *common]
 
 
 def label(row):
@@ -258,6 +262,33 @@ def run_driver(system, argv):
         rows.append({"system": system, "error": f"exit {r.returncode}: " + " | ".join(tail)})
     log(f"{system}: done in {time.monotonic() - t:.0f} s")
     return rows, r.stderr
+
+
+MEDIAN_KEYS = ("jobs_per_s", "burn_s", "enqueue_s", "latency_p50_ms", "latency_p99_ms")
+
+
+def medians(rows):
+    """One row per system label: with several runs (--repeat), each figure
+    is the median of its runs (taken separately), and `runs_jobs_per_s`
+    lists every run's jobs/s; a label with a failed run keeps the error."""
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["system"], []).append(r)
+    out = []
+    for label_, runs in by_label.items():
+        bad = [r for r in runs if "error" in r]
+        if bad or len(runs) == 1:
+            out.append(bad[0] if bad else runs[0])
+            continue
+        row = dict(runs[0])
+        for k in MEDIAN_KEYS:
+            vals = sorted(r[k] for r in runs if r.get(k) is not None)
+            if vals:
+                mid = len(vals) // 2
+                row[k] = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+        row["runs_jobs_per_s"] = [r["jobs_per_s"] for r in runs]
+        out.append(row)
+    return out
 
 
 def fmt(v, spec):
@@ -364,9 +395,14 @@ def main():
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--only", default=",".join(SYSTEMS))
     ap.add_argument("--no-requeue", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each system (in interleaved rounds); each figure is then "
+                         "the median of its runs")
     ap.add_argument("--variant", choices=["default", "tuned", "both"], default="both",
                     help="the peers' variants to run (jobvisor has one: its defaults)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat: at least 1")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SYSTEMS]
     if unknown:
@@ -385,22 +421,36 @@ def main():
     rows, failed = [], False
     try:
         log(f"{servers.version} on 127.0.0.1:{servers.pg_port}, synchronous_commit = on")
-        for system in only:
-            try:
-                argv = driver_argv(system, servers, args.jobs, args.latency_jobs, args.procs,
-                                   args.variant)
-            except Exception as e:  # an install that failed
-                rows.append({"system": system, "error": f"cannot set up: {e}"})
-                failed = True
-                continue
-            got, _ = run_driver(system, argv)
-            failed |= any("error" in r for r in got)
-            rows.extend(got)
+        # Rounds interleave the systems, so that a slow moment of the
+        # machine falls on several of them rather than on every run of one.
+        for round_no in range(1, args.repeat + 1):
+            if args.repeat > 1:
+                log(f"round {round_no} of {args.repeat}")
+            for system in only:
+                try:
+                    argv = driver_argv(system, servers, args.jobs, args.latency_jobs,
+                                       args.procs, args.variant, round_no)
+                except Exception as e:  # an install that failed
+                    rows.append({"system": system, "error": f"cannot set up: {e}"})
+                    failed = True
+                    continue
+                got, _ = run_driver(system, argv)
+                failed |= any("error" in r for r in got)
+                rows.extend(got)
+        all_runs = rows
+        rows = medians(rows)
         jv = next((r["jobs_per_s"] for r in rows if r.get("system") == "jobvisor"
                    and "error" not in r), None)
         peers = [r for r in rows if r.get("system") != "jobvisor" and "error" not in r]
         best = max(peers, key=lambda r: r["jobs_per_s"]) if peers else None
-        out = [table(rows, jv), ""]
+        out = []
+        if args.repeat > 1:
+            out.append(f"each figure: the median of {args.repeat} runs (rounds interleave the "
+                       "systems); jobs/s of every run:")
+            out += [f"  {r['system']}: " + ", ".join(f"{v:.0f}" for v in r["runs_jobs_per_s"])
+                    for r in rows if "runs_jobs_per_s" in r]
+            out.append("")
+        out += [table(rows, jv), ""]
         verdict = None
         if jv and best:
             ratio = jv / best["jobs_per_s"]
@@ -432,7 +482,8 @@ def main():
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "load_start": load0, "load_end": os.getloadavg()},
             "jobs": args.jobs, "latency_jobs": args.latency_jobs, "procs": args.procs,
-            "rows": rows, "verdict": verdict, "requeue_s": requeue,
+            "repeat": args.repeat, "rows": rows, "runs": all_runs if args.repeat > 1 else None,
+            "verdict": verdict, "requeue_s": requeue,
             "rescue_defaults": RESCUE_DEFAULTS,
         }
         with open(os.path.join(OUT, "pg_burndown.json"), "w") as f:
