@@ -1376,9 +1376,13 @@ impl Supervisor {
         let recycle = max_jobs > 0
             && p.jobs_handled >= max_jobs
             && !matches!(p.phase, Phase::Draining { .. });
+        // At most every 50 ms while the worker has jobs in hand, and always
+        // when it has none left: the last job before a pause (a hog) is
+        // never left unmeasured.
         let measure = wants_rss
-            && p.last_rss_check
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(50));
+            && (p.inflight.is_empty()
+                || p.last_rss_check
+                    .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(50)));
         if measure {
             p.last_rss_check = Some(now);
         }
