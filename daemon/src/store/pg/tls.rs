@@ -158,9 +158,7 @@ impl Tls {
             }
             Some(Root::File(path)) => {
                 let mut store = RootCertStore::empty();
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                let certs = pem_certs("sslrootcert", path)?;
                 let (added, _) = store.add_parsable_certificates(certs);
                 if added == 0 {
                     return Err(format!(
@@ -171,19 +169,20 @@ impl Tls {
                 Some(store)
             }
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match roots {
-            None => Arc::new(NoCheck(Arc::clone(&provider))),
-            Some(roots) => {
-                let webpki =
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| format!("sslrootcert: {e}"))?;
-                if self.mode == Mode::VerifyFull {
-                    webpki
-                } else {
-                    Arc::new(AnyName(webpki))
-                }
-            }
+        let chain = match roots {
+            None => None,
+            Some(roots) => Some(
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| format!("sslrootcert: {e}"))?,
+            ),
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match chain {
+            Some(chain) if self.mode == Mode::VerifyFull => chain,
+            chain => Arc::new(Lenient {
+                provider: Arc::clone(&provider),
+                chain,
+            }),
         };
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -193,9 +192,7 @@ impl Tls {
         let config = match &self.client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("sslcert {}: {e}", cert.display()))?;
+                let chain = pem_certs("sslcert", cert)?;
                 let key = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
                 builder
@@ -207,62 +204,27 @@ impl Tls {
     }
 }
 
-/// `prefer` and `require` without a root certificate: any certificate is
-/// accepted (as libpq does: encryption against eavesdropping, not against
-/// an active attacker); the handshake's signatures are still checked.
-#[derive(Debug)]
-struct NoCheck(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+/// The certificates of the PEM file `path` (given as URL parameter
+/// `param`, which an error names).
+fn pem_certs(param: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{param} {}: {e}", path.display()))
 }
 
-/// `verify-ca`: the chain is checked, the name in the certificate is not.
+/// The checks weaker than `verify-full`, which uses rustls's own verifier:
+/// with no `chain` (`prefer` and `require` without a root certificate, as
+/// libpq: encryption against eavesdropping, not against an active
+/// attacker) any certificate is accepted; with one (`verify-ca`) the chain
+/// is checked and the name in the certificate is not. Either way the
+/// handshake's signatures are checked.
 #[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -271,10 +233,10 @@ impl ServerCertVerifier for AnyName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -288,7 +250,8 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -297,11 +260,14 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

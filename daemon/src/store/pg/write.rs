@@ -62,7 +62,17 @@ impl Pg {
         ops: &[(u64, Op)],
         failed: &mut Vec<(u64, InsertFailure)>,
     ) -> Result<Vec<u64>, String> {
+        // (Reconnects if a statement failed: what follows the batch, such
+        // as `reserve_ids`, uses the connection as it is.)
         self.ensure_connected()?;
+        // Nothing to write (a batch of demands, watches, queries…): no
+        // transaction, no round trip.
+        if !ops
+            .iter()
+            .any(|(_, op)| matches!(op, Op::Insert(_) | Op::Update(_)))
+        {
+            return Ok(Vec::new());
+        }
         let err = |e: postgres::Error| one_line(&e);
         // The last update of each job only (each is a full replacement).
         let mut last_update: HashMap<u64, &JobUpdate> = HashMap::new();

@@ -28,6 +28,11 @@ impl Supervisor {
     /// half the window are claimed only for room (not held here while
     /// another node may have idle workers).
     fn claim_ahead(&mut self, name: &str, now: Instant) {
+        // A demand under way (or none allowed): nothing to size.
+        let pool = &self.pools[name];
+        if pool.jobs.claiming || pool.paused || pool.removing {
+            return;
+        }
         let prefetch = self.prefetch_now(name);
         let slots: Vec<(usize, usize)> = (0..self.pools[name].slots.len())
             .map(|idx| self.room_for_jobs(name, idx, prefetch, now))
