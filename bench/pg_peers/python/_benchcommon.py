@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -278,6 +279,52 @@ def result_line(
             "errors": errors,
         }
     )
+
+
+def variant_result(
+    *,
+    system: str,
+    version: str,
+    variant: str,
+    jobs: int,
+    procs: int,
+    settings: str,
+    enqueue_s: float,
+    burn_s: float,
+    latency_jobs: int,
+    latencies_ms: list[float],
+    failed: int,
+    bad_exits: int,
+) -> str:
+    """A variant's result line; failed jobs, missing latency samples and
+    bad worker exits are logged and counted as errors."""
+    missing = max(0, latency_jobs - len(latencies_ms))
+    if missing or failed or bad_exits:
+        log(f"[{variant}] errors: failed jobs {failed}, missing latency samples {missing}, "
+            f"bad worker exits {bad_exits}")
+    return result_line(
+        system=system,
+        version=version,
+        jobs=jobs,
+        procs=procs,
+        settings=settings,
+        enqueue_s=enqueue_s,
+        burn_s=burn_s,
+        latency_jobs=latency_jobs,
+        latencies_ms=latencies_ms,
+        errors=int(failed) + missing + bad_exits,
+    )
+
+
+async def run_variants(system: str, args, run_variant) -> None:
+    """Runs `run_variant(args, variant, workdir)` for each variant asked,
+    printing each result line, in a work directory removed afterwards."""
+    workdir = make_workdir(system)
+    try:
+        for v in variants(args.variant):
+            emit(await run_variant(args, v, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def emit(line: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import time
 from importlib.metadata import version as pkg_version
@@ -182,13 +181,11 @@ async def run_variant(args, variant: str, workdir: str) -> str:
     finally:
         bad_exits = workers.stop()
 
-    missing = max(0, lat_n - len(lat))
-    if missing or failed or bad_exits:
-        bc.log(f"[{variant}] errors: failed tasks {failed}, missing latency samples {missing}, bad worker exits {bad_exits}")
     r.close()
-    return bc.result_line(
+    return bc.variant_result(
         system=SYSTEM,
         version=pkg_version("celery"),
+        variant=variant,
         jobs=n,
         procs=procs,
         settings=settings_text(variant, procs),
@@ -196,7 +193,8 @@ async def run_variant(args, variant: str, workdir: str) -> str:
         burn_s=burn_s,
         latency_jobs=lat_n,
         latencies_ms=lat,
-        errors=failed + missing + bad_exits,
+        failed=failed,
+        bad_exits=bad_exits,
     )
 
 
@@ -204,12 +202,7 @@ async def parent_main(args) -> None:
     global REDIS_URL
     REDIS_URL = args.redis
     app.conf.broker_url = args.redis
-    workdir = bc.make_workdir(SYSTEM)
-    try:
-        for v in bc.variants(args.variant):
-            bc.emit(await run_variant(args, v, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    await bc.run_variants(SYSTEM, args, run_variant)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import time
 from datetime import timedelta
@@ -189,12 +188,10 @@ async def run_variant(args, variant: str, workdir: str) -> str:
         await poll.close()
 
     lat = bc.read_latency_files(lat_files)
-    missing = max(0, lat_n - len(lat))
-    if missing or failed or bad_exits:
-        bc.log(f"[{variant}] errors: failed jobs {failed}, missing latency samples {missing}, bad worker exits {bad_exits}")
-    return bc.result_line(
+    return bc.variant_result(
         system=SYSTEM,
         version=pkg_version("pgqueuer"),
+        variant=variant,
         jobs=n,
         procs=procs,
         settings=settings_text(variant, procs),
@@ -202,17 +199,13 @@ async def run_variant(args, variant: str, workdir: str) -> str:
         burn_s=burn_s,
         latency_jobs=lat_n,
         latencies_ms=lat,
-        errors=int(failed) + missing + bad_exits,
+        failed=failed,
+        bad_exits=bad_exits,
     )
 
 
 async def parent_main(args) -> None:
-    workdir = bc.make_workdir(SYSTEM)
-    try:
-        for v in bc.variants(args.variant):
-            bc.emit(await run_variant(args, v, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    await bc.run_variants(SYSTEM, args, run_variant)
 
 
 def main() -> None:
